@@ -1,0 +1,613 @@
+package nbdattach
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+)
+
+// ServeTransmission serves exp on conn, starting directly in the transmission
+// phase with simple replies only: the way the Linux kernel's nbd driver talks
+// once a socket was handed to it over netlink (it never negotiates). Offsets
+// and lengths must be multiples of exp.MinBlock (the kernel block size).
+//
+// It returns nil when the client sends NBD_CMD_DISC or closes the
+// connection, ctx's error when ctx ends, and an error wrapping ErrProtocol
+// when the client breaks the protocol. In every case the requests already
+// received have been answered (as far as the socket allows) and conn is
+// closed on return.
+func ServeTransmission(ctx context.Context, conn net.Conn, exp *Export) error {
+	if err := exp.validate(); err != nil {
+		conn.Close()
+		return err
+	}
+	c := newTransmission(conn, exp, bufio.NewReaderSize(conn, readBufSize), nil)
+	c.minBlock = exp.minBlock()
+	return c.serve(ctx)
+}
+
+const (
+	readBufSize  = 256 << 10
+	writeBufSize = 256 << 10
+	// bigPayload: payloads from here on bypass the reply buffer.
+	bigPayload = 64 << 10
+	// sparseReadMin: structured reads from this length on are split into
+	// data and hole chunks; smaller ones are sent whole, where a block
+	// status lookup would cost more than the zeroes it saves.
+	sparseReadMin = 64 << 10
+)
+
+// transmission is one connection in the transmission phase. The receiver
+// (serve) reads and validates requests and starts one goroutine per request,
+// bounded by slots; the sender writes replies in the order they complete and
+// flushes when no reply is waiting, so that replies batch under load.
+type transmission struct {
+	conn       net.Conn
+	exp        *Export
+	be         Backend
+	log        *slog.Logger
+	br         *bufio.Reader
+	structured bool
+	meta       []metaContext
+	minBlock   uint32
+	maxPayload uint32
+	readOnly   bool
+
+	slots   chan struct{}
+	replies chan *request
+	wg      sync.WaitGroup
+}
+
+func newTransmission(conn net.Conn, exp *Export, br *bufio.Reader, log *slog.Logger) *transmission {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	n := exp.maxInFlight()
+	return &transmission{
+		conn:       conn,
+		exp:        exp,
+		be:         exp.Backend,
+		log:        log,
+		br:         br,
+		minBlock:   1,
+		maxPayload: exp.maxPayload(),
+		readOnly:   exp.ReadOnly,
+		slots:      make(chan struct{}, n),
+		replies:    make(chan *request, n),
+	}
+}
+
+// request is one command from receipt to reply; pooled.
+type request struct {
+	flags  uint16
+	typ    uint16
+	cookie uint64
+	off    uint64
+	length uint32
+
+	buf  *[]byte // pooled payload (write data in, read data out)
+	data []byte
+
+	err    error
+	errno  uint32
+	chunks []chunk // structured read: data/hole pieces, in order
+	status []contextExtents
+}
+
+type chunk struct {
+	off  uint64
+	data []byte // nil for a hole
+	n    uint32
+}
+
+type contextExtents struct {
+	id      uint32
+	extents []Extent
+}
+
+var requestPool = sync.Pool{New: func() any { return new(request) }}
+
+func getRequest() *request { return requestPool.Get().(*request) }
+
+func putRequest(r *request) {
+	if r.buf != nil {
+		putBuf(r.buf)
+	}
+	*r = request{chunks: r.chunks[:0], status: r.status[:0]}
+	requestPool.Put(r)
+}
+
+// Payload buffers come from size classes (4 KiB .. 32 MiB, powers of two) so
+// that no request allocates in the steady state.
+var bufPools [14]sync.Pool
+
+func bufClass(n int) int {
+	c := 0
+	for s := 4096; s < n; s <<= 1 {
+		c++
+	}
+	return c
+}
+
+func getBuf(n int) *[]byte {
+	c := bufClass(n)
+	if c >= len(bufPools) {
+		b := make([]byte, n)
+		return &b
+	}
+	if p, ok := bufPools[c].Get().(*[]byte); ok {
+		return p
+	}
+	b := make([]byte, 4096<<c)
+	return &b
+}
+
+func putBuf(p *[]byte) {
+	c := bufClass(cap(*p))
+	if c < len(bufPools) && cap(*p) == 4096<<c {
+		bufPools[c].Put(p)
+	}
+}
+
+// serve runs the receiver on the calling goroutine and the sender beside it.
+func (c *transmission) serve(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	senderDone := make(chan error, 1)
+	go func() { senderDone <- c.sender() }()
+
+	// Ending ctx unblocks the receiver through the socket deadline.
+	stop := context.AfterFunc(ctx, func() { c.conn.SetReadDeadline(aLongTimeAgo) })
+	defer stop()
+
+	rerr := c.receive(ctx)
+
+	// Answer everything received, then let the sender drain and stop.
+	c.wg.Wait()
+	close(c.replies)
+	serr := <-senderDone
+	c.conn.Close()
+	switch {
+	case serr != nil:
+		return serr // the socket broke: the receiver's error is a symptom
+	case ctx.Err() != nil && (rerr == nil || isClosedErr(rerr)):
+		return context.Cause(ctx)
+	}
+	return rerr
+}
+
+// receive reads requests until DISC, EOF or an error.
+func (c *transmission) receive(ctx context.Context) error {
+	var hdr [requestHeaderSize]byte
+	for {
+		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
+			if err == io.EOF {
+				return nil // client closed between requests
+			}
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("%w: reading request header: %v", ErrProtocol, err)
+		}
+		magic := binary.BigEndian.Uint32(hdr[0:])
+		if magic != requestMagic {
+			return fmt.Errorf("%w: request magic %#08x, want %#08x", ErrProtocol, magic, requestMagic)
+		}
+		r := getRequest()
+		r.flags = binary.BigEndian.Uint16(hdr[4:])
+		r.typ = binary.BigEndian.Uint16(hdr[6:])
+		r.cookie = binary.BigEndian.Uint64(hdr[8:])
+		r.off = binary.BigEndian.Uint64(hdr[16:])
+		r.length = binary.BigEndian.Uint32(hdr[24:])
+
+		if r.typ == nbdCmdDisc {
+			putRequest(r)
+			return nil
+		}
+		r.errno = c.validate(r)
+		if r.typ == nbdCmdWrite {
+			if err := c.readPayload(r); err != nil {
+				putRequest(r)
+				return err
+			}
+		}
+		// Bounded in flight: wait for a slot before starting the request.
+		select {
+		case c.slots <- struct{}{}:
+		case <-ctx.Done():
+			putRequest(r)
+			return nil
+		}
+		c.wg.Add(1)
+		if r.errno != 0 {
+			c.replies <- r
+			continue
+		}
+		go c.handle(ctx, r)
+	}
+}
+
+// readPayload reads a WRITE's data into a pooled buffer, or drains it when
+// the request was refused, so that the stream stays in step without
+// allocating what a hostile client announces.
+func (c *transmission) readPayload(r *request) error {
+	n := int64(r.length)
+	if r.errno != 0 {
+		if _, err := io.CopyN(io.Discard, c.br, n); err != nil {
+			return fmt.Errorf("%w: draining %d-byte write payload: %v", ErrProtocol, n, err)
+		}
+		return nil
+	}
+	r.buf = getBuf(int(n))
+	r.data = (*r.buf)[:n]
+	if _, err := io.ReadFull(c.br, r.data); err != nil {
+		return fmt.Errorf("%w: reading %d-byte write payload: %v", ErrProtocol, n, err)
+	}
+	return nil
+}
+
+// validate checks a request before it is dispatched, returning the NBD error
+// to answer with, or 0.
+func (c *transmission) validate(r *request) uint32 {
+	const known = cmdFlagFUA | cmdFlagNoHole | cmdFlagDF | cmdFlagReqOne | cmdFlagFastZero
+	if r.flags&^known != 0 {
+		return nbdEINVAL
+	}
+	switch r.typ {
+	case nbdCmdRead, nbdCmdWrite, nbdCmdCache, nbdCmdTrim, nbdCmdWriteZeroes, nbdCmdBlockStatus:
+	case nbdCmdFlush:
+		if r.off != 0 || r.length != 0 {
+			return nbdEINVAL
+		}
+		return 0
+	default:
+		return nbdEINVAL
+	}
+	// Flags that belong to other commands.
+	if r.flags&cmdFlagDF != 0 && (r.typ != nbdCmdRead || !c.structured) {
+		return nbdEINVAL
+	}
+	if r.flags&cmdFlagReqOne != 0 && r.typ != nbdCmdBlockStatus {
+		return nbdEINVAL
+	}
+	if r.flags&(cmdFlagNoHole|cmdFlagFastZero) != 0 && r.typ != nbdCmdWriteZeroes {
+		return nbdEINVAL
+	}
+	if r.typ == nbdCmdBlockStatus && (!c.structured || len(c.meta) == 0 || r.length == 0) {
+		return nbdEINVAL
+	}
+	if (r.typ == nbdCmdRead || r.typ == nbdCmdWrite) && r.length > c.maxPayload {
+		return nbdEOVERFLOW
+	}
+	if c.readOnly && (r.typ == nbdCmdWrite || r.typ == nbdCmdTrim || r.typ == nbdCmdWriteZeroes) {
+		return nbdEPERM
+	}
+	if m := uint64(c.minBlock); m > 1 && (r.off%m != 0 || uint64(r.length)%m != 0) {
+		return nbdEINVAL
+	}
+	size := c.be.Size()
+	if size < 0 || r.off > uint64(size) || uint64(r.length) > uint64(size)-r.off {
+		if r.typ == nbdCmdWrite || r.typ == nbdCmdWriteZeroes {
+			return nbdENOSPC
+		}
+		return nbdEINVAL
+	}
+	return 0
+}
+
+// handle runs one validated request against the backend and queues its reply.
+func (c *transmission) handle(ctx context.Context, r *request) {
+	off, n := int64(r.off), int64(r.length)
+	fua := r.flags&cmdFlagFUA != 0
+	var err error
+	switch r.typ {
+	case nbdCmdRead:
+		err = c.read(ctx, r)
+	case nbdCmdWrite:
+		err = c.be.WriteAt(ctx, r.data, off, fua)
+	case nbdCmdFlush:
+		err = c.be.Flush(ctx)
+	case nbdCmdTrim:
+		if err = c.be.Trim(ctx, off, n); err == nil && fua {
+			err = c.be.Flush(ctx)
+		}
+	case nbdCmdWriteZeroes:
+		err = c.be.WriteZeroes(ctx, off, n, ZeroFlags{
+			NoHole: r.flags&cmdFlagNoHole != 0,
+			Fast:   r.flags&cmdFlagFastZero != 0,
+			FUA:    fua,
+		})
+	case nbdCmdCache:
+		err = c.cache(ctx, off, n)
+	case nbdCmdBlockStatus:
+		err = c.blockStatus(ctx, r)
+	}
+	if err != nil {
+		r.err = err
+		r.errno = nbdErrno(err)
+		c.log.Debug("nbd request failed", "cmd", r.typ, "offset", off, "length", n, "err", err)
+	}
+	c.replies <- r
+}
+
+// read fills r.data, and for structured replies with holes, r.chunks.
+func (c *transmission) read(ctx context.Context, r *request) error {
+	off, n := int64(r.off), int(r.length)
+	if c.structured && r.flags&cmdFlagDF == 0 && n >= sparseReadMin {
+		if bs, ok := c.be.(BlockStatuser); ok {
+			return c.sparseRead(ctx, bs, r)
+		}
+	}
+	r.buf = getBuf(n)
+	r.data = (*r.buf)[:n]
+	return c.be.ReadAt(ctx, r.data, off)
+}
+
+// sparseRead reads only the data extents and describes the zero ones as
+// holes, as qemu-nbd does for structured reads without DF.
+func (c *transmission) sparseRead(ctx context.Context, bs BlockStatuser, r *request) error {
+	off, n := int64(r.off), int64(r.length)
+	r.buf = getBuf(int(n))
+	r.data = (*r.buf)[:n]
+	pos := int64(0)
+	for pos < n {
+		exts, err := bs.BlockStatus(ctx, off+pos, n-pos)
+		if err != nil {
+			return err
+		}
+		if len(exts) == 0 {
+			return fmt.Errorf("%w: block status at %d returned no extents", ErrInvalid, off+pos)
+		}
+		for _, e := range exts {
+			if pos >= n {
+				break
+			}
+			l := min(e.Length, n-pos)
+			if l <= 0 {
+				return fmt.Errorf("block status at %d returned an empty extent", off+pos)
+			}
+			if e.Flags&StateZero != 0 {
+				r.appendChunk(uint64(off+pos), nil, uint32(l))
+			} else {
+				if err := c.be.ReadAt(ctx, r.data[pos:pos+l], off+pos); err != nil {
+					return err
+				}
+				r.appendChunk(uint64(off+pos), r.data[pos:pos+l], uint32(l))
+			}
+			pos += l
+		}
+	}
+	return nil
+}
+
+// appendChunk adds a piece, merging it with the previous one of its kind.
+func (r *request) appendChunk(off uint64, data []byte, n uint32) {
+	if k := len(r.chunks); k > 0 {
+		last := &r.chunks[k-1]
+		if (last.data == nil) == (data == nil) && last.off+uint64(last.n) == off {
+			last.n += n
+			if data != nil {
+				last.data = last.data[:len(last.data)+len(data)]
+			}
+			return
+		}
+	}
+	r.chunks = append(r.chunks, chunk{off: off, data: data, n: n})
+}
+
+// cache reads the range into the backend's caches and throws the data away.
+func (c *transmission) cache(ctx context.Context, off, n int64) error {
+	const step = 1 << 20
+	b := getBuf(step)
+	defer putBuf(b)
+	for n > 0 {
+		l := min(n, step)
+		if err := c.be.ReadAt(ctx, (*b)[:l], off); err != nil {
+			return err
+		}
+		off += l
+		n -= l
+	}
+	return nil
+}
+
+// blockStatus gathers the extents of every selected context.
+func (c *transmission) blockStatus(ctx context.Context, r *request) error {
+	off, n := int64(r.off), int64(r.length)
+	for _, m := range c.meta {
+		var exts []Extent
+		var err error
+		switch {
+		case m.name == ContextBaseAllocation:
+			if bs, ok := c.be.(BlockStatuser); ok {
+				exts, err = bs.BlockStatus(ctx, off, n)
+			} else {
+				exts = []Extent{{Length: n}}
+			}
+		default:
+			p, ok := c.be.(MetaContextProvider)
+			if !ok {
+				return fmt.Errorf("%w: context %q has no provider", ErrInvalid, m.name)
+			}
+			exts, err = p.MetaContextStatus(ctx, m.name, off, n)
+		}
+		if err != nil {
+			return err
+		}
+		exts, err = clipExtents(exts, n, r.flags&cmdFlagReqOne != 0)
+		if err != nil {
+			return fmt.Errorf("context %s at %d: %w", m.name, off, err)
+		}
+		r.status = append(r.status, contextExtents{id: m.id, extents: exts})
+	}
+	return nil
+}
+
+// clipExtents drops what lies past the requested length, merges adjacent
+// extents with the same flags and bounds the count, so that a reply never
+// describes bytes the client did not ask about.
+func clipExtents(exts []Extent, n int64, one bool) ([]Extent, error) {
+	out := exts[:0]
+	var total int64
+	for _, e := range exts {
+		if total >= n {
+			break
+		}
+		if e.Length <= 0 {
+			return nil, fmt.Errorf("%w: extent of length %d", ErrInvalid, e.Length)
+		}
+		l := min(e.Length, n-total, 1<<32-1<<20)
+		if k := len(out); k > 0 && out[k-1].Flags == e.Flags && out[k-1].Length+l <= 1<<32-1<<20 {
+			out[k-1].Length += l
+		} else {
+			if len(out) == maxExtentsPerReply {
+				break
+			}
+			out = append(out, Extent{Length: l, Flags: e.Flags})
+		}
+		total += l
+		if one {
+			break
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("%w: no extents", ErrInvalid)
+	}
+	return out, nil
+}
+
+// sender writes replies as they complete. A write error ends the
+// connection: the receiver is stopped and remaining replies are dropped.
+func (c *transmission) sender() error {
+	bw := bufio.NewWriterSize(c.conn, writeBufSize)
+	var werr error
+	for r := range c.replies {
+		if werr == nil {
+			werr = c.writeReply(bw, r)
+			if werr == nil && len(c.replies) == 0 {
+				werr = bw.Flush()
+			}
+			if werr != nil {
+				// Unblock the receiver; it will see an error and stop.
+				c.conn.SetReadDeadline(aLongTimeAgo)
+			}
+		}
+		putRequest(r)
+		<-c.slots
+		c.wg.Done()
+	}
+	if werr == nil {
+		werr = bw.Flush()
+	}
+	if werr != nil {
+		return fmt.Errorf("nbd: writing reply: %w", werr)
+	}
+	return nil
+}
+
+func (c *transmission) writeReply(bw *bufio.Writer, r *request) error {
+	if !c.structured {
+		return writeSimple(bw, r)
+	}
+	if r.errno != 0 {
+		msg := ""
+		if r.err != nil {
+			msg = r.err.Error()
+			if len(msg) > 256 {
+				msg = msg[:256]
+			}
+		}
+		var p [6]byte
+		binary.BigEndian.PutUint32(p[0:], r.errno)
+		binary.BigEndian.PutUint16(p[4:], uint16(len(msg)))
+		writeChunkHeader(bw, replyFlagDone, replyTypeError, r.cookie, uint32(6+len(msg)))
+		bw.Write(p[:])
+		_, err := bw.WriteString(msg)
+		return err
+	}
+	switch r.typ {
+	case nbdCmdRead:
+		if len(r.chunks) == 0 {
+			if r.length == 0 {
+				return writeChunkHeader(bw, replyFlagDone, replyTypeNone, r.cookie, 0)
+			}
+			r.chunks = append(r.chunks, chunk{off: r.off, data: r.data, n: r.length})
+		}
+		for i, ch := range r.chunks {
+			var fl uint16
+			if i == len(r.chunks)-1 {
+				fl = replyFlagDone
+			}
+			var p [12]byte
+			binary.BigEndian.PutUint64(p[0:], ch.off)
+			if ch.data == nil {
+				binary.BigEndian.PutUint32(p[8:], ch.n)
+				writeChunkHeader(bw, fl, replyTypeOffsetHole, r.cookie, 12)
+				bw.Write(p[:12])
+				continue
+			}
+			writeChunkHeader(bw, fl, replyTypeOffsetData, r.cookie, 8+ch.n)
+			bw.Write(p[:8])
+			if _, err := bw.Write(ch.data); err != nil {
+				return err
+			}
+		}
+		return nil
+	case nbdCmdBlockStatus:
+		for i, cs := range r.status {
+			var fl uint16
+			if i == len(r.status)-1 {
+				fl = replyFlagDone
+			}
+			writeChunkHeader(bw, fl, replyTypeBlockStatus, r.cookie, uint32(4+8*len(cs.extents)))
+			var p [8]byte
+			binary.BigEndian.PutUint32(p[:4], cs.id)
+			bw.Write(p[:4])
+			for _, e := range cs.extents {
+				binary.BigEndian.PutUint32(p[0:], uint32(e.Length))
+				binary.BigEndian.PutUint32(p[4:], e.Flags)
+				if _, err := bw.Write(p[:]); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	default:
+		return writeChunkHeader(bw, replyFlagDone, replyTypeNone, r.cookie, 0)
+	}
+}
+
+func writeSimple(bw *bufio.Writer, r *request) error {
+	var h [simpleReplySize]byte
+	binary.BigEndian.PutUint32(h[0:], simpleMagic)
+	binary.BigEndian.PutUint32(h[4:], r.errno)
+	binary.BigEndian.PutUint64(h[8:], r.cookie)
+	_, err := bw.Write(h[:])
+	if err == nil && r.errno == 0 && r.typ == nbdCmdRead {
+		_, err = bw.Write(r.data)
+	}
+	return err
+}
+
+func writeChunkHeader(bw *bufio.Writer, flags, typ uint16, cookie uint64, n uint32) error {
+	var h [structuredHeaderSize]byte
+	binary.BigEndian.PutUint32(h[0:], structuredMagic)
+	binary.BigEndian.PutUint16(h[4:], flags)
+	binary.BigEndian.PutUint16(h[6:], typ)
+	binary.BigEndian.PutUint64(h[8:], cookie)
+	binary.BigEndian.PutUint32(h[16:], n)
+	_, err := bw.Write(h[:])
+	return err
+}
+
+func isClosedErr(err error) bool {
+	var ne net.Error
+	return errors.Is(err, net.ErrClosed) || errors.Is(err, io.ErrUnexpectedEOF) || (errors.As(err, &ne) && ne.Timeout())
+}
