@@ -55,7 +55,12 @@ func (m *memBackend) WriteAt(_ context.Context, p []byte, off int64, _ bool) err
 	return nil
 }
 
-func (m *memBackend) Flush(context.Context) error { m.mu.Lock(); m.flushes++; m.mu.Unlock(); return nil }
+func (m *memBackend) Flush(context.Context) error {
+	m.mu.Lock()
+	m.flushes++
+	m.mu.Unlock()
+	return nil
+}
 
 func (m *memBackend) Trim(ctx context.Context, off, n int64) error {
 	return m.WriteZeroes(ctx, off, n, ZeroFlags{})

@@ -129,7 +129,10 @@ func TestServeTransmissionHostile(t *testing.T) {
 		send func(c *rawClient)
 	}{
 		{"garbage magic", func(c *rawClient) { c.conn.Write(bytes.Repeat([]byte{0xde, 0xad}, 14)) }},
-		{"half-sent header", func(c *rawClient) { c.conn.Write([]byte{0x25, 0x60, 0x95}); c.conn.(interface{ CloseWrite() error }).CloseWrite() }},
+		{"half-sent header", func(c *rawClient) {
+			c.conn.Write([]byte{0x25, 0x60, 0x95})
+			c.conn.(interface{ CloseWrite() error }).CloseWrite()
+		}},
 		{"half-sent write payload", func(c *rawClient) {
 			c.send(0, nbdCmdWrite, 1, 0, 4096, make([]byte, 100))
 			c.conn.(interface{ CloseWrite() error }).CloseWrite()
