@@ -1,7 +1,6 @@
 package nbdattach
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -193,5 +192,3 @@ func pattern(n int, seed byte) []byte {
 	}
 	return b
 }
-
-var _ = bytes.Equal

@@ -235,11 +235,11 @@ func (s *Server) untrack(conn net.Conn) {
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	s.closing = true
+	s.cancel() // before closing listeners: Serve tells Shutdown from failure by it
 	for ln := range s.listeners {
 		ln.Close()
 	}
 	s.mu.Unlock()
-	s.cancel()
 	done := make(chan struct{})
 	go func() { s.wg.Wait(); close(done) }()
 	select {
