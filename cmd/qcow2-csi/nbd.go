@@ -44,6 +44,9 @@ or -p; without -k the socket is %s.
   -B, --bitmap=NAME         expose persistent dirty bitmap NAME as the context
                             qemu:dirty-bitmap:NAME (qcow2)
   -A, --allocation-depth    expose the context qemu:allocation-depth
+      --discard=MODE        ignore (default, as qemu-nbd): trims are no-ops and
+                            zeroing keeps space allocated; unmap: trims and
+                            zeroing free space
       --pid-file=PATH       write the server's process ID to PATH
   -v, --verbose             log connections to stderr
   -h, --help                show this help
@@ -60,6 +63,7 @@ type nbdOptions struct {
 	snapshot, bitmap      string
 	allocationDepth       bool
 	pidFile               string
+	discard               string
 	verbose               bool
 	file                  string
 	bindGiven, portGiven  bool
@@ -94,6 +98,7 @@ func parseNBDFlags(args []string, stderr io.Writer) (*nbdOptions, error) {
 	str(&o.bitmap, "", "B", "bitmap")
 	boolean(&o.allocationDepth, "A", "allocation-depth")
 	str(&o.pidFile, "", "pid-file")
+	str(&o.discard, "ignore", "discard")
 	boolean(&o.verbose, "v", "verbose")
 	boolean(&o.exitHelp, "h", "help")
 
@@ -137,6 +142,11 @@ func parseNBDFlags(args []string, stderr io.Writer) (*nbdOptions, error) {
 	case "", "raw", "qcow2":
 	default:
 		return nil, fmt.Errorf("unsupported format %q (raw or qcow2)", o.format)
+	}
+	switch o.discard {
+	case "ignore", "off", "unmap", "on":
+	default:
+		return nil, fmt.Errorf("invalid discard mode %q (ignore or unmap)", o.discard)
 	}
 	if o.portGiven {
 		if p, err := strconv.Atoi(o.port); err != nil || p < 0 || p > 65535 {
@@ -190,6 +200,10 @@ func probeFormat(file string) (string, error) {
 }
 
 func serveNBD(o *nbdOptions) error {
+	// Signals are caught from the start, so one that arrives as soon as the
+	// socket exists still shuts down cleanly (flush, socket removed).
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	defer stop()
 	format := o.format
 	if format == "" {
 		var err error
@@ -210,6 +224,7 @@ func serveNBD(o *nbdOptions) error {
 		Backend:     backend,
 		ReadOnly:    readOnly,
 		MultiConn:   o.shared > 1,
+		NoUnmap:     o.discard == "ignore" || o.discard == "off",
 	}
 	var log *slog.Logger
 	if o.verbose {
@@ -256,8 +271,6 @@ func serveNBD(o *nbdOptions) error {
 		defer os.Remove(o.pidFile)
 	}
 
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
-	defer stop()
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(context.Background(), ln) }()
 	select {

@@ -19,6 +19,10 @@ type Export struct {
 	// ReadOnly refuses WRITE, TRIM and WRITE_ZEROES with EPERM and advertises
 	// the export read-only.
 	ReadOnly bool
+	// NoUnmap keeps storage allocated, as qemu-nbd's default --discard=ignore:
+	// TRIM succeeds without reaching the backend and WRITE_ZEROES always
+	// passes NoHole.
+	NoUnmap bool
 	// MultiConn advertises NBD_FLAG_CAN_MULTI_CONN: a FLUSH on one connection
 	// covers writes completed on every other one. That holds for any Backend
 	// served from one process (Flush makes every completed write durable), so

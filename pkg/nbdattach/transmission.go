@@ -315,12 +315,15 @@ func (c *transmission) handle(ctx context.Context, r *request) {
 	case nbdCmdFlush:
 		err = c.be.Flush(ctx)
 	case nbdCmdTrim:
+		if c.exp.NoUnmap {
+			break
+		}
 		if err = c.be.Trim(ctx, off, n); err == nil && fua {
 			err = c.be.Flush(ctx)
 		}
 	case nbdCmdWriteZeroes:
 		err = c.be.WriteZeroes(ctx, off, n, ZeroFlags{
-			NoHole: r.flags&cmdFlagNoHole != 0,
+			NoHole: r.flags&cmdFlagNoHole != 0 || c.exp.NoUnmap,
 			Fast:   r.flags&cmdFlagFastZero != 0,
 			FUA:    fua,
 		})

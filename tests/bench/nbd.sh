@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# NBD server benchmark: `qcow2-csi nbd` against `qemu-nbd -t` on the same
+# image, in the same run, with fio's nbd engine over a unix socket.
+#
+# Rows: 4k randread/randwrite at QD32 and 1M read/write at QD8, on an image
+# whose clusters are all allocated ("allocated") and on a fresh empty image
+# ("first-touch": reads of unallocated space, writes that allocate).
+#
+# Usage: tests/bench/nbd.sh            (qcow2 if this build serves it, else raw)
+#        FORMAT=raw SIZE=1G RUNTIME=6 tests/bench/nbd.sh
+# Keep RUNTIME short: the machines are shared.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+RUNTIME=${RUNTIME:-6}
+SIZE=${SIZE:-1G}
+for p in fio qemu-nbd qemu-img qemu-io; do
+  command -v "$p" >/dev/null || { echo "nbd.sh: $p is missing (run hack/deps.sh)" >&2; exit 1; }
+done
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+go build -o "$work/qcow2-csi" ./cmd/qcow2-csi
+BIN=$work/qcow2-csi
+
+if [ -z "${FORMAT:-}" ]; then
+  qemu-img create -q -f qcow2 "$work/probe.qcow2" 1M
+  if "$BIN" nbd -f qcow2 -k "$work/probe.sock" "$work/probe.qcow2" 2>/dev/null & then
+    p=$!; sleep 0.5
+    if kill -0 "$p" 2>/dev/null; then FORMAT=qcow2; kill "$p"; wait "$p" 2>/dev/null || true; else FORMAT=raw; fi
+  fi
+  rm -f "$work/probe.qcow2" "$work/probe.sock"
+fi
+
+make_image() { # make_image PATH allocated|empty
+  if [ "$FORMAT" = qcow2 ]; then
+    qemu-img create -q -f qcow2 -o cluster_size=64k "$1" "$SIZE"
+  else
+    qemu-img create -q -f raw "$1" "$SIZE"
+  fi
+  if [ "$2" = allocated ]; then
+    qemu-io -f "$FORMAT" -c "write -P 0x5a 0 $SIZE" "$1" >/dev/null
+  fi
+}
+
+start_server() { # start_server qemu|ours IMAGE SOCKET
+  rm -f "$3"
+  if [ "$1" = qemu ]; then
+    qemu-nbd -t -f "$FORMAT" -k "$3" "$2" &
+  else
+    "$BIN" nbd -t -f "$FORMAT" -k "$3" "$2" &
+  fi
+  pids+=($!)
+  for _ in $(seq 100); do [ -S "$3" ] && return 0; sleep 0.05; done
+  echo "nbd.sh: $1 server did not start" >&2; exit 1
+}
+
+stop_server() {
+  local p=${pids[-1]}
+  kill "$p"; wait "$p" 2>/dev/null || true
+  unset 'pids[-1]'
+}
+
+# run_fio URI RW BS QD MODE -> "IOPS MiB/s"
+run_fio() {
+  local extra=(--time_based)
+  # First-touch writes make one pass over the empty image (or stop at RUNTIME),
+  # so every write allocates.
+  if [ "$5" = first-touch ] && [[ $2 == *write ]]; then extra=(--io_size="$SIZE"); fi
+  fio --name=b --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --iodepth="$4" \
+    --size="$SIZE" --runtime="$RUNTIME" "${extra[@]}" --norandommap --randrepeat=0 \
+    --output-format=terse --terse-version=3 2>/dev/null |
+    awk -F';' 'NF > 100 { if ($7 > 0) printf "%d %.1f\n", $8, $7/1024; else printf "%d %.1f\n", $49, $48/1024 }'
+}
+
+rows=("randread 4k 32" "randwrite 4k 32" "read 1M 8" "write 1M 8")
+printf 'format=%s size=%s runtime=%ss per row, fio nbd engine over a unix socket\n' "$FORMAT" "$SIZE" "$RUNTIME"
+printf '%-11s %-10s %-4s %-3s | %10s %9s | %10s %9s | %6s\n' image rw bs qd "qemu IOPS" "MiB/s" "ours IOPS" "MiB/s" ratio
+for mode in allocated first-touch; do
+  for row in "${rows[@]}"; do
+    set -- $row
+    declare -A res=()
+    for srv in qemu ours; do
+      img="$work/$srv.$FORMAT"
+      rm -f "$img"
+      make_image "$img" "$( [ "$mode" = allocated ] && echo allocated || echo empty)"
+      start_server "$srv" "$img" "$work/$srv.sock"
+      res[$srv]=$(run_fio "nbd+unix:///?socket=$work/$srv.sock" "$1" "$2" "$3" "$mode")
+      stop_server
+      rm -f "$img"
+    done
+    read -r qi qb <<<"${res[qemu]}"
+    read -r oi ob <<<"${res[ours]}"
+    ratio=$(awk -v a="$oi" -v b="$qi" 'BEGIN { if (b > 0) printf "%.2fx", a/b; else print "-" }')
+    printf '%-11s %-10s %-4s %-3s | %10s %9s | %10s %9s | %6s\n' "$mode" "$1" "$2" "$3" "$qi" "$qb" "$oi" "$ob" "$ratio"
+  done
+done
