@@ -329,3 +329,58 @@ func TestExportNameOption(t *testing.T) {
 		t.Fatal("write lost")
 	}
 }
+
+// slowBackend holds reads until released, to have requests in flight.
+type slowBackend struct {
+	*memBackend
+	started chan struct{}
+	release chan struct{}
+}
+
+func (s slowBackend) ReadAt(ctx context.Context, p []byte, off int64) error {
+	s.started <- struct{}{}
+	<-s.release
+	return s.memBackend.ReadAt(ctx, p, off)
+}
+
+// Shutdown answers the requests in flight, then closes the connection.
+func TestShutdownAnswersInFlight(t *testing.T) {
+	be := slowBackend{newMem(1 << 20), make(chan struct{}, 8), make(chan struct{})}
+	srv, err := NewServer(ServerOptions{}, &Export{Backend: be})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := unixPair(t)
+	defer b.Close()
+	go srv.ServeConn(context.Background(), a)
+	b.SetDeadline(time.Now().Add(10 * time.Second))
+	io.ReadFull(b, make([]byte, 18))
+	c := &optClient{t: t, conn: b}
+	b.Write(binary.BigEndian.AppendUint32(nil, clientFlagFixedNewstyle|clientFlagNoZeroes))
+	c.option(optExportName, nil)
+	io.ReadFull(b, make([]byte, 10))
+	rc := &rawClient{t: t, conn: b}
+	rc.send(0, nbdCmdRead, 1, 0, 512, nil)
+	rc.send(0, nbdCmdRead, 2, 512, 512, nil)
+	<-be.started
+	<-be.started
+	shut := make(chan error, 1)
+	go func() { shut <- srv.Shutdown(context.Background()) }()
+	time.Sleep(50 * time.Millisecond) // let Shutdown stop the receiver first
+	close(be.release)
+	got := map[uint64]bool{}
+	for range 2 {
+		e, ck, _ := rc.simpleReply(512)
+		if e != 0 {
+			t.Fatalf("cookie %d errno %d", ck, e)
+		}
+		got[ck] = true
+	}
+	if !got[1] || !got[2] {
+		t.Fatalf("replies %v", got)
+	}
+	rc.expectClosed()
+	if err := <-shut; err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+}

@@ -35,8 +35,12 @@ func ServeTransmission(ctx context.Context, conn net.Conn, exp *Export) error {
 const (
 	readBufSize  = 256 << 10
 	writeBufSize = 256 << 10
-	// bigPayload: payloads from here on bypass the reply buffer.
-	bigPayload = 64 << 10
+	// Requests carrying more than largePayload bytes each also take one of
+	// maxBigInFlight slots, so that a connection holds at most about
+	// maxBigInFlight*MaxPayload + MaxInFlight*largePayload bytes of buffers
+	// (160 MiB with the defaults) however the client mixes its requests.
+	largePayload   = 1 << 20
+	maxBigInFlight = 4
 	// sparseReadMin: structured reads from this length on are split into
 	// data and hole chunks; smaller ones are sent whole, where a block
 	// status lookup would cost more than the zeroes it saves.
@@ -60,6 +64,7 @@ type transmission struct {
 	readOnly   bool
 
 	slots   chan struct{}
+	big     chan struct{} // bounds the large payloads in flight
 	replies chan *request
 	wg      sync.WaitGroup
 }
@@ -79,6 +84,7 @@ func newTransmission(conn net.Conn, exp *Export, br *bufio.Reader, log *slog.Log
 		maxPayload: exp.maxPayload(),
 		readOnly:   exp.ReadOnly,
 		slots:      make(chan struct{}, n),
+		big:        make(chan struct{}, maxBigInFlight),
 		replies:    make(chan *request, n),
 	}
 }
@@ -93,6 +99,7 @@ type request struct {
 
 	buf  *[]byte // pooled payload (write data in, read data out)
 	data []byte
+	big  bool // holds a c.big slot
 
 	err    error
 	errno  uint32
@@ -185,6 +192,9 @@ func (c *transmission) serve(ctx context.Context) error {
 
 // receive reads requests until DISC, EOF or an error.
 func (c *transmission) receive(ctx context.Context) error {
+	// Requests already received finish even when ctx ends: a shutdown stops
+	// reading, not the I/O in flight.
+	ioCtx := context.WithoutCancel(ctx)
 	var hdr [requestHeaderSize]byte
 	for {
 		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
@@ -212,6 +222,15 @@ func (c *transmission) receive(ctx context.Context) error {
 			return nil
 		}
 		r.errno = c.validate(r)
+		if r.errno == 0 && r.length > largePayload && (r.typ == nbdCmdWrite || r.typ == nbdCmdRead) {
+			select {
+			case c.big <- struct{}{}:
+				r.big = true
+			case <-ctx.Done():
+				putRequest(r)
+				return nil
+			}
+		}
 		if r.typ == nbdCmdWrite {
 			if err := c.readPayload(r); err != nil {
 				putRequest(r)
@@ -230,7 +249,7 @@ func (c *transmission) receive(ctx context.Context) error {
 			c.replies <- r
 			continue
 		}
-		go c.handle(ctx, r)
+		go c.handle(ioCtx, r)
 	}
 }
 
@@ -501,6 +520,9 @@ func (c *transmission) sender() error {
 				// Unblock the receiver; it will see an error and stop.
 				c.conn.SetReadDeadline(aLongTimeAgo)
 			}
+		}
+		if r.big {
+			<-c.big
 		}
 		putRequest(r)
 		<-c.slots

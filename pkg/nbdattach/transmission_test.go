@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"syscall"
 	"testing"
 )
@@ -192,5 +193,37 @@ func TestTransmissionFlags(t *testing.T) {
 	ro := (&Export{ReadOnly: true}).TransmissionFlags()
 	if want := tflagHasFlags | tflagReadOnly | tflagSendFlush | tflagSendFUA | tflagSendDF | tflagSendCache; ro != want {
 		t.Fatalf("read-only flags %#x, want %#x", ro, want)
+	}
+}
+
+// Many large requests at once: all answered, none lost, while the number of
+// large buffers in flight stays bounded (the test would deadlock otherwise).
+func TestServeTransmissionLargeRequests(t *testing.T) {
+	mem := newMem(64 << 20)
+	c, wait := startTransmission(t, &Export{Backend: mem})
+	const n = 12
+	go func() {
+		for i := range n {
+			if i%2 == 0 {
+				c.send(0, nbdCmdWrite, uint64(i), uint64(i)<<22, 4<<20, pattern(4<<20, byte(i)))
+			} else {
+				c.send(0, nbdCmdRead, uint64(i), uint64(i-1)<<22, 4<<20, nil)
+			}
+		}
+	}()
+	for range n {
+		e, ck, _ := c.simpleReply(0)
+		if e != 0 {
+			t.Fatalf("cookie %d errno %d", ck, e)
+		}
+		if ck%2 == 1 {
+			if _, err := io.ReadFull(c.conn, make([]byte, 4<<20)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	c.send(0, nbdCmdDisc, 0, 0, 0, nil)
+	if err := wait(); err != nil {
+		t.Fatal(err)
 	}
 }
