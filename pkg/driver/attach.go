@@ -1,0 +1,53 @@
+package driver
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+)
+
+// attacher picks the attach backend for a new NodeStage, re-evaluated each
+// time so that a node fixed by its operator (modprobe nbd) works without a
+// plugin restart. With --attach-backend=auto it is the first available of
+// the configured backends (nbd before fuse); a named backend must be
+// available itself. With none available, the error wraps ErrUnavailable
+// (FailedPrecondition) and says what each backend lacks: the node never
+// silently degrades.
+func (d *Driver) attacher() (nbdattach.Attacher, error) {
+	var reasons []string
+	for _, a := range d.attachers {
+		if d.opts.AttachBackend != "auto" && a.Name() != d.opts.AttachBackend {
+			continue
+		}
+		err := a.Available()
+		if err == nil {
+			return a, nil
+		}
+		reasons = append(reasons, fmt.Sprintf("%s: %v", a.Name(), err))
+	}
+	if len(d.attachers) == 0 {
+		return nil, fmt.Errorf("%w: node %s: no attach backend is built into this plugin", nbdattach.ErrUnavailable, d.opts.NodeID)
+	}
+	if len(reasons) == 0 {
+		names := make([]string, 0, len(d.attachers))
+		for _, a := range d.attachers {
+			names = append(names, a.Name())
+		}
+		return nil, fmt.Errorf("%w: node %s has no %q attach backend built in (have: %s); run with --attach-backend=auto",
+			nbdattach.ErrUnavailable, d.opts.NodeID, d.opts.AttachBackend, strings.Join(names, ", "))
+	}
+	return nil, fmt.Errorf("%w: node %s cannot attach volumes (--attach-backend=%s): %s. Load the nbd kernel module (modprobe nbd) or make /dev/fuse and loop devices available to the plugin",
+		nbdattach.ErrUnavailable, d.opts.NodeID, d.opts.AttachBackend, strings.Join(reasons, "; "))
+}
+
+// attacherNamed finds the backend a staged volume was attached with.
+func (d *Driver) attacherNamed(name string) (nbdattach.Attacher, error) {
+	for _, a := range d.attachers {
+		if a.Name() == name {
+			return a, nil
+		}
+	}
+	return nil, errors.New("attach backend " + name + " is not built into this plugin")
+}

@@ -1,0 +1,460 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+	"k8s.io/klog/v2"
+)
+
+// minFreeForThin is the headroom a thin (preallocation=off) image needs: its
+// header, L1 and refcount tables. A pool with less than this above its reserve
+// is full.
+const minFreeForThin = 4 << 20
+
+func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
+	rpcs := []csi.ControllerServiceCapability_RPC_Type{
+		csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME,
+		csi.ControllerServiceCapability_RPC_GET_CAPACITY,
+		csi.ControllerServiceCapability_RPC_LIST_VOLUMES,
+		csi.ControllerServiceCapability_RPC_GET_VOLUME,
+		csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+		csi.ControllerServiceCapability_RPC_VOLUME_CONDITION,
+	}
+	if d.opts.ControllerExpand {
+		rpcs = append(rpcs, csi.ControllerServiceCapability_RPC_EXPAND_VOLUME)
+	}
+	caps := make([]*csi.ControllerServiceCapability, 0, len(rpcs))
+	for _, c := range rpcs {
+		caps = append(caps, &csi.ControllerServiceCapability{Type: &csi.ControllerServiceCapability_Rpc{
+			Rpc: &csi.ControllerServiceCapability_RPC{Type: c}}})
+	}
+	return &csi.ControllerGetCapabilitiesResponse{Capabilities: caps}, nil
+}
+
+// topology is where this node's volumes are accessible: this node only.
+func (d *Driver) topology() *csi.Topology {
+	return &csi.Topology{Segments: map[string]string{d.opts.TopologyKey(): d.opts.NodeID}}
+}
+
+// reachable reports whether an accessibility requirement admits this node.
+// Requisite topologies, when given, must include it; preferred ones are only
+// preferences.
+func (d *Driver) reachable(req *csi.TopologyRequirement) bool {
+	if len(req.GetRequisite()) == 0 {
+		return true
+	}
+	for _, t := range req.GetRequisite() {
+		if d.matches(t) {
+			return true
+		}
+	}
+	return false
+}
+
+// matches reports whether a topology names this node (segments of other keys
+// are not ours to judge and are ignored).
+func (d *Driver) matches(t *csi.Topology) bool {
+	v, ok := t.GetSegments()[d.opts.TopologyKey()]
+	return !ok || v == d.opts.NodeID
+}
+
+func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest) (*csi.CreateVolumeResponse, error) {
+	if err := validateCreateVolumeRequest(req); err != nil {
+		return nil, toStatus(err)
+	}
+	params, err := parseParams(req.GetParameters())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	size, err := volumeSize(req.GetCapacityRange(), d.opts.DefaultVolumeSize, params.ClusterSize)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if !d.reachable(req.GetAccessibilityRequirements()) {
+		return nil, toStatus(fmt.Errorf("%w: node %s is not in the requisite topology: this driver provisions on the node that runs it (topology key %s)",
+			ErrNoSpace, d.opts.NodeID, d.opts.TopologyKey()))
+	}
+	if fs := mountFSType(req.GetVolumeCapabilities()); fs != "" {
+		if params.FSType != "" && params.FSType != fs {
+			return nil, toStatus(fmt.Errorf("%w: parameter %s=%s contradicts the capability's fs_type %s", ErrInvalid, paramFSType, params.FSType, fs))
+		}
+		params.FSType = fs
+	}
+
+	id := volumeIDForName(req.GetName())
+	release, err := d.locks.acquire(id, opCreate)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	defer release()
+	logger := klog.FromContext(ctx).WithValues("volumeID", id)
+
+	if m, err := d.pool.get(id); err == nil {
+		if err := compatible(m, req.GetName(), req.GetCapacityRange(), params); err != nil {
+			return nil, toStatus(err)
+		}
+		logger.V(2).Info("Volume exists", "name", req.GetName())
+		return &csi.CreateVolumeResponse{Volume: d.csiVolume(m)}, nil
+	} else if !errors.Is(err, ErrNotFound) {
+		return nil, toStatus(err)
+	}
+
+	if err := d.checkSpace(size, params); err != nil {
+		return nil, toStatus(err)
+	}
+	// Build the image under a temporary name and rename it into place, so
+	// that an interrupted create leaves only a temporary file (removed on
+	// start) and never a half-made image under a volume's name.
+	tmp := d.pool.tempPath(id, imageSuffix)
+	_ = os.Remove(tmp)
+	start := time.Now()
+	if err := d.images.Create(ctx, tmp, size, ImageCreateOptions{
+		ClusterSize:   params.ClusterSize,
+		Preallocation: params.Preallocation,
+		LazyRefcounts: params.LazyRefcounts,
+	}); err != nil {
+		_ = os.Remove(tmp)
+		return nil, toStatus(fmt.Errorf("volume %q: create image: %w", id, err))
+	}
+	if err := os.Rename(tmp, d.pool.imagePath(id)); err != nil {
+		_ = os.Remove(tmp)
+		return nil, toStatus(err)
+	}
+	m := &volumeMeta{ID: id, Name: req.GetName(), Capacity: size, Params: params, Created: time.Now().UTC()}
+	if err := d.pool.put(m); err != nil {
+		_ = os.Remove(d.pool.imagePath(id))
+		return nil, toStatus(fmt.Errorf("volume %q: write metadata: %w", id, err))
+	}
+	logger.Info("Volume created", "name", req.GetName(), "capacity", size, "params", params, "took", since(start))
+	return &csi.CreateVolumeResponse{Volume: d.csiVolume(m)}, nil
+}
+
+// compatible decides whether an existing volume satisfies a repeated
+// CreateVolume: same name, a size within the requested range, and the same
+// parameters.
+func compatible(m *volumeMeta, name string, cr *csi.CapacityRange, p volumeParams) error {
+	if m.Name != name {
+		// Two names hashing to one ID: never silently share a volume.
+		return fmt.Errorf("%w: volume %q belongs to name %q, not %q", ErrAlreadyExists, m.ID, m.Name, name)
+	}
+	if m.Capacity < cr.GetRequiredBytes() || (cr.GetLimitBytes() > 0 && m.Capacity > cr.GetLimitBytes()) {
+		return fmt.Errorf("%w: volume %q (name %q) has %d bytes, the request asks for [%d, %d]",
+			ErrAlreadyExists, m.ID, name, m.Capacity, cr.GetRequiredBytes(), cr.GetLimitBytes())
+	}
+	if m.Params != p {
+		return fmt.Errorf("%w: volume %q (name %q) was created with parameters %+v, the request has %+v",
+			ErrAlreadyExists, m.ID, name, m.Params, p)
+	}
+	return nil
+}
+
+func mountFSType(cs []*csi.VolumeCapability) string {
+	for _, c := range cs {
+		if fs := c.GetMount().GetFsType(); fs != "" {
+			return fs
+		}
+	}
+	return ""
+}
+
+// available is the space CreateVolume may use: free space minus the reserve.
+func (d *Driver) available() (int64, error) {
+	total, avail, err := d.pool.space()
+	if err != nil {
+		return 0, err
+	}
+	reserve := d.opts.CapacityReserve
+	if r := int64(float64(total) * d.opts.CapacityReservePercent / 100); r > reserve {
+		reserve = r
+	}
+	if avail -= reserve; avail < 0 {
+		avail = 0
+	}
+	return avail, nil
+}
+
+// checkSpace refuses a volume the pool cannot hold without eating into its
+// reserve: the full size for preallocated images, the metadata headroom for
+// thin ones (which grow as they are written, like any thin pool).
+func (d *Driver) checkSpace(size int64, p volumeParams) error {
+	avail, err := d.available()
+	if err != nil {
+		return err
+	}
+	need := int64(minFreeForThin)
+	if p.Preallocation == "falloc" || p.Preallocation == "full" {
+		need += size
+	}
+	if avail < need {
+		return fmt.Errorf("%w: %d bytes needed, %d available above the reserve in %s", ErrNoSpace, need, avail, d.pool.dir)
+	}
+	return nil
+}
+
+func (d *Driver) csiVolume(m *volumeMeta) *csi.Volume {
+	vc := map[string]string{}
+	if m.Params.FSType != "" {
+		vc[ctxFSType] = m.Params.FSType
+	}
+	if m.Params.MkfsOptions != "" {
+		vc[ctxMkfsOptions] = m.Params.MkfsOptions
+	}
+	return &csi.Volume{
+		VolumeId:           m.ID,
+		CapacityBytes:      m.Capacity,
+		VolumeContext:      vc,
+		AccessibleTopology: []*csi.Topology{d.topology()},
+	}
+}
+
+func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
+	if err := validateDeleteVolumeRequest(req); err != nil {
+		return nil, toStatus(err)
+	}
+	id := req.GetVolumeId()
+	release, err := d.locks.acquire(id, opDelete)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	defer release()
+	if _, err := d.pool.get(id); errors.Is(err, ErrNotFound) {
+		// Deleting what does not exist succeeds: the CO may retry a delete
+		// whose answer it lost. Remove a stray image all the same.
+		if err := d.pool.remove(id); err != nil {
+			return nil, toStatus(err)
+		}
+		return &csi.DeleteVolumeResponse{}, nil
+	} else if err != nil {
+		return nil, toStatus(err)
+	}
+	if d.isStaged(id) {
+		return nil, toStatus(fmt.Errorf("%w: volume %q is staged on node %s; unstage it first", ErrInUse, id, d.opts.NodeID))
+	}
+	// A probe open takes the image's locks: if another process (an operator's
+	// qemu-img, a node plugin in a separate process) holds the image, the
+	// delete is refused instead of pulling the file from under it.
+	img, err := d.images.Open(ctx, d.pool.imagePath(id), false)
+	switch {
+	case err == nil:
+		if err := img.Close(); err != nil {
+			return nil, toStatus(err)
+		}
+	case errors.Is(err, ErrNotFound):
+	default:
+		return nil, toStatus(fmt.Errorf("volume %q: %w", id, err))
+	}
+	if err := d.pool.remove(id); err != nil {
+		return nil, toStatus(err)
+	}
+	klog.FromContext(ctx).Info("Volume deleted", "volumeID", id)
+	return &csi.DeleteVolumeResponse{}, nil
+}
+
+func (d *Driver) ControllerGetVolume(ctx context.Context, req *csi.ControllerGetVolumeRequest) (*csi.ControllerGetVolumeResponse, error) {
+	if err := validateControllerGetVolumeRequest(req); err != nil {
+		return nil, toStatus(err)
+	}
+	release, err := d.locks.acquire(req.GetVolumeId(), opRead)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	defer release()
+	m, err := d.pool.get(req.GetVolumeId())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &csi.ControllerGetVolumeResponse{
+		Volume: d.csiVolume(m),
+		Status: &csi.ControllerGetVolumeResponse_VolumeStatus{VolumeCondition: d.condition(m.ID)},
+	}, nil
+}
+
+// condition reports whether a volume's image is there, for ControllerGetVolume.
+func (d *Driver) condition(id string) *csi.VolumeCondition {
+	if _, err := os.Stat(d.pool.imagePath(id)); err != nil {
+		return &csi.VolumeCondition{Abnormal: true, Message: fmt.Sprintf("image: %v", err)}
+	}
+	return &csi.VolumeCondition{Message: "image present"}
+}
+
+func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csi.ValidateVolumeCapabilitiesRequest) (*csi.ValidateVolumeCapabilitiesResponse, error) {
+	if err := validateValidateVolumeCapabilitiesRequest(req); err != nil {
+		return nil, toStatus(err)
+	}
+	release, err := d.locks.acquire(req.GetVolumeId(), opRead)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	defer release()
+	m, err := d.pool.get(req.GetVolumeId())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
+		return &csi.ValidateVolumeCapabilitiesResponse{Message: err.Error()}, nil
+	}
+	if fs := mountFSType(req.GetVolumeCapabilities()); fs != "" && m.Params.FSType != "" && fs != m.Params.FSType {
+		return &csi.ValidateVolumeCapabilitiesResponse{Message: fmt.Sprintf("volume %q is formatted %s, not %s", m.ID, m.Params.FSType, fs)}, nil
+	}
+	if _, err := parseParams(req.GetParameters()); err != nil {
+		return &csi.ValidateVolumeCapabilitiesResponse{Message: err.Error()}, nil
+	}
+	return &csi.ValidateVolumeCapabilitiesResponse{Confirmed: &csi.ValidateVolumeCapabilitiesResponse_Confirmed{
+		VolumeContext:      req.GetVolumeContext(),
+		VolumeCapabilities: req.GetVolumeCapabilities(),
+		Parameters:         req.GetParameters(),
+	}}, nil
+}
+
+// listToken is the prefix of ListVolumes' next_token: the token names the
+// first volume ID of the next page, so pages stay correct when volumes are
+// created or deleted between calls (IDs are listed in sorted order).
+const listToken = "next:"
+
+func (d *Driver) ListVolumes(ctx context.Context, req *csi.ListVolumesRequest) (*csi.ListVolumesResponse, error) {
+	if err := validateListVolumesRequest(req); err != nil {
+		return nil, toStatus(err)
+	}
+	from := ""
+	if t := req.GetStartingToken(); t != "" {
+		from = strings.TrimPrefix(t, listToken)
+		if !strings.HasPrefix(t, listToken) || checkVolumeID(from) != nil {
+			return nil, toStatus(fmt.Errorf("%w: starting_token %q was not issued by this driver", ErrBadToken, t))
+		}
+	}
+	ids, err := d.pool.list()
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	i := sort.SearchStrings(ids, from)
+	ids = ids[i:]
+	var next string
+	if n := int(req.GetMaxEntries()); n > 0 && len(ids) > n {
+		next = listToken + ids[n]
+		ids = ids[:n]
+	}
+	resp := &csi.ListVolumesResponse{NextToken: next}
+	for _, id := range ids {
+		m, err := d.pool.get(id)
+		if errors.Is(err, ErrNotFound) {
+			continue // deleted since listed
+		}
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		resp.Entries = append(resp.Entries, &csi.ListVolumesResponse_Entry{
+			Volume: d.csiVolume(m),
+			Status: &csi.ListVolumesResponse_VolumeStatus{VolumeCondition: d.condition(id)},
+		})
+	}
+	return resp, nil
+}
+
+func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (*csi.GetCapacityResponse, error) {
+	for _, c := range req.GetVolumeCapabilities() {
+		if err := checkCapability(c); err != nil {
+			// A capability the driver cannot give has no capacity.
+			return &csi.GetCapacityResponse{}, nil
+		}
+	}
+	if _, err := parseParams(req.GetParameters()); err != nil {
+		return nil, toStatus(err)
+	}
+	if t := req.GetAccessibleTopology(); t != nil && !d.matches(t) {
+		return &csi.GetCapacityResponse{}, nil
+	}
+	avail, err := d.available()
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &csi.GetCapacityResponse{
+		AvailableCapacity: avail,
+		MaximumVolumeSize: wrapperspb.Int64(maxVirtualSize(DefaultClusterSize)),
+	}, nil
+}
+
+func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.ControllerExpandVolumeRequest) (*csi.ControllerExpandVolumeResponse, error) {
+	if err := validateControllerExpandVolumeRequest(req); err != nil {
+		return nil, toStatus(err)
+	}
+	id := req.GetVolumeId()
+	release, err := d.locks.acquire(id, opExpand)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	defer release()
+	m, err := d.pool.get(id)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	block := isBlock(req.GetVolumeCapability())
+	size, err := expandedSize(m, req.GetCapacityRange())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	logger := klog.FromContext(ctx).WithValues("volumeID", id)
+
+	// Staged here: grow the open image and its device online (there is only
+	// ever one open of an image). Otherwise grow the closed image.
+	grown, err := d.growStaged(ctx, id, size)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if !grown {
+		err := d.images.Resize(ctx, d.pool.imagePath(id), size)
+		if errors.Is(err, ErrInUse) {
+			// Opened by a node plugin in another process: leave the whole
+			// growth to its NodeExpandVolume.
+			m.Capacity = size
+			if err := d.pool.put(m); err != nil {
+				return nil, toStatus(err)
+			}
+			logger.Info("Image in use by another process: expansion left to NodeExpandVolume", "capacity", size)
+			return &csi.ControllerExpandVolumeResponse{CapacityBytes: size, NodeExpansionRequired: true}, nil
+		}
+		if err != nil {
+			return nil, toStatus(fmt.Errorf("volume %q: resize image: %w", id, err))
+		}
+	}
+	if m.Capacity != size {
+		m.Capacity = size
+		if err := d.pool.put(m); err != nil {
+			return nil, toStatus(err)
+		}
+	}
+	logger.Info("Volume expanded by the controller", "capacity", size, "online", grown)
+	// A filesystem must still be grown on the node; a block volume is done.
+	return &csi.ControllerExpandVolumeResponse{CapacityBytes: size, NodeExpansionRequired: !block}, nil
+}
+
+// expandedSize is the size a volume grows to: the requested bytes rounded up
+// to its cluster size, never less than it has (shrinking is refused).
+func expandedSize(m *volumeMeta, cr *csi.CapacityRange) (int64, error) {
+	req, lim := cr.GetRequiredBytes(), cr.GetLimitBytes()
+	if req < 0 || lim < 0 || (lim > 0 && req > lim) {
+		return 0, fmt.Errorf("%w: capacity_range required_bytes %d / limit_bytes %d is inconsistent", ErrInvalid, req, lim)
+	}
+	if req <= m.Capacity {
+		if lim > 0 && m.Capacity > lim {
+			return 0, fmt.Errorf("%w: volume %q has %d bytes, above limit_bytes %d; shrinking is not supported", ErrOutOfRange, m.ID, m.Capacity, lim)
+		}
+		return m.Capacity, nil
+	}
+	cs := m.Params.ClusterSize
+	if req > maxVirtualSize(cs) {
+		return 0, fmt.Errorf("%w: %d bytes requested, at most %d with cluster size %d", ErrOutOfRange, req, maxVirtualSize(cs), cs)
+	}
+	size := (req + cs - 1) / cs * cs
+	if lim > 0 && size > lim {
+		return 0, fmt.Errorf("%w: no multiple of the cluster size %d lies in [%d, %d]", ErrOutOfRange, cs, req, lim)
+	}
+	return size, nil
+}

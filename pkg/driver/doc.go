@@ -1,0 +1,38 @@
+// Package driver implements the qcow2-csi CSI services (Identity, Controller,
+// Node) on top of a node-local pool of qcow2 images.
+//
+// # Model
+//
+// A volume is <pool>/<volume-id>.qcow2 plus <pool>/<volume-id>.json, its
+// metadata. The metadata file is written atomically (temporary file, fsync,
+// rename, fsync of the directory) and is the commit point: a volume exists if
+// and only if its metadata file does. Anything else found in the pool on start
+// (temporary files, images without metadata) is the remains of an operation a
+// crash interrupted and is removed, so a restart never leaks files nor loses a
+// committed volume.
+//
+// Volume IDs are derived from the CSI volume name by a hash, so that a retried
+// CreateVolume finds the volume it made before, even across restarts, without
+// any name index. IDs coming from requests are validated (character set,
+// length) before any path is built from them.
+//
+// # Concurrency
+//
+// Every volume-scoped RPC first takes the volume's operation lock (oplock.go),
+// which states in one table which operations exclude each other; a conflicting
+// request is answered Aborted at once and the CO retries. There is no global
+// lock around I/O.
+//
+// # Seams
+//
+// The driver reaches the outside world through narrow interfaces injected by
+// the constructor: Images (the qcow2 library), nbdattach.Attacher (kernel NBD
+// or FUSE+loop) and Mounter (k8s.io/mount-utils). Tests swap them; `qcow2-csi
+// serve` wires the real ones.
+//
+// # Errors
+//
+// Internal functions return errors wrapping the sentinels in status.go or
+// those of the domain packages; toStatus maps them to gRPC codes in a single
+// errors.Is switch, at the RPC boundary only.
+package driver

@@ -1,0 +1,151 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"k8s.io/klog/v2"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+)
+
+// Seams are the driver's dependencies on the outside world, injected so that
+// tests can substitute them. Nil fields get the production implementation
+// where one exists in this package (Mounter); Images is required.
+type Seams struct {
+	// Images is the image library (qcow2).
+	Images Images
+	// Attachers are the attach backends the node may use, in order of
+	// preference for --attach-backend=auto (nbd before fuse).
+	Attachers []nbdattach.Attacher
+	// Mounter formats and mounts (default: k8s.io/mount-utils).
+	Mounter Mounter
+}
+
+// Driver is the CSI plugin: one value serves the services its Mode selects.
+type Driver struct {
+	csi.UnimplementedIdentityServer
+	csi.UnimplementedControllerServer
+	csi.UnimplementedNodeServer
+
+	opts      Options
+	pool      *pool
+	locks     *opLocks
+	images    Images
+	attachers []nbdattach.Attacher
+	mounter   Mounter
+	metrics   *metrics
+
+	// node state: volumes staged on this node, by ID.
+	stagedMu sync.Mutex
+	staged   map[string]*stagedVolume
+
+	ready    atomic.Bool
+	startErr atomic.Pointer[error]
+}
+
+// New checks opts and builds a driver. Call Start before serving.
+func New(opts Options, s Seams) (*Driver, error) {
+	opts.setDefaults()
+	if err := opts.validate(); err != nil {
+		return nil, err
+	}
+	if s.Images == nil {
+		return nil, errors.New("driver: Seams.Images is required")
+	}
+	if s.Mounter == nil {
+		s.Mounter = NewMounter()
+	}
+	p, err := openPool(opts.Pool)
+	if err != nil {
+		return nil, err
+	}
+	d := &Driver{
+		opts:      opts,
+		pool:      p,
+		locks:     newOpLocks(),
+		images:    s.Images,
+		attachers: s.Attachers,
+		mounter:   s.Mounter,
+		staged:    map[string]*stagedVolume{},
+	}
+	d.metrics = newMetrics(d)
+	return d, nil
+}
+
+// Options returns the effective options (defaults filled in).
+func (d *Driver) Options() Options { return d.opts }
+
+// Start prepares the driver to serve: it removes what interrupted operations
+// left in the pool and, on a node, re-attaches the devices a previous process
+// was serving, so that mounted volumes keep working across a plugin restart.
+// Probe reports ready only after Start succeeded.
+func (d *Driver) Start(ctx context.Context) error {
+	logger := klog.FromContext(ctx)
+	removed, err := d.pool.recover()
+	if err != nil {
+		d.failStart(err)
+		return fmt.Errorf("pool %s: recover: %w", d.pool.dir, err)
+	}
+	if len(removed) > 0 {
+		logger.Info("Removed leftovers of interrupted operations from the pool", "pool", d.pool.dir, "files", removed)
+	}
+	if d.opts.Mode.node() {
+		rctx, cancel := context.WithTimeout(ctx, d.opts.ReattachTimeout)
+		err := d.reattachAll(rctx)
+		cancel()
+		if err != nil {
+			d.failStart(err)
+			return err
+		}
+	}
+	d.ready.Store(true)
+	logger.Info("Driver ready", "driver", d.opts.DriverName, "mode", d.opts.Mode, "node", d.opts.NodeID, "pool", d.pool.dir)
+	return nil
+}
+
+func (d *Driver) failStart(err error) { d.startErr.Store(&err) }
+
+// Close releases what the node holds in this process without detaching
+// devices: a restarted process re-attaches them (Start). Images are closed so
+// their data is flushed.
+func (d *Driver) Close() error {
+	d.stagedMu.Lock()
+	defer d.stagedMu.Unlock()
+	var errs []error
+	for _, v := range d.staged {
+		if v.image != nil {
+			errs = append(errs, v.image.Close())
+			v.image = nil
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// readiness reports nil when the driver can serve every RPC of its mode, or
+// what stands in the way.
+func (d *Driver) readiness() error {
+	if p := d.startErr.Load(); p != nil {
+		return fmt.Errorf("start failed: %w", *p)
+	}
+	if !d.ready.Load() {
+		return errors.New("starting: re-attaching staged volumes")
+	}
+	if err := d.pool.writable(); err != nil {
+		return fmt.Errorf("pool %s is not writable: %w", d.pool.dir, err)
+	}
+	if d.opts.Mode.node() {
+		if _, err := d.attacher(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// since is a small helper for latency logs.
+func since(t time.Time) string { return time.Since(t).Round(time.Microsecond).String() }

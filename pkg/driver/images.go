@@ -1,0 +1,46 @@
+package driver
+
+import (
+	"context"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+)
+
+// Images is what the driver needs from the image library: the whole of its
+// use of pkg/qcow2 goes through here (wired in qcow2images.go), so that tests
+// can substitute a double and the library can evolve behind it.
+//
+// Implementations must wrap ErrInUse when an image is opened (locked) by
+// another process or open handle, ErrOutOfRange for a size the format cannot
+// represent or a shrink, and ErrNotFound for a missing file.
+type Images interface {
+	// Create makes a new image file at path of the given virtual size. path
+	// does not exist; on error nothing is left at path.
+	Create(ctx context.Context, path string, size int64, opts ImageCreateOptions) error
+	// Open opens an image for exclusive use by this process (qemu's OFD
+	// locks), read-write unless readOnly.
+	Open(ctx context.Context, path string, readOnly bool) (Image, error)
+	// Size reads the virtual size of an image that may be open elsewhere.
+	Size(ctx context.Context, path string) (int64, error)
+	// Resize grows a closed image to size; equal size is a no-op.
+	Resize(ctx context.Context, path string, size int64) error
+}
+
+// ImageCreateOptions are the format options of a new image.
+type ImageCreateOptions struct {
+	ClusterSize   int64
+	Preallocation string // off, metadata, falloc, full
+	LazyRefcounts bool
+}
+
+// Image is an open image.
+type Image interface {
+	// Size is the current virtual size.
+	Size() int64
+	// Resize grows the open image (online expansion); equal size is a no-op.
+	Resize(ctx context.Context, size int64) error
+	// Backend serves the image's data to an attach backend.
+	Backend() nbdattach.Backend
+	// Close flushes and closes the image, releasing its locks.
+	Close() error
+}

@@ -1,0 +1,103 @@
+package driver
+
+import (
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/grpc/codes"
+)
+
+const metricsNamespace = "qcow2_csi"
+
+// metrics are the driver's Prometheus metrics, in a registry of its own so
+// that several drivers (tests) never collide.
+type metrics struct {
+	reg     *prometheus.Registry
+	ops     *prometheus.CounterVec
+	latency *prometheus.HistogramVec
+}
+
+func newMetrics(d *Driver) *metrics {
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		ops: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: metricsNamespace, Name: "operations_total",
+			Help: "CSI RPCs handled, by method and gRPC status code.",
+		}, []string{"method", "code"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: metricsNamespace, Name: "operation_duration_seconds",
+			Help:    "CSI RPC latency, by method.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 4, 10), // 0.5 ms .. ~131 s
+		}, []string{"method"}),
+	}
+	m.reg.MustRegister(m.ops, m.latency, &poolCollector{d: d},
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+func (m *metrics) observe(method string, code codes.Code, took time.Duration) {
+	m.ops.WithLabelValues(method, code.String()).Inc()
+	m.latency.WithLabelValues(method).Observe(took.Seconds())
+}
+
+// MetricsHandler serves the driver's metrics in the Prometheus format.
+func (d *Driver) MetricsHandler() http.Handler {
+	return promhttp.HandlerFor(d.metrics.reg, promhttp.HandlerOpts{})
+}
+
+// poolCollector reads the pool at scrape time, so the figures are never
+// stale and cost nothing between scrapes.
+type poolCollector struct{ d *Driver }
+
+var (
+	descPoolSize = prometheus.NewDesc(metricsNamespace+"_pool_size_bytes",
+		"Size of the filesystem holding the pool.", nil, nil)
+	descPoolAvail = prometheus.NewDesc(metricsNamespace+"_pool_available_bytes",
+		"Bytes CreateVolume may still use: free space minus the reserve (GetCapacity).", nil, nil)
+	descPoolAlloc = prometheus.NewDesc(metricsNamespace+"_pool_allocated_bytes",
+		"Bytes the pool's images occupy on disk.", nil, nil)
+	descPoolProv = prometheus.NewDesc(metricsNamespace+"_pool_provisioned_bytes",
+		"Sum of the virtual sizes of the pool's volumes.", nil, nil)
+	descVolumes = prometheus.NewDesc(metricsNamespace+"_pool_volumes",
+		"Volumes in the pool.", nil, nil)
+	descAttached = prometheus.NewDesc(metricsNamespace+"_attached_volumes",
+		"Volumes staged on this node with a live device.", nil, nil)
+)
+
+func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descPoolSize, descPoolAvail, descPoolAlloc, descPoolProv, descVolumes, descAttached} {
+		ch <- d
+	}
+}
+
+func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
+	d := c.d
+	if total, _, err := d.pool.space(); err == nil {
+		ch <- prometheus.MustNewConstMetric(descPoolSize, prometheus.GaugeValue, float64(total))
+	}
+	if avail, err := d.available(); err == nil {
+		ch <- prometheus.MustNewConstMetric(descPoolAvail, prometheus.GaugeValue, float64(avail))
+	}
+	if ids, err := d.pool.list(); err == nil {
+		var alloc, prov int64
+		n := 0
+		for _, id := range ids {
+			m, err := d.pool.get(id)
+			if err != nil {
+				continue
+			}
+			n++
+			prov += m.Capacity
+			if a, err := allocatedBytes(d.pool.imagePath(id)); err == nil {
+				alloc += a
+			}
+		}
+		ch <- prometheus.MustNewConstMetric(descPoolAlloc, prometheus.GaugeValue, float64(alloc))
+		ch <- prometheus.MustNewConstMetric(descPoolProv, prometheus.GaugeValue, float64(prov))
+		ch <- prometheus.MustNewConstMetric(descVolumes, prometheus.GaugeValue, float64(n))
+	}
+	ch <- prometheus.MustNewConstMetric(descAttached, prometheus.GaugeValue, float64(d.attachedCount()))
+}

@@ -1,0 +1,477 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+)
+
+func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
+	return &csi.NodeGetInfoResponse{
+		NodeId:             d.opts.NodeID,
+		MaxVolumesPerNode:  d.opts.MaxVolumes,
+		AccessibleTopology: d.topology(),
+	}, nil
+}
+
+func (d *Driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRequest) (*csi.NodeGetCapabilitiesResponse, error) {
+	rpcs := []csi.NodeServiceCapability_RPC_Type{
+		csi.NodeServiceCapability_RPC_STAGE_UNSTAGE_VOLUME,
+		csi.NodeServiceCapability_RPC_GET_VOLUME_STATS,
+		csi.NodeServiceCapability_RPC_EXPAND_VOLUME,
+		csi.NodeServiceCapability_RPC_VOLUME_CONDITION,
+		csi.NodeServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+	}
+	caps := make([]*csi.NodeServiceCapability, 0, len(rpcs))
+	for _, c := range rpcs {
+		caps = append(caps, &csi.NodeServiceCapability{Type: &csi.NodeServiceCapability_Rpc{
+			Rpc: &csi.NodeServiceCapability_RPC{Type: c}}})
+	}
+	return &csi.NodeGetCapabilitiesResponse{Capabilities: caps}, nil
+}
+
+// fsTypeFor picks a mount volume's filesystem: the capability's fs_type (the
+// StorageClass csi.storage.k8s.io/fstype), else the volume context's (the
+// fsType parameter), else ext4.
+func fsTypeFor(c *csi.VolumeCapability, vctx map[string]string) string {
+	if fs := c.GetMount().GetFsType(); fs != "" {
+		return fs
+	}
+	if fs := vctx[ctxFSType]; fs != "" {
+		return fs
+	}
+	return DefaultFSType
+}
+
+func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
+	if err := validateNodeStageVolumeRequest(req); err != nil {
+		return nil, toStatus(err)
+	}
+	id := req.GetVolumeId()
+	release, err := d.locks.acquire(id, opStage)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	defer release()
+	logger := klog.FromContext(ctx).WithValues("volumeID", id)
+
+	capab := req.GetVolumeCapability()
+	want := stageRecord{
+		ID:          id,
+		StagingPath: req.GetStagingTargetPath(),
+		Block:       isBlock(capab),
+		ReadOnly:    isReadOnlyMode(capab),
+	}
+	if !want.Block {
+		want.FSType = fsTypeFor(capab, req.GetVolumeContext())
+	}
+	if v := d.lookupStaged(id); v != nil {
+		same := v.StagingPath == want.StagingPath && v.Block == want.Block && v.ReadOnly == want.ReadOnly && v.FSType == want.FSType
+		if !same {
+			return nil, toStatus(fmt.Errorf("%w: volume %q is staged at %s (block %v, read-only %v, fs %q); asked for %s (block %v, read-only %v, fs %q)",
+				ErrAlreadyExists, id, v.StagingPath, v.Block, v.ReadOnly, v.FSType, want.StagingPath, want.Block, want.ReadOnly, want.FSType))
+		}
+		if v.device != nil {
+			return &csi.NodeStageVolumeResponse{}, nil
+		}
+		// Lost at a plugin restart: tear down what remains, stage afresh.
+		logger.Info("Restaging a volume lost at plugin restart", "reason", v.lostReason)
+		if err := d.teardown(ctx, v); err != nil {
+			return nil, toStatus(err)
+		}
+	}
+	if _, err := d.pool.get(id); err != nil {
+		return nil, toStatus(err)
+	}
+	a, err := d.attacher()
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	mkfsOpts, _ := splitMkfsOptions(req.GetVolumeContext()[ctxMkfsOptions])
+
+	img, err := d.images.Open(ctx, d.pool.imagePath(id), want.ReadOnly)
+	if err != nil {
+		return nil, toStatus(fmt.Errorf("volume %q: open image: %w", id, err))
+	}
+	v := &stagedVolume{stageRecord: want, image: img}
+	v.Backend = a.Name()
+	dev, err := a.Attach(ctx, id, img.Backend(), nbdattach.AttachOptions{ReadOnly: want.ReadOnly})
+	if err != nil {
+		_ = img.Close()
+		return nil, toStatus(fmt.Errorf("volume %q: %s attach: %w", id, a.Name(), err))
+	}
+	v.device, v.DevicePath = dev, dev.Path()
+	// Record before mounting: from here on a crash leaves a device that the
+	// next process must find again.
+	if err := d.saveRecord(&v.stageRecord); err != nil {
+		d.undoAttach(ctx, v)
+		return nil, toStatus(err)
+	}
+	if !want.Block {
+		if err := os.MkdirAll(want.StagingPath, 0o750); err != nil {
+			d.undoAttach(ctx, v)
+			return nil, toStatus(err)
+		}
+		opts := append([]string{}, capab.GetMount().GetMountFlags()...)
+		if want.ReadOnly {
+			opts = append(opts, "ro")
+		}
+		if err := d.mounter.FormatAndMount(dev.Path(), want.StagingPath, want.FSType, opts, mkfsOpts); err != nil {
+			d.undoAttach(ctx, v)
+			return nil, toStatus(fmt.Errorf("volume %q: format and mount %s (%s) at %s: %w", id, dev.Path(), want.FSType, want.StagingPath, err))
+		}
+	}
+	d.setStaged(v)
+	logger.Info("Volume staged", "device", dev.Path(), "backend", a.Name(), "staging", want.StagingPath, "block", want.Block, "fsType", want.FSType, "readOnly", want.ReadOnly)
+	return &csi.NodeStageVolumeResponse{}, nil
+}
+
+// undoAttach reverses a NodeStage that failed after attaching.
+func (d *Driver) undoAttach(ctx context.Context, v *stagedVolume) {
+	if err := v.device.Detach(ctx); err != nil {
+		klog.FromContext(ctx).Error(err, "Detach after failed stage", "volumeID", v.ID)
+		return // keep the record: the next process finds the device
+	}
+	_ = v.image.Close()
+	_ = d.removeRecord(v.ID)
+}
+
+// teardown unmounts a staged volume, detaches its device, closes its image
+// and forgets it. Each step tolerates having been done before, so an
+// interrupted unstage can be repeated.
+func (d *Driver) teardown(ctx context.Context, v *stagedVolume) error {
+	if !v.Block {
+		if err := d.unmount(v.StagingPath); err != nil {
+			return fmt.Errorf("volume %q: unmount %s: %w", v.ID, v.StagingPath, err)
+		}
+	}
+	if v.device != nil {
+		if err := v.device.Detach(ctx); err != nil {
+			return fmt.Errorf("volume %q: detach %s: %w", v.ID, v.device.Path(), err)
+		}
+		v.device = nil
+	} else if err := d.detachLost(ctx, v); err != nil {
+		return err
+	}
+	if v.image != nil {
+		if err := v.image.Close(); err != nil {
+			return fmt.Errorf("volume %q: close image: %w", v.ID, err)
+		}
+		v.image = nil
+	}
+	if err := d.removeRecord(v.ID); err != nil {
+		return err
+	}
+	d.dropStaged(v.ID)
+	return nil
+}
+
+// detachLost detaches the device of a volume a restarted plugin could not
+// re-attach, by serving it once more just to disconnect it cleanly. When the
+// device is gone already there is nothing to do.
+func (d *Driver) detachLost(ctx context.Context, v *stagedVolume) error {
+	a, err := d.attacherNamed(v.Backend)
+	if err != nil {
+		return nil
+	}
+	img, err := d.images.Open(ctx, d.pool.imagePath(v.ID), true)
+	if err != nil {
+		return nil // image gone or locked: nothing we can serve the device from
+	}
+	defer img.Close()
+	dev, err := a.Reattach(ctx, v.ID, img.Backend(), nbdattach.AttachOptions{ReadOnly: true})
+	if err != nil {
+		return nil
+	}
+	return dev.Detach(ctx)
+}
+
+// unmount unmounts p if it is a mount point, keeping the directory (the CO
+// owns staging directories).
+func (d *Driver) unmount(p string) error {
+	for d.mounted(p) {
+		if err := unix.Unmount(p, 0); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
+	if err := validateNodeUnstageVolumeRequest(req); err != nil {
+		return nil, toStatus(err)
+	}
+	id := req.GetVolumeId()
+	release, err := d.locks.acquire(id, opUnstage)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	defer release()
+	v := d.lookupStaged(id)
+	if v == nil {
+		// Not staged (any more): succeed, but leave nothing mounted there.
+		if err := d.unmount(req.GetStagingTargetPath()); err != nil {
+			return nil, toStatus(err)
+		}
+		return &csi.NodeUnstageVolumeResponse{}, nil
+	}
+	if v.StagingPath != req.GetStagingTargetPath() {
+		return nil, toStatus(fmt.Errorf("%w: volume %q is staged at %s, not %s", ErrNotFound, id, v.StagingPath, req.GetStagingTargetPath()))
+	}
+	if t := d.targets(v); len(t) > 0 {
+		return nil, toStatus(fmt.Errorf("%w: volume %q is still published at %v; unpublish it first", ErrInUse, id, t))
+	}
+	if err := d.teardown(ctx, v); err != nil {
+		return nil, toStatus(err)
+	}
+	klog.FromContext(ctx).Info("Volume unstaged", "volumeID", id)
+	return &csi.NodeUnstageVolumeResponse{}, nil
+}
+
+func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
+	if err := validateNodePublishVolumeRequest(req); err != nil {
+		return nil, toStatus(err)
+	}
+	id := req.GetVolumeId()
+	release, err := d.locks.acquire(id, opPublish)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	defer release()
+	v := d.lookupStaged(id)
+	if v == nil {
+		if _, err := d.pool.get(id); err != nil {
+			return nil, toStatus(err)
+		}
+		return nil, toStatus(fmt.Errorf("%w: volume %q is not staged on node %s", ErrPrecondition, id, d.opts.NodeID))
+	}
+	if v.StagingPath != req.GetStagingTargetPath() {
+		return nil, toStatus(fmt.Errorf("%w: volume %q is staged at %s, not %s", ErrPrecondition, id, v.StagingPath, req.GetStagingTargetPath()))
+	}
+	if v.device == nil {
+		return nil, toStatus(fmt.Errorf("%w: volume %q lost its device at a plugin restart (%s); unstage and stage it again", ErrPrecondition, id, v.lostReason))
+	}
+	capab := req.GetVolumeCapability()
+	if isBlock(capab) != v.Block {
+		return nil, toStatus(fmt.Errorf("%w: volume %q is staged as block=%v, publish asks block=%v", ErrInvalid, id, v.Block, isBlock(capab)))
+	}
+	target := req.GetTargetPath()
+	if d.mounted(target) {
+		if !d.hasTarget(v, target) {
+			if err := d.setTarget(v, target, true); err != nil {
+				return nil, toStatus(err)
+			}
+		}
+		return &csi.NodePublishVolumeResponse{}, nil
+	}
+	opts := []string{"bind"}
+	if req.GetReadonly() || v.ReadOnly {
+		opts = append(opts, "ro")
+	}
+	source := v.StagingPath
+	if v.Block {
+		source = v.device.Path()
+		if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil {
+			return nil, toStatus(err)
+		}
+		f, err := os.OpenFile(target, os.O_CREATE|os.O_RDONLY, 0o640)
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		f.Close()
+	} else {
+		opts = append(opts, capab.GetMount().GetMountFlags()...)
+		if err := os.MkdirAll(target, 0o750); err != nil {
+			return nil, toStatus(err)
+		}
+	}
+	// Record first: an unpublish after a crash must know the target.
+	if err := d.setTarget(v, target, true); err != nil {
+		return nil, toStatus(err)
+	}
+	if err := d.mounter.Mount(source, target, "", opts); err != nil {
+		_ = d.setTarget(v, target, false)
+		_ = os.Remove(target)
+		return nil, toStatus(fmt.Errorf("volume %q: bind mount %s at %s: %w", id, source, target, err))
+	}
+	klog.FromContext(ctx).Info("Volume published", "volumeID", id, "target", target, "options", opts)
+	return &csi.NodePublishVolumeResponse{}, nil
+}
+
+func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
+	if err := validateNodeUnpublishVolumeRequest(req); err != nil {
+		return nil, toStatus(err)
+	}
+	id := req.GetVolumeId()
+	release, err := d.locks.acquire(id, opUnpublish)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	defer release()
+	target := req.GetTargetPath()
+	// The CSI spec: the plugin deletes the file or directory it created.
+	if err := d.mounter.Cleanup(target); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, toStatus(fmt.Errorf("volume %q: unpublish %s: %w", id, target, err))
+	}
+	if v := d.lookupStaged(id); v != nil && d.hasTarget(v, target) {
+		if err := d.setTarget(v, target, false); err != nil {
+			return nil, toStatus(err)
+		}
+	}
+	klog.FromContext(ctx).Info("Volume unpublished", "volumeID", id, "target", target)
+	return &csi.NodeUnpublishVolumeResponse{}, nil
+}
+
+// stagedAt finds the staged volume id whose staging or target path is p.
+func (d *Driver) stagedAt(id, p string) (*stagedVolume, error) {
+	if _, err := d.pool.get(id); err != nil {
+		return nil, err
+	}
+	v := d.lookupStaged(id)
+	if v == nil {
+		return nil, fmt.Errorf("volume %q is not staged on node %s: %w", id, d.opts.NodeID, ErrNotFound)
+	}
+	clean := filepath.Clean(p)
+	if clean != v.StagingPath && !d.hasTarget(v, clean) {
+		return nil, fmt.Errorf("volume %q is not staged or published at %s: %w", id, p, ErrNotFound)
+	}
+	if _, err := os.Stat(clean); err != nil {
+		return nil, fmt.Errorf("volume %q: %s: %w", id, p, ErrNotFound)
+	}
+	return v, nil
+}
+
+func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVolumeStatsResponse, error) {
+	if err := validateNodeGetVolumeStatsRequest(req); err != nil {
+		return nil, toStatus(err)
+	}
+	id := req.GetVolumeId()
+	release, err := d.locks.acquire(id, opRead)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	defer release()
+	v, err := d.stagedAt(id, req.GetVolumePath())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	cond := &csi.VolumeCondition{Message: "attached"}
+	if v.device == nil {
+		cond = &csi.VolumeCondition{Abnormal: true, Message: "device lost at plugin restart: " + v.lostReason}
+	}
+	resp := &csi.NodeGetVolumeStatsResponse{VolumeCondition: cond}
+	if v.Block || v.device == nil {
+		// A block volume's usage is its image's: virtual size and the bytes
+		// the image file occupies in the pool.
+		size, err := d.images.Size(ctx, d.pool.imagePath(id))
+		if v.image != nil {
+			size, err = v.image.Size(), nil
+		}
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		used, err := allocatedBytes(d.pool.imagePath(id))
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		used = min(used, size)
+		resp.Usage = []*csi.VolumeUsage{{Unit: csi.VolumeUsage_BYTES, Total: size, Used: used, Available: size - used}}
+		return resp, nil
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(filepath.Clean(req.GetVolumePath()), &st); err != nil {
+		return nil, toStatus(fmt.Errorf("volume %q: statfs %s: %w", id, req.GetVolumePath(), err))
+	}
+	bs := st.Bsize
+	resp.Usage = []*csi.VolumeUsage{
+		{Unit: csi.VolumeUsage_BYTES, Total: int64(st.Blocks) * bs, Available: int64(st.Bavail) * bs, Used: int64(st.Blocks-st.Bfree) * bs},
+		{Unit: csi.VolumeUsage_INODES, Total: int64(st.Files), Available: int64(st.Ffree), Used: int64(st.Files - st.Ffree)},
+	}
+	return resp, nil
+}
+
+func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolumeRequest) (*csi.NodeExpandVolumeResponse, error) {
+	if err := validateNodeExpandVolumeRequest(req); err != nil {
+		return nil, toStatus(err)
+	}
+	id := req.GetVolumeId()
+	release, err := d.locks.acquire(id, opExpand)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	defer release()
+	v, err := d.stagedAt(id, req.GetVolumePath())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if v.device == nil {
+		return nil, toStatus(fmt.Errorf("%w: volume %q lost its device at a plugin restart (%s); unstage and stage it again", ErrPrecondition, id, v.lostReason))
+	}
+	if v.ReadOnly {
+		return nil, toStatus(fmt.Errorf("%w: volume %q is staged read-only and cannot grow", ErrPrecondition, id))
+	}
+	m, err := d.pool.get(id)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	size := max(m.Capacity, v.image.Size())
+	if cr := req.GetCapacityRange(); cr != nil {
+		if size, err = expandedSize(m, cr); err != nil {
+			return nil, toStatus(err)
+		}
+		size = max(size, v.image.Size())
+	}
+	if _, err := d.growStaged(ctx, id, size); err != nil {
+		return nil, toStatus(err)
+	}
+	if m.Capacity != size {
+		m.Capacity = size
+		if err := d.pool.put(m); err != nil {
+			return nil, toStatus(err)
+		}
+	}
+	if !v.Block && !isBlock(req.GetVolumeCapability()) {
+		if err := d.mounter.ResizeFS(v.device.Path(), v.StagingPath); err != nil {
+			return nil, toStatus(fmt.Errorf("volume %q: %w", id, err))
+		}
+	}
+	klog.FromContext(ctx).Info("Volume expanded on the node", "volumeID", id, "capacity", size)
+	return &csi.NodeExpandVolumeResponse{CapacityBytes: size}, nil
+}
+
+// growStaged grows a volume staged here through its open image, then tells
+// the kernel the device's new size. It reports false when the volume is not
+// staged here (the caller then grows the closed image). The caller holds the
+// volume's expand lock.
+func (d *Driver) growStaged(ctx context.Context, id string, size int64) (bool, error) {
+	v := d.lookupStaged(id)
+	if v == nil {
+		return false, nil
+	}
+	if v.image == nil || v.device == nil {
+		return false, fmt.Errorf("%w: volume %q lost its device at a plugin restart (%s); unstage it first", ErrPrecondition, id, v.lostReason)
+	}
+	if v.image.Size() < size {
+		if v.ReadOnly {
+			return false, fmt.Errorf("%w: volume %q is staged read-only and cannot grow online", ErrPrecondition, id)
+		}
+		if err := v.image.Resize(ctx, size); err != nil {
+			return false, fmt.Errorf("volume %q: resize open image: %w", id, err)
+		}
+	}
+	// Always tell the device: a previous attempt may have grown the image
+	// and failed before the device learnt of it.
+	if err := v.device.Resize(ctx, v.image.Size()); err != nil {
+		return false, fmt.Errorf("volume %q: resize device %s: %w", id, v.device.Path(), err)
+	}
+	return true, nil
+}

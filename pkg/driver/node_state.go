@@ -1,0 +1,232 @@
+package driver
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	"k8s.io/klog/v2"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+)
+
+// stageRecord is what a node must remember about a staged volume across a
+// plugin restart: where it is mounted and which backend serves its device.
+// It is written (atomically) before the device is mounted, so a crash at any
+// point leaves a record that Start or NodeUnstageVolume can act on.
+type stageRecord struct {
+	ID          string   `json:"id"`
+	StagingPath string   `json:"stagingPath"`
+	Block       bool     `json:"block"`
+	FSType      string   `json:"fsType,omitempty"`
+	ReadOnly    bool     `json:"readOnly"`
+	Backend     string   `json:"backend"`
+	DevicePath  string   `json:"devicePath"`
+	Targets     []string `json:"targets,omitempty"` // published at
+}
+
+// stagedVolume is a volume staged on this node. image and device are nil when
+// a restarted plugin could not re-attach it (lostReason says why): the volume
+// is then reported abnormal and only unstaging it (or staging it again)
+// helps.
+type stagedVolume struct {
+	stageRecord
+	image      Image
+	device     nbdattach.Device
+	lostReason string
+}
+
+// Targets change under a volume's publish/unpublish lock while stats and
+// expand read them, so they are guarded by stagedMu.
+
+func (d *Driver) hasTarget(v *stagedVolume, p string) bool {
+	d.stagedMu.Lock()
+	defer d.stagedMu.Unlock()
+	for _, t := range v.Targets {
+		if t == p {
+			return true
+		}
+	}
+	return false
+}
+
+func (d *Driver) targets(v *stagedVolume) []string {
+	d.stagedMu.Lock()
+	defer d.stagedMu.Unlock()
+	return append([]string(nil), v.Targets...)
+}
+
+// setTarget adds or removes a published target and saves the record.
+func (d *Driver) setTarget(v *stagedVolume, p string, on bool) error {
+	d.stagedMu.Lock()
+	out := make([]string, 0, len(v.Targets)+1)
+	for _, t := range v.Targets {
+		if t != p {
+			out = append(out, t)
+		}
+	}
+	if on {
+		out = append(out, p)
+		sort.Strings(out)
+	}
+	v.Targets = out
+	rec := v.stageRecord
+	d.stagedMu.Unlock()
+	return d.saveRecord(&rec)
+}
+
+func (d *Driver) recordDir() string           { return filepath.Join(d.pool.dir, stagedDir) }
+func (d *Driver) recordPath(id string) string { return filepath.Join(d.recordDir(), id+metaSuffix) }
+
+func (d *Driver) saveRecord(r *stageRecord) error {
+	if err := os.MkdirAll(d.recordDir(), 0o750); err != nil {
+		return err
+	}
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(d.recordPath(r.ID), append(b, '\n'))
+}
+
+func (d *Driver) removeRecord(id string) error {
+	err := os.Remove(d.recordPath(id))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	return syncDir(d.recordDir())
+}
+
+func (d *Driver) loadRecords() ([]*stageRecord, error) {
+	ents, err := os.ReadDir(d.recordDir())
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var recs []*stageRecord
+	for _, e := range ents {
+		n := e.Name()
+		if strings.HasPrefix(n, ".") {
+			_ = os.Remove(filepath.Join(d.recordDir(), n)) // interrupted write
+			continue
+		}
+		id := strings.TrimSuffix(n, metaSuffix)
+		if !strings.HasSuffix(n, metaSuffix) || checkVolumeID(id) != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(d.recordDir(), n))
+		if err != nil {
+			return nil, err
+		}
+		var r stageRecord
+		if err := json.Unmarshal(b, &r); err != nil || r.ID != id {
+			return nil, fmt.Errorf("staged volume record %s is corrupt: %v", n, err)
+		}
+		recs = append(recs, &r)
+	}
+	return recs, nil
+}
+
+func (d *Driver) lookupStaged(id string) *stagedVolume {
+	d.stagedMu.Lock()
+	defer d.stagedMu.Unlock()
+	return d.staged[id]
+}
+
+func (d *Driver) isStaged(id string) bool { return d.lookupStaged(id) != nil }
+
+func (d *Driver) setStaged(v *stagedVolume) {
+	d.stagedMu.Lock()
+	defer d.stagedMu.Unlock()
+	d.staged[v.ID] = v
+}
+
+func (d *Driver) dropStaged(id string) {
+	d.stagedMu.Lock()
+	defer d.stagedMu.Unlock()
+	delete(d.staged, id)
+}
+
+// attachedCount is the number of volumes with a live device (metrics).
+func (d *Driver) attachedCount() (n int) {
+	d.stagedMu.Lock()
+	defer d.stagedMu.Unlock()
+	for _, v := range d.staged {
+		if v.device != nil {
+			n++
+		}
+	}
+	return n
+}
+
+// reattachAll serves again the devices a previous plugin process attached,
+// before the kernel's dead-connection timeout fails their I/O. A volume that
+// cannot be re-attached does not stop the node: it is logged, kept as lost
+// (abnormal in NodeGetVolumeStats) and repaired by unstaging or staging it.
+func (d *Driver) reattachAll(ctx context.Context) error {
+	logger := klog.FromContext(ctx)
+	recs, err := d.loadRecords()
+	if err != nil {
+		return err
+	}
+	for _, r := range recs {
+		v := &stagedVolume{stageRecord: *r}
+		if err := d.reattach(ctx, v); err != nil {
+			if errors.Is(err, nbdattach.ErrNotAttached) && !d.mounted(r.StagingPath) {
+				// Device and mount are both gone (the node rebooted): the
+				// CO stages the volume again; forget it.
+				logger.Info("Staged volume has no device any more; forgetting it", "volumeID", r.ID, "err", err)
+				_ = d.removeRecord(r.ID)
+				continue
+			}
+			v.lostReason = err.Error()
+			logger.Error(err, "Re-attach failed; the volume stays unusable until it is unstaged", "volumeID", r.ID, "backend", r.Backend)
+		} else {
+			logger.Info("Re-attached staged volume", "volumeID", r.ID, "device", v.device.Path(), "backend", r.Backend)
+		}
+		d.setStaged(v)
+	}
+	return nil
+}
+
+func (d *Driver) reattach(ctx context.Context, v *stagedVolume) error {
+	a, err := d.attacherNamed(v.Backend)
+	if err != nil {
+		return err
+	}
+	img, err := d.images.Open(ctx, d.pool.imagePath(v.ID), v.ReadOnly)
+	if err != nil {
+		return fmt.Errorf("open image: %w", err)
+	}
+	dev, err := a.Reattach(ctx, v.ID, img.Backend(), nbdattach.AttachOptions{ReadOnly: v.ReadOnly})
+	if err != nil {
+		_ = img.Close()
+		return fmt.Errorf("%s reattach: %w", a.Name(), err)
+	}
+	v.image, v.device = img, dev
+	if dev.Path() != v.DevicePath {
+		v.DevicePath = dev.Path()
+		_ = d.saveRecord(&v.stageRecord)
+	}
+	return nil
+}
+
+// mounted reports whether p is a mount point (false when it does not exist).
+func (d *Driver) mounted(p string) bool {
+	if p == "" {
+		return false
+	}
+	ok, err := d.mounter.IsMountPoint(p)
+	return err == nil && ok
+}

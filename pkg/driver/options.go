@@ -1,0 +1,139 @@
+package driver
+
+import (
+	"fmt"
+	"log/slog"
+	"time"
+)
+
+// Mode selects which CSI services a process serves. In the node-local
+// deployment every node runs Mode "all" (provisioning runs where the pool is);
+// "controller" and "node" exist for split deployments and tests.
+type Mode string
+
+const (
+	// ModeController serves Identity and Controller.
+	ModeController Mode = "controller"
+	// ModeNode serves Identity and Node.
+	ModeNode Mode = "node"
+	// ModeAll serves Identity, Controller and Node.
+	ModeAll Mode = "all"
+)
+
+// ParseMode checks a --mode value.
+func ParseMode(s string) (Mode, error) {
+	switch m := Mode(s); m {
+	case ModeController, ModeNode, ModeAll:
+		return m, nil
+	}
+	return "", fmt.Errorf("mode %q: want controller, node or all", s)
+}
+
+func (m Mode) controller() bool { return m == ModeController || m == ModeAll }
+func (m Mode) node() bool       { return m == ModeNode || m == ModeAll }
+
+// Defaults for Options fields left zero.
+const (
+	DefaultDriverName  = "qcow2.csi.qcow2-csi.io"
+	DefaultVolumeSize  = 1 << 30 // CreateVolume without a capacity range
+	DefaultClusterSize = 64 << 10
+	DefaultFSType      = "ext4"
+)
+
+// Options configure a Driver. The zero value of every field except Pool and
+// NodeID means the documented default.
+type Options struct {
+	// Mode decides which services register (default all).
+	Mode Mode
+	// DriverName is the CSI plugin name (GetPluginInfo); it also prefixes the
+	// topology key "<DriverName>/node".
+	DriverName string
+	// Version is reported as the vendor version.
+	Version string
+	// NodeID is this node's ID (NodeGetInfo) and the value of the topology key
+	// of the volumes this node's pool holds. Required.
+	NodeID string
+	// Pool is the directory holding the node's images and their metadata.
+	// Required; created if missing.
+	Pool string
+	// MaxVolumes is NodeGetInfo's max_volumes_per_node (0: no limit).
+	MaxVolumes int64
+	// CapacityReserve is kept free in the pool: GetCapacity reports the free
+	// space minus this, and CreateVolume refuses preallocated volumes that would
+	// eat into it. Bytes.
+	CapacityReserve int64
+	// CapacityReservePercent is a reserve as a share of the pool filesystem's
+	// size; the larger of the two reserves applies.
+	CapacityReservePercent float64
+	// DefaultVolumeSize is the size of a volume created without a capacity
+	// range (default 1 GiB).
+	DefaultVolumeSize int64
+	// ControllerExpand advertises the controller EXPAND_VOLUME capability. When
+	// false, expansion is entirely node-side (NodeExpandVolume), which is the
+	// flow that works with a central csi-resizer in a node-local deployment:
+	// the resizer then only records the new size (docs/driver.md).
+	ControllerExpand bool
+	// AttachBackend is "auto", "nbd" or "fuse": which Attacher the node uses.
+	// "auto" takes the first available of nbd, fuse.
+	AttachBackend string
+	// ReattachTimeout bounds the re-attach of devices on start.
+	ReattachTimeout time.Duration
+	// Logger receives the domain packages' logs (the driver itself logs with
+	// klog). Optional.
+	Logger *slog.Logger
+}
+
+func (o *Options) setDefaults() {
+	if o.Mode == "" {
+		o.Mode = ModeAll
+	}
+	if o.DriverName == "" {
+		o.DriverName = DefaultDriverName
+	}
+	if o.Version == "" {
+		o.Version = "dev"
+	}
+	if o.DefaultVolumeSize == 0 {
+		o.DefaultVolumeSize = DefaultVolumeSize
+	}
+	if o.AttachBackend == "" {
+		o.AttachBackend = "auto"
+	}
+	if o.ReattachTimeout == 0 {
+		o.ReattachTimeout = 2 * time.Minute
+	}
+}
+
+func (o *Options) validate() error {
+	if _, err := ParseMode(string(o.Mode)); err != nil {
+		return err
+	}
+	if o.Pool == "" {
+		return fmt.Errorf("pool directory is required")
+	}
+	if o.NodeID == "" {
+		return fmt.Errorf("node ID is required")
+	}
+	if err := validateDriverName(o.DriverName); err != nil {
+		return err
+	}
+	if o.MaxVolumes < 0 {
+		return fmt.Errorf("max volumes %d is negative", o.MaxVolumes)
+	}
+	if o.CapacityReserve < 0 || o.CapacityReservePercent < 0 || o.CapacityReservePercent > 100 {
+		return fmt.Errorf("capacity reserve %d bytes / %g%% out of range", o.CapacityReserve, o.CapacityReservePercent)
+	}
+	if o.DefaultVolumeSize < 0 {
+		return fmt.Errorf("default volume size %d is negative", o.DefaultVolumeSize)
+	}
+	switch o.AttachBackend {
+	case "auto", "nbd", "fuse":
+	default:
+		return fmt.Errorf("attach backend %q: want auto, nbd or fuse", o.AttachBackend)
+	}
+	return nil
+}
+
+// TopologyKey is the topology segment key that pins a volume to the node
+// holding its pool.
+func (o *Options) TopologyKey() string { return o.DriverName + "/node" }

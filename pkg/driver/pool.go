@@ -1,0 +1,239 @@
+package driver
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// File names in the pool directory. A volume is <id>.qcow2 plus <id>.json;
+// temporary files start with a dot so that they never look like a volume.
+const (
+	imageSuffix = ".qcow2"
+	metaSuffix  = ".json"
+	tmpPrefix   = ".tmp-"
+	stagedDir   = ".staged" // node records of staged volumes (node.go)
+	metaVersion = 1
+)
+
+// volumeMeta is the committed record of a volume.
+type volumeMeta struct {
+	Version  int          `json:"version"`
+	ID       string       `json:"id"`
+	Name     string       `json:"name"`
+	Capacity int64        `json:"capacityBytes"`
+	Params   volumeParams `json:"parameters"`
+	Created  time.Time    `json:"created"`
+}
+
+// pool is the on-disk store of volumes in one directory. It does no locking
+// of its own: callers hold the volume's operation lock (oplock.go), and every
+// mutation is a single atomic rename, so readers never see half a record.
+type pool struct {
+	dir string
+}
+
+func openPool(dir string) (*pool, error) {
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return nil, fmt.Errorf("pool %s: %w", dir, err)
+	}
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, err
+	}
+	return &pool{dir: abs}, nil
+}
+
+// volumeIDForName maps a CSI volume name to its ID deterministically, so that
+// a CreateVolume retried after a crash or restart finds the same volume. The
+// hash keeps IDs short and free of characters names may contain.
+func volumeIDForName(name string) string {
+	sum := sha256.Sum256([]byte("qcow2-csi volume\x00" + name))
+	return "vol-" + hex.EncodeToString(sum[:16])
+}
+
+func (p *pool) imagePath(id string) string { return filepath.Join(p.dir, id+imageSuffix) }
+func (p *pool) metaPath(id string) string  { return filepath.Join(p.dir, id+metaSuffix) }
+
+// tempPath is where an image for id is built before it is renamed into
+// place (the caller holds id's operation lock, so the name is its own).
+func (p *pool) tempPath(id, suffix string) string {
+	return filepath.Join(p.dir, tmpPrefix+id+suffix)
+}
+
+// get reads a volume's metadata; ErrNotFound when it has none.
+func (p *pool) get(id string) (*volumeMeta, error) {
+	b, err := os.ReadFile(p.metaPath(id))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("volume %q: %w", id, ErrNotFound)
+	}
+	if err != nil {
+		return nil, err
+	}
+	var m volumeMeta
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, fmt.Errorf("volume %q: metadata %s: %v", id, p.metaPath(id), err)
+	}
+	if m.ID != id || m.Version != metaVersion {
+		return nil, fmt.Errorf("volume %q: metadata %s names volume %q version %d", id, p.metaPath(id), m.ID, m.Version)
+	}
+	return &m, nil
+}
+
+// put commits a volume's metadata atomically: write a temporary file, fsync
+// it, rename it over the old one, fsync the directory so the rename survives
+// a power cut.
+func (p *pool) put(m *volumeMeta) error {
+	m.Version = metaVersion
+	b, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(p.metaPath(m.ID), append(b, '\n'))
+}
+
+// remove deletes a volume: its metadata first (the commit point), then its
+// image. A crash between the two leaves an image without metadata, which
+// recover removes.
+func (p *pool) remove(id string) error {
+	if err := os.Remove(p.metaPath(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	if err := syncDir(p.dir); err != nil {
+		return err
+	}
+	if err := os.Remove(p.imagePath(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
+// list returns the IDs of the committed volumes, sorted.
+func (p *pool) list() ([]string, error) {
+	ents, err := os.ReadDir(p.dir)
+	if err != nil {
+		return nil, err
+	}
+	var ids []string
+	for _, e := range ents {
+		n := e.Name()
+		if !e.Type().IsRegular() || !strings.HasSuffix(n, metaSuffix) || strings.HasPrefix(n, ".") {
+			continue
+		}
+		id := strings.TrimSuffix(n, metaSuffix)
+		if checkVolumeID(id) == nil {
+			ids = append(ids, id)
+		}
+	}
+	sort.Strings(ids)
+	return ids, nil
+}
+
+// recover removes what interrupted operations left: temporary files and
+// images without metadata. It runs once at start, before any RPC is served,
+// so no operation can be in flight. It returns the removed names.
+func (p *pool) recover() ([]string, error) {
+	ents, err := os.ReadDir(p.dir)
+	if err != nil {
+		return nil, err
+	}
+	var removed []string
+	for _, e := range ents {
+		n := e.Name()
+		if !e.Type().IsRegular() {
+			continue
+		}
+		orphan := false
+		switch {
+		case strings.HasPrefix(n, tmpPrefix):
+			orphan = true
+		case strings.HasSuffix(n, imageSuffix) && !strings.HasPrefix(n, "."):
+			id := strings.TrimSuffix(n, imageSuffix)
+			if checkVolumeID(id) != nil {
+				continue // not ours: leave foreign files alone
+			}
+			if _, err := os.Stat(p.metaPath(id)); errors.Is(err, fs.ErrNotExist) {
+				orphan = true
+			}
+		}
+		if orphan {
+			if err := os.Remove(filepath.Join(p.dir, n)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return removed, err
+			}
+			removed = append(removed, n)
+		}
+	}
+	if len(removed) > 0 {
+		return removed, syncDir(p.dir)
+	}
+	return nil, nil
+}
+
+// space reports the pool filesystem's size and the bytes available to an
+// unprivileged writer.
+func (p *pool) space() (total, avail int64, err error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(p.dir, &st); err != nil {
+		return 0, 0, fmt.Errorf("statfs %s: %w", p.dir, err)
+	}
+	return int64(st.Blocks) * st.Bsize, int64(st.Bavail) * st.Bsize, nil
+}
+
+// writable checks that the pool accepts a durable write (Probe).
+func (p *pool) writable() error {
+	return writeFileAtomic(filepath.Join(p.dir, ".probe"), []byte("ok\n"))
+}
+
+// allocatedBytes is the space an image file occupies (qemu-img info's "disk
+// size").
+func allocatedBytes(path string) (int64, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return 0, err
+	}
+	return st.Blocks * 512, nil
+}
+
+// writeFileAtomic replaces path with data so that a reader or a crash sees
+// either the old or the new content, never a mix.
+func writeFileAtomic(path string, data []byte) error {
+	f, err := os.CreateTemp(filepath.Dir(path), tmpPrefix+filepath.Base(path)+"-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return syncDir(filepath.Dir(path))
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}

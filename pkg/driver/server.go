@@ -1,0 +1,138 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/kubernetes-csi/csi-lib-utils/protosanitizer"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
+)
+
+// ParseEndpoint splits a CSI endpoint into a network and an address:
+// unix:///path, unix:/path, a bare absolute path (unix), or tcp://host:port.
+func ParseEndpoint(ep string) (network, addr string, err error) {
+	if strings.HasPrefix(ep, "/") {
+		return "unix", ep, nil
+	}
+	u, err := url.Parse(ep)
+	if err != nil {
+		return "", "", fmt.Errorf("endpoint %q: %v", ep, err)
+	}
+	switch u.Scheme {
+	case "unix":
+		p := u.Path
+		if p == "" {
+			p = u.Opaque
+		}
+		if u.Host != "" || !filepath.IsAbs(p) {
+			return "", "", fmt.Errorf("endpoint %q: want unix:///absolute/path", ep)
+		}
+		return "unix", p, nil
+	case "tcp":
+		if u.Host == "" {
+			return "", "", fmt.Errorf("endpoint %q: want tcp://host:port", ep)
+		}
+		return "tcp", u.Host, nil
+	}
+	return "", "", fmt.Errorf("endpoint %q: scheme %q not supported (unix, tcp)", ep, u.Scheme)
+}
+
+// Listen opens a CSI endpoint. A unix socket left by a previous process is
+// removed first (only if it is a socket: never delete a file by mistake).
+func Listen(endpoint string) (net.Listener, error) {
+	network, addr, err := ParseEndpoint(endpoint)
+	if err != nil {
+		return nil, err
+	}
+	if network == "unix" {
+		if err := os.MkdirAll(filepath.Dir(addr), 0o750); err != nil {
+			return nil, err
+		}
+		if fi, err := os.Lstat(addr); err == nil {
+			if fi.Mode().Type() != fs.ModeSocket {
+				return nil, fmt.Errorf("endpoint %s exists and is not a socket", addr)
+			}
+			if err := os.Remove(addr); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return net.Listen(network, addr)
+}
+
+// GRPCServer returns a gRPC server with the services of the driver's mode
+// registered and the logging/metrics interceptor installed.
+func (d *Driver) GRPCServer() *grpc.Server {
+	s := grpc.NewServer(grpc.UnaryInterceptor(d.intercept))
+	csi.RegisterIdentityServer(s, d)
+	if d.opts.Mode.controller() {
+		csi.RegisterControllerServer(s, d)
+	}
+	if d.opts.Mode.node() {
+		csi.RegisterNodeServer(s, d)
+	}
+	return s
+}
+
+var requestSeq atomic.Uint64
+
+// intercept gives each request a logger carrying the method and a request
+// number (handlers take it with klog.FromContext), logs the request with its
+// secrets stripped, and records the outcome in the metrics.
+func (d *Driver) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	method := info.FullMethod[strings.LastIndex(info.FullMethod, "/")+1:]
+	logger := klog.LoggerWithValues(klog.FromContext(ctx), "method", method, "request", requestSeq.Add(1))
+	ctx = klog.NewContext(ctx, logger)
+	quiet := method == "Probe" || method == "NodeGetCapabilities" || method == "GetPluginInfo" || method == "NodeGetVolumeStats"
+	v := logger.V(4)
+	if !quiet {
+		v = logger.V(2)
+	}
+	v.Info("Request", "body", protosanitizer.StripSecrets(req).String())
+	start := time.Now()
+	resp, err := h(ctx, req)
+	took := time.Since(start)
+	code := status.Code(err)
+	d.metrics.observe(method, code, took)
+	if err != nil {
+		logger.Info("Request failed", "code", code.String(), "err", status.Convert(err).Message(), "took", took.String())
+	} else {
+		v.Info("Response", "body", protosanitizer.StripSecrets(resp).String(), "took", took.String())
+	}
+	return resp, err
+}
+
+// Serve serves the CSI services on lis until ctx ends, then stops gracefully.
+func (d *Driver) Serve(ctx context.Context, lis net.Listener) error {
+	s := d.GRPCServer()
+	errc := make(chan error, 1)
+	go func() { errc <- s.Serve(lis) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	done := make(chan struct{})
+	go func() { s.GracefulStop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		s.Stop()
+	}
+	if err := <-errc; err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+		return err
+	}
+	return nil
+}
