@@ -36,8 +36,11 @@ type nodeMounter struct {
 // fsck, resize2fs and xfs_growfs through k8s.io/mount-utils.
 func NewMounter() Mounter {
 	ex := utilexec.New()
+	// Without systemd: the plugin runs in a container where mounts need no
+	// systemd-run scope, and mount.New's lazy systemd detection is a data
+	// race under concurrent mounts.
 	return &nodeMounter{
-		SafeFormatAndMount: mount.NewSafeFormatAndMount(mount.New(""), ex),
+		SafeFormatAndMount: mount.NewSafeFormatAndMount(mount.NewWithoutSystemd(""), ex),
 		resizer:            mount.NewResizeFs(ex),
 	}
 }
@@ -59,6 +62,16 @@ func (m *nodeMounter) Cleanup(target string) error {
 }
 
 func (m *nodeMounter) ResizeFS(devicePath, mountPath string) error {
+	// Only when the filesystem is smaller than the device: a repeated
+	// NodeExpandVolume then costs a read of the superblock, and needs none of
+	// the privileges an online resize does (ext4's needs CAP_SYS_RESOURCE).
+	need, err := m.resizer.NeedResize(devicePath, mountPath)
+	if err != nil {
+		return fmt.Errorf("compare filesystem and device size of %s: %w", devicePath, err)
+	}
+	if !need {
+		return nil
+	}
 	if _, err := m.resizer.Resize(devicePath, mountPath); err != nil {
 		return fmt.Errorf("grow filesystem on %s at %s: %w", devicePath, mountPath, err)
 	}
