@@ -240,7 +240,7 @@ func TestPeerFioVerify(t *testing.T) {
 		t.Run(rw, func(t *testing.T) {
 			out := run(t, "fio", "--name=verify", "--ioengine=nbd", "--uri="+uri,
 				"--rw="+rw, "--bs=4k", "--bsrange=512-64k", "--iodepth=16", "--size=16m",
-				"--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--numjobs=2", "--offset_increment=32m",
+				"--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0", "--numjobs=2", "--offset_increment=32m",
 				"--output-format=terse", "--terse-version=3")
 			if strings.Contains(out, "verify:") || strings.Contains(out, "bad ") {
 				t.Fatalf("fio verify failed:\n%s", out)
