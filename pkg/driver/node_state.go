@@ -176,6 +176,16 @@ func (d *Driver) attachedCount() (n int) {
 // (abnormal in NodeGetVolumeStats) and repaired by unstaging or staging it.
 func (d *Driver) reattachAll(ctx context.Context) error {
 	logger := klog.FromContext(ctx)
+	// Backends whose devices cannot outlive their process (fuse) release
+	// what a dead predecessor left before anything is attached.
+	for _, a := range d.attachers {
+		if c, ok := a.(staleCleaner); ok && a.Available() == nil {
+			found, err := c.CleanStale(ctx)
+			if len(found) > 0 || err != nil {
+				logger.Info("Released devices a previous process left", "backend", a.Name(), "devices", found, "err", err)
+			}
+		}
+	}
 	recs, err := d.loadRecords()
 	if err != nil {
 		return err
@@ -220,6 +230,12 @@ func (d *Driver) reattach(ctx context.Context, v *stagedVolume) error {
 		_ = d.saveRecord(&v.stageRecord)
 	}
 	return nil
+}
+
+// staleCleaner is implemented by attach backends whose devices cannot be
+// taken over by a new process (nbdattach's fuse backend).
+type staleCleaner interface {
+	CleanStale(ctx context.Context) ([]nbdattach.DeviceInfo, error)
 }
 
 // mounted reports whether p is a mount point (false when it does not exist).

@@ -1,0 +1,23 @@
+package driver_test
+
+import (
+	"flag"
+	"io"
+	"os"
+	"testing"
+
+	"k8s.io/klog/v2"
+)
+
+// TestMain silences the driver's klog output (every RPC logs) unless
+// QCOW2_CSI_TEST_LOG is set; failures carry their own messages.
+func TestMain(m *testing.M) {
+	if os.Getenv("QCOW2_CSI_TEST_LOG") == "" {
+		fs := flag.NewFlagSet("klog", flag.ContinueOnError)
+		klog.InitFlags(fs)
+		_ = fs.Set("logtostderr", "false")
+		_ = fs.Set("stderrthreshold", "FATAL")
+		klog.SetOutput(io.Discard)
+	}
+	os.Exit(m.Run())
+}
