@@ -1,0 +1,320 @@
+package qcow2
+
+import (
+	"errors"
+	"fmt"
+	"io"
+)
+
+// run is a stretch of guest bytes with one mapping.
+type run struct {
+	guest int64
+	n     int64
+	kind  clusterKind
+	host  int64   // host offset of guest (kindNormal, kindZeroAlloc)
+	entry l2Entry // kindCompressed
+}
+
+// maxMapChunk bounds the guest range mapped under one hold of the metadata
+// lock, so large requests do not starve others.
+const maxMapChunk = 8 << 20
+
+// mapRange describes [off, off+n) as runs. mu held.
+func (img *Image) mapRange(off, n int64, runs []run) ([]run, error) {
+	end := off + n
+	for off < end {
+		vc := off >> img.clusterBits
+		e, bm, err := img.getL2(vc)
+		if err != nil {
+			return runs, err
+		}
+		where := func() string { return fmt.Sprintf("l2 entry of guest cluster %d", vc) }
+		cEnd := min(end, (vc+1)<<img.clusterBits)
+		for off < cEnd {
+			sc := -1
+			pieceEnd := cEnd
+			if img.extL2 {
+				sc = int((off & (img.clusterSize - 1)) >> img.scBits)
+				pieceEnd = min(cEnd, (vc<<img.clusterBits)+int64(sc+1)<<img.scBits)
+			}
+			k, err := img.classify(e, bm, sc, where)
+			if err != nil {
+				return runs, err
+			}
+			r := run{guest: off, n: pieceEnd - off, kind: k}
+			switch k {
+			case kindNormal, kindZeroAlloc, kindUnallocatedAlloc:
+				r.host = e.offset() + off&(img.clusterSize-1)
+			case kindCompressed:
+				r.entry = e
+			}
+			runs = appendRun(runs, r)
+			off = pieceEnd
+		}
+	}
+	return runs, nil
+}
+
+func appendRun(runs []run, r run) []run {
+	if len(runs) > 0 {
+		p := &runs[len(runs)-1]
+		if p.kind == r.kind && p.guest+p.n == r.guest && r.kind != kindCompressed &&
+			(r.kind == kindZero || r.kind == kindUnallocated || p.host+p.n == r.host) {
+			p.n += r.n
+			return runs
+		}
+	}
+	return append(runs, r)
+}
+
+// ReadAt reads len(p) bytes at guest offset off (io.ReaderAt).
+func (img *Image) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("%w: negative offset %d", ErrOutOfRange, off)
+	}
+	img.drain.RLock()
+	defer img.drain.RUnlock()
+	img.mu.Lock()
+	if err := img.checkOpen(); err != nil {
+		img.mu.Unlock()
+		return 0, err
+	}
+	size := img.size
+	img.mu.Unlock()
+	if off >= size {
+		if len(p) == 0 {
+			return 0, nil
+		}
+		return 0, io.EOF
+	}
+	n := int64(len(p))
+	var eof error
+	if n > size-off {
+		n, eof = size-off, io.EOF
+	}
+	tok := img.ranges.lock(alignDown(off, img.clusterSize), alignUp(off+n, img.clusterSize), false)
+	defer img.ranges.unlock(tok)
+	if err := img.readRange(p[:n], off); err != nil {
+		return 0, err
+	}
+	return int(n), eof
+}
+
+// readRange fills p from guest offset off; the caller holds the range.
+func (img *Image) readRange(p []byte, off int64) error {
+	var runs []run
+	var cbuf []byte
+	for len(p) > 0 {
+		chunk := min(int64(len(p)), maxMapChunk)
+		img.mu.Lock()
+		var err error
+		runs, err = img.mapRange(off, chunk, runs[:0])
+		img.mu.Unlock()
+		if err != nil {
+			return err
+		}
+		for _, r := range runs {
+			dst := p[r.guest-off : r.guest-off+r.n]
+			switch r.kind {
+			case kindNormal:
+				if err := img.preadData(dst, r.host); err != nil {
+					return err
+				}
+			case kindZero, kindZeroAlloc:
+				clear(dst)
+			case kindUnallocated, kindUnallocatedAlloc:
+				if img.backing != nil {
+					if err := img.backing.readAt(dst, r.guest); err != nil {
+						return err
+					}
+				} else {
+					clear(dst)
+				}
+			case kindCompressed:
+				if cbuf == nil {
+					cbuf = make([]byte, img.clusterSize)
+				}
+				if err := img.readCompressed(r.entry, cbuf); err != nil {
+					return err
+				}
+				copy(dst, cbuf[r.guest&(img.clusterSize-1):])
+			}
+		}
+		p = p[chunk:]
+		off += chunk
+	}
+	return nil
+}
+
+// preadData reads host data; bytes past the end of the file read as zeroes.
+func (img *Image) preadData(dst []byte, host int64) error {
+	n, err := img.f.ReadAt(dst, host)
+	if errors.Is(err, io.EOF) {
+		clear(dst[n:])
+		return nil
+	}
+	return ioErr("read data", err)
+}
+
+// readCompressed inflates the cluster described by e into dst.
+func (img *Image) readCompressed(e l2Entry, dst []byte) error {
+	off, size := e.compressedRange(img.clusterBits)
+	src := make([]byte, size)
+	n, err := img.f.ReadAt(src, off)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return ioErr("read compressed cluster", err)
+	}
+	if err := decompressCluster(img.hdr.CompressionType, src[:n], dst); err != nil {
+		return fmt.Errorf("%w (cluster data at %#x)", err, off)
+	}
+	return nil
+}
+
+// Extent is one stretch of the disk with a uniform status, as qemu-img map
+// reports it.
+type Extent struct {
+	Start  int64
+	Length int64
+	// Depth is the backing chain layer the data comes from (0 = this image).
+	// For unallocated ranges it is the depth of the last layer consulted.
+	Depth int
+	// Present: allocated (as data or as zeroes) in some layer.
+	Present bool
+	// Zero: reads as zeroes.
+	Zero bool
+	// Data: backed by data in a file.
+	Data bool
+	// Compressed: the data is stored compressed.
+	Compressed bool
+	// Offset is the host offset in the file of layer Depth, or -1 when
+	// there is none (compressed, zero, unallocated).
+	Offset int64
+	// Filename is the file of layer Depth that holds the data ("" when
+	// not Present).
+	Filename string
+}
+
+// BlockStatus describes [off, off+n) as extents (clipped to the disk).
+func (img *Image) BlockStatus(off, n int64) ([]Extent, error) {
+	if off < 0 || n < 0 {
+		return nil, fmt.Errorf("%w: offset %d length %d", ErrOutOfRange, off, n)
+	}
+	img.drain.RLock()
+	defer img.drain.RUnlock()
+	return img.blockStatus(off, n, 0)
+}
+
+func (img *Image) blockStatus(off, n int64, depth int) ([]Extent, error) {
+	img.mu.Lock()
+	if err := img.checkOpen(); err != nil {
+		img.mu.Unlock()
+		return nil, err
+	}
+	size := img.size
+	img.mu.Unlock()
+	var tail []Extent
+	if depth > 0 && off+n > size {
+		// A backing file shorter than its overlay reads as zeroes past
+		// its end; qemu reports that at the overlay's depth.
+		s := max(off, size)
+		tail = []Extent{backingBeyondEnd(s, off+n-s, depth)}
+	}
+	if off >= size {
+		return tail, nil
+	}
+	n = min(n, size-off)
+	var out []Extent
+	var runs []run
+	for n > 0 {
+		chunk := min(n, maxMapChunk*64)
+		img.mu.Lock()
+		var err error
+		runs, err = img.mapRange(off, chunk, runs[:0])
+		img.mu.Unlock()
+		if err != nil {
+			return nil, err
+		}
+		for _, r := range runs {
+			x := Extent{Start: r.guest, Length: r.n, Depth: depth, Offset: -1, Filename: img.path}
+			switch r.kind {
+			case kindNormal:
+				// Like qemu, data over a hole in the host file reads as
+				// zeroes and says so.
+				for _, s := range hostSegments(img.f, r.host, r.n) {
+					y := x
+					y.Start, y.Length = r.guest+s.off-r.host, s.n
+					y.Present, y.Data, y.Zero, y.Offset = true, true, s.hole, s.off
+					out = appendExtent(out, y)
+				}
+				continue
+			case kindZeroAlloc:
+				x.Present, x.Zero, x.Offset = true, true, r.host
+			case kindZero:
+				x.Present, x.Zero = true, true
+			case kindCompressed:
+				x.Present, x.Data, x.Compressed = true, true, true
+			case kindUnallocated, kindUnallocatedAlloc:
+				if img.backing != nil {
+					sub, err := img.backing.blockStatus(r.guest, r.n, depth+1)
+					if err != nil {
+						return nil, err
+					}
+					for _, s := range sub {
+						out = appendExtent(out, s)
+					}
+					continue
+				}
+				x.Zero, x.Filename = true, ""
+				if r.kind == kindUnallocatedAlloc {
+					x.Offset = r.host
+				}
+			}
+			out = appendExtent(out, x)
+		}
+		off += chunk
+		n -= chunk
+	}
+	for _, t := range tail {
+		out = appendExtent(out, t)
+	}
+	return out, nil
+}
+
+func appendExtent(out []Extent, x Extent) []Extent {
+	if len(out) > 0 {
+		p := &out[len(out)-1]
+		if p.Start+p.Length == x.Start && p.Depth == x.Depth && p.Present == x.Present &&
+			p.Zero == x.Zero && p.Data == x.Data && p.Compressed == x.Compressed && p.Filename == x.Filename &&
+			((p.Offset < 0 && x.Offset < 0) || (p.Offset >= 0 && p.Offset+p.Length == x.Offset)) {
+			p.Length += x.Length
+			return out
+		}
+	}
+	return append(out, x)
+}
+
+// layer implementation for a qcow2 image used as a backing file.
+func (img *Image) readAt(p []byte, off int64) error {
+	size := img.Size()
+	if off >= size {
+		clear(p)
+		return nil
+	}
+	n := min(int64(len(p)), size-off)
+	clear(p[n:])
+	tok := img.ranges.lock(alignDown(off, img.clusterSize), alignUp(off+n, img.clusterSize), false)
+	defer img.ranges.unlock(tok)
+	return img.readRange(p[:n], off)
+}
+
+func (img *Image) virtualSize() int64 { return img.Size() }
+func (img *Image) close() error       { return img.Close() }
+func (img *Image) describe() (string, string) {
+	return img.path, "qcow2"
+}
+
+// backingBeyondEnd describes the part of a range past a backing file's end:
+// it reads as zeroes and is not allocated anywhere.
+func backingBeyondEnd(off, n int64, depth int) Extent {
+	return Extent{Start: off, Length: n, Depth: depth - 1, Zero: true, Offset: -1}
+}

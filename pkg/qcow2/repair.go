@@ -1,0 +1,460 @@
+package qcow2
+
+import (
+	"encoding/binary"
+	"fmt"
+	"slices"
+)
+
+// refKind says what kind of structure a reference found by walkReferences
+// belongs to.
+type refKind uint8
+
+const (
+	refHeader refKind = iota + 1
+	refActiveL1
+	refL2
+	refData
+	refCompressed
+	refSnapshotTable
+	refInactiveL1
+	refBitmapDir
+	refBitmapTable
+	refBitmapData
+	refRefTable
+	refRefBlock
+)
+
+// reference is one use of host space. A host cluster's refcount must equal
+// the number of references covering it (a compressed range counts once for
+// every cluster it touches).
+type reference struct {
+	Off, Len int64
+	Kind     refKind
+	// Snapshot is the index of the snapshot whose L1 led here, or -1 for
+	// the active L1 (and for structures not reached through an L1).
+	Snapshot int
+	// L1Index/L2Index locate the entry that points here (L2 tables and
+	// data clusters), Entry is that raw entry (the check code uses it to
+	// verify COPIED flags of the active tables).
+	L1Index, L2Index int64
+	Entry            uint64
+}
+
+// walkOptions selects what walkReferences reports.
+type walkOptions struct {
+	// RefcountStructures also reports the refcount table and blocks.
+	RefcountStructures bool
+	// Bad receives entries that cannot be followed (misaligned or outside
+	// the file); when nil the walk stops with the error instead.
+	Bad func(where string, err error)
+}
+
+// walkReferences calls fn for every reference to host space: the header,
+// the active L1 table, every L2 table and data cluster reached from the
+// active L1 and from every snapshot's L1, the snapshot table, the bitmap
+// directory, bitmap tables and bitmap data, and optionally the refcount
+// structures. L2 tables are read through the cache so unflushed updates
+// count. mu held. The check and repair code (issue 4) builds on this.
+func (img *Image) walkReferences(opt walkOptions, fn func(r reference) error) error {
+	bad := func(where string, err error) error {
+		if opt.Bad != nil {
+			opt.Bad(where, err)
+			return nil
+		}
+		return err
+	}
+	inFile := func(off, n int64) bool { return off > 0 && off+n <= img.fileEnd && off+n > off }
+	emit := func(r reference) error { return fn(r) }
+
+	if err := emit(reference{Off: 0, Len: img.clusterSize, Kind: refHeader, Snapshot: -1}); err != nil {
+		return err
+	}
+	walkL1 := func(l1 []l1Entry, snap int) error {
+		for i1, e := range l1 {
+			o := e.offset()
+			if o == 0 {
+				continue
+			}
+			where := fmt.Sprintf("L1[%d] of %s", i1, snapName(snap))
+			if o%img.clusterSize != 0 || !inFile(o, img.clusterSize) {
+				if err := bad(where, corruptf(where, -1, "L2 table offset %#x is misaligned or outside the file", o)); err != nil {
+					return err
+				}
+				continue
+			}
+			if err := emit(reference{Off: o, Len: img.clusterSize, Kind: refL2, Snapshot: snap, L1Index: int64(i1), L2Index: -1, Entry: uint64(e)}); err != nil {
+				return err
+			}
+			tbl, err := img.readL2Table(o)
+			if err != nil {
+				return err
+			}
+			for i2 := int64(0); i2 < img.l2Entries; i2++ {
+				le, _, _ := img.decodeL2(tbl, i2, o)
+				if le == 0 {
+					continue
+				}
+				r := reference{Snapshot: snap, L1Index: int64(i1), L2Index: i2, Entry: uint64(le)}
+				if le.compressed() {
+					r.Off, r.Len = le.compressedRange(img.clusterBits)
+					r.Kind = refCompressed
+					if !inFile(r.Off, 1) {
+						if err := bad(where, corruptf(fmt.Sprintf("L2[%d] of %s", i2, where), -1, "compressed data offset %#x outside the file", r.Off)); err != nil {
+							return err
+						}
+						continue
+					}
+				} else {
+					r.Off, r.Len, r.Kind = le.offset(), img.clusterSize, refData
+					if r.Off == 0 {
+						continue
+					}
+					if r.Off%img.clusterSize != 0 || !inFile(r.Off, img.clusterSize) {
+						if err := bad(where, corruptf(fmt.Sprintf("L2[%d] of %s", i2, where), -1, "data offset %#x is misaligned or outside the file", r.Off)); err != nil {
+							return err
+						}
+						continue
+					}
+				}
+				if err := emit(r); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	}
+	h := img.hdr
+	if h.L1Size > 0 {
+		if err := emit(reference{Off: int64(h.L1TableOffset), Len: int64(h.L1Size) * 8, Kind: refActiveL1, Snapshot: -1}); err != nil {
+			return err
+		}
+	}
+	if err := walkL1(img.l1, -1); err != nil {
+		return err
+	}
+	if len(img.snapshots) > 0 {
+		n := int64(len(encodeSnapshotTable(img.snapshots)))
+		if err := emit(reference{Off: int64(h.SnapshotsOffset), Len: n, Kind: refSnapshotTable, Snapshot: -1}); err != nil {
+			return err
+		}
+	}
+	for si, s := range img.snapshots {
+		if s.L1Size == 0 {
+			continue
+		}
+		if err := emit(reference{Off: int64(s.L1TableOffset), Len: int64(s.L1Size) * 8, Kind: refInactiveL1, Snapshot: si}); err != nil {
+			return err
+		}
+		l1, err := img.readL1Table(int64(s.L1TableOffset), s.L1Size)
+		if err != nil {
+			return err
+		}
+		if err := walkL1(l1, si); err != nil {
+			return err
+		}
+	}
+	if b := h.Bitmaps; b != nil && b.NbBitmaps > 0 {
+		if err := emit(reference{Off: int64(b.DirOffset), Len: int64(b.DirSize), Kind: refBitmapDir, Snapshot: -1}); err != nil {
+			return err
+		}
+	}
+	for bi, b := range img.bitmapDir {
+		if b.TableSize == 0 {
+			continue
+		}
+		if err := emit(reference{Off: int64(b.TableOffset), Len: int64(b.TableSize) * 8, Kind: refBitmapTable, Snapshot: -1, L1Index: int64(bi)}); err != nil {
+			return err
+		}
+		buf := make([]byte, int64(b.TableSize)*8)
+		if _, err := img.f.ReadAt(buf, int64(b.TableOffset)); err != nil {
+			return ioErr("read bitmap table", err)
+		}
+		for i := int64(0); i < int64(b.TableSize); i++ {
+			e := binary.BigEndian.Uint64(buf[i*8:])
+			o := int64(e & offsetMask)
+			if o == 0 {
+				continue
+			}
+			if o%img.clusterSize != 0 || !inFile(o, img.clusterSize) {
+				where := fmt.Sprintf("bitmap %q table[%d]", b.Name, i)
+				if err := bad(where, corruptf(where, -1, "data offset %#x is misaligned or outside the file", o)); err != nil {
+					return err
+				}
+				continue
+			}
+			if err := emit(reference{Off: o, Len: img.clusterSize, Kind: refBitmapData, Snapshot: -1, L1Index: int64(bi), L2Index: i, Entry: e}); err != nil {
+				return err
+			}
+		}
+	}
+	if opt.RefcountStructures {
+		if err := emit(reference{Off: int64(h.RefcountTableOffset), Len: int64(h.RefcountTableClusters) << img.clusterBits, Kind: refRefTable, Snapshot: -1}); err != nil {
+			return err
+		}
+		for i, e := range img.refTable {
+			if o := e.offset(); o != 0 {
+				if err := emit(reference{Off: o, Len: img.clusterSize, Kind: refRefBlock, Snapshot: -1, L1Index: int64(i)}); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	return nil
+}
+
+func snapName(i int) string {
+	if i < 0 {
+		return "the active L1 table"
+	}
+	return fmt.Sprintf("snapshot %d", i)
+}
+
+// readL2Table returns a whole L2 table, with unflushed cached slices. mu held.
+func (img *Image) readL2Table(off int64) ([]byte, error) {
+	buf := make([]byte, img.clusterSize)
+	if _, err := img.f.ReadAt(buf, off); err != nil {
+		return nil, ioErr(fmt.Sprintf("read L2 table at %#x", off), err)
+	}
+	for s := int64(0); s < img.clusterSize; s += img.sliceSize {
+		if c := img.l2Cache.get(off + s); c != nil {
+			copy(buf[s:], c.buf)
+		}
+	}
+	return buf, nil
+}
+
+// readL1Table reads an (inactive) L1 table of n entries at off.
+func (img *Image) readL1Table(off int64, n uint32) ([]l1Entry, error) {
+	buf := make([]byte, int64(n)*8)
+	if _, err := img.f.ReadAt(buf, off); err != nil {
+		return nil, ioErr(fmt.Sprintf("read L1 table at %#x", off), err)
+	}
+	l1 := make([]l1Entry, n)
+	for i := range l1 {
+		l1[i] = l1Entry(binary.BigEndian.Uint64(buf[i*8:]))
+	}
+	return l1, nil
+}
+
+// refCounts is a refcount per host cluster, computed from references.
+// Counts above 65535 (rare) spill into a map so memory stays 2 bytes per
+// cluster.
+type refCounts struct {
+	small []uint16
+	big   map[int64]uint64
+}
+
+func (c *refCounts) add(ci int64) {
+	for int64(len(c.small)) <= ci {
+		c.small = append(c.small, make([]uint16, max(ci+1-int64(len(c.small)), int64(len(c.small))))...)
+	}
+	if c.small[ci] == 0xffff {
+		if c.big == nil {
+			c.big = map[int64]uint64{}
+		}
+		c.big[ci]++
+		return
+	}
+	c.small[ci]++
+}
+
+func (c *refCounts) get(ci int64) uint64 {
+	if ci >= int64(len(c.small)) {
+		return 0
+	}
+	return uint64(c.small[ci]) + c.big[ci]
+}
+
+func (c *refCounts) addRange(off, n, clusterBits int64) {
+	for ci := off >> clusterBits; ci <= (off+n-1)>>clusterBits; ci++ {
+		c.add(ci)
+	}
+}
+
+// countReferences computes every cluster's expected refcount, leaving out
+// the refcount structures themselves. mu held.
+func (img *Image) countReferences(bad func(string, error)) (*refCounts, error) {
+	c := &refCounts{small: make([]uint16, img.fileEnd>>img.clusterBits)}
+	err := img.walkReferences(walkOptions{Bad: bad}, func(r reference) error {
+		c.addRange(r.Off, r.Len, int64(img.clusterBits))
+		return nil
+	})
+	return c, err
+}
+
+// RepairResult says what a refcount rebuild changed.
+type RepairResult struct {
+	// Leaks is the number of clusters whose refcount was higher than their
+	// references (now freed or lowered).
+	Leaks int64
+	// Errors is the number of clusters whose refcount was lower than their
+	// references (which could have led to data being overwritten).
+	Errors int64
+}
+
+// rebuildRefcounts recomputes every refcount from the references and
+// writes a fresh refcount table and blocks at the end of the file (the old
+// ones become free space), then points the header at them. Callers hold
+// drain exclusively or have not shared the image yet; mu must NOT be held.
+func (img *Image) rebuildRefcounts() (RepairResult, error) {
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	return img.rebuildRefcountsLocked()
+}
+
+func (img *Image) rebuildRefcountsLocked() (RepairResult, error) {
+	var res RepairResult
+	// Unflushed L2 updates first, so what we count is what is on disk.
+	for _, e := range img.l2Cache.dirtyEntries() {
+		if err := img.checkOverlap(e.off, int64(len(e.buf)), metaL2); err != nil {
+			return res, err
+		}
+		if _, err := img.f.WriteAt(e.buf, e.off); err != nil {
+			return res, ioErr("write L2 table", err)
+		}
+		e.dirty = false
+	}
+	if err := img.fsync(); err != nil {
+		return res, err
+	}
+	img.pendingFree = nil
+	counts, err := img.countReferences(nil)
+	if err != nil {
+		return res, err
+	}
+	cs := img.clusterSize
+	p := img.fileEnd >> img.clusterBits
+	if n := int64(len(counts.small)); n > p {
+		p = n
+	}
+	// Block indexes needed for the references below p, plus the new area.
+	need := map[int64]bool{}
+	for ci := int64(0); ci < p; ci++ {
+		if counts.get(ci) != 0 {
+			need[ci>>img.refBlockBits] = true
+		}
+	}
+	var nBlocks, tblClusters int64
+	for iter := 0; ; iter++ {
+		if iter > 64 {
+			return res, fmt.Errorf("qcow2: internal: refcount layout does not converge")
+		}
+		all := map[int64]bool{}
+		for k := range need {
+			all[k] = true
+		}
+		for ci := p; ci < p+nBlocks+tblClusters; ci++ {
+			all[ci>>img.refBlockBits] = true
+		}
+		maxBi := int64(0)
+		for k := range all {
+			maxBi = max(maxBi, k)
+		}
+		nb := int64(len(all))
+		tc := max(1, ((maxBi+1)*8+cs-1)/cs)
+		if nb == nBlocks && tc == tblClusters {
+			need = all
+			break
+		}
+		nBlocks, tblClusters = nb, tc
+	}
+	if tblClusters*cs > maxRefcountTableBytes {
+		return res, fmt.Errorf("%w: refcount table would exceed %d bytes", ErrUnsupported, maxRefcountTableBytes)
+	}
+	for ci := p; ci < p+nBlocks+tblClusters; ci++ {
+		counts.add(ci)
+	}
+	// Sorted block indexes get consecutive clusters from p.
+	order := make([]int64, 0, len(need))
+	for k := range need {
+		order = append(order, k)
+	}
+	slices.Sort(order)
+	tbl := make([]refTableEntry, tblClusters*cs/8)
+	blocks := make([][]byte, len(order))
+	maxRef := img.maxRefcount()
+	for i, bi := range order {
+		tbl[bi] = refTableEntry((p + int64(i)) << img.clusterBits)
+		buf := make([]byte, cs)
+		for j := int64(0); j < img.refBlockEnts; j++ {
+			v := counts.get(bi<<img.refBlockBits + j)
+			if v > maxRef {
+				return res, fmt.Errorf("%w: cluster %#x needs refcount %d, more than %d-bit refcounts hold", ErrUnsupported, (bi<<img.refBlockBits+j)<<img.clusterBits, v, img.refBits)
+			}
+			if v != 0 {
+				setRefEntry(buf, img.refOrder, j, v)
+			}
+		}
+		blocks[i] = buf
+	}
+	// What changed, for the caller's report (old refcount structures are
+	// expected to change and are not counted).
+	oldStruct := map[int64]bool{}
+	for c := int64(img.hdr.RefcountTableOffset) >> img.clusterBits; c < int64(img.hdr.RefcountTableOffset)>>img.clusterBits+int64(img.hdr.RefcountTableClusters); c++ {
+		oldStruct[c] = true
+	}
+	for _, e := range img.refTable {
+		if o := e.offset(); o != 0 {
+			oldStruct[o>>img.clusterBits] = true
+		}
+	}
+	for ci := int64(1); ci < p; ci++ {
+		if oldStruct[ci] {
+			continue
+		}
+		old, err := img.getRefcount(ci)
+		if err != nil {
+			old = 0
+		}
+		switch nv := counts.get(ci); {
+		case old > nv:
+			res.Leaks++
+		case old < nv:
+			res.Errors++
+		}
+	}
+	// Write the new structures, then switch the header to them.
+	for i, b := range blocks {
+		if _, err := img.f.WriteAt(b, (p+int64(i))<<img.clusterBits); err != nil {
+			return res, ioErr("write refcount block", err)
+		}
+	}
+	tb := make([]byte, tblClusters*cs)
+	for i, e := range tbl {
+		binary.BigEndian.PutUint64(tb[i*8:], uint64(e))
+	}
+	tblOff := (p + nBlocks) << img.clusterBits
+	if _, err := img.f.WriteAt(tb, tblOff); err != nil {
+		return res, ioErr("write refcount table", err)
+	}
+	if err := img.fsync(); err != nil {
+		return res, err
+	}
+	var hb [12]byte
+	binary.BigEndian.PutUint64(hb[:], uint64(tblOff))
+	binary.BigEndian.PutUint32(hb[8:], uint32(tblClusters))
+	if _, err := img.f.WriteAt(hb[:], hdrRefcountTableOffset); err != nil {
+		return res, ioErr("write header", err)
+	}
+	if err := img.fsync(); err != nil {
+		return res, err
+	}
+	img.hdr.RefcountTableOffset = uint64(tblOff)
+	img.hdr.RefcountTableClusters = uint32(tblClusters)
+	img.refTable = tbl
+	img.rcCache.clear()
+	img.freeHint = 1
+	img.fileEnd = max(img.fileEnd, (p+nBlocks+tblClusters)<<img.clusterBits)
+	img.buildMetaMap()
+	if img.hdr.Incompatible&IncompatDirty != 0 && !img.readOnly {
+		img.hdr.Incompatible &^= IncompatDirty
+		if err := img.writeHeader(); err != nil {
+			return res, err
+		}
+		if err := img.fsync(); err != nil {
+			return res, err
+		}
+	}
+	return res, nil
+}
