@@ -384,3 +384,49 @@ func TestShutdownAnswersInFlight(t *testing.T) {
 		t.Fatalf("Shutdown: %v", err)
 	}
 }
+
+// With MaxConnections 1 a second client waits in the backlog until the first
+// leaves, as with qemu-nbd -e 1.
+func TestMaxConnections(t *testing.T) {
+	srv, err := NewServer(ServerOptions{MaxConnections: 1}, &Export{Backend: newMem(1 << 20)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := t.TempDir() + "/s"
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(context.Background(), ln) }()
+	greet := func(c net.Conn, d time.Duration) error {
+		c.SetReadDeadline(time.Now().Add(d))
+		_, err := io.ReadFull(c, make([]byte, 18))
+		return err
+	}
+	c1, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := greet(c1, 10*time.Second); err != nil {
+		t.Fatalf("first client: %v", err)
+	}
+	c2, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	if err := greet(c2, 200*time.Millisecond); err == nil {
+		t.Fatal("second client served while the first is connected")
+	}
+	c1.Close()
+	if err := greet(c2, 10*time.Second); err != nil {
+		t.Fatalf("second client after the first left: %v", err)
+	}
+	if err := srv.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("Serve: %v", err)
+	}
+}

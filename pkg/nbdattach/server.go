@@ -106,11 +106,14 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	}()
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
+	served := make(chan struct{})
+	defer close(served)
 	go func() {
 		select {
 		case <-s.idle:
 			ln.Close()
 		case <-s.ctx.Done():
+		case <-served:
 		}
 	}()
 
@@ -176,8 +179,14 @@ func (s *Server) ServeConn(ctx context.Context, conn net.Conn) error {
 	defer stop()
 
 	conn.SetDeadline(time.Now().Add(s.opts.HandshakeTimeout))
+	// A shutdown during the negotiation ends it at once.
+	stopHS := context.AfterFunc(ctx, func() { conn.SetDeadline(aLongTimeAgo) })
 	h := &handshake{s: s, rw: conn, br: bufio.NewReaderSize(conn, readBufSize)}
 	neg, err := h.run()
+	if !stopHS() {
+		conn.Close()
+		return nil
+	}
 	if err != nil {
 		conn.Close()
 		if errors.Is(err, errAbort) {
