@@ -92,6 +92,10 @@ type Image struct {
 	writeHooks []func(off, n int64)
 
 	lock *imageLock
+
+	// compCursor is the host byte offset where the next compressed
+	// cluster may be packed (0: start a new cluster).
+	compCursor int64
 }
 
 type pendingFree struct {

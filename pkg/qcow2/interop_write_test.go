@@ -146,3 +146,117 @@ func TestWriteWorkloads(t *testing.T) {
 		})
 	}
 }
+
+// TestWriteOverSnapshotsAndBacking writes into images whose clusters are
+// shared with qemu-made internal snapshots (COW, COPIED flags) and images
+// over backing files (partial-cluster COW from the backing file).
+func TestWriteOverSnapshotsAndBacking(t *testing.T) {
+	cases := []struct {
+		name    string
+		opts    string
+		backing bool
+		snap    bool
+	}{
+		{"snapshot", "cluster_size=4k", false, true},
+		{"snapshot_extl2", "extended_l2=on,cluster_size=16k", false, true},
+		{"snapshot_v2", "compat=0.10,cluster_size=4k", false, true},
+		{"snapshot_lazy", "lazy_refcounts=on", false, true},
+		{"backing", "cluster_size=4k", true, false},
+		{"backing_extl2", "extended_l2=on", true, false},
+		{"backing_v2", "compat=0.10", true, false},
+		{"backing_snapshot_zstd", "compression_type=zstd,cluster_size=8k", true, true},
+	}
+	for i, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			dir := t.TempDir()
+			p := filepath.Join(dir, "img.qcow2")
+			size := int64(4 << 20)
+			args := []string{"create", "-q", "-f", "qcow2", "-o", c.opts}
+			if c.backing {
+				b := filepath.Join(dir, "base.qcow2")
+				qemu(t, "qemu-img", "create", "-q", "-f", "qcow2", b, fmt.Sprint(size))
+				qemu(t, "qemu-io", "-c", "write -P 0x5a 0 3M", "-c", "write -c -P 0x5b 3M 64k", b)
+				args = append(args, "-b", "base.qcow2", "-F", "qcow2")
+			}
+			qemu(t, "qemu-img", append(args, p, fmt.Sprint(size))...)
+			qemu(t, "qemu-io", "-c", "write -P 0x11 0 1M", "-c", "write -c -P 0x12 2M 64k", "-c", "write -P 0x13 1536k 100k", p)
+			var snapRaw []byte
+			if c.snap {
+				qemu(t, "qemu-img", "snapshot", "-c", "s1", p)
+				snapRaw = qemuSnapshotRaw(t, p, "s1")
+			}
+			ref := ourRaw(t, p)
+			img, err := Open(p, OpenOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			workload(t, img, ref, uint64(100+i), 3, 30)
+			if err := img.Close(); err != nil {
+				t.Fatal(err)
+			}
+			checkClean(t, p)
+			if got := qemuRaw(t, p); !bytes.Equal(got, ref) {
+				t.Fatal("qemu reads different active data than we wrote")
+			}
+			if c.snap {
+				if got := qemuSnapshotRaw(t, p, "s1"); !bytes.Equal(got, snapRaw) {
+					t.Fatal("snapshot contents changed")
+				}
+			}
+		})
+	}
+}
+
+func qemuSnapshotRaw(t *testing.T, path, snap string) []byte {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "snap.raw")
+	qemu(t, "qemu-img", "convert", "-U", "-l", "snapshot.name="+snap, "-O", "raw", path, out)
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// TestWriteCompressed: compressed clusters we write read back in qemu and
+// pass its check.
+func TestWriteCompressed(t *testing.T) {
+	for _, ct := range []string{"zlib", "zstd"} {
+		for _, cs := range []int64{4096, 65536} {
+			t.Run(fmt.Sprint(ct, "_", cs), func(t *testing.T) {
+				p := filepath.Join(t.TempDir(), "c.qcow2")
+				size := 40*cs + 512
+				img, err := Create(p, CreateOptions{Size: size, ClusterSize: cs, CompressionType: ct})
+				if err != nil {
+					t.Fatal(err)
+				}
+				ref := make([]byte, size)
+				r := rand.New(rand.NewPCG(1, 2))
+				for i := range ref {
+					if i%3 == 0 || (i/int(cs))%7 == 3 {
+						ref[i] = byte(r.IntN(256)) // some clusters incompressible
+					} else {
+						ref[i] = byte(i / 100)
+					}
+				}
+				if _, err := img.WriteCompressed(ref[:20*cs], 0); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := img.WriteCompressed(ref[20*cs:], 20*cs); err != nil {
+					t.Fatal(err)
+				}
+				// Overwrite part of a compressed cluster: COW from compressed.
+				copy(ref[cs+100:], []byte("overwrite"))
+				if _, err := img.WriteAt(ref[cs+100:cs+109], cs+100); err != nil {
+					t.Fatal(err)
+				}
+				if err := img.Close(); err != nil {
+					t.Fatal(err)
+				}
+				checkClean(t, p)
+				compareWithRaw(t, p, ref)
+			})
+		}
+	}
+}
