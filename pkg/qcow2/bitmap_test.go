@@ -29,11 +29,11 @@ func rawBitmapDir(t testing.TB, path string) (ext []byte, dir []byte, clusterSiz
 		}
 		if typ == 0x23852875 {
 			ext = img[pos+8 : pos+8+n]
-			e, err := decodeBitmapsExt(ext, clusterSize)
+			e, err := decodeBitmapsExt(ext, int64(pos+8), clusterSize)
 			if err != nil {
 				t.Fatal(err)
 			}
-			return ext, img[e.dirOffset : e.dirOffset+e.dirSize], clusterSize, size
+			return ext, img[e.DirOffset : e.DirOffset+e.DirSize], clusterSize, size
 		}
 		pos += 8 + (n+7)&^7
 	}
@@ -42,9 +42,9 @@ func rawBitmapDir(t testing.TB, path string) (ext []byte, dir []byte, clusterSiz
 }
 
 func TestDecodeBitmapDirectoryQemu(t *testing.T) {
-	ext, dir, cs, size := rawBitmapDir(t, filepath.Join("testdata", "bitmap", "bitmaps-c512.qcow2"))
-	e, _ := decodeBitmapsExt(ext, cs)
-	entries, err := decodeBitmapDirectory(dir, e.dirOffset, e.nbBitmaps, cs, size)
+	ext, dir, cs, _ := rawBitmapDir(t, filepath.Join("testdata", "bitmap", "bitmaps-c512.qcow2"))
+	e, _ := decodeBitmapsExt(ext, 0, cs)
+	entries, err := decodeBitmapDirectory(dir, e.NbBitmaps, int64(e.DirOffset), 9, 1<<20)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -55,9 +55,9 @@ func TestDecodeBitmapDirectoryQemu(t *testing.T) {
 	}
 	var g []got
 	for _, x := range entries {
-		g = append(g, got{x.name, x.granBits, x.flags})
+		g = append(g, got{x.Name, x.GranularityBits, x.Flags})
 	}
-	want := []got{{"auto64k", 16, bmeFlagAuto}, {"fine", 9, bmeFlagAuto}, {"frozen", 12, 0}}
+	want := []got{{"auto64k", 16, bitmapFlagAuto}, {"fine", 9, bitmapFlagAuto}, {"frozen", 12, 0}}
 	if !reflect.DeepEqual(g, want) {
 		t.Fatalf("entries %+v, want %+v", g, want)
 	}
@@ -67,11 +67,11 @@ func TestDecodeBitmapDirectoryQemu(t *testing.T) {
 }
 
 func validEntry(name string, off uint64) bitmapDirEntry {
-	return bitmapDirEntry{tableOffset: off, tableSize: 1, flags: bmeFlagAuto, typ: 1, granBits: 16, name: name}
+	return bitmapDirEntry{TableOffset: off, TableSize: 1, Flags: bitmapFlagAuto, Type: 1, GranularityBits: 16, Name: name}
 }
 
 func TestDecodeBitmapDirectoryHostile(t *testing.T) {
-	const cs, size, dirOff = 65536, 1 << 30, 0x10000
+	const clusterBits, fileSize, dirOff = 16, 1 << 30, 0x10000
 	enc := func(es ...bitmapDirEntry) []byte { return encodeBitmapDirectory(es) }
 	patch := func(b []byte, at int, v ...byte) []byte { copy(b[at:], v); return b }
 	for _, tc := range []struct {
@@ -83,59 +83,83 @@ func TestDecodeBitmapDirectoryHostile(t *testing.T) {
 		{"ok", enc(validEntry("a", 0x20000), validEntry("b", 0x30000)), 2, ""},
 		{"more-than-nb", enc(validEntry("a", 0x20000), validEntry("b", 0x30000)), 1, "more entries than nb_bitmaps 1"},
 		{"fewer-than-nb", enc(validEntry("a", 0x20000)), 2, "holds 1 entries, nb_bitmaps says 2"},
-		{"truncated", enc(validEntry("a", 0x20000))[:20], 1, "is truncated"},
-		{"name-past-end", patch(enc(validEntry("a", 0x20000)), 18, 0x03, 0xff), 1, "runs past the directory end"},
-		{"extra-past-end", patch(enc(validEntry("a", 0x20000)), 20, 0, 0, 0x10, 0), 1, "extra_data_size 4096 exceeds"},
-		{"zero-name", patch(enc(validEntry("a", 0x20000)), 18, 0, 0), 1, "name_size is 0"},
+		{"truncated", enc(validEntry("a", 0x20000))[:20], 1, "runs past the end"},
+		{"name-past-end", patch(enc(validEntry("a", 0x20000)), 18, 0x03, 0xff), 1, "runs past the end"},
+		{"extra-past-end", patch(enc(validEntry("a", 0x20000)), 20, 0, 0, 0x10, 0), 1, "extra_data_size at offset 65556: 4096 exceeds"},
+		{"zero-name", patch(enc(validEntry("a", 0x20000)), 18, 0, 0), 1, "name_size at offset 65554: is 0"},
 		{"reserved-flags", patch(enc(validEntry("a", 0x20000)), 12, 0, 0, 0, 0x0a), 1, "reserved bits 0x8 set"},
-		{"type", patch(enc(validEntry("a", 0x20000)), 16, 2), 1, "type 2 is not"},
-		{"gran-low", patch(enc(validEntry("a", 0x20000)), 17, 8), 1, "granularity_bits 8 outside 9..31"},
-		{"gran-high", patch(enc(validEntry("a", 0x20000)), 17, 32), 1, "granularity_bits 32 outside"},
-		{"table-misaligned", enc(validEntry("a", 0x20200)), 1, "bitmap_table_offset 0x20200 is not a cluster-aligned"},
-		{"table-zero-size", patch(enc(validEntry("a", 0x20000)), 8, 0, 0, 0, 0), 1, "bitmap_table_size is 0"},
+		{"type", patch(enc(validEntry("a", 0x20000)), 16, 2), 1, "type at offset 65552: 2 is not"},
+		{"gran-low", patch(enc(validEntry("a", 0x20000)), 17, 8), 1, "granularity_bits at offset 65553: 8 is outside 9..31"},
+		{"gran-high", patch(enc(validEntry("a", 0x20000)), 17, 32), 1, "32 is outside"},
+		{"table-misaligned", enc(validEntry("a", 0x20200)), 1, "0x20200 is not aligned"},
+		{"table-past-eof", enc(validEntry("a", 1<<30)), 1, "extends past end of file"},
+		{"table-zero-size", patch(enc(validEntry("a", 0x20000)), 8, 0, 0, 0, 0), 1, "bitmap_table_size at offset 65544: is 0"},
 		{"table-huge", patch(enc(validEntry("a", 0x20000)), 8, 0x10, 0, 0, 0), 1, "exceeds limit 134217728"},
-		{"too-small-for-disk", patch(enc(validEntry("a", 0x20000)), 17, 9), 1, "less than the disk size"},
-		{"dup-names", enc(validEntry("a", 0x20000), validEntry("a", 0x30000)), 2, "both named \"a\""},
-		{"table-on-header", enc(validEntry("a", 0x0)), 1, "not a cluster-aligned offset"},
+		{"table-phys", patch(enc(validEntry("a", 0x20000)), 8, 0, 0, 0x20, 1), 1, "exceed limit 536870912 bytes"},
+		{"dup-names", enc(validEntry("a", 0x20000), validEntry("a", 0x30000)), 2, "\"a\" is also the name of bitmap[0]"},
+		{"table-on-header", enc(validEntry("a", 0x0)), 1, "is 0 (overlaps the header)"},
 		{"table-on-dir", enc(validEntry("a", dirOff)), 1, "overlaps the bitmap directory"},
-		{"tables-overlap", enc(validEntry("a", 0x20000), validEntry("b", 0x20000)), 2, "overlaps the table of bitmap \"a\""},
+		{"tables-overlap", enc(validEntry("a", 0x20000), validEntry("b", 0x20000)), 2, "overlaps the table of bitmap[0]"},
+		{"too-many", enc(validEntry("a", 0x20000)), maxBitmaps + 1, "exceeds limit 65535"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := decodeBitmapDirectory(tc.dir, dirOff, tc.nb, cs, size)
+			_, err := decodeBitmapDirectory(tc.dir, tc.nb, dirOff, clusterBits, fileSize)
 			if tc.want == "" {
 				if err != nil {
 					t.Fatal(err)
 				}
 				return
 			}
-			if err == nil || !errors.Is(err, ErrBitmapFormat) || !strings.Contains(err.Error(), tc.want) {
-				t.Fatalf("err = %v, want ErrBitmapFormat containing %q", err, tc.want)
+			if err == nil || !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want ErrCorrupt containing %q", err, tc.want)
 			}
 		})
 	}
 }
 
-func TestDecodeBitmapDirectoryInUseMayBeShort(t *testing.T) {
-	e := validEntry("a", 0x20000)
-	e.granBits = 9
-	e.flags |= bmeFlagInUse
-	if _, err := decodeBitmapDirectory(encodeBitmapDirectory([]bitmapDirEntry{e}), 0x10000, 1, 65536, 1<<30); err != nil {
-		t.Fatalf("an in-use bitmap too small for the disk must load (as inconsistent): %v", err)
+func TestDecodeBitmapsExt(t *testing.T) {
+	good := encodeBitmapsExt(&bitmapsExt{NbBitmaps: 2, DirSize: 64, DirOffset: 0x30000})
+	patch := func(at int, v ...byte) []byte { b := append([]byte(nil), good...); copy(b[at:], v); return b }
+	for _, tc := range []struct {
+		name string
+		data []byte
+		want string
+	}{
+		{"ok", good, ""},
+		{"short", good[:20], "shorter than 24"},
+		{"reserved", patch(4, 0, 0, 0, 1), "reserved at offset 104: 0x1 is not zero"},
+		{"zero-bitmaps", patch(0, 0, 0, 0, 0), "nb_bitmaps at offset 100: is 0"},
+		{"too-many", patch(0, 0, 1, 0, 0), "65536 exceeds limit 65535"},
+		{"dir-too-big", patch(8, 0, 0, 0, 0, 0x10, 0, 0, 0), "exceeds limit 67107840"},
+		{"dir-misaligned", patch(16, 0, 0, 0, 0, 0, 3, 0, 1), "0x30001 is not a cluster-aligned"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e, err := decodeBitmapsExt(tc.data, 100, 65536)
+			if tc.want == "" {
+				if err != nil || !reflect.DeepEqual(encodeBitmapsExt(e), tc.data) {
+					t.Fatalf("round trip: %v", err)
+				}
+				return
+			}
+			if err == nil || !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want %q", err, tc.want)
+			}
+		})
 	}
 }
 
 func TestExtraDataPreserved(t *testing.T) {
 	e := validEntry("x", 0x20000)
-	e.extra = []byte{1, 2, 3}
+	e.ExtraData = []byte{1, 2, 3}
 	dir := encodeBitmapDirectory([]bitmapDirEntry{e})
-	got, err := decodeBitmapDirectory(dir, 0x10000, 1, 65536, 1<<30)
+	got, err := decodeBitmapDirectory(dir, 1, 0x10000, 16, 1<<30)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !reflect.DeepEqual(got[0].extra, e.extra) || got[0].usable() {
-		t.Fatalf("extra %v usable %v: want preserved and unusable", got[0].extra, got[0].usable())
+	if !reflect.DeepEqual(got[0].ExtraData, e.ExtraData) || got[0].usable() {
+		t.Fatalf("extra %v usable %v: want preserved and unusable", got[0].ExtraData, got[0].usable())
 	}
-	got[0].flags |= bmeFlagExtraDataCompatible
+	got[0].Flags |= bitmapFlagExtraComp
 	if !got[0].usable() {
 		t.Fatal("extra_data_compatible bitmap must be usable")
 	}
@@ -157,8 +181,8 @@ func TestBitmapTableEntries(t *testing.T) {
 		{"misaligned", 0x50200, "not cluster aligned"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			buf := binary.BigEndian.AppendUint64(nil, tc.e)
-			tab, err := decodeBitmapTable(buf, 0x10000, cs)
+			buf := binary.BigEndian.AppendUint64(make([]byte, 8), tc.e)
+			tab, err := decodeBitmapTable(buf, 3, 0x10000, cs)
 			if tc.want == "" {
 				if err != nil {
 					t.Fatal(err)
@@ -168,7 +192,7 @@ func TestBitmapTableEntries(t *testing.T) {
 				}
 				return
 			}
-			if err == nil || !strings.Contains(err.Error(), tc.want) {
+			if err == nil || !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "bitmap[3].bitmap_table[1] at offset 65544: entry ") || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("err = %v, want %q", err, tc.want)
 			}
 		})
@@ -179,8 +203,8 @@ func TestCheckBitmapRequest(t *testing.T) {
 	for _, tc := range []struct {
 		name     string
 		bm       string
-		gran     uint64
-		size     uint64
+		gran     int64
+		size     int64
 		wantBits uint8
 		wantErr  string
 	}{
@@ -211,24 +235,23 @@ func TestCheckBitmapRequest(t *testing.T) {
 
 func FuzzBitmapDirectory(f *testing.F) {
 	_, dir, _, _ := rawBitmapDir(f, filepath.Join("testdata", "bitmap", "bitmaps-c512.qcow2"))
-	f.Add(dir, uint32(3), uint8(9), uint64(4<<20))
-	f.Add(encodeBitmapDirectory([]bitmapDirEntry{validEntry("a", 0x20000), validEntry("b", 0x30000)}), uint32(2), uint8(16), uint64(1<<30))
-	f.Fuzz(func(t *testing.T, dir []byte, nb uint32, clusterBits uint8, size uint64) {
+	f.Add(dir, uint32(3), uint8(9))
+	f.Add(encodeBitmapDirectory([]bitmapDirEntry{validEntry("a", 0x20000), validEntry("b", 0x30000)}), uint32(2), uint8(16))
+	f.Fuzz(func(t *testing.T, dir []byte, nb uint32, clusterBits uint8) {
 		if clusterBits < 9 || clusterBits > 21 || len(dir) > maxBitmapDirSize {
 			return
 		}
-		cs := uint64(1) << clusterBits
-		es, err := decodeBitmapDirectory(dir, 16*cs, nb, cs, size)
+		base := int64(16) << clusterBits
+		es, err := decodeBitmapDirectory(dir, nb, base, uint32(clusterBits), 1<<40)
 		if err != nil {
-			if !errors.Is(err, ErrBitmapFormat) {
-				t.Fatalf("error not wrapping ErrBitmapFormat: %v", err)
+			if !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("error not wrapping ErrCorrupt: %v", err)
 			}
 			return
 		}
 		// What parses re-encodes to the same bytes apart from padding, and
 		// re-parses identically.
-		enc := encodeBitmapDirectory(es)
-		es2, err := decodeBitmapDirectory(enc, 16*cs, nb, cs, size)
+		es2, err := decodeBitmapDirectory(encodeBitmapDirectory(es), nb, base, uint32(clusterBits), 1<<40)
 		if err != nil || !reflect.DeepEqual(es, es2) {
 			t.Fatalf("re-decode: %v", err)
 		}
@@ -241,10 +264,10 @@ func FuzzBitmapTable(f *testing.F) {
 		if clusterBits < 9 || clusterBits > 21 {
 			return
 		}
-		tab, err := decodeBitmapTable(buf, 0x10000, 1<<clusterBits)
+		tab, err := decodeBitmapTable(buf, 0, 0x10000, 1<<clusterBits)
 		if err != nil {
-			if !errors.Is(err, ErrBitmapFormat) {
-				t.Fatalf("error not wrapping ErrBitmapFormat: %v", err)
+			if !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("error not wrapping ErrCorrupt: %v", err)
 			}
 			return
 		}
