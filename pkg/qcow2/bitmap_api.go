@@ -45,8 +45,8 @@ func (b BitmapInfo) Flags() []string {
 func (img *Image) Bitmaps() []BitmapInfo {
 	img.mu.Lock()
 	defer img.mu.Unlock()
-	out := make([]BitmapInfo, 0, len(img.bitmaps.list))
-	for _, b := range img.bitmaps.list {
+	out := make([]BitmapInfo, 0, len(img.bms.list))
+	for _, b := range img.bms.list {
 		i := BitmapInfo{Name: b.name, Granularity: 1 << b.granBits, Enabled: b.enabled, Inconsistent: b.inconsistent}
 		if b.disk != nil {
 			i.InUse, i.Auto = b.disk.inUse(), b.disk.auto()
@@ -69,7 +69,7 @@ func (img *Image) bitmapOp(name string, consistent bool, fn func(b *imgBitmap) e
 	if img.readOnly {
 		return fmt.Errorf("%w: bitmap %q", ErrReadOnly, name)
 	}
-	b := img.bitmaps.find(name)
+	b := img.bms.find(name)
 	if b == nil {
 		return fmt.Errorf("%w: %q", ErrBitmapNotFound, name)
 	}
@@ -79,7 +79,7 @@ func (img *Image) bitmapOp(name string, consistent bool, fn func(b *imgBitmap) e
 	if err := fn(b); err != nil {
 		return err
 	}
-	img.bitmaps.retrack()
+	img.bms.retrack()
 	return img.storeBitmapsLocked(false)
 }
 
@@ -100,7 +100,7 @@ func (img *Image) AddBitmap(name string, opts BitmapOptions) error {
 	if img.hdr.Version < 3 {
 		return fmt.Errorf("%w: cannot store dirty bitmaps in qcow2 v2 files", ErrBitmapInvalid)
 	}
-	if img.bitmaps.find(name) != nil {
+	if img.bms.find(name) != nil {
 		return fmt.Errorf("%w: %q", ErrBitmapExists, name)
 	}
 	if img.size == 0 {
@@ -114,22 +114,22 @@ func (img *Image) AddBitmap(name string, opts BitmapOptions) error {
 	if err != nil {
 		return err
 	}
-	if len(img.bitmaps.list)+1 > maxBitmaps {
+	if len(img.bms.list)+1 > maxBitmaps {
 		return fmt.Errorf("%w: maximum number of persistent bitmaps (%d) is already reached", ErrBitmapInvalid, maxBitmaps)
 	}
 	dirSize := bitmapEntryLen(len(name), 0)
-	for _, b := range img.bitmaps.list {
+	for _, b := range img.bms.list {
 		dirSize += bitmapEntryLen(len(b.name), len(b.disk.extra()))
 	}
 	if dirSize > maxBitmapDirSize {
 		return fmt.Errorf("%w: not enough space in the bitmap directory", ErrBitmapInvalid)
 	}
 	b := &imgBitmap{name: name, granBits: gb, enabled: !opts.Disabled, bits: newDirtyBitmap(uint64(img.size), uint(gb))}
-	img.bitmaps.list = append(img.bitmaps.list, b)
-	img.bitmaps.retrack()
+	img.bms.list = append(img.bms.list, b)
+	img.bms.retrack()
 	if err := img.storeBitmapsLocked(false); err != nil {
-		img.bitmaps.list = img.bitmaps.list[:len(img.bitmaps.list)-1]
-		img.bitmaps.retrack()
+		img.bms.list = img.bms.list[:len(img.bms.list)-1]
+		img.bms.retrack()
 		return err
 	}
 	return nil
@@ -146,10 +146,10 @@ func (e *bitmapDirEntry) extra() []byte {
 // bitmaps can be removed (it is the only thing they allow).
 func (img *Image) RemoveBitmap(name string) error {
 	return img.bitmapOp(name, false, func(b *imgBitmap) error {
-		l := img.bitmaps.list
+		l := img.bms.list
 		for i := range l {
 			if l[i] == b {
-				img.bitmaps.list = append(l[:i:i], l[i+1:]...)
+				img.bms.list = append(l[:i:i], l[i+1:]...)
 				break
 			}
 		}
@@ -207,7 +207,7 @@ func (img *Image) MergeBitmapFrom(dst string, srcImg *Image, srcName string) err
 func (img *Image) snapshotBits(name string) (*dirtyBitmap, error) {
 	img.mu.Lock()
 	defer img.mu.Unlock()
-	b := img.bitmaps.find(name)
+	b := img.bms.find(name)
 	if b == nil {
 		return nil, fmt.Errorf("%w: %q", ErrBitmapNotFound, name)
 	}
@@ -241,7 +241,7 @@ func (img *Image) BitmapExtents(name string, off, length int64) ([]BitmapExtent,
 		img.mu.Unlock()
 		return nil, err
 	}
-	b := img.bitmaps.find(name)
+	b := img.bms.find(name)
 	img.mu.Unlock()
 	if b == nil {
 		return nil, fmt.Errorf("%w: %q", ErrBitmapNotFound, name)
@@ -280,16 +280,16 @@ func (img *Image) StoreBitmaps() error {
 // finishBitmapsResize leaves bitmaps that are inconsistent (and the image
 // openable) rather than bitmaps of the wrong size.
 func (img *Image) prepareBitmapsResize() error {
-	if len(img.bitmaps.list) == 0 {
+	if len(img.bms.list) == 0 {
 		return nil
 	}
-	for _, b := range img.bitmaps.list {
+	for _, b := range img.bms.list {
 		if b.inconsistent {
 			return fmt.Errorf("%w: cannot resize an image with inconsistent bitmap %q; remove it first", ErrBitmapInconsistent, b.name)
 		}
 	}
 	changed := false
-	for _, b := range img.bitmaps.list {
+	for _, b := range img.bms.list {
 		if b.disk != nil && !b.disk.inUse() {
 			b.disk.Flags |= bitmapFlagInUse
 			changed = true
@@ -305,10 +305,10 @@ func (img *Image) prepareBitmapsResize() error {
 // every bitmap is resized as qemu does (bits for new space start clean,
 // bits past a new end are dropped) and stored. mu held.
 func (img *Image) finishBitmapsResize(newSize int64) error {
-	if len(img.bitmaps.list) == 0 {
+	if len(img.bms.list) == 0 {
 		return nil
 	}
-	for _, b := range img.bitmaps.list {
+	for _, b := range img.bms.list {
 		b.rw.Lock()
 		b.bits.setSize(uint64(newSize))
 		b.rw.Unlock()

@@ -68,7 +68,7 @@ func (s *bitmapSet) retrack() {
 // trackBitmapWrite is the write hook: every guest range written, zeroed or
 // discarded becomes dirty in every enabled bitmap. Image.mu held.
 func (img *Image) trackBitmapWrite(off, n int64) {
-	for _, b := range img.bitmaps.tracking {
+	for _, b := range img.bms.tracking {
 		b.setRange(uint64(off), uint64(n))
 	}
 }
@@ -77,7 +77,7 @@ func (img *Image) trackBitmapWrite(off, n int64) {
 // bitmaps' data, and on a read-write open marks the enabled bitmaps in_use.
 // Called once from open, before the image is shared.
 func (img *Image) loadBitmaps() error {
-	img.bitmaps = bitmapSet{}
+	img.bms = bitmapSet{}
 	img.writeHooks = append(img.writeHooks, img.trackBitmapWrite)
 	img.bitmapsTracked = true
 	h := img.hdr
@@ -118,9 +118,9 @@ func (img *Image) loadBitmaps() error {
 		}
 		list = append(list, b)
 	}
-	img.bitmaps.list = list
-	img.bitmaps.retrack()
-	if img.readOnly || len(img.bitmaps.tracking) == 0 {
+	img.bms.list = list
+	img.bms.retrack()
+	if img.readOnly || len(img.bms.tracking) == 0 {
 		return nil
 	}
 	for _, b := range list {
@@ -173,8 +173,8 @@ func (img *Image) readBitmapData(i int, e *bitmapDirEntry, fileSize int64) (*dir
 // mu held (or the image not yet shared).
 func (img *Image) rewriteBitmapDirInPlace() error {
 	h := img.hdr
-	dir := make([]bitmapDirEntry, len(img.bitmaps.list))
-	for i, b := range img.bitmaps.list {
+	dir := make([]bitmapDirEntry, len(img.bms.list))
+	for i, b := range img.bms.list {
 		dir[i] = *b.disk
 	}
 	buf := encodeBitmapDirectory(dir)
@@ -220,7 +220,7 @@ func (img *Image) storeBitmapsLocked(closing bool) (err error) {
 		return nil
 	}
 	h := img.hdr
-	if len(img.bitmaps.list) == 0 && len(img.bitmapDir) == 0 && h.Bitmaps == nil {
+	if len(img.bms.list) == 0 && len(img.bitmapDir) == 0 && h.Bitmaps == nil {
 		return nil
 	}
 	cs := img.clusterSize
@@ -239,10 +239,10 @@ func (img *Image) storeBitmapsLocked(closing bool) (err error) {
 		}
 		return off, err
 	}
-	dir := make([]bitmapDirEntry, 0, len(img.bitmaps.list))
-	tables := make([][]bitmapTableEntry, len(img.bitmaps.list))
+	dir := make([]bitmapDirEntry, 0, len(img.bms.list))
+	tables := make([][]bitmapTableEntry, len(img.bms.list))
 	buf := make([]byte, cs)
-	for i, b := range img.bitmaps.list {
+	for i, b := range img.bms.list {
 		if b.inconsistent {
 			dir = append(dir, *b.disk)
 			tables[i] = b.table
@@ -315,7 +315,7 @@ func (img *Image) storeBitmapsLocked(closing bool) (err error) {
 	}
 	oldExt, oldAuto, oldDir := h.Bitmaps, h.Autoclear, img.bitmapDir
 	oldTables := map[string][]bitmapTableEntry{}
-	for _, b := range img.bitmaps.list {
+	for _, b := range img.bms.list {
 		if !b.inconsistent && b.disk != nil {
 			oldTables[b.disk.Name] = b.table
 		}
@@ -335,7 +335,7 @@ func (img *Image) storeBitmapsLocked(closing bool) (err error) {
 	}
 	fresh = nil // the header owns them now
 	img.bitmapDir = dir
-	for i, b := range img.bitmaps.list {
+	for i, b := range img.bms.list {
 		if !b.inconsistent {
 			e := dir[i]
 			b.disk, b.table = &e, tables[i]
@@ -345,7 +345,7 @@ func (img *Image) storeBitmapsLocked(closing bool) (err error) {
 	// the tables and data of every bitmap rewritten or removed. Inconsistent
 	// bitmaps still present keep theirs.
 	keep := map[uint64]bool{}
-	for _, b := range img.bitmaps.list {
+	for _, b := range img.bms.list {
 		if b.inconsistent {
 			keep[b.disk.TableOffset] = true
 		}

@@ -233,7 +233,7 @@ func TestCheckBitmapRequest(t *testing.T) {
 	}
 }
 
-func FuzzBitmapDirectory(f *testing.F) {
+func FuzzBitmapDirectoryChecks(f *testing.F) {
 	_, dir, _, _ := rawBitmapDir(f, filepath.Join("testdata", "bitmap", "bitmaps-c512.qcow2"))
 	f.Add(dir, uint32(3), uint8(9))
 	f.Add(encodeBitmapDirectory([]bitmapDirEntry{validEntry("a", 0x20000), validEntry("b", 0x30000)}), uint32(2), uint8(16))

@@ -90,7 +90,7 @@ type Image struct {
 	bitmapDir      []bitmapDirEntry
 	bitmapsTracked bool
 	writeHooks     []func(off, n int64)
-	bitmaps        bitmapSet
+	bms            bitmapSet
 }
 
 func (img *Image) logger() *slog.Logger                        { return slog.Default() }
