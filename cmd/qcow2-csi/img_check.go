@@ -1,0 +1,146 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
+)
+
+func init() {
+	registerImgCommand(imgCommand{
+		name:  "check",
+		usage: "check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename",
+		run:   runImgCheck,
+	})
+}
+
+const imgCheckHelp = `Usage: qcow2-csi img check [-q] [-f qcow2] [--output=human|json] [-r leaks|all] [-U] FILE
+
+Checks a qcow2 image for consistency, as qemu-img check does: every cluster's
+refcount against its references (L1/L2 tables of the active layer and of
+every snapshot, data and compressed clusters, refcount table and blocks,
+snapshot table, bitmap directory and tables), COPIED flags, and statistics.
+
+  -r leaks   free leaked clusters
+  -r all     also fix corruptions: too-low refcounts, COPIED flags,
+             references past the end of the file, and rebuild broken
+             refcount structures (the new table goes where it fits)
+  --output   human (default) or json (qemu-img's field names)
+  -U         do not take the image lock (force-share)
+  -q         quiet
+
+Exit codes: 0 no errors, 1 check failed, 2 corruptions, 3 leaks only.
+`
+
+func runImgCheck(args []string) int {
+	var (
+		output = "human"
+		repair string
+		quiet  bool
+		share  bool
+		files  []string
+	)
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		val := func() (string, bool) {
+			if k, v, ok := strings.Cut(a, "="); ok && strings.HasPrefix(k, "--") {
+				return v, true
+			}
+			if len(a) > 2 && a[0] == '-' && a[1] != '-' {
+				return a[2:], true
+			}
+			if i+1 < len(args) {
+				i++
+				return args[i], true
+			}
+			return "", false
+		}
+		switch {
+		case a == "-h" || a == "--help":
+			fmt.Print(imgCheckHelp)
+			return 0
+		case a == "-q" || a == "--quiet":
+			quiet = true
+		case a == "-U" || a == "--force-share":
+			share = true
+		case a == "-f" || strings.HasPrefix(a, "-f") && len(a) > 2 || strings.HasPrefix(a, "--format"):
+			v, ok := val()
+			if !ok || v != "qcow2" {
+				fmt.Fprintf(os.Stderr, "qcow2-csi img check: only -f qcow2 is supported\n")
+				return 1
+			}
+		case a == "-r" || strings.HasPrefix(a, "-r") && len(a) > 2 || strings.HasPrefix(a, "--repair"):
+			v, ok := val()
+			if !ok || (v != "leaks" && v != "all") {
+				fmt.Fprintf(os.Stderr, "qcow2-csi img check: --repair (-r) expects 'leaks' or 'all', not '%s'\n", v)
+				return 1
+			}
+			repair = v
+		case strings.HasPrefix(a, "--output"):
+			v, ok := val()
+			if !ok || (v != "human" && v != "json") {
+				fmt.Fprintf(os.Stderr, "qcow2-csi img check: --output must be human or json\n")
+				return 1
+			}
+			output = v
+		case len(a) > 1 && a[0] == '-':
+			fmt.Fprintf(os.Stderr, "qcow2-csi img check: unknown option %s\n%s", a, imgCheckHelp)
+			return 1
+		default:
+			files = append(files, a)
+		}
+	}
+	if len(files) != 1 {
+		fmt.Fprintf(os.Stderr, "qcow2-csi img check: expecting one image file name\n")
+		return 1
+	}
+	if repair != "" && share {
+		fmt.Fprintf(os.Stderr, "qcow2-csi img check: -r cannot be combined with -U\n")
+		return 1
+	}
+	mode := qcow2.RepairNone
+	switch repair {
+	case "leaks":
+		mode = qcow2.RepairLeaks
+	case "all":
+		mode = qcow2.RepairAll
+	}
+	name := files[0]
+	img, err := qcow2.OpenForCheck(name, qcow2.OpenOptions{ReadOnly: mode == qcow2.RepairNone, NoLock: share})
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "qcow2-csi img check: Could not open '%s': %v\n", name, err)
+		return 1
+	}
+	res, err := img.Check(mode)
+	if cerr := img.Close(); err == nil && cerr != nil && mode != qcow2.RepairNone {
+		err = cerr
+	}
+	if res != nil {
+		for _, m := range res.Messages {
+			fmt.Fprintln(os.Stderr, m)
+		}
+		for _, b := range res.InconsistentBitmaps {
+			fmt.Fprintf(os.Stderr, "Bitmap '%s' is inconsistent (it was in use when its writer stopped); it can only be removed\n", b)
+		}
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "qcow2-csi img check: Check failed: %v\n", err)
+		return 1
+	}
+	if !quiet {
+		if output == "json" {
+			os.Stdout.Write(res.MarshalCheckJSON(name, "qcow2"))
+		} else {
+			if res.CorruptionsFixed != 0 || res.LeaksFixed != 0 {
+				fmt.Printf("The following inconsistencies were found and repaired:\n\n    %d leaked clusters\n    %d corruptions\n\nDouble checking the fixed image now...\n", res.LeaksFixed, res.CorruptionsFixed)
+			}
+			fmt.Print(res.HumanSummary())
+		}
+	}
+	if res.CheckErrors != 0 {
+		fmt.Fprintf(os.Stderr, "qcow2-csi img check: Check failed\n")
+	}
+	return res.ExitCode()
+}
