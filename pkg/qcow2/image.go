@@ -29,6 +29,11 @@ type OpenOptions struct {
 	NoBacking bool
 	// Logger receives debug and warning messages; nil means silent.
 	Logger *slog.Logger
+
+	// checking opens for Check (OpenForCheck): damaged tables load as they
+	// are, a dirty image is not repaired on open, the corrupt bit does not
+	// forbid writing.
+	checking bool
 }
 
 // Image is an open qcow2 image. It is safe for concurrent use; I/O to
@@ -90,6 +95,10 @@ type Image struct {
 	// writeHooks are called (with mu held) for every guest range written,
 	// discarded or zeroed; the bitmap code registers here.
 	writeHooks []func(off, n int64)
+	// bms holds the persistent dirty bitmaps (bitmap_image.go).
+	bms bitmapSet
+	// checking: opened by OpenForCheck.
+	checking bool
 
 	lock *imageLock
 
@@ -128,7 +137,7 @@ func openImage(path string, opts OpenOptions, depth int) (_ *Image, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("qcow2: open: %w", err)
 	}
-	img := &Image{f: f, path: path, readOnly: opts.ReadOnly, log: opts.Logger}
+	img := &Image{f: f, path: path, readOnly: opts.ReadOnly, log: opts.Logger, checking: opts.checking}
 	defer func() {
 		if err != nil {
 			img.closeFiles()
@@ -152,11 +161,16 @@ func openImage(path string, opts OpenOptions, depth int) (_ *Image, err error) {
 		}
 		img.backing = b
 	}
-	if !img.readOnly && img.hdr.Incompatible&IncompatDirty != 0 {
+	if !img.readOnly && !img.checking && img.hdr.Incompatible&IncompatDirty != 0 {
 		// Lazy refcounts left unflushed by a crash: rebuild refcounts from
 		// every reference before anything is allocated (as qemu does).
 		if _, err := img.rebuildRefcounts(); err != nil {
 			return nil, fmt.Errorf("qcow2: repairing dirty image: %w", err)
+		}
+	}
+	if depth == 0 { // backing files are never written: their bitmaps do not matter
+		if err := img.loadBitmaps(); err != nil {
+			return nil, err
 		}
 	}
 	return img, nil
@@ -186,7 +200,7 @@ func (img *Image) load(opts OpenOptions) error {
 	if h.HasCrypto {
 		return unsupportedf("header_extension", -1, "full disk encryption header present")
 	}
-	if h.Incompatible&IncompatCorrupt != 0 {
+	if h.Incompatible&IncompatCorrupt != 0 && !img.checking {
 		img.corrupt = true
 		if !img.readOnly {
 			return fmt.Errorf("%w: the corrupt bit is set; open it read-only or repair it", ErrCorrupt)
@@ -249,6 +263,10 @@ func (img *Image) loadL1(fileSize int64) error {
 	for i := range img.l1 {
 		e := l1Entry(binary.BigEndian.Uint64(buf[i*8:]))
 		at := int64(h.L1TableOffset) + int64(i)*8
+		if img.checking {
+			img.l1[i] = e
+			continue
+		}
 		if e.reserved() != 0 {
 			return corruptf(fmt.Sprintf("l1[%d]", i), at, "reserved bits set in %#x", uint64(e))
 		}
@@ -276,6 +294,10 @@ func (img *Image) loadRefTable(fileSize int64) error {
 	for i := range img.refTable {
 		e := refTableEntry(binary.BigEndian.Uint64(buf[i*8:]))
 		at := int64(h.RefcountTableOffset) + int64(i)*8
+		if img.checking {
+			img.refTable[i] = e
+			continue
+		}
 		if uint64(e)&refTableReservedMask != 0 {
 			return corruptf(fmt.Sprintf("refcount_table[%d]", i), at, "reserved bits set in %#x", uint64(e))
 		}
@@ -360,7 +382,10 @@ func (img *Image) Close() error {
 	}
 	var err error
 	if !img.readOnly && img.err == nil {
-		err = img.flushLocked(true)
+		err = img.storeBitmapsLocked(true)
+		if err == nil {
+			err = img.flushLocked(true)
+		}
 		if err == nil && img.hdr.Incompatible&IncompatDirty != 0 {
 			img.hdr.Incompatible &^= IncompatDirty
 			err = img.writeHeader()
