@@ -30,7 +30,8 @@ type StaleCleaner interface {
 	// behind and releases what it safely can: loop devices no one uses are
 	// unbound, loop devices still mounted are set to unbind when unmounted,
 	// dead FUSE mounts are detached. It returns what it found (Connected is
-	// false for each) and the errors it met, joined.
+	// false for each; Path is empty for a dead mount whose device the kernel
+	// released already) and the errors it met, joined.
 	CleanStale(ctx context.Context) ([]DeviceInfo, error)
 }
 

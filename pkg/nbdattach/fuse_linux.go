@@ -412,17 +412,20 @@ func (a *FuseAttacher) List(ctx context.Context) ([]DeviceInfo, error) {
 
 // loopID says whether a bound loop device is one of this backend's and
 // which id it serves. The marker in lo_file_name names the backend (and the
-// id, truncated to 63 bytes); the backing file's name is the full id.
+// id, truncated to 63 bytes); the backing file's name is the full id. When
+// the FUSE server is dead the kernel cannot answer LOOP_GET_STATUS64 (it
+// stats the backing file), so a device whose backing file has the shape
+// Dir/<id>/<id> of this attacher's Dir counts as well.
 func (a *FuseAttacher) loopID(l loopStatus) (string, bool) {
-	short, ok := strings.CutPrefix(l.name, loopNameMarker)
-	if !ok {
+	bf := strings.TrimSuffix(l.backingFile, " (deleted)")
+	id := filepath.Base(bf)
+	if validFuseID(id) != nil {
 		return "", false
 	}
-	id := filepath.Base(strings.TrimSuffix(l.backingFile, " (deleted)"))
-	if !strings.HasPrefix(id, short) || validFuseID(id) != nil {
-		return "", false
+	if short, ok := strings.CutPrefix(l.name, loopNameMarker); ok {
+		return id, strings.HasPrefix(id, short)
 	}
-	return id, true
+	return id, l.name == "" && bf == filepath.Join(a.dir, id, id)
 }
 
 // fuseAlive reports whether the FUSE file at path answers a stat. A dead
@@ -449,7 +452,9 @@ func fuseAlive(ctx context.Context, path string) bool {
 // CleanStale releases what dead processes left in Dir: loop devices bound to
 // a file there whose FUSE server no longer answers, then the dead mounts.
 // Devices and mounts this process serves, or another live process does, are
-// left alone.
+// left alone. A dead mount whose loop device is already gone (it was not in
+// use, so the kernel unbound it when its process died) is reported with an
+// empty Path.
 func (a *FuseAttacher) CleanStale(ctx context.Context) ([]DeviceInfo, error) {
 	infos, err := a.List(ctx)
 	if err != nil {
@@ -457,11 +462,13 @@ func (a *FuseAttacher) CleanStale(ctx context.Context) ([]DeviceInfo, error) {
 	}
 	var found []DeviceInfo
 	var errs []error
+	seen := map[string]bool{}
 	for _, in := range infos {
 		if in.Connected {
 			continue
 		}
 		found = append(found, in)
+		seen[in.ID] = true
 		var num int
 		if _, err := fmt.Sscanf(in.Path, "/dev/loop%d", &num); err != nil {
 			continue
@@ -482,8 +489,13 @@ func (a *FuseAttacher) CleanStale(ctx context.Context) ([]DeviceInfo, error) {
 		if mine {
 			continue
 		}
-		if _, err := a.cleanMount(ctx, m.Mountpoint, id); err != nil {
+		dead, err := a.cleanMount(ctx, m.Mountpoint, id)
+		if err != nil {
 			errs = append(errs, err)
+		}
+		if dead && !seen[id] {
+			found = append(found, DeviceInfo{ID: id})
+			seen[id] = true
 		}
 	}
 	if err := errors.Join(errs...); err != nil {

@@ -194,10 +194,29 @@ func (n *diskNode) Allocate(ctx context.Context, f fs.FileHandle, off, length ui
 		// device exists already.
 		return 0
 	}
-	if err := n.b.WriteZeroes(ctx, int64(off), int64(length), flags); err != nil {
+	err := n.b.WriteZeroes(ctx, int64(off), int64(length), flags)
+	if errors.Is(err, ErrNotSupported) || errors.Is(err, syscall.EOPNOTSUPP) {
+		// The kernel has promised zeroes to whoever asked: write them.
+		err = n.writeZeroBuffers(ctx, int64(off), int64(length))
+	}
+	if err != nil {
 		return n.errno("write-zeroes", err)
 	}
 	return 0
+}
+
+var zeroChunk [1 << 20]byte
+
+func (n *diskNode) writeZeroBuffers(ctx context.Context, off, length int64) error {
+	for length > 0 {
+		c := min(length, int64(len(zeroChunk)))
+		if err := n.b.WriteAt(ctx, zeroChunk[:c], off, false); err != nil {
+			return err
+		}
+		off += c
+		length -= c
+	}
+	return nil
 }
 
 func (n *diskNode) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
@@ -213,14 +232,22 @@ func fillStatfs(out *fuse.StatfsOut, size int64) {
 }
 
 // errno maps a Backend error to what the loop driver passes up as the
-// request's status. Errnos pass through (ENOSPC reaches the filesystem as
-// BLK_STS_NOSPC); anything else is EIO.
+// request's status: the sentinels of errno.go and errnos keep their meaning
+// (ENOSPC reaches the filesystem as BLK_STS_NOSPC); anything else is EIO.
 func (n *diskNode) errno(op string, err error) syscall.Errno {
 	if n.log != nil {
 		n.log.Warn("fuse attach: backend error", "id", n.id, "op", op, "err", err)
 	}
 	var e syscall.Errno
 	switch {
+	case errors.Is(err, ErrNoSpace):
+		return syscall.ENOSPC
+	case errors.Is(err, ErrInvalid):
+		return syscall.EINVAL
+	case errors.Is(err, ErrPermission):
+		return syscall.EPERM
+	case errors.Is(err, ErrNotSupported):
+		return syscall.EOPNOTSUPP
 	case errors.As(err, &e):
 		return e
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
