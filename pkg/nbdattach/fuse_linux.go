@@ -414,8 +414,9 @@ func (a *FuseAttacher) List(ctx context.Context) ([]DeviceInfo, error) {
 // which id it serves. The marker in lo_file_name names the backend (and the
 // id, truncated to 63 bytes); the backing file's name is the full id. When
 // the FUSE server is dead the kernel cannot answer LOOP_GET_STATUS64 (it
-// stats the backing file), so a device whose backing file has the shape
-// Dir/<id>/<id> of this attacher's Dir counts as well.
+// stats the backing file: ENOTCONN), so such a device counts when its backing
+// file has the shape of this backend's: Dir/<id>/<id>, or /<id> once the dead
+// mount was detached (CleanStale) and the path is left relative to its root.
 func (a *FuseAttacher) loopID(l loopStatus) (string, bool) {
 	bf := strings.TrimSuffix(l.backingFile, " (deleted)")
 	id := filepath.Base(bf)
@@ -425,7 +426,8 @@ func (a *FuseAttacher) loopID(l loopStatus) (string, bool) {
 	if short, ok := strings.CutPrefix(l.name, loopNameMarker); ok {
 		return id, strings.HasPrefix(id, short)
 	}
-	return id, l.name == "" && bf == filepath.Join(a.dir, id, id)
+	dead := errors.Is(l.statusErr, unix.ENOTCONN)
+	return id, dead && (bf == filepath.Join(a.dir, id, id) || bf == "/"+id)
 }
 
 // fuseAlive reports whether the FUSE file at path answers a stat. A dead

@@ -314,7 +314,7 @@ func TestFuseDetachBusyAndTwice(t *testing.T) {
 	if err := d.Resize(ctx, 2<<20); !errors.Is(err, nbdattach.ErrNotAttached) {
 		t.Fatalf("Resize after Detach: %v, want ErrNotAttached", err)
 	}
-	if l, err := a.List(ctx); err != nil || len(l) != 0 {
+	if l, err := listID(ctx, a, "busy"); err != nil || len(l) != 0 {
 		t.Fatalf("List after Detach: %v %v, want nothing", l, err)
 	}
 	if _, err := a.Reattach(ctx, "busy", newFileBackend(t, 1<<20), nbdattach.AttachOptions{}); !errors.Is(err, nbdattach.ErrNotAttached) {
@@ -364,8 +364,7 @@ func TestFuseCrashCleanup(t *testing.T) {
 	peer.Require(t, "mkfs.ext4")
 	for _, mounted := range []bool{false, true} {
 		t.Run(fmt.Sprintf("mounted=%v", mounted), func(t *testing.T) {
-			a0 := needFuse(t)
-			_ = a0
+			needFuse(t)
 			dir := filepath.Join(t.TempDir(), "fuse")
 			img := filepath.Join(t.TempDir(), "disk.raw")
 			if err := os.WriteFile(img, nil, 0o600); err != nil {
@@ -381,6 +380,8 @@ func TestFuseCrashCleanup(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
+			// A failing run must not leave the dead mount behind.
+			t.Cleanup(func() { unix.Unmount(filepath.Join(dir, "crashvol"), unix.MNT_DETACH) })
 			cmd := exec.Command(os.Args[0], "-test.run=^TestFuseCrashHelper$", "-test.v")
 			cmd.Env = append(os.Environ(), helperEnv+"="+strings.Join([]string{dir, img, "crashvol", mnt}, "|"))
 			out, err := cmd.StdoutPipe()
@@ -422,7 +423,7 @@ func TestFuseCrashCleanup(t *testing.T) {
 			} else {
 				waitUnbound(t, devPath)
 			}
-			l, err := a.List(ctx)
+			l, err := listID(ctx, a, "crashvol")
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -453,18 +454,30 @@ func TestFuseCrashCleanup(t *testing.T) {
 					}
 				}
 			}
-			found, err := a.CleanStale(ctx)
+			all, err := a.CleanStale(ctx)
 			if err != nil {
 				t.Fatal(err)
+			}
+			var found []nbdattach.DeviceInfo
+			for _, f := range all {
+				if f.ID == "crashvol" {
+					found = append(found, f)
+				}
 			}
 			if len(found) != 1 || found[0] != want {
 				t.Fatalf("CleanStale found %+v, want [%+v]", found, want)
 			}
 			if mounted {
 				// Still mounted: the device stays bound until the unmount,
-				// then goes by itself.
+				// then goes by itself; meanwhile it is still recognised.
 				if !loopBound(devPath) {
 					t.Fatalf("%s unbound under a mounted filesystem", devPath)
+				}
+				if l, err := listID(ctx, a, "crashvol"); err != nil || fmt.Sprint(l) != fmt.Sprint(wantList) {
+					t.Fatalf("List after CleanStale: %+v (%v), want %+v", l, err, wantList)
+				}
+				if _, err := a.Reattach(ctx, "crashvol", newFileBackend(t, 64<<20), nbdattach.AttachOptions{}); !errors.Is(err, nbdattach.ErrUnavailable) {
+					t.Fatalf("Reattach after CleanStale: %v, want ErrUnavailable", err)
 				}
 				if err := unix.Unmount(mnt, 0); err != nil {
 					t.Fatal(err)
@@ -487,6 +500,19 @@ func TestFuseCrashCleanup(t *testing.T) {
 			}
 		})
 	}
+}
+
+// listID is List restricted to one id: other processes (other tests running
+// at the same time) may have devices of their own.
+func listID(ctx context.Context, a *nbdattach.FuseAttacher, id string) ([]nbdattach.DeviceInfo, error) {
+	l, err := a.List(ctx)
+	var out []nbdattach.DeviceInfo
+	for _, d := range l {
+		if d.ID == id {
+			out = append(out, d)
+		}
+	}
+	return out, err
 }
 
 func loopBound(dev string) bool {

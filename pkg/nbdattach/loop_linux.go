@@ -202,6 +202,7 @@ type loopStatus struct {
 	num         int
 	backingFile string // as d_path in this mount namespace renders it
 	name        string // lo_file_name
+	statusErr   error  // why LOOP_GET_STATUS64 failed, if it did
 	size        int64  // bytes
 }
 
@@ -226,28 +227,29 @@ func scanLoops() ([]loopStatus, error) {
 		if s, err := strconv.ParseInt(readSysfsString(filepath.Join(dir, "size")), 10, 64); err == nil {
 			st.size = s * 512
 		}
-		st.name = loopFileName(num)
+		st.name, st.statusErr = loopFileName(num)
 		out = append(out, st)
 	}
 	return out, nil
 }
 
-// loopFileName reads lo_file_name of a bound device; "" when it cannot.
-func loopFileName(num int) string {
+// loopFileName reads lo_file_name of a bound device. The kernel stats the
+// backing file to answer, so a device on a dead FUSE file answers ENOTCONN.
+func loopFileName(num int) (string, error) {
 	f, err := os.OpenFile(loopPath(num), os.O_RDONLY|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
 	if err != nil {
-		return ""
+		return "", err
 	}
 	defer f.Close()
 	info, err := unix.IoctlLoopGetStatus64(int(f.Fd()))
 	if err != nil {
-		return ""
+		return "", err
 	}
 	name := info.File_name[:]
 	if i := bytes.IndexByte(name, 0); i >= 0 {
 		name = name[:i]
 	}
-	return string(name)
+	return string(name), nil
 }
 
 // clearLoop unbinds a device this process did not bind (a stale one). If it
