@@ -13,8 +13,9 @@ type BitmapOptions struct {
 	Disabled bool
 }
 
-// BitmapInfo describes one persistent dirty bitmap.
-type BitmapInfo struct {
+// BitmapStatus describes one persistent dirty bitmap as the open image
+// sees it (Info().Bitmaps is the on-disk view qemu-img info prints).
+type BitmapStatus struct {
 	Name        string
 	Granularity int64
 	// Enabled: the bitmap records writes (its auto flag).
@@ -30,7 +31,7 @@ type BitmapInfo struct {
 }
 
 // Flags lists the on-disk flags as qemu-img info names them.
-func (b BitmapInfo) Flags() []string {
+func (b BitmapStatus) Flags() []string {
 	f := []string{}
 	if b.InUse {
 		f = append(f, "in-use")
@@ -42,12 +43,12 @@ func (b BitmapInfo) Flags() []string {
 }
 
 // Bitmaps lists the image's persistent bitmaps in directory order.
-func (img *Image) Bitmaps() []BitmapInfo {
+func (img *Image) Bitmaps() []BitmapStatus {
 	img.mu.Lock()
 	defer img.mu.Unlock()
-	out := make([]BitmapInfo, 0, len(img.bms.list))
+	out := make([]BitmapStatus, 0, len(img.bms.list))
 	for _, b := range img.bms.list {
-		i := BitmapInfo{Name: b.name, Granularity: 1 << b.granBits, Enabled: b.enabled, Inconsistent: b.inconsistent}
+		i := BitmapStatus{Name: b.name, Granularity: 1 << b.granBits, Enabled: b.enabled, Inconsistent: b.inconsistent}
 		if b.disk != nil {
 			i.InUse, i.Auto = b.disk.inUse(), b.disk.auto()
 		}

@@ -147,7 +147,7 @@ func TestBitmapsFromQemu(t *testing.T) {
 			}
 			defer img.Close()
 			got := img.Bitmaps()
-			want := []BitmapInfo{
+			want := []BitmapStatus{
 				{Name: "fine", Granularity: 512, Enabled: true, Auto: true},
 				{Name: "default", Granularity: min(max(mustAtoi(cs), 4096), 65536), Enabled: true, Auto: true},
 				{Name: "coarse", Granularity: 2 << 20, Enabled: true, Auto: true},
@@ -306,7 +306,7 @@ func TestBitmapsInUseAfterKill(t *testing.T) {
 	}
 	defer img.Close()
 	got := img.Bitmaps()
-	want := []BitmapInfo{{Name: "live", Granularity: 65536, Enabled: true, Inconsistent: true, InUse: true, Auto: true}, {Name: "frozen", Granularity: 65536}}
+	want := []BitmapStatus{{Name: "live", Granularity: 65536, Enabled: true, Inconsistent: true, InUse: true, Auto: true}, {Name: "frozen", Granularity: 65536}}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("Bitmaps() = %+v, want %+v", got, want)
 	}
