@@ -11,3 +11,13 @@ var (
 	// ErrNotAttached: no device is attached for the identifier.
 	ErrNotAttached = errors.New("not attached")
 )
+
+// Errors of the kernel attach.
+var (
+	// ErrAlreadyAttached: a device is already attached for the identifier
+	// (the error names it); Reattach or Detach it instead.
+	ErrAlreadyAttached = errors.New("already attached")
+	// ErrDeviceBusy: the device is mounted or held open exclusively, so it
+	// cannot be detached; unmount it first.
+	ErrDeviceBusy = errors.New("device busy")
+)
