@@ -85,7 +85,7 @@ func (e *miniExport) serve(ctx context.Context, conn net.Conn) error {
 		cookie := hdr[8:16]
 		off := int64(binary.BigEndian.Uint64(hdr[16:]))
 		n := int64(binary.BigEndian.Uint32(hdr[24:]))
-		if n > ksMaxPayload {
+		if (typ == ksCmdWrite || typ == ksCmdRead) && n > ksMaxPayload {
 			return fmt.Errorf("nbd: request length %d exceeds %d", n, ksMaxPayload)
 		}
 		var errno syscall.Errno

@@ -58,8 +58,13 @@ func readSysDevices(root string) ([]sysDevice, error) {
 // parseNBDName returns N for "nbdN" (and not for partitions like "nbd0p1").
 func parseNBDName(name string) (int, bool) {
 	rest, ok := strings.CutPrefix(name, "nbd")
-	if !ok || rest == "" || (len(rest) > 1 && rest[0] == '0') {
+	if !ok || rest == "" || len(rest) > 7 || (len(rest) > 1 && rest[0] == '0') {
 		return 0, false
+	}
+	for _, c := range rest {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
 	}
 	n, err := strconv.Atoi(rest)
 	if err != nil || n < 0 {
@@ -115,6 +120,9 @@ func readSysInt(path string) (int64, error) {
 
 // findByBackendID returns the configured device recorded with id.
 func findByBackendID(devs []sysDevice, id string) (sysDevice, bool) {
+	if id == "" {
+		return sysDevice{}, false
+	}
 	for _, d := range devs {
 		if d.configured() && d.backendID == id {
 			return d, true

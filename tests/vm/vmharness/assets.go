@@ -154,15 +154,15 @@ func fetch() (*Assets, error) {
 // (e.g. linux-image-6.1.0-48-amd64). Offline, it falls back to the newest
 // kernel already in the cache.
 func kernelPackage(cache string) (string, error) {
-	out, err := exec.Command("apt-cache", "depends", kernelMeta).Output()
-	if err == nil {
-		sc := bufio.NewScanner(bytes.NewReader(out))
-		for sc.Scan() {
-			f := strings.Fields(sc.Text())
-			if len(f) == 2 && f[0] == "Depends:" && strings.HasPrefix(f[1], "linux-image-") {
-				return f[1], nil
-			}
+	pkg, err := resolveKernelMeta()
+	if pkg == "" && os.Geteuid() == 0 {
+		// A fresh machine may have no package lists yet.
+		if uerr := exec.Command("apt-get", "update", "-qq").Run(); uerr == nil {
+			pkg, err = resolveKernelMeta()
 		}
+	}
+	if pkg != "" {
+		return pkg, nil
 	}
 	cached, _ := filepath.Glob(filepath.Join(cache, "linux-image-*", ".done"))
 	if len(cached) > 0 {
@@ -170,6 +170,21 @@ func kernelPackage(cache string) (string, error) {
 		return filepath.Base(filepath.Dir(cached[len(cached)-1])), nil
 	}
 	return "", fmt.Errorf("vmharness: cannot resolve %s with apt-cache (%v); run `apt-get update`", kernelMeta, err)
+}
+
+func resolveKernelMeta() (string, error) {
+	out, err := exec.Command("apt-cache", "depends", kernelMeta).Output()
+	if err != nil {
+		return "", err
+	}
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) == 2 && f[0] == "Depends:" && strings.HasPrefix(f[1], "linux-image-") {
+			return f[1], nil
+		}
+	}
+	return "", fmt.Errorf("apt-cache depends %s names no linux-image package", kernelMeta)
 }
 
 // download fetches one package's .deb into dir and returns its path.

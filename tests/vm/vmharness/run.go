@@ -15,6 +15,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -44,7 +45,7 @@ func Guest(t testing.TB) {
 
 // DefaultModules are loaded in every VM, with their dependencies.
 var DefaultModules = []string{
-	"nbd", "ext4", "xfs", "crc32c_generic", "loop", "fuse",
+	"crc32c_generic", "nbd", "ext4", "xfs", "loop", "fuse",
 	"virtio_pci", "9pnet_virtio", "9p",
 }
 
@@ -53,7 +54,7 @@ var DefaultModules = []string{
 var DefaultTools = []string{
 	"mkfs.ext4", "mke2fs", "e2fsck", "resize2fs", "dumpe2fs",
 	"mkfs.xfs", "xfs_growfs", "xfs_repair", "xfs_info", "xfs_db",
-	"blkid", "blockdev",
+	"blkid", "blockdev", "blkdiscard",
 }
 
 // Options tune one VM run. Zero values mean defaults.
@@ -138,6 +139,17 @@ func RunGoTest(t testing.TB, pkgDir, run string, opts Options) Result {
 	if timeout <= 0 {
 		timeout = 10 * time.Minute
 	}
+	// Finish (and report) before `go test -timeout` kills the host test.
+	if dt, ok := t.(interface{ Deadline() (time.Time, bool) }); ok {
+		if d, ok := dt.Deadline(); ok {
+			if left := time.Until(d) - 30*time.Second; left < timeout {
+				timeout = left
+			}
+		}
+	}
+	if timeout < time.Minute {
+		t.Fatalf("vmharness: only %v left before the test deadline; run go test with a longer -timeout", timeout)
+	}
 	env := []string{EnvInVM + "=1", "HOME=/root", "TMPDIR=/tmp", "GOTRACEBACK=all",
 		"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
 	if v, ok := os.LookupEnv("CI"); ok {
@@ -160,6 +172,9 @@ func RunGoTest(t testing.TB, pkgDir, run string, opts Options) Result {
 	res.Share = share
 	t.Logf("vmharness: %s: boot %v, total %v, exit %d", absPkg, res.Boot.Round(100*time.Millisecond),
 		res.Total.Round(100*time.Millisecond), res.ExitCode)
+	if os.Getenv("VMHARNESS_CONSOLE") == "1" {
+		t.Logf("vmharness: kernel console:\n%s", res.Console)
+	}
 	if res.ExitCode != 0 {
 		t.Errorf("vmharness: guest tests of %s failed (exit %d); kernel console tail:\n%s", absPkg, res.ExitCode, tail(res.Console, 60))
 	}
@@ -309,10 +324,12 @@ func boot(t testing.TB, qemu string, a *Assets, initrd, share, work string, time
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
 		"-serial", "file:"+console, "-serial", "file:"+out,
 		"-kernel", a.Kernel, "-initrd", initrd,
-		"-append", "console=ttyS0 panic=-1 loglevel=4 rdinit=/init",
+		"-append", "console=ttyS0 panic=-1 loglevel=4 printk.time=1 rdinit=/init",
 		"-fsdev", "local,id=share,path="+share+",security_model=none",
 		"-device", "virtio-9p-pci,fsdev=share,mount_tag=share",
 	)
+	// Never leave a VM behind when the test process dies.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	var qout bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &qout, &qout
 	start := time.Now()

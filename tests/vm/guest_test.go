@@ -1,0 +1,309 @@
+//go:build linux
+
+package vm
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/tests/vm/vmharness"
+)
+
+// Guest tests run as root inside the VM (see TestVM). Images live in the
+// share so that TestVM can check them on the host afterwards.
+
+func run(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+func newRaw(t *testing.T, path string, size int64) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+}
+
+func kernelAttacher() *nbdattach.KernelAttacher {
+	// A short I/O timeout: requests in flight on a socket that died are
+	// resent only when it expires (see DefaultIOTimeout). Not too short:
+	// TCG on a loaded machine is slow, and a request that times out makes
+	// the kernel drop a healthy socket.
+	return nbdattach.NewKernelAttacher(nbdattach.KernelOptions{IOTimeout: 10 * time.Second, DeadConnTimeout: 60 * time.Second})
+}
+
+// fileSet writes n files of pseudo-random sizes and contents under dir and
+// returns their digests, so that they can be verified after a remount.
+func writeFileSet(t *testing.T, dir string, seed uint64, n int) map[string][32]byte {
+	t.Helper()
+	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
+	sums := map[string][32]byte{}
+	for i := 0; i < n; i++ {
+		data := make([]byte, 1+r.IntN(3<<20))
+		for j := range data {
+			data[j] = byte(r.Uint32())
+		}
+		name := filepath.Join(dir, fmt.Sprintf("d%d", i%4), fmt.Sprintf("f%03d", i))
+		if err := os.MkdirAll(filepath.Dir(name), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(name, data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		sums[name] = sha256.Sum256(data)
+	}
+	return sums
+}
+
+func verifyFileSet(t *testing.T, sums map[string][32]byte) {
+	t.Helper()
+	for name, want := range sums {
+		data, err := os.ReadFile(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if sha256.Sum256(data) != want {
+			t.Errorf("%s: content differs after remount", name)
+		}
+	}
+}
+
+// dropCaches makes the next reads come from the device, not the page cache.
+func dropCaches(t *testing.T) {
+	t.Helper()
+	unix.Sync()
+	if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("3\n"), 0); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func sysfsSize(t *testing.T, dev string) int64 {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "size"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n * 512
+}
+
+func statfsSize(t *testing.T, dir string) int64 {
+	t.Helper()
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	return int64(st.Blocks) * st.Bsize
+}
+
+// TestGuestFilesystems: attach an image, make a filesystem, mount, write,
+// remount and verify, grow the image and the device and the filesystem
+// while mounted, unmount, copy the device out through the kernel and
+// detach. TestVM then checks the image and the copy on the host.
+func TestGuestFilesystems(t *testing.T) {
+	vmharness.Guest(t)
+	tests := []struct {
+		fs          string
+		size, grown int64
+		conns       int
+		mkfs        []string
+		grow        func(t *testing.T, dev, mnt string)
+	}{
+		{
+			fs: "ext4", size: 128 << 20, grown: 192 << 20, conns: 1,
+			mkfs: []string{"mkfs.ext4", "-q", "-F"},
+			grow: func(t *testing.T, dev, _ string) { run(t, "resize2fs", dev) },
+		},
+		{
+			fs: "xfs", size: 320 << 20, grown: 400 << 20, conns: 2,
+			mkfs: []string{"mkfs.xfs", "-q", "-f"},
+			grow: func(t *testing.T, _, mnt string) { run(t, "xfs_growfs", mnt) },
+		},
+	}
+	a := kernelAttacher()
+	for _, tt := range tests {
+		t.Run(fmt.Sprintf("%s-%dconn", tt.fs, tt.conns), func(t *testing.T) {
+			ctx := context.Background()
+			img := filepath.Join(vmharness.SharePath, tt.fs+".raw")
+			newRaw(t, img, tt.size)
+			b, err := openFileBackend(img)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer b.Close()
+			id := "vol-" + tt.fs
+			dev, err := a.Attach(ctx, id, b, nbdattach.AttachOptions{Connections: tt.conns})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := sysfsSize(t, dev.Path()); got != tt.size {
+				t.Fatalf("%s: kernel size %d, want %d", dev.Path(), got, tt.size)
+			}
+			if got, _ := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev.Path()), "backend")); string(got) != id+"\n" {
+				t.Errorf("sysfs backend = %q, want %q", got, id+"\n")
+			}
+			infos, err := a.List(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			found := false
+			for _, in := range infos {
+				if in.ID == id {
+					found = true
+					want := nbdattach.DeviceInfo{Path: dev.Path(), ID: id, Size: tt.size, Connected: true}
+					if in != want {
+						t.Errorf("List: %+v, want %+v", in, want)
+					}
+				}
+			}
+			if !found {
+				t.Errorf("List has no %s: %+v", id, infos)
+			}
+			if _, err := a.Attach(ctx, id, b, nbdattach.AttachOptions{}); !errors.Is(err, nbdattach.ErrAlreadyAttached) {
+				t.Errorf("second Attach of %s: %v, want ErrAlreadyAttached", id, err)
+			}
+
+			run(t, tt.mkfs[0], append(tt.mkfs[1:], dev.Path())...)
+			mnt := filepath.Join("/mnt", tt.fs)
+			if err := os.MkdirAll(mnt, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			run(t, "mount", "-t", tt.fs, dev.Path(), mnt)
+			sums := writeFileSet(t, mnt, uint64(len(tt.fs)), 24)
+			if err := dev.Detach(ctx); !errors.Is(err, nbdattach.ErrDeviceBusy) {
+				t.Errorf("Detach while mounted: %v, want ErrDeviceBusy", err)
+			}
+			run(t, "umount", mnt)
+			dropCaches(t)
+			run(t, "mount", "-t", tt.fs, dev.Path(), mnt)
+			verifyFileSet(t, sums)
+
+			// Online growth: image first, then the device, then the
+			// filesystem, all while mounted.
+			before := statfsSize(t, mnt)
+			if err := os.Truncate(img, tt.grown); err != nil {
+				t.Fatal(err)
+			}
+			if err := dev.Resize(ctx, tt.grown); err != nil {
+				t.Fatal(err)
+			}
+			if got := sysfsSize(t, dev.Path()); got != tt.grown {
+				t.Fatalf("after Resize: kernel size %d, want %d", got, tt.grown)
+			}
+			if got := strings.TrimSpace(run(t, "blockdev", "--getsize64", dev.Path())); got != strconv.FormatInt(tt.grown, 10) {
+				t.Errorf("blockdev --getsize64 = %s, want %d", got, tt.grown)
+			}
+			tt.grow(t, dev.Path(), mnt)
+			if after := statfsSize(t, mnt); after <= before {
+				t.Errorf("filesystem did not grow: %d -> %d bytes", before, after)
+			}
+			more := writeFileSet(t, filepath.Join(mnt, "after-grow"), 99, 8)
+			run(t, "umount", mnt)
+			dropCaches(t)
+			run(t, "mount", "-t", tt.fs, dev.Path(), mnt)
+			verifyFileSet(t, sums)
+			verifyFileSet(t, more)
+			run(t, "umount", mnt)
+
+			// What the kernel reads back must be the backend's bytes:
+			// TestVM compares the two files with qemu-img compare.
+			run(t, "dd", "if="+dev.Path(), "of="+img+".via-kernel", "bs=1M", "iflag=direct")
+			if err := dev.Detach(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if err := dev.Detach(ctx); err != nil {
+				t.Errorf("second Detach: %v", err)
+			}
+			if _, err := os.Stat(filepath.Join("/sys/block", filepath.Base(dev.Path()), "backend")); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("after Detach the backend file is still there (%v)", err)
+			}
+			if _, err := a.Reattach(ctx, id, b, nbdattach.AttachOptions{}); !errors.Is(err, nbdattach.ErrNotAttached) {
+				t.Errorf("Reattach after Detach: %v, want ErrNotAttached", err)
+			}
+		})
+	}
+}
+
+// TestGuestRawData writes a known pattern through two connections with
+// O_DIRECT and checks the backend file byte for byte.
+func TestGuestRawData(t *testing.T) {
+	vmharness.Guest(t)
+	ctx := context.Background()
+	img := filepath.Join(vmharness.SharePath, "raw-data.raw")
+	const size = 32 << 20
+	newRaw(t, img, size)
+	b, err := openFileBackend(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	a := kernelAttacher()
+	dev, err := a.Attach(ctx, "vol-raw", b, nbdattach.AttachOptions{Connections: 2, BlockSize: 512})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Detach(ctx)
+	if got, _ := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev.Path()), "queue", "logical_block_size")); string(got) != "512\n" {
+		t.Errorf("logical_block_size = %q, want 512", got)
+	}
+	pattern := filepath.Join(t.TempDir(), "pattern")
+	writePattern(t, pattern, 7, size)
+	run(t, "dd", "if="+pattern, "of="+dev.Path(), "bs=256k", "oflag=direct", "conv=fsync")
+	want, _ := os.ReadFile(pattern)
+	got := make([]byte, size)
+	if err := b.ReadAt(ctx, got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("backend differs from what was written through %s", dev.Path())
+	}
+	// Discard reaches the backend as TRIM: the range reads back as zeroes.
+	run(t, "blkdiscard", "-o", "1048576", "-l", "1048576", dev.Path())
+	if err := b.ReadAt(ctx, got[:1<<20], 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got[:1<<20], make([]byte, 1<<20)) {
+		t.Errorf("discarded range does not read as zeroes")
+	}
+}
+
+func writePattern(t *testing.T, path string, seed uint64, size int) {
+	t.Helper()
+	r := rand.New(rand.NewPCG(seed, ^seed))
+	data := make([]byte, size)
+	for i := 0; i+8 <= len(data); i += 8 {
+		v := r.Uint64()
+		for j := 0; j < 8; j++ {
+			data[i+j] = byte(v >> (8 * j))
+		}
+	}
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,196 @@
+//go:build linux
+
+package vm
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/tests/vm/vmharness"
+)
+
+// envServe makes the test binary act as a serving process instead of
+// running tests: "attach" or "reattach", with envImage and envID. It stands
+// for the node plugin, which the restart test kills and starts again.
+const (
+	envServe = "VMTEST_SERVE"
+	envImage = "VMTEST_IMAGE"
+	envID    = "VMTEST_ID"
+)
+
+func TestMain(m *testing.M) {
+	if mode := os.Getenv(envServe); mode != "" {
+		os.Exit(serveMain(mode, os.Getenv(envImage), os.Getenv(envID)))
+	}
+	os.Exit(m.Run())
+}
+
+// serveMain attaches (or reattaches) the image, prints "READY <device>",
+// and serves until SIGTERM, when it detaches cleanly.
+func serveMain(mode, img, id string) int {
+	ctx := context.Background()
+	b, err := openFileBackend(img)
+	if err != nil {
+		fmt.Println("ERROR", err)
+		return 1
+	}
+	a := kernelAttacher()
+	var dev nbdattach.Device
+	switch mode {
+	case "attach":
+		dev, err = a.Attach(ctx, id, b, nbdattach.AttachOptions{})
+	case "reattach":
+		dev, err = a.Reattach(ctx, id, b, nbdattach.AttachOptions{})
+	default:
+		err = fmt.Errorf("unknown mode %q", mode)
+	}
+	if err != nil {
+		fmt.Println("ERROR", err)
+		return 1
+	}
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM)
+	fmt.Println("READY", dev.Path())
+	<-sig
+	if err := dev.Detach(ctx); err != nil {
+		fmt.Println("ERROR detach:", err)
+		return 1
+	}
+	return 0
+}
+
+// server is one serving process.
+type server struct {
+	cmd *exec.Cmd
+	dev string
+	out bytes.Buffer
+}
+
+func startServer(t *testing.T, mode, img, id string) *server {
+	t.Helper()
+	s := &server{cmd: exec.Command(os.Args[0])}
+	s.cmd.Env = append(os.Environ(), envServe+"="+mode, envImage+"="+img, envID+"="+id)
+	s.cmd.Stderr = &s.out
+	stdout, err := s.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	go io.Copy(io.Discard, stdout)
+	dev, ok := strings.CutPrefix(strings.TrimSpace(line), "READY ")
+	if err != nil || !ok {
+		s.cmd.Process.Kill()
+		s.cmd.Wait()
+		t.Fatalf("%s server: %q %v\n%s", mode, line, err, s.out.String())
+	}
+	s.dev = dev
+	return s
+}
+
+func sectorsWritten(t *testing.T, dev string) int64 {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "stat"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := strings.Fields(string(b))
+	n, _ := strconv.ParseInt(f[6], 10, 64)
+	return n
+}
+
+// TestGuestRestart kills the serving process in the middle of a dd write
+// stream and starts a new one that reattaches: dd must finish without an
+// I/O error and the image must hold exactly what dd wrote.
+func TestGuestRestart(t *testing.T) {
+	vmharness.Guest(t)
+	const size = 48 << 20
+	img := filepath.Join(vmharness.SharePath, "restart.raw")
+	newRaw(t, img, size)
+	pattern := filepath.Join(t.TempDir(), "pattern")
+	writePattern(t, pattern, 42, size)
+
+	first := startServer(t, "attach", img, "vol-restart")
+	dd := exec.Command("dd", "if="+pattern, "of="+first.dev, "bs=64k", "oflag=direct", "conv=fsync")
+	var ddOut bytes.Buffer
+	dd.Stdout, dd.Stderr = &ddOut, &ddOut
+	if err := dd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	// Kill once the stream is well under way, not before it started.
+	deadline := time.Now().Add(2 * time.Minute)
+	for sectorsWritten(t, first.dev) < (size/4)/512 {
+		if time.Now().After(deadline) {
+			t.Fatalf("dd made no progress: %d sectors written", sectorsWritten(t, first.dev))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	killedAt := sectorsWritten(t, first.dev) * 512
+	if err := first.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	first.cmd.Wait()
+	t.Logf("killed the serving process after %d of %d bytes", killedAt, size)
+
+	// The device is still configured, nobody serves it, and it still
+	// carries the volume's identifier.
+	a := kernelAttacher()
+	infos, err := a.List(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := nbdattach.DeviceInfo{Path: first.dev, ID: "vol-restart", Size: size, Connected: false}
+	var got []nbdattach.DeviceInfo
+	for _, in := range infos {
+		if in.ID == want.ID {
+			got = append(got, in)
+		}
+	}
+	if len(got) != 1 || got[0] != want {
+		t.Errorf("List after the kill: %+v, want [%+v]", got, want)
+	}
+
+	second := startServer(t, "reattach", img, "vol-restart")
+	if second.dev != first.dev {
+		t.Errorf("reattached %s, want %s", second.dev, first.dev)
+	}
+	if err := dd.Wait(); err != nil {
+		t.Errorf("dd failed across the restart: %v\n%s", err, ddOut.String())
+	}
+	if killedAt >= size {
+		t.Errorf("the kill came after dd had written everything; the test proved nothing")
+	}
+	if err := second.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := second.cmd.Wait(); err != nil {
+		t.Errorf("second server: %v\n%s", err, second.out.String())
+	}
+	data, err := os.ReadFile(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantData, _ := os.ReadFile(pattern)
+	if !bytes.Equal(data, wantData) {
+		n := 0
+		for n < len(data) && n < len(wantData) && data[n] == wantData[n] {
+			n++
+		}
+		t.Errorf("image differs from what dd wrote, first at byte %d", n)
+	}
+}
