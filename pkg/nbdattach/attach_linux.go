@@ -133,8 +133,11 @@ func (a *KernelAttacher) Attach(ctx context.Context, id string, b Backend, opts 
 	if err != nil {
 		return nil, err
 	}
-	exp := newKernelExport(b, opts.ReadOnly)
-	flags := exp.transmissionFlags()
+	exp := kernelExport(b, opts.ReadOnly, bs)
+	if err := exp.validate(); err != nil {
+		return nil, err
+	}
+	flags := exp.TransmissionFlags()
 	n := opts.Connections
 	if n <= 0 {
 		n = 1
@@ -213,7 +216,19 @@ func (a *KernelAttacher) Reattach(ctx context.Context, id string, b Backend, opt
 	if mine {
 		return nil, fmt.Errorf("nbd: %q: %w as /dev/nbd%d, served by this process", id, ErrAlreadyAttached, sd.index)
 	}
-	exp := newKernelExport(b, opts.ReadOnly)
+	// The kernel keeps the block size it was given at CONNECT; requests
+	// are checked against it as before the restart.
+	bs, err := readSysInt(filepath.Join(a.opts.SysfsRoot, "block", "nbd"+strconv.Itoa(sd.index), "queue", "logical_block_size"))
+	if err != nil {
+		return nil, err
+	}
+	if bs < 512 || bs > 4096 || bs&(bs-1) != 0 {
+		return nil, fmt.Errorf("nbd: /dev/nbd%d: logical_block_size %d is not a power of two between 512 and 4096", sd.index, bs)
+	}
+	exp := kernelExport(b, opts.ReadOnly, uint32(bs))
+	if err := exp.validate(); err != nil {
+		return nil, err
+	}
 	n := opts.Connections
 	if n <= 0 {
 		n = 1
@@ -381,7 +396,7 @@ type kernelDevice struct {
 	a   *KernelAttacher
 	id  string
 	b   Backend
-	exp kernelExport
+	exp *Export
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -399,7 +414,7 @@ type kernelDevice struct {
 	detachErr error
 }
 
-func (a *KernelAttacher) newDevice(index int, id string, b Backend, exp kernelExport) *kernelDevice {
+func (a *KernelAttacher) newDevice(index int, id string, b Backend, exp *Export) *kernelDevice {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &kernelDevice{
 		a: a, id: id, b: b, exp: exp, index: index,
@@ -512,7 +527,7 @@ func (d *kernelDevice) supervise(conn net.Conn) {
 		}
 	}
 	for {
-		err := d.exp.serve(d.ctx, conn)
+		err := ServeTransmission(d.ctx, conn, d.exp)
 		d.untrack(conn)
 		if d.isStopping() {
 			return
