@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"strings"
 )
 
@@ -21,10 +20,7 @@ func resolveBacking(imagePath, name string) (string, error) {
 		return "", unsupportedf("backing_file", hdrBackingFileOffset, "backing file %q uses a protocol; only local files are supported", name)
 	}
 	name = strings.TrimPrefix(name, "file:")
-	if filepath.IsAbs(name) {
-		return name, nil
-	}
-	return filepath.Join(filepath.Dir(imagePath), name), nil
+	return CombineBackingPath(imagePath, name), nil
 }
 
 // protocolPrefix reports whether name starts like "proto:" (qemu treats a

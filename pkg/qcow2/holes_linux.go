@@ -43,3 +43,16 @@ func hostSegments(f *os.File, off, n int64) []seg {
 	}
 	return out
 }
+
+// FileExtents describes [off, off+n) of a raw file as qemu-img map does:
+// data regions and holes (which read as zeroes), at depth 0.
+func FileExtents(f *os.File, off, n int64) []Extent {
+	var out []Extent
+	if n <= 0 {
+		return nil
+	}
+	for _, s := range hostSegments(f, off, n) {
+		out = append(out, Extent{Start: s.off, Length: s.n, Present: true, Data: !s.hole, Zero: s.hole, Offset: s.off, Filename: f.Name()})
+	}
+	return out
+}
