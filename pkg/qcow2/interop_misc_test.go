@@ -228,3 +228,52 @@ func waitForLock(t *testing.T, p string) {
 	}
 	t.Fatal("qemu-io never took its image lock")
 }
+
+// TestUnknownAutoclearAndExtensions: unknown autoclear bits are cleared by
+// the first write, unknown header extensions survive a header rewrite.
+func TestUnknownAutoclearAndExtensions(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "img.qcow2")
+	qemu(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", p, "4M")
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := decodeHeader(b[:65536], int64(len(b)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.Autoclear |= 1 << 9
+	h.Unknown = append(h.Unknown, rawExtension{Type: 0x12345678, Data: []byte("keep me")})
+	enc, err := h.encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	copy(b, enc)
+	if err := os.WriteFile(p, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	img, err := Open(p, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h := readHeaderForTest(t, p); h.Autoclear&(1<<9) == 0 {
+		t.Fatal("autoclear bit cleared before any write")
+	}
+	if _, err := img.WriteAt([]byte("data"), 4096); err != nil {
+		t.Fatal(err)
+	}
+	if h := readHeaderForTest(t, p); h.Autoclear&(1<<9) != 0 || h.Incompatible&IncompatDirty == 0 {
+		t.Fatalf("after first write: autoclear %#x incompatible %#x", h.Autoclear, h.Incompatible)
+	}
+	if err := img.Close(); err != nil { // rewrites the header (dirty bit off)
+		t.Fatal(err)
+	}
+	h2 := readHeaderForTest(t, p)
+	if len(h2.Unknown) != 1 || h2.Unknown[0].Type != 0x12345678 || string(h2.Unknown[0].Data) != "keep me" {
+		t.Fatalf("unknown extension not preserved: %+v", h2.Unknown)
+	}
+	if h2.Incompatible&IncompatDirty != 0 {
+		t.Fatal("dirty bit left set after Close")
+	}
+	checkClean(t, p)
+}

@@ -175,11 +175,6 @@ func (img *Image) l2ForWrite(i1 int64) (int64, error) {
 	if err := img.syncRefcounts(true); err != nil {
 		return 0, err
 	}
-	for s := int64(0); s < img.clusterSize; s += img.sliceSize {
-		if _, err := img.l2Cache.put(newOff+s, append([]byte(nil), buf[s:s+img.sliceSize]...), false); err != nil {
-			return 0, err
-		}
-	}
 	img.metaMap[newOff>>img.clusterBits] = metaL2
 	if err := img.writeL1Entry(i1, l1Entry(uint64(newOff)|oflagCopied)); err != nil {
 		return 0, err
