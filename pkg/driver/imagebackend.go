@@ -1,0 +1,164 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
+)
+
+// ImageBackend serves an open qcow2 image as an nbdattach.Backend: the data
+// path of every attached volume and of `qcow2-csi nbd`. The image stays owned
+// by the caller (ImageBackend never closes it).
+type ImageBackend struct {
+	img  *qcow2.Image
+	opts ImageBackendOptions
+}
+
+// ImageBackendOptions choose what an ImageBackend exposes beyond the data.
+type ImageBackendOptions struct {
+	// AllocationDepth serves the qemu:allocation-depth metadata context
+	// (qemu-nbd -A): 0 unallocated, 1 allocated in the image itself, 2 and
+	// up in its backing chain.
+	AllocationDepth bool
+}
+
+// NewImageBackend adapts img.
+func NewImageBackend(img *qcow2.Image, opts ImageBackendOptions) *ImageBackend {
+	return &ImageBackend{img: img, opts: opts}
+}
+
+// Image returns the adapted image.
+func (b *ImageBackend) Image() *qcow2.Image { return b.img }
+
+// Size implements nbdattach.Backend.
+func (b *ImageBackend) Size() int64 { return b.img.Size() }
+
+// ReadAt implements nbdattach.Backend.
+func (b *ImageBackend) ReadAt(_ context.Context, p []byte, off int64) error {
+	_, err := b.img.ReadAt(p, off)
+	return mapImageErr(err)
+}
+
+// WriteAt implements nbdattach.Backend.
+func (b *ImageBackend) WriteAt(_ context.Context, p []byte, off int64, fua bool) error {
+	if _, err := b.img.WriteAt(p, off); err != nil {
+		return mapImageErr(err)
+	}
+	if fua {
+		return mapImageErr(b.img.Flush())
+	}
+	return nil
+}
+
+// Flush implements nbdattach.Backend.
+func (b *ImageBackend) Flush(context.Context) error { return mapImageErr(b.img.Flush()) }
+
+// Trim implements nbdattach.Backend: whole clusters are discarded.
+func (b *ImageBackend) Trim(_ context.Context, off, n int64) error {
+	return mapImageErr(b.img.Discard(off, n))
+}
+
+// WriteZeroes implements nbdattach.Backend. A fast zero is refused (as qemu
+// does for qcow2) when the range does not cover whole clusters, because the
+// partial clusters would have to be written.
+func (b *ImageBackend) WriteZeroes(_ context.Context, off, n int64, fl nbdattach.ZeroFlags) error {
+	if fl.Fast {
+		cs := b.img.ClusterSize()
+		end := off + n
+		if off%cs != 0 || (end%cs != 0 && end != b.img.Size()) {
+			return fmt.Errorf("%w: zeroing [%d, %d) touches partial %d-byte clusters", nbdattach.ErrNotSupported, off, end, cs)
+		}
+	}
+	var flags qcow2.ZeroFlags
+	if !fl.NoHole {
+		flags |= qcow2.ZeroMayUnmap
+	}
+	if err := b.img.WriteZeroes(off, n, flags); err != nil {
+		return mapImageErr(err)
+	}
+	if fl.FUA {
+		return mapImageErr(b.img.Flush())
+	}
+	return nil
+}
+
+// BlockStatus implements nbdattach.BlockStatuser for base:allocation the way
+// qemu-nbd reports a qcow2 image: a hole is what holds no data (zero and
+// unallocated clusters), zero is what reads as zeroes.
+func (b *ImageBackend) BlockStatus(_ context.Context, off, n int64) ([]nbdattach.Extent, error) {
+	exts, err := b.img.BlockStatus(off, n)
+	if err != nil {
+		return nil, mapImageErr(err)
+	}
+	out := make([]nbdattach.Extent, 0, len(exts))
+	for _, e := range exts {
+		var fl uint32
+		if !e.Data {
+			fl |= nbdattach.StateHole
+		}
+		if e.Zero {
+			fl |= nbdattach.StateZero
+		}
+		out = appendExtent(out, e.Length, fl)
+	}
+	return out, nil
+}
+
+// MetaContexts implements nbdattach.MetaContextProvider.
+func (b *ImageBackend) MetaContexts() []string {
+	var out []string
+	if b.opts.AllocationDepth {
+		out = append(out, nbdattach.ContextAllocationDepth)
+	}
+	return out
+}
+
+// MetaContextStatus implements nbdattach.MetaContextProvider.
+func (b *ImageBackend) MetaContextStatus(_ context.Context, name string, off, n int64) ([]nbdattach.Extent, error) {
+	if name != nbdattach.ContextAllocationDepth || !b.opts.AllocationDepth {
+		return nil, fmt.Errorf("%w: metadata context %q is not served", nbdattach.ErrInvalid, name)
+	}
+	exts, err := b.img.BlockStatus(off, n)
+	if err != nil {
+		return nil, mapImageErr(err)
+	}
+	out := make([]nbdattach.Extent, 0, len(exts))
+	for _, e := range exts {
+		var depth uint32
+		if e.Present {
+			depth = uint32(e.Depth) + 1
+		}
+		out = appendExtent(out, e.Length, depth)
+	}
+	return out, nil
+}
+
+func appendExtent(out []nbdattach.Extent, n int64, fl uint32) []nbdattach.Extent {
+	if k := len(out); k > 0 && out[k-1].Flags == fl {
+		out[k-1].Length += n
+		return out
+	}
+	return append(out, nbdattach.Extent{Length: n, Flags: fl})
+}
+
+// mapImageErr gives image errors the NBD meaning a client should see.
+// ENOSPC already travels as a syscall.Errno inside qcow2.ErrNoSpace.
+func mapImageErr(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, qcow2.ErrReadOnly):
+		return fmt.Errorf("%w: %w", nbdattach.ErrPermission, err)
+	case errors.Is(err, qcow2.ErrOutOfRange), errors.Is(err, io.EOF):
+		// io.EOF: a read past the end (io.ReaderAt), possible only when the
+		// disk shrank after the server checked the request.
+		return fmt.Errorf("%w: %w", nbdattach.ErrInvalid, err)
+	case errors.Is(err, qcow2.ErrUnsupported):
+		return fmt.Errorf("%w: %w", nbdattach.ErrNotSupported, err)
+	}
+	return err
+}
