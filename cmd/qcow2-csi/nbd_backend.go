@@ -25,19 +25,25 @@ func openNBDBackend(o *nbdOptions, format string, readOnly bool) (nbdattach.Back
 		}
 		return b, b.Close, nil
 	case "qcow2":
-		// Snapshot and bitmap views need pkg/qcow2's snapshot and bitmap
-		// APIs, which this build does not have yet.
+		// Snapshot views need pkg/qcow2's snapshot API, which this build
+		// does not have yet.
 		if o.snapshot != "" {
 			return nil, nil, errors.New("-l (internal snapshot export) is not supported by this build yet")
-		}
-		if o.bitmap != "" {
-			return nil, nil, errors.New("-B (dirty bitmap export) is not supported by this build yet")
 		}
 		img, err := qcow2.Open(o.file, qcow2.OpenOptions{ReadOnly: readOnly})
 		if err != nil {
 			return nil, nil, err
 		}
-		return driver.NewImageBackend(img, driver.ImageBackendOptions{AllocationDepth: o.allocationDepth}), img.Close, nil
+		opts := driver.ImageBackendOptions{AllocationDepth: o.allocationDepth}
+		if o.bitmap != "" {
+			opts.Bitmaps = []string{o.bitmap}
+		}
+		b, err := driver.NewImageBackend(img, opts)
+		if err != nil {
+			img.Close()
+			return nil, nil, err
+		}
+		return b, img.Close, nil
 	}
 	return nil, nil, fmt.Errorf("unsupported format %q", format)
 }

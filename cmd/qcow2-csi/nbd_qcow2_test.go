@@ -131,3 +131,69 @@ func TestNBDQcow2Writes(t *testing.T) {
 		"driver=raw,size=12582912,file.driver=qcow2,file.file.filename="+ours,
 		"driver=raw,size=12582912,file.driver=qcow2,file.file.filename="+theirs)
 }
+
+// Dirty bitmaps: the qemu:dirty-bitmap:NAME context must read the same from
+// this server as from qemu-nbd, for a bitmap qemu filled and for one this
+// server filled while serving writes.
+func TestNBDQcow2DirtyBitmap(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "bm.qcow2")
+	mustRun(t, "qemu-img", "create", "-q", "-f", "qcow2", img, "64M")
+	mustRun(t, "qemu-img", "bitmap", "--add", "-g", "65536", img, "b1")
+	mustRun(t, "qemu-io", "-c", "write 1M 64k", "-c", "write 10M 4k", "-c", "write -z 20M 1M", img)
+
+	var lastMap string
+	compare := func(t *testing.T) {
+		t.Helper()
+		q := qemuNBD(t, "-r", "-B", "b1", "-f", "qcow2", img)
+		s, done := startNBD(t, "-t", "-r", "-B", "b1", "-f", "qcow2", img)
+		defer stopNBD(t, done)
+		for _, args := range [][]string{{"--map=qemu:dirty-bitmap:b1"}, {"--map"}} {
+			want := mustRun(t, "nbdinfo", append(args, "nbd+unix:///?socket="+q)...)
+			got := mustRun(t, "nbdinfo", append(args, "nbd+unix:///?socket="+s)...)
+			if got != want {
+				t.Errorf("nbdinfo %v:\nours:\n%s\nqemu-nbd:\n%s", args, got, want)
+			}
+			if args[0] != "--map" {
+				lastMap = got
+			}
+		}
+		want := strings.ReplaceAll(mustRun(t, "nbdinfo", "--list", "nbd+unix:///?socket="+q), q, "SOCK")
+		got := strings.ReplaceAll(mustRun(t, "nbdinfo", "--list", "nbd+unix:///?socket="+s), s, "SOCK")
+		if got != want {
+			t.Errorf("nbdinfo --list:\nours:\n%s\nqemu-nbd:\n%s", got, want)
+		}
+	}
+	t.Run("filled by qemu", compare)
+	wantQemu := `         0     1048576    0  clean
+   1048576       65536    1  dirty
+   1114112     9371648    0  clean
+  10485760       65536    1  dirty
+  10551296    10420224    0  clean
+  20971520     1048576    1  dirty
+  22020096    45088768    0  clean
+`
+	if lastMap != wantQemu {
+		t.Fatalf("bitmap filled by qemu:\n%s\nwant:\n%s", lastMap, wantQemu)
+	}
+
+	// Writes through this server dirty the bitmap; qemu then reads it back.
+	s, done := startNBD(t, "-t", "-B", "b1", "-f", "qcow2", img)
+	mustRun(t, "qemu-io", "-f", "raw", "-c", "write -P 3 40M 8k", "-c", "write -P 4 63M 1M", "nbd+unix:///?socket="+s)
+	stopNBD(t, done)
+	mustRun(t, "qemu-img", "check", img)
+	t.Run("filled by this server", compare)
+	wantOurs := strings.Replace(wantQemu, "  22020096    45088768    0  clean\n", `  22020096    19922944    0  clean
+  41943040       65536    1  dirty
+  42008576    24051712    0  clean
+  66060288     1048576    1  dirty
+`, 1)
+	if lastMap != wantOurs {
+		t.Fatalf("bitmap after writes through this server:\n%s\nwant:\n%s", lastMap, wantOurs)
+	}
+
+	o, _ := parseNBDFlags([]string{"-k", filepath.Join(dir, "x.sock"), "-B", "nope", img}, nil)
+	if err := serveNBD(o); err == nil || !strings.Contains(err.Error(), `"nope" is not found`) {
+		t.Fatalf("missing bitmap: %v", err)
+	}
+}

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
+	"strings"
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
@@ -24,11 +26,29 @@ type ImageBackendOptions struct {
 	// (qemu-nbd -A): 0 unallocated, 1 allocated in the image itself, 2 and
 	// up in its backing chain.
 	AllocationDepth bool
+	// Bitmaps are persistent dirty bitmaps served as the metadata contexts
+	// qemu:dirty-bitmap:NAME (qemu-nbd -B): flag 1 marks dirty extents, at
+	// the bitmap's granularity.
+	Bitmaps []string
 }
 
-// NewImageBackend adapts img.
-func NewImageBackend(img *qcow2.Image, opts ImageBackendOptions) *ImageBackend {
-	return &ImageBackend{img: img, opts: opts}
+// NewImageBackend adapts img. Each bitmap in opts must exist and be
+// consistent (qemu-nbd refuses to start otherwise).
+func NewImageBackend(img *qcow2.Image, opts ImageBackendOptions) (*ImageBackend, error) {
+	have := map[string]qcow2.BitmapStatus{}
+	for _, bi := range img.Bitmaps() {
+		have[bi.Name] = bi
+	}
+	for _, name := range opts.Bitmaps {
+		bi, ok := have[name]
+		switch {
+		case !ok:
+			return nil, fmt.Errorf("bitmap %q is not found in %s", name, img.Path())
+		case bi.Inconsistent:
+			return nil, fmt.Errorf("bitmap %q in %s is inconsistent: it can only be removed", name, img.Path())
+		}
+	}
+	return &ImageBackend{img: img, opts: opts}, nil
 }
 
 // Image returns the adapted image.
@@ -114,11 +134,29 @@ func (b *ImageBackend) MetaContexts() []string {
 	if b.opts.AllocationDepth {
 		out = append(out, nbdattach.ContextAllocationDepth)
 	}
+	for _, n := range b.opts.Bitmaps {
+		out = append(out, nbdattach.ContextDirtyBitmapPrefix+n)
+	}
 	return out
 }
 
 // MetaContextStatus implements nbdattach.MetaContextProvider.
 func (b *ImageBackend) MetaContextStatus(_ context.Context, name string, off, n int64) ([]nbdattach.Extent, error) {
+	if bm, ok := strings.CutPrefix(name, nbdattach.ContextDirtyBitmapPrefix); ok && slices.Contains(b.opts.Bitmaps, bm) {
+		exts, err := b.img.BitmapExtents(bm, off, n)
+		if err != nil {
+			return nil, mapImageErr(err)
+		}
+		out := make([]nbdattach.Extent, 0, len(exts))
+		for _, e := range exts {
+			var fl uint32
+			if e.Dirty {
+				fl = 1
+			}
+			out = appendExtent(out, e.Length, fl)
+		}
+		return out, nil
+	}
 	if name != nbdattach.ContextAllocationDepth || !b.opts.AllocationDepth {
 		return nil, fmt.Errorf("%w: metadata context %q is not served", nbdattach.ErrInvalid, name)
 	}

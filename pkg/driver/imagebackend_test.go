@@ -25,7 +25,7 @@ func newTestImage(t *testing.T, opts qcow2.CreateOptions) (*qcow2.Image, string)
 func TestImageBackendStatus(t *testing.T) {
 	ctx := context.Background()
 	img, path := newTestImage(t, qcow2.CreateOptions{Size: 1 << 20})
-	b := NewImageBackend(img, ImageBackendOptions{AllocationDepth: true})
+	b := mustBackend(t, img, ImageBackendOptions{AllocationDepth: true})
 	if err := b.WriteAt(ctx, bytes.Repeat([]byte{7}, 65536), 65536, true); err != nil {
 		t.Fatal(err)
 	}
@@ -63,7 +63,7 @@ func TestImageBackendStatus(t *testing.T) {
 func TestImageBackendErrors(t *testing.T) {
 	ctx := context.Background()
 	img, path := newTestImage(t, qcow2.CreateOptions{Size: 1 << 20})
-	b := NewImageBackend(img, ImageBackendOptions{})
+	b := mustBackend(t, img, ImageBackendOptions{})
 	// A fast zero over partial clusters would have to write: ENOTSUP, as qemu.
 	if err := b.WriteZeroes(ctx, 512, 4096, nbdattach.ZeroFlags{Fast: true}); !errors.Is(err, nbdattach.ErrNotSupported) {
 		t.Fatalf("fast partial zero: %v", err)
@@ -77,7 +77,7 @@ func TestImageBackendErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ro.Close()
-	rb := NewImageBackend(ro, ImageBackendOptions{})
+	rb := mustBackend(t, ro, ImageBackendOptions{})
 	if err := rb.WriteAt(ctx, make([]byte, 512), 0, false); !errors.Is(err, nbdattach.ErrPermission) {
 		t.Fatalf("write to read-only image: %v, want ErrPermission", err)
 	}
@@ -96,4 +96,40 @@ func equalExtents(a, b []nbdattach.Extent) bool {
 		}
 	}
 	return true
+}
+
+func mustBackend(t *testing.T, img *qcow2.Image, opts ImageBackendOptions) *ImageBackend {
+	t.Helper()
+	b, err := NewImageBackend(img, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestImageBackendBitmaps(t *testing.T) {
+	ctx := context.Background()
+	img, _ := newTestImage(t, qcow2.CreateOptions{Size: 1 << 20})
+	if _, err := NewImageBackend(img, ImageBackendOptions{Bitmaps: []string{"b1"}}); err == nil {
+		t.Fatal("missing bitmap accepted")
+	}
+	if err := img.AddBitmap("b1", qcow2.BitmapOptions{Granularity: 65536}); err != nil {
+		t.Fatal(err)
+	}
+	b := mustBackend(t, img, ImageBackendOptions{Bitmaps: []string{"b1"}})
+	if err := b.WriteAt(ctx, []byte{1}, 200000, false); err != nil {
+		t.Fatal(err)
+	}
+	got, err := b.MetaContextStatus(ctx, "qemu:dirty-bitmap:b1", 0, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The write at 200000 dirties the 64 KiB granule [196608, 262144).
+	want := []nbdattach.Extent{{Length: 196608, Flags: 0}, {Length: 65536, Flags: 1}, {Length: 1<<20 - 262144, Flags: 0}}
+	if !equalExtents(got, want) {
+		t.Fatalf("bitmap extents %v, want %v", got, want)
+	}
+	if names := b.MetaContexts(); len(names) != 1 || names[0] != "qemu:dirty-bitmap:b1" {
+		t.Fatalf("contexts %v", names)
+	}
 }
