@@ -367,7 +367,32 @@ func TestBitmapsProperty(t *testing.T) {
 			}
 			buf := make([]byte, 200000)
 			for step := 0; step < 60; step++ {
-				switch k := r.IntN(10); {
+				switch k := r.IntN(12); {
+				case k == 10 || k == 11:
+					// Zero writes mark what they cover; discards mark the
+					// whole clusters they free (partial ones change nothing).
+					off := r.Int64N(size)
+					n := min(r.Int64N(3<<20)+1, size-off)
+					mo, mn := off, n
+					if k == 10 {
+						if err := img.WriteZeroes(off, n, ZeroFlags(r.IntN(2))); err != nil {
+							t.Fatal(err)
+						}
+					} else {
+						if err := img.Discard(off, n); err != nil {
+							t.Fatal(err)
+						}
+						s, e := (off+4095)&^4095, (off+n)&^4095
+						if off+n == size {
+							e = size
+						}
+						mo, mn = s, max(e-s, 0)
+					}
+					for _, m := range models {
+						if m.enabled {
+							m.m.set(uint64(mo), uint64(mn))
+						}
+					}
 				case k < 7:
 					off := r.Int64N(size)
 					n := min(r.Int64N(int64(len(buf)))+1, size-off)

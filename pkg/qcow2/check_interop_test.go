@@ -255,3 +255,54 @@ func TestCheckDamagedImagesAgainstQemu(t *testing.T) {
 		})
 	}
 }
+
+// A refcount rebuild on an image with free space inside it puts the new
+// refcount blocks and table into that space: the file does not grow, so
+// an image on a block device can be repaired.
+func TestCheckRebuildFitsInHoles(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "holes.qcow2")
+	qemu(t, "qemu-img", "create", "-q", "-f", "qcow2", p, "64M")
+	qemu(t, "qemu-io", "-c", "write -P 7 0 8M", "-c", "write -P 8 16M 1M", p)
+	qemu(t, "qemu-io", "-d", "unmap", "-c", "discard 2M 4M", p)
+	before := qemuRaw(t, p)
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := readRawHeader(t, f)
+	fi, _ := f.Stat()
+	size := fi.Size()
+	rb := int64(get64(t, f, h.refTableOff))
+	if _, err := f.WriteAt(make([]byte, h.clusterSize), rb); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if code, _ := qemuCheckJSON(t, p, ""); code != 2 {
+		t.Fatalf("qemu-img check of the damaged image: %d, want 2", code)
+	}
+	img, err := OpenForCheck(p, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := img.Check(RepairAll)
+	newTable := int64(img.hdr.RefcountTableOffset)
+	if cerr := img.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil || res.ExitCode() != 0 {
+		t.Fatalf("repair: %v %+v", err, res)
+	}
+	fi, err = os.Stat(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Size() != size || newTable >= size {
+		t.Fatalf("rebuild grew the file from %d to %d bytes (new reftable at %#x)", size, fi.Size(), newTable)
+	}
+	if code, rep := qemuCheckJSON(t, p, ""); code != 0 {
+		t.Fatalf("qemu-img check after rebuild: %d %v", code, rep)
+	}
+	if !bytes.Equal(before, qemuRaw(t, p)) {
+		t.Fatal("rebuild changed readable bytes")
+	}
+}
