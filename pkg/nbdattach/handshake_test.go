@@ -430,3 +430,77 @@ func TestMaxConnections(t *testing.T) {
 		t.Fatalf("Serve: %v", err)
 	}
 }
+
+type chunkRead struct {
+	flags, typ uint16
+	cookie     uint64
+	payload    []byte
+}
+
+func readChunk(t *testing.T, c net.Conn) chunkRead {
+	t.Helper()
+	var h [20]byte
+	if _, err := io.ReadFull(c, h[:]); err != nil {
+		t.Fatal(err)
+	}
+	if m := binary.BigEndian.Uint32(h[0:]); m != structuredMagic {
+		t.Fatalf("chunk magic %#x", m)
+	}
+	r := chunkRead{flags: binary.BigEndian.Uint16(h[4:]), typ: binary.BigEndian.Uint16(h[6:]), cookie: binary.BigEndian.Uint64(h[8:])}
+	r.payload = make([]byte, binary.BigEndian.Uint32(h[16:]))
+	if _, err := io.ReadFull(c, r.payload); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// Structured reads: holes as OFFSET_HOLE, data as OFFSET_DATA, DF as one
+// data chunk, errors as an ERROR chunk with the errno and a message.
+func TestStructuredReads(t *testing.T) {
+	mem := newMem(1 << 20)
+	copy(mem.data[4096:8192], pattern(4096, 5))
+	mem.failAt, mem.failErr = 900000, fmt.Errorf("boom: %w", ErrNoSpace)
+	c := startServer(t, &Export{Backend: ctxBackend{mem}})
+	c.option(optStructuredReply, nil)
+	c.reply()
+	c.option(optGo, goData(""))
+	for r := c.reply(); r.typ != repAck; r = c.reply() {
+	}
+	rc := &rawClient{t: t, conn: c.conn}
+
+	// ctxBackend: [0,4096) data, [4096, ...) hole|zero. 128 KiB read.
+	rc.send(0, nbdCmdRead, 1, 0, 128<<10, nil)
+	ch := readChunk(t, c.conn)
+	if ch.typ != replyTypeOffsetData || ch.flags != 0 || binary.BigEndian.Uint64(ch.payload) != 0 || len(ch.payload) != 8+4096 {
+		t.Fatalf("first chunk type %d flags %d len %d", ch.typ, ch.flags, len(ch.payload))
+	}
+	ch = readChunk(t, c.conn)
+	if ch.typ != replyTypeOffsetHole || ch.flags != replyFlagDone ||
+		binary.BigEndian.Uint64(ch.payload) != 4096 || binary.BigEndian.Uint32(ch.payload[8:]) != 128<<10-4096 {
+		t.Fatalf("hole chunk type %d flags %d payload %x", ch.typ, ch.flags, ch.payload)
+	}
+
+	// DF: one data chunk with every byte, holes included.
+	rc.send(cmdFlagDF, nbdCmdRead, 2, 0, 128<<10, nil)
+	ch = readChunk(t, c.conn)
+	if ch.typ != replyTypeOffsetData || ch.flags != replyFlagDone || len(ch.payload) != 8+128<<10 ||
+		!bytes.Equal(ch.payload[8+4096:8+8192], pattern(4096, 5)) {
+		t.Fatalf("DF chunk type %d flags %d len %d", ch.typ, ch.flags, len(ch.payload))
+	}
+
+	// A backend error: ERROR chunk, ENOSPC, with a message.
+	rc.send(0, nbdCmdRead, 3, 899840, 4096, nil)
+	ch = readChunk(t, c.conn)
+	if ch.typ != replyTypeError || ch.flags != replyFlagDone || ch.cookie != 3 ||
+		binary.BigEndian.Uint32(ch.payload) != nbdENOSPC ||
+		int(binary.BigEndian.Uint16(ch.payload[4:])) != len(ch.payload)-6 || !bytes.Contains(ch.payload, []byte("boom")) {
+		t.Fatalf("error chunk type %#x flags %d payload %q", ch.typ, ch.flags, ch.payload)
+	}
+	// Other commands: one NONE chunk.
+	rc.send(0, nbdCmdFlush, 4, 0, 0, nil)
+	if ch = readChunk(t, c.conn); ch.typ != replyTypeNone || ch.flags != replyFlagDone || len(ch.payload) != 0 {
+		t.Fatalf("flush chunk %+v", ch)
+	}
+	rc.send(0, nbdCmdDisc, 0, 0, 0, nil)
+	rc.expectClosed()
+}
