@@ -675,6 +675,11 @@ func (d *kernelDevice) Detach(ctx context.Context) error {
 	// O_EXCL on a block device fails with EBUSY while it is mounted or
 	// otherwise claimed; fsync writes its dirty pages and sends FLUSH.
 	fd, err := unix.Open(path, unix.O_RDWR|unix.O_EXCL|unix.O_CLOEXEC, 0)
+	if errors.Is(err, unix.EROFS) || errors.Is(err, unix.EACCES) {
+		// A read-only device has no dirty pages; the exclusive open
+		// still tells whether it is mounted.
+		fd, err = unix.Open(path, unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
+	}
 	switch {
 	case errors.Is(err, unix.EBUSY):
 		return fmt.Errorf("nbd: detach %s: %w (mounted or held open exclusively; unmount it first)", path, ErrDeviceBusy)

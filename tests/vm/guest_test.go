@@ -415,3 +415,31 @@ func copySparse(t *testing.T, src, dst string) {
 		t.Fatal(err)
 	}
 }
+
+// TestGuestReadOnly: a read-only attach is read-only in the kernel too, and
+// reads serve the backend's bytes.
+func TestGuestReadOnly(t *testing.T) {
+	vmharness.Guest(t)
+	ctx := context.Background()
+	img := filepath.Join(t.TempDir(), "ro.raw")
+	writePattern(t, img, 3, 8<<20)
+	b, err := nbdattach.OpenFile(img, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	dev, err := kernelAttacher().Attach(ctx, "vol-ro", b, nbdattach.AttachOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.TrimSpace(run(t, "blockdev", "--getro", dev.Path())); got != "1" {
+		t.Errorf("blockdev --getro = %s, want 1", got)
+	}
+	if out, err := exec.Command("dd", "if=/dev/zero", "of="+dev.Path(), "bs=4k", "count=1", "oflag=direct").CombinedOutput(); err == nil {
+		t.Errorf("dd wrote to a read-only device:\n%s", out)
+	}
+	compareThroughKernel(t, dev.Path(), img)
+	if err := dev.Detach(ctx); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -54,7 +54,7 @@ var DefaultModules = []string{
 var DefaultTools = []string{
 	"mkfs.ext4", "mke2fs", "e2fsck", "resize2fs", "dumpe2fs",
 	"mkfs.xfs", "xfs_growfs", "xfs_repair", "xfs_info", "xfs_db",
-	"blkid", "blockdev", "blkdiscard",
+	"blkid", "blockdev", "blkdiscard", "fstrim",
 }
 
 // Options tune one VM run. Zero values mean defaults.
