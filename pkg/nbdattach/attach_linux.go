@@ -121,6 +121,9 @@ func (a *KernelAttacher) Attach(ctx context.Context, id string, b Backend, opts 
 	if err := validBackendID(id); err != nil {
 		return nil, err
 	}
+	if b == nil {
+		return nil, errors.New("nbd: attach: nil backend")
+	}
 	devs, err := readSysDevices(a.opts.SysfsRoot)
 	if err != nil {
 		return nil, err
@@ -205,6 +208,9 @@ func (a *KernelAttacher) Attach(ctx context.Context, id string, b Backend, opts 
 func (a *KernelAttacher) Reattach(ctx context.Context, id string, b Backend, opts AttachOptions) (Device, error) {
 	if err := validBackendID(id); err != nil {
 		return nil, err
+	}
+	if b == nil {
+		return nil, errors.New("nbd: reattach: nil backend")
 	}
 	sd, ok := a.findSys(id)
 	if !ok {

@@ -443,3 +443,43 @@ func TestGuestReadOnly(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestGuestIOFlusher: once a device is attached, every thread of the
+// serving process carries PR_SET_IO_FLUSHER (PF_MEMALLOC_NOIO and
+// PF_LOCAL_THROTTLE in /proc/PID/task/TID/stat's flags field).
+func TestGuestIOFlusher(t *testing.T) {
+	vmharness.Guest(t)
+	ctx := context.Background()
+	img := filepath.Join(t.TempDir(), "flusher.raw")
+	newRaw(t, img, 4<<20)
+	b, err := nbdattach.OpenFile(img, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	dev, err := kernelAttacher().Attach(ctx, "vol-flusher", b, nbdattach.AttachOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Detach(ctx)
+	const pfMemallocNoIO, pfLocalThrottle = 0x00080000, 0x00100000
+	tasks, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, task := range tasks {
+		stat, err := os.ReadFile(filepath.Join("/proc/self/task", task.Name(), "stat"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Fields after "(comm)": state ppid pgrp session tty_nr tpgid flags.
+		rest := string(stat[bytes.LastIndexByte(stat, ')')+2:])
+		flags, err := strconv.ParseUint(strings.Fields(rest)[6], 10, 64)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if flags&(pfMemallocNoIO|pfLocalThrottle) != pfMemallocNoIO|pfLocalThrottle {
+			t.Errorf("thread %s: flags %#x lack PR_SET_IO_FLUSHER's bits", task.Name(), flags)
+		}
+	}
+}

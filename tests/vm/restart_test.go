@@ -126,6 +126,16 @@ func TestGuestRestart(t *testing.T) {
 	writePattern(t, pattern, 42, size)
 
 	first := startServer(t, "attach", img, "vol-restart")
+	// While the first process serves, nobody else may take the device over.
+	probe, err := nbdattach.OpenFile(img, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer probe.Close()
+	if _, err := kernelAttacher().Reattach(context.Background(), "vol-restart", probe, nbdattach.AttachOptions{}); err == nil ||
+		!strings.Contains(err.Error(), "still serves it") {
+		t.Errorf("Reattach of a live device: %v, want a refusal naming the live server", err)
+	}
 	// The device's counters run since boot: earlier tests may have used it.
 	base := sectorsWritten(t, first.dev)
 	dd := exec.Command("dd", "if="+pattern, "of="+first.dev, "bs=64k", "oflag=direct", "conv=fsync")

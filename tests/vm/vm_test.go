@@ -33,7 +33,7 @@ func TestVM(t *testing.T) {
 		{"ext4 clean", []string{e2fsck, "-fn", filepath.Join(share, "ext4.raw")}},
 		{"xfs clean", []string{xfsRepair, "-n", "-f", filepath.Join(share, "xfs.raw")}},
 		{"qcow2 image consistent", []string{qemuImg, "check", "-f", "qcow2", filepath.Join(share, "vol.qcow2")}},
-		{"qcow2 image holds what the kernel read", []string{qemuImg, "compare", "-s", "-f", "qcow2", "-F", "raw",
+		{"qcow2 image holds what the kernel read", []string{qemuImg, "compare", "-f", "qcow2", "-F", "raw",
 			filepath.Join(share, "vol.qcow2"), filepath.Join(share, "vol.dev.raw")}},
 	}
 	for _, c := range checks {
