@@ -28,7 +28,7 @@ func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCa
 		csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
 		csi.ControllerServiceCapability_RPC_VOLUME_CONDITION,
 	}
-	if d.opts.ControllerExpand {
+	if d.opts.ControllerExpand && d.canGrow() {
 		rpcs = append(rpcs, csi.ControllerServiceCapability_RPC_EXPAND_VOLUME)
 	}
 	caps := make([]*csi.ControllerServiceCapability, 0, len(rpcs))

@@ -19,12 +19,12 @@ func (d *Driver) GetPluginCapabilities(context.Context, *csi.GetPluginCapabiliti
 	exp := func(t csi.PluginCapability_VolumeExpansion_Type) *csi.PluginCapability {
 		return &csi.PluginCapability{Type: &csi.PluginCapability_VolumeExpansion_{VolumeExpansion: &csi.PluginCapability_VolumeExpansion{Type: t}}}
 	}
-	caps := []*csi.PluginCapability{
-		svc(csi.PluginCapability_Service_VOLUME_ACCESSIBILITY_CONSTRAINTS),
+	caps := []*csi.PluginCapability{svc(csi.PluginCapability_Service_VOLUME_ACCESSIBILITY_CONSTRAINTS)}
+	if d.canGrow() {
 		// Online: a staged, mounted volume grows through its open image.
 		// Offline (closed image) growth is ControllerExpandVolume's; both
 		// are supported, ONLINE is the stronger promise.
-		exp(csi.PluginCapability_VolumeExpansion_ONLINE),
+		caps = append(caps, exp(csi.PluginCapability_VolumeExpansion_ONLINE))
 	}
 	if d.opts.Mode.controller() {
 		caps = append(caps, svc(csi.PluginCapability_Service_CONTROLLER_SERVICE))

@@ -44,3 +44,15 @@ type Image interface {
 	// Close flushes and closes the image, releasing its locks.
 	Close() error
 }
+
+// GrowthReporter is implemented by an Images that may be unable to grow
+// images (an image library without resize). When CanGrow is false the driver
+// advertises no expansion at all rather than accept expansions it would fail.
+type GrowthReporter interface {
+	CanGrow() bool
+}
+
+func (d *Driver) canGrow() bool {
+	g, ok := d.images.(GrowthReporter)
+	return !ok || g.CanGrow()
+}

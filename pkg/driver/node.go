@@ -27,9 +27,11 @@ func (d *Driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRe
 	rpcs := []csi.NodeServiceCapability_RPC_Type{
 		csi.NodeServiceCapability_RPC_STAGE_UNSTAGE_VOLUME,
 		csi.NodeServiceCapability_RPC_GET_VOLUME_STATS,
-		csi.NodeServiceCapability_RPC_EXPAND_VOLUME,
 		csi.NodeServiceCapability_RPC_VOLUME_CONDITION,
 		csi.NodeServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+	}
+	if d.canGrow() {
+		rpcs = append(rpcs, csi.NodeServiceCapability_RPC_EXPAND_VOLUME)
 	}
 	caps := make([]*csi.NodeServiceCapability, 0, len(rpcs))
 	for _, c := range rpcs {

@@ -9,6 +9,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
 )
 
 // Sentinel errors of the driver's own logic. Functions below the RPC layer
@@ -53,19 +54,23 @@ func toStatus(err error) error {
 
 func codeOf(err error) codes.Code {
 	switch {
-	case errors.Is(err, ErrInvalid):
+	case errors.Is(err, ErrInvalid), errors.Is(err, qcow2.ErrInvalidOption):
 		return codes.InvalidArgument
 	case errors.Is(err, ErrNotFound), errors.Is(err, nbdattach.ErrNotAttached):
 		return codes.NotFound
 	case errors.Is(err, ErrAlreadyExists):
 		return codes.AlreadyExists
-	case errors.Is(err, ErrOutOfRange):
+	case errors.Is(err, ErrOutOfRange), errors.Is(err, qcow2.ErrOutOfRange):
 		return codes.OutOfRange
 	case errors.Is(err, ErrNoSpace), errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
 		return codes.ResourceExhausted
 	case errors.Is(err, ErrBusy), errors.Is(err, ErrBadToken):
 		return codes.Aborted
-	case errors.Is(err, ErrInUse), errors.Is(err, ErrPrecondition), errors.Is(err, nbdattach.ErrUnavailable):
+	case errors.Is(err, ErrInUse), errors.Is(err, ErrPrecondition), errors.Is(err, nbdattach.ErrUnavailable),
+		// An image another process holds, or one that needs an operator
+		// (qcow2-csi img check) before it can be used.
+		errors.Is(err, qcow2.ErrLocked), errors.Is(err, qcow2.ErrCorrupt), errors.Is(err, qcow2.ErrNotQcow2),
+		errors.Is(err, qcow2.ErrUnsupported), errors.Is(err, qcow2.ErrReadOnly):
 		return codes.FailedPrecondition
 	case errors.Is(err, context.DeadlineExceeded):
 		return codes.DeadlineExceeded

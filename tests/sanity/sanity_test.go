@@ -1,45 +1,31 @@
 // Package sanity runs the kubernetes-csi csi-test sanity suite, in process,
-// against the whole driver (Identity, Controller, Node): real image files in
-// a temporary pool, real block devices, real mkfs and mounts.
+// against the whole driver (Identity, Controller, Node): qcow2 images in a
+// temporary pool, real block devices, real mkfs and mounts.
 package sanity
 
 import (
 	"path/filepath"
 	"testing"
 
-	"github.com/kubernetes-csi/csi-test/v5/pkg/sanity"
-
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
-	"github.com/qcow2-csi/qcow2-csi/pkg/driver/drivertest"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
 	"github.com/qcow2-csi/qcow2-csi/tests/peer"
+	"github.com/qcow2-csi/qcow2-csi/tests/sanity/sanityrun"
 )
 
-// TestSanity runs the suite on this host: raw images attached as loop
-// devices (drivertest), which exercises everything of the driver but the
-// qcow2 library and the NBD/FUSE data path.
+// TestSanity runs the suite on this host with the product's own parts:
+// qcow2 images attached through the fuse backend (FUSE file + loop device),
+// since this host's kernel has no nbd. The nbd backend runs the same suite in
+// a real kernel (TestSanityInVM).
 func TestSanity(t *testing.T) {
 	peer.Root(t)
-	peer.Require(t, "losetup")
 	peer.Require(t, "mkfs.ext4")
-	runSanity(t, driver.Seams{
-		Images:    drivertest.RawImages{},
-		Attachers: []nbdattach.Attacher{&drivertest.LoopAttacher{}},
-	}, "auto")
-}
-
-// runSanity serves a driver with seams and runs the whole suite against it.
-// The Ginkgo suite can run once per process: each test binary (host, VM)
-// calls this once.
-func runSanity(t *testing.T, seams driver.Seams, backend string) {
-	srv := drivertest.Start(t, driver.Options{ControllerExpand: true, AttachBackend: backend}, seams)
-	dir := t.TempDir()
-	cfg := sanity.NewTestConfig()
-	cfg.Address = srv.Endpoint
-	cfg.TargetPath = filepath.Join(dir, "target")
-	cfg.StagingPath = filepath.Join(dir, "staging")
-	cfg.TestVolumeSize = 64 << 20
-	cfg.TestVolumeExpandSize = 128 << 20
-	cfg.IdempotentCount = 3
-	sanity.Test(t, cfg)
+	fuse := nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: filepath.Join(t.TempDir(), "fuse")})
+	if err := fuse.Available(); err != nil {
+		peer.Missing(t, "the fuse attach backend", err.Error())
+	}
+	sanityrun.Run(t, driver.Seams{
+		Images:    driver.Qcow2Images{},
+		Attachers: []nbdattach.Attacher{fuse},
+	}, "fuse")
 }

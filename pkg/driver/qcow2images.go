@@ -1,0 +1,113 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
+)
+
+// Qcow2Images is the production Images: pkg/qcow2 images served through the
+// NBD adapter (imagebackend.go). It translates the library's lock and
+// existence errors to the driver's sentinels, which the driver's logic tests
+// for; every other qcow2 error keeps its sentinel for toStatus.
+type Qcow2Images struct {
+	// Logger receives the library's messages; nil is silent.
+	Logger *slog.Logger
+}
+
+var _ Images = Qcow2Images{}
+
+// CanGrow is false until pkg/qcow2 has Image.Resize: the driver then
+// advertises no expansion (GrowthReporter).
+func (Qcow2Images) CanGrow() bool { return false }
+
+func imageErr(path string, err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, qcow2.ErrLocked):
+		return fmt.Errorf("image %s: %w: %w", path, ErrInUse, err)
+	case errors.Is(err, fs.ErrNotExist):
+		return fmt.Errorf("image %s: %w: %w", path, ErrNotFound, err)
+	}
+	return fmt.Errorf("image %s: %w", path, err)
+}
+
+func (q Qcow2Images) Create(_ context.Context, path string, size int64, o ImageCreateOptions) error {
+	img, err := qcow2.Create(path, qcow2.CreateOptions{
+		Size:          size,
+		ClusterSize:   o.ClusterSize,
+		LazyRefcounts: o.LazyRefcounts,
+		Preallocation: o.Preallocation,
+		Logger:        q.Logger,
+	})
+	if err != nil {
+		_ = os.Remove(path)
+		return imageErr(path, err)
+	}
+	if err := img.Close(); err != nil {
+		_ = os.Remove(path)
+		return imageErr(path, err)
+	}
+	return nil
+}
+
+func (q Qcow2Images) Open(_ context.Context, path string, readOnly bool) (Image, error) {
+	img, err := qcow2.Open(path, qcow2.OpenOptions{ReadOnly: readOnly, Logger: q.Logger})
+	if err != nil {
+		return nil, imageErr(path, err)
+	}
+	b, err := NewImageBackend(img, ImageBackendOptions{})
+	if err != nil {
+		_ = img.Close()
+		return nil, imageErr(path, err)
+	}
+	return &qcow2Image{img: img, backend: b}, nil
+}
+
+// Size reads the header without taking the image's locks (qemu-img info -U
+// does the same): the image may be open by the node.
+func (q Qcow2Images) Size(_ context.Context, path string) (int64, error) {
+	img, err := qcow2.Open(path, qcow2.OpenOptions{ReadOnly: true, NoLock: true, Logger: q.Logger})
+	if err != nil {
+		return 0, imageErr(path, err)
+	}
+	defer img.Close()
+	return img.Size(), nil
+}
+
+func (q Qcow2Images) Resize(ctx context.Context, path string, size int64) error {
+	img, err := q.Open(ctx, path, false)
+	if err != nil {
+		return err
+	}
+	rerr := img.Resize(ctx, size)
+	if err := img.Close(); rerr == nil {
+		rerr = err
+	}
+	return rerr
+}
+
+type qcow2Image struct {
+	img     *qcow2.Image
+	backend *ImageBackend
+}
+
+func (i *qcow2Image) Size() int64                { return i.img.Size() }
+func (i *qcow2Image) Backend() nbdattach.Backend { return i.backend }
+func (i *qcow2Image) Close() error               { return imageErr(i.img.Path(), i.img.Close()) }
+func (i *qcow2Image) Resize(_ context.Context, size int64) error {
+	if size == i.img.Size() {
+		return nil
+	}
+	if size < i.img.Size() {
+		return fmt.Errorf("image %s: shrinking from %d to %d bytes: %w", i.img.Path(), i.img.Size(), size, ErrOutOfRange)
+	}
+	return fmt.Errorf("image %s: growing needs qcow2 resize, which this build of the image library lacks: %w", i.img.Path(), ErrPrecondition)
+}
