@@ -274,13 +274,15 @@ func (img *Image) StoreBitmaps() error {
 	return img.storeBitmapsLocked(false)
 }
 
-// prepareBitmapsResize is the first half of the resize hook (issue 3): call
-// it, mu held, before the new size is written to the header. Like qemu it
-// refuses to resize an image with inconsistent bitmaps, and it marks every
-// bitmap in_use on disk, so a crash between the header update and
-// finishBitmapsResize leaves bitmaps that are inconsistent (and the image
-// openable) rather than bitmaps of the wrong size.
-func (img *Image) prepareBitmapsResize() error {
+// bitmapsResizeCheck is the first half of the resize hook (issue 3's
+// Resize calls it, mu held, before the new size reaches the header). Like
+// qemu it refuses to resize an image with an inconsistent bitmap; then it
+// marks every bitmap in_use on disk, so a crash between the header update
+// and resizeBitmaps leaves bitmaps that are inconsistent (and an image qemu
+// still opens) rather than bitmaps of the wrong size. Enabled bitmaps of a
+// read-write image are in_use on disk anyway: that flag alone does not
+// make a bitmap inconsistent, Bitmaps() does.
+func (img *Image) bitmapsResizeCheck(newSize int64) error {
 	if len(img.bms.list) == 0 {
 		return nil
 	}
@@ -288,6 +290,9 @@ func (img *Image) prepareBitmapsResize() error {
 		if b.inconsistent {
 			return fmt.Errorf("%w: cannot resize an image with inconsistent bitmap %q; remove it first", ErrBitmapInconsistent, b.name)
 		}
+	}
+	if _, err := checkBitmapSizes(img, newSize); err != nil {
+		return err
 	}
 	changed := false
 	for _, b := range img.bms.list {
@@ -302,10 +307,21 @@ func (img *Image) prepareBitmapsResize() error {
 	return img.rewriteBitmapDirInPlace()
 }
 
-// finishBitmapsResize is the second half: after the header holds newSize,
-// every bitmap is resized as qemu does (bits for new space start clean,
-// bits past a new end are dropped) and stored. mu held.
-func (img *Image) finishBitmapsResize(newSize int64) error {
+// checkBitmapSizes verifies every bitmap can cover newSize bytes.
+func checkBitmapSizes(img *Image, newSize int64) (int, error) {
+	for i, b := range img.bms.list {
+		if _, err := checkBitmapRequest(b.name, int64(1)<<b.granBits, newSize, img.clusterSize); err != nil {
+			return i, err
+		}
+	}
+	return 0, nil
+}
+
+// resizeBitmaps is the second half: once the header holds newSize, every
+// bitmap follows as in qemu (bits for new space start clean, bits past a
+// new end are dropped) and is stored (disabled ones consistent again).
+// mu held.
+func (img *Image) resizeBitmaps(newSize int64) error {
 	if len(img.bms.list) == 0 {
 		return nil
 	}

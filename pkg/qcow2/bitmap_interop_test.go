@@ -2,6 +2,7 @@ package qcow2
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -525,5 +526,64 @@ func TestBitmapsAutoclearCleared(t *testing.T) {
 	}
 	if qb := qemuBitmaps(t, p); len(qb) != 0 {
 		t.Fatalf("qemu still sees bitmaps: %+v", qb)
+	}
+}
+
+// The resize hook pair, driven as Resize (issue 3) drives it: bitmaps
+// follow the new size and qemu reads them afterwards.
+func TestBitmapsResizeHooks(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		newSize int64
+	}{{"grow", 40 << 20}, {"shrink", 5 << 20}} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := filepath.Join(t.TempDir(), "r.qcow2")
+			qemu(t, "qemu-img", "create", "-q", "-f", "qcow2", p, "16M")
+			qemu(t, "qemu-img", "bitmap", "--add", "-g", "4k", p, "live")
+			qemu(t, "qemu-img", "bitmap", "--add", "--disable", p, "frozen")
+			qemu(t, "qemu-io", "-c", "write 0 1", "-c", "write 6M 1M", p)
+			qemu(t, "qemu-img", "bitmap", "--merge", "live", p, "frozen")
+			img, err := Open(p, OpenOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			img.mu.Lock()
+			err = img.bitmapsResizeCheck(tc.newSize)
+			if err == nil {
+				var b [8]byte
+				binary.BigEndian.PutUint64(b[:], uint64(tc.newSize))
+				_, err = img.f.WriteAt(b[:], hdrSize)
+				img.hdr.Size, img.size = uint64(tc.newSize), tc.newSize
+			}
+			if err == nil {
+				err = img.resizeBitmaps(tc.newSize)
+			}
+			img.mu.Unlock()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := img.WriteAt([]byte{1}, tc.newSize-1); err != nil {
+				t.Fatal(err)
+			}
+			if err := img.Close(); err != nil {
+				t.Fatal(err)
+			}
+			qemuCheckClean(t, p)
+			img, err = Open(p, OpenOptions{ReadOnly: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer img.Close()
+			for _, b := range []string{"live", "frozen"} {
+				sameAsQemu(t, img, b, qemuDirtyMap(t, p, b))
+			}
+			want := []BitmapExtent{{0, 4096, true}, {4096, 6<<20 - 4096, false}, {6 << 20, 1 << 20, true}, {7 << 20, tc.newSize - 7<<20 - 4096, false}, {tc.newSize - 4096, 4096, true}}
+			if tc.newSize < 7<<20 {
+				want = []BitmapExtent{{0, 4096, true}, {4096, tc.newSize - 8192, false}, {tc.newSize - 4096, 4096, true}}
+			}
+			if got := ourDirtyMap(t, img, "live"); !reflect.DeepEqual(got, want) {
+				t.Fatalf("live after resize: %v\nwant %v", got, want)
+			}
+		})
 	}
 }
