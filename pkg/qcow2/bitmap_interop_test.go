@@ -587,3 +587,31 @@ func TestBitmapsResizeHooks(t *testing.T) {
 		})
 	}
 }
+
+// BenchmarkImageBitmapExtents1TiB reads the dirty extents of a 64 KiB
+// granularity bitmap over a 1 TiB image after 2000 scattered writes.
+func BenchmarkImageBitmapExtents1TiB(b *testing.B) {
+	p := filepath.Join(b.TempDir(), "tb.qcow2")
+	img, err := Create(p, CreateOptions{Size: 1 << 40})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer img.Close()
+	if err := img.AddBitmap("cbt", BitmapOptions{}); err != nil {
+		b.Fatal(err)
+	}
+	r := rand.New(rand.NewPCG(3, 3))
+	buf := make([]byte, 4096)
+	for i := 0; i < 2000; i++ {
+		if _, err := img.WriteAt(buf, r.Int64N(1<<40-4096)); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		ext, err := img.BitmapExtents("cbt", 0, 1<<40)
+		if err != nil || len(ext) < 2000 {
+			b.Fatalf("%d extents, %v", len(ext), err)
+		}
+	}
+}
