@@ -276,3 +276,47 @@ func FuzzBitmapTable(f *testing.F) {
 		}
 	})
 }
+
+// Hostile bitmap metadata in an otherwise good qemu-made image: Open fails
+// with ErrCorrupt naming the field, never panics or trusts the bitmap.
+func TestOpenHostileBitmaps(t *testing.T) {
+	src := filepath.Join("testdata", "bitmap", "bitmaps-c512.qcow2")
+	orig, err := os.ReadFile(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ext, dir, _, _ := rawBitmapDir(t, src)
+	e, _ := decodeBitmapsExt(ext, 0, 512)
+	dirOff := int64(e.DirOffset)
+	tableOff := int64(binary.BigEndian.Uint64(dir[0:]))
+	for _, tc := range []struct {
+		name  string
+		patch func(b []byte)
+		want  string
+	}{
+		{"table-entry-reserved", func(b []byte) { b[tableOff+7] |= 0x02 }, "bitmap[0].bitmap_table[0]"},
+		{"table-entry-bit8", func(b []byte) { binary.BigEndian.PutUint64(b[tableOff:], 0x10100) }, "reserved bits 0x100 set"},
+		{"table-entry-past-eof", func(b []byte) { binary.BigEndian.PutUint64(b[tableOff:], 1<<30) }, "past the end of the file"},
+		{"table-size-wrong", func(b []byte) { binary.BigEndian.PutUint32(b[dirOff+8:], 2) }, "bitmap[0].bitmap_table_size"},
+		{"dir-granularity", func(b []byte) { b[dirOff+17] = 40 }, "granularity_bits"},
+		{"dir-name-size", func(b []byte) { binary.BigEndian.PutUint16(b[dirOff+18:], 0xffff) }, "runs past the end of the bitmap directory"},
+		{"dir-flags", func(b []byte) { b[dirOff+15] |= 0x80 }, "reserved bits"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := append([]byte(nil), orig...)
+			tc.patch(b)
+			p := filepath.Join(t.TempDir(), "h.qcow2")
+			if err := os.WriteFile(p, b, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			img, err := Open(p, OpenOptions{ReadOnly: true})
+			if err == nil {
+				img.Close()
+				t.Fatal("hostile bitmap metadata accepted")
+			}
+			if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want ErrCorrupt mentioning %q", err, tc.want)
+			}
+		})
+	}
+}
