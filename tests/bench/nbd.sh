@@ -7,7 +7,9 @@
 # ("first-touch": reads of unallocated space, writes that allocate).
 #
 # Each row runs the two servers alternately REPEAT times (RUNTIME seconds a
-# run, on a fresh copy of the same image) and keeps each server's best run,
+# run) and keeps each server's best run. "allocated" rows all use one image,
+# written in full once; "first-touch" runs each get a new empty image. Both
+# servers serve the same file, one after the other,
 # so that a burst of load from elsewhere on a shared machine does not decide
 # a row.
 #
@@ -19,7 +21,7 @@ cd "$(dirname "$0")/../.."
 
 RUNTIME=${RUNTIME:-3}
 REPEAT=${REPEAT:-2}
-SIZE=${SIZE:-1G}
+SIZE=${SIZE:-512M}
 for p in fio qemu-nbd qemu-img qemu-io; do
   command -v "$p" >/dev/null || { echo "nbd.sh: $p is missing (run hack/deps.sh)" >&2; exit 1; }
 done
@@ -86,8 +88,7 @@ run_fio() {
 }
 
 rows=("randread 4k 32" "randwrite 4k 32" "read 1M 8" "write 1M 8")
-make_image "$work/master-allocated.$FORMAT" allocated
-make_image "$work/master-first-touch.$FORMAT" empty
+make_image "$work/allocated.$FORMAT" allocated
 printf 'format=%s size=%s, best of %d runs of %ss per server and row, fio nbd engine over a unix socket\n' "$FORMAT" "$SIZE" "$REPEAT" "$RUNTIME"
 printf '%-11s %-10s %-4s %-3s | %10s %9s | %10s %9s | %6s\n' image rw bs qd "qemu IOPS" "MiB/s" "ours IOPS" "MiB/s" ratio
 for mode in allocated first-touch; do
@@ -96,12 +97,15 @@ for mode in allocated first-touch; do
     declare -A res=([qemu]="0 0" [ours]="0 0")
     for _ in $(seq "$REPEAT"); do
       for srv in qemu ours; do
-        img="$work/$srv.$FORMAT"
-        cp --sparse=always "$work/master-$mode.$FORMAT" "$img"
+        img="$work/allocated.$FORMAT"
+        if [ "$mode" = first-touch ]; then
+          img="$work/first-touch.$FORMAT"
+          rm -f "$img"
+          make_image "$img" empty
+        fi
         start_server "$srv" "$img" "$work/$srv.sock"
         r=$(run_fio "nbd+unix:///?socket=$work/$srv.sock" "$1" "$2" "$3" "$mode")
         stop_server
-        rm -f "$img"
         read -r best _ <<<"${res[$srv]}"
         read -r iops _ <<<"$r"
         if [ "${iops:-0}" -gt "$best" ]; then res[$srv]=$r; fi
