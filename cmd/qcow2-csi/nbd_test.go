@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -151,4 +152,34 @@ func TestNBDFlagsOnTheWire(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TCP only when asked: -b/-p listen on TCP and the export is reachable there.
+func TestNBDTCP(t *testing.T) {
+	img := rawImage(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	o, err := parseNBDFlags([]string{"-t", "-b", "127.0.0.1", "-p", strconv.Itoa(port), "-f", "raw", img}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- serveNBD(o) }()
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	for range 200 {
+		if c, err := net.Dial("tcp", addr); err == nil {
+			c.Close()
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	out, err := runPeer(t, "nbdinfo", "--size", "nbd://"+addr)
+	if err != nil || strings.TrimSpace(out) != "8388608" {
+		t.Fatalf("nbdinfo --size over TCP: %q %v", out, err)
+	}
+	stopNBD(t, done)
 }
