@@ -12,6 +12,9 @@ import (
 // TestMain silences the driver's klog output (every RPC logs) unless
 // QCOW2_CSI_TEST_LOG is set; failures carry their own messages.
 func TestMain(m *testing.M) {
+	if pool := os.Getenv(envServe); pool != "" {
+		os.Exit(serveChild(pool))
+	}
 	if os.Getenv("QCOW2_CSI_TEST_LOG") == "" {
 		fs := flag.NewFlagSet("klog", flag.ContinueOnError)
 		klog.InitFlags(fs)

@@ -1,7 +1,10 @@
 package driver_test
 
 import (
+	"bufio"
 	"context"
+	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -61,27 +64,39 @@ func mountsUnder(t *testing.T, dir string) []string {
 }
 
 type nodeEnv struct {
-	t     *testing.T
-	srv   *drivertest.Server
-	c     clients
-	loop  *drivertest.LoopAttacher
-	opts  driver.Options
-	dir   string
-	ctx   context.Context
-	pool  string
-	seams driver.Seams
-	vctx  map[string]map[string]string // volume context from CreateVolume
+	t       *testing.T
+	backend string // "loop" (raw images, in process) or "nbd" (qcow2, child process)
+	srv     *drivertest.Server
+	child   *exec.Cmd
+	c       clients
+	loop    *drivertest.LoopAttacher
+	opts    driver.Options
+	dir     string
+	ctx     context.Context
+	pool    string
+	seams   driver.Seams
+	vctx    map[string]map[string]string // volume context from CreateVolume
 }
 
-func newNodeEnv(t *testing.T) *nodeEnv {
+func newNodeEnv(t *testing.T) *nodeEnv { return newNodeEnvOn(t, "loop") }
+
+// newNodeEnvOn starts a driver on a backend: "loop" serves raw images as
+// loop devices in this process; "nbd" serves qcow2 images through the kernel
+// NBD driver from a child process (the test binary in serve mode, see
+// TestMain), so that a restart is a real kill -9 of the serving process.
+func newNodeEnvOn(t *testing.T, backend string) *nodeEnv {
 	needMounts(t)
 	dir := t.TempDir()
-	e := &nodeEnv{t: t, loop: &drivertest.LoopAttacher{}, dir: dir, ctx: context.Background()}
+	e := &nodeEnv{t: t, backend: backend, loop: &drivertest.LoopAttacher{}, dir: dir, ctx: context.Background()}
 	e.opts = driver.Options{Pool: filepath.Join(dir, "pool"), NodeID: "test-node", ControllerExpand: true}
 	e.pool = e.opts.Pool
 	e.seams = driver.Seams{Images: drivertest.RawImages{}, Attachers: []nbdattach.Attacher{e.loop}}
 	e.start()
 	t.Cleanup(func() {
+		if e.child != nil {
+			e.child.Process.Kill()
+			e.child.Wait()
+		}
 		if l := loopsOf(t, dir); len(l) > 0 {
 			t.Errorf("leaked loop devices: %v", l)
 			for _, d := range l {
@@ -94,17 +109,96 @@ func newNodeEnv(t *testing.T) *nodeEnv {
 				unix.Unmount(m[i], unix.MNT_DETACH)
 			}
 		}
+		if backend == "nbd" {
+			devs, err := nbdattach.NewKernelAttacher(nbdattach.KernelOptions{}).List(context.Background())
+			if err != nil {
+				t.Error(err)
+			}
+			for _, d := range devs {
+				if strings.HasPrefix(d.ID, "vol-") {
+					t.Errorf("leaked nbd device: %+v", d)
+				}
+			}
+		}
 	})
 	return e
 }
 
-// start (re)starts the driver on the same pool, as a plugin restart does.
+// start (re)starts the driver on the same pool. For "loop" the old server
+// stops and closes its images (devices stay, as after a crash: the loop
+// attacher forgets them); for "nbd" the serving child is killed with SIGKILL
+// and a new one started.
 func (e *nodeEnv) start() {
+	if e.backend == "nbd" {
+		e.startChild()
+		return
+	}
 	if e.srv != nil {
 		e.srv.Stop(e.t)
+		e.loop.Forget()
 	}
 	e.srv = drivertest.Start(e.t, e.opts, e.seams)
 	e.c = dial(e.t, e.srv)
+}
+
+const envServe = "QCOW2_CSI_TEST_SERVE" // pool directory; socket next to it
+
+func (e *nodeEnv) startChild() {
+	t := e.t
+	if e.child != nil {
+		e.child.Process.Signal(syscall.SIGKILL)
+		e.child.Wait()
+	}
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append(os.Environ(), envServe+"="+e.pool)
+	cmd.Stderr = os.Stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	line, err := bufio.NewReader(out).ReadString('\n')
+	go io.Copy(io.Discard, out)
+	sock, ok := strings.CutPrefix(strings.TrimSpace(line), "READY ")
+	if err != nil || !ok {
+		cmd.Process.Kill()
+		cmd.Wait()
+		t.Fatalf("serving child: %q, %v", line, err)
+	}
+	e.child = cmd
+	e.c = dial(t, &drivertest.Server{Socket: sock})
+}
+
+// serveChild is the test binary in serve mode: a node plugin on qcow2
+// images and the kernel NBD driver, as `qcow2-csi serve` wires it. It prints
+// "READY <socket>" once Start (re-attach included) is done and serves until
+// killed.
+func serveChild(pool string) int {
+	d, err := driver.New(driver.Options{Pool: pool, NodeID: "test-node", ControllerExpand: true, AttachBackend: "nbd"},
+		driver.Seams{Images: driver.Qcow2Images{}, Attachers: []nbdattach.Attacher{nbdattach.NewKernelAttacher(nbdattach.KernelOptions{})}})
+	if err != nil {
+		fmt.Println("ERROR", err)
+		return 1
+	}
+	ctx := context.Background()
+	if err := d.Start(ctx); err != nil {
+		fmt.Println("ERROR", err)
+		return 1
+	}
+	sock := filepath.Join(filepath.Dir(pool), "csi.sock")
+	lis, err := driver.Listen(sock)
+	if err != nil {
+		fmt.Println("ERROR", err)
+		return 1
+	}
+	fmt.Println("READY", sock)
+	if err := d.Serve(ctx, lis); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
 }
 
 func (e *nodeEnv) create(name string, size int64, params map[string]string, c *csi.VolumeCapability) string {
@@ -346,8 +440,10 @@ func TestNodeBlockLifecycle(t *testing.T) {
 // TestNodeRestart: a plugin restart with volumes staged and published finds
 // their devices again (Reattach) before Probe says ready; the volumes keep
 // their data and unstage cleanly afterwards.
-func TestNodeRestart(t *testing.T) {
-	e := newNodeEnv(t)
+func TestNodeRestart(t *testing.T) { testNodeRestart(t, "loop") }
+
+func testNodeRestart(t *testing.T, backend string) {
+	e := newNodeEnvOn(t, backend)
 	c := capMount(rw, "ext4")
 	id := e.create("pvc-restart", 64<<20, nil, c)
 	staging := e.stage(id, c)
@@ -355,8 +451,7 @@ func TestNodeRestart(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(target, "f"), []byte("kept"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	e.loop.Forget() // the new process knows nothing but what is on disk
-	e.start()
+	e.start() // the new process knows nothing but what is on disk
 	p, err := e.c.Probe(e.ctx, &csi.ProbeRequest{})
 	if err != nil || !p.GetReady().GetValue() {
 		t.Fatalf("Probe after restart = %v, %v", p, err)
@@ -368,8 +463,15 @@ func TestNodeRestart(t *testing.T) {
 	if b, err := os.ReadFile(filepath.Join(target, "f")); err != nil || string(b) != "kept" {
 		t.Fatalf("data after restart: %q, %v", b, err)
 	}
-	// Online expansion through the re-opened image works too.
-	e.nodeExpand(id, target, &csi.CapacityRange{RequiredBytes: 128 << 20}, "ext4", 128<<20)
+	// Online expansion through the re-opened image works too (qcow2 images
+	// grow once pkg/qcow2 can resize: Qcow2Images.CanGrow).
+	if backend == "loop" {
+		e.nodeExpand(id, target, &csi.CapacityRange{RequiredBytes: 128 << 20}, "ext4", 128<<20)
+	}
+	if err := os.WriteFile(filepath.Join(target, "g"), []byte("after restart"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	unix.Sync()
 	e.teardown(id, staging, target)
 }
 

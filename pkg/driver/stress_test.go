@@ -25,8 +25,12 @@ import (
 // the wrong state); no call may hang; the restart must lose no volume and no
 // staged device; at the end, after a clean teardown, no file, device or mount
 // may be left.
-func TestConcurrentMixedCalls(t *testing.T) {
-	e := newNodeEnv(t)
+func TestConcurrentMixedCalls(t *testing.T) { testConcurrentMixedCalls(t, "loop", 3) }
+
+// testConcurrentMixedCalls runs the mix on backend; one volume in fsEvery is
+// a filesystem (mkfs on first stage), the others raw block.
+func testConcurrentMixedCalls(t *testing.T, backend string, fsEvery int) {
+	e := newNodeEnvOn(t, backend)
 	const (
 		workers = 10
 		calls   = 1000
@@ -36,9 +40,9 @@ func TestConcurrentMixedCalls(t *testing.T) {
 	caps := make([]*csi.VolumeCapability, volumes)
 	for i := range names {
 		names[i] = fmt.Sprintf("pvc-stress-%02d", i)
-		caps[i] = capMount(rw, "ext4")
-		if i%3 == 0 {
-			caps[i] = capBlock(rw)
+		caps[i] = capBlock(rw)
+		if i%fsEvery == 0 {
+			caps[i] = capMount(rw, "ext4")
 		}
 	}
 	var (
@@ -145,7 +149,6 @@ func TestConcurrentMixedCalls(t *testing.T) {
 
 	run(calls/2, 1)
 	vols, staged := snapshot()
-	e.loop.Forget()
 	e.start()
 	if p, err := e.c.Probe(e.ctx, &csi.ProbeRequest{}); err != nil || !p.GetReady().GetValue() {
 		t.Fatalf("Probe after restart = %v, %v", p, err)

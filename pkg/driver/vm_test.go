@@ -1,0 +1,46 @@
+//go:build linux
+
+package driver_test
+
+import (
+	"testing"
+
+	"github.com/qcow2-csi/qcow2-csi/tests/vm/vmharness"
+)
+
+// TestNodeInVM boots a real kernel with nbd.ko (tests/vm/vmharness) and runs
+// the TestGuest* tests of this package there: the node tests that need what
+// this host lacks, nbd above all, and CAP_SYS_RESOURCE for ext4's online
+// resize.
+func TestNodeInVM(t *testing.T) {
+	if vmharness.InVM() {
+		t.Skip("host-side entry test")
+	}
+	vmharness.RunGoTest(t, ".", "^TestGuest", vmharness.Options{Tools: []string{"losetup"}})
+}
+
+// TestGuestNBDRestart: volumes staged through /dev/nbdN survive a kill -9
+// of the node plugin; the new process re-attaches them (nbdattach Reattach)
+// before it reports ready, and I/O goes on through the new server.
+func TestGuestNBDRestart(t *testing.T) {
+	vmharness.Guest(t)
+	testNodeRestart(t, "nbd")
+}
+
+// TestGuestNBDConcurrent: the 1000-call mix on qcow2 images and /dev/nbdN,
+// with the plugin killed and restarted halfway.
+func TestGuestNBDConcurrent(t *testing.T) {
+	vmharness.Guest(t)
+	testConcurrentMixedCalls(t, "nbd", 6)
+}
+
+// TestGuestLoopExpansion: the lifecycle and expansion tests where ext4's
+// online resize is allowed (root in the VM has CAP_SYS_RESOURCE).
+func TestGuestLoopExpansion(t *testing.T) {
+	vmharness.Guest(t)
+	if !canGrowOnline("ext4") {
+		t.Fatal("no CAP_SYS_RESOURCE in the VM")
+	}
+	t.Run("lifecycle", TestNodeFilesystemLifecycle)
+	t.Run("offline", TestNodeOfflineExpand)
+}
