@@ -73,6 +73,17 @@ func (img *Image) trackBitmapWrite(off, n int64) {
 	}
 }
 
+// markWritten runs the write hooks for a whole request. Discard uses it so
+// that dirty bitmaps record the range asked for, as qemu's write-request
+// completion does, also where partial clusters were left alone.
+func (img *Image) markWritten(off, n int64) {
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	for _, h := range img.writeHooks {
+		h(off, n)
+	}
+}
+
 // loadBitmaps loads the directory the core decoded (img.bitmapDir) and the
 // bitmaps' data, and on a read-write open marks the enabled bitmaps in_use.
 // Called once from open, before the image is shared.

@@ -40,11 +40,16 @@ func (img *Image) Discard(off, n int64) error {
 		e = alignUp(off+n, img.clusterSize)
 	}
 	if e <= s {
+		img.markWritten(off, n)
 		return nil
 	}
 	tok := img.ranges.lock(s, e, true)
 	defer img.ranges.unlock(tok)
-	return img.zeroRange(s, min(e, img.Size())-s, ZeroMayUnmap, true)
+	if err := img.zeroRange(s, min(e, img.Size())-s, ZeroMayUnmap, true); err != nil {
+		return err
+	}
+	img.markWritten(off, n)
+	return nil
 }
 
 // zeroRange implements WriteZeroes and Discard; the range is held.
