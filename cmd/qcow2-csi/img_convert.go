@@ -13,7 +13,7 @@ import (
 func init() {
 	registerImgCommand(imgCommand{
 		name:  "convert",
-		usage: "convert [-c] [-f fmt] [-O output_fmt] [-o options] [-S sparse_size] [-m num_coroutines] [-W] [-n] [-U] [-p] [-q] filename output_filename",
+		usage: "convert [-c] [-f fmt] [-O output_fmt] [-o options] [-S sparse_size] [-t cache] [-m num_coroutines] [-W] [-n] [-U] [-p] [-q] filename output_filename",
 		run:   runImgConvert,
 	})
 }
@@ -24,11 +24,17 @@ type convertTarget interface {
 	Close() error
 }
 
-type rawTarget struct{ f *os.File }
+type rawTarget struct {
+	f    *os.File
+	sync bool
+}
 
 func (r rawTarget) WriteAt(p []byte, off int64) (int, error) { return r.f.WriteAt(p, off) }
 func (r rawTarget) Close() error {
-	err := r.f.Sync()
+	var err error
+	if r.sync {
+		err = r.f.Sync()
+	}
 	if cerr := r.f.Close(); err == nil {
 		err = cerr
 	}
@@ -38,6 +44,7 @@ func (r rawTarget) Close() error {
 type convertJob struct {
 	off, n int64
 	zero   bool // the source reads as zeroes here
+	seq    int64
 }
 
 type converter struct {
@@ -49,8 +56,15 @@ type converter struct {
 	sparse    int64 // -S granularity; 0: write everything
 	existing  bool  // -n: the target may hold old data
 	unitSize  int64
+	sync      bool // -t other than unsafe: make the target durable
 	clusterSz int64
 	firstErr  error
+	// Reads run in parallel, writes in source order (qemu-img convert
+	// without -W): parallel buffered writes to one file contend on its
+	// inode lock and end up slower.
+	orderMu   sync.Mutex
+	orderCond *sync.Cond
+	nextWrite int64
 	errOnce   sync.Once
 }
 
@@ -86,6 +100,15 @@ func runImgConvert(args []string) int {
 		return imgErr("Unknown file format '%s' (supported: qcow2, raw)", outFmt)
 	}
 	c := &converter{compress: pa.has("c"), sparse: 4096, existing: pa.has("n"), unitSize: 2 << 20}
+	// qemu-img convert writes its target with cache=unsafe unless -t says
+	// otherwise: no fsync.
+	switch t, _ := pa.get("t"); t {
+	case "", "unsafe":
+	case "writeback", "writethrough", "none", "directsync":
+		c.sync = true
+	default:
+		return imgErr("Invalid cache option: %s", t)
+	}
 	if c.compress && outFmt != "qcow2" {
 		return imgErr("Compression not supported for this file format")
 	}
@@ -143,13 +166,14 @@ func (c *converter) openTarget(out, format string, size int64, cs *createSetting
 	case format == "qcow2" && !c.existing:
 		o := cs.opts
 		o.Size = size
+		o.NoSync = !c.sync
 		img, err := qcow2.Create(out, o)
 		if err != nil {
 			return fmt.Errorf("%s: %s", out, trimQcow2(err))
 		}
 		c.qdst, c.dst = img, img
 	case format == "qcow2":
-		img, err := qcow2.Open(out, qcow2.OpenOptions{})
+		img, err := qcow2.Open(out, qcow2.OpenOptions{NoSync: !c.sync})
 		if err != nil {
 			return fmt.Errorf("Could not open '%s': %v", out, unwrapPathErr(err))
 		}
@@ -168,7 +192,7 @@ func (c *converter) openTarget(out, format string, size int64, cs *createSetting
 		if err != nil {
 			return fmt.Errorf("Could not open '%s': %v", out, unwrapPathErr(err))
 		}
-		c.rawDst, c.dst = f, rawTarget{f}
+		c.rawDst, c.dst = f, rawTarget{f, c.sync}
 	}
 	c.clusterSz = 512
 	if c.qdst != nil {
@@ -187,6 +211,7 @@ func (c *converter) fail(err error) {
 // target (it reads as zeroes already).
 func (c *converter) run(size int64, workers int) error {
 	jobs := make(chan convertJob, workers*2)
+	c.orderCond = sync.NewCond(&c.orderMu)
 	var wg sync.WaitGroup
 	for i := 0; i < workers; i++ {
 		wg.Add(1)
@@ -194,16 +219,21 @@ func (c *converter) run(size int64, workers int) error {
 			defer wg.Done()
 			buf := make([]byte, c.unitSize)
 			for j := range jobs {
-				if c.firstErr != nil {
-					continue
+				if c.firstErr == nil {
+					if err := c.do(j, buf); err != nil {
+						c.fail(err)
+					}
 				}
-				if err := c.do(j, buf); err != nil {
-					c.fail(err)
-				}
+				c.waitTurn(j.seq) // no-op when do already took its turn
+				c.orderMu.Lock()
+				c.nextWrite = j.seq + 1
+				c.orderCond.Broadcast()
+				c.orderMu.Unlock()
 			}
 		}()
 	}
 	const statusChunk = 1 << 30
+	var seq int64
 	for off := int64(0); off < size && c.firstErr == nil; {
 		n := min(int64(statusChunk), size-off)
 		exts, err := c.src.BlockStatus(off, n)
@@ -219,7 +249,8 @@ func (c *converter) run(size int64, workers int) error {
 			// Units aligned to unitSize so compressed clusters stay whole.
 			for p := x.Start; p < x.Start+x.Length; {
 				end := min(x.Start+x.Length, (p/c.unitSize+1)*c.unitSize)
-				jobs <- convertJob{off: p, n: end - p, zero: zero}
+				jobs <- convertJob{off: p, n: end - p, zero: zero, seq: seq}
+				seq++
 				p = end
 			}
 		}
@@ -234,14 +265,25 @@ func (c *converter) run(size int64, workers int) error {
 	return c.firstErr
 }
 
+// waitTurn blocks until the jobs before seq have written.
+func (c *converter) waitTurn(seq int64) {
+	c.orderMu.Lock()
+	for c.nextWrite < seq {
+		c.orderCond.Wait()
+	}
+	c.orderMu.Unlock()
+}
+
 func (c *converter) do(j convertJob, buf []byte) error {
 	if j.zero {
+		c.waitTurn(j.seq)
 		return c.writeZero(j.off, j.n)
 	}
 	b := buf[:j.n]
 	if n, err := c.src.ReadAt(b, j.off); n != len(b) {
 		return fmt.Errorf("read at %d: %w", j.off, err)
 	}
+	c.waitTurn(j.seq)
 	if c.compress {
 		return c.writeCompressed(b, j.off)
 	}

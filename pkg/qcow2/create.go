@@ -43,6 +43,8 @@ type CreateOptions struct {
 	BackingFile string
 	// BackingFormat is "qcow2" or "raw"; empty probes the backing file.
 	BackingFormat string
+	// NoSync opens the new image with OpenOptions.NoSync.
+	NoSync bool
 	// Logger receives messages; nil is silent.
 	Logger *slog.Logger
 }
@@ -137,7 +139,7 @@ func Create(path string, opts CreateOptions) (*Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	img, err := Open(path, OpenOptions{Logger: opts.Logger, NoBacking: opts.BackingFile != "" && opts.Preallocation == PreallocOff})
+	img, err := Open(path, OpenOptions{Logger: opts.Logger, NoSync: opts.NoSync, NoBacking: opts.BackingFile != "" && opts.Preallocation == PreallocOff})
 	if err != nil {
 		return nil, err
 	}

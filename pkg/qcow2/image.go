@@ -27,6 +27,11 @@ type OpenOptions struct {
 	// NoBacking opens the image without its backing file; unallocated
 	// clusters then read as zeroes.
 	NoBacking bool
+	// NoSync never calls fsync (qemu's cache=unsafe, what qemu-img
+	// convert uses for its target): metadata is still written in the
+	// crash-safe order, but nothing is durable until the OS writes it back.
+	// For images that are rebuilt from scratch after a crash.
+	NoSync bool
 	// Logger receives debug and warning messages; nil means silent.
 	Logger *slog.Logger
 
@@ -100,7 +105,8 @@ type Image struct {
 	// checking: opened by OpenForCheck.
 	checking bool
 
-	lock *imageLock
+	lock   *imageLock
+	noSync bool
 
 	// compCursor is the host byte offset where the next compressed
 	// cluster may be packed (0: start a new cluster).
@@ -137,7 +143,7 @@ func openImage(path string, opts OpenOptions, depth int) (_ *Image, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("qcow2: open: %w", err)
 	}
-	img := &Image{f: f, path: path, readOnly: opts.ReadOnly, log: opts.Logger, checking: opts.checking}
+	img := &Image{f: f, path: path, readOnly: opts.ReadOnly, log: opts.Logger, checking: opts.checking, noSync: opts.NoSync}
 	defer func() {
 		if err != nil {
 			img.closeFiles()
@@ -390,7 +396,7 @@ func (img *Image) Close() error {
 			img.hdr.Incompatible &^= IncompatDirty
 			err = img.writeHeader()
 			if err == nil {
-				err = ioErr("fsync", img.f.Sync())
+				err = img.fsync()
 			}
 		}
 	}

@@ -496,6 +496,11 @@ func (img *Image) syncRefcounts(sync bool) error {
 }
 
 func (img *Image) fsync() error {
+	if img.noSync {
+		// cache=unsafe: the write order is kept, durability is not.
+		img.rcSynced, img.metaUnsynced = true, false
+		return nil
+	}
 	if err := img.f.Sync(); err != nil {
 		return ioErr("fsync", err)
 	}
