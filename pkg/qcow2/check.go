@@ -397,60 +397,60 @@ func (st *checkState) checkCopied(mode RepairMode) error {
 	type l2fix struct{ i2, e int64 }
 	l2Fixes := map[int64][]l2fix{} // L2 table offset -> entries to rewrite
 	var l2Order []int64
-	err := img.walkReferences(walkOptions{Bad: func(string, error) {}}, func(r reference) error {
-		if r.Snapshot != -1 {
-			return nil
+	// Only the active tables carry meaningful COPIED flags, so this pass
+	// reads just those (qemu's check_oflag_copied), not the snapshots'.
+	cs := img.clusterSize
+	for i1, e := range img.l1 {
+		o := e.offset()
+		if o == 0 || o%cs != 0 || o+cs > st.fileLen {
+			continue // reported by the reference pass
 		}
-		switch r.Kind {
-		case refL2:
-			rc, ok := refcount(r.Off)
-			if !ok {
-				return nil
-			}
-			e := l1Entry(r.Entry)
-			if (rc == 1) != e.copied() {
-				res.msg("%s OFLAG_COPIED L2 cluster: l1_index=%d l1_entry=%x refcount=%d", repairWord(repair), r.L1Index, r.Entry, rc)
-				if !repair {
-					res.Corruptions++
-					return nil
-				}
+		if rc, ok := refcount(o); ok && (rc == 1) != e.copied() {
+			res.msg("%s OFLAG_COPIED L2 cluster: l1_index=%d l1_entry=%x refcount=%d", repairWord(repair), i1, uint64(e), rc)
+			if !repair {
+				res.Corruptions++
+			} else {
 				ne := l1Entry(uint64(e) &^ oflagCopied)
 				if rc == 1 {
 					ne |= l1Entry(oflagCopied)
 				}
-				if err := img.writeL1Entry(r.L1Index, ne); err != nil {
+				if err := img.writeL1Entry(int64(i1), ne); err != nil {
 					res.CheckErrors++
 					return err
 				}
 				res.CorruptionsFixed++
 			}
-		case refData:
-			rc, ok := refcount(r.Off)
-			if !ok {
-				return nil
-			}
-			if (rc == 1) != l2Entry(r.Entry).copied() {
-				res.msg("%s OFLAG_COPIED data cluster: l2_entry=%x refcount=%d", repairWord(repair), r.Entry, rc)
-				if !repair {
-					res.Corruptions++
-					return nil
-				}
-				ne := int64(r.Entry &^ oflagCopied)
-				if rc == 1 {
-					ne = int64(r.Entry | oflagCopied)
-				}
-				l2 := img.l1[r.L1Index].offset()
-				if _, ok := l2Fixes[l2]; !ok {
-					l2Order = append(l2Order, l2)
-				}
-				l2Fixes[l2] = append(l2Fixes[l2], l2fix{r.L2Index, ne})
-			}
 		}
-		return nil
-	})
-	if err != nil {
-		res.CheckErrors++
-		return err
+		tbl, err := img.readL2Table(o)
+		if err != nil {
+			res.CheckErrors++
+			res.msg("ERROR: Could not read L2 table: %v", err)
+			return err
+		}
+		for i2 := int64(0); i2 < img.l2Entries; i2++ {
+			le, _, _ := img.decodeL2(tbl, i2, o)
+			d := le.offset()
+			if le.compressed() || d == 0 {
+				continue
+			}
+			rc, ok := refcount(d)
+			if !ok || (rc == 1) == le.copied() {
+				continue
+			}
+			res.msg("%s OFLAG_COPIED data cluster: l2_entry=%x refcount=%d", repairWord(repair), uint64(le), rc)
+			if !repair {
+				res.Corruptions++
+				continue
+			}
+			ne := int64(uint64(le) &^ oflagCopied)
+			if rc == 1 {
+				ne = int64(uint64(le) | oflagCopied)
+			}
+			if _, ok := l2Fixes[o]; !ok {
+				l2Order = append(l2Order, o)
+			}
+			l2Fixes[o] = append(l2Fixes[o], l2fix{i2, ne})
+		}
 	}
 	for _, l2 := range l2Order {
 		n, err := img.patchL2Entries(l2, func(tbl []byte) int {
