@@ -19,9 +19,9 @@ import (
 
 // Benchmarks of the RPCs a user waits on, through the gRPC socket. Each
 // reports p50 and p99 latencies besides ns/op; tests/bench/driver.sh runs them
-// with -benchtime=200x. The image library is benchSeams' (qcow2 when built
-// with it), the attach backend the loop device of drivertest (this host has no
-// nbd; the NBD data path is measured by tests/bench/nbd.sh).
+// with -benchtime=200x. Images are qcow2 (pkg/qcow2); the attach backend is
+// fuse, since this host's kernel has no nbd (the NBD data path is measured by
+// tests/bench/nbd.sh).
 
 type latencies []time.Duration
 
@@ -92,9 +92,12 @@ func BenchmarkDeleteVolume(b *testing.B) {
 // volume; unpublish, unstage and delete run outside the timer.
 func BenchmarkNodeStagePublish(b *testing.B) {
 	peer.Root(b)
-	peer.Require(b, "losetup")
 	peer.Require(b, "mkfs.ext4")
-	c, dir := benchServer(b, &drivertest.LoopAttacher{})
+	fuse := nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: filepath.Join(b.TempDir(), "fuse")})
+	if err := fuse.Available(); err != nil {
+		peer.Missing(b, "the fuse attach backend", err.Error())
+	}
+	c, dir := benchServer(b, fuse)
 	ctx := context.Background()
 	capab := capMount(rw, "ext4")
 	var l latencies
@@ -135,4 +138,4 @@ func BenchmarkNodeStagePublish(b *testing.B) {
 }
 
 // benchImages is the image library the benchmarks run on.
-func benchImages() driver.Images { return drivertest.RawImages{} }
+func benchImages() driver.Images { return driver.Qcow2Images{} }
