@@ -13,7 +13,7 @@ import (
 // QCOW2_CSI_TEST_LOG is set; failures carry their own messages.
 func TestMain(m *testing.M) {
 	if pool := os.Getenv(envServe); pool != "" {
-		os.Exit(serveChild(pool))
+		os.Exit(serveChild(pool, os.Getenv(envBackend)))
 	}
 	if os.Getenv("QCOW2_CSI_TEST_LOG") == "" {
 		fs := flag.NewFlagSet("klog", flag.ContinueOnError)

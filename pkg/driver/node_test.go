@@ -65,7 +65,7 @@ func mountsUnder(t *testing.T, dir string) []string {
 
 type nodeEnv struct {
 	t       *testing.T
-	backend string // "loop" (raw images, in process) or "nbd" (qcow2, child process)
+	backend string // "loop" (raw images, in process); "nbd" or "fuse" (qcow2, child process)
 	srv     *drivertest.Server
 	child   *exec.Cmd
 	c       clients
@@ -129,7 +129,7 @@ func newNodeEnvOn(t *testing.T, backend string) *nodeEnv {
 // attacher forgets them); for "nbd" the serving child is killed with SIGKILL
 // and a new one started.
 func (e *nodeEnv) start() {
-	if e.backend == "nbd" {
+	if e.backend != "loop" {
 		e.startChild()
 		return
 	}
@@ -141,7 +141,10 @@ func (e *nodeEnv) start() {
 	e.c = dial(e.t, e.srv)
 }
 
-const envServe = "QCOW2_CSI_TEST_SERVE" // pool directory; socket next to it
+const (
+	envServe   = "QCOW2_CSI_TEST_SERVE"   // pool directory; socket next to it
+	envBackend = "QCOW2_CSI_TEST_BACKEND" // nbd or fuse
+)
 
 func (e *nodeEnv) startChild() {
 	t := e.t
@@ -150,7 +153,7 @@ func (e *nodeEnv) startChild() {
 		e.child.Wait()
 	}
 	cmd := exec.Command(os.Args[0])
-	cmd.Env = append(os.Environ(), envServe+"="+e.pool)
+	cmd.Env = append(os.Environ(), envServe+"="+e.pool, envBackend+"="+e.backend)
 	cmd.Stderr = os.Stderr
 	out, err := cmd.StdoutPipe()
 	if err != nil {
@@ -172,12 +175,16 @@ func (e *nodeEnv) startChild() {
 }
 
 // serveChild is the test binary in serve mode: a node plugin on qcow2
-// images and the kernel NBD driver, as `qcow2-csi serve` wires it. It prints
-// "READY <socket>" once Start (re-attach included) is done and serves until
-// killed.
-func serveChild(pool string) int {
-	d, err := driver.New(driver.Options{Pool: pool, NodeID: "test-node", ControllerExpand: true, AttachBackend: "nbd"},
-		driver.Seams{Images: driver.Qcow2Images{}, Attachers: []nbdattach.Attacher{nbdattach.NewKernelAttacher(nbdattach.KernelOptions{})}})
+// images and the backend named (nbd or fuse), as `qcow2-csi serve` wires
+// them. It prints "READY <socket>" once Start (re-attach included) is done
+// and serves until killed.
+func serveChild(pool, backend string) int {
+	var a nbdattach.Attacher = nbdattach.NewKernelAttacher(nbdattach.KernelOptions{})
+	if backend == "fuse" {
+		a = nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: filepath.Join(filepath.Dir(pool), "fuse")})
+	}
+	d, err := driver.New(driver.Options{Pool: pool, NodeID: "test-node", ControllerExpand: true, AttachBackend: backend},
+		driver.Seams{Images: driver.Qcow2Images{}, Attachers: []nbdattach.Attacher{a}})
 	if err != nil {
 		fmt.Println("ERROR", err)
 		return 1
@@ -507,4 +514,48 @@ func TestNodeOfflineExpand(t *testing.T) {
 			e.teardown(id, staging, target)
 		})
 	}
+}
+
+// TestNodeRestartFuse: fuse devices cannot outlive their serving process
+// (docs/driver.md). After a kill -9 the new plugin starts, reports the volume
+// abnormal with the backend's reason, refuses to publish it, and unstaging
+// cleans everything up; staging it again gives back the data synced before
+// the kill.
+func TestNodeRestartFuse(t *testing.T) {
+	peer.Root(t)
+	if err := nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: t.TempDir()}).Available(); err != nil {
+		peer.Missing(t, "the fuse attach backend", err.Error())
+	}
+	e := newNodeEnvOn(t, "fuse")
+	c := capMount(rw, "ext4")
+	id := e.create("pvc-fuse", 64<<20, nil, c)
+	staging := e.stage(id, c)
+	target := e.publish(id, staging, c, false)
+	if err := os.WriteFile(filepath.Join(target, "f"), []byte("synced"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	unix.Sync()
+	e.start() // kill -9 and start again
+	p, err := e.c.Probe(e.ctx, &csi.ProbeRequest{})
+	if err != nil || !p.GetReady().GetValue() {
+		t.Fatalf("Probe after restart = %v, %v", p, err)
+	}
+	st, err := e.c.NodeGetVolumeStats(e.ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: target})
+	if err != nil || !st.VolumeCondition.GetAbnormal() || !strings.Contains(st.VolumeCondition.GetMessage(), "cannot be taken over") {
+		t.Fatalf("stats after restart = %v, %v; want abnormal, naming the fuse backend's reason", st, err)
+	}
+	_, err = e.c.NodePublishVolume(e.ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: filepath.Join(e.dir, "other"), VolumeCapability: c})
+	wantCode(t, err, codes.FailedPrecondition, "lost its device at a plugin restart")
+	if _, err := e.c.NodeUnpublishVolume(e.ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.c.NodeUnstageVolume(e.ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		t.Fatal(err)
+	}
+	staging = e.stage(id, c)
+	target = e.publish(id, staging, c, false)
+	if b, err := os.ReadFile(filepath.Join(target, "f")); err != nil || string(b) != "synced" {
+		t.Fatalf("data after restage: %q, %v", b, err)
+	}
+	e.teardown(id, staging, target)
 }
