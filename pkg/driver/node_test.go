@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -558,4 +559,64 @@ func TestNodeRestartFuse(t *testing.T) {
 		t.Fatalf("data after restage: %q, %v", b, err)
 	}
 	e.teardown(id, staging, target)
+}
+
+// TestImageLocksAgainstQemu: the plugin and qemu's tools exclude each other
+// on an image through qemu's OFD locks. An image qemu-nbd serves cannot be
+// staged or deleted; an image the plugin has staged cannot be written, nor
+// even checked, by qemu-io and qemu-img.
+func TestImageLocksAgainstQemu(t *testing.T) {
+	peer.Root(t)
+	qemuNBD := peer.Require(t, "qemu-nbd")
+	qemuIO := peer.Require(t, "qemu-io")
+	qemuImg := peer.Require(t, "qemu-img")
+	if err := nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: t.TempDir()}).Available(); err != nil {
+		peer.Missing(t, "the fuse attach backend", err.Error())
+	}
+	e := newNodeEnvOn(t, "fuse")
+	c := capMount(rw, "ext4")
+	id := e.create("pvc-locks", 64<<20, nil, c)
+	img := filepath.Join(e.pool, id+".qcow2")
+
+	// qemu-nbd holds the image: the driver backs off.
+	nbd := exec.Command(qemuNBD, "-f", "qcow2", "-k", filepath.Join(e.dir, "nbd.sock"), img)
+	if err := nbd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 100; i++ {
+		if _, err := os.Stat(filepath.Join(e.dir, "nbd.sock")); err == nil {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	staging := filepath.Join(e.dir, "staging", id)
+	os.MkdirAll(staging, 0o750)
+	_, err := e.c.NodeStageVolume(e.ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: c})
+	wantCode(t, err, codes.FailedPrecondition, "qcow2: image is locked")
+	_, err = e.c.DeleteVolume(e.ctx, &csi.DeleteVolumeRequest{VolumeId: id})
+	wantCode(t, err, codes.FailedPrecondition, "qcow2: image is locked")
+	nbd.Process.Kill()
+	nbd.Wait()
+
+	// The driver holds the image: qemu's tools are refused.
+	staging = e.stage(id, c)
+	for _, cmd := range [][]string{
+		{qemuIO, "-f", "qcow2", "-c", "write 0 4k", img},
+		{qemuImg, "check", img},
+	} {
+		out, err := exec.Command(cmd[0], cmd[1:]...).CombinedOutput()
+		if err == nil || !strings.Contains(string(out), `Failed to get`) || !strings.Contains(string(out), `lock`) {
+			t.Errorf("%v while staged: %v\n%s\nwant a lock failure", cmd, err, out)
+		}
+	}
+	if _, err := e.c.NodeUnstageVolume(e.ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		t.Fatal(err)
+	}
+	// Released: qemu-img checks the image clean.
+	if out, err := exec.Command(qemuImg, "check", img).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img check after unstage: %v\n%s", err, out)
+	}
+	if _, err := e.c.DeleteVolume(e.ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+		t.Fatal(err)
+	}
 }
