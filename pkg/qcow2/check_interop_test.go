@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/qcow2-csi/qcow2-csi/tests/peer"
@@ -304,5 +305,50 @@ func TestCheckRebuildFitsInHoles(t *testing.T) {
 	}
 	if !bytes.Equal(before, qemuRaw(t, p)) {
 		t.Fatal("rebuild changed readable bytes")
+	}
+}
+
+// Across the format options, our check's JSON is qemu-img check's, byte
+// for byte (filename aside), on images with data, compressed clusters,
+// zero clusters, discards, snapshots and bitmaps.
+func TestCheckJSONSameAsQemuAcrossFormats(t *testing.T) {
+	for _, o := range []string{
+		"cluster_size=65536",
+		"cluster_size=512",
+		"cluster_size=2097152",
+		"compat=0.10",
+		"refcount_bits=1",
+		"refcount_bits=2",
+		"refcount_bits=8",
+		"refcount_bits=64",
+		"extended_l2=on,cluster_size=131072",
+		"lazy_refcounts=on",
+		"compression_type=zstd",
+	} {
+		t.Run(o, func(t *testing.T) {
+			p := filepath.Join(t.TempDir(), "f.qcow2")
+			qemu(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", o, p, "40M")
+			qemu(t, "qemu-io", "-c", "write -P 1 0 3M", "-c", "write -c 8M 2M", "-c", "write -z 12M 1M", "-c", "write 30M 100k", p)
+			if !strings.HasPrefix(o, "refcount_bits=1") && !strings.HasPrefix(o, "refcount_bits=2") {
+				qemu(t, "qemu-img", "snapshot", "-c", "s", p) // shared clusters need refcount 2+
+			}
+			qemu(t, "qemu-io", "-d", "unmap", "-c", "write -P 2 1M 1M", "-c", "discard 30M 1M", p)
+			if !strings.Contains(o, "compat=0.10") {
+				qemu(t, "qemu-img", "bitmap", "--add", p, "b")
+			}
+			want := qemu(t, "qemu-img", "check", "--output=json", p)
+			img, err := OpenForCheck(p, OpenOptions{ReadOnly: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			res, err := img.Check(RepairNone)
+			img.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := string(res.MarshalCheckJSON(p, "qcow2")); got != want {
+				t.Fatalf("ours:\n%s\nqemu-img:\n%s\n%v", got, want, res.Messages)
+			}
+		})
 	}
 }
