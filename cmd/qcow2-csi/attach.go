@@ -1,0 +1,181 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+)
+
+func init() {
+	registerCommand(command{name: "attach", short: "attach an image as a local block device until interrupted", run: runAttach})
+}
+
+const attachUsage = `Usage: qcow2-csi attach [OPTIONS] FILE
+
+Attach FILE as a block device of this machine with an attach backend of the
+node plugin, print the device path on stdout, and serve it until SIGINT or
+SIGTERM; then detach (the device must not be in use any more) and exit. Like
+'qemu-nbd -c', for operators and benchmarks. Needs root.
+
+  --backend=NAME       attach backend: fuse (FUSE file + loop device)
+  --fuse-dir=DIR       where the fuse backend mounts its filesystems
+                       (default %s)
+  -f, --format=FORMAT  image format: raw (default raw)
+  --block-size=N       logical block size of the device: 512 or 4096 (default 512)
+  -r, --read-only      attach read-only
+  --clean-stale        release the devices a dead process left in --fuse-dir
+                       first (what the node plugin does at start)
+  -v, --verbose        log the backend's decisions to stderr
+  -h, --help           show this help
+`
+
+type attachOptions struct {
+	backend, fuseDir, format string
+	blockSize                uint
+	readOnly, cleanStale     bool
+	verbose                  bool
+	file                     string
+}
+
+func parseAttachFlags(args []string) (*attachOptions, error) {
+	o := &attachOptions{}
+	fs := flag.NewFlagSet("qcow2-csi attach", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.StringVar(&o.backend, "backend", "fuse", "")
+	fs.StringVar(&o.fuseDir, "fuse-dir", nbdattach.DefaultFuseDir, "")
+	fs.StringVar(&o.format, "format", "raw", "")
+	fs.StringVar(&o.format, "f", "raw", "")
+	fs.UintVar(&o.blockSize, "block-size", 512, "")
+	fs.BoolVar(&o.readOnly, "read-only", false, "")
+	fs.BoolVar(&o.readOnly, "r", false, "")
+	fs.BoolVar(&o.cleanStale, "clean-stale", false, "")
+	fs.BoolVar(&o.verbose, "verbose", false, "")
+	fs.BoolVar(&o.verbose, "v", false, "")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() != 1 {
+		return nil, errors.New("expected exactly one FILE")
+	}
+	o.file = fs.Arg(0)
+	if o.blockSize != 512 && o.blockSize != 4096 {
+		return nil, fmt.Errorf("--block-size=%d: must be 512 or 4096", o.blockSize)
+	}
+	return o, nil
+}
+
+func runAttach(args []string) int {
+	for _, a := range args {
+		if a == "-h" || a == "--help" || a == "-help" {
+			fmt.Printf(attachUsage, nbdattach.DefaultFuseDir)
+			return 0
+		}
+	}
+	o, err := parseAttachFlags(args)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "qcow2-csi attach: %v\nRun 'qcow2-csi attach --help' for usage.\n", err)
+		return 1
+	}
+	if err := attach(o); err != nil {
+		fmt.Fprintf(os.Stderr, "qcow2-csi attach: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+func attach(o *attachOptions) error {
+	var logger *slog.Logger
+	if o.verbose {
+		logger = slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
+	var a nbdattach.Attacher
+	switch o.backend {
+	case "fuse":
+		a = nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: o.fuseDir, Logger: logger})
+	default:
+		return fmt.Errorf("--backend=%s: this command knows the fuse backend only", o.backend)
+	}
+	if err := a.Available(); err != nil {
+		return err
+	}
+	if o.cleanStale {
+		if c, ok := a.(nbdattach.StaleCleaner); ok {
+			found, err := c.CleanStale(context.Background())
+			for _, d := range found {
+				fmt.Fprintf(os.Stderr, "qcow2-csi attach: released stale %s device %q (%s)\n", a.Name(), d.ID, d.Path)
+			}
+			if err != nil {
+				return err
+			}
+		}
+	}
+	var b nbdattach.Backend
+	var closeImage func() error
+	switch o.format {
+	case "raw":
+		fb, err := nbdattach.OpenFile(o.file, o.readOnly)
+		if err != nil {
+			return err
+		}
+		b, closeImage = fb, fb.Close
+	default:
+		return fmt.Errorf("--format=%s: this command attaches raw files only so far", o.format)
+	}
+	defer closeImage()
+
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sig)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	dev, err := a.Attach(ctx, attachID(o.file), b, nbdattach.AttachOptions{ReadOnly: o.readOnly, BlockSize: uint32(o.blockSize)})
+	cancel()
+	if err != nil {
+		return err
+	}
+	fmt.Println(dev.Path())
+	for {
+		<-sig
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		err := dev.Detach(ctx)
+		cancel()
+		if err == nil {
+			return closeImage()
+		}
+		if !errors.Is(err, syscall.EBUSY) {
+			return err
+		}
+		// Exiting now would fail the I/O of whoever uses the device.
+		fmt.Fprintf(os.Stderr, "qcow2-csi attach: %v; still serving: unmount it and signal again\n", err)
+	}
+}
+
+// attachID names the device after the file, in the characters the backend
+// accepts, plus the process ID so that two attaches of same-named files do
+// not collide.
+func attachID(file string) string {
+	base := []byte(file)
+	for i := len(base) - 1; i >= 0; i-- {
+		if base[i] == '/' {
+			base = base[i+1:]
+			break
+		}
+	}
+	for i, c := range base {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
+			base[i] = '_'
+		}
+	}
+	if len(base) > 100 {
+		base = base[:100]
+	}
+	return fmt.Sprintf("%s-%d", base, os.Getpid())
+}

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Attach backend benchmark: fio through the block device of the fuse backend
+# (`qcow2-csi attach --backend=fuse`: FUSE file + loop device) against the
+# floor, a plain loop device on a raw file, in the same run. The images are
+# raw files, fully allocated, on the same file system.
+#
+# The floor is a buffered loop device: the fuse backend's file backend reads
+# and writes its image through the page cache too, so both columns cache the
+# same way. A loop device with direct I/O to the raw file (no page cache, every
+# request reaches the disk) is shown as well, for scale.
+# With FORMAT=qcow2 (or when this build attaches qcow2), a third column
+# attaches a fully allocated 64k-cluster qcow2 image through the fuse backend.
+#
+# Rows: psync (one request at a time) and libaio (queue depth 32 for 4k, 8 for
+# 1M), 4k random and 1M sequential, read and write, O_DIRECT on the device.
+# Each row runs the devices alternately REPEAT times (RUNTIME seconds a run)
+# and keeps each one's best run, so that a burst of load from elsewhere on a
+# shared machine does not decide a row.
+#
+# Usage (root): tests/bench/attach.sh
+#               SIZE=1G RUNTIME=3 REPEAT=2 tests/bench/attach.sh
+# Keep RUNTIME short: the machines are shared.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+RUNTIME=${RUNTIME:-3}
+REPEAT=${REPEAT:-2}
+SIZE=${SIZE:-1G}
+[ "$(id -u)" = 0 ] || { echo "attach.sh: needs root (loop devices, FUSE mounts)" >&2; exit 1; }
+for p in fio losetup qemu-img qemu-io; do
+  command -v "$p" >/dev/null || { echo "attach.sh: $p is missing (run hack/deps.sh)" >&2; exit 1; }
+done
+
+work=$(mktemp -d)
+pids=()
+loops=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+go build -o "$work/qcow2-csi" ./cmd/qcow2-csi
+BIN=$work/qcow2-csi
+
+make_image() { # make_image PATH FORMAT: fully allocated, and in the page cache
+  qemu-img create -q -f "$2" ${3:+-o "$3"} "$1" "$SIZE"
+  qemu-io -f "$2" -c "write -P 0x5a 0 $SIZE" "$1" >/dev/null
+  cat "$1" >/dev/null
+}
+
+attach_fuse() { # attach_fuse NAME IMAGE FORMAT: sets dev[NAME]
+  local out=$work/attach.$1
+  "$BIN" attach --backend=fuse --fuse-dir="$work/fuse" -f "$3" "$2" >"$out" &
+  pids+=($!)
+  for _ in $(seq 200); do
+    if [ -s "$out" ]; then dev[$1]=$(head -1 "$out"); return 0; fi
+    kill -0 "${pids[-1]}" 2>/dev/null || break
+    sleep 0.05
+  done
+  echo "attach.sh: qcow2-csi attach -f $3 $2 did not attach" >&2; exit 1
+}
+
+# run_fio DEV ENGINE RW BS QD -> "IOPS MiB/s"
+run_fio() {
+  fio --name=b --filename="$1" --direct=1 --ioengine="$2" --rw="$3" --bs="$4" --iodepth="$5" \
+    --size="$SIZE" --runtime="$RUNTIME" --time_based --norandommap --randrepeat=0 \
+    --output-format=terse --terse-version=3 2>/dev/null |
+    awk -F';' 'NF > 100 { if ($7 > 0) printf "%d %.1f\n", $8, $7/1024; else printf "%d %.1f\n", $49, $48/1024 }'
+}
+
+devs=(floor fuse)
+make_image "$work/floor.raw" raw
+make_image "$work/loopdio.raw" raw
+make_image "$work/fuse.raw" raw
+floor=$(losetup --direct-io=off --show -f "$work/floor.raw")
+loops+=("$floor")
+loopdio=$(losetup --direct-io=on --show -f "$work/loopdio.raw")
+loops+=("$loopdio")
+declare -A dev=([floor]=$floor [loopdio]=$loopdio)
+attach_fuse fuse "$work/fuse.raw" raw
+
+if [ "${FORMAT:-}" = qcow2 ] || { [ -z "${FORMAT:-}" ] && "$BIN" attach --help | grep -q 'format: raw or qcow2'; }; then
+  make_image "$work/fuse.qcow2" qcow2 cluster_size=64k
+  attach_fuse qcow2 "$work/fuse.qcow2" qcow2
+  devs+=(qcow2)
+fi
+devs+=(loopdio)
+
+echo "size=$SIZE, best of $REPEAT runs of ${RUNTIME}s per device and row, fio O_DIRECT on the block device"
+echo "floor: loop device on a raw file ($floor); fuse: qcow2-csi attach --backend=fuse on a raw file (${dev[fuse]})${dev[qcow2]:+; qcow2: the same on a qcow2 image (${dev[qcow2]})}; loopdio: loop device with direct I/O on a raw file ($loopdio)"
+hdr=$(printf '%-7s %-10s %-3s %-3s' engine rw bs qd)
+for d in "${devs[@]}"; do hdr+=$(printf ' | %9s %8s' "$d IOPS" "MiB/s"); done
+hdr+=$(printf ' | %10s' "fuse/floor")
+[ -n "${dev[qcow2]:-}" ] && hdr+=$(printf ' | %11s' "qcow2/floor")
+echo "$hdr"
+
+rows=("psync randread 4k 1" "psync randwrite 4k 1" "libaio randread 4k 32" "libaio randwrite 4k 32"
+      "psync read 1M 1" "psync write 1M 1" "libaio read 1M 8" "libaio write 1M 8")
+for row in "${rows[@]}"; do
+  set -- $row
+  declare -A res=()
+  for d in "${devs[@]}"; do res[$d]="0 0"; done
+  for _ in $(seq "$REPEAT"); do
+    for d in "${devs[@]}"; do
+      r=$(run_fio "${dev[$d]}" "$1" "$2" "$3" "$4")
+      read -r best _ <<<"${res[$d]}"
+      read -r iops _ <<<"$r"
+      if [ "${iops:-0}" -gt "$best" ]; then res[$d]=$r; fi
+    done
+  done
+  line=$(printf '%-7s %-10s %-3s %-3s' "$1" "$2" "$3" "$4")
+  for d in "${devs[@]}"; do read -r i b <<<"${res[$d]}"; line+=$(printf ' | %9s %8s' "$i" "$b"); done
+  read -r fi_ _ <<<"${res[floor]}"
+  ratio() { awk -v a="$1" -v b="$fi_" 'BEGIN { if (b > 0) printf "%.2fx", a/b; else print "-" }'; }
+  read -r ui _ <<<"${res[fuse]}"
+  line+=$(printf ' | %10s' "$(ratio "$ui")")
+  if [ -n "${dev[qcow2]:-}" ]; then read -r qi _ <<<"${res[qcow2]}"; line+=$(printf ' | %11s' "$(ratio "$qi")"); fi
+  echo "$line"
+  unset res
+done
