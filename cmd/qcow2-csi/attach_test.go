@@ -1,0 +1,49 @@
+package main
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestParseAttachFlags(t *testing.T) {
+	for _, c := range []struct {
+		args    []string
+		want    attachOptions
+		wantErr string
+	}{
+		{args: []string{"img.raw"}, want: attachOptions{backend: "fuse", fuseDir: "/run/qcow2-csi/fuse", format: "raw", blockSize: 512, file: "img.raw"}},
+		{args: []string{"-r", "-f", "raw", "--block-size=4096", "--fuse-dir=/x", "--clean-stale", "a"}, want: attachOptions{backend: "fuse", fuseDir: "/x", format: "raw", blockSize: 4096, readOnly: true, cleanStale: true, file: "a"}},
+		{args: []string{}, wantErr: "exactly one FILE"},
+		{args: []string{"a", "b"}, wantErr: "exactly one FILE"},
+		{args: []string{"--block-size=1000", "a"}, wantErr: "--block-size=1000"},
+		{args: []string{"--nope", "a"}, wantErr: "not defined"},
+	} {
+		t.Run(strings.Join(c.args, " "), func(t *testing.T) {
+			o, err := parseAttachFlags(c.args)
+			if c.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), c.wantErr) {
+					t.Fatalf("err %v, want %q", err, c.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if *o != c.want {
+				t.Fatalf("got %+v, want %+v", *o, c.want)
+			}
+		})
+	}
+}
+
+func TestAttachID(t *testing.T) {
+	for in, prefix := range map[string]string{
+		"/var/pool/vol-1.qcow2": "vol-1.qcow2-",
+		"a b/c:d":               "c_d-",
+		"..":                    "..-",
+	} {
+		if got := attachID(in); !strings.HasPrefix(got, prefix) {
+			t.Errorf("attachID(%q) = %q, want prefix %q", in, got, prefix)
+		}
+	}
+}
