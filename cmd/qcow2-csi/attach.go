@@ -12,7 +12,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
 )
 
 func init() {
@@ -29,7 +31,7 @@ SIGTERM; then detach (the device must not be in use any more) and exit. Like
   --backend=NAME       attach backend: fuse (FUSE file + loop device)
   --fuse-dir=DIR       where the fuse backend mounts its filesystems
                        (default %s)
-  -f, --format=FORMAT  image format: raw (default raw)
+  -f, --format=FORMAT  image format: raw or qcow2 (default raw)
   --block-size=N       logical block size of the device: 512 or 4096 (default 512)
   -r, --read-only      attach read-only
   --clean-stale        release the devices a dead process left in --fuse-dir
@@ -127,8 +129,19 @@ func attach(o *attachOptions) error {
 			return err
 		}
 		b, closeImage = fb, fb.Close
+	case "qcow2":
+		img, err := qcow2.Open(o.file, qcow2.OpenOptions{ReadOnly: o.readOnly})
+		if err != nil {
+			return err
+		}
+		ib, err := driver.NewImageBackend(img, driver.ImageBackendOptions{})
+		if err != nil {
+			img.Close()
+			return err
+		}
+		b, closeImage = ib, img.Close
 	default:
-		return fmt.Errorf("--format=%s: this command attaches raw files only so far", o.format)
+		return fmt.Errorf("--format=%s: raw or qcow2", o.format)
 	}
 	defer closeImage()
 

@@ -27,7 +27,7 @@ import (
 // The shared table, run for the fuse backend on this host's kernel.
 func TestFuseAttachCases(t *testing.T) {
 	a := nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: filepath.Join(t.TempDir(), "fuse")})
-	attachcases.Run(t, attachcases.Target{Attacher: a})
+	attachcases.Run(t, attachcases.Target{Attacher: a, Formats: []attachcases.Format{attachcases.Raw, attachcases.Qcow2}})
 }
 
 func needFuse(t *testing.T) *nbdattach.FuseAttacher {
