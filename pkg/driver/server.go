@@ -82,8 +82,25 @@ func (d *Driver) GRPCServer() *grpc.Server {
 	}
 	if d.opts.Mode.node() {
 		csi.RegisterNodeServer(s, d)
+	} else {
+		csi.RegisterNodeServer(s, nodeCapabilitiesOnly{d: d})
 	}
 	return s
+}
+
+// nodeCapabilitiesOnly is the Node service of a controller-only process:
+// NodeGetCapabilities and nothing else. A central csi-resizer next to a
+// controller run with --controller-expand=false asks NodeGetCapabilities to
+// learn that expansion happens on the nodes (it then only records the new
+// size); without an answer it refuses to start. Every other node RPC is
+// Unimplemented here: volumes are staged by the node plugins.
+type nodeCapabilitiesOnly struct {
+	csi.UnimplementedNodeServer
+	d *Driver
+}
+
+func (n nodeCapabilitiesOnly) NodeGetCapabilities(ctx context.Context, r *csi.NodeGetCapabilitiesRequest) (*csi.NodeGetCapabilitiesResponse, error) {
+	return n.d.NodeGetCapabilities(ctx, r)
 }
 
 var requestSeq atomic.Uint64

@@ -94,9 +94,22 @@ func TestModes(t *testing.T) {
 			c := dial(t, srv)
 			ctx := context.Background()
 			_, cerr := c.ControllerGetCapabilities(ctx, &csi.ControllerGetCapabilitiesRequest{})
-			_, nerr := c.NodeGetCapabilities(ctx, &csi.NodeGetCapabilitiesRequest{})
+			_, nerr := c.NodeGetInfo(ctx, &csi.NodeGetInfoRequest{})
 			if (cerr == nil) != (m != driver.ModeNode) || (nerr == nil) != (m != driver.ModeController) {
 				t.Fatalf("mode %s: controller %v, node %v", m, cerr, nerr)
+			}
+			// Every mode answers NodeGetCapabilities: a central csi-resizer
+			// asks the controller whether expansion is node-side.
+			ncaps, err := c.NodeGetCapabilities(ctx, &csi.NodeGetCapabilitiesRequest{})
+			if err != nil {
+				t.Fatalf("mode %s: NodeGetCapabilities: %v", m, err)
+			}
+			hasExpand := false
+			for _, cp := range ncaps.Capabilities {
+				hasExpand = hasExpand || cp.GetRpc().GetType() == csi.NodeServiceCapability_RPC_EXPAND_VOLUME
+			}
+			if !hasExpand {
+				t.Fatalf("mode %s: no node EXPAND_VOLUME", m)
 			}
 			pc, err := c.GetPluginCapabilities(ctx, &csi.GetPluginCapabilitiesRequest{})
 			if err != nil {
