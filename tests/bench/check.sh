@@ -2,11 +2,13 @@
 # img check against qemu-img check on a 4 GiB fully allocated image with
 # internal snapshots, measured in the same run; then the bitmap extent read
 # of a 1 TiB bitmap (go test -bench). Prints tables; asserts nothing.
-#   tests/bench/check.sh            (RUNS=3 SIZE_G=4 by default)
+#   tests/bench/check.sh            (RUNS=10 SIZE_G=4 by default)
+# The two tools alternate run by run; min and median are printed because
+# the machine is shared and single runs are noisy.
 set -euo pipefail
 root=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 cd "$root"
-RUNS=${RUNS:-3}
+RUNS=${RUNS:-10}
 SIZE_G=${SIZE_G:-4}
 for p in qemu-img qemu-io; do
   command -v $p >/dev/null || { echo "check.sh: $p missing (run hack/deps.sh)" >&2; exit 1; }
@@ -37,12 +39,21 @@ run() { # run CMD... -> elapsed ms, fails if the check is not clean
   t1=$(now_ns)
   echo $(((t1 - t0) / 1000000))
 }
-printf '\n%-28s %10s %10s\n' "check (ms, run)" "qemu-img" "qcow2-csi"
+qs=() os=()
 for ((i = 1; i <= RUNS; i++)); do
-  q=$(run qemu-img check "$img")
-  o=$(run "$bin" img check "$img")
-  printf '%-28s %10s %10s\n' "run $i" "$q" "$o"
+  qs+=("$(run qemu-img check "$img")")
+  os+=("$(run "$bin" img check "$img")")
 done
+stat() { # min median of the arguments
+  sort -n <(printf '%s\n' "$@") | awk '{v[NR]=$1} END {printf "%d %d\n", v[1], v[int((NR+1)/2)]}'
+}
+read -r qmin qmed < <(stat "${qs[@]}")
+read -r omin omed < <(stat "${os[@]}")
+printf '\n%-28s %10s %10s\n' "check, $RUNS runs (ms)" "qemu-img" "qcow2-csi"
+printf '%-28s %10s %10s\n' "min" "$qmin" "$omin"
+printf '%-28s %10s %10s\n' "median" "$qmed" "$omed"
+printf '%-28s %10s %10s\n' "all runs" "${qs[*]}" ""
+printf '%-28s %10s %10s\n' "" "" "${os[*]}"
 printf '%-28s %10s %10s\n' "json output identical?" "" \
   "$(diff <(qemu-img check --output=json "$img") <("$bin" img check --output=json "$img") >/dev/null && echo yes || echo NO)"
 
