@@ -41,7 +41,16 @@ func qemuDirtyMap(t *testing.T, path, name string) []BitmapExtent {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	out, err := exec.Command(nbdinfo, "--json", "--map=qemu:dirty-bitmap:"+name, "nbd+unix:///?socket="+sock).Output()
+	// The socket file appears at bind(); retry the short window before
+	// qemu-nbd listens.
+	var out []byte
+	var err error
+	for i := 0; i < 50; i++ {
+		if out, err = exec.Command(nbdinfo, "--json", "--map=qemu:dirty-bitmap:"+name, "nbd+unix:///?socket="+sock).Output(); err == nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	if err != nil {
 		t.Fatalf("nbdinfo: %v (qemu-nbd: %s)", err, serr.String())
 	}
