@@ -4,6 +4,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"os"
@@ -85,14 +86,17 @@ func runServe(args []string) int {
 		fmt.Fprintf(os.Stderr, "qcow2-csi serve: unexpected arguments %q\n", fs.Args())
 		return 2
 	}
-	if err := serve(f); err != nil {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if err := serve(ctx, f, os.Stdout); err != nil {
 		fmt.Fprintf(os.Stderr, "qcow2-csi serve: %v\n", err)
 		return 1
 	}
 	return 0
 }
 
-func serve(f serveFlags) error {
+// serve runs the driver until ctx ends, printing where it serves to out.
+func serve(ctx context.Context, f serveFlags, out io.Writer) error {
 	mode, err := driver.ParseMode(f.mode)
 	if err != nil {
 		return err
@@ -143,9 +147,8 @@ func serve(f serveFlags) error {
 	if err != nil {
 		return err
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	ctx, stop := context.WithCancel(klog.NewContext(ctx, klog.Background()))
 	defer stop()
-	ctx = klog.NewContext(ctx, klog.Background())
 
 	lis, err := driver.Listen(f.endpoint)
 	if err != nil {
@@ -171,7 +174,7 @@ func serve(f serveFlags) error {
 		go func() { errc <- d.ServeKubeletRegistration(ctx, f.registrationDir, kp) }()
 	}
 	o := d.Options()
-	fmt.Printf("qcow2-csi %s: %s serving mode %s on %s (node %s, pool %s)\n", version, o.DriverName, o.Mode, f.endpoint, o.NodeID, o.Pool)
+	fmt.Fprintf(out, "qcow2-csi %s: %s serving mode %s on %s (node %s, pool %s)\n", version, o.DriverName, o.Mode, f.endpoint, o.NodeID, o.Pool)
 	go func() { errc <- d.Serve(ctx, lis) }()
 	select {
 	case err := <-errc:
