@@ -240,6 +240,7 @@ func (img *Image) growLocked(newSize int64) error {
 	}
 	img.size = newSize
 	img.hdr.Size = uint64(newSize)
+	img.sizeCaches()
 	return nil
 }
 

@@ -84,6 +84,8 @@
 //   - flushLocked(data): write caches in the crash-safe order and fsync.
 //     syncRefcounts(sync), fsync(), writeHeader() (rewrites cluster 0 from
 //     img.hdr, including extensions), growLocked(size), growL1(n).
+//     After changing img.size call sizeCaches() (default cache sizes
+//     follow the disk size).
 //   - checkOverlap(off, n, kind) before writing metadata of a given kind;
 //     update img.metaMap (host cluster index -> metaKind) when metadata
 //     clusters are allocated or freed; buildMetaMap() recomputes it.

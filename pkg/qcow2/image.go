@@ -107,6 +107,8 @@ type Image struct {
 
 	lock   *imageLock
 	noSync bool
+	// Cache sizes asked for in OpenOptions (0: qemu's defaults).
+	l2CacheOpt, rcCacheOpt int64
 
 	// compCursor is the host byte offset where the next compressed
 	// cluster may be packed (0: start a new cluster).
@@ -244,19 +246,30 @@ func (img *Image) load(opts OpenOptions) error {
 	}
 	img.buildMetaMap()
 
-	l2Cache := opts.L2CacheSize
+	img.l2CacheOpt, img.rcCacheOpt = opts.L2CacheSize, opts.RefcountCacheSize
+	img.l2Cache = newTableCache(int(img.sliceSize), 16, img.writeL2Slice)
+	img.rcCache = newTableCache(int(img.clusterSize), 4, img.writeRefBlock)
+	img.sizeCaches()
+	img.rcSynced = true
+	return nil
+}
+
+// sizeCaches sets the cache capacities from the options or, by default,
+// as qemu does: L2 cache enough to map the whole disk, at most 32 MiB;
+// refcount cache a quarter of that, at least 4 clusters. Called again when
+// the disk grows. A smaller capacity takes effect as entries are evicted.
+// mu held (or the image not yet shared).
+func (img *Image) sizeCaches() {
+	l2Cache := img.l2CacheOpt
 	if l2Cache <= 0 {
-		// qemu: cover the whole disk, at most 32 MiB.
 		l2Cache = min(int64(32<<20), (img.size>>img.clusterBits)<<img.l2EntryShift)
 	}
-	rcCache := opts.RefcountCacheSize
+	rcCache := img.rcCacheOpt
 	if rcCache <= 0 {
 		rcCache = max(l2Cache/4, 4*img.clusterSize)
 	}
-	img.l2Cache = newTableCache(int(img.sliceSize), int(max(l2Cache/img.sliceSize, 16)), img.writeL2Slice)
-	img.rcCache = newTableCache(int(img.clusterSize), int(max(rcCache/img.clusterSize, 4)), img.writeRefBlock)
-	img.rcSynced = true
-	return nil
+	img.l2Cache.capacity = int(max(l2Cache/img.sliceSize, 16))
+	img.rcCache.capacity = int(max(rcCache/img.clusterSize, 4))
 }
 
 func (img *Image) loadL1(fileSize int64) error {
