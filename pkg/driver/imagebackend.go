@@ -18,6 +18,18 @@ import (
 type ImageBackend struct {
 	img  *qcow2.Image
 	opts ImageBackendOptions
+	// src serves reads and block status: the image itself, or a read-only
+	// view of one of its internal snapshots (then view is set and every
+	// write is refused).
+	src  dataSource
+	view bool
+}
+
+// dataSource is what both *qcow2.Image and *qcow2.SnapshotView offer.
+type dataSource interface {
+	Size() int64
+	ReadAt(p []byte, off int64) (int, error)
+	BlockStatus(off, n int64) ([]qcow2.Extent, error)
 }
 
 // ImageBackendOptions choose what an ImageBackend exposes beyond the data.
@@ -48,23 +60,29 @@ func NewImageBackend(img *qcow2.Image, opts ImageBackendOptions) (*ImageBackend,
 			return nil, fmt.Errorf("bitmap %q in %s is inconsistent: it can only be removed", name, img.Path())
 		}
 	}
-	return &ImageBackend{img: img, opts: opts}, nil
+	return &ImageBackend{img: img, opts: opts, src: img}, nil
 }
+
+// errView refuses writes to a snapshot view.
+var errView = fmt.Errorf("%w: an internal snapshot is exported read-only", nbdattach.ErrPermission)
 
 // Image returns the adapted image.
 func (b *ImageBackend) Image() *qcow2.Image { return b.img }
 
 // Size implements nbdattach.Backend.
-func (b *ImageBackend) Size() int64 { return b.img.Size() }
+func (b *ImageBackend) Size() int64 { return b.src.Size() }
 
 // ReadAt implements nbdattach.Backend.
 func (b *ImageBackend) ReadAt(_ context.Context, p []byte, off int64) error {
-	_, err := b.img.ReadAt(p, off)
+	_, err := b.src.ReadAt(p, off)
 	return mapImageErr(err)
 }
 
 // WriteAt implements nbdattach.Backend.
 func (b *ImageBackend) WriteAt(_ context.Context, p []byte, off int64, fua bool) error {
+	if b.view {
+		return errView
+	}
 	if _, err := b.img.WriteAt(p, off); err != nil {
 		return mapImageErr(err)
 	}
@@ -75,10 +93,18 @@ func (b *ImageBackend) WriteAt(_ context.Context, p []byte, off int64, fua bool)
 }
 
 // Flush implements nbdattach.Backend.
-func (b *ImageBackend) Flush(context.Context) error { return mapImageErr(b.img.Flush()) }
+func (b *ImageBackend) Flush(context.Context) error {
+	if b.view {
+		return nil // nothing is ever written through a view
+	}
+	return mapImageErr(b.img.Flush())
+}
 
 // Trim implements nbdattach.Backend: whole clusters are discarded.
 func (b *ImageBackend) Trim(_ context.Context, off, n int64) error {
+	if b.view {
+		return errView
+	}
 	return mapImageErr(b.img.Discard(off, n))
 }
 
@@ -86,6 +112,9 @@ func (b *ImageBackend) Trim(_ context.Context, off, n int64) error {
 // does for qcow2) when the range does not cover whole clusters, because the
 // partial clusters would have to be written.
 func (b *ImageBackend) WriteZeroes(_ context.Context, off, n int64, fl nbdattach.ZeroFlags) error {
+	if b.view {
+		return errView
+	}
 	if fl.Fast {
 		cs := b.img.ClusterSize()
 		end := off + n
@@ -110,7 +139,7 @@ func (b *ImageBackend) WriteZeroes(_ context.Context, off, n int64, fl nbdattach
 // qemu-nbd reports a qcow2 image: a hole is what holds no data (zero and
 // unallocated clusters), zero is what reads as zeroes.
 func (b *ImageBackend) BlockStatus(_ context.Context, off, n int64) ([]nbdattach.Extent, error) {
-	exts, err := b.img.BlockStatus(off, n)
+	exts, err := b.src.BlockStatus(off, n)
 	if err != nil {
 		return nil, mapImageErr(err)
 	}
@@ -160,7 +189,7 @@ func (b *ImageBackend) MetaContextStatus(_ context.Context, name string, off, n 
 	if name != nbdattach.ContextAllocationDepth || !b.opts.AllocationDepth {
 		return nil, fmt.Errorf("%w: metadata context %q is not served", nbdattach.ErrInvalid, name)
 	}
-	exts, err := b.img.BlockStatus(off, n)
+	exts, err := b.src.BlockStatus(off, n)
 	if err != nil {
 		return nil, mapImageErr(err)
 	}
