@@ -161,7 +161,14 @@ func serve(ctx context.Context, f serveFlags, out io.Writer) error {
 	if err := d.Start(ctx); err != nil {
 		return err
 	}
-	defer d.Close()
+	// On the way out flush, but leave images open and devices attached: the
+	// next process re-attaches them before the kernel's dead-connection
+	// timeout (nbd) fails any I/O.
+	defer func() {
+		if err := d.Flush(context.Background()); err != nil {
+			klog.ErrorS(err, "Flushing images at exit")
+		}
+	}()
 	if f.registerKubelet {
 		kp := f.kubeletRegistrationPath
 		if kp == "" {

@@ -111,9 +111,26 @@ func (d *Driver) Start(ctx context.Context) error {
 
 func (d *Driver) failStart(err error) { d.startErr.Store(&err) }
 
-// Close releases what the node holds in this process without detaching
-// devices: a restarted process re-attaches them (Start). Images are closed so
-// their data is flushed.
+// Flush makes the data of every open image durable, leaving images and
+// devices as they are. It is what a plugin does before it exits with volumes
+// staged: the devices outlive the process and queue their I/O until the next
+// process re-attaches them (Start). Closing the images instead would fail the
+// requests the kernel still sends before the process is gone.
+func (d *Driver) Flush(ctx context.Context) error {
+	d.stagedMu.Lock()
+	defer d.stagedMu.Unlock()
+	var errs []error
+	for _, v := range d.staged {
+		if v.image != nil {
+			errs = append(errs, v.image.Backend().Flush(ctx))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Close closes every open image without detaching devices, for a driver
+// whose devices no longer receive I/O from this process (tests that restart
+// a driver in process). A serving plugin exits after Flush instead.
 func (d *Driver) Close() error {
 	d.stagedMu.Lock()
 	defer d.stagedMu.Unlock()
