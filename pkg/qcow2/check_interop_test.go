@@ -352,3 +352,24 @@ func TestCheckJSONSameAsQemuAcrossFormats(t *testing.T) {
 		})
 	}
 }
+
+// BenchmarkCheckImage opens and checks the image named by
+// QCOW2_CSI_BENCH_IMAGE (tests/bench/check.sh makes a 4 GiB one): the
+// check without the process start-up the command pays.
+func BenchmarkCheckImage(b *testing.B) {
+	p := os.Getenv("QCOW2_CSI_BENCH_IMAGE")
+	if p == "" {
+		b.Skip("QCOW2_CSI_BENCH_IMAGE not set (tests/bench/check.sh sets it)")
+	}
+	for i := 0; i < b.N; i++ {
+		img, err := OpenForCheck(p, OpenOptions{ReadOnly: true})
+		if err != nil {
+			b.Fatal(err)
+		}
+		res, err := img.Check(RepairNone)
+		img.Close()
+		if err != nil || res.ExitCode() != 0 {
+			b.Fatalf("%v %+v", err, res)
+		}
+	}
+}

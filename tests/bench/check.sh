@@ -57,6 +57,11 @@ printf '%-28s %10s %10s\n' "" "" "${os[*]}"
 printf '%-28s %10s %10s\n' "json output identical?" "" \
   "$(diff <(qemu-img check --output=json "$img") <("$bin" img check --output=json "$img") >/dev/null && echo yes || echo NO)"
 
+printf '%-28s %10s %10s\n' "process start (version)" "" "$(stat $(for ((i = 0; i < RUNS; i++)); do run "$bin" version; done) | cut -d' ' -f1)"
+echo
+echo "in-process Open+Check of the same image (go test -bench, no process start):"
+QCOW2_CSI_BENCH_IMAGE="$img" go test ./pkg/qcow2 -run '^$' -bench 'CheckImage' -benchtime "${RUNS}x" | grep -E 'Benchmark'
+
 echo
 echo "bitmap extents over 1 TiB (go test -bench):"
 go test ./pkg/qcow2 -run '^$' -bench 'BitmapExtents1TiB' -benchtime 20x | grep -E 'Benchmark|ok'
