@@ -21,6 +21,14 @@ var (
 	buildErr  error
 )
 
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binPath != "" {
+		os.RemoveAll(filepath.Dir(binPath))
+	}
+	os.Exit(code)
+}
+
 // ourBin builds cmd/qcow2-csi once per test run.
 func ourBin(t *testing.T) string {
 	t.Helper()
@@ -115,6 +123,11 @@ func TestImgInfoAndMapMatchQemu(t *testing.T) {
 			}
 		})
 	}
+	// A backing chain, whole.
+	mustRun(t, d, q, "create", "-q", "-f", "qcow2", "-b", "ov.qcow2", "-F", "qcow2", "top.qcow2")
+	jsonEqual(t, "info --backing-chain", mustRun(t, d, q, "info", "--output=json", "--backing-chain", "top.qcow2"),
+		mustRun(t, d, us, "img", "info", "--output=json", "--backing-chain", "top.qcow2"))
+	jsonEqual(t, "map of a chain", mustRun(t, d, q, "map", "--output=json", "top.qcow2"), mustRun(t, d, us, "img", "map", "--output=json", "top.qcow2"))
 	// --start-offset / --max-length
 	jsonEqual(t, "map range", mustRun(t, d, q, "map", "--output=json", "--start-offset=100k", "--max-length", "1M", "ov.qcow2"),
 		mustRun(t, d, us, "img", "map", "--output=json", "--start-offset=100k", "--max-length", "1M", "ov.qcow2"))
