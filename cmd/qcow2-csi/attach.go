@@ -163,7 +163,7 @@ func attach(o *attachOptions) error {
 		if err == nil {
 			return closeImage()
 		}
-		if !errors.Is(err, syscall.EBUSY) {
+		if !errors.Is(err, nbdattach.ErrDeviceBusy) {
 			return err
 		}
 		// Exiting now would fail the I/O of whoever uses the device.

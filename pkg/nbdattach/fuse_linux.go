@@ -131,7 +131,15 @@ type fuseDevice struct {
 }
 
 func (d *fuseDevice) Path() string { return d.loop.path }
-func (d *fuseDevice) ID() string   { return d.id }
+
+// devPath is Path for a device that may still be attaching.
+func (d *fuseDevice) devPath() string {
+	if d.loop == nil {
+		return "(attaching)"
+	}
+	return d.loop.path
+}
+func (d *fuseDevice) ID() string { return d.id }
 
 // DirectIO reports whether the loop device does direct I/O to the FUSE file
 // (no second page cache). Exposed for tests and diagnostics.
@@ -161,7 +169,7 @@ func (a *FuseAttacher) Attach(ctx context.Context, id string, b Backend, opts At
 	a.mu.Lock()
 	if _, ok := a.devices[id]; ok {
 		a.mu.Unlock()
-		return nil, fmt.Errorf("nbdattach: fuse: %s is already attached by this process: %w", id, syscall.EEXIST)
+		return nil, fmt.Errorf("nbdattach: fuse: %s is attached by this process as %s: %w", id, a.devices[id].devPath(), ErrAlreadyAttached)
 	}
 	d := &fuseDevice{a: a, id: id, mnt: filepath.Join(a.dir, id)}
 	d.file = filepath.Join(d.mnt, id)
@@ -264,7 +272,9 @@ func (a *FuseAttacher) attach(ctx context.Context, d *fuseDevice, b Backend, rea
 	if err != nil {
 		return nil, fmt.Errorf("nbdattach: fuse: %w", err)
 	}
+	a.mu.Lock() // List and Attach read d.loop of devices being attached
 	d.loop = ld
+	a.mu.Unlock()
 	if a.log != nil {
 		a.log.Info("fuse attach: attached", "id", d.id, "device", ld.path, "directIO", ld.dio, "blockSize", bs, "readOnly", readOnly)
 	}
@@ -313,7 +323,7 @@ func (d *fuseDevice) Detach(ctx context.Context) error {
 		return nil
 	}
 	if d.loop.busy() {
-		return fmt.Errorf("nbdattach: fuse: detach %s: %s is in use (still mounted?): %w", d.id, d.loop.path, syscall.EBUSY)
+		return fmt.Errorf("nbdattach: fuse: detach %s: %s is mounted or held open exclusively; unmount it first: %w", d.id, d.loop.path, ErrDeviceBusy)
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	if dl, ok := ctx.Deadline(); ok {
@@ -522,7 +532,7 @@ func (a *FuseAttacher) ourMounts() ([]*mountinfo.Info, error) {
 // process serving it) is an error, left mounted.
 func (a *FuseAttacher) cleanMount(ctx context.Context, mnt, id string) (bool, error) {
 	if fuseAlive(ctx, filepath.Join(mnt, id)) {
-		return false, fmt.Errorf("%s is served by another live process", mnt)
+		return false, fmt.Errorf("%s is served by another live process: %w", mnt, ErrAlreadyAttached)
 	}
 	// Lazy: a loop device bound to the file (a filesystem still mounted on
 	// it) keeps the superblock until it lets go, which is the kernel's job.

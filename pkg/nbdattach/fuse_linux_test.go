@@ -297,16 +297,16 @@ func TestFuseDetachBusyAndTwice(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := a.Attach(ctx, "busy", newFileBackend(t, 1<<20), nbdattach.AttachOptions{}); !errors.Is(err, syscall.EEXIST) {
-		t.Fatalf("second Attach of the same id: %v, want EEXIST", err)
+	if _, err := a.Attach(ctx, "busy", newFileBackend(t, 1<<20), nbdattach.AttachOptions{}); !errors.Is(err, nbdattach.ErrAlreadyAttached) {
+		t.Fatalf("second Attach of the same id: %v, want ErrAlreadyAttached", err)
 	}
 	// An exclusive opener stands for a mounted filesystem.
 	holder, err := os.OpenFile(d.Path(), os.O_RDONLY|unix.O_EXCL, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := d.Detach(ctx); !errors.Is(err, syscall.EBUSY) {
-		t.Fatalf("Detach while held: %v, want EBUSY", err)
+	if err := d.Detach(ctx); !errors.Is(err, nbdattach.ErrDeviceBusy) {
+		t.Fatalf("Detach while held: %v, want ErrDeviceBusy", err)
 	}
 	if err := d.Resize(ctx, 512<<10); err == nil || !strings.Contains(err.Error(), "shrinking") {
 		t.Fatalf("Resize smaller: %v, want a refusal", err)
@@ -551,4 +551,62 @@ func fuseMountsUnder(t *testing.T, dir string) []string {
 		}
 	}
 	return out
+}
+
+// Attaches, Lists and Detaches from several goroutines at once (run under
+// -race): each device ends up with its own loop device and all go away.
+func TestFuseConcurrentAttach(t *testing.T) {
+	a := needFuse(t)
+	ctx := context.Background()
+	const n = 4
+	devs := make([]nbdattach.Device, n)
+	var wg sync.WaitGroup
+	errs := make(chan error, 2*n)
+	for i := range n {
+		b := newFileBackend(t, 1<<20)
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			d, err := a.Attach(ctx, fmt.Sprintf("conc%d", i), b, nbdattach.AttachOptions{})
+			devs[i] = d
+			errs <- err
+		}()
+		go func() {
+			defer wg.Done()
+			_, err := a.List(ctx)
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	paths := map[string]bool{}
+	for i, d := range devs {
+		if d == nil || paths[d.Path()] {
+			t.Fatalf("device %d: %v (paths so far %v)", i, d, paths)
+		}
+		paths[d.Path()] = true
+		if l, err := listID(ctx, a, d.ID()); err != nil || len(l) != 1 || l[0].Path != d.Path() || !l[0].Connected {
+			t.Fatalf("List for %s: %+v %v", d.ID(), l, err)
+		}
+	}
+	for _, d := range devs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := d.Detach(ctx); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	for _, d := range devs {
+		if l, _ := listID(ctx, a, d.ID()); len(l) != 0 {
+			t.Errorf("%s still listed after Detach: %+v", d.ID(), l)
+		}
+	}
 }
