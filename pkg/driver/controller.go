@@ -241,15 +241,16 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 	// A probe open takes the image's locks: if another process (an operator's
 	// qemu-img, a node plugin in a separate process) holds the image, the
 	// delete is refused instead of pulling the file from under it.
+	// An image that does not open for another reason (corrupt, not qcow2)
+	// is deleted all the same: that is what its owner asks for.
 	img, err := d.images.Open(ctx, d.pool.imagePath(id), false)
 	switch {
 	case err == nil:
-		if err := img.Close(); err != nil {
-			return nil, toStatus(err)
-		}
-	case errors.Is(err, ErrNotFound):
-	default:
+		_ = img.Close()
+	case errors.Is(err, ErrInUse):
 		return nil, toStatus(fmt.Errorf("volume %q: %w", id, err))
+	default:
+		klog.FromContext(ctx).Info("Deleting a volume whose image does not open", "volumeID", id, "err", err)
 	}
 	if err := d.pool.remove(id); err != nil {
 		return nil, toStatus(err)

@@ -3,6 +3,8 @@ package driver_test
 import (
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
 	"sort"
 	"testing"
 
@@ -131,4 +133,26 @@ func TestCreateIdempotentAcrossRestart(t *testing.T) {
 	other.Parameters = map[string]string{"clusterSize": "64k"}
 	_, err = c.CreateVolume(ctx, other)
 	wantCode(t, err, codes.AlreadyExists, "was created with parameters")
+}
+
+// TestDeleteCorruptImage: a volume whose image no longer opens (here: not
+// qcow2 at all) is still deleted.
+func TestDeleteCorruptImage(t *testing.T) {
+	srv := drivertest.Start(t, driver.Options{}, driver.Seams{Images: driver.Qcow2Images{}})
+	c := dial(t, srv)
+	ctx := context.Background()
+	v, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-c", VolumeCapabilities: []*csi.VolumeCapability{capMount(rw, "")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := filepath.Join(srv.Driver.Options().Pool, v.Volume.VolumeId+".qcow2")
+	if err := os.WriteFile(img, []byte("garbage, not an image"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.Volume.VolumeId}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(img); !os.IsNotExist(err) {
+		t.Fatalf("image still there: %v", err)
+	}
 }
