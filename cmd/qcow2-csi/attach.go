@@ -32,7 +32,8 @@ SIGTERM; then detach (the device must not be in use any more) and exit. Like
   --fuse-dir=DIR       where the fuse backend mounts its filesystems
                        (default %s)
   -f, --format=FORMAT  image format: raw or qcow2 (default raw)
-  --block-size=N       logical block size of the device: 512 or 4096 (default 512)
+  --block-size=N       logical block size of the device: 512 or 4096 (default:
+                       4096 when the size is a multiple of it, else 512)
   -r, --read-only      attach read-only
   --clean-stale        release the devices a dead process left in --fuse-dir
                        first (what the node plugin does at start)
@@ -56,7 +57,7 @@ func parseAttachFlags(args []string) (*attachOptions, error) {
 	fs.StringVar(&o.fuseDir, "fuse-dir", nbdattach.DefaultFuseDir, "")
 	fs.StringVar(&o.format, "format", "raw", "")
 	fs.StringVar(&o.format, "f", "raw", "")
-	fs.UintVar(&o.blockSize, "block-size", 512, "")
+	fs.UintVar(&o.blockSize, "block-size", 0, "")
 	fs.BoolVar(&o.readOnly, "read-only", false, "")
 	fs.BoolVar(&o.readOnly, "r", false, "")
 	fs.BoolVar(&o.cleanStale, "clean-stale", false, "")
@@ -69,7 +70,7 @@ func parseAttachFlags(args []string) (*attachOptions, error) {
 		return nil, errors.New("expected exactly one FILE")
 	}
 	o.file = fs.Arg(0)
-	if o.blockSize != 512 && o.blockSize != 4096 {
+	if o.blockSize != 0 && o.blockSize != 512 && o.blockSize != 4096 {
 		return nil, fmt.Errorf("--block-size=%d: must be 512 or 4096", o.blockSize)
 	}
 	return o, nil

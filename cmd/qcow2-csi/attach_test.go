@@ -11,7 +11,7 @@ func TestParseAttachFlags(t *testing.T) {
 		want    attachOptions
 		wantErr string
 	}{
-		{args: []string{"img.raw"}, want: attachOptions{backend: "fuse", fuseDir: "/run/qcow2-csi/fuse", format: "raw", blockSize: 512, file: "img.raw"}},
+		{args: []string{"img.raw"}, want: attachOptions{backend: "fuse", fuseDir: "/run/qcow2-csi/fuse", format: "raw", file: "img.raw"}},
 		{args: []string{"-r", "-f", "raw", "--block-size=4096", "--fuse-dir=/x", "--clean-stale", "a"}, want: attachOptions{backend: "fuse", fuseDir: "/x", format: "raw", blockSize: 4096, readOnly: true, cleanStale: true, file: "a"}},
 		{args: []string{}, wantErr: "exactly one FILE"},
 		{args: []string{"a", "b"}, wantErr: "exactly one FILE"},

@@ -151,14 +151,20 @@ func (a *FuseAttacher) Attach(ctx context.Context, id string, b Backend, opts At
 	if err := validFuseID(id); err != nil {
 		return nil, err
 	}
+	size := b.Size()
+	// The default is the nbd backend's: 4096 when the size allows, so that a
+	// filesystem made under one backend (xfs records its sector size) mounts
+	// under the other.
 	bs := opts.BlockSize
 	if bs == 0 {
-		bs = 512
+		bs = 4096
+		if size%4096 != 0 {
+			bs = 512
+		}
 	}
 	if bs < 512 || bs > 4096 || bs&(bs-1) != 0 {
 		return nil, fmt.Errorf("nbdattach: fuse: block size %d: must be 512, 1024, 2048 or 4096", bs)
 	}
-	size := b.Size()
 	if size <= 0 || size%int64(bs) != 0 {
 		return nil, fmt.Errorf("nbdattach: fuse: backend size %d is not a positive multiple of the block size %d", size, bs)
 	}

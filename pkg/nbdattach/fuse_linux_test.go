@@ -144,7 +144,7 @@ func ioctlRange(t *testing.T, f *os.File, req uintptr, off, length uint64) error
 func TestFuseRequestMapping(t *testing.T) {
 	a := needFuse(t)
 	b := &recBackend{FileBackend: newFileBackend(t, 16<<20)}
-	d, err := a.Attach(context.Background(), "map", b, nbdattach.AttachOptions{BlockSize: 4096})
+	d, err := a.Attach(context.Background(), "map", b, nbdattach.AttachOptions{}) // 4096 by default
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -279,6 +279,7 @@ func TestFuseAttachRefuses(t *testing.T) {
 		{"long id", strings.Repeat("x", 201), 1 << 20, 0, "1-200 bytes"},
 		{"block size", "ok", 1 << 20, 3000, "block size 3000"},
 		{"unaligned size", "ok", 1<<20 + 512, 4096, "not a positive multiple of the block size 4096"},
+		{"unaligned to 512", "ok", 1<<20 + 100, 0, "not a positive multiple of the block size 512"},
 		{"empty backend", "ok", 0, 0, "not a positive multiple"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
