@@ -67,6 +67,7 @@ func codeOf(err error) codes.Code {
 	case errors.Is(err, ErrBusy), errors.Is(err, ErrBadToken):
 		return codes.Aborted
 	case errors.Is(err, ErrInUse), errors.Is(err, ErrPrecondition), errors.Is(err, nbdattach.ErrUnavailable),
+		errors.Is(err, nbdattach.ErrAlreadyAttached), errors.Is(err, nbdattach.ErrDeviceBusy),
 		// An image another process holds, or one that needs an operator
 		// (qcow2-csi img check) before it can be used.
 		errors.Is(err, qcow2.ErrLocked), errors.Is(err, qcow2.ErrCorrupt), errors.Is(err, qcow2.ErrNotQcow2),
