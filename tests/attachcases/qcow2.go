@@ -1,20 +1,22 @@
 package attachcases
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os/exec"
 	"strconv"
 	"testing"
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
-	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
 	"github.com/qcow2-csi/qcow2-csi/tests/peer"
 )
 
 // Qcow2 is the qcow2 format as the node plugin serves it: an image made by
-// qemu-img (64 KiB clusters), opened with pkg/qcow2 and adapted by
-// driver.ImageBackend. qemu-img is the oracle: map for allocation, check for
+// qemu-img (64 KiB clusters), opened by driver.Qcow2Images (pkg/qcow2 under
+// driver.ImageBackend). qemu-img is the oracle: map for allocation, check for
 // consistency, compare for contents.
 var Qcow2 = Format{
 	Name: "qcow2",
@@ -29,6 +31,7 @@ var Qcow2 = Format{
 		return openQcow2(path)
 	},
 	Open: openQcow2,
+	Grow: growQcow2,
 	Allocated: func(t *testing.T, path string, off, length int64) int64 {
 		t.Helper()
 		out, err := exec.Command(peer.Require(t, "qemu-img"), "map", "--output=json", "-f", "qcow2", path).Output()
@@ -77,23 +80,30 @@ var Qcow2 = Format{
 	},
 }
 
-// qcow2Image is an open image with the driver's adapter over it.
+// qcow2Image is an image opened the way the node plugin opens it
+// (driver.Qcow2Images), so the cases exercise the production adapter.
 type qcow2Image struct {
-	*driver.ImageBackend
-	img *qcow2.Image
+	nbdattach.Backend
+	di driver.Image
 }
 
-func (q qcow2Image) Close() error { return q.img.Close() }
+func (q qcow2Image) Close() error { return q.di.Close() }
 
 func openQcow2(path string) (Image, error) {
-	img, err := qcow2.Open(path, qcow2.OpenOptions{})
+	di, err := driver.Qcow2Images{}.Open(context.Background(), path, false)
 	if err != nil {
 		return nil, err
 	}
-	b, err := driver.NewImageBackend(img, driver.ImageBackendOptions{})
-	if err != nil {
-		img.Close()
-		return nil, err
+	return qcow2Image{Backend: di.Backend(), di: di}, nil
+}
+
+func growQcow2(img Image, size int64) error {
+	q, ok := img.(qcow2Image)
+	if !ok {
+		return fmt.Errorf("qcow2 grow: %T is not a qcow2 image of this package", img)
 	}
-	return qcow2Image{ImageBackend: b, img: img}, nil
+	if !(driver.Qcow2Images{}).CanGrow() {
+		return fmt.Errorf("qcow2 grow: the image library cannot resize yet: %w", errors.ErrUnsupported)
+	}
+	return q.di.Resize(context.Background(), size)
 }
