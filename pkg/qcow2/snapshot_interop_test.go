@@ -124,12 +124,12 @@ func TestSnapshotsOursReadByQemu(t *testing.T) {
 		size   string
 		cs     string // one cluster, for the compressed write
 	}{
-		{"v3-64k", []string{"cluster_size=65536"}, "64M", "64k"},
-		{"v2-64k", []string{"compat=0.10"}, "64M", "64k"},
-		{"v3-512-refcount8", []string{"cluster_size=512", "refcount_bits=8"}, "64M", "512"},
-		{"v3-2M-refcount64", []string{"cluster_size=2M", "refcount_bits=64"}, "64M", "2M"},
-		{"v3-extl2", []string{"extended_l2=on", "cluster_size=128k"}, "64M", "128k"},
-		{"v3-zstd-compressed", []string{"compression_type=zstd"}, "64M", "64k"},
+		{"v3-64k", []string{"cluster_size=65536"}, "16M", "64k"},
+		{"v2-64k", []string{"compat=0.10"}, "16M", "64k"},
+		{"v3-512-refcount8", []string{"cluster_size=512", "refcount_bits=8"}, "16M", "512"},
+		{"v3-2M-refcount64", []string{"cluster_size=2M", "refcount_bits=64"}, "16M", "2M"},
+		{"v3-extl2", []string{"extended_l2=on", "cluster_size=128k"}, "16M", "128k"},
+		{"v3-zstd-compressed", []string{"compression_type=zstd"}, "16M", "64k"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
