@@ -53,14 +53,6 @@ func runQemuImg(t *testing.T, args ...string) (string, int) {
 	return out.String(), 0
 }
 
-func mustQemu(t *testing.T, tool string, args ...string) {
-	t.Helper()
-	out, err := exec.Command(peer.Require(t, tool), args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %v: %v\n%s", tool, args, err, out)
-	}
-}
-
 func TestImgSnapshotListLikeQemu(t *testing.T) {
 	dir := t.TempDir()
 	p := filepath.Join(dir, "a.qcow2")

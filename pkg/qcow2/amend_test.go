@@ -127,7 +127,7 @@ func TestAmendAcceptedByQemu(t *testing.T) {
 				// Data unchanged, as qemu sees it.
 				qemu(t, "qemu-img", "compare", "-U", orig, p)
 				if c.snap {
-					if got, want := qemuSnapshotRaw(t, p, "1"), qemuSnapshotRaw(t, orig, "1"); firstDiffAt(got, want) >= 0 {
+					if got, want := qemuSnapshotRawByID(t, p, "1"), qemuSnapshotRawByID(t, orig, "1"); firstDiffAt(got, want) >= 0 {
 						t.Fatal("snapshot data changed")
 					}
 				}

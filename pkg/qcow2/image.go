@@ -97,6 +97,9 @@ type Image struct {
 	// persistent bitmaps up to date on writes; until then the first write
 	// clears the bitmaps autoclear bit so stale bitmaps are never trusted.
 	bitmapsTracked bool
+	// snapViews counts open SnapshotViews per snapshot ID: such a
+	// snapshot cannot be deleted (snapshot_view.go).
+	snapViews map[string]int
 	// writeHooks are called (with mu held) for every guest range written,
 	// discarded or zeroed; the bitmap code registers here.
 	writeHooks []func(off, n int64)
@@ -339,7 +342,9 @@ func (img *Image) loadSnapshots(fileSize int64) error {
 		return nil
 	}
 	maxLen := int64(h.NbSnapshots) * (snapshotFixedLen + maxSnapshotExtraData + 2*65535 + 8)
-	n := min(maxLen, fileSize-int64(h.SnapshotsOffset))
+	// Never allocate more than qemu's table limit (QCOW_MAX_SNAPSHOTS_SIZE)
+	// from the untrusted count; the decoder refuses a longer table.
+	n := min(maxLen, fileSize-int64(h.SnapshotsOffset), maxSnapshotsTableBytes+snapshotFixedLen)
 	buf := make([]byte, n)
 	if _, err := img.f.ReadAt(buf, int64(h.SnapshotsOffset)); err != nil && !errors.Is(err, io.EOF) {
 		return ioErr("read snapshot table", err)

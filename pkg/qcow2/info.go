@@ -87,11 +87,8 @@ func (img *Image) Info() (Info, error) {
 	if err := syscall.Fstat(int(img.f.Fd()), &st); err == nil {
 		in.ActualSize = st.Blocks * 512
 	}
-	for _, s := range img.snapshots {
-		in.Snapshots = append(in.Snapshots, SnapshotInfo{
-			ID: s.ID, Name: s.Name, VMStateSize: max(uint64(s.VMStateSize), s.VMStateSizeLarge),
-			DateSec: s.DateSec, DateNsec: s.DateNsec, VMClockNsec: s.VMClockNsec, Icount: s.Icount, DiskSize: s.DiskSize,
-		})
+	for i := range img.snapshots {
+		in.Snapshots = append(in.Snapshots, img.snapshotInfo(&img.snapshots[i]))
 	}
 	for _, b := range img.bitmapDir {
 		bi := BitmapInfo{Name: b.Name, Granularity: int64(1) << b.GranularityBits, Flags: []string{}}

@@ -32,11 +32,17 @@ func (img *Image) l2Slice(l2Off, idx int64) (*cacheEntry, int64, error) {
 // getL2 returns the L2 entry (and extended bitmap) of a guest cluster. A
 // missing L2 table reads as an unallocated entry. mu held.
 func (img *Image) getL2(vcluster int64) (l2Entry, l2Bitmap, error) {
+	return img.getL2From(img.l1, vcluster)
+}
+
+// getL2From is getL2 through the given L1 table (a snapshot's, for
+// SnapshotView). mu held.
+func (img *Image) getL2From(l1 []l1Entry, vcluster int64) (l2Entry, l2Bitmap, error) {
 	i1 := img.l1Index(vcluster)
-	if i1 >= int64(len(img.l1)) {
+	if i1 >= int64(len(l1)) {
 		return 0, 0, nil
 	}
-	l2Off := img.l1[i1].offset()
+	l2Off := l1[i1].offset()
 	if l2Off == 0 {
 		return 0, 0, nil
 	}

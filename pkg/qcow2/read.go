@@ -21,10 +21,19 @@ const maxMapChunk = 8 << 20
 
 // mapRange describes [off, off+n) as runs. mu held.
 func (img *Image) mapRange(off, n int64, runs []run) ([]run, error) {
+	return img.mapRangeL1(nil, off, n, runs)
+}
+
+// mapRangeL1 is mapRange through the given L1 table; nil means the active
+// one. mu held.
+func (img *Image) mapRangeL1(l1 []l1Entry, off, n int64, runs []run) ([]run, error) {
+	if l1 == nil {
+		l1 = img.l1
+	}
 	end := off + n
 	for off < end {
 		vc := off >> img.clusterBits
-		e, bm, err := img.getL2(vc)
+		e, bm, err := img.getL2From(l1, vc)
 		if err != nil {
 			return runs, err
 		}
@@ -102,13 +111,18 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 
 // readRange fills p from guest offset off; the caller holds the range.
 func (img *Image) readRange(p []byte, off int64) error {
+	return img.readRangeL1(nil, p, off)
+}
+
+// readRangeL1 is readRange through the given L1 table (nil: the active one).
+func (img *Image) readRangeL1(l1 []l1Entry, p []byte, off int64) error {
 	var runs []run
 	var cbuf []byte
 	for len(p) > 0 {
 		chunk := min(int64(len(p)), maxMapChunk)
 		img.mu.Lock()
 		var err error
-		runs, err = img.mapRange(off, chunk, runs[:0])
+		runs, err = img.mapRangeL1(l1, off, chunk, runs[:0])
 		img.mu.Unlock()
 		if err != nil {
 			return err
@@ -212,6 +226,12 @@ func (img *Image) blockStatus(off, n int64, depth int) ([]Extent, error) {
 	}
 	size := img.size
 	img.mu.Unlock()
+	return img.blockStatusL1(nil, size, off, n, depth)
+}
+
+// blockStatusL1 is blockStatus through the given L1 table (nil: the active
+// one) of a disk of the given size.
+func (img *Image) blockStatusL1(l1 []l1Entry, size, off, n int64, depth int) ([]Extent, error) {
 	var tail []Extent
 	if depth > 0 && off+n > size {
 		// A backing file shorter than its overlay reads as zeroes past
@@ -229,7 +249,7 @@ func (img *Image) blockStatus(off, n int64, depth int) ([]Extent, error) {
 		chunk := min(n, maxMapChunk*64)
 		img.mu.Lock()
 		var err error
-		runs, err = img.mapRange(off, chunk, runs[:0])
+		runs, err = img.mapRangeL1(l1, off, chunk, runs[:0])
 		img.mu.Unlock()
 		if err != nil {
 			return nil, err

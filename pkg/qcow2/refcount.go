@@ -450,12 +450,7 @@ func (img *Image) applyPendingFrees() error {
 				return err
 			}
 			if v == 0 {
-				if k, ok := img.metaMap[ci]; ok {
-					delete(img.metaMap, ci)
-					if k == metaL2 {
-						img.l2Cache.dropRange(ci<<img.clusterBits, img.clusterSize)
-					}
-				}
+				img.forgetFreedCluster(ci)
 				if p.punch {
 					// Best effort: give the space back to the file system.
 					_ = unix.Fallocate(int(img.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, ci<<img.clusterBits, img.clusterSize)

@@ -447,6 +447,14 @@ func (img *Image) rebuildRefcountsLocked() (RepairResult, error) {
 	img.freeHint = 1
 	img.fileEnd = max(img.fileEnd, (p+nBlocks+tblClusters)<<img.clusterBits)
 	img.buildMetaMap()
+	if !img.readOnly {
+		// COPIED flags of the active tables from the new refcounts,
+		// durable before the dirty bit goes (qemu's repair fixes them
+		// too; a crash inside a snapshot operation leaves them stale).
+		if err := img.repairCopiedLocked(); err != nil {
+			return res, err
+		}
+	}
 	if img.hdr.Incompatible&IncompatDirty != 0 && !img.readOnly {
 		img.hdr.Incompatible &^= IncompatDirty
 		if err := img.writeHeader(); err != nil {

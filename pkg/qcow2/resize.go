@@ -62,7 +62,11 @@ func (img *Image) Resize(newSize int64, opts ResizeOptions) error {
 
 // resizeAllowed refuses what qemu refuses: a compat=0.10 image with
 // snapshots (v2 snapshots carry no disk size), a size beyond the largest L1
-// table, and persistent bitmaps that cannot follow. mu held.
+// table, and persistent bitmaps that cannot follow (an inconsistent one,
+// ErrBitmapInconsistent). Last, once nothing else can refuse, the bitmaps
+// are marked in use on disk until setVirtualSize resizes and stores them
+// (bitmap_api.go), so a crash in between leaves them inconsistent, never of
+// the wrong size. mu held.
 func (img *Image) resizeAllowed(newSize int64) error {
 	if img.hdr.Version < 3 && len(img.snapshots) > 0 {
 		return fmt.Errorf("%w: can't resize a v2 image which has snapshots", ErrUnsupported)
@@ -70,20 +74,7 @@ func (img *Image) resizeAllowed(newSize int64) error {
 	if n := img.sizeToL1(newSize); n*8 > maxL1Bytes {
 		return fmt.Errorf("%w: %d bytes need an L1 table of %d entries, limit %d", ErrTooLarge, newSize, n, maxL1Bytes/8)
 	}
-	return img.bitmapsResizeCheck(newSize)
-}
-
-// bitmapsResizeCheck refuses a resize while a persistent bitmap is marked
-// in use (inconsistent), as qemu does ("Bitmap 'x' is inconsistent and
-// cannot be used"). Consistent bitmaps follow the new size through
-// resizeBitmaps. mu held.
-func (img *Image) bitmapsResizeCheck(int64) error {
-	for _, b := range img.bitmapDir {
-		if b.Flags&bitmapFlagInUse != 0 {
-			return fmt.Errorf("%w: bitmap %q is inconsistent and cannot be resized; remove it first", ErrUnsupported, b.Name)
-		}
-	}
-	return nil
+	return img.prepareBitmapsResize()
 }
 
 // sizeToL1 is the number of L1 entries a disk of size bytes needs.
@@ -126,8 +117,8 @@ func (img *Image) grow(old, newSize int64) error {
 	return nil
 }
 
-// setVirtualSize writes the new size into the header and lets the
-// persistent bitmaps follow. mu held.
+// setVirtualSize writes the new size into the header and resizes the
+// persistent bitmaps with the disk, as qemu does. mu held.
 func (img *Image) setVirtualSize(n int64) error {
 	var b [8]byte
 	binary.BigEndian.PutUint64(b[:], uint64(n))
@@ -137,13 +128,8 @@ func (img *Image) setVirtualSize(n int64) error {
 	img.metaUnsynced = true
 	img.hdr.Size = uint64(n)
 	img.size = n
-	return img.resizeBitmaps(n)
+	return img.finishBitmapsResize(n)
 }
-
-// resizeBitmaps is where the persistent bitmap code (issue 4) resizes its
-// bitmaps with the disk; qemu resizes the loaded bitmaps in memory and
-// stores them on close. mu held.
-func (img *Image) resizeBitmaps(int64) error { return nil }
 
 func (img *Image) shrink(old, newSize int64) error {
 	op, err := img.beginMetaOp()

@@ -64,6 +64,9 @@ func decodeSnapshotTable(buf []byte, n uint32, base int64, clusterBits uint32, f
 			}
 		}
 		total := snapshotFixedLen + extraLen + idLen + nameLen
+		if off+total > maxSnapshotsTableBytes {
+			return nil, 0, corruptf("snapshot table", base, "snapshot table is too big: entry %d ends at byte %d, limit %d (qemu's)", i, off+total, maxSnapshotsTableBytes)
+		}
 		if off+total > len(buf) {
 			return nil, 0, corruptf(fmt.Sprintf("snapshot[%d]", i), at, "entry of %d bytes runs past the end of the snapshot table", total)
 		}

@@ -139,7 +139,15 @@ func crashCheck(t *testing.T, path string, version, round int, when string, noLe
 	r, out := qemuCheck(t, path)
 	if version >= 3 {
 		if r.Corruptions != 0 || r.CheckErrors != 0 || (noLeaks && r.Leaks != 0) {
-			t.Fatalf("round %d: qemu-img check %s: %s", round, when, out)
+			human, _ := exec.Command(peerPath(t, "qemu-img"), "check", "-U", path).CombinedOutput()
+			if len(human) > 3000 {
+				human = human[:3000]
+			}
+			ops, _ := os.ReadFile(filepath.Join(filepath.Dir(path), "ops.log"))
+			if len(ops) > 600 {
+				ops = ops[len(ops)-600:]
+			}
+			t.Fatalf("round %d: qemu-img check %s: %s\n%s\nops:\n%s", round, when, out, human, ops)
 		}
 		return
 	}
@@ -170,10 +178,12 @@ func TestSnapshotCrashChild(t *testing.T) {
 		t.Fatal(err)
 	}
 	rng := rand.New(rand.NewSource(int64(seed)))
+	logf, _ := os.OpenFile(filepath.Join(dir, "ops.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	logOp := func(format string, a ...any) { fmt.Fprintf(logf, format+"\n", a...); logf.Sync() }
 	fmt.Println("ready")
 	for i := 0; ; i++ {
 		size := img.Size()
-		// A few writes.
+		logOp("writes %d", i)
 		for k := 0; k < 3; k++ {
 			n := int64(1 + rng.Intn(20000))
 			off := rng.Int63n(size - n)
@@ -191,14 +201,19 @@ func TestSnapshotCrashChild(t *testing.T) {
 			}
 			sum := sha256.Sum256(buf)
 			writeSynced(t, filepath.Join(dir, "hash-"+name), hex.EncodeToString(sum[:]))
+			logOp("create %s", name)
 			if _, err := img.CreateSnapshot(name); err != nil {
 				t.Fatal(err)
 			}
+			logOp("created %s", name)
 		case op < 7:
 			if s := img.Snapshots(); len(s) > 0 {
-				if err := img.DeleteSnapshot(s[rng.Intn(len(s))].ID); err != nil {
+				x := s[rng.Intn(len(s))]
+				logOp("delete %s", x.Name)
+				if err := img.DeleteSnapshot(x.ID); err != nil {
 					t.Fatal(err)
 				}
+				logOp("deleted %s", x.Name)
 			}
 		case op < 8:
 			if s := img.Snapshots(); len(s) > 0 {
@@ -215,9 +230,11 @@ func TestSnapshotCrashChild(t *testing.T) {
 			}
 		}
 		if len(img.Snapshots()) > 8 {
+			logOp("delete oldest %s", img.Snapshots()[0].Name)
 			if err := img.DeleteSnapshot(img.Snapshots()[0].ID); err != nil {
 				t.Fatal(err)
 			}
+			logOp("deleted oldest")
 		}
 	}
 }

@@ -46,7 +46,7 @@ func qemuSnapshots(t testing.TB, path string) []qemuSnapshot {
 }
 
 // sameAsQemu compares our listing with qemu-img's, field by field.
-func sameAsQemu(t testing.TB, ours []SnapshotInfo, theirs []qemuSnapshot) {
+func snapshotsSameAsQemu(t testing.TB, ours []SnapshotInfo, theirs []qemuSnapshot) {
 	t.Helper()
 	if len(ours) != len(theirs) {
 		t.Fatalf("we list %d snapshots, qemu-img %d: %+v vs %+v", len(ours), len(theirs), ours, theirs)
@@ -72,7 +72,7 @@ func checkCleanWhen(t testing.TB, path, when string) {
 }
 
 // qemuSnapshotRaw exports one snapshot with qemu-img convert -l.
-func qemuSnapshotRaw(t testing.TB, path, id string) []byte {
+func qemuSnapshotRawByID(t testing.TB, path, id string) []byte {
 	t.Helper()
 	out := filepath.Join(t.TempDir(), "snap.raw")
 	qemu(t, "qemu-img", "convert", "-U", "-l", "snapshot.id="+id, "-O", "raw", path, out)
@@ -155,9 +155,9 @@ func TestSnapshotsOursReadByQemu(t *testing.T) {
 				}
 				checkFlushed(t, img, p, "after write")
 			}
-			sameAsQemu(t, img.Snapshots(), qemuSnapshots(t, p))
+			snapshotsSameAsQemu(t, img.Snapshots(), qemuSnapshots(t, p))
 			for i, s := range img.Snapshots() {
-				if got := qemuSnapshotRaw(t, p, s.ID); !bytes.Equal(got, want[i]) {
+				if got := qemuSnapshotRawByID(t, p, s.ID); !bytes.Equal(got, want[i]) {
 					t.Fatalf("qemu-img export of our snapshot %s differs from the disk when taken", s.ID)
 				}
 				if got := ourSnapshotRaw(t, img, s.ID); !bytes.Equal(got, want[i]) {
@@ -266,12 +266,12 @@ func TestSnapshotsQemuMadeReadByUs(t *testing.T) {
 	}
 	defer img.Close()
 	snaps := img.Snapshots()
-	sameAsQemu(t, snaps, qemuSnapshots(t, p))
+	snapshotsSameAsQemu(t, snaps, qemuSnapshots(t, p))
 	if snaps[0].VMStateSize == 0 || snaps[0].Icount != -1 || snaps[1].VMStateSize != 0 {
 		t.Fatalf("unexpected qemu snapshots: %+v", snaps)
 	}
 	for _, s := range snaps {
-		if got, want := ourSnapshotRaw(t, img, s.ID), qemuSnapshotRaw(t, p, s.ID); !bytes.Equal(got, want) {
+		if got, want := ourSnapshotRaw(t, img, s.ID), qemuSnapshotRawByID(t, p, s.ID); !bytes.Equal(got, want) {
 			t.Fatalf("snapshot %s: our read differs from qemu-img convert -l", s.ID)
 		}
 	}
@@ -284,7 +284,7 @@ func TestSnapshotsQemuMadeReadByUs(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkFlushed(t, img, p, "revert to a qemu snapshot")
-	if got, want := ourRawOpen(t, img), qemuSnapshotRaw(t, p, snaps[1].ID); !bytes.Equal(got, want) {
+	if got, want := ourRawOpen(t, img), qemuSnapshotRawByID(t, p, snaps[1].ID); !bytes.Equal(got, want) {
 		t.Fatal("after revert the disk differs from qemu's export of the snapshot")
 	}
 	if err := img.DeleteSnapshot("disk1"); err != nil {

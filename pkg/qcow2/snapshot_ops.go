@@ -54,25 +54,6 @@ const (
 	snapshotExtraLen = 24
 )
 
-// SnapshotInfo describes one internal snapshot, with the fields qemu-img
-// lists.
-type SnapshotInfo struct {
-	ID   string // unique, qemu numbers them 1, 2, ...
-	Name string // not necessarily unique (qemu allows duplicates)
-	// DateSec and DateNsec are the wall-clock time of creation.
-	DateSec  uint32
-	DateNsec uint32
-	// VMClockNsec is the guest clock at the snapshot (0 for disk-only).
-	VMClockNsec uint64
-	// VMStateSize is the size of the saved VM state (0 for disk-only
-	// snapshots, which are the only kind this package creates).
-	VMStateSize uint64
-	// DiskSize is the virtual disk size when the snapshot was taken.
-	DiskSize uint64
-	// Icount is the record/replay instruction count, -1 when absent.
-	Icount int64
-}
-
 // Date returns the creation time.
 func (s SnapshotInfo) Date() time.Time { return time.Unix(int64(s.DateSec), int64(s.DateNsec)) }
 
@@ -359,6 +340,12 @@ func (img *Image) RevertToSnapshot(idOrName string) error {
 	if err := img.writeWholeL1(newL1); err != nil {
 		return img.failMetaOp(err)
 	}
+	// The overlap map covers the active L2 tables: add the snapshot's.
+	for _, e := range newL1 {
+		if o := e.offset(); o != 0 {
+			img.metaMap[o>>img.clusterBits] = metaL2
+		}
+	}
 	if !op.protected {
 		if err := img.fsync(); err != nil {
 			return img.failMetaOp(err)
@@ -552,12 +539,7 @@ func (img *Image) dropRef(ci int64) error {
 		return err
 	}
 	if v == 0 {
-		if k, ok := img.metaMap[ci]; ok {
-			delete(img.metaMap, ci)
-			if k == metaL2 {
-				img.l2Cache.dropRange(ci<<img.clusterBits, img.clusterSize)
-			}
-		}
+		img.forgetFreedCluster(ci)
 	}
 	return nil
 }

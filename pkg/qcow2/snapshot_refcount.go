@@ -378,15 +378,7 @@ func (r *refBatch) add(ci, delta int64) (uint64, error) {
 		b.dirty = true
 	}
 	if nv == 0 {
-		if ci < img.freeHint {
-			img.freeHint = ci
-		}
-		if k, ok := img.metaMap[ci]; ok {
-			delete(img.metaMap, ci)
-			if k == metaL2 {
-				img.l2Cache.dropRange(ci<<img.clusterBits, img.clusterSize)
-			}
-		}
+		img.forgetFreedCluster(ci)
 	}
 	return nv, nil
 }
@@ -401,4 +393,17 @@ func (img *Image) repairCopiedLocked() error {
 		return err
 	}
 	return img.fsync()
+}
+
+// forgetFreedCluster drops what memory says about a host cluster whose
+// refcount reached zero: its overlap-map entry, and any cached L2 slices.
+// The cache is dropped whatever the map said: an L2 table only a snapshot
+// used is not in the map (the map covers the active tables), and a stale
+// slice would shadow whatever the cluster holds once it is reused. mu held.
+func (img *Image) forgetFreedCluster(ci int64) {
+	if ci < img.freeHint {
+		img.freeHint = ci
+	}
+	delete(img.metaMap, ci)
+	img.l2Cache.dropRange(ci<<img.clusterBits, img.clusterSize)
 }
