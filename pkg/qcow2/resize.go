@@ -74,7 +74,7 @@ func (img *Image) resizeAllowed(newSize int64) error {
 	if n := img.sizeToL1(newSize); n*8 > maxL1Bytes {
 		return fmt.Errorf("%w: %d bytes need an L1 table of %d entries, limit %d", ErrTooLarge, newSize, n, maxL1Bytes/8)
 	}
-	return img.prepareBitmapsResize()
+	return img.bitmapsResizeCheck(newSize)
 }
 
 // sizeToL1 is the number of L1 entries a disk of size bytes needs.
@@ -128,7 +128,7 @@ func (img *Image) setVirtualSize(n int64) error {
 	img.metaUnsynced = true
 	img.hdr.Size = uint64(n)
 	img.size = n
-	return img.finishBitmapsResize(n)
+	return img.resizeBitmaps(n)
 }
 
 func (img *Image) shrink(old, newSize int64) error {

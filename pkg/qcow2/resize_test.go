@@ -33,16 +33,19 @@ func TestResizeLikeQemu(t *testing.T) {
 		io      []string
 		newSize int64
 		shrink  bool
+		bitmap  bool // a persistent bitmap that must follow the size
 	}{
-		{"grow within L1", "cluster_size=65536", "64M", []string{"write -P 1 0 1M"}, 100 << 20, false},
-		{"grow to 1T relocates L1", "cluster_size=65536", "64M", []string{"write -P 1 60M 1M"}, 1 << 40, false},
-		{"grow 4k clusters many L1 entries", "cluster_size=4096", "1M", []string{"write -P 2 0 1M"}, 3<<30 + 512, false},
-		{"grow unaligned size", "cluster_size=65536", "1000448", []string{"write -P 3 0 1000448"}, 5000192, false},
-		{"shrink frees the tail", "cluster_size=65536", "64M", []string{"write -P 4 0 1M", "write -P 5 40M 8M"}, 20 << 20, true},
-		{"shrink drops whole L2 tables", "cluster_size=4096", "64M", []string{"write -P 4 0 1M", "write -P 5 40M 8M", "write -c -P 6 63M 4k"}, 3 << 20, true},
-		{"shrink to unaligned", "cluster_size=65536", "8M", []string{"write -P 7 0 8M"}, 1000448, true},
-		{"shrink v2", "compat=0.10", "64M", []string{"write -P 8 0 64M"}, 1 << 20, true},
-		{"shrink extended L2", "extended_l2=on,cluster_size=65536", "64M", []string{"write -P 9 30M 2M"}, 31 << 20, true},
+		{"grow within L1", "cluster_size=65536", "64M", []string{"write -P 1 0 1M"}, 100 << 20, false, false},
+		{"grow to 1T relocates L1", "cluster_size=65536", "64M", []string{"write -P 1 60M 1M"}, 1 << 40, false, false},
+		{"grow 4k clusters many L1 entries", "cluster_size=4096", "1M", []string{"write -P 2 0 1M"}, 3<<30 + 512, false, false},
+		{"grow unaligned size", "cluster_size=65536", "1000448", []string{"write -P 3 0 1000448"}, 5000192, false, false},
+		{"shrink frees the tail", "cluster_size=65536", "64M", []string{"write -P 4 0 1M", "write -P 5 40M 8M"}, 20 << 20, true, false},
+		{"shrink drops whole L2 tables", "cluster_size=4096", "64M", []string{"write -P 4 0 1M", "write -P 5 40M 8M", "write -c -P 6 63M 4k"}, 3 << 20, true, false},
+		{"shrink to unaligned", "cluster_size=65536", "8M", []string{"write -P 7 0 8M"}, 1000448, true, false},
+		{"shrink v2", "compat=0.10", "64M", []string{"write -P 8 0 64M"}, 1 << 20, true, false},
+		{"shrink extended L2", "extended_l2=on,cluster_size=65536", "64M", []string{"write -P 9 30M 2M"}, 31 << 20, true, false},
+		{"grow with a bitmap", "cluster_size=65536", "64M", []string{"write -P 1 0 1M"}, 200 << 20, false, true},
+		{"shrink with a bitmap", "cluster_size=65536", "64M", []string{"write -P 1 0 1M"}, 16 << 20, true, true},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -50,6 +53,9 @@ func TestResizeLikeQemu(t *testing.T) {
 			p := filepath.Join(dir, "a.qcow2")
 			qemu(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", c.create, p, c.size)
 			qemuIOAll(t, p, c.io...)
+			if c.bitmap {
+				qemu(t, "qemu-img", "bitmap", "--add", p, "b0")
+			}
 			q := filepath.Join(dir, "q.qcow2")
 			copyImage(t, p, q)
 			args := []string{"resize", "-q"}
@@ -79,6 +85,13 @@ func TestResizeLikeQemu(t *testing.T) {
 			// qemu-img compare reads both through qemu, block status
 			// first, so terabyte sizes cost nothing.
 			qemu(t, "qemu-img", "compare", "-U", p, q)
+			if c.bitmap {
+				// qemu loads the bitmap (it refuses one of the wrong
+				// size) and copies it.
+				out := filepath.Join(dir, "copy.qcow2")
+				qemu(t, "qemu-img", "convert", "-U", "--bitmaps", "-O", "qcow2", p, out)
+				checkCleanWhen(t, out, "bitmap copied by qemu")
+			}
 		})
 	}
 }
