@@ -128,6 +128,7 @@ func (img *Image) setVirtualSize(n int64) error {
 	img.metaUnsynced = true
 	img.hdr.Size = uint64(n)
 	img.size = n
+	img.sizeCaches()
 	return img.resizeBitmaps(n)
 }
 
