@@ -6,6 +6,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -18,7 +19,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
 	"github.com/qcow2-csi/qcow2-csi/tests/vm/vmharness"
 )
 
@@ -29,31 +32,52 @@ const (
 	envServe = "VMTEST_SERVE"
 	envImage = "VMTEST_IMAGE"
 	envID    = "VMTEST_ID"
+	envConns = "VMTEST_CONNS"
 )
 
 func TestMain(m *testing.M) {
 	if mode := os.Getenv(envServe); mode != "" {
-		os.Exit(serveMain(mode, os.Getenv(envImage), os.Getenv(envID)))
+		conns, _ := strconv.Atoi(os.Getenv(envConns))
+		os.Exit(serveMain(mode, os.Getenv(envImage), os.Getenv(envID), conns))
 	}
 	os.Exit(m.Run())
 }
 
-// serveMain attaches (or reattaches) the image, prints "READY <device>",
-// and serves until SIGTERM, when it detaches cleanly.
-func serveMain(mode, img, id string) int {
+// serveMain attaches (or reattaches) the image (qcow2 through the driver's
+// adapter when its name says so, else raw), prints "READY <device>", and
+// serves until SIGTERM, when it detaches and closes the image cleanly.
+func serveMain(mode, img, id string, conns int) int {
 	ctx := context.Background()
-	b, err := nbdattach.OpenFile(img, false)
-	if err != nil {
-		fmt.Println("ERROR", err)
-		return 1
+	var b nbdattach.Backend
+	if strings.HasSuffix(img, ".qcow2") {
+		q, err := qcow2.Open(img, qcow2.OpenOptions{})
+		if err != nil {
+			fmt.Println("ERROR", err)
+			return 1
+		}
+		defer q.Close()
+		if b, err = driver.NewImageBackend(q, driver.ImageBackendOptions{}); err != nil {
+			fmt.Println("ERROR", err)
+			return 1
+		}
+	} else {
+		f, err := nbdattach.OpenFile(img, false)
+		if err != nil {
+			fmt.Println("ERROR", err)
+			return 1
+		}
+		defer f.Close()
+		b = f
 	}
 	a := kernelAttacher()
 	var dev nbdattach.Device
+	var err error
+	opts := nbdattach.AttachOptions{Connections: conns}
 	switch mode {
 	case "attach":
-		dev, err = a.Attach(ctx, id, b, nbdattach.AttachOptions{})
+		dev, err = a.Attach(ctx, id, b, opts)
 	case "reattach":
-		dev, err = a.Reattach(ctx, id, b, nbdattach.AttachOptions{})
+		dev, err = a.Reattach(ctx, id, b, opts)
 	default:
 		err = fmt.Errorf("unknown mode %q", mode)
 	}
@@ -79,10 +103,10 @@ type server struct {
 	out bytes.Buffer
 }
 
-func startServer(t *testing.T, mode, img, id string) *server {
+func startServer(t *testing.T, mode, img, id string, conns int) *server {
 	t.Helper()
 	s := &server{cmd: exec.Command(os.Args[0])}
-	s.cmd.Env = append(os.Environ(), envServe+"="+mode, envImage+"="+img, envID+"="+id)
+	s.cmd.Env = append(os.Environ(), envServe+"="+mode, envImage+"="+img, envID+"="+id, envConns+"="+strconv.Itoa(conns))
 	s.cmd.Stderr = &s.out
 	stdout, err := s.cmd.StdoutPipe()
 	if err != nil {
@@ -116,23 +140,47 @@ func sectorsWritten(t *testing.T, dev string) int64 {
 
 // TestGuestRestart kills the serving process in the middle of a dd write
 // stream and starts a new one that reattaches: dd must finish without an
-// I/O error and the image must hold exactly what dd wrote.
+// I/O error and the image must hold exactly what dd wrote. Raw with one
+// connection, and qcow2 (driver adapter) with two; TestVM then runs
+// qemu-img check and compare on the qcow2 image.
 func TestGuestRestart(t *testing.T) {
 	vmharness.Guest(t)
+	for _, tt := range []struct {
+		format string
+		conns  int
+	}{{"raw", 1}, {"qcow2", 2}} {
+		t.Run(fmt.Sprintf("%s-%dconn", tt.format, tt.conns), func(t *testing.T) {
+			testRestart(t, tt.format, tt.conns)
+		})
+	}
+}
+
+func testRestart(t *testing.T, format string, conns int) {
 	const size = 48 << 20
-	img := filepath.Join(t.TempDir(), "restart.raw")
-	newRaw(t, img, size)
+	id := "vol-restart-" + format
+	img := filepath.Join(t.TempDir(), "restart."+format)
+	if format == "qcow2" {
+		q, err := qcow2.Create(img, qcow2.CreateOptions{Size: size})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := q.Close(); err != nil {
+			t.Fatal(err)
+		}
+	} else {
+		newRaw(t, img, size)
+	}
 	pattern := filepath.Join(t.TempDir(), "pattern")
 	writePattern(t, pattern, 42, size)
 
-	first := startServer(t, "attach", img, "vol-restart")
+	first := startServer(t, "attach", img, id, conns)
 	// While the first process serves, nobody else may take the device over.
 	probe, err := nbdattach.OpenFile(img, true)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer probe.Close()
-	if _, err := kernelAttacher().Reattach(context.Background(), "vol-restart", probe, nbdattach.AttachOptions{}); err == nil ||
+	if _, err := kernelAttacher().Reattach(context.Background(), id, probe, nbdattach.AttachOptions{}); err == nil ||
 		!strings.Contains(err.Error(), "still serves it") {
 		t.Errorf("Reattach of a live device: %v, want a refusal naming the live server", err)
 	}
@@ -166,7 +214,7 @@ func TestGuestRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := nbdattach.DeviceInfo{Path: first.dev, ID: "vol-restart", Size: size, Connected: false}
+	want := nbdattach.DeviceInfo{Path: first.dev, ID: id, Size: size, Connected: false}
 	var got []nbdattach.DeviceInfo
 	for _, in := range infos {
 		if in.ID == want.ID {
@@ -177,7 +225,7 @@ func TestGuestRestart(t *testing.T) {
 		t.Errorf("List after the kill: %+v, want [%+v]", got, want)
 	}
 
-	second := startServer(t, "reattach", img, "vol-restart")
+	second := startServer(t, "reattach", img, id, conns)
 	if second.dev != first.dev {
 		t.Errorf("reattached %s, want %s", second.dev, first.dev)
 	}
@@ -193,10 +241,7 @@ func TestGuestRestart(t *testing.T) {
 	if err := second.cmd.Wait(); err != nil {
 		t.Errorf("second server: %v\n%s", err, second.out.String())
 	}
-	data, err := os.ReadFile(img)
-	if err != nil {
-		t.Fatal(err)
-	}
+	data := readImage(t, img, size)
 	wantData, _ := os.ReadFile(pattern)
 	if !bytes.Equal(data, wantData) {
 		n := 0
@@ -205,4 +250,30 @@ func TestGuestRestart(t *testing.T) {
 		}
 		t.Errorf("image differs from what dd wrote, first at byte %d", n)
 	}
+	if format == "qcow2" {
+		copySparse(t, img, filepath.Join(vmharness.SharePath, "restart.qcow2"))
+		copySparse(t, pattern, filepath.Join(vmharness.SharePath, "restart.pattern"))
+	}
+}
+
+// readImage reads the whole virtual disk of a raw or qcow2 image.
+func readImage(t *testing.T, img string, size int) []byte {
+	t.Helper()
+	if !strings.HasSuffix(img, ".qcow2") {
+		data, err := os.ReadFile(img)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return data
+	}
+	q, err := qcow2.Open(img, qcow2.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	data := make([]byte, size)
+	if _, err := q.ReadAt(data, 0); err != nil && !errors.Is(err, io.EOF) {
+		t.Fatal(err)
+	}
+	return data
 }

@@ -5,6 +5,7 @@ package vm
 import (
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
@@ -29,18 +30,39 @@ func TestVM(t *testing.T) {
 	checks := []struct {
 		name string
 		cmd  []string
+		// ok lists the exit codes that pass (nil: 0 only).
+		ok []int
 	}{
-		{"ext4 clean", []string{e2fsck, "-fn", filepath.Join(share, "ext4.raw")}},
-		{"xfs clean", []string{xfsRepair, "-n", "-f", filepath.Join(share, "xfs.raw")}},
-		{"qcow2 image consistent", []string{qemuImg, "check", "-f", "qcow2", filepath.Join(share, "vol.qcow2")}},
-		{"qcow2 image holds what the kernel read", []string{qemuImg, "compare", "-f", "qcow2", "-F", "raw",
+		{name: "ext4 clean", cmd: []string{e2fsck, "-fn", filepath.Join(share, "ext4.raw")}},
+		{name: "xfs clean", cmd: []string{xfsRepair, "-n", "-f", filepath.Join(share, "xfs.raw")}},
+		{name: "qcow2 image consistent", cmd: []string{qemuImg, "check", "-f", "qcow2", filepath.Join(share, "vol.qcow2")}},
+		{name: "qcow2 image holds what the kernel read", cmd: []string{qemuImg, "compare", "-f", "qcow2", "-F", "raw",
 			filepath.Join(share, "vol.qcow2"), filepath.Join(share, "vol.dev.raw")}},
+		// The first server was killed in the middle of allocating writes:
+		// clusters it allocated but had not yet linked may leak (qemu-img
+		// check exit 3, harmless, what qemu leaves after a crash too);
+		// anything worse (exit 2: corruption) fails.
+		{name: "qcow2 restart image consistent", cmd: []string{qemuImg, "check", "-f", "qcow2", filepath.Join(share, "restart.qcow2")}, ok: []int{0, 3}},
+		{name: "qcow2 restart image holds what dd wrote", cmd: []string{qemuImg, "compare", "-f", "qcow2", "-F", "raw",
+			filepath.Join(share, "restart.qcow2"), filepath.Join(share, "restart.pattern")}},
 	}
 	for _, c := range checks {
 		t.Run(c.name, func(t *testing.T) {
 			out, err := exec.Command(c.cmd[0], c.cmd[1:]...).CombinedOutput()
-			if err != nil {
-				t.Errorf("%v: %v\n%s", c.cmd, err, out)
+			code := 0
+			if ee, ok := err.(*exec.ExitError); ok {
+				code = ee.ExitCode()
+			} else if err != nil {
+				t.Fatal(err)
+			}
+			ok := c.ok
+			if ok == nil {
+				ok = []int{0}
+			}
+			if !slices.Contains(ok, code) {
+				t.Errorf("%v: exit %d, want one of %v\n%s", c.cmd, code, ok, out)
+			} else if code != 0 {
+				t.Logf("%v: exit %d (accepted)\n%s", c.cmd, code, out)
 			}
 		})
 	}

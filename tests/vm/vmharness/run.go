@@ -55,6 +55,10 @@ var DefaultTools = []string{
 	"mkfs.ext4", "mke2fs", "e2fsck", "resize2fs", "dumpe2fs",
 	"mkfs.xfs", "xfs_growfs", "xfs_repair", "xfs_info", "xfs_db",
 	"blkid", "blockdev", "blkdiscard", "fstrim",
+	// util-linux's own mount tools rather than busybox's: k8s.io/mount-utils
+	// (the driver's mounter) passes options busybox does not know, and runs
+	// fsck before mounting ext4.
+	"mount", "umount", "findmnt", "losetup", "fsck", "fsck.ext4", "fsck.xfs",
 }
 
 // Options tune one VM run. Zero values mean defaults.
@@ -101,8 +105,10 @@ type Result struct {
 	// Share is the host directory that was mounted on /share.
 	Share string
 	// Boot is the wall time from starting QEMU to the guest's /init
-	// starting the test binary; Total the whole run.
-	Boot, Total time.Duration
+	// starting the test binary; GuestBoot the guest kernel's uptime then
+	// (the difference is QEMU loading the kernel and initramfs); Total the
+	// whole run.
+	Boot, GuestBoot, Total time.Duration
 }
 
 // RunGoTest builds the test binary of the package in pkgDir statically
@@ -170,8 +176,8 @@ func RunGoTest(t testing.TB, pkgDir, run string, opts Options) Result {
 	}
 	res := boot(t, qemu, a, initrd, share, work, timeout, opts)
 	res.Share = share
-	t.Logf("vmharness: %s: boot %v, total %v, exit %d", absPkg, res.Boot.Round(100*time.Millisecond),
-		res.Total.Round(100*time.Millisecond), res.ExitCode)
+	t.Logf("vmharness: %s: boot %v (guest kernel uptime %v), total %v, exit %d", absPkg, res.Boot.Round(100*time.Millisecond),
+		res.GuestBoot.Round(100*time.Millisecond), res.Total.Round(100*time.Millisecond), res.ExitCode)
 	if os.Getenv("VMHARNESS_CONSOLE") == "1" {
 		t.Logf("vmharness: kernel console:\n%s", res.Console)
 	}
@@ -360,6 +366,11 @@ func boot(t testing.TB, qemu string, a *Assets, initrd, share, work string, time
 			switch {
 			case strings.HasPrefix(line, markerBooted):
 				res.Boot = time.Since(start)
+				if f := strings.Fields(line); len(f) == 2 {
+					if s, err := strconv.ParseFloat(f[1], 64); err == nil {
+						res.GuestBoot = time.Duration(s * float64(time.Second))
+					}
+				}
 			case exitLine.MatchString(line):
 				res.ExitCode, _ = strconv.Atoi(exitLine.FindStringSubmatch(line)[1])
 			default:
