@@ -141,8 +141,9 @@ func sectorsWritten(t *testing.T, dev string) int64 {
 // TestGuestRestart kills the serving process in the middle of a dd write
 // stream and starts a new one that reattaches: dd must finish without an
 // I/O error and the image must hold exactly what dd wrote. Raw with one
-// connection, and qcow2 (driver adapter) with two; TestVM then runs
-// qemu-img check and compare on the qcow2 image.
+// connection, and qcow2 (driver adapter) with two and O_DSYNC writes (see
+// below); TestVM then runs qemu-img check and compare on the qcow2 image.
+// dd is GNU dd (TestVM copies it in): busybox's has no oflag=dsync.
 func TestGuestRestart(t *testing.T) {
 	vmharness.Guest(t)
 	for _, tt := range []struct {
@@ -186,7 +187,18 @@ func testRestart(t *testing.T, format string, conns int) {
 	}
 	// The device's counters run since boot: earlier tests may have used it.
 	base := sectorsWritten(t, first.dev)
-	dd := exec.Command("dd", "if="+pattern, "of="+first.dev, "bs=64k", "oflag=direct", "conv=fsync")
+	// Raw: plain O_DIRECT writes; what the killed process wrote is in the
+	// file's page cache and survives it. qcow2: the image library keeps
+	// metadata (L2 updates) in memory until a flush, as qemu does, so a
+	// write survives the death of its server only once it was flushed, as
+	// a write survives a power failure only once it reached stable storage.
+	// O_DSYNC makes every write FUA, so every write dd completed must
+	// survive; those in flight at the kill are resent by the kernel.
+	oflag := "oflag=direct"
+	if format == "qcow2" {
+		oflag = "oflag=direct,dsync"
+	}
+	dd := exec.Command("dd", "if="+pattern, "of="+first.dev, "bs=64k", oflag, "conv=fsync")
 	var ddOut bytes.Buffer
 	dd.Stdout, dd.Stderr = &ddOut, &ddOut
 	if err := dd.Start(); err != nil {

@@ -22,7 +22,7 @@ func TestVM(t *testing.T) {
 	qemuImg := peer.Require(t, "qemu-img")
 	e2fsck := peer.Require(t, "e2fsck")
 	xfsRepair := peer.Require(t, "xfs_repair")
-	res := vmharness.RunGoTest(t, ".", "^TestGuest", vmharness.Options{})
+	res := vmharness.RunGoTest(t, ".", "^TestGuest", vmharness.Options{Tools: []string{"dd"}})
 	if res.ExitCode != 0 {
 		return
 	}
