@@ -326,3 +326,38 @@ func TestParseNBDName(t *testing.T) {
 		}
 	}
 }
+
+// FuzzDecodeNetlink feeds arbitrary attribute payloads to the decoders of
+// the kernel's replies: errors are fine, panics are not.
+func FuzzDecodeNetlink(f *testing.F) {
+	seed := netlink.NewAttributeEncoder()
+	seed.Uint32(nlAttrIndex, 3)
+	seed.Nested(nlAttrDeviceList, func(l *netlink.AttributeEncoder) error {
+		l.Nested(nlDeviceItem, func(it *netlink.AttributeEncoder) error {
+			it.Uint32(nlDeviceIndex, 3)
+			it.Uint8(nlDeviceConnected, 1)
+			return nil
+		})
+		return nil
+	})
+	b, err := seed.Encode()
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(b)
+	f.Add([]byte{})
+	f.Add([]byte{4, 0, 9, 0})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		sts, err := decodeStatus(b)
+		if err == nil {
+			for _, st := range sts {
+				if st.index < 0 {
+					t.Fatalf("decoded a negative index from %x", b)
+				}
+			}
+		}
+		if i, err := decodeIndex(b); err == nil && i < 0 {
+			t.Fatalf("decoded a negative index from %x", b)
+		}
+	})
+}

@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 	"unsafe"
@@ -481,5 +482,69 @@ func TestGuestIOFlusher(t *testing.T) {
 		if flags&(pfMemallocNoIO|pfLocalThrottle) != pfMemallocNoIO|pfLocalThrottle {
 			t.Errorf("thread %s: flags %#x lack PR_SET_IO_FLUSHER's bits", task.Name(), flags)
 		}
+	}
+}
+
+// stallingBackend holds one write past the kernel's I/O timeout.
+type stallingBackend struct {
+	*nbdattach.FileBackend
+	stall chan struct{} // closed by the first write at stallOff
+	once  sync.Once
+	delay time.Duration
+}
+
+const stallOff = 1 << 20
+
+func (b *stallingBackend) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
+	if off == stallOff {
+		first := false
+		b.once.Do(func() { first = true; close(b.stall) })
+		if first {
+			time.Sleep(b.delay)
+		}
+	}
+	return b.FileBackend.WriteAt(ctx, p, off, fua)
+}
+
+// TestGuestStalledRequest: a request that outlives the I/O timeout makes
+// the kernel give up on the socket and shut it; the attacher hands it a
+// fresh one while the process keeps running, the request is resent, and
+// the write completes without an error.
+func TestGuestStalledRequest(t *testing.T) {
+	vmharness.Guest(t)
+	ctx := context.Background()
+	img := filepath.Join(t.TempDir(), "stall.raw")
+	newRaw(t, img, 4<<20)
+	fb, err := nbdattach.OpenFile(img, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fb.Close()
+	const timeout = 2 * time.Second
+	b := &stallingBackend{FileBackend: fb, stall: make(chan struct{}), delay: 3 * timeout}
+	a := nbdattach.NewKernelAttacher(nbdattach.KernelOptions{IOTimeout: timeout, DeadConnTimeout: 60 * time.Second})
+	dev, err := a.Attach(ctx, "vol-stall", b, nbdattach.AttachOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Detach(ctx)
+	pattern := filepath.Join(t.TempDir(), "pattern")
+	writePattern(t, pattern, 11, 64<<10)
+	out, err := exec.Command("dd", "if="+pattern, "of="+dev.Path(), "bs=64k", "seek=16", "oflag=direct", "conv=fsync").CombinedOutput()
+	if err != nil {
+		t.Fatalf("dd through a stalled request: %v\n%s", err, out)
+	}
+	select {
+	case <-b.stall:
+	default:
+		t.Fatal("the write never reached the stalling offset; the test proved nothing")
+	}
+	want, _ := os.ReadFile(pattern)
+	got := make([]byte, len(want))
+	if err := fb.ReadAt(ctx, got, stallOff); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Error("the resent write did not land")
 	}
 }
