@@ -8,6 +8,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -522,7 +523,9 @@ func TestGuestStalledRequest(t *testing.T) {
 	defer fb.Close()
 	const timeout = 2 * time.Second
 	b := &stallingBackend{FileBackend: fb, stall: make(chan struct{}), delay: 3 * timeout}
-	a := nbdattach.NewKernelAttacher(nbdattach.KernelOptions{IOTimeout: timeout, DeadConnTimeout: 60 * time.Second})
+	var logs lockedBuffer
+	a := nbdattach.NewKernelAttacher(nbdattach.KernelOptions{IOTimeout: timeout, DeadConnTimeout: 60 * time.Second,
+		Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 	dev, err := a.Attach(ctx, "vol-stall", b, nbdattach.AttachOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -547,4 +550,25 @@ func TestGuestStalledRequest(t *testing.T) {
 	if !bytes.Equal(got, want) {
 		t.Error("the resent write did not land")
 	}
+	// The path under test: the kernel dropped the socket and got a new one.
+	if l := logs.String(); !strings.Contains(l, "handing the kernel a fresh one") {
+		t.Errorf("no socket was replaced; attacher log:\n%s", l)
+	}
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
