@@ -296,10 +296,10 @@ func (h *header) encode() ([]byte, error) {
 	be := binary.BigEndian
 	hl := uint32(headerV2Len)
 	if h.Version >= 3 {
-		hl = h.HeaderLength
-		if hl < headerV3FullLen {
-			hl = headerV3FullLen
-		}
+		// Extensions are 8-byte aligned from the end of the header:
+		// keep the header length a multiple of 8 so they are absolutely
+		// aligned too.
+		hl = (max(h.HeaderLength, headerV3FullLen) + 7) &^ 7
 	}
 	buf := make([]byte, hl, 4096)
 	be.PutUint32(buf[hdrMagic:], magic)
