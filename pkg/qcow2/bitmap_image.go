@@ -337,12 +337,13 @@ func (img *Image) storeBitmapsLocked(closing bool) (err error) {
 	} else {
 		h.Autoclear &^= AutoclearBitmaps
 	}
-	if err := img.writeHeader(); err == nil {
-		err = img.fsync()
+	herr := img.writeHeader()
+	if herr == nil {
+		herr = img.fsync()
 	}
-	if err != nil {
+	if herr != nil {
 		h.Bitmaps, h.Autoclear = oldExt, oldAuto
-		return err
+		return herr
 	}
 	fresh = nil // the header owns them now
 	img.bitmapDir = dir

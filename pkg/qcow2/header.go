@@ -371,6 +371,14 @@ func (h *header) encode() ([]byte, error) {
 		buf = append(buf, h.BackingFile...)
 	}
 	if uint64(len(buf)) > uint64(1)<<h.ClusterBits {
+		if len(h.Features) > 0 {
+			// The feature name table is informational: with small
+			// clusters qemu leaves it out to make room (e.g. for the
+			// bitmaps extension); so do we.
+			h2 := *h
+			h2.Features = nil
+			return h2.encode()
+		}
 		return nil, fmt.Errorf("%w: header and extensions (%d bytes) do not fit in one cluster", ErrInvalidOption, len(buf))
 	}
 	return buf, nil
