@@ -4,20 +4,19 @@ BIN       := bin/qcow2-csi
 PKGS      := ./...
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -X main.version=$(VERSION)
-export CGO_ENABLED ?= 0
 
 .PHONY: all build deps test test-unit lint bench clean
 
 all: build
 
 build:
-	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/qcow2-csi
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/qcow2-csi
 
 # deps installs what the tests need: Debian packages when root, Go modules.
 deps:
 	hack/deps.sh
 
-# test: everything CI runs. Unit, interop (qemu tools), NBD peers, VM and e2e
+# test: everything CI runs (-race needs cgo: the binary is static, the tests are not). Unit, interop (qemu tools), NBD peers, VM and e2e
 # suites are all plain `go test` packages; peers missing under CI=true fail.
 test: deps lint build
 	$(GO) test -race -count=1 -timeout 60m $(PKGS)
