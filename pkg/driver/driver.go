@@ -44,6 +44,12 @@ type Driver struct {
 	// node state: volumes staged on this node, by ID.
 	stagedMu sync.Mutex
 	staged   map[string]*stagedVolume
+	// devMu serializes device setup and teardown across volumes. Backends
+	// pick a free device by scanning the node's devices (/sys/block/nbd*,
+	// loop devices), and a scan that meets a device another volume is
+	// tearing down fails (seen: ENODEV from /sys/block/nbdN/backend). These
+	// calls take milliseconds and are rare; I/O is never under this lock.
+	devMu sync.Mutex
 
 	ready    atomic.Bool
 	startErr atomic.Pointer[error]

@@ -106,6 +106,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	}
 	v := &stagedVolume{stageRecord: want, image: img}
 	v.Backend = a.Name()
+	d.devMu.Lock()
 	dev, err := a.Attach(ctx, id, img.Backend(), nbdattach.AttachOptions{ReadOnly: want.ReadOnly})
 	if errors.Is(err, nbdattach.ErrAlreadyAttached) {
 		// A device for this volume outlived a process that crashed before
@@ -113,6 +114,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		logger.Info("Taking over a device attached by a previous process", "backend", a.Name(), "err", err)
 		dev, err = a.Reattach(ctx, id, img.Backend(), nbdattach.AttachOptions{ReadOnly: want.ReadOnly})
 	}
+	d.devMu.Unlock()
 	if err != nil {
 		_ = img.Close()
 		return nil, toStatus(fmt.Errorf("volume %q: %s attach: %w", id, a.Name(), err))
@@ -145,7 +147,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 
 // undoAttach reverses a NodeStage that failed after attaching.
 func (d *Driver) undoAttach(ctx context.Context, v *stagedVolume) {
-	if err := v.device.Detach(ctx); err != nil {
+	if err := d.detach(ctx, v.device); err != nil {
 		klog.FromContext(ctx).Error(err, "Detach after failed stage", "volumeID", v.ID)
 		return // keep the record: the next process finds the device
 	}
@@ -163,7 +165,7 @@ func (d *Driver) teardown(ctx context.Context, v *stagedVolume) error {
 		}
 	}
 	if v.device != nil {
-		if err := v.device.Detach(ctx); err != nil {
+		if err := d.detach(ctx, v.device); err != nil {
 			return fmt.Errorf("volume %q: detach %s: %w", v.ID, v.device.Path(), err)
 		}
 		v.device = nil
@@ -196,10 +198,19 @@ func (d *Driver) detachLost(ctx context.Context, v *stagedVolume) error {
 		return nil // image gone or locked: nothing we can serve the device from
 	}
 	defer img.Close()
+	d.devMu.Lock()
 	dev, err := a.Reattach(ctx, v.ID, img.Backend(), nbdattach.AttachOptions{ReadOnly: true})
+	d.devMu.Unlock()
 	if err != nil {
 		return nil
 	}
+	return d.detach(ctx, dev)
+}
+
+// detach disconnects a device under devMu.
+func (d *Driver) detach(ctx context.Context, dev nbdattach.Device) error {
+	d.devMu.Lock()
+	defer d.devMu.Unlock()
 	return dev.Detach(ctx)
 }
 

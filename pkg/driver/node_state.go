@@ -219,7 +219,9 @@ func (d *Driver) reattach(ctx context.Context, v *stagedVolume) error {
 	if err != nil {
 		return fmt.Errorf("open image: %w", err)
 	}
+	d.devMu.Lock()
 	dev, err := a.Reattach(ctx, v.ID, img.Backend(), nbdattach.AttachOptions{ReadOnly: v.ReadOnly})
+	d.devMu.Unlock()
 	if err != nil {
 		_ = img.Close()
 		return fmt.Errorf("%s reattach: %w", a.Name(), err)
