@@ -77,7 +77,7 @@ func runImgConvert(args []string) int {
 		fmt.Println("Usage: qcow2-csi img " + imgCommands["convert"].usage)
 		return 0
 	}
-	for _, unsupported := range []string{"B", "l", "C", "object", "image-opts", "target-image-opts", "salvage", "bitmaps", "r"} {
+	for _, unsupported := range []string{"B", "C", "object", "image-opts", "target-image-opts", "salvage", "bitmaps", "r"} {
 		if pa.has(unsupported) {
 			name := "-" + unsupported
 			if len(unsupported) > 1 {
@@ -143,6 +143,12 @@ func runImgConvert(args []string) int {
 	src, err := openImg(pa.pos[0], inFmt, false, share)
 	if err != nil {
 		return imgErr("%v", err)
+	}
+	if l, ok := pa.get("l"); ok {
+		// -l: export one internal snapshot (img_snapshot.go).
+		if src, err = openSnapshotSource(src, l); err != nil {
+			return imgErr("%v", err)
+		}
 	}
 	defer src.Close()
 	c.src = src

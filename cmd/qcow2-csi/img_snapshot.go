@@ -195,3 +195,67 @@ func qemuSizeToStr(v uint64) string {
 	div := float64(uint64(1) << (uint(i) * 10))
 	return fmt.Sprintf("%.3g %sB", float64(v)/div, suffixes[i])
 }
+
+// snapshotSource is one internal snapshot of a qcow2 image as a convert
+// source (convert -l): reads and block status through a SnapshotView.
+type snapshotSource struct {
+	*qcow2.SnapshotView
+	img *qcow2.Image
+}
+
+func (s snapshotSource) Format() string { return "qcow2" }
+
+func (s snapshotSource) Close() error {
+	err := s.SnapshotView.Close()
+	if cerr := s.img.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// openSnapshotSource parses qemu-img's snapshot_param ("snapshot.id=ID,
+// snapshot.name=NAME" or "ID_OR_NAME") and opens that snapshot of src.
+// The export has the snapshot's own disk size (qemu-img 7.2 exports it at
+// the image's current size when the two differ).
+func openSnapshotSource(src imgFile, param string) (imgFile, error) {
+	q, ok := src.(qcowFile)
+	if !ok {
+		src.Close()
+		return nil, fmt.Errorf("Failed to load snapshot: %s images have no snapshots", src.Format())
+	}
+	var id, name string
+	if strings.HasPrefix(param, "snapshot.") {
+		for _, kv := range strings.Split(param, ",") {
+			k, v, _ := strings.Cut(kv, "=")
+			switch k {
+			case "snapshot.id":
+				id = v
+			case "snapshot.name":
+				name = v
+			default:
+				src.Close()
+				return nil, fmt.Errorf("Invalid parameter '%s'\nFailed in parsing snapshot param '%s'", k, param)
+			}
+		}
+	}
+	var info qcow2.SnapshotInfo
+	var err error
+	if id == "" && name == "" {
+		// ID_OR_NAME: an ID first, then a name, as qemu.
+		if info, err = q.FindSnapshot(param, ""); err != nil {
+			info, err = q.FindSnapshot("", param)
+		}
+	} else {
+		info, err = q.FindSnapshot(id, name)
+	}
+	if err != nil {
+		src.Close()
+		return nil, fmt.Errorf("Failed to load snapshot: Can't find snapshot")
+	}
+	v, err := q.OpenSnapshot(info.ID)
+	if err != nil {
+		src.Close()
+		return nil, fmt.Errorf("Failed to load snapshot: %v", err)
+	}
+	return snapshotSource{SnapshotView: v, img: q.Image}, nil
+}

@@ -215,3 +215,45 @@ func TestFacesExitCodesLikeQemu(t *testing.T) {
 		})
 	}
 }
+
+// TestConvertSnapshotLikeQemu: convert -l exports the same bytes as
+// qemu-img convert -l, for every form of the snapshot parameter, and fails
+// where qemu-img fails.
+func TestConvertSnapshotLikeQemu(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "a.qcow2")
+	mustQemu(t, "qemu-img", "create", "-q", "-f", "qcow2", p, "16M")
+	mustQemu(t, "qemu-io", "-c", "write -P 1 0 1M", p)
+	mustQemu(t, "qemu-img", "snapshot", "-c", "s1", p)
+	mustQemu(t, "qemu-io", "-c", "write -P 2 512k 1M", p)
+	if rc := runImgSnapshot([]string{"-c", "s2", p}); rc != 0 {
+		t.Fatalf("snapshot -c: exit %d", rc)
+	}
+	mustQemu(t, "qemu-io", "-c", "write -P 3 0 4M", p)
+	for _, l := range []string{"snapshot.name=s1", "snapshot.id=2", "snapshot.id=2,snapshot.name=s2", "s1", "2",
+		"nope", "snapshot.id=1,snapshot.name=s2", "snapshot.foo=1"} {
+		t.Run(l, func(t *testing.T) {
+			q, o := filepath.Join(t.TempDir(), "q.raw"), filepath.Join(t.TempDir(), "o.raw")
+			_, want := runQemuImg(t, "convert", "-U", "-l", l, "-O", "raw", p, q)
+			var got int
+			captureStdout(t, func() { got = runImgConvert([]string{"-U", "-l", l, "-O", "raw", p, o}) })
+			if got != want {
+				t.Fatalf("exit status %d, qemu-img %d", got, want)
+			}
+			if want != 0 {
+				return
+			}
+			a, err := os.ReadFile(q)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, err := os.ReadFile(o)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(a, b) {
+				t.Fatal("export differs from qemu-img's")
+			}
+		})
+	}
+}

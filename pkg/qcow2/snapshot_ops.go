@@ -543,3 +543,17 @@ func (img *Image) dropRef(ci int64) error {
 	}
 	return nil
 }
+
+// FindSnapshot looks a snapshot up as qemu-img convert -l does: by ID and
+// name when both are given (both must match), else by the one given.
+func (img *Image) FindSnapshot(id, name string) (SnapshotInfo, error) {
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	for i := range img.snapshots {
+		s := &img.snapshots[i]
+		if (id == "" || s.ID == id) && (name == "" || s.Name == name) && (id != "" || name != "") {
+			return img.snapshotInfo(s), nil
+		}
+	}
+	return SnapshotInfo{}, fmt.Errorf("%w: id %q name %q", ErrSnapshotNotFound, id, name)
+}
