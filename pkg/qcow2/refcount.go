@@ -313,23 +313,34 @@ func (img *Image) allocClusters(n int64) (int64, error) {
 	hint := max(img.freeHint, 1)
 	runStart, run, firstFree := hint, int64(0), int64(-1)
 	ci := hint
+	// One cache lookup per refcount block, not per cluster: after an open
+	// the scan starts at cluster 1 and crosses every allocated cluster (an
+	// 8 GiB image has 131072).
+	var b *cacheEntry
+	curBlock := int64(-1)
 	for ; run < n && ci < endCluster; ci++ {
-		b, err := img.refBlock(ci)
-		if err != nil {
-			return 0, err
-		}
-		if b == nil {
-			if err := img.ensureRefBlock(ci >> img.refBlockBits); err != nil {
-				return 0, err
-			}
+		if bi := ci >> img.refBlockBits; bi != curBlock {
+			var err error
 			if b, err = img.refBlock(ci); err != nil {
 				return 0, err
 			}
+			if b == nil {
+				if err := img.ensureRefBlock(bi); err != nil {
+					return 0, err
+				}
+				if b, err = img.refBlock(ci); err != nil {
+					return 0, err
+				}
+			}
+			curBlock = bi
 		}
-		_, isMeta := img.metaMap[ci]
+		if getRefEntry(b.buf, img.refOrder, ci&(img.refBlockEnts-1)) != 0 {
+			run, runStart = 0, ci+1
+			continue
+		}
 		// Metadata with a zero refcount means an inconsistent image: never
 		// allocate over it.
-		if getRefEntry(b.buf, img.refOrder, ci&(img.refBlockEnts-1)) != 0 || isMeta {
+		if _, isMeta := img.metaMap[ci]; isMeta {
 			run, runStart = 0, ci+1
 			continue
 		}
