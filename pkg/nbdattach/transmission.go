@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 )
 
 // ServeTransmission serves exp on conn, starting directly in the transmission
@@ -48,9 +49,10 @@ const (
 )
 
 // transmission is one connection in the transmission phase. The receiver
-// (serve) reads and validates requests and starts one goroutine per request,
-// bounded by slots; the sender writes replies in the order they complete and
-// flushes when no reply is waiting, so that replies batch under load.
+// (serve) reads and validates requests and hands them to a pool of workers,
+// bounded by slots; each worker writes its own reply as soon as the I/O
+// completes, and the last of the workers waiting to write flushes, so that
+// replies batch under load without a hand-off to a sender goroutine.
 type transmission struct {
 	conn       net.Conn
 	exp        *Export
@@ -63,11 +65,17 @@ type transmission struct {
 	maxPayload uint32
 	readOnly   bool
 
-	slots   chan struct{}
-	big     chan struct{} // bounds the large payloads in flight
-	work    chan *request
-	replies chan *request
-	wg      sync.WaitGroup
+	slots chan struct{}
+	big   chan struct{} // bounds the large payloads in flight
+	work  chan *request
+	wg    sync.WaitGroup
+
+	// The reply side: wmu serialises writers; pending counts the replies
+	// queued for wmu, so that only the last one flushes.
+	wmu     sync.Mutex
+	bw      *bufio.Writer
+	werr    error
+	pending atomic.Int32
 }
 
 func newTransmission(conn net.Conn, exp *Export, br *bufio.Reader, log *slog.Logger) *transmission {
@@ -87,7 +95,7 @@ func newTransmission(conn net.Conn, exp *Export, br *bufio.Reader, log *slog.Log
 		slots:      make(chan struct{}, n),
 		big:        make(chan struct{}, maxBigInFlight),
 		work:       make(chan *request, n),
-		replies:    make(chan *request, n),
+		bw:         bufio.NewWriterSize(conn, writeBufSize),
 	}
 }
 
@@ -164,13 +172,11 @@ func putBuf(p *[]byte) {
 	}
 }
 
-// serve runs the receiver on the calling goroutine and the sender beside it.
+// serve runs the receiver on the calling goroutine, the workers beside it.
 func (c *transmission) serve(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
-	senderDone := make(chan error, 1)
-	go func() { senderDone <- c.sender() }()
 	// A fixed pool of workers, one per slot: a request never waits for a
 	// worker, and workers keep their grown stacks across requests (a fresh
 	// goroutine per request spent a sixth of the CPU growing its stack
@@ -193,10 +199,17 @@ func (c *transmission) serve(ctx context.Context) error {
 
 	rerr := c.receive(ctx)
 
-	// Answer everything received, then let the sender drain and stop.
+	// Everything received is answered before the connection closes.
 	c.wg.Wait()
-	close(c.replies)
-	serr := <-senderDone
+	c.wmu.Lock()
+	serr := c.werr
+	if serr == nil {
+		serr = c.bw.Flush()
+	}
+	c.wmu.Unlock()
+	if serr != nil {
+		serr = fmt.Errorf("nbd: writing reply: %w", serr)
+	}
 	c.conn.Close()
 	switch {
 	case serr != nil:
@@ -260,7 +273,7 @@ func (c *transmission) receive(ctx context.Context) error {
 		}
 		c.wg.Add(1)
 		if r.errno != 0 {
-			c.replies <- r
+			c.reply(r)
 			continue
 		}
 		c.work <- r
@@ -370,7 +383,7 @@ func (c *transmission) handle(ctx context.Context, r *request) {
 		r.errno = nbdErrno(err)
 		c.log.Debug("nbd request failed", "cmd", r.typ, "offset", off, "length", n, "err", err)
 	}
-	c.replies <- r
+	c.reply(r)
 }
 
 // read fills r.data, and for structured replies with holes, r.chunks.
@@ -519,36 +532,32 @@ func clipExtents(exts []Extent, n int64, one bool) ([]Extent, error) {
 	return out, nil
 }
 
-// sender writes replies as they complete. A write error ends the
-// connection: the receiver is stopped and remaining replies are dropped.
-func (c *transmission) sender() error {
-	bw := bufio.NewWriterSize(c.conn, writeBufSize)
-	var werr error
-	for r := range c.replies {
-		if werr == nil {
-			werr = c.writeReply(bw, r)
-			if werr == nil && len(c.replies) == 0 {
-				werr = bw.Flush()
-			}
-			if werr != nil {
-				// Unblock the receiver; it will see an error and stop.
-				c.conn.SetReadDeadline(aLongTimeAgo)
-			}
+// reply writes r's reply and releases r. A write error ends the
+// connection: the receiver is stopped and later replies are dropped.
+func (c *transmission) reply(r *request) {
+	c.pending.Add(1)
+	c.wmu.Lock()
+	if c.werr == nil {
+		c.werr = c.writeReply(c.bw, r)
+		// Decrement after writing: a writer that queued meanwhile flushes
+		// instead, and one that queues later sees no one to rely on.
+		if last := c.pending.Add(-1) == 0; c.werr == nil && last {
+			c.werr = c.bw.Flush()
 		}
-		if r.big {
-			<-c.big
+		if c.werr != nil {
+			// Unblock the receiver; it will see an error and stop.
+			c.conn.SetReadDeadline(aLongTimeAgo)
 		}
-		putRequest(r)
-		<-c.slots
-		c.wg.Done()
+	} else {
+		c.pending.Add(-1)
 	}
-	if werr == nil {
-		werr = bw.Flush()
+	c.wmu.Unlock()
+	if r.big {
+		<-c.big
 	}
-	if werr != nil {
-		return fmt.Errorf("nbd: writing reply: %w", werr)
-	}
-	return nil
+	putRequest(r)
+	<-c.slots
+	c.wg.Done()
 }
 
 func (c *transmission) writeReply(bw *bufio.Writer, r *request) error {
