@@ -1,0 +1,207 @@
+package snapshotter
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
+)
+
+// Method says how Restore made the new image.
+type Method string
+
+const (
+	MethodReflink Method = "reflink"
+	MethodCopy    Method = "copy"
+)
+
+// RestoreOptions configures Restore.
+type RestoreOptions struct {
+	// Size of the new disk; 0 keeps the snapshot's size. Smaller than the
+	// snapshot is refused.
+	Size int64
+	// SourceClosed says that nothing writes srcPath's file while Restore
+	// runs (the image is opened only by the caller, for this restore), so
+	// a reflink of the file is a consistent copy. When false only the
+	// copy path is used.
+	SourceClosed bool
+	// NoReflink forces the copy path.
+	NoReflink bool
+	// ClusterSize of a copied image; 0 takes the source's.
+	ClusterSize int64
+}
+
+// copyChunk bounds the memory one copy step uses.
+const copyChunk = 1 << 20
+
+// Restore makes dst, a new independent image holding snapshot name of src
+// (a snapshot name of "" means src's current disk, which then must not be
+// written meanwhile: the caller holds the volume). dst must not exist. It
+// returns how the image was made.
+func Restore(src *qcow2.Image, name, dst string, o RestoreOptions) (Method, error) {
+	if _, err := os.Lstat(dst); err == nil {
+		return "", fmt.Errorf("%w: %s", ErrExists, dst)
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return "", err
+	}
+	size := src.Size()
+	if name != "" {
+		s, err := Find(src, name)
+		if err != nil {
+			return "", err
+		}
+		size = int64(s.DiskSize)
+	}
+	if o.Size != 0 && o.Size < size {
+		return "", fmt.Errorf("%w: restore of %d bytes into %d bytes", ErrInvalid, size, o.Size)
+	}
+	if o.Size == 0 {
+		o.Size = size
+	}
+	if o.SourceClosed && !o.NoReflink && name != "" {
+		err := reflinkRestore(src, name, dst, o.Size)
+		if err == nil {
+			return MethodReflink, nil
+		}
+		_ = os.Remove(dst)
+		if !errors.Is(err, errNoReflink) {
+			return "", err
+		}
+	}
+	if err := copyRestore(src, name, dst, o); err != nil {
+		_ = os.Remove(dst)
+		return "", err
+	}
+	return MethodCopy, nil
+}
+
+var errNoReflink = errors.New("file system cannot reflink")
+
+// reflinkRestore clones the file (shares its extents), then makes the clone
+// the snapshot alone: revert, delete every snapshot, remove the checkpoints.
+func reflinkRestore(src *qcow2.Image, name, dst string, size int64) error {
+	if err := src.Flush(); err != nil {
+		return err
+	}
+	in, err := os.Open(src.Path())
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	err = unix.IoctlFileClone(int(out.Fd()), int(in.Fd()))
+	if err == nil {
+		err = out.Sync()
+	}
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	switch {
+	case errors.Is(err, unix.EOPNOTSUPP), errors.Is(err, unix.ENOTTY), errors.Is(err, unix.EXDEV), errors.Is(err, unix.EINVAL):
+		return fmt.Errorf("%w: %w", errNoReflink, err)
+	case err != nil:
+		return fmt.Errorf("reflink %s to %s: %w", src.Path(), dst, err)
+	}
+	img, err := qcow2.Open(dst, qcow2.OpenOptions{})
+	if err != nil {
+		return fmt.Errorf("open clone %s: %w", dst, err)
+	}
+	err = makeSole(img, name, size)
+	if cerr := img.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+func makeSole(img *qcow2.Image, name string, size int64) error {
+	s, err := Find(img, name)
+	if err != nil {
+		return err
+	}
+	if err := img.RevertToSnapshot(s.ID); err != nil {
+		return fmt.Errorf("revert clone to %q: %w", name, err)
+	}
+	for _, sn := range img.Snapshots() {
+		if err := img.DeleteSnapshot(sn.ID); err != nil {
+			return fmt.Errorf("drop snapshot %s of clone: %w", sn.ID, err)
+		}
+	}
+	for _, b := range img.Bitmaps() {
+		if err := img.RemoveBitmap(b.Name); err != nil {
+			return fmt.Errorf("drop bitmap %s of clone: %w", b.Name, err)
+		}
+	}
+	if size > img.Size() {
+		if err := img.Resize(size, qcow2.ResizeOptions{}); err != nil {
+			return fmt.Errorf("grow clone to %d: %w", size, err)
+		}
+	}
+	return img.Flush()
+}
+
+// reader is the disk a copy reads: a snapshot view or the image itself.
+type reader interface {
+	ReadAt(p []byte, off int64) (int, error)
+	BlockStatus(off, n int64) ([]qcow2.Extent, error)
+}
+
+func copyRestore(src *qcow2.Image, name, dst string, o RestoreOptions) error {
+	var r reader = src
+	size := src.Size()
+	if name != "" {
+		v, err := openView(src, name)
+		if err != nil {
+			return err
+		}
+		defer v.Close()
+		r, size = v, v.Size()
+	}
+	cs := o.ClusterSize
+	if cs == 0 {
+		cs = src.ClusterSize()
+	}
+	img, err := qcow2.Create(dst, qcow2.CreateOptions{Size: o.Size, ClusterSize: cs})
+	if err != nil {
+		return err
+	}
+	err = copyData(r, size, img)
+	if err == nil {
+		err = img.Flush()
+	}
+	if cerr := img.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// copyData copies the data clusters of r; holes and zero clusters stay
+// unallocated in the new image, which reads them as zeroes.
+func copyData(r reader, size int64, dst *qcow2.Image) error {
+	buf := make([]byte, copyChunk)
+	ext, err := r.BlockStatus(0, size)
+	if err != nil {
+		return err
+	}
+	for _, e := range ext {
+		if !e.Data || e.Zero {
+			continue
+		}
+		for off := e.Start; off < e.Start+e.Length; off += copyChunk {
+			n := min(int64(copyChunk), e.Start+e.Length-off)
+			if _, err := r.ReadAt(buf[:n], off); err != nil {
+				return fmt.Errorf("read at %d: %w", off, err)
+			}
+			if _, err := dst.WriteAt(buf[:n], off); err != nil {
+				return fmt.Errorf("write at %d: %w", off, err)
+			}
+		}
+	}
+	return nil
+}
