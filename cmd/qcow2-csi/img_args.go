@@ -88,10 +88,11 @@ func parseArgs(args []string, s argSpec) (*parsedArgs, error) {
 			i = len(args)
 		case strings.HasPrefix(a, "--"):
 			name, val, hasVal := strings.Cut(a[2:], "=")
-			takes, ok := s.long[name]
-			if !ok {
-				return nil, fmt.Errorf("unrecognized option '%s'", a)
+			name, err := s.longName(name, a)
+			if err != nil {
+				return nil, err
 			}
+			takes := s.long[name]
 			if takes && !hasVal {
 				if i+1 >= len(args) {
 					return nil, fmt.Errorf("option '--%s' requires an argument", name)
@@ -129,6 +130,27 @@ func parseArgs(args []string, s argSpec) (*parsedArgs, error) {
 	}
 	p.pos = append(p.pos, tail...)
 	return p, nil
+}
+
+// longName resolves a long option as getopt_long does: an exact name, or
+// an unambiguous prefix of one ("--shr" for "--shrink").
+func (s argSpec) longName(name, arg string) (string, error) {
+	if _, ok := s.long[name]; ok {
+		return name, nil
+	}
+	match := ""
+	for l := range s.long {
+		if name != "" && strings.HasPrefix(l, name) {
+			if match != "" {
+				return "", fmt.Errorf("option '%s' is ambiguous", arg)
+			}
+			match = l
+		}
+	}
+	if match == "" {
+		return "", fmt.Errorf("unrecognized option '%s'", arg)
+	}
+	return match, nil
 }
 
 func isNegativeNumber(a string) bool {

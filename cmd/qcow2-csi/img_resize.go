@@ -43,24 +43,22 @@ func runImgResize(args []string) int {
 		return faceUsageError("Not enough arguments")
 	}
 	sizeArg := args[len(args)-1]
-	spec := faceGetopt{
+	pa, err := parseArgs(args[:len(args)-1], argSpec{
 		short: "f:hq",
 		long:  map[string]bool{"help": false, "object": true, "image-opts": false, "preallocation": true, "shrink": false},
-		alias: map[string]string{"help": "h"},
-	}
-	opts, rest, err := spec.parse(args[:len(args)-1])
+	})
 	if err != nil {
 		return faceUsageError(err.Error())
 	}
 	var quiet, shrink bool
-	for _, o := range opts {
+	for _, o := range pa.opts {
 		switch o.name {
-		case "h":
+		case "h", "help":
 			fmt.Print(resizeHelp)
 			return 0
 		case "f":
 			if o.val != "qcow2" {
-				return faceError("resize: format '%s' is not supported (only qcow2)", o.val)
+				return imgErr("resize: format '%s' is not supported (only qcow2)", o.val)
 			}
 		case "q":
 			quiet = true
@@ -70,18 +68,18 @@ func runImgResize(args []string) int {
 			switch o.val {
 			case "off":
 			case "metadata", "falloc", "full":
-				return faceError("Preallocation mode '%s' is not supported by qcow2-csi resize (only off)", o.val)
+				return imgErr("Preallocation mode '%s' is not supported by qcow2-csi resize (only off)", o.val)
 			default:
-				return faceError("Invalid preallocation mode '%s'", o.val)
+				return imgErr("Invalid preallocation mode '%s'", o.val)
 			}
 		case "object", "image-opts":
-			return faceError("option --%s is not supported", o.name)
+			return imgErr("option --%s is not supported", o.name)
 		}
 	}
-	if len(rest) != 1 {
+	if len(pa.pos) != 1 {
 		return faceUsageError("Expecting image file name and size")
 	}
-	filename := rest[0]
+	filename := pa.pos[0]
 
 	relative := 0
 	s := sizeArg
@@ -91,16 +89,16 @@ func runImgResize(args []string) int {
 	case strings.HasPrefix(s, "-"):
 		relative, s = -1, s[1:]
 	}
-	n, err := parseQemuSize(s)
+	n, err := parseSize(s)
 	if err != nil {
-		return faceError("Parameter 'size' expects a non-negative number below 2^64\n" +
+		return imgErr("Parameter 'size' expects a non-negative number below 2^64\n" +
 			"Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n" +
 			"and exabytes, respectively.")
 	}
 
 	img, err := qcow2.Open(filename, qcow2.OpenOptions{})
 	if err != nil {
-		return faceError("Could not open '%s': %v", filename, err)
+		return imgErr("Could not open '%s': %v", filename, err)
 	}
 	defer img.Close()
 
@@ -108,34 +106,31 @@ func runImgResize(args []string) int {
 	var total int64
 	switch {
 	case relative == 0:
-		if n > 1<<63-1 {
-			return faceError("New image size must be positive")
-		}
-		total = int64(n)
+		total = n
 	case relative > 0:
-		if n > uint64(1<<63-1-cur) {
-			return faceError("Failed to grow the L1 table: File too large")
+		if n > 1<<63-1-cur {
+			return imgErr("Failed to grow the L1 table: File too large")
 		}
-		total = cur + int64(n)
+		total = cur + n
 	default:
-		if n >= uint64(cur) {
-			return faceError("New image size must be positive")
+		if n >= cur {
+			return imgErr("New image size must be positive")
 		}
-		total = cur - int64(n)
+		total = cur - n
 	}
 	if total <= 0 {
-		return faceError("New image size must be positive")
+		return imgErr("New image size must be positive")
 	}
 	if total < cur && !shrink {
-		faceError("Use the --shrink option to perform a shrink operation.")
+		imgErr("Use the --shrink option to perform a shrink operation.")
 		fmt.Fprintf(os.Stderr, "qcow2-csi img: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.\n")
 		return 1
 	}
 	if err := img.Resize(total, qcow2.ResizeOptions{Shrink: shrink}); err != nil {
-		return faceError("%s", resizeErrorText(err))
+		return imgErr("%s", resizeErrorText(err))
 	}
 	if err := img.Close(); err != nil {
-		return faceError("%s: %v", filename, err)
+		return imgErr("%s: %v", filename, err)
 	}
 	if !quiet {
 		fmt.Println("Image resized.")

@@ -52,12 +52,10 @@ const (
 const qemuSnapshotNameMax = 255
 
 func runImgSnapshot(args []string) int {
-	spec := faceGetopt{
+	pa, err := parseArgs(args, argSpec{
 		short: "la:c:d:hqU",
 		long:  map[string]bool{"help": false, "object": true, "image-opts": false, "force-share": false},
-		alias: map[string]string{"help": "h", "force-share": "U"},
-	}
-	opts, rest, err := spec.parse(args)
+	})
 	if err != nil {
 		return faceUsageError(err.Error())
 	}
@@ -66,9 +64,9 @@ func runImgSnapshot(args []string) int {
 		name       string
 		forceShare bool
 	)
-	for _, o := range opts {
+	for _, o := range pa.opts {
 		switch o.name {
-		case "h":
+		case "h", "help":
 			fmt.Print(snapshotHelp)
 			return 0
 		case "l", "a", "c", "d":
@@ -80,19 +78,19 @@ func runImgSnapshot(args []string) int {
 		case "q":
 			// qemu-img snapshot prints nothing but the listing and errors,
 			// and -q does not silence the listing: nothing to do.
-		case "U":
+		case "U", "force-share":
 			forceShare = true
 		case "object", "image-opts":
-			return faceError("option --%s is not supported", o.name)
+			return imgErr("option --%s is not supported", o.name)
 		}
 	}
-	if len(rest) != 1 {
+	if len(pa.pos) != 1 {
 		return faceUsageError("Expecting one image file name")
 	}
-	filename := rest[0]
+	filename := pa.pos[0]
 	if forceShare && action != snapList && action != snapNone {
 		// qemu-img: force-share needs a read-only open.
-		return faceError("Could not open '%s': force-share=on can only be used with read-only images", filename)
+		return imgErr("Could not open '%s': force-share=on can only be used with read-only images", filename)
 	}
 	img, err := qcow2.Open(filename, qcow2.OpenOptions{ReadOnly: action == snapList, NoLock: forceShare})
 	if err != nil {
@@ -103,14 +101,14 @@ func runImgSnapshot(args []string) int {
 			case snapNone, snapList:
 				return 0
 			case snapCreate:
-				return faceError("Could not create snapshot '%s': -95 (Operation not supported)", name)
+				return imgErr("Could not create snapshot '%s': -95 (Operation not supported)", name)
 			case snapApply:
-				return faceError("Could not apply snapshot '%s': Operation not supported", name)
+				return imgErr("Could not apply snapshot '%s': Operation not supported", name)
 			case snapDelete:
-				return faceError("Could not delete snapshot '%s': snapshot not found", name)
+				return imgErr("Could not delete snapshot '%s': snapshot not found", name)
 			}
 		}
-		return faceError("Could not open '%s': %v", filename, err)
+		return imgErr("Could not open '%s': %v", filename, err)
 	}
 	rc := 0
 	switch action {
@@ -121,23 +119,23 @@ func runImgSnapshot(args []string) int {
 			name = name[:qemuSnapshotNameMax]
 		}
 		if _, err := img.CreateSnapshot(name); err != nil {
-			rc = faceError("Could not create snapshot '%s': %v", name, err)
+			rc = imgErr("Could not create snapshot '%s': %v", name, err)
 		}
 	case snapApply:
 		if err := img.RevertToSnapshot(name); err != nil {
-			rc = faceError("Could not apply snapshot '%s': %v", name, err)
+			rc = imgErr("Could not apply snapshot '%s': %v", name, err)
 		}
 	case snapDelete:
 		if err := img.DeleteSnapshot(name); err != nil {
 			if errors.Is(err, qcow2.ErrSnapshotNotFound) {
-				rc = faceError("Could not delete snapshot '%s': snapshot not found", name)
+				rc = imgErr("Could not delete snapshot '%s': snapshot not found", name)
 			} else {
-				rc = faceError("Could not delete snapshot '%s': %v", name, err)
+				rc = imgErr("Could not delete snapshot '%s': %v", name, err)
 			}
 		}
 	}
 	if err := img.Close(); err != nil && rc == 0 {
-		rc = faceError("%s: %v", filename, err)
+		rc = imgErr("%s: %v", filename, err)
 	}
 	return rc
 }
