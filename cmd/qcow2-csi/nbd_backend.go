@@ -25,11 +25,6 @@ func openNBDBackend(o *nbdOptions, format string, readOnly bool) (nbdattach.Back
 		}
 		return b, b.Close, nil
 	case "qcow2":
-		// Snapshot views need pkg/qcow2's snapshot API, which this build
-		// does not have yet.
-		if o.snapshot != "" {
-			return nil, nil, errors.New("-l (internal snapshot export) is not supported by this build yet")
-		}
 		img, err := qcow2.Open(o.file, qcow2.OpenOptions{ReadOnly: readOnly})
 		if err != nil {
 			return nil, nil, err
@@ -37,6 +32,14 @@ func openNBDBackend(o *nbdOptions, format string, readOnly bool) (nbdattach.Back
 		opts := driver.ImageBackendOptions{AllocationDepth: o.allocationDepth}
 		if o.bitmap != "" {
 			opts.Bitmaps = []string{o.bitmap}
+		}
+		if o.snapshot != "" {
+			b, closeAll, err := openSnapshotBackend(img, o.snapshot, opts)
+			if err != nil {
+				img.Close()
+				return nil, nil, err
+			}
+			return b, closeAll, nil
 		}
 		b, err := driver.NewImageBackend(img, opts)
 		if err != nil {

@@ -133,3 +133,49 @@ func TestImageBackendBitmaps(t *testing.T) {
 		t.Fatalf("contexts %v", names)
 	}
 }
+
+func TestSnapshotBackend(t *testing.T) {
+	ctx := context.Background()
+	img, _ := newTestImage(t, qcow2.CreateOptions{Size: 1 << 20})
+	if _, err := img.WriteAt(bytes.Repeat([]byte{1}, 65536), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := img.CreateSnapshot("s1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := img.WriteAt(bytes.Repeat([]byte{2}, 65536), 0); err != nil {
+		t.Fatal(err)
+	}
+	view, err := img.OpenSnapshot("s1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer view.Close()
+	b, err := NewSnapshotBackend(img, view, ImageBackendOptions{AllocationDepth: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := make([]byte, 4096)
+	if err := b.ReadAt(ctx, p, 0); err != nil || !bytes.Equal(p, bytes.Repeat([]byte{1}, 4096)) {
+		t.Fatalf("snapshot read: %v %x", err, p[:4])
+	}
+	for name, err := range map[string]error{
+		"write":  b.WriteAt(ctx, p, 0, false),
+		"trim":   b.Trim(ctx, 0, 65536),
+		"zeroes": b.WriteZeroes(ctx, 0, 65536, nbdattach.ZeroFlags{}),
+	} {
+		if !errors.Is(err, nbdattach.ErrPermission) {
+			t.Errorf("%s on a snapshot view: %v, want ErrPermission", name, err)
+		}
+	}
+	if err := b.Flush(ctx); err != nil {
+		t.Fatalf("flush: %v", err)
+	}
+	got, err := b.BlockStatus(ctx, 0, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []nbdattach.Extent{{Length: 65536}, {Length: 1<<20 - 65536, Flags: 3}}; !equalExtents(got, want) {
+		t.Fatalf("snapshot block status %v, want %v", got, want)
+	}
+}
