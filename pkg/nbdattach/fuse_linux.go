@@ -49,6 +49,9 @@ func NewFuseAttacher(opts FuseOptions) *FuseAttacher {
 	if dir == "" {
 		dir = DefaultFuseDir
 	}
+	if abs, err := filepath.Abs(dir); err == nil {
+		dir = abs
+	}
 	return &FuseAttacher{dir: filepath.Clean(dir), log: opts.Logger, devices: map[string]*fuseDevice{}}
 }
 
@@ -194,14 +197,23 @@ func (a *FuseAttacher) Attach(ctx context.Context, id string, b Backend, opts At
 
 func (a *FuseAttacher) attach(ctx context.Context, d *fuseDevice, b Backend, readOnly bool, bs uint32) (_ *fuseDevice, err error) {
 	a.setIOFlusher()
-	if err := os.MkdirAll(d.mnt, 0o700); err != nil {
+	// A previous process's mount for this id: clean it if it is dead. Read
+	// mountinfo rather than stat the path, which a dead FUSE mount answers
+	// with ENOTCONN.
+	mounts, err := a.ourMounts()
+	if err != nil {
 		return nil, fmt.Errorf("nbdattach: fuse: %w", err)
 	}
-	if mounted, err := mountinfo.Mounted(d.mnt); err == nil && mounted {
-		// A previous process's mount for this id: clean it if it is dead.
-		if _, err := a.cleanMount(ctx, d.mnt, d.id); err != nil {
+	for _, m := range mounts {
+		if filepath.Base(m.Mountpoint) != d.id {
+			continue
+		}
+		if _, err := a.cleanMount(ctx, m.Mountpoint, d.id); err != nil {
 			return nil, fmt.Errorf("nbdattach: fuse: %s is mounted already and could not be cleaned: %w", d.mnt, err)
 		}
+	}
+	if err := os.MkdirAll(d.mnt, 0o700); err != nil {
+		return nil, fmt.Errorf("nbdattach: fuse: %w", err)
 	}
 
 	d.node = &diskNode{b: b, readOnly: readOnly, log: a.log, id: d.id}
@@ -248,12 +260,18 @@ func (a *FuseAttacher) attach(ctx context.Context, d *fuseDevice, b Backend, rea
 	}
 	server, err := fs.Mount(d.mnt, root, fsopts)
 	if err != nil {
+		_ = os.Remove(d.mnt)
 		return nil, fmt.Errorf("nbdattach: fuse: mount %s: %w", d.mnt, err)
 	}
 	d.server = server
 	defer func() {
 		if err != nil {
-			_ = server.Unmount()
+			// Nothing holds the file yet (the loop device was not bound):
+			// the unmount cannot be busy, and the directory goes with it.
+			if server.Unmount() == nil {
+				server.Wait()
+				_ = os.Remove(d.mnt)
+			}
 		}
 	}()
 
@@ -443,7 +461,7 @@ func (a *FuseAttacher) loopID(l loopStatus) (string, bool) {
 		return id, strings.HasPrefix(id, short)
 	}
 	dead := errors.Is(l.statusErr, unix.ENOTCONN)
-	return id, dead && (bf == filepath.Join(a.dir, id, id) || bf == "/"+id)
+	return id, dead && (a.dirs()[filepath.Dir(filepath.Dir(bf))] && filepath.Base(filepath.Dir(bf)) == id || bf == "/"+id)
 }
 
 // fuseAlive reports whether the FUSE file at path answers a stat. A dead
@@ -522,10 +540,21 @@ func (a *FuseAttacher) CleanStale(ctx context.Context) ([]DeviceInfo, error) {
 	return found, nil
 }
 
+// dirs is Dir as given and with its symlinks resolved: mountinfo and sysfs
+// show resolved paths.
+func (a *FuseAttacher) dirs() map[string]bool {
+	dirs := map[string]bool{a.dir: true}
+	if real, err := filepath.EvalSymlinks(a.dir); err == nil {
+		dirs[real] = true
+	}
+	return dirs
+}
+
 // ourMounts lists this backend's FUSE mounts directly inside Dir.
 func (a *FuseAttacher) ourMounts() ([]*mountinfo.Info, error) {
+	dirs := a.dirs()
 	ms, err := mountinfo.GetMounts(func(m *mountinfo.Info) (skip, stop bool) {
-		return m.FSType != fuseFSType || filepath.Dir(m.Mountpoint) != a.dir, false
+		return m.FSType != fuseFSType || !dirs[filepath.Dir(m.Mountpoint)], false
 	})
 	if err != nil {
 		return nil, fmt.Errorf("read mountinfo: %w", err)

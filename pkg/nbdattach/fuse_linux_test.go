@@ -370,10 +370,21 @@ func TestFuseCrashHelper(t *testing.T) {
 // finds them, says Reattach cannot work, and releases what it can.
 func TestFuseCrashCleanup(t *testing.T) {
 	peer.Require(t, "mkfs.ext4")
-	for _, mounted := range []bool{false, true} {
-		t.Run(fmt.Sprintf("mounted=%v", mounted), func(t *testing.T) {
+	for _, c := range []struct{ mounted, attachFirst, symlink bool }{
+		{false, false, false}, {true, false, false}, {false, true, false},
+		{true, false, true}, // Dir reached through a symlink: mountinfo and sysfs show the real path
+	} {
+		mounted := c.mounted
+		t.Run(fmt.Sprintf("mounted=%v/attach-first=%v/symlink=%v", c.mounted, c.attachFirst, c.symlink), func(t *testing.T) {
 			needFuse(t)
 			dir := filepath.Join(t.TempDir(), "fuse")
+			if c.symlink {
+				link := filepath.Join(t.TempDir(), "link")
+				if err := os.Symlink(t.TempDir(), link); err != nil {
+					t.Fatal(err)
+				}
+				dir = filepath.Join(link, "fuse")
+			}
 			img := filepath.Join(t.TempDir(), "disk.raw")
 			if err := os.WriteFile(img, nil, 0o600); err != nil {
 				t.Fatal(err)
@@ -421,6 +432,21 @@ func TestFuseCrashCleanup(t *testing.T) {
 
 			a := nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: dir})
 			ctx := context.Background()
+			if c.attachFirst {
+				// Attach finds the dead mount of its id and replaces it.
+				waitUnbound(t, devPath)
+				d, err := a.Attach(ctx, "crashvol", newFileBackend(t, 64<<20), nbdattach.AttachOptions{})
+				if err != nil {
+					t.Fatalf("Attach over a dead mount: %v", err)
+				}
+				if err := d.Detach(ctx); err != nil {
+					t.Fatal(err)
+				}
+				if ms := fuseMountsUnder(t, dir); len(ms) != 0 {
+					t.Fatalf("FUSE mounts left under %s: %q", dir, ms)
+				}
+				return
+			}
 			// Unused, the device went with its process (autoclear); under
 			// a mounted filesystem it stays, dead.
 			want := nbdattach.DeviceInfo{ID: "crashvol"}
