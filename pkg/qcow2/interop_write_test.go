@@ -226,7 +226,7 @@ func TestWriteCompressed(t *testing.T) {
 		for _, cs := range []int64{4096, 65536} {
 			t.Run(fmt.Sprint(ct, "_", cs), func(t *testing.T) {
 				p := filepath.Join(t.TempDir(), "c.qcow2")
-				size := 40*cs + 512
+				size := 16*cs + 512
 				img, err := Create(p, CreateOptions{Size: size, ClusterSize: cs, CompressionType: ct})
 				if err != nil {
 					t.Fatal(err)
@@ -240,10 +240,10 @@ func TestWriteCompressed(t *testing.T) {
 						ref[i] = byte(i / 100)
 					}
 				}
-				if _, err := img.WriteCompressed(ref[:20*cs], 0); err != nil {
+				if _, err := img.WriteCompressed(ref[:8*cs], 0); err != nil {
 					t.Fatal(err)
 				}
-				if _, err := img.WriteCompressed(ref[20*cs:], 20*cs); err != nil {
+				if _, err := img.WriteCompressed(ref[8*cs:], 8*cs); err != nil {
 					t.Fatal(err)
 				}
 				// Overwrite part of a compressed cluster: COW from compressed.
