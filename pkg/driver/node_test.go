@@ -266,13 +266,25 @@ func statfsSize(t *testing.T, p string) int64 {
 	return int64(st.Blocks) * st.Bsize
 }
 
-func TestNodeFilesystemLifecycle(t *testing.T) {
+func TestNodeFilesystemLifecycle(t *testing.T) { testNodeFilesystemLifecycle(t, "loop") }
+
+// TestNodeFilesystemLifecycleQcow2 runs the lifecycle on qcow2 images through
+// the fuse backend: online expansion grows the open qcow2 image.
+func TestNodeFilesystemLifecycleQcow2(t *testing.T) {
+	peer.Root(t)
+	if err := nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: t.TempDir()}).Available(); err != nil {
+		peer.Missing(t, "the fuse attach backend", err.Error())
+	}
+	testNodeFilesystemLifecycle(t, "fuse")
+}
+
+func testNodeFilesystemLifecycle(t *testing.T, backend string) {
 	for _, fs := range []string{"ext4", "xfs"} {
 		t.Run(fs, func(t *testing.T) {
 			if fs == "xfs" {
 				needMounts(t, "mkfs.xfs", "xfs_growfs")
 			}
-			e := newNodeEnv(t)
+			e := newNodeEnvOn(t, backend)
 			c := capMount(rw, fs)
 			id := e.create("pvc-"+fs, 320<<20, map[string]string{"mkfsOptions": "-L qcsi"}, c)
 			staging := e.stage(id, c)
@@ -396,14 +408,26 @@ func errorsIsErrno(err error, want syscall.Errno) bool {
 	return ok && pe.Err == want
 }
 
-// srvDevice finds the loop device serving a volume's image.
+// srvDevice finds the device a volume is staged from: the source of its
+// staging mount.
 func (e *nodeEnv) srvDevice(id string) string {
-	for _, l := range loopsOf(e.t, e.pool) {
-		if f := strings.Fields(l); strings.HasSuffix(f[1], id+".qcow2") {
-			return f[0]
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	staging := filepath.Join(e.dir, "staging", id)
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) < 10 || f[4] != staging {
+			continue
+		}
+		for i, x := range f {
+			if x == "-" && i+2 < len(f) {
+				return f[i+2]
+			}
 		}
 	}
-	e.t.Fatalf("no device for %s", id)
+	e.t.Fatalf("no device mounted at %s", staging)
 	return ""
 }
 
@@ -471,11 +495,8 @@ func testNodeRestart(t *testing.T, backend string) {
 	if b, err := os.ReadFile(filepath.Join(target, "f")); err != nil || string(b) != "kept" {
 		t.Fatalf("data after restart: %q, %v", b, err)
 	}
-	// Online expansion through the re-opened image works too (qcow2 images
-	// grow once pkg/qcow2 can resize: Qcow2Images.CanGrow).
-	if backend == "loop" {
-		e.nodeExpand(id, target, &csi.CapacityRange{RequiredBytes: 128 << 20}, "ext4", 128<<20)
-	}
+	// Online expansion through the re-opened image works too.
+	e.nodeExpand(id, target, &csi.CapacityRange{RequiredBytes: 128 << 20}, "ext4", 128<<20)
 	if err := os.WriteFile(filepath.Join(target, "g"), []byte("after restart"), 0o644); err != nil {
 		t.Fatal(err)
 	}

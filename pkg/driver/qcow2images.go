@@ -23,9 +23,9 @@ type Qcow2Images struct {
 
 var _ Images = Qcow2Images{}
 
-// CanGrow is false until pkg/qcow2 has Image.Resize: the driver then
-// advertises no expansion (GrowthReporter).
-func (Qcow2Images) CanGrow() bool { return false }
+// CanGrow reports that qcow2 images grow (GrowthReporter): pkg/qcow2 has
+// Image.Resize.
+func (Qcow2Images) CanGrow() bool { return true }
 
 func imageErr(path string, err error) error {
 	switch {
@@ -103,11 +103,12 @@ func (i *qcow2Image) Size() int64                { return i.img.Size() }
 func (i *qcow2Image) Backend() nbdattach.Backend { return i.backend }
 func (i *qcow2Image) Close() error               { return imageErr(i.img.Path(), i.img.Close()) }
 func (i *qcow2Image) Resize(_ context.Context, size int64) error {
-	if size == i.img.Size() {
+	cur := i.img.Size()
+	if size == cur {
 		return nil
 	}
-	if size < i.img.Size() {
-		return fmt.Errorf("image %s: shrinking from %d to %d bytes: %w", i.img.Path(), i.img.Size(), size, ErrOutOfRange)
+	if size < cur {
+		return fmt.Errorf("image %s: shrinking from %d to %d bytes: %w", i.img.Path(), cur, size, ErrOutOfRange)
 	}
-	return fmt.Errorf("image %s: growing needs qcow2 resize, which this build of the image library lacks: %w", i.img.Path(), ErrPrecondition)
+	return imageErr(i.img.Path(), i.img.Resize(size, qcow2.ResizeOptions{}))
 }

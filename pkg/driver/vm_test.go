@@ -34,13 +34,19 @@ func TestGuestNBDConcurrent(t *testing.T) {
 	testConcurrentMixedCalls(t, "nbd", 6)
 }
 
-// TestGuestLoopExpansion: the lifecycle and expansion tests where ext4's
-// online resize is allowed (root in the VM has CAP_SYS_RESOURCE).
-func TestGuestLoopExpansion(t *testing.T) {
+// TestGuestNBDLifecycle: stage, publish, read-only, online expansion of
+// qcow2 images on /dev/nbdN, ext4 and xfs, where ext4's online resize is
+// allowed (root in the VM has CAP_SYS_RESOURCE).
+func TestGuestNBDLifecycle(t *testing.T) {
 	vmharness.Guest(t)
 	if !canGrowOnline("ext4") {
 		t.Fatal("no CAP_SYS_RESOURCE in the VM")
 	}
-	t.Run("lifecycle", TestNodeFilesystemLifecycle)
+	testNodeFilesystemLifecycle(t, "nbd")
+}
+
+// TestGuestLoopExpansion: offline expansion, ext4 growing online.
+func TestGuestLoopExpansion(t *testing.T) {
+	vmharness.Guest(t)
 	t.Run("offline", TestNodeOfflineExpand)
 }
