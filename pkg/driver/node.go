@@ -383,7 +383,12 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	cond := &csi.VolumeCondition{Message: "attached"}
+	// The usage units have no place for the image's own footprint in the
+	// pool, so the condition message carries it.
+	cond := &csi.VolumeCondition{Message: fmt.Sprintf("attached at %s (%s)", v.DevicePath, v.Backend)}
+	if alloc, err := allocatedBytes(d.pool.imagePath(id)); err == nil {
+		cond.Message += fmt.Sprintf("; image allocates %d bytes in the pool", alloc)
+	}
 	if v.device == nil {
 		cond = &csi.VolumeCondition{Abnormal: true, Message: "device lost at plugin restart: " + v.lostReason}
 	}

@@ -306,6 +306,13 @@ func testNodeFilesystemLifecycle(t *testing.T, backend string) {
 			if len(st.Usage) != 2 || st.Usage[0].Unit != csi.VolumeUsage_BYTES || st.Usage[0].Total != statfsSize(t, target) || st.Usage[1].Unit != csi.VolumeUsage_INODES || st.Usage[1].Total == 0 || st.VolumeCondition.Abnormal {
 				t.Fatalf("stats %v", st)
 			}
+			alloc, err := allocatedOf(filepath.Join(e.pool, id+".qcow2"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if want := fmt.Sprintf("attached at %s (%s); image allocates ", e.srvDevice(id), backend); !strings.HasPrefix(st.VolumeCondition.Message, want) || alloc == 0 {
+				t.Fatalf("condition %q, want it to start %q (image allocates %d bytes now)", st.VolumeCondition.Message, want, alloc)
+			}
 
 			// A staged volume cannot be deleted, and a conflicting stage is refused.
 			_, err = e.c.DeleteVolume(e.ctx, &csi.DeleteVolumeRequest{VolumeId: id})
@@ -640,4 +647,10 @@ func TestImageLocksAgainstQemu(t *testing.T) {
 	if _, err := e.c.DeleteVolume(e.ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
 		t.Fatal(err)
 	}
+}
+
+func allocatedOf(p string) (int64, error) {
+	var st unix.Stat_t
+	err := unix.Stat(p, &st)
+	return st.Blocks * 512, err
 }
