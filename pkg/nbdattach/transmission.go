@@ -564,6 +564,10 @@ func (c *transmission) writeReply(bw *bufio.Writer, r *request) error {
 	if !c.structured {
 		return writeSimple(bw, r)
 	}
+	b, err := wire(bw)
+	if err != nil {
+		return err
+	}
 	if r.errno != 0 {
 		msg := ""
 		if r.err != nil {
@@ -572,11 +576,10 @@ func (c *transmission) writeReply(bw *bufio.Writer, r *request) error {
 				msg = msg[:256]
 			}
 		}
-		var p [6]byte
-		binary.BigEndian.PutUint32(p[0:], r.errno)
-		binary.BigEndian.PutUint16(p[4:], uint16(len(msg)))
-		writeChunkHeader(bw, replyFlagDone, replyTypeError, r.cookie, uint32(6+len(msg)))
-		bw.Write(p[:])
+		b = chunkHeader(b, replyFlagDone, replyTypeError, r.cookie, uint32(6+len(msg)))
+		b = binary.BigEndian.AppendUint32(b, r.errno)
+		b = binary.BigEndian.AppendUint16(b, uint16(len(msg)))
+		bw.Write(b)
 		_, err := bw.WriteString(msg)
 		return err
 	}
@@ -584,7 +587,8 @@ func (c *transmission) writeReply(bw *bufio.Writer, r *request) error {
 	case nbdCmdRead:
 		if len(r.chunks) == 0 {
 			if r.length == 0 {
-				return writeChunkHeader(bw, replyFlagDone, replyTypeNone, r.cookie, 0)
+				_, err := bw.Write(chunkHeader(b, replyFlagDone, replyTypeNone, r.cookie, 0))
+				return err
 			}
 			r.chunks = append(r.chunks, chunk{off: r.off, data: r.data, n: r.length})
 		}
@@ -593,16 +597,18 @@ func (c *transmission) writeReply(bw *bufio.Writer, r *request) error {
 			if i == len(r.chunks)-1 {
 				fl = replyFlagDone
 			}
-			var p [12]byte
-			binary.BigEndian.PutUint64(p[0:], ch.off)
+			if b, err = wire(bw); err != nil {
+				return err
+			}
 			if ch.data == nil {
-				binary.BigEndian.PutUint32(p[8:], ch.n)
-				writeChunkHeader(bw, fl, replyTypeOffsetHole, r.cookie, 12)
-				bw.Write(p[:12])
+				b = chunkHeader(b, fl, replyTypeOffsetHole, r.cookie, 12)
+				b = binary.BigEndian.AppendUint64(b, ch.off)
+				b = binary.BigEndian.AppendUint32(b, ch.n)
+				bw.Write(b)
 				continue
 			}
-			writeChunkHeader(bw, fl, replyTypeOffsetData, r.cookie, 8+ch.n)
-			bw.Write(p[:8])
+			b = chunkHeader(b, fl, replyTypeOffsetData, r.cookie, 8+ch.n)
+			bw.Write(binary.BigEndian.AppendUint64(b, ch.off))
 			if _, err := bw.Write(ch.data); err != nil {
 				return err
 			}
@@ -614,45 +620,59 @@ func (c *transmission) writeReply(bw *bufio.Writer, r *request) error {
 			if i == len(r.status)-1 {
 				fl = replyFlagDone
 			}
-			writeChunkHeader(bw, fl, replyTypeBlockStatus, r.cookie, uint32(4+8*len(cs.extents)))
-			var p [8]byte
-			binary.BigEndian.PutUint32(p[:4], cs.id)
-			bw.Write(p[:4])
+			if b, err = wire(bw); err != nil {
+				return err
+			}
+			b = chunkHeader(b, fl, replyTypeBlockStatus, r.cookie, uint32(4+8*len(cs.extents)))
+			bw.Write(binary.BigEndian.AppendUint32(b, cs.id))
 			for _, e := range cs.extents {
-				binary.BigEndian.PutUint32(p[0:], uint32(e.Length))
-				binary.BigEndian.PutUint32(p[4:], e.Flags)
-				if _, err := bw.Write(p[:]); err != nil {
+				if b, err = wire(bw); err != nil {
 					return err
 				}
+				b = binary.BigEndian.AppendUint32(b, uint32(e.Length))
+				bw.Write(binary.BigEndian.AppendUint32(b, e.Flags))
 			}
 		}
 		return nil
 	default:
-		return writeChunkHeader(bw, replyFlagDone, replyTypeNone, r.cookie, 0)
+		_, err := bw.Write(chunkHeader(b, replyFlagDone, replyTypeNone, r.cookie, 0))
+		return err
 	}
 }
 
+// wire returns an empty slice of bw's free space, at least 64 bytes, to
+// append a small header to and Write at once: replies allocate nothing.
+func wire(bw *bufio.Writer) ([]byte, error) {
+	if bw.Available() < 64 {
+		if err := bw.Flush(); err != nil {
+			return nil, err
+		}
+	}
+	return bw.AvailableBuffer(), nil
+}
+
 func writeSimple(bw *bufio.Writer, r *request) error {
-	var h [simpleReplySize]byte
-	binary.BigEndian.PutUint32(h[0:], simpleMagic)
-	binary.BigEndian.PutUint32(h[4:], r.errno)
-	binary.BigEndian.PutUint64(h[8:], r.cookie)
-	_, err := bw.Write(h[:])
+	b, err := wire(bw)
+	if err != nil {
+		return err
+	}
+	b = binary.BigEndian.AppendUint32(b, simpleMagic)
+	b = binary.BigEndian.AppendUint32(b, r.errno)
+	b = binary.BigEndian.AppendUint64(b, r.cookie)
+	_, err = bw.Write(b)
 	if err == nil && r.errno == 0 && r.typ == nbdCmdRead {
 		_, err = bw.Write(r.data)
 	}
 	return err
 }
 
-func writeChunkHeader(bw *bufio.Writer, flags, typ uint16, cookie uint64, n uint32) error {
-	var h [structuredHeaderSize]byte
-	binary.BigEndian.PutUint32(h[0:], structuredMagic)
-	binary.BigEndian.PutUint16(h[4:], flags)
-	binary.BigEndian.PutUint16(h[6:], typ)
-	binary.BigEndian.PutUint64(h[8:], cookie)
-	binary.BigEndian.PutUint32(h[16:], n)
-	_, err := bw.Write(h[:])
-	return err
+// chunkHeader appends a structured reply chunk header.
+func chunkHeader(b []byte, flags, typ uint16, cookie uint64, n uint32) []byte {
+	b = binary.BigEndian.AppendUint32(b, structuredMagic)
+	b = binary.BigEndian.AppendUint16(b, flags)
+	b = binary.BigEndian.AppendUint16(b, typ)
+	b = binary.BigEndian.AppendUint64(b, cookie)
+	return binary.BigEndian.AppendUint32(b, n)
 }
 
 func isClosedErr(err error) bool {
