@@ -115,6 +115,9 @@ func TestImgInfoAndMapMatchQemu(t *testing.T) {
 	for _, img := range []string{"ov.qcow2", "v2.qcow2", "x.qcow2", "base.raw"} {
 		t.Run(img, func(t *testing.T) {
 			jsonEqual(t, "info --output=json", mustRun(t, d, q, "info", "--output=json", img), mustRun(t, d, us, "img", "info", "--output=json", img))
+			if a, b := mustRun(t, d, q, "info", img), mustRun(t, d, us, "img", "info", img); a != b {
+				t.Fatalf("human info differs\nqemu-img:\n%s\nours:\n%s", a, b)
+			}
 			jsonEqual(t, "map --output=json", mustRun(t, d, q, "map", "--output=json", img), mustRun(t, d, us, "img", "map", "--output=json", img))
 			a, _, ac := run(t, d, q, "map", img)
 			b, _, bc := run(t, d, us, "img", "map", img)
