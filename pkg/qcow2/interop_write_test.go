@@ -223,11 +223,13 @@ func qemuSnapshotRaw(t *testing.T, path, snap string) []byte {
 // pass its check.
 func TestWriteCompressed(t *testing.T) {
 	for _, ct := range []string{"zlib", "zstd"} {
-		for _, cs := range []int64{4096, 65536} {
-			t.Run(fmt.Sprint(ct, "_", cs), func(t *testing.T) {
+		for _, cs := range []int64{4096, 65536, -32768} {
+			extL2 := cs < 0 // extended L2: compressed clusters have an empty bitmap
+			cs := max(cs, -cs)
+			t.Run(fmt.Sprint(ct, "_", cs, "_extl2_", extL2), func(t *testing.T) {
 				p := filepath.Join(t.TempDir(), "c.qcow2")
 				size := 16*cs + 512
-				img, err := Create(p, CreateOptions{Size: size, ClusterSize: cs, CompressionType: ct})
+				img, err := Create(p, CreateOptions{Size: size, ClusterSize: cs, CompressionType: ct, ExtendedL2: extL2})
 				if err != nil {
 					t.Fatal(err)
 				}
