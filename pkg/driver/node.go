@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
@@ -207,11 +208,28 @@ func (d *Driver) detachLost(ctx context.Context, v *stagedVolume) error {
 	return d.detach(ctx, dev)
 }
 
-// detach disconnects a device under devMu.
+// detach disconnects a device under devMu. Right after an unmount a device
+// can stay busy for a moment (seen with the fuse backend's loop devices: a
+// probe of the device after the unmount, or the last writeback, holds it),
+// so a busy device is retried for a few seconds before the error goes back
+// to the CO, which retries on its own schedule.
 func (d *Driver) detach(ctx context.Context, dev nbdattach.Device) error {
-	d.devMu.Lock()
-	defer d.devMu.Unlock()
-	return dev.Detach(ctx)
+	wait := 20 * time.Millisecond
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		d.devMu.Lock()
+		err := dev.Detach(ctx)
+		d.devMu.Unlock()
+		if !errors.Is(err, nbdattach.ErrDeviceBusy) || time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 500*time.Millisecond)
+	}
 }
 
 // unmount unmounts p if it is a mount point, keeping the directory (the CO
