@@ -28,6 +28,12 @@ func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCa
 		csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
 		csi.ControllerServiceCapability_RPC_VOLUME_CONDITION,
 	}
+	if _, ok := d.images.(Qcow2Images); ok {
+		// snapshots.go: internal snapshots of the qcow2 library.
+		rpcs = append(rpcs, csi.ControllerServiceCapability_RPC_CREATE_DELETE_SNAPSHOT,
+			csi.ControllerServiceCapability_RPC_LIST_SNAPSHOTS,
+			csi.ControllerServiceCapability_RPC_CLONE_VOLUME)
+	}
 	if d.opts.ControllerExpand && d.canGrow() {
 		rpcs = append(rpcs, csi.ControllerServiceCapability_RPC_EXPAND_VOLUME)
 	}
@@ -116,7 +122,24 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	tmp := d.pool.tempPath(id, imageSuffix)
 	_ = os.Remove(tmp)
 	start := time.Now()
-	if err := d.images.Create(ctx, tmp, size, ImageCreateOptions{
+	if src := req.GetVolumeContentSource(); src != nil {
+		// Restore or clone (snapshots.go); without a capacity range the
+		// volume takes the source's size.
+		want := size
+		if req.GetCapacityRange() == nil {
+			want = 0
+		}
+		got, err := d.restoreSource(ctx, src, tmp, want, params.ClusterSize)
+		if err != nil {
+			_ = os.Remove(tmp)
+			return nil, toStatus(fmt.Errorf("volume %q: from content source: %w", id, err))
+		}
+		if l := req.GetCapacityRange().GetLimitBytes(); l > 0 && got > l {
+			_ = os.Remove(tmp)
+			return nil, toStatus(fmt.Errorf("%w: volume %q: the source needs %d bytes, limit_bytes is %d", ErrOutOfRange, id, got, l))
+		}
+		size = got
+	} else if err := d.images.Create(ctx, tmp, size, ImageCreateOptions{
 		ClusterSize:   params.ClusterSize,
 		Preallocation: params.Preallocation,
 		LazyRefcounts: params.LazyRefcounts,
@@ -134,7 +157,9 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		return nil, toStatus(fmt.Errorf("volume %q: write metadata: %w", id, err))
 	}
 	logger.Info("Volume created", "name", req.GetName(), "capacity", size, "params", params, "took", since(start))
-	return &csi.CreateVolumeResponse{Volume: d.csiVolume(m)}, nil
+	v := d.csiVolume(m)
+	v.ContentSource = req.GetVolumeContentSource()
+	return &csi.CreateVolumeResponse{Volume: v}, nil
 }
 
 // compatible decides whether an existing volume satisfies a repeated
@@ -251,6 +276,15 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 		return nil, toStatus(fmt.Errorf("volume %q: %w", id, err))
 	default:
 		klog.FromContext(ctx).Info("Deleting a volume whose image does not open", "volumeID", id, "err", err)
+	}
+	if snaps, err := d.pool.snapshotsOf(id); err != nil {
+		return nil, toStatus(err)
+	} else if live := liveSnapshots(snaps); len(live) > 0 {
+		// Snapshots outlive their volume (snapshots.go).
+		if err := d.hideVolume(ctx, id, live); err != nil {
+			return nil, toStatus(err)
+		}
+		return &csi.DeleteVolumeResponse{}, nil
 	}
 	if err := d.pool.remove(id); err != nil {
 		return nil, toStatus(err)

@@ -19,6 +19,10 @@ const (
 	opPublish   op = "publish"
 	opUnpublish op = "unpublish"
 	opRead      op = "read" // ControllerGetVolume, ValidateVolumeCapabilities, NodeGetVolumeStats
+	// opSnapshot: CreateSnapshot, DeleteSnapshot, and reading a volume as
+	// the source of a restore or clone. It opens the closed image or works
+	// on the staged one, so it excludes what opens, closes or destroys it.
+	opSnapshot op = "snapshot"
 )
 
 // conflicts states, in one place, which operations on the same volume
@@ -28,14 +32,15 @@ const (
 // that changes the volume's image, device or mounts excludes every other
 // change.
 var conflicts = map[op][]op{
-	opCreate:    {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish, opRead},
-	opDelete:    {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish, opRead},
-	opExpand:    {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish},
-	opStage:     {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish, opRead},
-	opUnstage:   {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish, opRead},
+	opCreate:    {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish, opRead, opSnapshot},
+	opDelete:    {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish, opRead, opSnapshot},
+	opExpand:    {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish, opSnapshot},
+	opStage:     {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish, opRead, opSnapshot},
+	opUnstage:   {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish, opRead, opSnapshot},
 	opPublish:   {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish},
 	opUnpublish: {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish},
 	opRead:      {opCreate, opDelete, opStage, opUnstage},
+	opSnapshot:  {opCreate, opDelete, opExpand, opStage, opUnstage, opSnapshot},
 }
 
 func conflict(a, b op) bool {

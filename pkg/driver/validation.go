@@ -122,8 +122,10 @@ func validateCreateVolumeRequest(r *csi.CreateVolumeRequest) error {
 	if err := checkCapabilities(r.GetVolumeCapabilities()); err != nil {
 		return err
 	}
-	if r.GetVolumeContentSource() != nil {
-		return fmt.Errorf("%w: volume content sources (snapshots, clones) are not supported yet", ErrInvalid)
+	if src := r.GetVolumeContentSource(); src != nil {
+		if src.GetSnapshot().GetSnapshotId() == "" && src.GetVolume().GetVolumeId() == "" {
+			return fmt.Errorf("%w: volume_content_source names neither a snapshot nor a volume", ErrInvalid)
+		}
 	}
 	return nil
 }

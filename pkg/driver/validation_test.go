@@ -82,9 +82,9 @@ func TestBadInput(t *testing.T) {
 		{"create fs conflict", create("v", nil, map[string]string{"fsType": "xfs"}, capMount(rw, "ext4")), codes.InvalidArgument, "fsType=xfs contradicts the capability's fs_type ext4"},
 		{"create content source", func() error {
 			_, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "v", VolumeCapabilities: caps,
-				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: "s"}}}})
+				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{}}}})
 			return err
-		}, codes.InvalidArgument, "volume content sources (snapshots, clones) are not supported yet"},
+		}, codes.InvalidArgument, "volume_content_source names neither a snapshot nor a volume"},
 		{"create other node", func() error {
 			_, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "v", VolumeCapabilities: caps,
 				AccessibilityRequirements: &csi.TopologyRequirement{Requisite: []*csi.Topology{{Segments: map[string]string{driver.DefaultDriverName + "/node": "elsewhere"}}}}})

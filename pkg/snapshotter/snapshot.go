@@ -312,3 +312,12 @@ func sameMapping(a, b qcow2.Extent, pos int64) bool {
 	}
 	return a.Offset+(pos-a.Start) == b.Offset+(pos-b.Start)
 }
+
+// NextSeq is a sequence number for the next snapshot of img: now (e.g. the
+// clock in nanoseconds) unless the newest checkpoint is not older.
+func NextSeq(img *qcow2.Image, now uint64) uint64 {
+	if c := chain(img); len(c) > 0 && c[len(c)-1].seq >= now {
+		return c[len(c)-1].seq + 1
+	}
+	return now
+}

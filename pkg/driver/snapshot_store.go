@@ -1,0 +1,209 @@
+package driver
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
+	"github.com/qcow2-csi/qcow2-csi/pkg/snapshotter"
+)
+
+// Snapshot records live in <pool>/.snapshots/<snapshot-id>.json. A volume
+// deleted while it still has snapshots is hidden: its image moves to
+// <pool>/.snapshots/<volume-id>.qcow2 (out of sight of the pool's listing
+// and recovery) until its last snapshot goes.
+const (
+	snapshotsDir       = ".snapshots"
+	snapshotMetaV      = 1
+	maxSnapshotIDLen   = 128
+	snapshotIDSep      = "@"
+	maxSnapshotNameLen = 255 // qcow2 internal snapshot names are bounded so
+)
+
+// snapshotMeta is the committed record of a CSI snapshot. Its ID is
+// "<volume-id>@<seq>": the volume whose image holds it and the sequence
+// number that names its checkpoint bitmap, so that an ID still resolves
+// (for GetMetadataDelta) after its record is gone.
+type snapshotMeta struct {
+	Version int       `json:"version"`
+	ID      string    `json:"id"`
+	Name    string    `json:"name"`
+	Source  string    `json:"sourceVolumeId"`
+	Seq     uint64    `json:"seq"`
+	Size    int64     `json:"sizeBytes"`
+	Created time.Time `json:"created"`
+	// Hidden: the source volume was deleted; its image lives in the
+	// snapshots directory.
+	Hidden bool `json:"hidden,omitempty"`
+}
+
+func snapshotID(vol string, seq uint64) string {
+	return vol + snapshotIDSep + strconv.FormatUint(seq, 10)
+}
+
+// parseSnapshotID splits an ID this driver issued. Anything else (including
+// IDs that would make unsafe paths) is not ours: callers answer NotFound.
+func parseSnapshotID(id string) (vol string, seq uint64, ok bool) {
+	if len(id) > maxSnapshotIDLen {
+		return "", 0, false
+	}
+	vol, s, found := strings.Cut(id, snapshotIDSep)
+	if !found || checkVolumeID(vol) != nil || s == "" || len(s) > 20 {
+		return "", 0, false
+	}
+	seq, err := strconv.ParseUint(s, 10, 64)
+	if err != nil || strconv.FormatUint(seq, 10) != s {
+		return "", 0, false
+	}
+	return vol, seq, true
+}
+
+func (p *pool) snapDir() string                   { return filepath.Join(p.dir, snapshotsDir) }
+func (p *pool) snapMetaPath(id string) string     { return filepath.Join(p.snapDir(), id+metaSuffix) }
+func (p *pool) hiddenImagePath(vol string) string { return filepath.Join(p.snapDir(), vol+imageSuffix) }
+
+func (p *pool) getSnapshot(id string) (*snapshotMeta, error) {
+	if _, _, ok := parseSnapshotID(id); !ok {
+		return nil, fmt.Errorf("snapshot %q: %w", id, ErrNotFound)
+	}
+	b, err := os.ReadFile(p.snapMetaPath(id))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("snapshot %q: %w", id, ErrNotFound)
+	}
+	if err != nil {
+		return nil, err
+	}
+	var m snapshotMeta
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, fmt.Errorf("snapshot %q: record %s: %v", id, p.snapMetaPath(id), err)
+	}
+	if m.ID != id || m.Version != snapshotMetaV {
+		return nil, fmt.Errorf("snapshot %q: record %s names %q version %d", id, p.snapMetaPath(id), m.ID, m.Version)
+	}
+	return &m, nil
+}
+
+func (p *pool) putSnapshot(m *snapshotMeta) error {
+	if err := os.MkdirAll(p.snapDir(), 0o750); err != nil {
+		return err
+	}
+	m.Version = snapshotMetaV
+	b, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(p.snapMetaPath(m.ID), append(b, '\n'))
+}
+
+func (p *pool) removeSnapshot(id string) error {
+	if err := os.Remove(p.snapMetaPath(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return syncDir(p.snapDir())
+}
+
+// listSnapshots returns every snapshot record, sorted by ID.
+func (p *pool) listSnapshots() ([]*snapshotMeta, error) {
+	ents, err := os.ReadDir(p.snapDir())
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []*snapshotMeta
+	for _, e := range ents {
+		n := e.Name()
+		if !e.Type().IsRegular() || !strings.HasSuffix(n, metaSuffix) {
+			continue
+		}
+		m, err := p.getSnapshot(strings.TrimSuffix(n, metaSuffix))
+		if errors.Is(err, ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, m)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out, nil
+}
+
+// snapshotsOf returns the records of volume vol's snapshots.
+func (p *pool) snapshotsOf(vol string) ([]*snapshotMeta, error) {
+	all, err := p.listSnapshots()
+	if err != nil {
+		return nil, err
+	}
+	var out []*snapshotMeta
+	for _, m := range all {
+		if m.Source == vol {
+			out = append(out, m)
+		}
+	}
+	return out, nil
+}
+
+// qcow2Of is the library image behind an Image of Qcow2Images.
+func (i *qcow2Image) qcow2() *qcow2.Image { return i.img }
+
+// withImage runs fn on volume vol's image: the node's open image when the
+// volume is staged here (there is only ever one open of an image), the
+// hidden image of a deleted volume when hidden, otherwise the closed image
+// opened for the call. closed tells fn whether nothing else writes the file.
+func (d *Driver) withImage(vol string, hidden bool, fn func(img *qcow2.Image, closed bool) error) error {
+	if !hidden {
+		if v := d.lookupStaged(vol); v != nil {
+			if v.image == nil {
+				return fmt.Errorf("%w: volume %q lost its device at a plugin restart (%s); unstage it first", ErrPrecondition, vol, v.lostReason)
+			}
+			qi, ok := v.image.(*qcow2Image)
+			if !ok {
+				return fmt.Errorf("%w: volume %q: snapshots need the qcow2 image library", ErrPrecondition, vol)
+			}
+			return fn(qi.qcow2(), false)
+		}
+	}
+	if _, ok := d.images.(Qcow2Images); !ok {
+		return fmt.Errorf("%w: volume %q: snapshots need the qcow2 image library", ErrPrecondition, vol)
+	}
+	path := d.pool.imagePath(vol)
+	if hidden {
+		path = d.pool.hiddenImagePath(vol)
+	}
+	img, err := qcow2.Open(path, qcow2.OpenOptions{})
+	if err != nil {
+		return imageErr(path, err)
+	}
+	ferr := fn(img, true)
+	if err := img.Close(); ferr == nil && err != nil {
+		ferr = imageErr(path, err)
+	}
+	return ferr
+}
+
+// snapshotErr maps the snapshotter's sentinels to the driver's.
+func snapshotErr(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, snapshotter.ErrNotFound), errors.Is(err, qcow2.ErrSnapshotNotFound):
+		return fmt.Errorf("%w: %w", ErrNotFound, err)
+	case errors.Is(err, snapshotter.ErrUntrusted):
+		return fmt.Errorf("%w: %w", ErrPrecondition, err)
+	case errors.Is(err, snapshotter.ErrInvalid):
+		return fmt.Errorf("%w: %w", ErrInvalid, err)
+	case errors.Is(err, snapshotter.ErrOutOfRange):
+		return fmt.Errorf("%w: %w", ErrOutOfRange, err)
+	}
+	return err
+}

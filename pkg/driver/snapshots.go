@@ -1,0 +1,336 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/protobuf/types/known/timestamppb"
+	"k8s.io/klog/v2"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
+	"github.com/qcow2-csi/qcow2-csi/pkg/snapshotter"
+)
+
+// snapNameLock is the lock key that serialises CreateSnapshot calls of one
+// name (which may name different source volumes).
+func snapNameLock(name string) string { return "snapshot-name\x00" + name }
+
+func csiSnapshot(m *snapshotMeta) *csi.Snapshot {
+	return &csi.Snapshot{
+		SnapshotId:     m.ID,
+		SourceVolumeId: m.Source,
+		SizeBytes:      m.Size,
+		CreationTime:   timestamppb.New(m.Created),
+		ReadyToUse:     true,
+	}
+}
+
+func validateCreateSnapshotRequest(r *csi.CreateSnapshotRequest) error {
+	if r.GetName() == "" {
+		return fmt.Errorf("%w: snapshot name is required", ErrInvalid)
+	}
+	if len(r.GetName()) > maxSnapshotNameLen || strings.ContainsRune(r.GetName(), 0) {
+		return fmt.Errorf("%w: snapshot name must be 1..%d bytes without NUL", ErrInvalid, maxSnapshotNameLen)
+	}
+	if r.GetSourceVolumeId() == "" {
+		return fmt.Errorf("%w: source_volume_id is required", ErrInvalid)
+	}
+	return nil
+}
+
+func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequest) (*csi.CreateSnapshotResponse, error) {
+	if err := validateCreateSnapshotRequest(req); err != nil {
+		return nil, toStatus(err)
+	}
+	name, vol := req.GetName(), req.GetSourceVolumeId()
+	releaseName, err := d.locks.acquire(snapNameLock(name), opSnapshot)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	defer releaseName()
+	all, err := d.pool.listSnapshots()
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	var existing *snapshotMeta
+	for _, m := range all {
+		if m.Name == name {
+			existing = m
+		}
+	}
+	if existing != nil && existing.Source != vol {
+		return nil, toStatus(fmt.Errorf("%w: snapshot name %q is taken by %q of volume %q", ErrAlreadyExists, name, existing.ID, existing.Source))
+	}
+	if checkVolumeID(vol) != nil {
+		return nil, toStatus(fmt.Errorf("volume %q: %w", vol, ErrNotFound))
+	}
+	release, err := d.locks.acquire(vol, opSnapshot)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	defer release()
+	if _, err := d.pool.get(vol); err != nil {
+		return nil, toStatus(err)
+	}
+	logger := klog.FromContext(ctx).WithValues("volumeID", vol, "name", name)
+	start := time.Now()
+	m := existing
+	err = d.withImage(vol, false, func(img *qcow2.Image, _ bool) error {
+		if m == nil {
+			// The record goes first: a crash after it leaves a record
+			// whose retry completes the snapshot below.
+			seq := snapshotter.NextSeq(img, uint64(time.Now().UnixNano()))
+			m = &snapshotMeta{ID: snapshotID(vol, seq), Name: name, Source: vol, Seq: seq, Created: time.Now().UTC(), Size: img.Size()}
+			if err := d.pool.putSnapshot(m); err != nil {
+				return err
+			}
+		}
+		info, err := snapshotter.Take(img, m.ID, m.Seq)
+		if err != nil {
+			return snapshotErr(err)
+		}
+		if int64(info.DiskSize) != m.Size {
+			m.Size = int64(info.DiskSize)
+			return d.pool.putSnapshot(m)
+		}
+		return nil
+	})
+	if err != nil {
+		if existing == nil && m != nil {
+			_ = d.pool.removeSnapshot(m.ID)
+		}
+		return nil, toStatus(fmt.Errorf("snapshot %q of volume %q: %w", name, vol, err))
+	}
+	logger.Info("Snapshot created", "snapshotID", m.ID, "took", since(start))
+	return &csi.CreateSnapshotResponse{Snapshot: csiSnapshot(m)}, nil
+}
+
+func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequest) (*csi.DeleteSnapshotResponse, error) {
+	id := req.GetSnapshotId()
+	if id == "" {
+		return nil, toStatus(fmt.Errorf("%w: snapshot_id is required", ErrInvalid))
+	}
+	vol, seq, ok := parseSnapshotID(id)
+	if !ok {
+		// Not an ID this driver issued: nothing to delete.
+		return &csi.DeleteSnapshotResponse{}, nil
+	}
+	release, err := d.locks.acquire(vol, opSnapshot)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	defer release()
+	m, err := d.pool.getSnapshot(id)
+	if errors.Is(err, ErrNotFound) {
+		return &csi.DeleteSnapshotResponse{}, nil
+	} else if err != nil {
+		return nil, toStatus(err)
+	}
+	err = d.withImage(vol, m.Hidden, func(img *qcow2.Image, _ bool) error {
+		return snapshotErr(snapshotter.Delete(img, id, seq))
+	})
+	if err != nil && !(m.Hidden && errors.Is(err, ErrNotFound)) {
+		return nil, toStatus(fmt.Errorf("snapshot %q: %w", id, err))
+	}
+	if err := d.pool.removeSnapshot(id); err != nil {
+		return nil, toStatus(err)
+	}
+	if m.Hidden {
+		// The image of a deleted volume goes with its last snapshot.
+		left, err := d.pool.snapshotsOf(vol)
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		if !anyHidden(left) {
+			if err := os.Remove(d.pool.hiddenImagePath(vol)); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return nil, toStatus(err)
+			}
+			klog.FromContext(ctx).Info("Image of a deleted volume removed with its last snapshot", "volumeID", vol)
+		}
+	}
+	klog.FromContext(ctx).Info("Snapshot deleted", "snapshotID", id)
+	return &csi.DeleteSnapshotResponse{}, nil
+}
+
+func anyHidden(ms []*snapshotMeta) bool {
+	for _, m := range ms {
+		if m.Hidden {
+			return true
+		}
+	}
+	return false
+}
+
+// snapListToken prefixes ListSnapshots' next_token, which names the first
+// snapshot ID of the next page (IDs are listed sorted).
+const snapListToken = "snap:"
+
+func (d *Driver) ListSnapshots(ctx context.Context, req *csi.ListSnapshotsRequest) (*csi.ListSnapshotsResponse, error) {
+	if req.GetMaxEntries() < 0 {
+		return nil, toStatus(fmt.Errorf("%w: max_entries %d is negative", ErrInvalid, req.GetMaxEntries()))
+	}
+	from := ""
+	if t := req.GetStartingToken(); t != "" {
+		from = strings.TrimPrefix(t, snapListToken)
+		if _, _, ok := parseSnapshotID(from); !strings.HasPrefix(t, snapListToken) || !ok {
+			return nil, toStatus(fmt.Errorf("%w: starting_token %q was not issued by this driver", ErrBadToken, t))
+		}
+	}
+	var ms []*snapshotMeta
+	if id := req.GetSnapshotId(); id != "" {
+		m, err := d.pool.getSnapshot(id)
+		if errors.Is(err, ErrNotFound) {
+			return &csi.ListSnapshotsResponse{}, nil
+		} else if err != nil {
+			return nil, toStatus(err)
+		}
+		ms = []*snapshotMeta{m}
+	} else {
+		all, err := d.pool.listSnapshots()
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		ms = all
+	}
+	if v := req.GetSourceVolumeId(); v != "" {
+		var f []*snapshotMeta
+		for _, m := range ms {
+			if m.Source == v && !m.Hidden {
+				f = append(f, m)
+			}
+		}
+		ms = f
+	}
+	i := sort.Search(len(ms), func(i int) bool { return ms[i].ID >= from })
+	ms = ms[i:]
+	resp := &csi.ListSnapshotsResponse{}
+	if n := int(req.GetMaxEntries()); n > 0 && len(ms) > n {
+		resp.NextToken = snapListToken + ms[n].ID
+		ms = ms[:n]
+	}
+	for _, m := range ms {
+		resp.Entries = append(resp.Entries, &csi.ListSnapshotsResponse_Entry{Snapshot: csiSnapshot(m)})
+	}
+	return resp, nil
+}
+
+// hideVolume is DeleteVolume of a volume with snapshots left: the active
+// layer is discarded, the image moves out of the pool's sight and the
+// records are marked, so the volume is gone while its snapshots stay.
+// The caller holds the volume's delete lock.
+func (d *Driver) hideVolume(ctx context.Context, vol string, snaps []*snapshotMeta) error {
+	if _, err := os.Stat(d.pool.hiddenImagePath(vol)); err == nil {
+		return fmt.Errorf("%w: volume %q: an earlier volume of this ID still has snapshots; delete them first", ErrInUse, vol)
+	}
+	err := d.withImage(vol, false, func(img *qcow2.Image, _ bool) error {
+		return img.Discard(0, img.Size())
+	})
+	if err != nil {
+		return fmt.Errorf("volume %q: discard active layer: %w", vol, err)
+	}
+	for _, m := range snaps {
+		m.Hidden = true
+		if err := d.pool.putSnapshot(m); err != nil {
+			return err
+		}
+	}
+	if _, err := os.Stat(d.pool.hiddenImagePath(vol)); err == nil {
+		return fmt.Errorf("%w: volume %q: an earlier volume of this ID still has snapshots; delete them first", ErrInUse, vol)
+	}
+	if err := os.Rename(d.pool.imagePath(vol), d.pool.hiddenImagePath(vol)); err != nil {
+		return err
+	}
+	if err := syncDir(d.pool.snapDir()); err != nil {
+		return err
+	}
+	if err := os.Remove(d.pool.metaPath(vol)); err != nil {
+		return err
+	}
+	klog.FromContext(ctx).Info("Volume deleted; its image stays for its snapshots", "volumeID", vol, "snapshots", len(snaps))
+	return syncDir(d.pool.dir)
+}
+
+// restoreSource makes the image tmp from a content source: a snapshot or
+// another volume. size is the requested size (0: the source's).
+func (d *Driver) restoreSource(ctx context.Context, src *csi.VolumeContentSource, tmp string, size int64, cluster int64) (int64, error) {
+	var vol, snapName string
+	hidden := false
+	switch {
+	case src.GetSnapshot() != nil:
+		id := src.GetSnapshot().GetSnapshotId()
+		m, err := d.pool.getSnapshot(id)
+		if err != nil {
+			return 0, err
+		}
+		vol, snapName, hidden = m.Source, m.ID, m.Hidden
+	case src.GetVolume() != nil:
+		vol = src.GetVolume().GetVolumeId()
+		if checkVolumeID(vol) != nil {
+			return 0, fmt.Errorf("source volume %q: %w", vol, ErrNotFound)
+		}
+		if _, err := d.pool.get(vol); err != nil {
+			return 0, err
+		}
+	default:
+		return 0, fmt.Errorf("%w: unknown volume content source", ErrInvalid)
+	}
+	release, err := d.locks.acquire(vol, opSnapshot)
+	if err != nil {
+		return 0, toStatus(err)
+	}
+	defer release()
+	var got int64
+	err = d.withImage(vol, hidden, func(img *qcow2.Image, closed bool) error {
+		srcSize := img.Size()
+		if snapName != "" {
+			s, err := snapshotter.Size(img, snapName)
+			if err != nil {
+				return snapshotErr(err)
+			}
+			srcSize = s
+		}
+		if size != 0 && size < srcSize {
+			return fmt.Errorf("%w: source has %d bytes, the request allows %d", ErrOutOfRange, srcSize, size)
+		}
+		if !closed && snapName == "" {
+			return fmt.Errorf("%w: volume %q is staged; clone it from a snapshot instead", ErrInUse, vol)
+		}
+		m, err := snapshotter.Restore(img, snapName, tmp, snapshotter.RestoreOptions{Size: size, SourceClosed: closed, ClusterSize: cluster})
+		if err != nil {
+			return snapshotErr(err)
+		}
+		got = max(size, srcSize)
+		klog.FromContext(ctx).Info("Volume content restored", "sourceVolumeID", vol, "snapshot", snapName, "method", m)
+		return nil
+	})
+	return got, err
+}
+
+// liveSnapshots are the records of the volume now in the pool (not of an
+// earlier, deleted volume of the same ID whose image is hidden).
+func liveSnapshots(ms []*snapshotMeta) []*snapshotMeta {
+	var out []*snapshotMeta
+	for _, m := range ms {
+		if !m.Hidden {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+func (d *Driver) GetSnapshot(ctx context.Context, req *csi.GetSnapshotRequest) (*csi.GetSnapshotResponse, error) {
+	if req.GetSnapshotId() == "" {
+		return nil, toStatus(fmt.Errorf("%w: snapshot_id is required", ErrInvalid))
+	}
+	m, err := d.pool.getSnapshot(req.GetSnapshotId())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &csi.GetSnapshotResponse{Snapshot: csiSnapshot(m)}, nil
+}
