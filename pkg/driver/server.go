@@ -79,6 +79,9 @@ func (d *Driver) GRPCServer() *grpc.Server {
 	csi.RegisterIdentityServer(s, d)
 	if d.opts.Mode.controller() {
 		csi.RegisterControllerServer(s, d)
+		if d.snapshotMetadata() {
+			csi.RegisterSnapshotMetadataServer(s, d.SnapshotMetadataServer())
+		}
 	}
 	if d.opts.Mode.node() {
 		csi.RegisterNodeServer(s, d)

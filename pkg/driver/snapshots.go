@@ -240,9 +240,6 @@ func (d *Driver) hideVolume(ctx context.Context, vol string, snaps []*snapshotMe
 			return err
 		}
 	}
-	if _, err := os.Stat(d.pool.hiddenImagePath(vol)); err == nil {
-		return fmt.Errorf("%w: volume %q: an earlier volume of this ID still has snapshots; delete them first", ErrInUse, vol)
-	}
 	if err := os.Rename(d.pool.imagePath(vol), d.pool.hiddenImagePath(vol)); err != nil {
 		return err
 	}

@@ -1,0 +1,186 @@
+package driver
+
+import (
+	"fmt"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"k8s.io/klog/v2"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
+	"github.com/qcow2-csi/qcow2-csi/pkg/snapshotter"
+)
+
+// The CSI SnapshotMetadata service: allocated extents of a snapshot and
+// changed extents between two snapshots of a volume (pkg/snapshotter),
+// streamed as VARIABLE_LENGTH tuples, ascending and non-overlapping.
+
+const (
+	// defaultMaxResults is the tuples per message when the caller leaves
+	// max_results at 0.
+	defaultMaxResults = 1024
+	// metadataWindow bounds the extents held in memory at once: the disk
+	// is scanned in windows of this many bytes.
+	metadataWindow = 64 << 30
+)
+
+type snapshotMetadataServer struct {
+	csi.UnimplementedSnapshotMetadataServer
+	d *Driver
+}
+
+// SnapshotMetadataServer is the SnapshotMetadata service of d (registered
+// by GRPCServer in controller mode with qcow2 images).
+func (d *Driver) SnapshotMetadataServer() csi.SnapshotMetadataServer {
+	return snapshotMetadataServer{d: d}
+}
+
+func checkWindow(startingOffset int64, maxResults int32) error {
+	if startingOffset < 0 {
+		return fmt.Errorf("%w: starting_offset %d is negative", ErrInvalid, startingOffset)
+	}
+	if maxResults < 0 {
+		return fmt.Errorf("%w: max_results %d is negative", ErrInvalid, maxResults)
+	}
+	return nil
+}
+
+// stream sends ranges computed window by window from start to the end of a
+// disk of size bytes, max tuples a message.
+func stream(size, start int64, max int32, ranges func(off, n int64) ([]snapshotter.Range, error), send func([]*csi.BlockMetadata) error) error {
+	if start >= size && !(start == 0 && size == 0) {
+		return fmt.Errorf("%w: starting_offset %d is at or beyond the volume's %d bytes", ErrOutOfRange, start, size)
+	}
+	if max == 0 {
+		max = defaultMaxResults
+	}
+	var batch []*csi.BlockMetadata
+	for off := start; off < size; off += metadataWindow {
+		rs, err := ranges(off, min(int64(metadataWindow), size-off))
+		if err != nil {
+			return err
+		}
+		for _, r := range rs {
+			batch = append(batch, &csi.BlockMetadata{ByteOffset: r.Offset, SizeBytes: r.Length})
+			if len(batch) == int(max) {
+				if err := send(batch); err != nil {
+					return err
+				}
+				batch = nil
+			}
+		}
+	}
+	if len(batch) > 0 {
+		return send(batch)
+	}
+	return nil
+}
+
+func (s snapshotMetadataServer) GetMetadataAllocated(req *csi.GetMetadataAllocatedRequest, srv csi.SnapshotMetadata_GetMetadataAllocatedServer) error {
+	d, ctx := s.d, srv.Context()
+	if req.GetSnapshotId() == "" {
+		return toStatus(fmt.Errorf("%w: snapshot_id is required", ErrInvalid))
+	}
+	if err := checkWindow(req.GetStartingOffset(), req.GetMaxResults()); err != nil {
+		return toStatus(err)
+	}
+	m, err := d.pool.getSnapshot(req.GetSnapshotId())
+	if err != nil {
+		return toStatus(err)
+	}
+	release, err := d.locks.acquire(m.Source, opSnapshot)
+	if err != nil {
+		return toStatus(err)
+	}
+	defer release()
+	err = d.withImage(m.Source, m.Hidden, func(img *qcow2.Image, _ bool) error {
+		size, err := snapshotter.Size(img, m.ID)
+		if err != nil {
+			return snapshotErr(err)
+		}
+		return stream(size, req.GetStartingOffset(), req.GetMaxResults(),
+			func(off, n int64) ([]snapshotter.Range, error) {
+				if err := ctx.Err(); err != nil {
+					return nil, err
+				}
+				rs, err := snapshotter.Allocated(img, m.ID, off, n)
+				return rs, snapshotErr(err)
+			},
+			func(b []*csi.BlockMetadata) error {
+				return srv.Send(&csi.GetMetadataAllocatedResponse{
+					BlockMetadataType:   csi.BlockMetadataType_VARIABLE_LENGTH,
+					VolumeCapacityBytes: size,
+					BlockMetadata:       b,
+				})
+			})
+	})
+	if err != nil {
+		klog.FromContext(ctx).Error(err, "GetMetadataAllocated failed", "snapshotID", m.ID)
+	}
+	return toStatus(err)
+}
+
+func (s snapshotMetadataServer) GetMetadataDelta(req *csi.GetMetadataDeltaRequest, srv csi.SnapshotMetadata_GetMetadataDeltaServer) error {
+	d, ctx := s.d, srv.Context()
+	if req.GetBaseSnapshotId() == "" || req.GetTargetSnapshotId() == "" {
+		return toStatus(fmt.Errorf("%w: base_snapshot_id and target_snapshot_id are required", ErrInvalid))
+	}
+	if err := checkWindow(req.GetStartingOffset(), req.GetMaxResults()); err != nil {
+		return toStatus(err)
+	}
+	m, err := d.pool.getSnapshot(req.GetTargetSnapshotId())
+	if err != nil {
+		return toStatus(err)
+	}
+	// The base may have been deleted: its ID still names its volume and
+	// sequence, which is all the checkpoint chain needs.
+	baseVol, baseSeq, ok := parseSnapshotID(req.GetBaseSnapshotId())
+	if !ok {
+		return toStatus(fmt.Errorf("snapshot %q: %w", req.GetBaseSnapshotId(), ErrNotFound))
+	}
+	if baseVol != m.Source {
+		return toStatus(fmt.Errorf("%w: base snapshot %q is not of volume %q", ErrInvalid, req.GetBaseSnapshotId(), m.Source))
+	}
+	if baseSeq >= m.Seq {
+		return toStatus(fmt.Errorf("%w: base snapshot %q is not older than target %q", ErrInvalid, req.GetBaseSnapshotId(), m.ID))
+	}
+	if b, err := d.pool.getSnapshot(req.GetBaseSnapshotId()); err == nil && b.Hidden != m.Hidden {
+		return toStatus(fmt.Errorf("%w: base snapshot %q is of an earlier volume of the same ID", ErrInvalid, b.ID))
+	}
+	release, err := d.locks.acquire(m.Source, opSnapshot)
+	if err != nil {
+		return toStatus(err)
+	}
+	defer release()
+	err = d.withImage(m.Source, m.Hidden, func(img *qcow2.Image, _ bool) error {
+		size, err := snapshotter.Size(img, m.ID)
+		if err != nil {
+			return snapshotErr(err)
+		}
+		return stream(size, req.GetStartingOffset(), req.GetMaxResults(),
+			func(off, n int64) ([]snapshotter.Range, error) {
+				if err := ctx.Err(); err != nil {
+					return nil, err
+				}
+				rs, err := snapshotter.Delta(img, baseSeq, m.Seq, off, n)
+				return rs, snapshotErr(err)
+			},
+			func(b []*csi.BlockMetadata) error {
+				return srv.Send(&csi.GetMetadataDeltaResponse{
+					BlockMetadataType:   csi.BlockMetadataType_VARIABLE_LENGTH,
+					VolumeCapacityBytes: size,
+					BlockMetadata:       b,
+				})
+			})
+	})
+	if err != nil {
+		klog.FromContext(ctx).Error(err, "GetMetadataDelta failed", "snapshotID", m.ID)
+	}
+	return toStatus(err)
+}
+
+// snapshotMetadata reports whether the service is offered: snapshots need
+// the qcow2 image library.
+func (d *Driver) snapshotMetadata() bool {
+	_, ok := d.images.(Qcow2Images)
+	return ok
+}

@@ -1,0 +1,280 @@
+package driver_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"math/rand"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
+	"github.com/qcow2-csi/qcow2-csi/pkg/driver/drivertest"
+	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
+)
+
+const snapDisk = 4 << 20
+
+func startQcow2(t *testing.T) (string, clients, csi.SnapshotMetadataClient) {
+	t.Helper()
+	pool := t.TempDir()
+	srv := drivertest.Start(t, driver.Options{Pool: pool}, driver.Seams{Images: driver.Qcow2Images{}})
+	conn, err := grpc.NewClient("unix://"+srv.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return pool, dial(t, srv), csi.NewSnapshotMetadataClient(conn)
+}
+
+// writeImage writes random runs into a closed volume image and applies them
+// to model.
+func writeImage(t *testing.T, path string, rng *rand.Rand, model []byte) {
+	t.Helper()
+	img, err := qcow2.Open(path, qcow2.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	for range 8 {
+		off := rng.Int63n(snapDisk - 70000)
+		p := make([]byte, 1+rng.Intn(70000))
+		rng.Read(p)
+		if _, err := img.WriteAt(p, off); err != nil {
+			t.Fatal(err)
+		}
+		copy(model[off:], p)
+	}
+}
+
+func readImage(t *testing.T, path string) []byte {
+	t.Helper()
+	img, err := qcow2.Open(path, qcow2.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	p := make([]byte, img.Size())
+	if _, err := img.ReadAt(p, 0); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// collect reads a metadata stream to its end, checking the tuples ascend
+// without overlap and messages hold at most max tuples.
+func collect[T interface {
+	GetBlockMetadata() []*csi.BlockMetadata
+	GetVolumeCapacityBytes() int64
+	GetBlockMetadataType() csi.BlockMetadataType
+}](t *testing.T, recv func() (T, error), max int) ([]*csi.BlockMetadata, error) {
+	t.Helper()
+	var out []*csi.BlockMetadata
+	end := int64(0)
+	for {
+		r, err := recv()
+		if errors.Is(err, io.EOF) {
+			return out, nil
+		}
+		if err != nil {
+			return out, err
+		}
+		if r.GetVolumeCapacityBytes() != snapDisk || r.GetBlockMetadataType() != csi.BlockMetadataType_VARIABLE_LENGTH {
+			t.Fatalf("capacity %d type %v", r.GetVolumeCapacityBytes(), r.GetBlockMetadataType())
+		}
+		if max > 0 && len(r.GetBlockMetadata()) > max {
+			t.Fatalf("%d tuples in a message, max_results %d", len(r.GetBlockMetadata()), max)
+		}
+		for _, b := range r.GetBlockMetadata() {
+			if b.ByteOffset < end || b.SizeBytes <= 0 {
+				t.Fatalf("tuple %v after end %d", b, end)
+			}
+			end = b.ByteOffset + b.SizeBytes
+			out = append(out, b)
+		}
+	}
+}
+
+// TestSnapshotBackupRoundTrip: a full backup from GetMetadataAllocated, then
+// incrementals from GetMetadataDelta (the base deleted before each delta is
+// asked) applied to a copy; the copy equals each snapshot byte for byte.
+// Then the volume is deleted with a snapshot left, restored from it, and the
+// hidden image goes with the last snapshot.
+func TestSnapshotBackupRoundTrip(t *testing.T) {
+	pool, c, md := startQcow2(t)
+	ctx := context.Background()
+	rng := rand.New(rand.NewSource(3))
+	v, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "src", VolumeCapabilities: []*csi.VolumeCapability{capBlock(rw)},
+		CapacityRange: &csi.CapacityRange{RequiredBytes: snapDisk, LimitBytes: snapDisk}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	vol := v.Volume.VolumeId
+	path := filepath.Join(pool, vol+".qcow2")
+	model := make([]byte, snapDisk)
+	backup := make([]byte, snapDisk)
+	var prev string
+	for i, name := range []string{"s1", "s2", "s3"} {
+		writeImage(t, path, rng, model)
+		s, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: name, SourceVolumeId: vol})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !s.Snapshot.ReadyToUse || s.Snapshot.SizeBytes != snapDisk || s.Snapshot.SourceVolumeId != vol {
+			t.Fatalf("snapshot %v", s.Snapshot)
+		}
+		id := s.Snapshot.SnapshotId
+		var blocks []*csi.BlockMetadata
+		max := []int{0, 1, 3}[i]
+		if prev == "" {
+			st, err := md.GetMetadataAllocated(ctx, &csi.GetMetadataAllocatedRequest{SnapshotId: id, MaxResults: int32(max)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			blocks, err = collect(t, st.Recv, max)
+			if err != nil {
+				t.Fatal(err)
+			}
+		} else {
+			if _, err := c.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: prev}); err != nil {
+				t.Fatal(err)
+			}
+			st, err := md.GetMetadataDelta(ctx, &csi.GetMetadataDeltaRequest{BaseSnapshotId: prev, TargetSnapshotId: id, MaxResults: int32(max)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			blocks, err = collect(t, st.Recv, max)
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		for _, b := range blocks {
+			copy(backup[b.ByteOffset:b.ByteOffset+b.SizeBytes], model[b.ByteOffset:b.ByteOffset+b.SizeBytes])
+		}
+		if !bytes.Equal(backup, model) {
+			t.Fatalf("backup after %s differs", name)
+		}
+		prev = id
+	}
+	// s3 outlives its volume.
+	if _, err := c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: vol}); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := c.ListVolumes(ctx, &csi.ListVolumesRequest{}); err != nil || len(l.Entries) != 0 {
+		t.Fatalf("volumes after delete: %v %v", l, err)
+	}
+	r, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "restored", VolumeCapabilities: []*csi.VolumeCapability{capBlock(rw)},
+		CapacityRange:       &csi.CapacityRange{RequiredBytes: 2 * snapDisk},
+		VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: prev}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := readImage(t, filepath.Join(pool, r.Volume.VolumeId+".qcow2"))
+	if len(got) != 2*snapDisk || !bytes.Equal(got[:snapDisk], model) || !bytes.Equal(got[snapDisk:], make([]byte, snapDisk)) {
+		t.Fatal("restored volume differs from the snapshot")
+	}
+	hidden := filepath.Join(pool, ".snapshots", vol+".qcow2")
+	if _, err := os.Stat(hidden); err != nil {
+		t.Fatalf("hidden image: %v", err)
+	}
+	if _, err := c.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: prev}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(hidden); !os.IsNotExist(err) {
+		t.Fatalf("hidden image after its last snapshot: %v", err)
+	}
+}
+
+func TestSnapshotMetadataErrors(t *testing.T) {
+	pool, c, md := startQcow2(t)
+	ctx := context.Background()
+	var ids, vols []string
+	for _, n := range []string{"a", "b"} {
+		v, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: n, VolumeCapabilities: []*csi.VolumeCapability{capBlock(rw)},
+			CapacityRange: &csi.CapacityRange{RequiredBytes: snapDisk, LimitBytes: snapDisk}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap-" + n, SourceVolumeId: v.Volume.VolumeId})
+		if err != nil {
+			t.Fatal(err)
+		}
+		vols, ids = append(vols, v.Volume.VolumeId), append(ids, s.Snapshot.SnapshotId)
+	}
+	s2, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap-a2", SourceVolumeId: vols[0]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	alloc := func(r *csi.GetMetadataAllocatedRequest) error {
+		st, err := md.GetMetadataAllocated(ctx, r)
+		if err == nil {
+			_, err = collect(t, st.Recv, 0)
+		}
+		return err
+	}
+	delta := func(r *csi.GetMetadataDeltaRequest) error {
+		st, err := md.GetMetadataDelta(ctx, r)
+		if err == nil {
+			_, err = collect(t, st.Recv, 0)
+		}
+		return err
+	}
+	for _, tc := range []struct {
+		name string
+		err  error
+		code codes.Code
+		msg  string
+	}{
+		{"no id", alloc(&csi.GetMetadataAllocatedRequest{}), codes.InvalidArgument, "snapshot_id is required"},
+		{"unknown", alloc(&csi.GetMetadataAllocatedRequest{SnapshotId: "nope"}), codes.NotFound, "not found"},
+		{"unsafe id", alloc(&csi.GetMetadataAllocatedRequest{SnapshotId: "../x@1"}), codes.NotFound, "not found"},
+		{"negative offset", alloc(&csi.GetMetadataAllocatedRequest{SnapshotId: ids[0], StartingOffset: -1}), codes.InvalidArgument, "starting_offset -1"},
+		{"negative max", alloc(&csi.GetMetadataAllocatedRequest{SnapshotId: ids[0], MaxResults: -1}), codes.InvalidArgument, "max_results -1"},
+		{"beyond end", alloc(&csi.GetMetadataAllocatedRequest{SnapshotId: ids[0], StartingOffset: snapDisk}), codes.OutOfRange, "beyond"},
+		{"delta no base", delta(&csi.GetMetadataDeltaRequest{TargetSnapshotId: ids[0]}), codes.InvalidArgument, "required"},
+		{"delta unknown target", delta(&csi.GetMetadataDeltaRequest{BaseSnapshotId: ids[0], TargetSnapshotId: vols[0] + "@1"}), codes.NotFound, "not found"},
+		{"delta other volume", delta(&csi.GetMetadataDeltaRequest{BaseSnapshotId: ids[1], TargetSnapshotId: s2.Snapshot.SnapshotId}), codes.InvalidArgument, "is not of volume"},
+		{"delta reversed", delta(&csi.GetMetadataDeltaRequest{BaseSnapshotId: s2.Snapshot.SnapshotId, TargetSnapshotId: ids[0]}), codes.InvalidArgument, "not older"},
+		{"delta beyond end", delta(&csi.GetMetadataDeltaRequest{BaseSnapshotId: ids[0], TargetSnapshotId: s2.Snapshot.SnapshotId, StartingOffset: snapDisk + 1}), codes.OutOfRange, "beyond"},
+		{"delta ok", delta(&csi.GetMetadataDeltaRequest{BaseSnapshotId: ids[0], TargetSnapshotId: s2.Snapshot.SnapshotId}), codes.OK, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) { wantCode(t, tc.err, tc.code, tc.msg) })
+	}
+	// Snapshot list: by source volume, by ID, and in pages.
+	l, err := c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{SourceVolumeId: vols[0]})
+	if err != nil || len(l.Entries) != 2 {
+		t.Fatalf("by volume: %v %v", l, err)
+	}
+	var seen []string
+	tok := ""
+	for {
+		l, err := c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{MaxEntries: 1, StartingToken: tok})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range l.Entries {
+			seen = append(seen, e.Snapshot.SnapshotId)
+		}
+		if tok = l.NextToken; tok == "" {
+			break
+		}
+	}
+	if len(seen) != 3 {
+		t.Fatalf("pages listed %v", seen)
+	}
+	_, err = c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{StartingToken: "bogus"})
+	wantCode(t, err, codes.Aborted, "starting_token")
+	// One name, another volume.
+	_, err = c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap-a", SourceVolumeId: vols[1]})
+	wantCode(t, err, codes.AlreadyExists, "is taken by")
+	_, err = c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "x", SourceVolumeId: "vol-none"})
+	wantCode(t, err, codes.NotFound, "not found")
+	_ = pool
+}
