@@ -1,0 +1,147 @@
+package snapshotter
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"math/rand"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
+)
+
+// TestCrashHelper runs in a child process: it opens the image, writes,
+// takes s3, prints "ready" and writes until it is killed.
+func TestCrashHelper(t *testing.T) {
+	path := os.Getenv("SNAPSHOTTER_CRASH_IMAGE")
+	if path == "" {
+		t.Skip("helper for TestCrashKeepsDeltasSafe")
+	}
+	img, err := qcow2.Open(path, qcow2.OpenOptions{})
+	if err != nil {
+		fmt.Printf("E %v\n", err)
+		os.Exit(3)
+	}
+	rng := rand.New(rand.NewSource(11))
+	write := func() {
+		p := make([]byte, 1+rng.Intn(20000))
+		rng.Read(p)
+		if _, err := img.WriteAt(p, rng.Int63n(testDisk-20000)); err != nil {
+			fmt.Printf("E %v\n", err)
+			os.Exit(3)
+		}
+	}
+	for range 30 {
+		write()
+	}
+	if _, err := Take(img, "s3", 3); err != nil {
+		fmt.Printf("E %v\n", err)
+		os.Exit(3)
+	}
+	w := bufio.NewWriter(os.Stdout)
+	for i := 0; ; i++ {
+		write()
+		if i == 30 {
+			fmt.Fprintln(w, "ready")
+			w.Flush()
+		}
+	}
+}
+
+// TestCrashKeepsDeltasSafe: after a SIGKILL during writes, the deltas
+// between snapshots taken before the crash are still complete, and a delta
+// across the span the dead process was tracking is refused (ErrUntrusted),
+// never incomplete.
+func TestCrashKeepsDeltasSafe(t *testing.T) {
+	if os.Getenv("SNAPSHOTTER_CRASH_IMAGE") != "" {
+		t.Skip("inside the helper")
+	}
+	path := filepath.Join(t.TempDir(), "crash.qcow2")
+	img, err := qcow2.Create(path, qcow2.CreateOptions{Size: testDisk})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewSource(5))
+	for i, name := range []string{"s1", "s2"} {
+		for range 20 {
+			p := make([]byte, 1+rng.Intn(30000))
+			rng.Read(p)
+			if _, err := img.WriteAt(p, rng.Int63n(testDisk-30000)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, err := Take(img, name, uint64(i+1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	cmd := exec.Command(os.Args[0], "-test.run=^TestCrashHelper$")
+	cmd.Env = append(os.Environ(), "SNAPSHOTTER_CRASH_IMAGE="+path)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	line, _ := bufio.NewReader(out).ReadString('\n')
+	_ = cmd.Process.Signal(syscall.SIGKILL)
+	_ = cmd.Wait()
+	if strings.TrimSpace(line) != "ready" {
+		t.Fatalf("helper said %q", line)
+	}
+
+	img, err = qcow2.Open(path, qcow2.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	for _, pair := range [][2]string{{"s1", "s2"}, {"s2", "s3"}, {"s1", "s3"}} {
+		base, target := pair[0], pair[1]
+		bseq, tseq := uint64(base[1]-'0'), uint64(target[1]-'0')
+		d, err := Delta(img, bseq, tseq, 0, testDisk)
+		if errors.Is(err, ErrUntrusted) {
+			t.Logf("delta %s->%s refused after the crash: %v", base, target, err)
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		a, err := readSnapshot(img, base)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := readSnapshot(img, target)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mask := make([]bool, testDisk)
+		for _, r := range d {
+			for o := r.Offset; o < r.Offset+r.Length; o++ {
+				mask[o] = true
+			}
+		}
+		for i := range a {
+			if a[i] != b[i] && !mask[i] {
+				t.Fatalf("delta %s->%s after the crash misses byte %d", base, target, i)
+			}
+		}
+	}
+	// The span after s3 was being tracked when the process died.
+	if _, err := Take(img, "s4", 4); err != nil {
+		t.Fatal(err)
+	}
+	for _, base := range []uint64{1, 3} {
+		if _, err := Delta(img, base, 4, 0, testDisk); !errors.Is(err, ErrUntrusted) {
+			t.Fatalf("delta s%d->s4 across the crash: %v, want ErrUntrusted", base, err)
+		}
+	}
+}
