@@ -5,7 +5,7 @@ PKGS      := ./...
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -X main.version=$(VERSION)
 
-.PHONY: all build deps test test-unit lint bench clean
+.PHONY: all build deps test test-unit lint bench clean manifests image e2e
 
 all: build
 
@@ -29,6 +29,20 @@ lint:
 bench: deps build
 	$(GO) test -run '^$$' -bench . -benchmem $(PKGS)
 	@for s in tests/bench/*.sh; do [ -x "$$s" ] && echo "== $$s" && "$$s"; done; true
+
+# manifests re-renders deploy/qcow2-csi.yaml from the chart's default values
+# (with the helm that hack/e2e/build-tools.sh builds and caches).
+manifests:
+	hack/e2e/render-manifests.sh deploy/qcow2-csi.yaml
+
+# image builds the driver image as a docker-archive tarball without a
+# container engine: bin/qcow2-csi-image.tar (ctr -n k8s.io images import, docker load).
+image: build
+	$(GO) run ./hack/image -binary $(BIN) -ref ghcr.io/qcow2-csi/qcow2-csi:$(VERSION) -o bin/qcow2-csi-image.tar
+
+# e2e runs only the end-to-end suite on a local control plane (root; see tests/e2e).
+e2e: deps
+	$(GO) test -count=1 -timeout 40m -v ./tests/e2e/
 
 clean:
 	rm -rf bin

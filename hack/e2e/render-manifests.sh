@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# render-manifests.sh [OUT]: renders charts/qcow2-csi with its default values
+# into plain manifests (default deploy/qcow2-csi.yaml) with the helm built by
+# build-tools.sh. `make manifests` runs it; tests/e2e checks deploy/ is
+# current by rendering again and comparing.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${1:-deploy/qcow2-csi.yaml}
+BIN=$(hack/e2e/build-tools.sh | tail -1)
+TMP=$(mktemp -d); trap 'rm -rf "$TMP"' EXIT
+export HELM_CACHE_HOME=$TMP/cache HELM_CONFIG_HOME=$TMP/config HELM_DATA_HOME=$TMP/data
+{
+  echo "# qcow2-csi: rendered from charts/qcow2-csi with its default values by"
+  echo "# \`make manifests\` (hack/e2e/render-manifests.sh). Do not edit: change the"
+  echo "# chart and re-render. Apply with: kubectl apply -f deploy/qcow2-csi.yaml"
+  echo "apiVersion: v1"
+  echo "kind: Namespace"
+  echo "metadata:"
+  echo "  name: qcow2-csi"
+  echo "---"
+  "$BIN/helm" template qcow2-csi charts/qcow2-csi --namespace qcow2-csi
+} > "$TMP/out.yaml"
+mkdir -p "$(dirname "$OUT")"
+mv "$TMP/out.yaml" "$OUT"

@@ -1,0 +1,453 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestE2E brings up one cluster and runs the scenarios of issue 9 that the
+// driver supports, in order; the last one uninstalls the chart. Snapshot,
+// restore and clone scenarios (4, 5, 6) are not in this suite: see
+// snapshot_test.go.
+func TestE2E(t *testing.T) {
+	c := upCluster(t)
+	scenarios := []struct {
+		name string
+		f    func(t *testing.T, c *cluster)
+	}{
+		{"examples-validate", testExamplesValidate},
+		{"1-filesystem-data-survives-pod-recreate", testFilesystemPersists},
+		{"2-raw-block", testRawBlock},
+		{"3-online-expansion", testOnlineExpansion},
+		{"7-driver-restart-while-writing", testDriverRestart},
+		{"8-helm-upgrade-and-uninstall", testHelmUpgradeUninstall},
+	}
+	for _, s := range scenarios {
+		ok := t.Run(s.name, func(t *testing.T) {
+			c.step("scenario "+s.name, func() error {
+				s.f(t, c)
+				if t.Failed() {
+					return fmt.Errorf("failed")
+				}
+				return nil
+			})
+		})
+		if !ok && s.name == "examples-validate" {
+			t.Fatal("the cluster does not accept the chart's objects; not running the scenarios")
+		}
+	}
+}
+
+// --- helpers on the cluster, for scenarios ---------------------------------
+
+func (c *cluster) mustKubectl(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := c.kubectl(args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func (c *cluster) mustApply(t *testing.T, manifest string) {
+	t.Helper()
+	if err := c.apply(manifest); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// podReady waits for the pod to be Ready, with its events on failure.
+func (c *cluster) podReady(t *testing.T, ns, name string, timeout time.Duration) {
+	t.Helper()
+	if _, err := c.kubectl("wait", "-n", ns, "--for=condition=Ready", "pod/"+name, "--timeout="+timeout.String()); err != nil {
+		desc, _ := c.kubectl("describe", "pod", "-n", ns, name)
+		t.Fatalf("pod %s/%s not Ready: %v\n%s", ns, name, err, tailString(desc, 30))
+	}
+}
+
+func (c *cluster) deletePod(t *testing.T, ns, name string) {
+	t.Helper()
+	c.mustKubectl(t, "delete", "pod", "-n", ns, name, "--wait=true", "--timeout=120s")
+}
+
+func (c *cluster) exec(t *testing.T, ns, pod, script string) string {
+	t.Helper()
+	out, err := c.kubectl("exec", "-n", ns, pod, "--", "sh", "-c", script)
+	if err != nil {
+		t.Fatalf("exec in %s: %q: %v", pod, script, err)
+	}
+	return strings.TrimSpace(out)
+}
+
+func (c *cluster) jsonpath(t *testing.T, kind, ns, name, path string) string {
+	t.Helper()
+	args := []string{"get", kind, name, "-o", "jsonpath=" + path}
+	if ns != "" {
+		args = append(args, "-n", ns)
+	}
+	return strings.TrimSpace(c.mustKubectl(t, args...))
+}
+
+// pvcVolume returns the PV name and the CSI volume handle of a bound PVC.
+func (c *cluster) pvcVolume(t *testing.T, ns, pvc string) (pv, handle string) {
+	t.Helper()
+	pv = c.jsonpath(t, "pvc", ns, pvc, "{.spec.volumeName}")
+	if pv == "" {
+		t.Fatalf("pvc %s is not bound", pvc)
+	}
+	return pv, c.jsonpath(t, "pv", "", pv, "{.spec.csi.volumeHandle}")
+}
+
+// poolImages lists the qcow2 files in the node's pool.
+func (c *cluster) poolImages(t *testing.T) []string {
+	t.Helper()
+	m, err := filepath.Glob(c.path("pool", "*.qcow2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// imageInfo reads an image in the pool with qemu-img (the qcow2 oracle),
+// sharing the driver's locks (-U) since the node plugin holds it open.
+type qemuImgInfo struct {
+	Format      string `json:"format"`
+	VirtualSize int64  `json:"virtual-size"`
+}
+
+func (c *cluster) imageInfo(t *testing.T, handle string) qemuImgInfo {
+	t.Helper()
+	path := c.path("pool", handle+".qcow2")
+	out, err := exec.Command("qemu-img", "info", "-U", "--output=json", path).CombinedOutput()
+	if err != nil {
+		ents, _ := os.ReadDir(c.path("pool"))
+		var names []string
+		for _, e := range ents {
+			names = append(names, e.Name())
+		}
+		t.Fatalf("qemu-img info %s: %v: %s (pool holds %v)", path, err, out, names)
+	}
+	var info qemuImgInfo
+	if err := json.Unmarshal(out, &info); err != nil {
+		t.Fatal(err)
+	}
+	return info
+}
+
+const gib = int64(1) << 30
+
+func pvcManifest(name, size, mode string) string {
+	return fmt.Sprintf(`apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: %s, namespace: %s}
+spec:
+  accessModes: [ReadWriteOnce]
+  volumeMode: %s
+  storageClassName: qcow2
+  resources: {requests: {storage: %s}}
+`, name, testNS, mode, size)
+}
+
+// podManifest is a busybox pod running script with the PVC at /data
+// (filesystem) or /dev/xvda (block).
+func podManifest(name, pvc string, block bool, script string) string {
+	vol := "volumeMounts: [{name: v, mountPath: /data}]"
+	if block {
+		vol = "volumeDevices: [{name: v, devicePath: /dev/xvda}]"
+	}
+	return fmt.Sprintf(`apiVersion: v1
+kind: Pod
+metadata: {name: %s, namespace: %s}
+spec:
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: c
+    image: %s
+    imagePullPolicy: Never
+    command: [sh, -c, %q]
+    %s
+  volumes:
+  - name: v
+    persistentVolumeClaim: {claimName: %s}
+`, name, testNS, busyboxRef, script, vol, pvc)
+}
+
+// --- scenarios ---------------------------------------------------------------
+
+// testExamplesValidate: the examples in deploy/examples are accepted by the
+// API server (server-side dry run: schema, defaults, admission).
+func testExamplesValidate(t *testing.T, c *cluster) {
+	dir := filepath.Join(repoRoot(t), "deploy/examples")
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range ents {
+		if !strings.HasSuffix(e.Name(), ".yaml") {
+			continue
+		}
+		n++
+		if _, err := c.kubectl("apply", "--dry-run=server", "-n", testNS, "-f", filepath.Join(dir, e.Name())); err != nil {
+			t.Errorf("deploy/examples/%s: %v", e.Name(), err)
+		}
+	}
+	if n < 5 {
+		t.Errorf("deploy/examples holds %d manifests, want the PVC, pod, block, snapshot, restore and clone examples", n)
+	}
+}
+
+// Scenario 1: a file written with its checksum survives deleting and
+// recreating the pod (unstage, close, reopen, stage).
+func testFilesystemPersists(t *testing.T, c *cluster) {
+	c.mustApply(t, pvcManifest("fs1", "1Gi", "Filesystem"))
+	c.mustApply(t, podManifest("writer", "fs1", false,
+		"dd if=/dev/urandom of=/data/payload bs=1M count=16 && sha256sum /data/payload > /data/payload.sha256 && sync && sleep 3600"))
+	c.podReady(t, testNS, "writer", 3*time.Minute)
+	want := ""
+	if err := c.waitFor("payload written", time.Minute, nil, func() error {
+		out, err := c.kubectl("exec", "-n", testNS, "writer", "--", "cat", "/data/payload.sha256")
+		want = strings.TrimSpace(out)
+		if err == nil && len(want) < 64 {
+			err = fmt.Errorf("checksum file holds %q", want)
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	_, handle := c.pvcVolume(t, testNS, "fs1")
+	info := c.imageInfo(t, handle)
+	if info.Format != "qcow2" || info.VirtualSize != gib {
+		t.Errorf("pool image %s: format %q, virtual size %d; want qcow2, %d", handle, info.Format, info.VirtualSize, gib)
+	}
+	c.deletePod(t, testNS, "writer")
+	c.mustApply(t, podManifest("reader", "fs1", false, "sleep 3600"))
+	c.podReady(t, testNS, "reader", 3*time.Minute)
+	got := c.exec(t, testNS, "reader", "sha256sum /data/payload")
+	if got != want {
+		t.Errorf("after pod recreation sha256sum = %q, want %q", got, want)
+	}
+	c.deletePod(t, testNS, "reader")
+	c.mustKubectl(t, "delete", "pvc", "-n", testNS, "fs1", "--wait=true", "--timeout=120s")
+	c.waitPVGone(t, handle)
+}
+
+// waitPVGone waits until the volume's image has left the pool (reclaim
+// policy Delete).
+func (c *cluster) waitPVGone(t *testing.T, handle string) {
+	t.Helper()
+	if err := c.waitFor("image "+handle+" deleted from the pool", 2*time.Minute, nil, func() error {
+		if _, err := os.Stat(c.path("pool", handle+".qcow2")); err == nil {
+			return fmt.Errorf("still there")
+		}
+		return nil
+	}); err != nil {
+		t.Error(err)
+	}
+}
+
+// Scenario 2: a raw block volume: the pod writes 1 MiB of random data to the
+// device and reads the same bytes back; the device has the requested size.
+func testRawBlock(t *testing.T, c *cluster) {
+	c.mustApply(t, pvcManifest("blk1", "1Gi", "Block"))
+	c.mustApply(t, podManifest("blk", "blk1", true, "sleep 3600"))
+	c.podReady(t, testNS, "blk", 3*time.Minute)
+	size := c.exec(t, testNS, "blk", "blockdev --getsize64 /dev/xvda")
+	if size != strconv.FormatInt(gib, 10) {
+		t.Errorf("block device size %s, want %d", size, gib)
+	}
+	out := c.exec(t, testNS, "blk", `dd if=/dev/urandom of=/tmp/p bs=4096 count=256 2>/dev/null &&
+		dd if=/tmp/p of=/dev/xvda bs=4096 seek=1000 conv=fsync 2>/dev/null &&
+		a=$(sha256sum < /tmp/p) &&
+		b=$(dd if=/dev/xvda bs=4096 skip=1000 count=256 2>/dev/null | sha256sum) &&
+		echo "$a" && echo "$b"`)
+	lines := strings.Split(out, "\n")
+	if len(lines) != 2 || lines[0] != lines[1] {
+		t.Errorf("read back differs from written: %q", out)
+	}
+	c.deletePod(t, testNS, "blk")
+	// The data is on the image, not in a cache of the pod: read it again
+	// from a new pod.
+	c.mustApply(t, podManifest("blk2", "blk1", true, "sleep 3600"))
+	c.podReady(t, testNS, "blk2", 3*time.Minute)
+	again := c.exec(t, testNS, "blk2", "dd if=/dev/xvda bs=4096 skip=1000 count=256 2>/dev/null | sha256sum")
+	if len(lines) == 2 && again != lines[1] {
+		t.Errorf("after pod recreation the device holds %q, want %q", again, lines[1])
+	}
+	_, handle := c.pvcVolume(t, testNS, "blk1")
+	c.deletePod(t, testNS, "blk2")
+	c.mustKubectl(t, "delete", "pvc", "-n", testNS, "blk1", "--wait=true", "--timeout=120s")
+	c.waitPVGone(t, handle)
+}
+
+// Scenario 3: the PVC is resized while the pod runs; the filesystem grows in
+// the pod without a restart.
+func testOnlineExpansion(t *testing.T, c *cluster) {
+	c.mustApply(t, pvcManifest("grow", "1Gi", "Filesystem"))
+	c.mustApply(t, podManifest("grower", "grow", false, "echo before > /data/marker && sync && sleep 3600"))
+	c.podReady(t, testNS, "grower", 3*time.Minute)
+	dfKB := func() int64 {
+		out := c.exec(t, testNS, "grower", "df -k /data | tail -1")
+		f := strings.Fields(out)
+		if len(f) < 2 {
+			t.Fatalf("df output %q", out)
+		}
+		n, err := strconv.ParseInt(f[1], 10, 64)
+		if err != nil {
+			t.Fatalf("df output %q: %v", out, err)
+		}
+		return n
+	}
+	before := dfKB()
+	c.mustKubectl(t, "patch", "pvc", "grow", "-n", testNS, "--type=merge", "-p", `{"spec":{"resources":{"requests":{"storage":"2Gi"}}}}`)
+	var after int64
+	if err := c.waitFor("PVC capacity 2Gi and filesystem grown", 3*time.Minute, nil, func() error {
+		capacity, err := c.kubectl("get", "pvc", "grow", "-n", testNS, "-o", "jsonpath={.status.capacity.storage}")
+		if err != nil {
+			return err
+		}
+		after = dfKB()
+		if strings.TrimSpace(capacity) != "2Gi" || after < before*3/2 {
+			return fmt.Errorf("capacity %q, df %d KiB (was %d)", capacity, after, before)
+		}
+		return nil
+	}); err != nil {
+		out, _ := c.kubectl("describe", "pvc", "grow", "-n", testNS)
+		t.Fatalf("%v\n%s", err, tailString(out, 20))
+	}
+	_, handle := c.pvcVolume(t, testNS, "grow")
+	if info := c.imageInfo(t, handle); info.VirtualSize != 2*gib {
+		t.Errorf("image virtual size after expansion %d, want %d", info.VirtualSize, 2*gib)
+	}
+	if got := c.exec(t, testNS, "grower", "cat /data/marker"); got != "before" {
+		t.Errorf("marker after expansion %q, want %q", got, "before")
+	}
+	t.Logf("df: %d KiB -> %d KiB", before, after)
+	c.deletePod(t, testNS, "grower")
+	c.mustKubectl(t, "delete", "pvc", "-n", testNS, "grow", "--wait=true", "--timeout=120s")
+	c.waitPVGone(t, handle)
+}
+
+// nodePluginPod returns the name of the running node plugin pod.
+func (c *cluster) nodePluginPod(t *testing.T) string {
+	t.Helper()
+	out := c.mustKubectl(t, "get", "pods", "-n", releaseNS, "-l", "app.kubernetes.io/component=node",
+		"-o", `jsonpath={range .items[*]}{.metadata.name}{"|"}{.metadata.deletionTimestamp}{"\n"}{end}`)
+	var names []string
+	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+		if name, deleting, _ := strings.Cut(l, "|"); name != "" && deleting == "" {
+			names = append(names, name)
+		}
+	}
+	if len(names) != 1 {
+		t.Fatalf("node plugin pods: %q, want one", out)
+	}
+	return names[0]
+}
+
+// Scenario 7: the node plugin pod is deleted while a pod writes a numbered
+// log to its volume with a sync after each line; the DaemonSet brings the
+// plugin back. Every line written before and after is there, in order, and
+// writing goes on.
+func testDriverRestart(t *testing.T, c *cluster) {
+	c.mustApply(t, pvcManifest("rst", "1Gi", "Filesystem"))
+	c.mustApply(t, podManifest("logger", "rst", false,
+		`i=0; while true; do echo $i >> /data/log; sync; i=$((i+1)); sleep 0.05; done`))
+	c.podReady(t, testNS, "logger", 3*time.Minute)
+	lines := func() []string {
+		return strings.Fields(c.exec(t, testNS, "logger", "cat /data/log"))
+	}
+	time.Sleep(2 * time.Second)
+	old := c.nodePluginPod(t)
+	beforeN := len(lines())
+	c.mustKubectl(t, "delete", "pod", "-n", releaseNS, old, "--wait=true", "--timeout=120s")
+	if err := c.waitFor("node plugin back", 3*time.Minute, nil, func() error {
+		_, err := c.kubectl("wait", "-n", releaseNS, "--for=condition=Ready", "pod", "-l", "app.kubernetes.io/component=node", "--timeout=5s")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.waitFor("writes continue after the restart", time.Minute, nil, func() error {
+		if n := len(lines()); n < beforeN+40 {
+			return fmt.Errorf("%d lines, had %d before the restart", n, beforeN)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	got := lines()
+	for i, l := range got {
+		if l != strconv.Itoa(i) {
+			t.Fatalf("line %d is %q, want %d (log has %d lines)", i, l, i, len(got))
+		}
+	}
+	t.Logf("%d lines before the restart, %d after, none lost or reordered", beforeN, len(got))
+	_, handle := c.pvcVolume(t, testNS, "rst")
+	c.deletePod(t, testNS, "logger")
+	c.mustKubectl(t, "delete", "pvc", "-n", testNS, "rst", "--wait=true", "--timeout=120s")
+	c.waitPVGone(t, handle)
+}
+
+// Scenario 8: helm upgrade rolls the node plugin and a volume in use stays
+// usable; helm uninstall (after the volumes are deleted) leaves no objects of
+// the release, no images in the pool, no mounts under the kubelet dir and no
+// loop devices on pool files.
+func testHelmUpgradeUninstall(t *testing.T, c *cluster) {
+	c.mustApply(t, pvcManifest("upg", "1Gi", "Filesystem"))
+	c.mustApply(t, podManifest("upgrader", "upg", false, "echo kept > /data/kept && sync && sleep 3600"))
+	c.podReady(t, testNS, "upgrader", 3*time.Minute)
+	old := c.nodePluginPod(t)
+	if err := c.helmInstall("upgrade", "driver.logLevel=5"); err != nil {
+		t.Fatal(err)
+	}
+	if now := c.nodePluginPod(t); now == old {
+		t.Errorf("helm upgrade with a changed value did not roll the node plugin (still %s)", now)
+	}
+	if got := c.exec(t, testNS, "upgrader", "cat /data/kept && echo again >> /data/kept && sync && tail -1 /data/kept"); got != "kept\nagain" {
+		t.Errorf("volume after upgrade: %q", got)
+	}
+	_, handle := c.pvcVolume(t, testNS, "upg")
+	c.deletePod(t, testNS, "upgrader")
+	c.mustKubectl(t, "delete", "pvc", "-n", testNS, "upg", "--wait=true", "--timeout=120s")
+	c.waitPVGone(t, handle)
+	if out := c.mustKubectl(t, "get", "pv", "-o", "name"); strings.TrimSpace(out) != "" {
+		t.Errorf("PVs left before uninstall: %s", out)
+	}
+	if _, err := c.helm("uninstall", "qcow2-csi", "--namespace", releaseNS, "--wait", "--timeout", "3m"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.waitFor("release objects gone", 2*time.Minute, nil, func() error {
+		out, err := c.kubectl("get", "daemonsets,deployments,pods,services,serviceaccounts,roles,rolebindings,clusterroles,clusterrolebindings,csidrivers,storageclasses,volumesnapshotclasses",
+			"-A", "-l", "app.kubernetes.io/instance=qcow2-csi", "-o", "name")
+		if err != nil {
+			return err
+		}
+		if s := strings.TrimSpace(out); s != "" {
+			return fmt.Errorf("left: %s", strings.ReplaceAll(s, "\n", ", "))
+		}
+		return nil
+	}); err != nil {
+		t.Error(err)
+	}
+	if imgs := c.poolImages(t); len(imgs) != 0 {
+		t.Errorf("images left in the pool: %v", imgs)
+	}
+	if ms := mountsUnder(c.kubeletDir()); len(ms) != 0 {
+		t.Errorf("mounts left under the kubelet dir: %v", ms)
+	}
+	if loops := loopsBackedUnder(c.path("pool")); len(loops) != 0 {
+		t.Errorf("loop devices left on pool files: %v", loops)
+	}
+	out := c.mustKubectl(t, "get", "csinode", nodeName, "-o", "jsonpath={.spec.drivers[*].name}")
+	if strings.Contains(out, driverName) {
+		// The kubelet unregisters a plugin when its registration socket goes.
+		t.Errorf("CSINode still lists %s after uninstall", driverName)
+	}
+}

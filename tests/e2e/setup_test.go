@@ -1,0 +1,361 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/qcow2-csi/qcow2-csi/hack/image/imagetar"
+	"github.com/qcow2-csi/qcow2-csi/tests/peer"
+)
+
+// Image references. The sidecars keep the chart's default references so the
+// chart installs with only the driver image overridden.
+const (
+	pauseRef       = "registry.k8s.io/pause:3.10.1"
+	busyboxRef     = "e2e.local/busybox:e2e"
+	driverRepo     = "e2e.local/qcow2-csi"
+	driverTag      = "e2e"
+	provisionerRef = "registry.k8s.io/sig-storage/csi-provisioner:v6.3.0"
+	snapshotterRef = "registry.k8s.io/sig-storage/csi-snapshotter:v8.6.0"
+	resizerRef     = "registry.k8s.io/sig-storage/csi-resizer:v2.2.0"
+	testNS         = "e2e"
+	releaseNS      = "qcow2-csi"
+	driverName     = "qcow2.csi.qcow2-csi.io"
+)
+
+func repoRoot(t testing.TB) string {
+	out, err := exec.Command("git", "rev-parse", "--show-toplevel").Output()
+	if err != nil {
+		// Not a git checkout (a source tarball): the module root is two up.
+		abs, aerr := filepath.Abs("../..")
+		if aerr != nil {
+			t.Fatal(aerr)
+		}
+		return abs
+	}
+	return strings.TrimSpace(string(out))
+}
+
+var (
+	toolsOnce sync.Once
+	toolsBin  string
+	toolsErr  error
+	toolsTime time.Duration
+)
+
+// buildTools builds (or finds cached) the cluster programs; shared by every
+// test of the package.
+func buildTools(t testing.TB) string {
+	toolsOnce.Do(func() {
+		t0 := time.Now()
+		cmd := exec.Command(filepath.Join(repoRoot(t), "hack/e2e/build-tools.sh"))
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
+		toolsTime = time.Since(t0)
+		if err != nil {
+			toolsErr = fmt.Errorf("hack/e2e/build-tools.sh: %v\n%s", err, tailString(stderr.String(), 40))
+			return
+		}
+		lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+		toolsBin = lines[len(lines)-1]
+	})
+	if toolsErr != nil {
+		t.Fatal(toolsErr)
+	}
+	return toolsBin
+}
+
+func tailString(s string, n int) string {
+	l := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(l) > n {
+		l = l[len(l)-n:]
+	}
+	return strings.Join(l, "\n")
+}
+
+// requirePeers checks what the cluster needs from the machine.
+func requirePeers(t testing.TB) {
+	peer.Root(t)
+	for _, p := range []string{"ip", "nsenter", "containerd", "ctr", "losetup", "ldd"} {
+		peer.Require(t, p)
+	}
+	if _, err := os.Stat(runcPath()); err != nil {
+		peer.Missing(t, "runc", "apt-get install runc")
+	}
+	for _, f := range []struct{ path, pkg string }{
+		{"/usr/lib/cni/bridge", "containernetworking-plugins"},
+		{"/usr/lib/cni/host-local", "containernetworking-plugins"},
+		{"/bin/busybox", "busybox-static"},
+		{"/dev/fuse", "a kernel with FUSE"},
+		{"/dev/loop-control", "a kernel with loop devices"},
+	} {
+		if _, err := os.Stat(f.path); err != nil {
+			peer.Missing(t, f.path, "install "+f.pkg)
+		}
+	}
+}
+
+// buildImages writes the docker-archive tarballs the cluster imports: the
+// driver (built from this checkout), the sidecars, pause and busybox.
+func buildImages(t testing.TB, root, bin, dir string) ([]string, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	drv := filepath.Join(dir, "qcow2-csi")
+	build := exec.Command("go", "build", "-trimpath", "-o", drv, "./cmd/qcow2-csi")
+	build.Dir = root
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("build qcow2-csi: %v\n%s", err, out)
+	}
+	pause := filepath.Join(dir, "pause")
+	build = exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", pause, "./hack/image/pause")
+	build.Dir = root
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("build pause: %v\n%s", err, out)
+	}
+	type img struct {
+		ref  string
+		make func() (*imagetar.Image, error)
+	}
+	imgs := []img{
+		{driverRepo + ":" + driverTag, func() (*imagetar.Image, error) { return imagetar.Driver(drv, "/bin/busybox") }},
+		{pauseRef, func() (*imagetar.Image, error) { return imagetar.Single("pause", pause) }},
+		{busyboxRef, func() (*imagetar.Image, error) { return imagetar.Busybox("/bin/busybox") }},
+		{provisionerRef, func() (*imagetar.Image, error) {
+			return imagetar.Single("csi-provisioner", filepath.Join(bin, "csi-provisioner"))
+		}},
+		{snapshotterRef, func() (*imagetar.Image, error) {
+			return imagetar.Single("csi-snapshotter", filepath.Join(bin, "csi-snapshotter"))
+		}},
+		{resizerRef, func() (*imagetar.Image, error) { return imagetar.Single("csi-resizer", filepath.Join(bin, "csi-resizer")) }},
+	}
+	var files []string
+	for i, im := range imgs {
+		m, err := im.make()
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", im.ref, err)
+		}
+		f := filepath.Join(dir, strconv.Itoa(i)+".tar")
+		if _, err := m.WriteFile(f, im.ref); err != nil {
+			return nil, fmt.Errorf("%s: %w", im.ref, err)
+		}
+		files = append(files, f)
+	}
+	return files, nil
+}
+
+// snapshotCRDs returns the VolumeSnapshot CRD manifests of the
+// external-snapshotter client module the tools were built with.
+func snapshotCRDs(root string) ([]string, error) {
+	cmd := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "github.com/kubernetes-csi/external-snapshotter/client/v8")
+	cmd.Dir = filepath.Join(root, "hack/e2e/tools")
+	out, err := cmd.Output()
+	if err != nil {
+		dl := exec.Command("go", "mod", "download", "github.com/kubernetes-csi/external-snapshotter/client/v8")
+		dl.Dir = cmd.Dir
+		if o, err := dl.CombinedOutput(); err != nil {
+			return nil, fmt.Errorf("snapshot CRDs: %v: %s", err, o)
+		}
+		cmd = exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "github.com/kubernetes-csi/external-snapshotter/client/v8")
+		cmd.Dir = filepath.Join(root, "hack/e2e/tools")
+		if out, err = cmd.Output(); err != nil {
+			return nil, fmt.Errorf("snapshot CRDs: %v", err)
+		}
+	}
+	dir := filepath.Join(strings.TrimSpace(string(out)), "config/crd")
+	var files []string
+	for _, n := range []string{"volumesnapshotclasses", "volumesnapshotcontents", "volumesnapshots"} {
+		f := filepath.Join(dir, "snapshot.storage.k8s.io_"+n+".yaml")
+		if _, err := os.Stat(f); err != nil {
+			return nil, fmt.Errorf("snapshot CRDs: %w", err)
+		}
+		files = append(files, f)
+	}
+	return files, nil
+}
+
+// upCluster brings up the whole cluster, with the chart installed with
+// values (helm --set pairs) on top of the e2e ones. Teardown is registered
+// before anything starts.
+func upCluster(t *testing.T, extraValues ...string) *cluster {
+	requirePeers(t)
+	root := repoRoot(t)
+	sweepStale(t)
+	c := &cluster{t: t, root: rootPrefix + strconv.Itoa(os.Getpid()), netns: netnsPrefix + strconv.Itoa(os.Getpid())}
+	c.steps = append(c.steps, stepTime{"build cluster tools (hack/e2e/build-tools.sh)", 0})
+	c.bin = buildTools(t)
+	c.steps[0].d = toolsTime
+	t.Logf("step %-40s %6.1fs", c.steps[0].name, toolsTime.Seconds())
+	if err := os.MkdirAll(c.root, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			c.dumpState()
+		}
+		var errs []error
+		c.step("teardown", func() error {
+			errs = c.teardown()
+			if len(errs) > 0 {
+				return fmt.Errorf("%d problems", len(errs))
+			}
+			return nil
+		})
+		for _, e := range errs {
+			t.Errorf("teardown: %v", e)
+		}
+		report := c.report()
+		t.Logf("e2e step times:\n%s", report)
+		os.WriteFile(filepath.Join(root, ".cache/e2e/last-run-times.txt"), []byte(report), 0o644)
+	})
+	must := func(name string, f func() error) {
+		t.Helper()
+		if err := c.step(name, f); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+	}
+	var images []string
+	must("build images (driver, sidecars, pause)", func() error {
+		var err error
+		images, err = buildImages(t, root, c.bin, c.path("images"))
+		return err
+	})
+	must("shared mount, netns, veth, PKI", func() error {
+		// The kubelet dir and pool are bind-mounted into the node plugin with
+		// Bidirectional propagation, which needs a shared mount under them.
+		if _, err := run("mount", "--bind", c.root, c.root); err != nil {
+			return err
+		}
+		c.mounted = true
+		if _, err := run("mount", "--make-rshared", c.root); err != nil {
+			return err
+		}
+		if err := c.setupNetwork(); err != nil {
+			return err
+		}
+		return c.genPKI()
+	})
+	must("etcd", c.startEtcd)
+	must("kube-apiserver ready", c.startAPIServer)
+	must("controller-manager + scheduler", c.startControllers)
+	must("containerd + image import", func() error { return c.startContainerd(images) })
+	must("kubelet, node Ready", c.startKubelet)
+	must("VolumeSnapshot CRDs + snapshot-controller", func() error {
+		crds, err := snapshotCRDs(root)
+		if err != nil {
+			return err
+		}
+		for _, f := range crds {
+			if _, err := c.kubectl("apply", "-f", f); err != nil {
+				return err
+			}
+		}
+		if _, err := c.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+			"crd/volumesnapshots.snapshot.storage.k8s.io", "crd/volumesnapshotcontents.snapshot.storage.k8s.io",
+			"crd/volumesnapshotclasses.snapshot.storage.k8s.io"); err != nil {
+			return err
+		}
+		return c.startSnapshotController()
+	})
+	must("helm install qcow2-csi", func() error { return c.helmInstall("install", extraValues...) })
+	must("test namespace", func() error {
+		if _, err := c.kubectl("create", "namespace", testNS); err != nil {
+			return err
+		}
+		return c.waitFor("default ServiceAccount", time.Minute, nil, func() error {
+			_, err := c.kubectl("get", "serviceaccount", "default", "-n", testNS)
+			return err
+		})
+	})
+	return c
+}
+
+// helmValues are the chart values of the e2e install.
+func (c *cluster) helmValues() []string {
+	return []string{
+		"image.driver.repository=" + driverRepo,
+		"image.driver.tag=" + driverTag,
+		"image.driver.pullPolicy=Never",
+		"kubeletDir=" + c.kubeletDir(),
+		"pool.hostPath=" + c.path("pool"),
+		// No registry here: the driver registers itself with the kubelet.
+		"node.registrar=builtin",
+		// The host kernel has no nbd module.
+		"attachBackend=fuse",
+		"driver.logLevel=4",
+	}
+}
+
+// helmInstall runs `helm install` or `helm upgrade` of the chart in this
+// checkout and waits for the node plugin to be registered with the kubelet.
+func (c *cluster) helmInstall(verb string, extra ...string) error {
+	args := []string{verb, "qcow2-csi", filepath.Join(repoRoot(c.t), "charts/qcow2-csi"),
+		"--namespace", releaseNS, "--wait", "--timeout", "4m"}
+	if verb == "install" {
+		args = append(args, "--create-namespace")
+	}
+	for _, v := range append(c.helmValues(), extra...) {
+		args = append(args, "--set", v)
+	}
+	if _, err := c.helm(args...); err != nil {
+		c.logPods()
+		return err
+	}
+	return c.waitFor("CSINode lists "+driverName, 2*time.Minute, c.proc("kubelet"), func() error {
+		out, err := c.kubectl("get", "csinode", nodeName, "-o", "jsonpath={.spec.drivers[*].name}")
+		if err != nil {
+			return err
+		}
+		if !strings.Contains(out, driverName) {
+			return fmt.Errorf("CSINode drivers: %q", out)
+		}
+		return nil
+	})
+}
+
+func (c *cluster) logPods() {
+	out, _ := c.kubectl("get", "pods", "-A", "-o", "wide")
+	c.t.Logf("pods:\n%s", out)
+}
+
+// dumpState logs what helps to understand a failure: objects, events, and
+// the tails of the component and container logs.
+func (c *cluster) dumpState() {
+	if p := c.proc("kube-apiserver"); p != nil && p.alive() {
+		for _, a := range [][]string{
+			{"get", "nodes,pods,pvc,pv,volumesnapshots,volumesnapshotcontents", "-A", "-o", "wide"},
+			{"get", "events", "-A", "--sort-by=.lastTimestamp"},
+		} {
+			out, err := c.kubectl(a...)
+			c.t.Logf("kubectl %s:\n%s%v", strings.Join(a, " "), tailString(out, 60), errOrEmpty(err))
+		}
+		out, _ := c.kubectl("get", "pods", "-n", releaseNS, "-o", "name")
+		for _, pod := range strings.Fields(out) {
+			logs, _ := c.kubectl("logs", "-n", releaseNS, pod, "--all-containers", "--tail=40")
+			c.t.Logf("logs %s:\n%s", pod, logs)
+		}
+	}
+	c.mu.Lock()
+	procs := append([]*proc(nil), c.procs...)
+	c.mu.Unlock()
+	for _, p := range procs {
+		c.t.Logf("%s log (%s), last lines:\n%s", p.name, p.log, tail(p.log, 15))
+	}
+}
+
+func errOrEmpty(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}
