@@ -459,7 +459,7 @@ state = %[2]q
 		return err
 	}
 	for _, img := range images {
-		if _, err := c.ctr("images", "import", "--no-unpack=false", img); err != nil {
+		if _, err := c.ctr("images", "import", img); err != nil {
 			return err
 		}
 	}

@@ -17,6 +17,9 @@ import (
 // restore and clone scenarios (4, 5, 6) are not in this suite: see
 // snapshot_test.go.
 func TestE2E(t *testing.T) {
+	if !e2eByDefault && os.Getenv("QCOW2_CSI_E2E") != "1" {
+		t.Skip("the e2e suite is opt-in until the driver's serve command is on main: QCOW2_CSI_E2E=1 (make e2e) runs it")
+	}
 	c := upCluster(t)
 	scenarios := []struct {
 		name string
@@ -44,6 +47,10 @@ func TestE2E(t *testing.T) {
 		}
 	}
 }
+
+// e2eByDefault makes TestE2E part of `make test`. It is false while the
+// driver (`qcow2-csi serve`) it deploys has not landed.
+const e2eByDefault = false
 
 // --- helpers on the cluster, for scenarios ---------------------------------
 
@@ -84,6 +91,24 @@ func (c *cluster) exec(t *testing.T, ns, pod, script string) string {
 		t.Fatalf("exec in %s: %q: %v", pod, script, err)
 	}
 	return strings.TrimSpace(out)
+}
+
+// waitOutput waits until script prints want in the pod (a pod's command
+// may still be running when it turns Ready).
+func (c *cluster) waitOutput(t *testing.T, ns, pod, script, want string) {
+	t.Helper()
+	if err := c.waitFor(pod+": "+script, time.Minute, nil, func() error {
+		out, err := c.kubectl("exec", "-n", ns, pod, "--", "sh", "-c", script)
+		if err != nil {
+			return err
+		}
+		if got := strings.TrimSpace(out); got != want {
+			return fmt.Errorf("got %q, want %q", got, want)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func (c *cluster) jsonpath(t *testing.T, kind, ns, name, path string) string {
@@ -293,6 +318,7 @@ func testOnlineExpansion(t *testing.T, c *cluster) {
 	c.mustApply(t, pvcManifest("grow", "1Gi", "Filesystem"))
 	c.mustApply(t, podManifest("grower", "grow", false, "echo before > /data/marker && sync && sleep 3600"))
 	c.podReady(t, testNS, "grower", 3*time.Minute)
+	c.waitOutput(t, testNS, "grower", "cat /data/marker", "before")
 	dfKB := func() int64 {
 		out := c.exec(t, testNS, "grower", "df -k /data | tail -1")
 		f := strings.Fields(out)
@@ -352,57 +378,83 @@ func (c *cluster) nodePluginPod(t *testing.T) string {
 	return names[0]
 }
 
-// Scenario 7: the node plugin pod is deleted while a pod writes a numbered
-// log to its volume with a sync after each line; the DaemonSet brings the
-// plugin back. Every line written before and after is there, in order, and
-// writing goes on.
+// Scenario 7, with the fuse attach backend this host needs: the node plugin
+// pod is deleted while a pod appends a numbered line to its volume and
+// syncs after each. A FUSE connection does not survive the process serving
+// it, so the writer loses its device (docs/operations.md, "Attach
+// backends"); what must hold is that nothing acknowledged is lost: after the
+// plugin is back and the workload pod is recreated, the log holds every line
+// that had been synced before the restart, in order, with no gap and no
+// garbage, and the volume takes writes again.
 func testDriverRestart(t *testing.T, c *cluster) {
 	c.mustApply(t, pvcManifest("rst", "1Gi", "Filesystem"))
 	c.mustApply(t, podManifest("logger", "rst", false,
-		`i=0; while true; do echo $i >> /data/log; sync; i=$((i+1)); sleep 0.05; done`))
+		`i=0; while true; do echo $i >> /data/log && sync || break; i=$((i+1)); sleep 0.05; done; sleep 3600`))
 	c.podReady(t, testNS, "logger", 3*time.Minute)
-	lines := func() []string {
-		return strings.Fields(c.exec(t, testNS, "logger", "cat /data/log"))
-	}
 	time.Sleep(2 * time.Second)
+	synced := len(strings.Fields(c.exec(t, testNS, "logger", "cat /data/log")))
+	if synced < 10 {
+		t.Fatalf("only %d lines written in 2 s", synced)
+	}
 	old := c.nodePluginPod(t)
-	beforeN := len(lines())
 	c.mustKubectl(t, "delete", "pod", "-n", releaseNS, old, "--wait=true", "--timeout=120s")
 	if err := c.waitFor("node plugin back", 3*time.Minute, nil, func() error {
+		if name := c.nodePluginPodOrEmpty(); name == "" || name == old {
+			return fmt.Errorf("no new node plugin pod yet")
+		}
 		_, err := c.kubectl("wait", "-n", releaseNS, "--for=condition=Ready", "pod", "-l", "app.kubernetes.io/component=node", "--timeout=5s")
 		return err
 	}); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.waitFor("writes continue after the restart", time.Minute, nil, func() error {
-		if n := len(lines()); n < beforeN+40 {
-			return fmt.Errorf("%d lines, had %d before the restart", n, beforeN)
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
+	c.mustKubectl(t, "delete", "pod", "-n", testNS, "logger", "--grace-period=2", "--wait=true", "--timeout=180s")
+	c.mustApply(t, podManifest("checker", "rst", false, "sleep 3600"))
+	c.podReady(t, testNS, "checker", 3*time.Minute)
+	got := strings.Fields(c.exec(t, testNS, "checker", "cat /data/log"))
+	if len(got) < synced {
+		t.Errorf("log has %d lines after the restart, %d had been synced before it", len(got), synced)
 	}
-	got := lines()
 	for i, l := range got {
 		if l != strconv.Itoa(i) {
 			t.Fatalf("line %d is %q, want %d (log has %d lines)", i, l, i, len(got))
 		}
 	}
-	t.Logf("%d lines before the restart, %d after, none lost or reordered", beforeN, len(got))
+	if out := c.exec(t, testNS, "checker", "echo after >> /data/log && sync && tail -1 /data/log"); out != "after" {
+		t.Errorf("write after the restart: %q", out)
+	}
+	t.Logf("%d lines synced before the plugin restart, %d in the log after, in order", synced, len(got))
 	_, handle := c.pvcVolume(t, testNS, "rst")
-	c.deletePod(t, testNS, "logger")
+	c.deletePod(t, testNS, "checker")
 	c.mustKubectl(t, "delete", "pvc", "-n", testNS, "rst", "--wait=true", "--timeout=120s")
 	c.waitPVGone(t, handle)
 }
 
-// Scenario 8: helm upgrade rolls the node plugin and a volume in use stays
-// usable; helm uninstall (after the volumes are deleted) leaves no objects of
+// nodePluginPodOrEmpty is nodePluginPod without failing.
+func (c *cluster) nodePluginPodOrEmpty() string {
+	out, err := c.kubectl("get", "pods", "-n", releaseNS, "-l", "app.kubernetes.io/component=node",
+		"-o", `jsonpath={range .items[*]}{.metadata.name}{"|"}{.metadata.deletionTimestamp}{"\n"}{end}`)
+	if err != nil {
+		return ""
+	}
+	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+		if name, deleting, _ := strings.Cut(l, "|"); name != "" && deleting == "" {
+			return name
+		}
+	}
+	return ""
+}
+
+// Scenario 8: helm upgrade rolls the node plugin and a volume's data stays
+// (with the fuse backend the workload is stopped before the upgrade, as
+// docs/operations.md tells operators); helm uninstall (after the volumes are deleted) leaves no objects of
 // the release, no images in the pool, no mounts under the kubelet dir and no
 // loop devices on pool files.
 func testHelmUpgradeUninstall(t *testing.T, c *cluster) {
 	c.mustApply(t, pvcManifest("upg", "1Gi", "Filesystem"))
 	c.mustApply(t, podManifest("upgrader", "upg", false, "echo kept > /data/kept && sync && sleep 3600"))
 	c.podReady(t, testNS, "upgrader", 3*time.Minute)
+	c.waitOutput(t, testNS, "upgrader", "cat /data/kept", "kept")
+	c.deletePod(t, testNS, "upgrader")
 	old := c.nodePluginPod(t)
 	if err := c.helmInstall("upgrade", "driver.logLevel=5"); err != nil {
 		t.Fatal(err)
@@ -410,11 +462,13 @@ func testHelmUpgradeUninstall(t *testing.T, c *cluster) {
 	if now := c.nodePluginPod(t); now == old {
 		t.Errorf("helm upgrade with a changed value did not roll the node plugin (still %s)", now)
 	}
-	if got := c.exec(t, testNS, "upgrader", "cat /data/kept && echo again >> /data/kept && sync && tail -1 /data/kept"); got != "kept\nagain" {
+	c.mustApply(t, podManifest("upgraded", "upg", false, "sleep 3600"))
+	c.podReady(t, testNS, "upgraded", 3*time.Minute)
+	if got := c.exec(t, testNS, "upgraded", "cat /data/kept && echo again >> /data/kept && sync && cat /data/kept"); got != "kept\nkept\nagain" {
 		t.Errorf("volume after upgrade: %q", got)
 	}
 	_, handle := c.pvcVolume(t, testNS, "upg")
-	c.deletePod(t, testNS, "upgrader")
+	c.deletePod(t, testNS, "upgraded")
 	c.mustKubectl(t, "delete", "pvc", "-n", testNS, "upg", "--wait=true", "--timeout=120s")
 	c.waitPVGone(t, handle)
 	if out := c.mustKubectl(t, "get", "pv", "-o", "name"); strings.TrimSpace(out) != "" {
