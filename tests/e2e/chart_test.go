@@ -81,13 +81,13 @@ func TestChartRender(t *testing.T) {
 				"name: node-driver-registrar", "name: liveness-probe", "name: csi-provisioner", "name: csi-snapshotter",
 				"name: csi-resizer", "--node-deployment=true", "--attach-backend=nbd", "mountPropagation: Bidirectional",
 				"volumeBindingMode: WaitForFirstConsumer", "kind: VolumeSnapshotClass", "kind: Service",
-				"storageCapacity: false", "registry.k8s.io/sig-storage/csi-node-driver-registrar:"},
-			hasNot: []string{"--kubelet-registration-path=/var/lib/kubelet/plugins/qcow2.csi.qcow2-csi.io/csi.sock\n            - --registration-dir", "kind: ServiceMonitor", "kind: PodMonitor"},
+				"storageCapacity: false", "registry.k8s.io/sig-storage/csi-node-driver-registrar:", "--controller-expand=false"},
+			hasNot: []string{"--register-with-kubelet", "--fuse-dir", "kind: ServiceMonitor", "kind: PodMonitor"},
 		},
 		{
 			name:   "builtin registrar: no registrar or liveness sidecar, driver registers itself",
 			set:    []string{"node.registrar=builtin", "attachBackend=fuse", "kubeletDir=/srv/kubelet"},
-			has:    []string{"--registration-dir=/registration", "--kubelet-registration-path=/srv/kubelet/plugins/qcow2.csi.qcow2-csi.io/csi.sock", "--health-address=:9808", "--attach-backend=fuse", "path: /srv/kubelet/plugins_registry"},
+			has:    []string{"--register-with-kubelet", "--fuse-dir=/run/qcow2-csi/fuse", "--registration-dir=/registration", "--kubelet-registration-path=/srv/kubelet/plugins/qcow2.csi.qcow2-csi.io/csi.sock", "--health-address=:9808", "--attach-backend=fuse", "path: /srv/kubelet/plugins_registry"},
 			hasNot: []string{"name: node-driver-registrar", "name: liveness-probe"},
 		},
 		{

@@ -292,6 +292,7 @@ func (c *cluster) helmValues() []string {
 		"node.registrar=builtin",
 		// The host kernel has no nbd module.
 		"attachBackend=fuse",
+		"fuseDir=" + c.path("fuse"),
 		"driver.logLevel=4",
 	}
 }
