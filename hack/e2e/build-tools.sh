@@ -12,6 +12,7 @@
 #   hack/e2e/build-tools.sh -regen    re-resolve hack/e2e/tools/go.mod from the
 #                                     versions below (needs the proxy)
 set -euo pipefail
+shopt -s inherit_errexit
 cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
 SELF=$ROOT/hack/e2e/build-tools.sh
@@ -75,6 +76,7 @@ if [ "${1:-}" = -regen ] || [ ! -f "$W/go.mod" ]; then regen; fi
 
 CACHE=${QCOW2_CSI_CACHE:-$ROOT/.cache}
 KEY=$( { cat "$W/go.mod" "$W/go.sum" "$SELF"; go version; } | sha256sum | cut -c1-16)
+[ ${#KEY} = 16 ] || { echo "build-tools: no cache key" >&2; exit 1; }
 OUT=$CACHE/e2e/tools-$KEY
 if [ -f "$OUT/stamp" ]; then echo "$OUT/bin"; exit 0; fi
 rm -rf "$OUT"; mkdir -p "$OUT/bin"
@@ -89,4 +91,6 @@ go build -trimpath -ldflags="$LD" -o "$OUT/bin/" $(pkgs | sed 's/@.*//') >&2
 [ -f "$OUT/bin/v3" ] && mv "$OUT/bin/v3" "$OUT/bin/etcd"
 echo "build-tools: built $(ls "$OUT/bin" | wc -l) programs in $(( $(date +%s) - t0 )) s" >&2
 date -u > "$OUT/stamp"
+# Outputs of other versions (or of an older build-tools.sh) are stale.
+for d in "$CACHE"/e2e/tools-*; do [ "$d" = "$OUT" ] || rm -rf "$d"; done
 echo "$OUT/bin"

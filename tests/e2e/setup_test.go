@@ -109,15 +109,20 @@ func buildImages(t testing.TB, root, bin, dir string) ([]string, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
-	drv := filepath.Join(dir, "qcow2-csi")
-	build := exec.Command("go", "build", "-trimpath", "-o", drv, "./cmd/qcow2-csi")
-	build.Dir = root
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("build qcow2-csi: %v\n%s", err, out)
+	// QCOW2_CSI_E2E_DRIVER_BINARY tests a given static qcow2-csi binary
+	// instead of building this checkout's.
+	drv := os.Getenv("QCOW2_CSI_E2E_DRIVER_BINARY")
+	if drv == "" {
+		drv = filepath.Join(dir, "qcow2-csi")
+		build := exec.Command("go", "build", "-trimpath", "-o", drv, "./cmd/qcow2-csi")
+		build.Dir = root
+		build.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := build.CombinedOutput(); err != nil {
+			return nil, fmt.Errorf("build qcow2-csi: %v\n%s", err, out)
+		}
 	}
 	pause := filepath.Join(dir, "pause")
-	build = exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", pause, "./hack/image/pause")
+	build := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", pause, "./hack/image/pause")
 	build.Dir = root
 	build.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := build.CombinedOutput(); err != nil {
