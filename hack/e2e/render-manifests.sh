@@ -17,7 +17,6 @@ export HELM_CACHE_HOME=$TMP/cache HELM_CONFIG_HOME=$TMP/config HELM_DATA_HOME=$T
   echo "kind: Namespace"
   echo "metadata:"
   echo "  name: qcow2-csi"
-  echo "---"
   "$BIN/helm" template qcow2-csi charts/qcow2-csi --namespace qcow2-csi
 } > "$TMP/out.yaml"
 mkdir -p "$(dirname "$OUT")"

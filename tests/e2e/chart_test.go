@@ -76,13 +76,14 @@ func TestChartRender(t *testing.T) {
 		wantErr string
 	}{
 		{
-			name: "defaults: standard sidecars, nbd, WaitForFirstConsumer",
+			name: "defaults: standard sidecars, nbd, WaitForFirstConsumer, no Deployment",
 			has: []string{"kind: CSIDriver", "attachRequired: false", "podInfoOnMount: true", "fsGroupPolicy: File",
 				"name: node-driver-registrar", "name: liveness-probe", "name: csi-provisioner", "name: csi-snapshotter",
 				"name: csi-resizer", "--node-deployment=true", "--attach-backend=nbd", "mountPropagation: Bidirectional",
 				"volumeBindingMode: WaitForFirstConsumer", "kind: VolumeSnapshotClass", "kind: Service",
-				"storageCapacity: false", "registry.k8s.io/sig-storage/csi-node-driver-registrar:", "--controller-expand=false"},
-			hasNot: []string{"--register-with-kubelet", "--fuse-dir", "kind: ServiceMonitor", "kind: PodMonitor"},
+				"storageCapacity: false", "registry.k8s.io/sig-storage/csi-node-driver-registrar:", "--controller-expand=false",
+				"--mode=all", "--leader-election=true"},
+			hasNot: []string{"--register-with-kubelet", "--fuse-dir", "kind: ServiceMonitor", "kind: PodMonitor", "kind: Deployment"},
 		},
 		{
 			name:   "builtin registrar: no registrar or liveness sidecar, driver registers itself",
@@ -91,11 +92,11 @@ func TestChartRender(t *testing.T) {
 			hasNot: []string{"name: node-driver-registrar", "name: liveness-probe"},
 		},
 		{
-			name: "monitoring, capacity, no snapshots, no controller",
+			name: "monitoring, capacity, no snapshots, no resizer",
 			set: []string{"metrics.serviceMonitor.enabled=true", "metrics.podMonitor.enabled=true", "node.storageCapacity=true",
-				"node.snapshotter.enabled=false", "volumeSnapshotClass.create=false", "controller.enabled=false"},
+				"node.snapshotter.enabled=false", "volumeSnapshotClass.create=false", "node.resizer.enabled=false"},
 			has:    []string{"kind: ServiceMonitor", "kind: PodMonitor", "storageCapacity: true", "--enable-capacity=true"},
-			hasNot: []string{"name: csi-snapshotter", "kind: VolumeSnapshotClass", "name: csi-resizer", "kind: Deployment"},
+			hasNot: []string{"name: csi-snapshotter", "kind: VolumeSnapshotClass", "name: csi-resizer", "-resizer\n"},
 		},
 		{
 			name: "storage class parameters are quoted strings",

@@ -699,7 +699,9 @@ func (c *cluster) teardown() []error {
 func sweep(root, netns string, before map[string]bool) []error {
 	var errs []error
 	for i := 0; i < 3; i++ {
-		pids := pidsMentioning(root)
+		// Pod processes (from the kubelet's cgroups) and the processes that
+		// name our directory: components, containerd shims.
+		pids := append(pidsMentioning(root), podPIDs()...)
 		if len(pids) == 0 {
 			break
 		}
@@ -724,9 +726,17 @@ func sweep(root, netns string, before map[string]bool) []error {
 			errs = append(errs, err)
 		}
 	}
-	if before != nil {
-		for n := range netnsList() {
-			if strings.HasPrefix(n, "cni-") && !before[n] {
+	for n := range netnsList() {
+		if !strings.HasPrefix(n, "cni-") {
+			continue
+		}
+		// The pods' namespaces: those created since containerd started or,
+		// for the remains of a killed run (before == nil), those no process
+		// uses any more.
+		if before != nil && !before[n] {
+			run("ip", "netns", "delete", n)
+		} else if before == nil {
+			if out, err := run("ip", "netns", "pids", n); err == nil && strings.TrimSpace(out) == "" {
 				run("ip", "netns", "delete", n)
 			}
 		}

@@ -4,10 +4,12 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -142,7 +144,9 @@ func buildImages(t testing.TB, root, bin, dir string) ([]string, error) {
 		{snapshotterRef, func() (*imagetar.Image, error) {
 			return imagetar.Single("csi-snapshotter", filepath.Join(bin, "csi-snapshotter"))
 		}},
-		{resizerRef, func() (*imagetar.Image, error) { return imagetar.Single("csi-resizer", filepath.Join(bin, "csi-resizer")) }},
+		{resizerRef, func() (*imagetar.Image, error) {
+			return imagetar.Single("csi-resizer", filepath.Join(bin, "csi-resizer"))
+		}},
 	}
 	var files []string
 	for i, im := range imgs {
@@ -204,7 +208,22 @@ func upCluster(t *testing.T, extraValues ...string) *cluster {
 	if err := os.MkdirAll(c.root, 0o755); err != nil {
 		t.Fatal(err)
 	}
+	// ^C or a kill of `go test` must not leave a cluster running: tear down,
+	// then exit. (A SIGKILL cannot be caught: the next run sweeps.)
+	sigc := make(chan os.Signal, 1)
+	signal.Notify(sigc, syscall.SIGINT, syscall.SIGTERM)
+	go func() {
+		if s, ok := <-sigc; ok {
+			fmt.Fprintf(os.Stderr, "e2e: %v: tearing the cluster down\n", s)
+			for _, err := range c.teardown() {
+				fmt.Fprintf(os.Stderr, "e2e: teardown: %v\n", err)
+			}
+			os.Exit(2)
+		}
+	}()
 	t.Cleanup(func() {
+		signal.Stop(sigc)
+		close(sigc)
 		if t.Failed() {
 			c.dumpState()
 		}

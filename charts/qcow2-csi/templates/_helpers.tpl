@@ -38,14 +38,6 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
-{{- define "qcow2-csi.controllerServiceAccount" -}}
-{{- if .Values.serviceAccount.create -}}
-{{- default (printf "%s-controller" (include "qcow2-csi.fullname" .)) .Values.serviceAccount.controller -}}
-{{- else -}}
-{{- required "serviceAccount.controller is required when serviceAccount.create is false" .Values.serviceAccount.controller -}}
-{{- end -}}
-{{- end -}}
-
 {{/* image renders repository:tag for one entry of .Values.image; an empty tag means the appVersion. */}}
 {{- define "qcow2-csi.image" -}}
 {{- $img := index .root.Values.image .name -}}
