@@ -42,7 +42,7 @@ image: build
 
 # e2e runs only the end-to-end suite on a local control plane (root; see tests/e2e).
 e2e: deps
-	QCOW2_CSI_E2E=1 $(GO) test -count=1 -timeout 40m -v ./tests/e2e/
+	$(GO) test -count=1 -timeout 40m -v ./tests/e2e/
 
 clean:
 	rm -rf bin

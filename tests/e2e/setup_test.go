@@ -318,6 +318,9 @@ func (c *cluster) helmValues() []string {
 		"attachBackend=fuse",
 		"fuseDir=" + c.path("fuse"),
 		"driver.logLevel=4",
+		// The driver on main does not advertise node expansion yet, and
+		// csi-resizer exits when a driver can expand in neither place.
+		"node.resizer.enabled=false",
 	}
 }
 
@@ -336,6 +339,9 @@ func (c *cluster) helmInstall(verb string, extra ...string) error {
 		c.logPods()
 		return err
 	}
+	if err := c.nodePluginSteady(); err != nil {
+		return err
+	}
 	return c.waitFor("CSINode lists "+driverName, 2*time.Minute, c.proc("kubelet"), func() error {
 		out, err := c.kubectl("get", "csinode", nodeName, "-o", "jsonpath={.spec.drivers[*].name}")
 		if err != nil {
@@ -346,6 +352,32 @@ func (c *cluster) helmInstall(verb string, extra ...string) error {
 		}
 		return nil
 	})
+}
+
+// nodePluginSteady waits for every container of the node plugin to be
+// ready, then checks that none restarted a few seconds later: helm's --wait
+// alone passes a sidecar that starts and then exits.
+func (c *cluster) nodePluginSteady() error {
+	sel := "app.kubernetes.io/component=node"
+	if err := c.waitFor("node plugin containers ready", 3*time.Minute, nil, func() error {
+		_, err := c.kubectl("wait", "-n", releaseNS, "--for=condition=Ready", "pod", "-l", sel, "--timeout=10s")
+		return err
+	}); err != nil {
+		return err
+	}
+	time.Sleep(5 * time.Second)
+	out, err := c.kubectl("get", "pods", "-n", releaseNS, "-l", sel, "-o",
+		`jsonpath={range .items[*].status.containerStatuses[*]}{.name}={.restartCount}{" "}{end}`)
+	if err != nil {
+		return err
+	}
+	for _, f := range strings.Fields(out) {
+		if !strings.HasSuffix(f, "=0") {
+			logs, _ := c.kubectl("logs", "-n", releaseNS, "-l", sel, "--all-containers", "--previous", "--tail=5")
+			return fmt.Errorf("node plugin containers restarted: %s\n%s", out, logs)
+		}
+	}
+	return nil
 }
 
 func (c *cluster) logPods() {
