@@ -18,14 +18,15 @@ import (
 //
 // Scenario 3, online expansion: the driver on main does not advertise node
 // expansion yet (Qcow2Images.CanGrow is false), so csi-resizer refuses to
-// start; the chart's resizer sidecar is enabled here. Scenarios 4, 5 and 6,
+// start; the chart's resizer sidecar is enabled here, as is csi-snapshotter,
+// which likewise exits on a driver without snapshots. Scenarios 4, 5 and 6,
 // snapshots, restore and clone: they need the snapshot issue (7) wired into
 // the driver's CSI services.
 //
 // When a feature lands and its scenario passes here, move it into TestE2E's
-// list (and, for 3, drop node.resizer.enabled=false from helmValues).
+// list and drop the matching sidecar switch from helmValues.
 func TestE2EPending(t *testing.T) {
-	c := upCluster(t, "node.resizer.enabled=true")
+	c := upCluster(t, "node.resizer.enabled=true", "node.snapshotter.enabled=true")
 	for _, s := range []struct {
 		name string
 		f    func(t *testing.T, c *cluster)
