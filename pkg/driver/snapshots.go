@@ -92,6 +92,21 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 			}
 		}
 		info, err := snapshotter.Take(img, m.ID, m.Seq)
+		if errors.Is(err, snapshotter.ErrInvalid) && existing != nil {
+			// The record of an interrupted create whose sequence a newer
+			// snapshot overtook: its ID was never returned, so it is
+			// replaced by one with a fresh sequence.
+			if err := d.pool.removeSnapshot(m.ID); err != nil {
+				return err
+			}
+			seq := snapshotter.NextSeq(img, uint64(time.Now().UnixNano()))
+			m = &snapshotMeta{ID: snapshotID(vol, seq), Name: name, Source: vol, Seq: seq, Created: time.Now().UTC(), Size: img.Size()}
+			existing = nil
+			if err := d.pool.putSnapshot(m); err != nil {
+				return err
+			}
+			info, err = snapshotter.Take(img, m.ID, m.Seq)
+		}
 		if err != nil {
 			return snapshotErr(err)
 		}

@@ -7,6 +7,7 @@ import (
 	"io"
 	"math/rand"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 
@@ -18,6 +19,7 @@ import (
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver/drivertest"
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
+	"github.com/qcow2-csi/qcow2-csi/tests/peer"
 )
 
 const snapDisk = 4 << 20
@@ -277,4 +279,85 @@ func TestSnapshotMetadataErrors(t *testing.T) {
 	_, err = c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "x", SourceVolumeId: "vol-none"})
 	wantCode(t, err, codes.NotFound, "not found")
 	_ = pool
+}
+
+// TestCreateSnapshotCompletesInterrupted: a record left by a create that
+// died before the internal snapshot is completed by the retry, also when a
+// newer snapshot of the volume overtook its sequence meanwhile.
+func TestCreateSnapshotCompletesInterrupted(t *testing.T) {
+	pool, c, _ := startQcow2(t)
+	ctx := context.Background()
+	v, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "v", VolumeCapabilities: []*csi.VolumeCapability{capBlock(rw)},
+		CapacityRange: &csi.CapacityRange{RequiredBytes: snapDisk}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	vol := v.Volume.VolumeId
+	for _, tc := range []struct {
+		name string
+		seq  string
+	}{{"fresh", "7"}, {"overtaken", "8"}} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.name == "overtaken" {
+				if _, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "newer", SourceVolumeId: vol}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			id := vol + "@" + tc.seq
+			rec := `{"version":1,"id":"` + id + `","name":"` + tc.name + `","sourceVolumeId":"` + vol + `","seq":` + tc.seq + `,"sizeBytes":1,"created":"2026-01-01T00:00:00Z"}`
+			os.MkdirAll(filepath.Join(pool, ".snapshots"), 0o750)
+			if err := os.WriteFile(filepath.Join(pool, ".snapshots", id+".json"), []byte(rec), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			s, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: tc.name, SourceVolumeId: vol})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if s.Snapshot.SizeBytes != snapDisk || (tc.name == "fresh") != (s.Snapshot.SnapshotId == id) {
+				t.Fatalf("snapshot %v (record %s)", s.Snapshot, id)
+			}
+			st, err := c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{SnapshotId: s.Snapshot.SnapshotId})
+			if err != nil || len(st.Entries) != 1 {
+				t.Fatalf("list: %v %v", st, err)
+			}
+		})
+	}
+}
+
+// TestSnapshotMetadataAfterCrash: a writer killed with the volume open
+// (qemu-io raising SIGKILL) leaves the tracking bitmap in use; the delta
+// across it is FAILED_PRECONDITION, never an incomplete answer, and the
+// allocated blocks (the full-backup fallback) still come.
+func TestSnapshotMetadataAfterCrash(t *testing.T) {
+	qemuIO := peer.Require(t, "qemu-io")
+	pool, c, md := startQcow2(t)
+	ctx := context.Background()
+	v, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "v", VolumeCapabilities: []*csi.VolumeCapability{capBlock(rw)},
+		CapacityRange: &csi.CapacityRange{RequiredBytes: snapDisk}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	vol := v.Volume.VolumeId
+	s1, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s1", SourceVolumeId: vol})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, _ := exec.Command(qemuIO, "-c", "write -P 1 0 64k", "-c", "sigraise 9", filepath.Join(pool, vol+".qcow2")).CombinedOutput()
+	s2, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s2", SourceVolumeId: vol})
+	if err != nil {
+		t.Fatalf("%v (qemu-io: %s)", err, out)
+	}
+	st, err := md.GetMetadataDelta(ctx, &csi.GetMetadataDeltaRequest{BaseSnapshotId: s1.Snapshot.SnapshotId, TargetSnapshotId: s2.Snapshot.SnapshotId})
+	if err == nil {
+		_, err = collect(t, st.Recv, 0)
+	}
+	wantCode(t, err, codes.FailedPrecondition, "cannot be trusted")
+	sa, err := md.GetMetadataAllocated(ctx, &csi.GetMetadataAllocatedRequest{SnapshotId: s2.Snapshot.SnapshotId})
+	if err != nil {
+		t.Fatal(err)
+	}
+	blocks, err := collect(t, sa.Recv, 0)
+	if err != nil || len(blocks) != 1 || blocks[0].ByteOffset != 0 || blocks[0].SizeBytes != 64<<10 {
+		t.Fatalf("allocated after the crash: %v, %v", blocks, err)
+	}
 }

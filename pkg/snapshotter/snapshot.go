@@ -53,22 +53,34 @@ func Find(img *qcow2.Image, name string) (qcow2.SnapshotInfo, error) {
 
 // Take takes the snapshot name with sequence number seq, or returns it if it
 // exists already (a retried request). seq must exceed the sequence of every
-// checkpoint in the image.
+// checkpoint in the image, or equal the newest one when a previous Take of
+// the same snapshot stopped after adding its bitmap; each snapshot must have
+// its own seq (NextSeq), which the caller records with it.
 func Take(img *qcow2.Image, name string, seq uint64) (qcow2.SnapshotInfo, error) {
 	if s, err := Find(img, name); err == nil {
 		return s, nil
 	}
 	c := chain(img)
-	if len(c) > 0 && c[len(c)-1].seq >= seq {
-		return qcow2.SnapshotInfo{}, fmt.Errorf("%w: sequence %d is not after the newest checkpoint %d", ErrInvalid, seq, c[len(c)-1].seq)
-	}
 	bm := BitmapName(seq)
-	if err := img.AddBitmap(bm, qcow2.BitmapOptions{}); err != nil {
-		return qcow2.SnapshotInfo{}, fmt.Errorf("snapshot %q: add checkpoint bitmap: %w", name, err)
+	added := false
+	switch {
+	case len(c) > 0 && c[len(c)-1].seq == seq && c[len(c)-1].status.Enabled && !c[len(c)-1].status.Inconsistent:
+		// A retry after a failure between adding the bitmap and taking
+		// the snapshot: the bitmap has recorded since, keep it.
+		c = c[:len(c)-1]
+	case len(c) > 0 && c[len(c)-1].seq >= seq:
+		return qcow2.SnapshotInfo{}, fmt.Errorf("%w: sequence %d is not after the newest checkpoint %d", ErrInvalid, seq, c[len(c)-1].seq)
+	default:
+		if err := img.AddBitmap(bm, qcow2.BitmapOptions{}); err != nil {
+			return qcow2.SnapshotInfo{}, fmt.Errorf("snapshot %q: add checkpoint bitmap: %w", name, err)
+		}
+		added = true
 	}
 	info, err := img.CreateSnapshot(name)
 	if err != nil {
-		_ = img.RemoveBitmap(bm)
+		if added {
+			_ = img.RemoveBitmap(bm)
+		}
 		return qcow2.SnapshotInfo{}, fmt.Errorf("snapshot %q: %w", name, err)
 	}
 	// Freeze the previous checkpoints only now: a write between AddBitmap

@@ -262,3 +262,29 @@ func TestDeltaErrors(t *testing.T) {
 		t.Fatalf("%d snapshots after a repeated take, want 2", n)
 	}
 }
+
+// TestTakeRetryAfterBitmapOnly: a Take interrupted after its bitmap was
+// added (the caller's record says which sequence) completes on retry, and
+// the writes in between are in the delta.
+func TestTakeRetryAfterBitmapOnly(t *testing.T) {
+	img := newImage(t, testDisk)
+	if _, err := Take(img, "a", 1); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.AddBitmap(BitmapName(2), qcow2.BitmapOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := img.WriteAt([]byte{1}, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Take(img, "b", 2); err != nil {
+		t.Fatalf("retry: %v", err)
+	}
+	d, err := Delta(img, 1, 2, 0, testDisk)
+	if err != nil || !covered(d, 1<<20) {
+		t.Fatalf("delta %v, %v", d, err)
+	}
+	if _, err := Take(img, "c", 1); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("older sequence: %v", err)
+	}
+}
