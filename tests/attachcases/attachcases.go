@@ -22,6 +22,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -72,8 +73,22 @@ type Target struct {
 	Filesystems []string
 	// Size of each image; 0 means 320 MiB (xfs wants at least 300 MiB).
 	Size int64
+	// IOSize is how much data the filesystem cases write (fio's file, the
+	// file deleted and trimmed; the known file is half of it); 0 means
+	// 32 MiB. A guest under TCG uses less: every byte costs there.
+	IOSize int64
 	// Options for every attach.
 	Options nbdattach.AttachOptions
+	// NoWriteZeroes, when not empty, says why the devices this backend
+	// makes have no write-zeroes operation (Linux 6.1's nbd driver never
+	// sends NBD_CMD_WRITE_ZEROES). The cases then expect what the kernel
+	// does with such a device instead of skipping: its sysfs
+	// write_zeroes_max_bytes is 0, fallocate punch-hole on it fails with
+	// EOPNOTSUPP (the kernel will not fall back to writing zeroes there),
+	// and BLKZEROOUT and zero-range still read back zeroes (written as
+	// zero-filled WRITEs). Empty: write-zeroes must be advertised and
+	// punch-hole must zero.
+	NoWriteZeroes string
 }
 
 // Case is one entry of the table.
@@ -108,6 +123,9 @@ func Run(t *testing.T, tg Target) {
 	}
 	if tg.Size == 0 {
 		tg.Size = 320 << 20
+	}
+	if tg.IOSize == 0 {
+		tg.IOSize = 32 << 20
 	}
 	for _, f := range tg.Formats {
 		for _, c := range Cases {
@@ -422,11 +440,11 @@ func caseFioVerify(t *testing.T, e *Env) {
 	mnt := a.Mount(0)
 	fioArgs := func(extra ...string) []string {
 		return append([]string{"--name=verify", "--filename=" + filepath.Join(mnt, "fio.dat"),
-			"--size=32M", "--bs=4k", "--rw=randwrite", "--direct=1", "--ioengine=libaio",
+			"--size=" + strconv.FormatInt(e.Target.IOSize, 10), "--bs=4k", "--rw=randwrite", "--direct=1", "--ioengine=libaio",
 			"--iodepth=16", "--verify=crc32c", "--verify_fatal=1", "--randseed=4242"}, extra...)
 	}
 	fio(t, fioArgs("--do_verify=1")...)
-	sum := writeRandomFile(t, filepath.Join(mnt, "known"), 16<<20, 7)
+	sum := writeRandomFile(t, filepath.Join(mnt, "known"), e.Target.IOSize/2, 7)
 	a.Umount()
 	ref := a.SaveDevice()
 	a.Detach()
@@ -452,7 +470,7 @@ func caseFioVerify(t *testing.T, e *Env) {
 // as the format's oracle sees it: every byte of the device ranges the file
 // occupied (FIEMAP) is allocated in the image before, and none is after.
 func caseDiscard(t *testing.T, e *Env) {
-	const fileSize = 32 << 20
+	fileSize := e.Target.IOSize
 	a := e.NewImage(e.Target.Size)
 	a.Mkfs()
 	mnt := a.Mount(0)
@@ -655,30 +673,53 @@ func caseBlockZeroes(t *testing.T, e *Env) {
 		}
 	}
 	fd := int(f.Fd())
+	wzMax := readSysfs(t, a.Dev.Path(), "queue/write_zeroes_max_bytes")
+	if e.Target.NoWriteZeroes != "" {
+		t.Logf("%s: no write-zeroes (%s): punch-hole must fail with EOPNOTSUPP", e.Target.Attacher.Name(), e.Target.NoWriteZeroes)
+		if wzMax != "0" {
+			t.Fatalf("%s advertises write-zeroes (write_zeroes_max_bytes %s) but the target says it has none (%s): update the target",
+				a.Dev.Path(), wzMax, e.Target.NoWriteZeroes)
+		}
+	} else if wzMax == "0" {
+		t.Fatalf("%s has no write-zeroes (write_zeroes_max_bytes 0): punch-hole cannot reach the image", a.Dev.Path())
+	}
 	ops := []struct {
 		name     string
 		off, len int64
 		do       func(off, length int64) error
+		// needsWZ: the operation exists only on a device with
+		// write-zeroes (no fallback to writing zero pages).
+		needsWZ bool
 	}{
 		{"BLKZEROOUT", 1 << 20, 3 << 20, func(off, length int64) error {
 			r := [2]uint64{uint64(off), uint64(length)}
 			return ioctlPtr(fd, unix.BLKZEROOUT, &r)
-		}},
+		}, false},
 		{"fallocate punch-hole", 8 << 20, 5<<20 + 4096, func(off, length int64) error {
 			return unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
-		}},
+		}, true},
 		{"fallocate zero-range", 20 << 20, 1 << 20, func(off, length int64) error {
 			return unix.Fallocate(fd, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, length)
-		}},
+		}, false},
 		{"BLKDISCARD", 32 << 20, 16 << 20, func(off, length int64) error {
 			r := [2]uint64{uint64(off), uint64(length)}
 			return ioctlPtr(fd, unix.BLKDISCARD, &r)
-		}},
+		}, false},
 	}
-	for _, op := range ops {
-		if err := op.do(op.off, op.len); err != nil {
+	// done are the operations that zeroed their range.
+	var done []int
+	for i, op := range ops {
+		err := op.do(op.off, op.len)
+		if op.needsWZ && e.Target.NoWriteZeroes != "" {
+			if !errors.Is(err, unix.EOPNOTSUPP) {
+				t.Fatalf("%s [%d,+%d) on %s without write-zeroes: %v, want EOPNOTSUPP", op.name, op.off, op.len, a.Dev.Path(), err)
+			}
+			continue
+		}
+		if err != nil {
 			t.Fatalf("%s [%d,+%d) on %s: %v", op.name, op.off, op.len, a.Dev.Path(), err)
 		}
+		done = append(done, i)
 	}
 	if err := f.Sync(); err != nil {
 		t.Fatal(err)
@@ -689,8 +730,8 @@ func caseBlockZeroes(t *testing.T, e *Env) {
 	for off := 0; off < size; off += len(buf) {
 		copy(want[off:], buf)
 	}
-	for _, op := range ops {
-		clear(want[op.off : op.off+op.len])
+	for _, i := range done {
+		clear(want[ops[i].off : ops[i].off+ops[i].len])
 	}
 	got := alignedBuf(size)
 	if _, err := f.ReadAt(got, 0); err != nil {

@@ -22,7 +22,10 @@ func TestVM(t *testing.T) {
 	qemuImg := peer.Require(t, "qemu-img")
 	e2fsck := peer.Require(t, "e2fsck")
 	xfsRepair := peer.Require(t, "xfs_repair")
-	res := vmharness.RunGoTest(t, ".", "^TestGuest", vmharness.Options{Tools: []string{"dd"}})
+	// The guest runs the shared attach cases (attachcases_test.go): fio
+	// drives them and qemu-img is the qcow2 oracle, in the guest.
+	peer.Require(t, "fio")
+	res := vmharness.RunGoTest(t, ".", "^TestGuest", vmharness.Options{Tools: []string{"dd", "fio", "qemu-img"}})
 	if res.ExitCode != 0 {
 		return
 	}
