@@ -40,3 +40,40 @@ func TestCopySparse(t *testing.T) {
 		t.Fatalf("copy allocates %d bytes, want about %d", n, 3*64<<10)
 	}
 }
+
+// sameContents is Raw's Equal: it names the first differing byte and
+// notices a size difference, also at a chunk boundary.
+func TestSameContents(t *testing.T) {
+	dir := t.TempDir()
+	base := bytes.Repeat([]byte("0123456789abcdef"), (2<<20)/16)
+	write := func(name string, data []byte) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	a := write("a", base)
+	changed := append([]byte(nil), base...)
+	changed[1<<20+5] ^= 1
+	tests := []struct {
+		name, other, wantErr string
+	}{
+		{"equal", write("same", base), ""},
+		{"one byte", write("changed", changed), "byte 1048581 differs"},
+		{"shorter at a chunk boundary", write("short", base[:1<<20]), "sizes differ: one ends at byte 1048576"},
+		{"longer by a few bytes", write("long", append(append([]byte(nil), base...), 1, 2)), "sizes differ: one ends at byte 2097152"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			err := sameContents(a, tc.other)
+			got := ""
+			if err != nil {
+				got = err.Error()
+			}
+			if got != tc.wantErr {
+				t.Fatalf("sameContents: %q, want %q", got, tc.wantErr)
+			}
+		})
+	}
+}
