@@ -397,7 +397,10 @@ func (c *cluster) startControllers() error {
 
 func (c *cluster) startSnapshotController() error {
 	p, err := c.start("snapshot-controller", filepath.Join(c.bin, "snapshot-controller"),
-		"--kubeconfig="+c.admin, "--leader-election=false", "--v=2")
+		"--kubeconfig="+c.admin, "--leader-election=false", "--v=2",
+		// The chart runs csi-snapshotter per node (node-deployment): the
+		// controller labels each content with the node that must take it.
+		"--enable-distributed-snapshotting")
 	if err != nil {
 		return err
 	}

@@ -318,11 +318,6 @@ func (c *cluster) helmValues() []string {
 		"attachBackend=fuse",
 		"fuseDir=" + c.path("fuse"),
 		"driver.logLevel=4",
-		// The driver on main does not advertise node expansion or snapshots
-		// yet, and csi-resizer and csi-snapshotter exit on such a driver
-		// (pending_test.go enables them).
-		"node.resizer.enabled=false",
-		"node.snapshotter.enabled=false",
 	}
 }
 
