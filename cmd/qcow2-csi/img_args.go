@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"strconv"
@@ -49,6 +50,19 @@ func (p *parsedArgs) get(name string) (string, bool) {
 		}
 	}
 	return v, ok
+}
+
+// outputFormat returns --output as info and map take it: human unless json
+// is asked for; any other value is qemu-img's error.
+func (p *parsedArgs) outputFormat() (string, error) {
+	output, _ := p.get("output")
+	switch output {
+	case "":
+		return "human", nil
+	case "human", "json":
+		return output, nil
+	}
+	return "", errors.New("--output must be used with human or json as argument.")
 }
 
 // all returns every value of a repeatable option.

@@ -150,7 +150,7 @@ func runImgCreate(args []string) int {
 	if o.BackingFile != "" {
 		full := qcow2.CombineBackingPath(path, o.BackingFile)
 		if o.BackingFormat == "" {
-			detected, perr := imgProbeFormat(full)
+			detected, perr := probeFormat(full)
 			if perr == nil {
 				return imgErr("%s: Backing file specified without backing format\nDetected format of %s.", path, detected)
 			}

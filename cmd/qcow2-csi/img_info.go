@@ -77,12 +77,9 @@ func runImgInfo(args []string) int {
 	if len(pa.pos) != 1 {
 		return imgErr("Expecting one image file name")
 	}
-	output, _ := pa.get("output")
-	if output == "" {
-		output = "human"
-	}
-	if output != "human" && output != "json" {
-		return imgErr("--output must be used with human or json as argument.")
+	output, err := pa.outputFormat()
+	if err != nil {
+		return imgErr("%v", err)
 	}
 	format, _ := pa.get("f")
 	share := pa.has("U") || pa.has("force-share")
@@ -122,7 +119,7 @@ func runImgInfo(args []string) int {
 // to follow for --backing-chain.
 func imageInfo(path, format string, share bool) (infoJSON, string, error) {
 	if format == "" {
-		f, err := imgProbeFormat(path)
+		f, err := probeFormat(path)
 		if err != nil {
 			return infoJSON{}, "", fmt.Errorf("Could not open '%s': %v", path, unwrapPathErr(err))
 		}

@@ -25,12 +25,9 @@ func runImgMap(args []string) int {
 	if len(pa.pos) != 1 {
 		return imgErr("Expecting one image file name")
 	}
-	output, _ := pa.get("output")
-	if output == "" {
-		output = "human"
-	}
-	if output != "human" && output != "json" {
-		return imgErr("--output must be used with human or json as argument.")
+	output, err := pa.outputFormat()
+	if err != nil {
+		return imgErr("%v", err)
 	}
 	var start, maxLen int64 = 0, -1
 	if v, ok := pa.get("start-offset"); ok {

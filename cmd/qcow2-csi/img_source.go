@@ -38,8 +38,9 @@ func (r *rawFile) BlockStatus(off, n int64) ([]qcow2.Extent, error) {
 	return qcow2.FileExtents(r.f, off, min(n, r.size-off)), nil
 }
 
-// imgProbeFormat returns "qcow2" when the file starts with the qcow2 magic.
-func imgProbeFormat(path string) (string, error) {
+// probeFormat returns "qcow2" when the file starts with the qcow2 magic, else
+// "raw": what qemu-img and qemu-nbd do without -f.
+func probeFormat(path string) (string, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return "", err
@@ -57,7 +58,7 @@ func imgProbeFormat(path string) (string, error) {
 func openImg(path, format string, write, forceShare bool) (imgFile, error) {
 	if format == "" {
 		var err error
-		if format, err = imgProbeFormat(path); err != nil {
+		if format, err = probeFormat(path); err != nil {
 			return nil, fmt.Errorf("Could not open '%s': %w", path, unwrapPathErr(err))
 		}
 	}

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"flag"
@@ -183,20 +182,6 @@ func runNBD(args []string) int {
 		return 1
 	}
 	return 0
-}
-
-// probeFormat reads the magic, as qemu-nbd does without -f.
-func probeFormat(file string) (string, error) {
-	f, err := os.Open(file)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	var m [4]byte
-	if _, err := io.ReadFull(f, m[:]); err == nil && bytes.Equal(m[:], []byte{'Q', 'F', 'I', 0xfb}) {
-		return "qcow2", nil
-	}
-	return "raw", nil
 }
 
 func serveNBD(o *nbdOptions) error {
