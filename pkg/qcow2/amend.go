@@ -32,13 +32,11 @@ type AmendOptions struct {
 // Amend applies opts. Refusals say why, in qemu's words where qemu has
 // them; a refused downgrade leaves the image unchanged.
 func (img *Image) Amend(opts AmendOptions) error {
-	img.drain.Lock()
-	defer img.drain.Unlock()
-	img.mu.Lock()
-	defer img.mu.Unlock()
-	if err := img.writableForMetaOp(); err != nil {
+	unlock, err := img.lockMetaOp()
+	if err != nil {
 		return err
 	}
+	defer unlock()
 	oldVersion := img.hdr.Version
 	newVersion := oldVersion
 	switch opts.Compat {

@@ -81,18 +81,25 @@ func (b *dirtyBitmap) setRange(off, n uint64) {
 	b.setBits(first, end)
 }
 
+// wordMask returns the word that holds bit first and the mask of the bits of
+// [first, end) in that word.
+func wordMask(first, end uint64) (w, mask uint64) {
+	w = first / 64
+	lo := first % 64
+	hi := uint64(64)
+	if (w+1)*64 > end {
+		hi = end - w*64
+	}
+	mask = ^uint64(0) << lo
+	if hi < 64 {
+		mask &= (1 << hi) - 1
+	}
+	return w, mask
+}
+
 func (b *dirtyBitmap) setBits(first, end uint64) {
 	for first < end {
-		w := first / 64
-		lo := first % 64
-		hi := uint64(64)
-		if (w+1)*64 > end {
-			hi = end - w*64
-		}
-		mask := ^uint64(0) << lo
-		if hi < 64 {
-			mask &= (1 << hi) - 1
-		}
+		w, mask := wordMask(first, end)
 		if atomic.LoadUint64(&b.words[w])&mask != mask {
 			atomic.OrUint64(&b.words[w], mask)
 		}
@@ -103,16 +110,7 @@ func (b *dirtyBitmap) setBits(first, end uint64) {
 // clearBits resets [first, end); callers exclude concurrent setters.
 func (b *dirtyBitmap) clearBits(first, end uint64) {
 	for first < end {
-		w := first / 64
-		lo := first % 64
-		hi := uint64(64)
-		if (w+1)*64 > end {
-			hi = end - w*64
-		}
-		mask := ^uint64(0) << lo
-		if hi < 64 {
-			mask &= (1 << hi) - 1
-		}
+		w, mask := wordMask(first, end)
 		atomic.AndUint64(&b.words[w], ^mask)
 		first = (w + 1) * 64
 	}

@@ -292,15 +292,26 @@ func (img *Image) loadL1(fileSize int64) error {
 		if e.reserved() != 0 {
 			return corruptf(fmt.Sprintf("l1[%d]", i), at, "reserved bits set in %#x", uint64(e))
 		}
-		if o := e.offset(); o != 0 {
-			if o%img.clusterSize != 0 {
-				return corruptf(fmt.Sprintf("l1[%d]", i), at, "L2 table offset %#x is not cluster aligned", o)
-			}
-			if o+img.clusterSize > fileSize {
-				return corruptf(fmt.Sprintf("l1[%d]", i), at, "L2 table offset %#x is past end of file (%d bytes)", o, fileSize)
-			}
+		if err := img.checkTableRef("l1", i, at, e.offset(), fileSize, "L2 table"); err != nil {
+			return err
 		}
 		img.l1[i] = e
+	}
+	return nil
+}
+
+// checkTableRef checks the offset o that entry i of table (stored at file
+// offset at) holds, 0 meaning none: the what it points to must be a whole
+// cluster inside the file.
+func (img *Image) checkTableRef(table string, i int, at, o, fileSize int64, what string) error {
+	if o == 0 {
+		return nil
+	}
+	if o%img.clusterSize != 0 {
+		return corruptf(fmt.Sprintf("%s[%d]", table, i), at, "%s offset %#x is not cluster aligned", what, o)
+	}
+	if o+img.clusterSize > fileSize {
+		return corruptf(fmt.Sprintf("%s[%d]", table, i), at, "%s offset %#x is past end of file (%d bytes)", what, o, fileSize)
 	}
 	return nil
 }
@@ -323,13 +334,8 @@ func (img *Image) loadRefTable(fileSize int64) error {
 		if uint64(e)&refTableReservedMask != 0 {
 			return corruptf(fmt.Sprintf("refcount_table[%d]", i), at, "reserved bits set in %#x", uint64(e))
 		}
-		if o := e.offset(); o != 0 {
-			if o%img.clusterSize != 0 {
-				return corruptf(fmt.Sprintf("refcount_table[%d]", i), at, "refcount block offset %#x is not cluster aligned", o)
-			}
-			if o+img.clusterSize > fileSize {
-				return corruptf(fmt.Sprintf("refcount_table[%d]", i), at, "refcount block offset %#x is past end of file (%d bytes)", o, fileSize)
-			}
+		if err := img.checkTableRef("refcount_table", i, at, e.offset(), fileSize, "refcount block"); err != nil {
+			return err
 		}
 		img.refTable[i] = e
 	}

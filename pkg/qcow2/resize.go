@@ -28,13 +28,11 @@ type ResizeOptions struct {
 // the old size, and in the tail of a last partial cluster, unlike qemu 7.2
 // which can expose stale data there). Shrinking needs opts.Shrink.
 func (img *Image) Resize(newSize int64, opts ResizeOptions) error {
-	img.drain.Lock()
-	defer img.drain.Unlock()
-	img.mu.Lock()
-	defer img.mu.Unlock()
-	if err := img.writableForMetaOp(); err != nil {
+	unlock, err := img.lockMetaOp()
+	if err != nil {
 		return err
 	}
+	defer unlock()
 	if newSize <= 0 {
 		return fmt.Errorf("%w: new size %d must be positive", ErrInvalidOption, newSize)
 	}

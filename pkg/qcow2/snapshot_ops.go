@@ -99,6 +99,16 @@ func (img *Image) findSnapshot(idOrName string) int {
 	return -1
 }
 
+// snapshotIndex is findSnapshot with ErrSnapshotNotFound naming idOrName
+// when nothing matches. mu held.
+func (img *Image) snapshotIndex(idOrName string) (int, error) {
+	i := img.findSnapshot(idOrName)
+	if i < 0 {
+		return -1, fmt.Errorf("%w: %q", ErrSnapshotNotFound, idOrName)
+	}
+	return i, nil
+}
+
 // nextSnapshotID is qemu's find_new_snapshot_id: one more than the largest
 // numeric ID (non-numeric IDs count as 0, as strtoul makes them).
 func (img *Image) nextSnapshotID() string {
@@ -123,6 +133,23 @@ func leadingUint(s string) uint64 {
 		v = v*10 + d
 	}
 	return v
+}
+
+// lockMetaOp takes the locks of a metadata operation, drain first (no
+// request in flight) then mu, and checks that the image can take one. On
+// success the caller defers unlock; on error nothing is held.
+func (img *Image) lockMetaOp() (unlock func(), err error) {
+	img.drain.Lock()
+	img.mu.Lock()
+	if err := img.writableForMetaOp(); err != nil {
+		img.mu.Unlock()
+		img.drain.Unlock()
+		return nil, err
+	}
+	return func() {
+		img.mu.Unlock()
+		img.drain.Unlock()
+	}, nil
 }
 
 // writableForMetaOp checks that the image can take a whole-image metadata
@@ -157,13 +184,11 @@ func (img *Image) CreateSnapshot(name string) (SnapshotInfo, error) {
 		}
 	}
 	now := time.Now()
-	img.drain.Lock()
-	defer img.drain.Unlock()
-	img.mu.Lock()
-	defer img.mu.Unlock()
-	if err := img.writableForMetaOp(); err != nil {
+	unlock, err := img.lockMetaOp()
+	if err != nil {
 		return SnapshotInfo{}, err
 	}
+	defer unlock()
 	if len(img.snapshots) >= maxSnapshots {
 		return SnapshotInfo{}, fmt.Errorf("%w: the image already has %d snapshots, the limit", ErrTooLarge, maxSnapshots)
 	}
@@ -234,16 +259,14 @@ func (img *Image) CreateSnapshot(name string) (SnapshotInfo, error) {
 // DeleteSnapshot removes the snapshot with the given ID (or, when no ID
 // matches, the first with that name) and frees the clusters only it used.
 func (img *Image) DeleteSnapshot(idOrName string) error {
-	img.drain.Lock()
-	defer img.drain.Unlock()
-	img.mu.Lock()
-	defer img.mu.Unlock()
-	if err := img.writableForMetaOp(); err != nil {
+	unlock, err := img.lockMetaOp()
+	if err != nil {
 		return err
 	}
-	i := img.findSnapshot(idOrName)
-	if i < 0 {
-		return fmt.Errorf("%w: %q", ErrSnapshotNotFound, idOrName)
+	defer unlock()
+	i, err := img.snapshotIndex(idOrName)
+	if err != nil {
+		return err
 	}
 	sn := img.snapshots[i]
 	if img.snapViews[sn.ID] > 0 {
@@ -288,16 +311,14 @@ func (img *Image) DeleteSnapshot(idOrName string) error {
 // snapshot's and the virtual size becomes the snapshot's disk size. The
 // snapshot itself stays. Persistent bitmaps are not changed, as in qemu.
 func (img *Image) RevertToSnapshot(idOrName string) error {
-	img.drain.Lock()
-	defer img.drain.Unlock()
-	img.mu.Lock()
-	defer img.mu.Unlock()
-	if err := img.writableForMetaOp(); err != nil {
+	unlock, err := img.lockMetaOp()
+	if err != nil {
 		return err
 	}
-	i := img.findSnapshot(idOrName)
-	if i < 0 {
-		return fmt.Errorf("%w: %q", ErrSnapshotNotFound, idOrName)
+	defer unlock()
+	i, err := img.snapshotIndex(idOrName)
+	if err != nil {
+		return err
 	}
 	sn := img.snapshots[i]
 	info := img.snapshotInfo(&sn)

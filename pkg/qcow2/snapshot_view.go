@@ -33,9 +33,9 @@ func (img *Image) OpenSnapshot(idOrName string) (*SnapshotView, error) {
 	if err := img.checkOpen(); err != nil {
 		return nil, err
 	}
-	i := img.findSnapshot(idOrName)
-	if i < 0 {
-		return nil, fmt.Errorf("%w: %q", ErrSnapshotNotFound, idOrName)
+	i, err := img.snapshotIndex(idOrName)
+	if err != nil {
+		return nil, err
 	}
 	sn := &img.snapshots[i]
 	l1, err := img.readSnapshotL1(sn, i)
