@@ -60,13 +60,11 @@ func (img *Image) Bitmaps() []BitmapStatus {
 // bitmapOp runs fn on the named bitmap under the metadata lock and stores
 // the result before returning. consistent refuses inconsistent bitmaps.
 func (img *Image) bitmapOp(name string, consistent bool, fn func(b *imgBitmap) error) error {
-	img.drain.RLock()
-	defer img.drain.RUnlock()
-	img.mu.Lock()
-	defer img.mu.Unlock()
-	if err := img.checkOpen(); err != nil {
+	unlock, err := img.lockShared()
+	if err != nil {
 		return err
 	}
+	defer unlock()
 	if img.readOnly {
 		return fmt.Errorf("%w: bitmap %q", ErrReadOnly, name)
 	}
@@ -88,13 +86,11 @@ func (img *Image) bitmapOp(name string, consistent bool, fn func(b *imgBitmap) e
 // opts.Disabled. Only version 3 images can hold bitmaps (qemu's rule: v2
 // has no autoclear bit to protect them).
 func (img *Image) AddBitmap(name string, opts BitmapOptions) error {
-	img.drain.RLock()
-	defer img.drain.RUnlock()
-	img.mu.Lock()
-	defer img.mu.Unlock()
-	if err := img.checkOpen(); err != nil {
+	unlock, err := img.lockShared()
+	if err != nil {
 		return err
 	}
+	defer unlock()
 	if img.readOnly {
 		return fmt.Errorf("%w: cannot add bitmap %q", ErrReadOnly, name)
 	}
@@ -264,13 +260,11 @@ func (img *Image) BitmapExtents(name string, off, length int64) ([]BitmapExtent,
 // then consistent on disk even if the process dies; enabled ones stay
 // in_use until Close, since writes keep changing them.
 func (img *Image) StoreBitmaps() error {
-	img.drain.RLock()
-	defer img.drain.RUnlock()
-	img.mu.Lock()
-	defer img.mu.Unlock()
-	if err := img.checkOpen(); err != nil {
+	unlock, err := img.lockShared()
+	if err != nil {
 		return err
 	}
+	defer unlock()
 	return img.storeBitmapsLocked(false)
 }
 

@@ -135,6 +135,23 @@ func leadingUint(s string) uint64 {
 	return v
 }
 
+// lockShared takes mu for metadata work that requests in flight may overlap
+// (drain held shared, before mu as everywhere) and checks that the image is
+// open. On success the caller defers unlock; on error nothing is held.
+func (img *Image) lockShared() (unlock func(), err error) {
+	img.drain.RLock()
+	img.mu.Lock()
+	if err := img.checkOpen(); err != nil {
+		img.mu.Unlock()
+		img.drain.RUnlock()
+		return nil, err
+	}
+	return func() {
+		img.mu.Unlock()
+		img.drain.RUnlock()
+	}, nil
+}
+
 // lockMetaOp takes the locks of a metadata operation, drain first (no
 // request in flight) then mu, and checks that the image can take one. On
 // success the caller defers unlock; on error nothing is held.

@@ -26,13 +26,11 @@ type SnapshotView struct {
 // (or, when no ID matches, name). Close it to allow the snapshot's
 // deletion.
 func (img *Image) OpenSnapshot(idOrName string) (*SnapshotView, error) {
-	img.drain.RLock()
-	defer img.drain.RUnlock()
-	img.mu.Lock()
-	defer img.mu.Unlock()
-	if err := img.checkOpen(); err != nil {
+	unlock, err := img.lockShared()
+	if err != nil {
 		return nil, err
 	}
+	defer unlock()
 	i, err := img.snapshotIndex(idOrName)
 	if err != nil {
 		return nil, err

@@ -397,13 +397,11 @@ func (img *Image) maybeFlushPending() error {
 
 // Flush makes every completed write durable.
 func (img *Image) Flush() error {
-	img.drain.RLock()
-	defer img.drain.RUnlock()
-	img.mu.Lock()
-	defer img.mu.Unlock()
-	if err := img.checkOpen(); err != nil {
+	unlock, err := img.lockShared()
+	if err != nil {
 		return err
 	}
+	defer unlock()
 	if img.readOnly {
 		return nil
 	}
