@@ -279,6 +279,25 @@ func (a *Attached) Detach() {
 	}
 }
 
+// detachAndCompare saves what the device reads, detaches it, and checks that
+// the closed image passes the format's check and holds exactly that.
+func (a *Attached) detachAndCompare(t *testing.T) {
+	t.Helper()
+	ref := a.SaveDevice()
+	a.Detach()
+	a.e.checkImage(t, a.Path)
+	a.e.Format.Equal(t, a.Path, ref)
+}
+
+// checkImage runs the format's consistency check on the closed image at
+// path, where the format has one.
+func (e *Env) checkImage(t *testing.T, path string) {
+	t.Helper()
+	if e.Format.Check != nil {
+		e.Format.Check(t, path)
+	}
+}
+
 // SaveDevice copies the device's whole contents, as the kernel reads them, to
 // a sparse raw file: the reference the image must equal after detach. GNU cp
 // does the copy, out of this (possibly race-instrumented) process; where cp
@@ -446,12 +465,7 @@ func caseFioVerify(t *testing.T, e *Env) {
 	fio(t, fioArgs("--do_verify=1")...)
 	sum := writeRandomFile(t, filepath.Join(mnt, "known"), e.Target.IOSize/2, 7)
 	a.Umount()
-	ref := a.SaveDevice()
-	a.Detach()
-	if e.Format.Check != nil {
-		e.Format.Check(t, a.Path)
-	}
-	e.Format.Equal(t, a.Path, ref)
+	a.detachAndCompare(t)
 
 	b := e.Reopen(a.Path, e.Target.Options)
 	mnt = b.Mount(0)
@@ -461,9 +475,7 @@ func caseFioVerify(t *testing.T, e *Env) {
 	}
 	b.Umount()
 	b.Detach()
-	if e.Format.Check != nil {
-		e.Format.Check(t, a.Path)
-	}
+	e.checkImage(t, a.Path)
 }
 
 // Case: data written and then deleted and trimmed is freed in the image file,
@@ -514,9 +526,7 @@ func caseDiscard(t *testing.T, e *Env) {
 	if got := allocated(); got > 1<<20 {
 		t.Fatalf("image still allocates %d bytes of the deleted file's %d after trim", got, fileSize)
 	}
-	if e.Format.Check != nil {
-		e.Format.Check(t, a.Path)
-	}
+	e.checkImage(t, a.Path)
 	e.Format.Equal(t, a.Path, ref)
 }
 
@@ -645,12 +655,7 @@ func caseResize(t *testing.T, e *Env) {
 		t.Fatal(err)
 	}
 	a.Umount()
-	ref := a.SaveDevice()
-	a.Detach()
-	if e.Format.Check != nil {
-		e.Format.Check(t, a.Path)
-	}
-	e.Format.Equal(t, a.Path, ref)
+	a.detachAndCompare(t)
 }
 
 // Case: the three ways a block device is zeroed or discarded reach the image
@@ -743,12 +748,7 @@ func caseBlockZeroes(t *testing.T, e *Env) {
 		t.Fatalf("device byte %d reads %#x, want %#x", i, got[i], want[i])
 	}
 	f.Close()
-	ref := a.SaveDevice()
-	a.Detach()
-	if e.Format.Check != nil {
-		e.Format.Check(t, a.Path)
-	}
-	e.Format.Equal(t, a.Path, ref)
+	a.detachAndCompare(t)
 }
 
 // Case: an image attached read-only refuses writes at the device.
