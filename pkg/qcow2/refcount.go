@@ -101,6 +101,20 @@ func (img *Image) addRefcount(ci int64, delta int64) (uint64, error) {
 			return 0, err
 		}
 	}
+	nv, err := img.addRefEntry(b, ci, delta)
+	if err != nil {
+		return 0, err
+	}
+	if nv == 0 && ci < img.freeHint {
+		img.freeHint = ci
+	}
+	return nv, nil
+}
+
+// addRefEntry adds delta to the entry of host cluster ci in b, its refcount
+// block, and returns the new value; a refcount may neither drop below zero
+// (corruption) nor overflow the image's refcount width. mu held.
+func (img *Image) addRefEntry(b *cacheEntry, ci, delta int64) (uint64, error) {
 	i := ci & (img.refBlockEnts - 1)
 	v := getRefEntry(b.buf, img.refOrder, i)
 	switch {
@@ -112,9 +126,6 @@ func (img *Image) addRefcount(ci int64, delta int64) (uint64, error) {
 	nv := uint64(int64(v) + delta)
 	setRefEntry(b.buf, img.refOrder, i, nv)
 	b.dirty = true
-	if nv == 0 && ci < img.freeHint {
-		img.freeHint = ci
-	}
 	return nv, nil
 }
 

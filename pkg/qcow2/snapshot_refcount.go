@@ -364,18 +364,8 @@ func (r *refBatch) add(ci, delta int64) (uint64, error) {
 		if nv, err = img.addRefcount(ci, delta); err != nil {
 			return 0, err
 		}
-	} else {
-		i := ci & (img.refBlockEnts - 1)
-		v := getRefEntry(b.buf, img.refOrder, i)
-		switch {
-		case delta < 0 && uint64(-delta) > v:
-			return 0, corruptf("refcount", -1, "refcount of cluster %#x would drop below zero (%d%+d)", ci<<img.clusterBits, v, delta)
-		case delta > 0 && uint64(delta) > img.maxRefcount()-v:
-			return 0, fmt.Errorf("%w: refcount of cluster %#x would overflow %d-bit refcounts", ErrUnsupported, ci<<img.clusterBits, img.refBits)
-		}
-		nv = uint64(int64(v) + delta)
-		setRefEntry(b.buf, img.refOrder, i, nv)
-		b.dirty = true
+	} else if nv, err = img.addRefEntry(b, ci, delta); err != nil {
+		return 0, err
 	}
 	if nv == 0 {
 		img.forgetFreedCluster(ci)
