@@ -52,31 +52,24 @@ func decompressCluster(ctype uint8, src, dst []byte) error {
 // result would not be smaller than the cluster (qemu then stores it plain).
 func compressCluster(ctype uint8, src []byte) ([]byte, error) {
 	var buf bytes.Buffer
+	var w io.WriteCloser
+	var err error
 	switch ctype {
 	case CompressionZlib:
-		w, err := flate.NewWriter(&buf, flate.DefaultCompression)
-		if err != nil {
-			return nil, err
-		}
-		if _, err := w.Write(src); err != nil {
-			return nil, err
-		}
-		if err := w.Close(); err != nil {
-			return nil, err
-		}
+		w, err = flate.NewWriter(&buf, flate.DefaultCompression)
 	case CompressionZstd:
-		w, err := zstd.NewWriter(&buf, zstd.WithEncoderConcurrency(1), zstd.WithEncoderCRC(false))
-		if err != nil {
-			return nil, err
-		}
-		if _, err := w.Write(src); err != nil {
-			return nil, err
-		}
-		if err := w.Close(); err != nil {
-			return nil, err
-		}
+		w, err = zstd.NewWriter(&buf, zstd.WithEncoderConcurrency(1), zstd.WithEncoderCRC(false))
 	default:
 		return nil, fmt.Errorf("%w: compression type %d", ErrUnsupported, ctype)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if _, err := w.Write(src); err != nil {
+		return nil, err
+	}
+	if err := w.Close(); err != nil {
+		return nil, err
 	}
 	if buf.Len() >= len(src) {
 		return nil, nil
