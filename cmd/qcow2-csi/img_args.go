@@ -52,6 +52,16 @@ func (p *parsedArgs) get(name string) (string, bool) {
 	return v, ok
 }
 
+// wantsHelp prints the usage line of img command name when -h or --help
+// was given, and reports whether it did.
+func (p *parsedArgs) wantsHelp(name string) bool {
+	if !p.has("h") && !p.has("help") {
+		return false
+	}
+	fmt.Println("Usage: qcow2-csi img " + imgCommands[name].usage)
+	return true
+}
+
 // outputFormat returns --output as info and map take it: human unless json
 // is asked for; any other value is qemu-img's error.
 func (p *parsedArgs) outputFormat() (string, error) {

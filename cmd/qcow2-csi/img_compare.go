@@ -28,8 +28,7 @@ func runImgCompare(args []string) int {
 		imgErr("%v", err)
 		return cmpError
 	}
-	if pa.has("h") || pa.has("help") {
-		fmt.Println("Usage: qcow2-csi img " + imgCommands["compare"].usage)
+	if pa.wantsHelp("compare") {
 		return 0
 	}
 	if len(pa.pos) != 2 {

@@ -73,8 +73,7 @@ func runImgConvert(args []string) int {
 	if err != nil {
 		return imgErr("%v", err)
 	}
-	if pa.has("h") || pa.has("help") {
-		fmt.Println("Usage: qcow2-csi img " + imgCommands["convert"].usage)
+	if pa.wantsHelp("convert") {
 		return 0
 	}
 	for _, unsupported := range []string{"B", "C", "object", "image-opts", "target-image-opts", "salvage", "bitmaps", "r"} {

@@ -107,8 +107,7 @@ func runImgCreate(args []string) int {
 	if err != nil {
 		return imgErr("%v", err)
 	}
-	if pa.has("h") || pa.has("help") {
-		fmt.Println("Usage: qcow2-csi img " + imgCommands["create"].usage)
+	if pa.wantsHelp("create") {
 		return 0
 	}
 	if pa.has("object") {

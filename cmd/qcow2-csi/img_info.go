@@ -70,8 +70,7 @@ func runImgInfo(args []string) int {
 	if err != nil {
 		return imgErr("%v", err)
 	}
-	if pa.has("h") || pa.has("help") {
-		fmt.Println("Usage: qcow2-csi img " + imgCommands["info"].usage)
+	if pa.wantsHelp("info") {
 		return 0
 	}
 	if len(pa.pos) != 1 {

@@ -18,8 +18,7 @@ func runImgMap(args []string) int {
 	if err != nil {
 		return imgErr("%v", err)
 	}
-	if pa.has("h") || pa.has("help") {
-		fmt.Println("Usage: qcow2-csi img " + imgCommands["map"].usage)
+	if pa.wantsHelp("map") {
 		return 0
 	}
 	if len(pa.pos) != 1 {
