@@ -310,9 +310,9 @@ func (d *Driver) restoreSource(ctx context.Context, src *csi.VolumeContentSource
 		if size != 0 && size < srcSize {
 			return fmt.Errorf("%w: source has %d bytes, the request allows %d", ErrOutOfRange, srcSize, size)
 		}
-		if !closed && snapName == "" {
-			return fmt.Errorf("%w: volume %q is staged; clone it from a snapshot instead", ErrInUse, vol)
-		}
+		// A staged source is copied through the node's open image from a
+		// temporary internal snapshot (see snapshotter.Restore); the
+		// volume lock keeps other snapshot operations out meanwhile.
 		m, err := snapshotter.Restore(img, snapName, tmp, snapshotter.RestoreOptions{Size: size, SourceClosed: closed, ClusterSize: cluster})
 		if err != nil {
 			return snapshotErr(err)

@@ -5,18 +5,21 @@ import (
 	"context"
 	"math/rand"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver/drivertest"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
+	"github.com/qcow2-csi/qcow2-csi/tests/peer"
 )
 
 // backendAttacher "attaches" by keeping the backend, so a test writes
@@ -45,10 +48,11 @@ func (a *backendAttacher) Reattach(_ context.Context, id string, _ nbdattach.Bac
 	return nil, nbdattach.ErrNotAttached
 }
 
-// TestSnapshotsOfStagedVolume: snapshots and deltas of a staged volume go
-// through its open image (a second open would be refused by the image
-// lock), and a restore from it is exact.
+// TestSnapshotsOfStagedVolume: snapshots, deltas and clones of a staged
+// volume go through its open image (a second open would be refused by the
+// image lock), and a restore or clone from it is exact.
 func TestSnapshotsOfStagedVolume(t *testing.T) {
+	qemuImg := peer.Require(t, "qemu-img")
 	pool := t.TempDir()
 	att := &backendAttacher{backends: map[string]nbdattach.Backend{}}
 	srv := drivertest.Start(t, driver.Options{Pool: pool}, driver.Seams{Images: driver.Qcow2Images{}, Attachers: []nbdattach.Attacher{att}})
@@ -124,12 +128,72 @@ func TestSnapshotsOfStagedVolume(t *testing.T) {
 	if !bytes.Equal(backup, got) {
 		t.Fatal("s1 + delta(s1, s2) differs from s2")
 	}
-	// Cloning the staged volume itself is refused; from a snapshot works.
-	_, err = c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "clone-staged", VolumeCapabilities: []*csi.VolumeCapability{capab},
+	// A clone of the staged volume goes through its open image (a
+	// temporary internal snapshot, copied, then dropped) and holds the
+	// disk at clone time.
+	atClone := bytes.Clone(model)
+	cl, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "clone-staged", VolumeCapabilities: []*csi.VolumeCapability{capab},
 		VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: vol}}}})
-	wantCode(t, err, codes.FailedPrecondition, "is staged")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cloneImg := filepath.Join(pool, cl.Volume.VolumeId+".qcow2")
+	if got := readImage(t, cloneImg); !bytes.Equal(got, atClone) {
+		t.Fatal("clone of the staged volume differs from its disk at clone time")
+	}
+	ls, err := c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ls.Entries) != 2 {
+		t.Fatalf("ListSnapshots after the clone: %v, want st1 and st2 only", ls.Entries)
+	}
+	// Tracking across the clone stays exact: s2 + delta(s2, s3) is s3.
+	write()
+	s3, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "st3", SourceVolumeId: vol})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m3 := bytes.Clone(model)
+	st, err = md.GetMetadataDelta(ctx, &csi.GetMetadataDeltaRequest{BaseSnapshotId: s2.Snapshot.SnapshotId, TargetSnapshotId: s3.Snapshot.SnapshotId})
+	if err != nil {
+		t.Fatal(err)
+	}
+	blocks, err = collect(t, st.Recv, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	backup = got // s2's content, restored above
+	for _, bl := range blocks {
+		copy(backup[bl.ByteOffset:bl.ByteOffset+bl.SizeBytes], m3[bl.ByteOffset:bl.ByteOffset+bl.SizeBytes])
+	}
+	if !bytes.Equal(backup, m3) {
+		t.Fatal("s2 + delta(s2, s3) differs from s3 after a clone of the staged volume")
+	}
 	if _, err := c.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: vol, StagingTargetPath: staging}); err != nil {
 		t.Fatal(err)
+	}
+	// Released: the source holds st1..st3 and no temporary snapshot, and
+	// qemu-img checks both images clean.
+	srcImg := filepath.Join(pool, vol+".qcow2")
+	var names []string
+	func() {
+		img, err := qcow2.Open(srcImg, qcow2.OpenOptions{ReadOnly: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer img.Close()
+		for _, sn := range img.Snapshots() {
+			names = append(names, sn.Name)
+		}
+	}()
+	if want := []string{s1.Snapshot.SnapshotId, s2.Snapshot.SnapshotId, s3.Snapshot.SnapshotId}; !slices.Equal(names, want) {
+		t.Fatalf("source image snapshots %q, want %q", names, want)
+	}
+	for _, p := range []string{srcImg, cloneImg} {
+		if out, err := exec.Command(qemuImg, "check", p).CombinedOutput(); err != nil {
+			t.Fatalf("qemu-img check %s: %v\n%s", p, err, out)
+		}
 	}
 	// Unstaged: clone of the volume's current content.
 	r, err = c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "clone", VolumeCapabilities: []*csi.VolumeCapability{capab},

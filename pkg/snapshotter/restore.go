@@ -5,6 +5,9 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"strconv"
+	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -38,11 +41,36 @@ type RestoreOptions struct {
 // copyChunk bounds the memory one copy step uses.
 const copyChunk = 1 << 20
 
+// TempPrefix starts the names of the temporary internal snapshots Restore
+// takes of an open image's current disk. They have no checkpoint bitmap and
+// no record of the caller's; one left by a crash is dropped by the next
+// restore of the image's current disk.
+const TempPrefix = "qcow2-csi-tmp-"
+
 // Restore makes dst, a new independent image holding snapshot name of src
-// (a snapshot name of "" means src's current disk, which then must not be
-// written meanwhile: the caller holds the volume). dst must not exist. It
+// (a snapshot name of "" means src's current disk). dst must not exist. It
 // returns how the image was made.
-func Restore(src *qcow2.Image, name, dst string, o RestoreOptions) (Method, error) {
+//
+// A current disk that may be written meanwhile (!o.SourceClosed: the image
+// is the node's one open image of a staged volume) is first frozen in a
+// temporary internal snapshot, crash-consistent as a CSI snapshot is
+// (qcow2.Image.CreateSnapshot waits for writes in flight), copied from it,
+// and the snapshot deleted again, also when the copy fails. The temporary
+// snapshot takes no checkpoint bitmap, so the checkpoint chain is not
+// touched: every bitmap keeps recording as before.
+func Restore(src *qcow2.Image, name, dst string, o RestoreOptions) (m Method, err error) {
+	if name == "" && !o.SourceClosed {
+		tmp, terr := takeTemp(src)
+		if terr != nil {
+			return "", terr
+		}
+		defer func() {
+			if derr := src.DeleteSnapshot(tmp.ID); derr != nil && err == nil {
+				err = fmt.Errorf("drop temporary snapshot %q: %w", tmp.Name, derr)
+			}
+		}()
+		name = tmp.Name
+	}
 	if _, err := os.Lstat(dst); err == nil {
 		return "", fmt.Errorf("%w: %s", ErrExists, dst)
 	} else if !errors.Is(err, fs.ErrNotExist) {
@@ -77,6 +105,24 @@ func Restore(src *qcow2.Image, name, dst string, o RestoreOptions) (Method, erro
 		return "", err
 	}
 	return MethodCopy, nil
+}
+
+// takeTemp drops temporary snapshots a crash left, then takes a new one.
+// The caller serialises restores of one image.
+func takeTemp(img *qcow2.Image) (qcow2.SnapshotInfo, error) {
+	for _, s := range img.Snapshots() {
+		if strings.HasPrefix(s.Name, TempPrefix) {
+			if err := img.DeleteSnapshot(s.ID); err != nil {
+				return qcow2.SnapshotInfo{}, fmt.Errorf("drop stale temporary snapshot %q: %w", s.Name, err)
+			}
+		}
+	}
+	name := TempPrefix + strconv.FormatInt(time.Now().UnixNano(), 10)
+	s, err := img.CreateSnapshot(name)
+	if err != nil {
+		return qcow2.SnapshotInfo{}, fmt.Errorf("temporary snapshot %q: %w", name, err)
+	}
+	return s, nil
 }
 
 var errNoReflink = errors.New("file system cannot reflink")

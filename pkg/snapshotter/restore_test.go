@@ -149,3 +149,77 @@ func TestRestoreRefusals(t *testing.T) {
 	}
 }
 func errorsIs(err, target error) bool { return errors.Is(err, target) }
+
+// TestRestoreOpenCurrent: a restore of the current disk of an open image
+// (a staged volume) copies it from a temporary snapshot, which is gone
+// afterwards, also when the restore fails, and leaves the checkpoint
+// bitmaps as they were.
+func TestRestoreOpenCurrent(t *testing.T) {
+	peer.Require(t, "qemu-img")
+	for _, tc := range []struct {
+		name    string
+		stale   bool  // a temporary snapshot a crash left
+		exists  bool  // the destination exists
+		size    int64 // requested size
+		wantErr error
+	}{
+		{name: "copy"},
+		{name: "copy grown", size: 2 * testDisk},
+		{name: "stale temporary dropped", stale: true},
+		{name: "destination exists", exists: true, wantErr: ErrExists},
+		{name: "smaller size", size: testDisk / 2, wantErr: ErrInvalid},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			path, _ := restoreFixture(t, dir)
+			src, err := qcow2.Open(path, qcow2.OpenOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer src.Close()
+			if tc.stale {
+				if _, err := src.CreateSnapshot(TempPrefix + "1"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want := make([]byte, testDisk)
+			if _, err := src.ReadAt(want, 0); err != nil {
+				t.Fatal(err)
+			}
+			bitmaps := src.Bitmaps()
+			dst := filepath.Join(dir, "dst.qcow2")
+			if tc.exists {
+				if err := os.WriteFile(dst, []byte("x"), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			m, err := Restore(src, "", dst, RestoreOptions{Size: tc.size})
+			if !errors.Is(err, tc.wantErr) || (tc.wantErr == nil) != (err == nil) {
+				t.Fatalf("Restore: %v, want %v", err, tc.wantErr)
+			}
+			var names []string
+			for _, s := range src.Snapshots() {
+				names = append(names, s.Name)
+			}
+			if len(names) != 2 || names[0] != "s1" || names[1] != "s2" {
+				t.Fatalf("snapshots after the restore %q, want [s1 s2]", names)
+			}
+			if got := src.Bitmaps(); len(got) != len(bitmaps) || got[0] != bitmaps[0] || got[1] != bitmaps[1] {
+				t.Fatalf("bitmaps %+v, were %+v", got, bitmaps)
+			}
+			if err := src.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			if out, err := exec.Command("qemu-img", "check", "-U", path).CombinedOutput(); err != nil {
+				t.Fatalf("qemu-img check source: %v\n%s", err, out)
+			}
+			if tc.wantErr != nil {
+				return
+			}
+			if m != MethodCopy {
+				t.Fatalf("method %s", m)
+			}
+			checkRestored(t, dst, want, max(tc.size, testDisk))
+		})
+	}
+}
