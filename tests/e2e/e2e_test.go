@@ -14,7 +14,8 @@ import (
 
 // TestE2E brings up one cluster and runs the scenarios of issue 9 that pass
 // with the driver on main, in order; the last one uninstalls the chart.
-// Clone (5) and delete-with-snapshot (6) are not in it: see pending_test.go.
+// Scenarios 5 and 6 start from scenario 4's source volume and pod; 6
+// deletes them and leaves the pool empty for 7 and 8.
 func TestE2E(t *testing.T) {
 	c := upCluster(t)
 	scenarios := []struct {
@@ -25,7 +26,9 @@ func TestE2E(t *testing.T) {
 		{"1-filesystem-data-survives-pod-recreate", testFilesystemPersists},
 		{"2-raw-block", testRawBlock},
 		{"3-online-expansion", testOnlineExpansion},
-		{"4-snapshot-restore", testSnapshotRestoreClean},
+		{"4-snapshot-restore", testSnapshotRestore},
+		{"5-clone", testClone},
+		{"6-delete-pvc-before-snapshot", testDeletePVCBeforeSnapshot},
 		{"7-driver-restart-while-writing", testDriverRestart},
 		{"8-helm-upgrade-and-uninstall", testHelmUpgradeUninstall},
 	}

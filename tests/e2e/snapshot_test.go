@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"fmt"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -74,12 +75,44 @@ func testSnapshotRestore(t *testing.T, c *cluster) {
 	c.mustKubectl(t, "delete", "volumesnapshot", "-n", testNS, "snap1", "--wait=true", "--timeout=120s")
 }
 
-// testSnapshotRestoreClean is scenario 4 in TestE2E: it also deletes the
-// source volume, so that the pool is empty for scenario 8.
-func testSnapshotRestoreClean(t *testing.T, c *cluster) {
-	testSnapshotRestore(t, c)
-	_, handle := c.pvcVolume(t, testNS, "src")
+// Scenario 5: a clone of a PVC in use (staged: the clone goes through the
+// node's open image) holds the source's data at clone time.
+func testClone(t *testing.T, c *cluster) {
+	c.exec(t, testNS, "src-pod", "echo clone-time > /data/g && sync")
+	c.mustApply(t, pvcFromManifest("cloned", "PersistentVolumeClaim", "", "src"))
+	c.mustApply(t, podManifest("cloned-pod", "cloned", false, "sleep 3600"))
+	c.podReady(t, testNS, "cloned-pod", 3*time.Minute)
+	if got := c.exec(t, testNS, "cloned-pod", "cat /data/g /data/f"); got != "clone-time\nlater" {
+		t.Errorf("clone holds %q", got)
+	}
+	c.deletePod(t, testNS, "cloned-pod")
+	c.mustKubectl(t, "delete", "pvc", "-n", testNS, "cloned", "--wait=true", "--timeout=120s")
+}
+
+// Scenario 6: deleting the PVC while a snapshot of it exists, then the
+// snapshot, leaves no files in the pool.
+func testDeletePVCBeforeSnapshot(t *testing.T, c *cluster) {
+	c.mustApply(t, snapshotManifest("snap2", "src"))
+	c.snapshotReady(t, "snap2")
 	c.deletePod(t, testNS, "src-pod")
 	c.mustKubectl(t, "delete", "pvc", "-n", testNS, "src", "--wait=true", "--timeout=120s")
-	c.waitPVGone(t, handle)
+	c.mustKubectl(t, "delete", "volumesnapshot", "-n", testNS, "snap2", "--wait=true", "--timeout=120s")
+	if err := c.waitFor("pool empty", 2*time.Minute, nil, func() error {
+		ents, err := os.ReadDir(c.path("pool"))
+		if err != nil {
+			return err
+		}
+		var left []string
+		for _, e := range ents {
+			if !strings.HasPrefix(e.Name(), ".") {
+				left = append(left, e.Name())
+			}
+		}
+		if len(left) > 0 {
+			return fmt.Errorf("pool holds %v", left)
+		}
+		return nil
+	}); err != nil {
+		t.Error(err)
+	}
 }
