@@ -73,16 +73,9 @@ func (p *pool) tempPath(id, suffix string) string {
 
 // get reads a volume's metadata; ErrNotFound when it has none.
 func (p *pool) get(id string) (*volumeMeta, error) {
-	b, err := os.ReadFile(p.metaPath(id))
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("volume %q: %w", id, ErrNotFound)
-	}
-	if err != nil {
-		return nil, err
-	}
 	var m volumeMeta
-	if err := json.Unmarshal(b, &m); err != nil {
-		return nil, fmt.Errorf("volume %q: metadata %s: %v", id, p.metaPath(id), err)
+	if err := readRecord(p.metaPath(id), "volume", id, "metadata", &m); err != nil {
+		return nil, err
 	}
 	if m.ID != id || m.Version != metaVersion {
 		return nil, fmt.Errorf("volume %q: metadata %s names volume %q version %d", id, p.metaPath(id), m.ID, m.Version)
@@ -95,11 +88,32 @@ func (p *pool) get(id string) (*volumeMeta, error) {
 // a power cut.
 func (p *pool) put(m *volumeMeta) error {
 	m.Version = metaVersion
-	b, err := json.MarshalIndent(m, "", "  ")
+	return writeRecord(p.metaPath(m.ID), m)
+}
+
+// readRecord decodes the JSON record of the kind's id at path into v. A
+// missing record is ErrNotFound; what names the record in errors.
+func readRecord(path, kind, id, what string, v any) error {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("%s %q: %w", kind, id, ErrNotFound)
+	}
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(p.metaPath(m.ID), append(b, '\n'))
+	if err := json.Unmarshal(b, v); err != nil {
+		return fmt.Errorf("%s %q: %s %s: %v", kind, id, what, path, err)
+	}
+	return nil
+}
+
+// writeRecord commits v as JSON at path atomically (writeFileAtomic).
+func writeRecord(path string, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(path, append(b, '\n'))
 }
 
 // remove deletes a volume: its metadata first (the commit point), then its

@@ -1,7 +1,6 @@
 package driver
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -74,16 +73,9 @@ func (p *pool) getSnapshot(id string) (*snapshotMeta, error) {
 	if _, _, ok := parseSnapshotID(id); !ok {
 		return nil, fmt.Errorf("snapshot %q: %w", id, ErrNotFound)
 	}
-	b, err := os.ReadFile(p.snapMetaPath(id))
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("snapshot %q: %w", id, ErrNotFound)
-	}
-	if err != nil {
-		return nil, err
-	}
 	var m snapshotMeta
-	if err := json.Unmarshal(b, &m); err != nil {
-		return nil, fmt.Errorf("snapshot %q: record %s: %v", id, p.snapMetaPath(id), err)
+	if err := readRecord(p.snapMetaPath(id), "snapshot", id, "record", &m); err != nil {
+		return nil, err
 	}
 	if m.ID != id || m.Version != snapshotMetaV {
 		return nil, fmt.Errorf("snapshot %q: record %s names %q version %d", id, p.snapMetaPath(id), m.ID, m.Version)
@@ -96,11 +88,7 @@ func (p *pool) putSnapshot(m *snapshotMeta) error {
 		return err
 	}
 	m.Version = snapshotMetaV
-	b, err := json.MarshalIndent(m, "", "  ")
-	if err != nil {
-		return err
-	}
-	return writeFileAtomic(p.snapMetaPath(m.ID), append(b, '\n'))
+	return writeRecord(p.snapMetaPath(m.ID), m)
 }
 
 func (p *pool) removeSnapshot(id string) error {
