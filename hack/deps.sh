@@ -23,8 +23,14 @@ missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
+is_root_apt() { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; }
+# Under CI the package lists may be stale or absent, and tests/vm fetches
+# Debian's current kernel package with apt-get download: refresh them once.
+if [ "${CI:-}" = true ] && is_root_apt; then
+  apt-get update -qq >/dev/null
+fi
 if [ ${#missing[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  if is_root_apt; then
     echo "deps: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     # Update the package lists only when an install fails without it.
