@@ -404,7 +404,8 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 	// The usage units have no place for the image's own footprint in the
 	// pool, so the condition message carries it.
 	cond := &csi.VolumeCondition{Message: fmt.Sprintf("attached at %s (%s)", v.DevicePath, v.Backend)}
-	if alloc, err := allocatedBytes(d.pool.imagePath(id)); err == nil {
+	alloc, allocErr := allocatedBytes(d.pool.imagePath(id))
+	if allocErr == nil {
 		cond.Message += fmt.Sprintf("; image allocates %d bytes in the pool", alloc)
 	}
 	if v.device == nil {
@@ -421,11 +422,10 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 		if err != nil {
 			return nil, toStatus(err)
 		}
-		used, err := allocatedBytes(d.pool.imagePath(id))
-		if err != nil {
-			return nil, toStatus(err)
+		if allocErr != nil {
+			return nil, toStatus(allocErr)
 		}
-		used = min(used, size)
+		used := min(alloc, size)
 		resp.Usage = []*csi.VolumeUsage{{Unit: csi.VolumeUsage_BYTES, Total: size, Used: used, Available: size - used}}
 		return resp, nil
 	}

@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"context"
 	"fmt"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -75,6 +76,34 @@ func stream(size, start int64, max int32, ranges func(off, n int64) ([]snapshott
 	return nil
 }
 
+// streamSnapshot streams ranges(img, off, n) over the disk of snapshot m from
+// start, window by window, holding m's volume's lock and its one open image;
+// send gets each batch with the snapshot's disk size.
+func (d *Driver) streamSnapshot(ctx context.Context, m *snapshotMeta, start int64, max int32,
+	ranges func(img *qcow2.Image, off, n int64) ([]snapshotter.Range, error),
+	send func(size int64, b []*csi.BlockMetadata) error) error {
+	release, err := d.locks.acquire(m.Source, opSnapshot)
+	if err != nil {
+		return err
+	}
+	defer release()
+	return d.withImage(m.Source, m.Hidden, func(img *qcow2.Image, _ bool) error {
+		size, err := snapshotter.Size(img, m.ID)
+		if err != nil {
+			return snapshotErr(err)
+		}
+		return stream(size, start, max,
+			func(off, n int64) ([]snapshotter.Range, error) {
+				if err := ctx.Err(); err != nil {
+					return nil, err
+				}
+				rs, err := ranges(img, off, n)
+				return rs, snapshotErr(err)
+			},
+			func(b []*csi.BlockMetadata) error { return send(size, b) })
+	})
+}
+
 func (s snapshotMetadataServer) GetMetadataAllocated(req *csi.GetMetadataAllocatedRequest, srv csi.SnapshotMetadata_GetMetadataAllocatedServer) error {
 	d, ctx := s.d, srv.Context()
 	if req.GetSnapshotId() == "" {
@@ -87,32 +116,17 @@ func (s snapshotMetadataServer) GetMetadataAllocated(req *csi.GetMetadataAllocat
 	if err != nil {
 		return toStatus(err)
 	}
-	release, err := d.locks.acquire(m.Source, opSnapshot)
-	if err != nil {
-		return toStatus(err)
-	}
-	defer release()
-	err = d.withImage(m.Source, m.Hidden, func(img *qcow2.Image, _ bool) error {
-		size, err := snapshotter.Size(img, m.ID)
-		if err != nil {
-			return snapshotErr(err)
-		}
-		return stream(size, req.GetStartingOffset(), req.GetMaxResults(),
-			func(off, n int64) ([]snapshotter.Range, error) {
-				if err := ctx.Err(); err != nil {
-					return nil, err
-				}
-				rs, err := snapshotter.Allocated(img, m.ID, off, n)
-				return rs, snapshotErr(err)
-			},
-			func(b []*csi.BlockMetadata) error {
-				return srv.Send(&csi.GetMetadataAllocatedResponse{
-					BlockMetadataType:   csi.BlockMetadataType_VARIABLE_LENGTH,
-					VolumeCapacityBytes: size,
-					BlockMetadata:       b,
-				})
+	err = d.streamSnapshot(ctx, m, req.GetStartingOffset(), req.GetMaxResults(),
+		func(img *qcow2.Image, off, n int64) ([]snapshotter.Range, error) {
+			return snapshotter.Allocated(img, m.ID, off, n)
+		},
+		func(size int64, b []*csi.BlockMetadata) error {
+			return srv.Send(&csi.GetMetadataAllocatedResponse{
+				BlockMetadataType:   csi.BlockMetadataType_VARIABLE_LENGTH,
+				VolumeCapacityBytes: size,
+				BlockMetadata:       b,
 			})
-	})
+		})
 	if err != nil {
 		klog.FromContext(ctx).Error(err, "GetMetadataAllocated failed", "snapshotID", m.ID)
 	}
@@ -146,32 +160,17 @@ func (s snapshotMetadataServer) GetMetadataDelta(req *csi.GetMetadataDeltaReques
 	if b, err := d.pool.getSnapshot(req.GetBaseSnapshotId()); err == nil && b.Hidden != m.Hidden {
 		return toStatus(fmt.Errorf("%w: base snapshot %q is of an earlier volume of the same ID", ErrInvalid, b.ID))
 	}
-	release, err := d.locks.acquire(m.Source, opSnapshot)
-	if err != nil {
-		return toStatus(err)
-	}
-	defer release()
-	err = d.withImage(m.Source, m.Hidden, func(img *qcow2.Image, _ bool) error {
-		size, err := snapshotter.Size(img, m.ID)
-		if err != nil {
-			return snapshotErr(err)
-		}
-		return stream(size, req.GetStartingOffset(), req.GetMaxResults(),
-			func(off, n int64) ([]snapshotter.Range, error) {
-				if err := ctx.Err(); err != nil {
-					return nil, err
-				}
-				rs, err := snapshotter.Delta(img, baseSeq, m.Seq, off, n)
-				return rs, snapshotErr(err)
-			},
-			func(b []*csi.BlockMetadata) error {
-				return srv.Send(&csi.GetMetadataDeltaResponse{
-					BlockMetadataType:   csi.BlockMetadataType_VARIABLE_LENGTH,
-					VolumeCapacityBytes: size,
-					BlockMetadata:       b,
-				})
+	err = d.streamSnapshot(ctx, m, req.GetStartingOffset(), req.GetMaxResults(),
+		func(img *qcow2.Image, off, n int64) ([]snapshotter.Range, error) {
+			return snapshotter.Delta(img, baseSeq, m.Seq, off, n)
+		},
+		func(size int64, b []*csi.BlockMetadata) error {
+			return srv.Send(&csi.GetMetadataDeltaResponse{
+				BlockMetadataType:   csi.BlockMetadataType_VARIABLE_LENGTH,
+				VolumeCapacityBytes: size,
+				BlockMetadata:       b,
 			})
-	})
+		})
 	if err != nil {
 		klog.FromContext(ctx).Error(err, "GetMetadataDelta failed", "snapshotID", m.ID)
 	}
