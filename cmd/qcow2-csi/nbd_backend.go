@@ -34,7 +34,7 @@ func openNBDBackend(o *nbdOptions, format string, readOnly bool) (nbdattach.Back
 			opts.Bitmaps = []string{o.bitmap}
 		}
 		if o.snapshot != "" {
-			b, closeAll, err := openSnapshotBackend(img, o.snapshot, opts)
+			b, closeAll, err := openSnapshotBackend(img, o.file, o.snapshot, opts)
 			if err != nil {
 				img.Close()
 				return nil, nil, err

@@ -1,7 +1,9 @@
 package main
 
 import (
+	"errors"
 	"fmt"
+	"path/filepath"
 	"strings"
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
@@ -34,7 +36,7 @@ func snapshotParam(s string) (id, name string, err error) {
 }
 
 // openSnapshotBackend opens the snapshot -l names, read-only.
-func openSnapshotBackend(img *qcow2.Image, param string, opts driver.ImageBackendOptions) (*driver.ImageBackend, func() error, error) {
+func openSnapshotBackend(img *qcow2.Image, file, param string, opts driver.ImageBackendOptions) (*driver.ImageBackend, func() error, error) {
 	id, name, err := snapshotParam(param)
 	if err != nil {
 		return nil, nil, err
@@ -47,13 +49,16 @@ func openSnapshotBackend(img *qcow2.Image, param string, opts driver.ImageBacken
 		key = name
 	}
 	view, err := img.OpenSnapshot(key)
+	if errors.Is(err, qcow2.ErrSnapshotNotFound) {
+		return nil, nil, fmt.Errorf("-l %q: %w in %s", param, qcow2.ErrSnapshotNotFound, filepath.Base(file))
+	}
 	if err != nil {
 		return nil, nil, err
 	}
 	info := view.Info()
 	if (id != "" && info.ID != id) || (name != "" && info.Name != name) {
 		view.Close()
-		return nil, nil, fmt.Errorf("-l %q: %w", param, qcow2.ErrSnapshotNotFound)
+		return nil, nil, fmt.Errorf("-l %q: %w in %s", param, qcow2.ErrSnapshotNotFound, filepath.Base(file))
 	}
 	b, err := driver.NewSnapshotBackend(img, view, opts)
 	if err != nil {
