@@ -44,6 +44,7 @@ type serveFlags struct {
 	attachBackend, capacityReserve, defaultSz string
 	fuseDir                                   string
 	controllerExpand                          bool
+	blockMetadataType                         string
 }
 
 func runServe(args []string) int {
@@ -65,6 +66,7 @@ func runServe(args []string) int {
 	fs.StringVar(&f.capacityReserve, "capacity-reserve", "0", "pool space kept free: bytes (suffixes Ki, Mi, Gi, Ti) or a percentage of the pool filesystem (e.g. 5%)")
 	fs.StringVar(&f.defaultSz, "default-volume-size", "1Gi", "size of a volume created without a capacity range")
 	fs.BoolVar(&f.controllerExpand, "controller-expand", true, "advertise ControllerExpandVolume; set false when a central csi-resizer serves node-local pools, so that expansion runs entirely in NodeExpandVolume (docs/driver.md)")
+	fs.StringVar(&f.blockMetadataType, "block-metadata-type", "VARIABLE_LENGTH", "how SnapshotMetadata reports a snapshot's ranges when its VolumeSnapshotClass has no blockMetadataType parameter: VARIABLE_LENGTH (extents) or FIXED_LENGTH (cluster-size blocks)")
 	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
 	klog.InitFlags(klogFlags)
 	klogFlags.VisitAll(func(kf *flag.Flag) {
@@ -104,6 +106,7 @@ func serve(ctx context.Context, f serveFlags, out io.Writer) error {
 	opts := driver.Options{
 		Mode: mode, DriverName: f.driverName, Version: version, NodeID: f.nodeID, Pool: f.pool,
 		MaxVolumes: f.maxVolumes, ControllerExpand: f.controllerExpand, AttachBackend: f.attachBackend,
+		BlockMetadataType: f.blockMetadataType,
 	}
 	if opts.CapacityReserve, opts.CapacityReservePercent, err = parseReserve(f.capacityReserve); err != nil {
 		return err

@@ -76,6 +76,12 @@ type Options struct {
 	// AttachBackend is "auto", "nbd" or "fuse": which Attacher the node uses.
 	// "auto" takes the first available of nbd, fuse.
 	AttachBackend string
+	// BlockMetadataType is how the SnapshotMetadata service reports the
+	// ranges of a snapshot created without the VolumeSnapshotClass
+	// parameter blockMetadataType: "VARIABLE_LENGTH" (default) or
+	// "FIXED_LENGTH". CSI requests carry no type; the choice is recorded with
+	// each snapshot when it is created.
+	BlockMetadataType string
 	// ReattachTimeout bounds the re-attach of devices on start.
 	ReattachTimeout time.Duration
 	// Logger receives the domain packages' logs (the driver itself logs with
@@ -98,6 +104,9 @@ func (o *Options) setDefaults() {
 	}
 	if o.AttachBackend == "" {
 		o.AttachBackend = "auto"
+	}
+	if o.BlockMetadataType == "" {
+		o.BlockMetadataType = blockMetadataVariable
 	}
 	if o.ReattachTimeout == 0 {
 		o.ReattachTimeout = 2 * time.Minute
@@ -130,6 +139,9 @@ func (o *Options) validate() error {
 	case "auto", "nbd", "fuse":
 	default:
 		return fmt.Errorf("attach backend %q: want auto, nbd or fuse", o.AttachBackend)
+	}
+	if _, ok := blockMetadataTypes[o.BlockMetadataType]; !ok {
+		return fmt.Errorf("block metadata type %q: want %s or %s", o.BlockMetadataType, blockMetadataFixed, blockMetadataVariable)
 	}
 	return nil
 }

@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"fmt"
+	"strings"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"k8s.io/klog/v2"
@@ -13,7 +14,9 @@ import (
 
 // The CSI SnapshotMetadata service: allocated extents of a snapshot and
 // changed extents between two snapshots of a volume (pkg/snapshotter),
-// streamed as VARIABLE_LENGTH tuples, ascending and non-overlapping.
+// streamed ascending and non-overlapping, as VARIABLE_LENGTH extents or
+// FIXED_LENGTH blocks: whichever the target snapshot was created with
+// (snapshot_params.go).
 
 const (
 	// defaultMaxResults is the tuples per message when the caller leaves
@@ -46,28 +49,46 @@ func checkWindow(startingOffset int64, maxResults int32) error {
 }
 
 // stream sends ranges computed window by window from start to the end of a
-// disk of size bytes, max tuples a message.
-func stream(size, start int64, max int32, ranges func(off, n int64) ([]snapshotter.Range, error), send func([]*csi.BlockMetadata) error) error {
+// disk of size bytes, maxResults tuples a message. With block > 0 (FIXED_LENGTH)
+// every range is widened to the blocks of that size it touches, each sent
+// once as its own tuple; the first is the block holding start.
+func stream(size, start int64, maxResults int32, block int64, ranges func(off, n int64) ([]snapshotter.Range, error), send func([]*csi.BlockMetadata) error) error {
 	if start >= size && !(start == 0 && size == 0) {
 		return fmt.Errorf("%w: starting_offset %d is at or beyond the volume's %d bytes", ErrOutOfRange, start, size)
 	}
-	if max == 0 {
-		max = defaultMaxResults
+	if maxResults == 0 {
+		maxResults = defaultMaxResults
 	}
 	var batch []*csi.BlockMetadata
+	add := func(off, n int64) error {
+		batch = append(batch, &csi.BlockMetadata{ByteOffset: off, SizeBytes: n})
+		if len(batch) < int(maxResults) {
+			return nil
+		}
+		err := send(batch)
+		batch = nil
+		return err
+	}
+	next := int64(0) // FIXED_LENGTH: the first block not sent yet
 	for off := start; off < size; off += metadataWindow {
 		rs, err := ranges(off, min(int64(metadataWindow), size-off))
 		if err != nil {
 			return err
 		}
 		for _, r := range rs {
-			batch = append(batch, &csi.BlockMetadata{ByteOffset: r.Offset, SizeBytes: r.Length})
-			if len(batch) == int(max) {
-				if err := send(batch); err != nil {
+			if block == 0 {
+				if err := add(r.Offset, r.Length); err != nil {
 					return err
 				}
-				batch = nil
+				continue
 			}
+			b := max(r.Offset/block*block, next)
+			for ; b < r.Offset+r.Length; b += block {
+				if err := add(b, block); err != nil {
+					return err
+				}
+			}
+			next = max(next, b)
 		}
 	}
 	if len(batch) > 0 {
@@ -78,21 +99,28 @@ func stream(size, start int64, max int32, ranges func(off, n int64) ([]snapshott
 
 // streamSnapshot streams ranges(img, off, n) over the disk of snapshot m from
 // start, window by window, holding m's volume's lock and its one open image;
-// send gets each batch with the snapshot's disk size.
+// send gets each batch with the snapshot's disk size and the block metadata
+// type m was created with. For FIXED_LENGTH, block(img) is the tuple size.
 func (d *Driver) streamSnapshot(ctx context.Context, m *snapshotMeta, start int64, max int32,
+	block func(img *qcow2.Image) int64,
 	ranges func(img *qcow2.Image, off, n int64) ([]snapshotter.Range, error),
-	send func(size int64, b []*csi.BlockMetadata) error) error {
+	send func(typ csi.BlockMetadataType, size int64, b []*csi.BlockMetadata) error) error {
 	release, err := d.locks.acquire(m.Source, opSnapshot)
 	if err != nil {
 		return err
 	}
 	defer release()
+	typ := d.blockMetadataType(m)
 	return d.withImage(m.Source, m.Hidden, func(img *qcow2.Image, _ bool) error {
 		size, err := snapshotter.Size(img, m.ID)
 		if err != nil {
 			return snapshotErr(err)
 		}
-		return stream(size, start, max,
+		bs := int64(0)
+		if typ == csi.BlockMetadataType_FIXED_LENGTH {
+			bs = block(img)
+		}
+		return stream(size, start, max, bs,
 			func(off, n int64) ([]snapshotter.Range, error) {
 				if err := ctx.Err(); err != nil {
 					return nil, err
@@ -100,8 +128,21 @@ func (d *Driver) streamSnapshot(ctx context.Context, m *snapshotMeta, start int6
 				rs, err := ranges(img, off, n)
 				return rs, snapshotErr(err)
 			},
-			func(b []*csi.BlockMetadata) error { return send(size, b) })
+			func(b []*csi.BlockMetadata) error { return send(typ, size, b) })
 	})
+}
+
+// deltaBlock is the FIXED_LENGTH tuple size of a delta: the coarsest
+// granularity of the image's checkpoint bitmaps, at least a cluster, so
+// that every bitmap range is whole blocks.
+func deltaBlock(img *qcow2.Image) int64 {
+	bs := img.ClusterSize()
+	for _, b := range img.Bitmaps() {
+		if strings.HasPrefix(b.Name, snapshotter.BitmapPrefix) {
+			bs = max(bs, b.Granularity)
+		}
+	}
+	return bs
 }
 
 func (s snapshotMetadataServer) GetMetadataAllocated(req *csi.GetMetadataAllocatedRequest, srv csi.SnapshotMetadata_GetMetadataAllocatedServer) error {
@@ -117,12 +158,13 @@ func (s snapshotMetadataServer) GetMetadataAllocated(req *csi.GetMetadataAllocat
 		return toStatus(err)
 	}
 	err = d.streamSnapshot(ctx, m, req.GetStartingOffset(), req.GetMaxResults(),
+		(*qcow2.Image).ClusterSize,
 		func(img *qcow2.Image, off, n int64) ([]snapshotter.Range, error) {
 			return snapshotter.Allocated(img, m.ID, off, n)
 		},
-		func(size int64, b []*csi.BlockMetadata) error {
+		func(typ csi.BlockMetadataType, size int64, b []*csi.BlockMetadata) error {
 			return srv.Send(&csi.GetMetadataAllocatedResponse{
-				BlockMetadataType:   csi.BlockMetadataType_VARIABLE_LENGTH,
+				BlockMetadataType:   typ,
 				VolumeCapacityBytes: size,
 				BlockMetadata:       b,
 			})
@@ -161,12 +203,13 @@ func (s snapshotMetadataServer) GetMetadataDelta(req *csi.GetMetadataDeltaReques
 		return toStatus(fmt.Errorf("%w: base snapshot %q is of an earlier volume of the same ID", ErrInvalid, b.ID))
 	}
 	err = d.streamSnapshot(ctx, m, req.GetStartingOffset(), req.GetMaxResults(),
+		deltaBlock,
 		func(img *qcow2.Image, off, n int64) ([]snapshotter.Range, error) {
 			return snapshotter.Delta(img, baseSeq, m.Seq, off, n)
 		},
-		func(size int64, b []*csi.BlockMetadata) error {
+		func(typ csi.BlockMetadataType, size int64, b []*csi.BlockMetadata) error {
 			return srv.Send(&csi.GetMetadataDeltaResponse{
-				BlockMetadataType:   csi.BlockMetadataType_VARIABLE_LENGTH,
+				BlockMetadataType:   typ,
 				VolumeCapacityBytes: size,
 				BlockMetadata:       b,
 			})

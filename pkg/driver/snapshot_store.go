@@ -42,6 +42,11 @@ type snapshotMeta struct {
 	// Hidden: the source volume was deleted; its image lives in the
 	// snapshots directory.
 	Hidden bool `json:"hidden,omitempty"`
+	// BlockMetadataType is FIXED_LENGTH or VARIABLE_LENGTH: how the
+	// SnapshotMetadata service reports ranges when this snapshot is the
+	// target. Empty in records written before it existed: the driver's
+	// default then.
+	BlockMetadataType string `json:"blockMetadataType,omitempty"`
 }
 
 func snapshotID(vol string, seq uint64) string {

@@ -48,6 +48,10 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 	if err := validateCreateSnapshotRequest(req); err != nil {
 		return nil, toStatus(err)
 	}
+	params, err := parseSnapshotParams(req.GetParameters(), d.opts.BlockMetadataType)
+	if err != nil {
+		return nil, toStatus(err)
+	}
 	name, vol := req.GetName(), req.GetSourceVolumeId()
 	releaseName, err := d.locks.acquire(snapNameLock(name), opSnapshot)
 	if err != nil {
@@ -66,6 +70,10 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 	}
 	if existing != nil && existing.Source != vol {
 		return nil, toStatus(fmt.Errorf("%w: snapshot name %q is taken by %q of volume %q", ErrAlreadyExists, name, existing.ID, existing.Source))
+	}
+	if existing != nil && d.blockMetadataType(existing) != blockMetadataTypes[params.BlockMetadataType] {
+		return nil, toStatus(fmt.Errorf("%w: snapshot %q exists as %q with %s %s, not %s", ErrAlreadyExists, name, existing.ID,
+			paramBlockMetadataType, d.blockMetadataType(existing), params.BlockMetadataType))
 	}
 	if checkVolumeID(vol) != nil {
 		return nil, toStatus(fmt.Errorf("volume %q: %w", vol, ErrNotFound))
@@ -86,7 +94,7 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 			// The record goes first: a crash after it leaves a record
 			// whose retry completes the snapshot below.
 			seq := snapshotter.NextSeq(img, uint64(time.Now().UnixNano()))
-			m = &snapshotMeta{ID: snapshotID(vol, seq), Name: name, Source: vol, Seq: seq, Created: time.Now().UTC(), Size: img.Size()}
+			m = &snapshotMeta{ID: snapshotID(vol, seq), Name: name, Source: vol, Seq: seq, Created: time.Now().UTC(), Size: img.Size(), BlockMetadataType: params.BlockMetadataType}
 			if err := d.pool.putSnapshot(m); err != nil {
 				return err
 			}
@@ -100,7 +108,7 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 				return err
 			}
 			seq := snapshotter.NextSeq(img, uint64(time.Now().UnixNano()))
-			m = &snapshotMeta{ID: snapshotID(vol, seq), Name: name, Source: vol, Seq: seq, Created: time.Now().UTC(), Size: img.Size()}
+			m = &snapshotMeta{ID: snapshotID(vol, seq), Name: name, Source: vol, Seq: seq, Created: time.Now().UTC(), Size: img.Size(), BlockMetadataType: params.BlockMetadataType}
 			existing = nil
 			if err := d.pool.putSnapshot(m); err != nil {
 				return err

@@ -26,8 +26,15 @@ const snapDisk = 4 << 20
 
 func startQcow2(t *testing.T) (string, clients, csi.SnapshotMetadataClient) {
 	t.Helper()
+	return startQcow2With(t, driver.Options{})
+}
+
+// startQcow2With is startQcow2 with options (Pool is filled in).
+func startQcow2With(t *testing.T, opts driver.Options) (string, clients, csi.SnapshotMetadataClient) {
+	t.Helper()
 	pool := t.TempDir()
-	srv := drivertest.Start(t, driver.Options{Pool: pool}, driver.Seams{Images: driver.Qcow2Images{}})
+	opts.Pool = pool
+	srv := drivertest.Start(t, opts, driver.Seams{Images: driver.Qcow2Images{}})
 	conn, err := grpc.NewClient("unix://"+srv.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
@@ -70,13 +77,21 @@ func readImage(t *testing.T, path string) []byte {
 	return p
 }
 
-// collect reads a metadata stream to its end, checking the tuples ascend
-// without overlap and messages hold at most max tuples.
-func collect[T interface {
+type metadataResponse interface {
 	GetBlockMetadata() []*csi.BlockMetadata
 	GetVolumeCapacityBytes() int64
 	GetBlockMetadataType() csi.BlockMetadataType
-}](t *testing.T, recv func() (T, error), max int) ([]*csi.BlockMetadata, error) {
+}
+
+// collect reads a VARIABLE_LENGTH metadata stream to its end, checking the
+// tuples ascend without overlap and messages hold at most max tuples.
+func collect[T metadataResponse](t *testing.T, recv func() (T, error), max int) ([]*csi.BlockMetadata, error) {
+	t.Helper()
+	return collectAs(t, recv, max, csi.BlockMetadataType_VARIABLE_LENGTH)
+}
+
+// collectAs is collect for a stream that must be of type typ.
+func collectAs[T metadataResponse](t *testing.T, recv func() (T, error), max int, typ csi.BlockMetadataType) ([]*csi.BlockMetadata, error) {
 	t.Helper()
 	var out []*csi.BlockMetadata
 	end := int64(0)
@@ -88,7 +103,7 @@ func collect[T interface {
 		if err != nil {
 			return out, err
 		}
-		if r.GetVolumeCapacityBytes() != snapDisk || r.GetBlockMetadataType() != csi.BlockMetadataType_VARIABLE_LENGTH {
+		if r.GetVolumeCapacityBytes() != snapDisk || r.GetBlockMetadataType() != typ {
 			t.Fatalf("capacity %d type %v", r.GetVolumeCapacityBytes(), r.GetBlockMetadataType())
 		}
 		if max > 0 && len(r.GetBlockMetadata()) > max {
