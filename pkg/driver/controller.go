@@ -32,6 +32,7 @@ func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCa
 		// snapshots.go: internal snapshots of the qcow2 library.
 		rpcs = append(rpcs, csi.ControllerServiceCapability_RPC_CREATE_DELETE_SNAPSHOT,
 			csi.ControllerServiceCapability_RPC_LIST_SNAPSHOTS,
+			csi.ControllerServiceCapability_RPC_GET_SNAPSHOT,
 			csi.ControllerServiceCapability_RPC_CLONE_VOLUME)
 	}
 	if d.opts.ControllerExpand && d.canGrow() {
