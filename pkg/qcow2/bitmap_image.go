@@ -45,6 +45,10 @@ type imgBitmap struct {
 	// against extent readers, which do not take Image.mu.
 	rw   sync.RWMutex
 	bits *dirtyBitmap // nil when inconsistent
+	// shadow: the durableUnit spans made dirty on disk ahead of data
+	// since the last store; nil unless crash-consistent and enabled
+	// (bitmap_durable.go). Image.mu.
+	shadow *dirtyBitmap
 }
 
 func (s *bitmapSet) find(name string) *imgBitmap {
@@ -115,14 +119,24 @@ func (img *Image) loadBitmaps() error {
 	if err != nil {
 		return ioErr("stat", err)
 	}
+	// In-use bitmaps of a crash-consistent writer hold a superset of the
+	// writes: trust them while the writer's autoclear bit says nobody else
+	// wrote since.
+	durable := h.Autoclear&AutoclearCrashConsistentBitmaps != 0
 	list := make([]*imgBitmap, 0, len(img.bitmapDir))
 	for i := range img.bitmapDir {
 		e := img.bitmapDir[i]
 		b := &imgBitmap{name: e.Name, granBits: e.GranularityBits, enabled: e.auto(), disk: &e}
-		if e.inUse() || !e.usable() {
+		switch {
+		case !e.usable(), e.inUse() && !durable:
 			b.inconsistent = true
-		} else {
+		default:
 			b.bits, b.table, err = img.readBitmapData(i, &e, st.Size())
+			if err != nil && e.inUse() {
+				// A superset we cannot read is no superset.
+				img.logger().Warn("qcow2: in-use bitmap of a crash-consistent writer is unreadable; it is inconsistent", "path", img.path, "bitmap", e.Name, "err", err)
+				b.inconsistent, b.bits, b.table, err = true, nil, nil, nil
+			}
 			if err != nil {
 				return err
 			}
@@ -131,8 +145,13 @@ func (img *Image) loadBitmaps() error {
 	}
 	img.bms.list = list
 	img.bms.retrack()
-	if img.readOnly || len(img.bms.tracking) == 0 {
+	if img.readOnly || (len(img.bms.tracking) == 0 && !durable) {
 		return nil
+	}
+	if img.durableBitmaps {
+		// Lay the enabled bitmaps out for in-place bit writes, in_use,
+		// and publish them with the autoclear bit in one header write.
+		return img.storeBitmapsLocked(false)
 	}
 	for _, b := range list {
 		if b.enabled && !b.inconsistent {
@@ -192,7 +211,10 @@ func (img *Image) rewriteBitmapDirInPlace() error {
 	if h.Bitmaps == nil || uint64(len(buf)) != h.Bitmaps.DirSize {
 		return fmt.Errorf("qcow2: internal: in-place bitmap directory rewrite of %d bytes over %v", len(buf), h.Bitmaps)
 	}
-	h.Autoclear &^= AutoclearBitmaps
+	// The crash-consistent marker goes too and stays off: the in-place
+	// directory write is for flags of bitmaps tracked the qemu way (or
+	// about to change size), whose in_use must not be trusted.
+	h.Autoclear &^= AutoclearBitmaps | AutoclearCrashConsistentBitmaps
 	if err := img.writeHeader(); err != nil {
 		return err
 	}
@@ -261,12 +283,15 @@ func (img *Image) storeBitmapsLocked(closing bool) (err error) {
 		}
 		n := b.bits.tableSize(uint64(cs))
 		table := make([]bitmapTableEntry, n)
+		// A crash-consistent tracker sets bits in place: every chunk of
+		// an enabled bitmap gets a data cluster.
+		inPlace := img.durableBitmaps && b.enabled && !closing
 		for j := uint64(0); j < n; j++ {
 			zero, ones := b.bits.chunkState(j, uint64(cs))
-			if zero {
+			if zero && !inPlace {
 				continue
 			}
-			if ones {
+			if ones && !inPlace {
 				table[j] = bitmapTableEntryAllOnes
 				continue
 			}
@@ -337,6 +362,11 @@ func (img *Image) storeBitmapsLocked(closing bool) (err error) {
 	} else {
 		h.Autoclear &^= AutoclearBitmaps
 	}
+	if ext != nil && img.durableBitmaps && !closing {
+		h.Autoclear |= AutoclearCrashConsistentBitmaps
+	} else {
+		h.Autoclear &^= AutoclearCrashConsistentBitmaps
+	}
 	herr := img.writeHeader()
 	if herr == nil {
 		herr = img.fsync()
@@ -352,6 +382,7 @@ func (img *Image) storeBitmapsLocked(closing bool) (err error) {
 			e := dir[i]
 			b.disk, b.table = &e, tables[i]
 		}
+		img.resetShadow(b)
 	}
 	// Free what only the old directory referenced: the old directory, and
 	// the tables and data of every bitmap rewritten or removed. Inconsistent
@@ -387,6 +418,12 @@ func (img *Image) storeBitmapsLocked(closing bool) (err error) {
 		}
 	}
 	img.buildMetaMap()
+	if ferr == nil {
+		// Write the decrements out (no fsync needed: nothing durable
+		// references the freed clusters), so that a process killed later
+		// leaks nothing.
+		ferr = img.syncRefcounts(false)
+	}
 	return ferr
 }
 

@@ -15,7 +15,7 @@ type seg struct {
 // hostSegments splits [off, off+n) of f into data and holes with
 // SEEK_DATA/SEEK_HOLE, as qemu's file-posix block status does. When the
 // file system cannot tell, everything is data.
-func hostSegments(f *os.File, off, n int64) []seg {
+func hostSegments(f interface{ Fd() uintptr }, off, n int64) []seg {
 	fd := int(f.Fd())
 	end := off + n
 	var out []seg

@@ -73,7 +73,16 @@ const (
 
 	AutoclearBitmaps     = 1 << 0
 	AutoclearDataFileRaw = 1 << 1
-	autoclearKnown       = AutoclearBitmaps | AutoclearDataFileRaw
+	// AutoclearCrashConsistentBitmaps is qcow2-csi's own autoclear bit: set
+	// while a writer keeps the enabled bitmaps crash-consistent on disk
+	// (OpenOptions.CrashConsistentBitmaps), so that bitmaps found in_use
+	// may still be trusted. A writer that does not know it clears it before
+	// writing, as the spec requires for unknown autoclear bits, which is
+	// exactly what makes it safe: once anyone else wrote, in_use means
+	// inconsistent again. The highest bit keeps clear of the bits qemu
+	// assigns from the bottom.
+	AutoclearCrashConsistentBitmaps = 1 << 63
+	autoclearKnown                  = AutoclearBitmaps | AutoclearDataFileRaw | AutoclearCrashConsistentBitmaps
 )
 
 // Compression types (header byte 104).

@@ -64,6 +64,10 @@ func (img *Image) startWrite(off, n int64) error {
 		err = img.firstWrite()
 	}
 	img.mu.Unlock()
+	if err == nil {
+		// Crash-consistent bitmaps: their bits reach the disk first.
+		err = img.bitmapWriteAhead(off, n)
+	}
 	if err != nil {
 		img.drain.RUnlock()
 	}
@@ -77,6 +81,10 @@ func (img *Image) firstWrite() error {
 	h := img.hdr
 	if h.Version >= 3 {
 		clearBits := h.Autoclear &^ autoclearKnown
+		if !img.durableBitmaps {
+			// Only a crash-consistent writer may leave its marker on.
+			clearBits |= h.Autoclear & AutoclearCrashConsistentBitmaps
+		}
 		if h.Autoclear&AutoclearBitmaps != 0 && !img.bitmapsTracked {
 			// Writes would make the persistent bitmaps stale: drop the
 			// bit so no reader trusts them (qemu's rule for writers that

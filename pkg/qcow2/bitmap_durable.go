@@ -1,0 +1,231 @@
+package qcow2
+
+import (
+	"fmt"
+	"sync"
+)
+
+// Crash-consistent bitmaps (OpenOptions.CrashConsistentBitmaps).
+//
+// The guarantee: at every moment, for every enabled consistent bitmap, the
+// bits on disk cover every guest range whose new contents may have reached
+// the disk. Hence after SIGKILL or power loss the bitmap is still a correct
+// superset of the changes since it was started, and it is loaded as
+// consistent although it was left in_use.
+//
+// How:
+//   - While the image is open this way, every enabled bitmap's table points
+//     to a data cluster for every chunk (no all-zero or all-ones entries),
+//     so setting a bit on disk is an in-place write of one cluster: no
+//     allocation, no table or directory change. storeBitmapsLocked lays
+//     bitmaps out like that and sets AutoclearCrashConsistentBitmaps in the
+//     same header write that publishes them.
+//   - A write request first sets its bits in memory and, when that changed
+//     anything on disk, waits until the changed bitmap clusters are written
+//     and fsynced (bitmapWriteAhead). Concurrent writers share one fsync:
+//     the first waiter flushes everything pending, the others wait for it.
+//     Only then does the request write data.
+//   - To pay that fsync rarely, the bits written to disk are coarser than
+//     the bitmap: each bitmap has a shadow at durableUnit granularity (at
+//     least the bitmap's own); a write dirties whole units on disk, and a
+//     write that continues a dirty unit (sequential I/O) dirties
+//     durableAhead units at once. In memory the bitmap keeps its exact
+//     bits, and a clean close stores them: the coarse superset is what a
+//     crash leaves, never what a clean session leaves.
+//   - Everything that stores bitmaps (open, add, enable, merge, resize,
+//     close) writes the exact bits and empties the shadows: the disk then
+//     holds exactly the memory bits, and later writes start over.
+//
+// A program that does not know the autoclear bit clears it before writing
+// (qcow2 spec), so in_use bitmaps of an image written since by anyone else
+// are inconsistent again, as in qemu. Bits on disk only ever grow while
+// open (clear and merge go through a store), so a torn or lost bitmap
+// cluster write can only lose bits of a request that has not written data.
+
+const (
+	// durableUnitBits: 1 MiB of the disk per on-disk bit set ahead of data.
+	durableUnitBits = 20
+	// durableAhead: units dirtied at once by a write that extends a dirty
+	// unit, so that sequential writers fsync once per this many units.
+	durableAhead = 16
+)
+
+// bitmapJournal orders bitmap cluster writes before the data they cover.
+type bitmapJournal struct {
+	// Guarded by Image.mu: bitmap clusters changed in memory but not yet
+	// written, and the number of such changes so far.
+	pending map[*imgBitmap]map[uint64]struct{}
+	seq     uint64
+
+	// Guarded by mu: the changes up to durable are on disk; one flusher
+	// at a time (flushing), the others wait on cond.
+	mu       sync.Mutex
+	cond     *sync.Cond
+	durable  uint64
+	flushing bool
+}
+
+// resetShadow gives an enabled bitmap of a crash-consistent image an empty
+// shadow (the disk holds exactly b.bits), or drops it. mu held.
+func (img *Image) resetShadow(b *imgBitmap) {
+	if !img.durableBitmaps || !b.enabled || b.inconsistent {
+		b.shadow = nil
+		return
+	}
+	b.shadow = newDirtyBitmap(b.bits.size, max(uint(b.granBits), durableUnitBits))
+}
+
+// bitmapWriteAhead makes the bits covering [off, off+n) durable in every
+// enabled bitmap before the caller writes data there. drain held shared.
+func (img *Image) bitmapWriteAhead(off, n int64) error {
+	if !img.durableBitmaps || n <= 0 {
+		return nil
+	}
+	img.mu.Lock()
+	j := &img.journal
+	for _, b := range img.bms.list {
+		if b.shadow == nil || !b.enabled || b.inconsistent {
+			continue
+		}
+		first, end, ok := b.shadow.bitRange(uint64(off), uint64(n))
+		if !ok || b.shadow.next(first, end, false) == end {
+			continue // every unit is dirty on disk (or pending) already
+		}
+		if first > 0 && b.shadow.next(first-1, first, true) == first-1 {
+			end = min(max(end, first+durableAhead), b.shadow.nbits)
+		}
+		b.bits.setRange(uint64(off), uint64(n))
+		b.shadow.setBits(first, end)
+		if j.pending == nil {
+			j.pending = map[*imgBitmap]map[uint64]struct{}{}
+		}
+		chunks := j.pending[b]
+		if chunks == nil {
+			chunks = map[uint64]struct{}{}
+			j.pending[b] = chunks
+		}
+		perChunk := uint64(img.clusterSize) * 8 // bitmap bits per cluster
+		lo := (first << b.shadow.granBits >> b.granBits) / perChunk
+		hi := ((end<<b.shadow.granBits>>b.granBits)-1)/perChunk + 1
+		for c := lo; c < min(hi, uint64(len(b.table))); c++ {
+			chunks[c] = struct{}{}
+		}
+		j.seq++
+	}
+	target := j.seq
+	img.mu.Unlock()
+	return img.waitBitmapsDurable(target)
+}
+
+// waitBitmapsDurable returns once the bitmap changes up to target are on
+// disk, flushing them itself unless another writer is doing it.
+func (img *Image) waitBitmapsDurable(target uint64) error {
+	j := &img.journal
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.cond == nil {
+		j.cond = sync.NewCond(&j.mu)
+	}
+	for j.durable < target {
+		if j.flushing {
+			j.cond.Wait()
+			continue
+		}
+		j.flushing = true
+		j.mu.Unlock()
+		done, err := img.flushBitmapJournal()
+		j.mu.Lock()
+		j.flushing = false
+		if err == nil && done > j.durable {
+			j.durable = done
+		}
+		j.cond.Broadcast()
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// flushBitmapJournal writes every pending bitmap cluster (the exact bits
+// ORed with the shadow's units) and fsyncs; it returns the change count
+// that is now durable.
+func (img *Image) flushBitmapJournal() (uint64, error) {
+	img.mu.Lock()
+	j := &img.journal
+	upto, pending := j.seq, j.pending
+	j.pending = nil
+	buf := make([]byte, img.clusterSize)
+	var err error
+	for b, chunks := range pending {
+		if img.bms.find(b.name) != b || b.shadow == nil {
+			continue // removed or disabled since: stored without it
+		}
+		for c := range chunks {
+			if err != nil {
+				break
+			}
+			if c >= uint64(len(b.table)) || b.table[c].offset() == 0 {
+				err = fmt.Errorf("qcow2: internal: bitmap %q chunk %d has no data cluster in crash-consistent mode", b.name, c)
+				break
+			}
+			b.bits.serializeChunk(c, buf)
+			orShadowChunk(buf, c, b.bits, b.shadow)
+			err = img.writeMeta(buf, b.table[c].offset(), 0, "bitmap data")
+		}
+	}
+	if err != nil {
+		// Keep everything pending: the next waiter writes it again.
+		for b, chunks := range pending {
+			if j.pending == nil {
+				j.pending = map[*imgBitmap]map[uint64]struct{}{}
+			}
+			if j.pending[b] == nil {
+				j.pending[b] = chunks
+				continue
+			}
+			for c := range chunks {
+				j.pending[b][c] = struct{}{}
+			}
+		}
+		img.mu.Unlock()
+		return 0, err
+	}
+	img.mu.Unlock()
+	if !img.noSync {
+		if err := img.f.Sync(); err != nil {
+			return 0, ioErr("fsync bitmap data", err)
+		}
+	}
+	return upto, nil
+}
+
+// orShadowChunk sets in buf (cluster c of exact's serialization) every
+// exact bit that lies in a dirty unit of shadow.
+func orShadowChunk(buf []byte, c uint64, exact, shadow *dirtyBitmap) {
+	perChunk := uint64(len(buf)) * 8
+	first := c * perChunk
+	end := min(first+perChunk, exact.nbits)
+	shift := shadow.granBits - exact.granBits // exact bits per unit = 1<<shift
+	for u := shadow.next(first>>shift, (end-1)>>shift+1, true); u<<shift < end; {
+		stop := shadow.next(u, shadow.nbits, false) // end of this dirty run
+		setBufBits(buf, max(u<<shift, first)-first, min(stop<<shift, end)-first)
+		if stop >= shadow.nbits {
+			break
+		}
+		u = shadow.next(stop, (end-1)>>shift+1, true)
+	}
+}
+
+// setBufBits sets bits [lo, hi) of buf (bit i is bit i%8 of byte i/8).
+func setBufBits(buf []byte, lo, hi uint64) {
+	for ; lo < hi && lo%8 != 0; lo++ {
+		buf[lo/8] |= 1 << (lo % 8)
+	}
+	for ; lo+8 <= hi; lo += 8 {
+		buf[lo/8] = 0xff
+	}
+	for ; lo < hi; lo++ {
+		buf[lo/8] |= 1 << (lo % 8)
+	}
+}
