@@ -116,7 +116,7 @@ func (r *rawLayer) blockStatus(off, n int64, depth int) ([]Extent, error) {
 	var out []Extent
 	if off < r.size {
 		l := min(n, r.size-off)
-		for _, s := range hostSegments(r.f, off, l) {
+		for _, s := range hostSegments(r.f, off, l, nil) {
 			out = append(out, Extent{Start: s.off, Length: s.n, Depth: depth, Present: true, Data: !s.hole, Zero: s.hole, Offset: s.off, Filename: r.path})
 		}
 	}

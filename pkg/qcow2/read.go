@@ -245,6 +245,7 @@ func (img *Image) blockStatusL1(l1 []l1Entry, size, off, n int64, depth int) ([]
 	n = min(n, size-off)
 	var out []Extent
 	var runs []run
+	var dr dataRegion // for this scan only: writes may punch holes after it
 	for n > 0 {
 		chunk := min(n, maxMapChunk*64)
 		img.mu.Lock()
@@ -260,7 +261,7 @@ func (img *Image) blockStatusL1(l1 []l1Entry, size, off, n int64, depth int) ([]
 			case kindNormal:
 				// Like qemu, data over a hole in the host file reads as
 				// zeroes and says so.
-				for _, s := range hostSegments(img.f, r.host, r.n) {
+				for _, s := range hostSegments(img.f, r.host, r.n, &dr) {
 					y := x
 					y.Start, y.Length = r.guest+s.off-r.host, s.n
 					y.Present, y.Data, y.Zero, y.Offset = true, true, s.hole, s.off
