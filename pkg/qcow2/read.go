@@ -1,6 +1,7 @@
 package qcow2
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -31,35 +32,91 @@ func (img *Image) mapRangeL1(l1 []l1Entry, off, n int64, runs []run) ([]run, err
 		l1 = img.l1
 	}
 	end := off + n
+	perSlice := img.sliceSize >> img.l2EntryShift
 	for off < end {
 		vc := off >> img.clusterBits
-		e, bm, err := img.getL2From(l1, vc)
+		i1 := img.l1Index(vc)
+		var l2Off int64
+		if i1 < int64(len(l1)) {
+			l2Off = l1[i1].offset()
+		}
+		if l2Off == 0 {
+			// No L2 table: its whole range reads as unallocated
+			// entries, one run without a look at each cluster.
+			tEnd := min(end, (i1+1)*img.l2Entries<<img.clusterBits)
+			runs = appendRun(runs, run{guest: off, n: tEnd - off, kind: kindUnallocated})
+			off = tEnd
+			continue
+		}
+		s, i, err := img.l2Slice(l2Off, img.l2Index(vc))
 		if err != nil {
 			return runs, err
 		}
-		where := func() string { return fmt.Sprintf("l2 entry of guest cluster %d", vc) }
-		cEnd := min(end, (vc+1)<<img.clusterBits)
-		for off < cEnd {
-			sc := -1
-			pieceEnd := cEnd
-			if img.extL2 {
-				sc = int((off & (img.clusterSize - 1)) >> img.scBits)
-				pieceEnd = min(cEnd, (vc<<img.clusterBits)+int64(sc+1)<<img.scBits)
+		// The clusters of this slice of the table, decoded from the
+		// slice in hand rather than looked up in the cache one by one
+		// (mu is held: the slice stays put).
+		sEnd := min(end, (vc-i+perSlice)<<img.clusterBits)
+		for ; off < sEnd; i++ {
+			if z := zeroEntries(s.buf, i, img.l2EntryShift); z > 0 {
+				// Unallocated entries (most of a sparse disk's table):
+				// one run for them all.
+				zEnd := min(sEnd, ((off>>img.clusterBits)+z)<<img.clusterBits)
+				runs = appendRun(runs, run{guest: off, n: zEnd - off, kind: kindUnallocated})
+				off = zEnd
+				i += z - 1
+				continue
 			}
-			k, err := img.classify(e, bm, sc, where)
-			if err != nil {
+			cEnd := min(sEnd, ((off>>img.clusterBits)+1)<<img.clusterBits)
+			if runs, err = img.mapCluster(s.buf, i, l2Off, off, cEnd, runs); err != nil {
 				return runs, err
 			}
-			r := run{guest: off, n: pieceEnd - off, kind: k}
-			switch k {
-			case kindNormal, kindZeroAlloc, kindUnallocatedAlloc:
-				r.host = e.offset() + off&(img.clusterSize-1)
-			case kindCompressed:
-				r.entry = e
-			}
-			runs = appendRun(runs, r)
-			off = pieceEnd
+			off = cEnd
 		}
+	}
+	return runs, nil
+}
+
+// zeroEntries counts the all-zero L2 entries (extended bitmap included) of
+// the slice buf from entry i on; an all-zero entry is an unallocated
+// cluster in every kind of image.
+func zeroEntries(buf []byte, i int64, entryShift uint32) int64 {
+	p := int(i << entryShift)
+	for p < len(buf) && binary.LittleEndian.Uint64(buf[p:]) == 0 &&
+		(entryShift < 4 || binary.LittleEndian.Uint64(buf[p+8:]) == 0) {
+		p += 1 << entryShift
+	}
+	return int64(p>>entryShift) - i
+}
+
+// mapCluster appends the runs of [off, cEnd), inside one guest cluster
+// whose L2 entry is entry i of the L2 slice buf (of the table at l2Off).
+func (img *Image) mapCluster(buf []byte, i, l2Off, off, cEnd int64, runs []run) ([]run, error) {
+	vc := off >> img.clusterBits
+	e, bm, err := img.decodeL2(buf, i, l2Off)
+	if err != nil {
+		return runs, err
+	}
+	where := func() string { return fmt.Sprintf("l2 entry of guest cluster %d", vc) }
+	for off < cEnd {
+		sc := -1
+		pieceEnd := cEnd
+		if img.extL2 {
+			sc = int((off & (img.clusterSize - 1)) >> img.scBits)
+			pieceEnd = min(cEnd, (vc<<img.clusterBits)+int64(sc+1)<<img.scBits)
+		}
+		k, err := img.classify(e, bm, sc, where)
+		if err != nil {
+			return runs, err
+		}
+		r := run{guest: off, n: pieceEnd - off, kind: k}
+		switch k {
+		case kindNormal, kindZeroAlloc, kindUnallocatedAlloc:
+			r.host = e.offset() + off&(img.clusterSize-1)
+		case kindCompressed:
+			r.entry = e
+		}
+		runs = appendRun(runs, r)
+		off = pieceEnd
 	}
 	return runs, nil
 }
