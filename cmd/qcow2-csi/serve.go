@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/go-logr/logr"
 	"k8s.io/klog/v2"
@@ -34,6 +35,10 @@ runs it as a DaemonSet with --mode=all on each node (see docs/driver.md).
 
 Flags:
 `
+
+// shutdownTimeout bounds the wait for device requests in flight at exit; it
+// must leave the restart well inside the nbd dead-connection timeout (120 s).
+const shutdownTimeout = 20 * time.Second
 
 type serveFlags struct {
 	endpoint, nodeID, pool, mode, driverName  string
@@ -164,12 +169,15 @@ func serve(ctx context.Context, f serveFlags, out io.Writer) error {
 	if err := d.Start(ctx); err != nil {
 		return err
 	}
-	// On the way out flush, but leave images open and devices attached: the
-	// next process re-attaches them before the kernel's dead-connection
-	// timeout (nbd) fails any I/O.
+	// On the way out (after Serve returns: no RPC runs) close the images
+	// cleanly but leave devices attached: the next process re-attaches them
+	// before the kernel's dead-connection timeout (nbd) fails any I/O, and
+	// finds their dirty bitmaps stored.
 	defer func() {
-		if err := d.Flush(context.Background()); err != nil {
-			klog.ErrorS(err, "Flushing images at exit")
+		sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+		defer cancel()
+		if err := d.Shutdown(klog.NewContext(sctx, klog.Background())); err != nil {
+			klog.ErrorS(err, "Closing images at exit")
 		}
 	}()
 	if f.registerKubelet {

@@ -118,10 +118,8 @@ func (d *Driver) Start(ctx context.Context) error {
 func (d *Driver) failStart(err error) { d.startErr.Store(&err) }
 
 // Flush makes the data of every open image durable, leaving images and
-// devices as they are. It is what a plugin does before it exits with volumes
-// staged: the devices outlive the process and queue their I/O until the next
-// process re-attaches them (Start). Closing the images instead would fail the
-// requests the kernel still sends before the process is gone.
+// devices as they are. A plugin on its way out calls Shutdown, which also
+// closes the images.
 func (d *Driver) Flush(ctx context.Context) error {
 	d.stagedMu.Lock()
 	defer d.stagedMu.Unlock()
@@ -130,6 +128,48 @@ func (d *Driver) Flush(ctx context.Context) error {
 		if v.image != nil {
 			errs = append(errs, v.image.Backend().Flush(ctx))
 		}
+	}
+	return errors.Join(errs...)
+}
+
+// Shutdown is what a plugin does before it exits with volumes staged: for
+// each, it stops passing device I/O to the image (requests inside finish,
+// later ones wait unanswered on nbd, whose kernel requeues them for the
+// next process, or fail on fuse, whose device dies with the process), then
+// flushes and closes the image, which stores its dirty bitmaps and clears
+// their in_use flags: the image is clean on disk and changed block
+// tracking stays trusted across the restart. Devices stay attached and
+// records stay for Start to re-attach. A volume whose requests do not
+// finish before ctx ends is only flushed and left open. Call it after
+// Serve has returned.
+func (d *Driver) Shutdown(ctx context.Context) error {
+	d.stagedMu.Lock()
+	vols := make([]*stagedVolume, 0, len(d.staged))
+	for _, v := range d.staged {
+		if v.image != nil {
+			vols = append(vols, v)
+		}
+	}
+	d.stagedMu.Unlock()
+	logger := klog.FromContext(ctx)
+	var errs []error
+	for _, v := range vols {
+		if v.gate != nil {
+			if err := v.gate.close(ctx); err != nil {
+				logger.Error(err, "Volume left open at shutdown; flushing only", "volumeID", v.ID)
+				errs = append(errs, fmt.Errorf("volume %q: %w", v.ID, err), v.image.Backend().Flush(context.Background()))
+				continue
+			}
+		}
+		d.stagedMu.Lock()
+		img := v.image
+		v.image, v.lostReason = nil, errShuttingDown.Error()
+		d.stagedMu.Unlock()
+		if err := img.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("volume %q: close image: %w", v.ID, err))
+			continue
+		}
+		logger.V(2).Info("Image closed at shutdown; device left attached", "volumeID", v.ID, "device", v.DevicePath)
 	}
 	return errors.Join(errs...)
 }

@@ -107,13 +107,14 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	}
 	v := &stagedVolume{stageRecord: want, image: img}
 	v.Backend = a.Name()
+	be := v.gated(a, img)
 	d.devMu.Lock()
-	dev, err := a.Attach(ctx, id, img.Backend(), nbdattach.AttachOptions{ReadOnly: want.ReadOnly})
+	dev, err := a.Attach(ctx, id, be, nbdattach.AttachOptions{ReadOnly: want.ReadOnly})
 	if errors.Is(err, nbdattach.ErrAlreadyAttached) {
 		// A device for this volume outlived a process that crashed before
 		// recording it: take it over rather than fail forever.
 		logger.Info("Taking over a device attached by a previous process", "backend", a.Name(), "err", err)
-		dev, err = a.Reattach(ctx, id, img.Backend(), nbdattach.AttachOptions{ReadOnly: want.ReadOnly})
+		dev, err = a.Reattach(ctx, id, be, nbdattach.AttachOptions{ReadOnly: want.ReadOnly})
 	}
 	d.devMu.Unlock()
 	if err != nil {

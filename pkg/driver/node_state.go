@@ -39,7 +39,24 @@ type stagedVolume struct {
 	stageRecord
 	image      Image
 	device     nbdattach.Device
+	gate       *gate // between device and image (Shutdown)
 	lostReason string
+}
+
+// gated returns img's backend behind a new gate of v, for attaching with a.
+func (v *stagedVolume) gated(a nbdattach.Attacher, img Image) nbdattach.Backend {
+	be := img.Backend()
+	if _, direct := be.(interface{ FilePath() string }); direct {
+		// The device reads the file itself (a loop device on a raw image,
+		// drivertest): no request passes through the backend to gate.
+		v.gate = nil
+		return be
+	}
+	// Devices of a backend with stale-device cleaning die with the process
+	// (fuse); the others (nbd) survive it and their kernel requeues.
+	_, dies := a.(staleCleaner)
+	be, v.gate = newGate(be, !dies)
+	return be
 }
 
 // Targets change under a volume's publish/unpublish lock while stats and
@@ -220,7 +237,7 @@ func (d *Driver) reattach(ctx context.Context, v *stagedVolume) error {
 		return fmt.Errorf("open image: %w", err)
 	}
 	d.devMu.Lock()
-	dev, err := a.Reattach(ctx, v.ID, img.Backend(), nbdattach.AttachOptions{ReadOnly: v.ReadOnly})
+	dev, err := a.Reattach(ctx, v.ID, v.gated(a, img), nbdattach.AttachOptions{ReadOnly: v.ReadOnly})
 	d.devMu.Unlock()
 	if err != nil {
 		_ = img.Close()

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -178,7 +179,8 @@ func (e *nodeEnv) startChild() {
 // serveChild is the test binary in serve mode: a node plugin on qcow2
 // images and the backend named (nbd or fuse), as `qcow2-csi serve` wires
 // them. It prints "READY <socket>" once Start (re-attach included) is done
-// and serves until killed.
+// and serves until killed; on SIGTERM it shuts down as `qcow2-csi serve`
+// does (Driver.Shutdown) and exits 0 when that succeeded.
 func serveChild(pool, backend string) int {
 	var a nbdattach.Attacher = nbdattach.NewKernelAttacher(nbdattach.KernelOptions{})
 	if backend == "fuse" {
@@ -190,7 +192,8 @@ func serveChild(pool, backend string) int {
 		fmt.Println("ERROR", err)
 		return 1
 	}
-	ctx := context.Background()
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+	defer stop()
 	if err := d.Start(ctx); err != nil {
 		fmt.Println("ERROR", err)
 		return 1
@@ -204,6 +207,12 @@ func serveChild(pool, backend string) int {
 	fmt.Println("READY", sock)
 	if err := d.Serve(ctx, lis); err != nil {
 		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := d.Shutdown(sctx); err != nil {
+		fmt.Fprintln(os.Stderr, "shutdown:", err)
 		return 1
 	}
 	return 0

@@ -50,3 +50,14 @@ func TestGuestLoopExpansion(t *testing.T) {
 	vmharness.Guest(t)
 	t.Run("offline", TestNodeOfflineExpand)
 }
+
+// TestGuestNBDSIGTERM: a node plugin stopped with SIGTERM while a writer is
+// busy on an nbd-staged volume closes the image cleanly (library check
+// clean, no bitmap in use or inconsistent) and leaves /dev/nbdN attached;
+// the writer's requests wait in the kernel, the restarted plugin re-attaches
+// the device (the volume is not abnormal), the write completes with the
+// right data, and a delta across the restart is answered.
+func TestGuestNBDSIGTERM(t *testing.T) {
+	vmharness.Guest(t)
+	testNodeSIGTERMNBD(t)
+}

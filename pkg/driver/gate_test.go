@@ -1,0 +1,79 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+)
+
+// blockingBackend's WriteAt waits for release; ReadAt returns at once.
+type blockingBackend struct {
+	entered, release chan struct{}
+}
+
+func (b *blockingBackend) Size() int64                                 { return 1 << 20 }
+func (b *blockingBackend) ReadAt(context.Context, []byte, int64) error { return nil }
+func (b *blockingBackend) Flush(context.Context) error                 { return nil }
+func (b *blockingBackend) Trim(context.Context, int64, int64) error    { return nil }
+func (b *blockingBackend) BlockStatus(context.Context, int64, int64) ([]nbdattach.Extent, error) {
+	return nil, nil
+}
+func (b *blockingBackend) WriteZeroes(context.Context, int64, int64, nbdattach.ZeroFlags) error {
+	return nil
+}
+func (b *blockingBackend) WriteAt(context.Context, []byte, int64, bool) error {
+	b.entered <- struct{}{}
+	<-b.release
+	return nil
+}
+
+// A closing gate waits for the request inside, then keeps every later one
+// away from the backend: held until its context ends (nbd) or refused (fuse).
+func TestGate(t *testing.T) {
+	for _, hold := range []bool{true, false} {
+		inner := &blockingBackend{entered: make(chan struct{}), release: make(chan struct{})}
+		be, g := newGate(inner, hold)
+		if _, ok := be.(nbdattach.BlockStatuser); !ok {
+			t.Fatal("the gate hides the backend's BlockStatus")
+		}
+		wrote := make(chan error, 1)
+		go func() { wrote <- be.WriteAt(context.Background(), nil, 0, false) }()
+		<-inner.entered
+		closed := make(chan error, 1)
+		go func() { closed <- g.close(context.Background()) }()
+		select {
+		case err := <-closed:
+			t.Fatalf("close returned %v with a write inside", err)
+		case <-time.After(50 * time.Millisecond):
+		}
+		short, cancel := context.WithTimeout(context.Background(), time.Millisecond)
+		if err := g.close(short); err == nil {
+			t.Error("close with a write inside and an ended context: no error")
+		}
+		cancel()
+		close(inner.release)
+		if err := <-wrote; err != nil {
+			t.Fatal(err)
+		}
+		if err := <-closed; err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		read := make(chan error, 1)
+		go func() { read <- be.ReadAt(ctx, nil, 0) }()
+		if hold {
+			select {
+			case err := <-read:
+				t.Fatalf("held request answered: %v", err)
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+		cancel()
+		if err := <-read; !errors.Is(err, errShuttingDown) {
+			t.Errorf("hold %v: request after close: %v", hold, err)
+		}
+	}
+}
