@@ -55,6 +55,7 @@ type cluster struct {
 	steps   []stepTime
 	cniNS   map[string]bool // network namespaces that existed before containerd started
 	mounted bool            // root is bind-mounted on itself (rshared)
+	dumped  bool            // a failed scenario dumped the state already
 }
 
 type stepTime struct {
@@ -515,9 +516,10 @@ protectKernelDefaults: false
 registerNode: true
 syncFrequency: 5s
 fileCheckFrequency: 5s
+podLogsDir: %q
 nodeStatusUpdateFrequency: 5s
 `, P("ca.crt"), nodeIP, P("kubelet-serving.crt"), P("kubelet-serving.key"),
-		c.path("containerd/containerd.sock"), c.path("containerd/containerd.sock"), dnsIP, resolv)
+		c.path("containerd/containerd.sock"), c.path("containerd/containerd.sock"), dnsIP, resolv, c.podLogsDir())
 	cfgPath, err := c.writeFile("kubelet/config.yaml", cfg)
 	if err != nil {
 		return err

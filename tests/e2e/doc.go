@@ -17,6 +17,15 @@
 // with the built helm. Every process is stopped by PID, and mounts, loop
 // devices and namespaces are removed, also when a test fails.
 //
+// When a scenario fails the suite dumps, at once (later scenarios restart
+// and uninstall the plugin): objects and events, and every container's log
+// (driver, sidecars, test pods; each restart's file) read from the
+// kubelet's podLogsDir inside the cluster root, plus each cluster
+// process's log. Tails go to the test log, whole logs to a directory it
+// names ($E2E_DUMP_DIR/<scenario> when set, else a new
+// $TMPDIR/qcow2-csi-e2e-dump-*); E2E_DUMP_ALWAYS=1 dumps after every
+// scenario.
+//
 // The suite needs root, containerd, runc, containernetworking-plugins and
 // busybox-static (hack/deps.d/packages). Under CI=true a missing prerequisite
 // fails the suite; otherwise it skips loudly.

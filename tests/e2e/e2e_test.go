@@ -41,6 +41,12 @@ func TestE2E(t *testing.T) {
 				}
 				return nil
 			})
+			// Dump now: the next scenarios may restart or remove the
+			// pods whose logs explain this failure.
+			if t.Failed() || os.Getenv(envDumpAlways) == "1" {
+				c.dumpState(t, s.name)
+				c.dumped = c.dumped || t.Failed()
+			}
 		})
 		if !ok && s.name == "examples-validate" {
 			t.Fatal("the cluster does not accept the chart's objects; not running the scenarios")

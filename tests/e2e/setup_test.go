@@ -224,8 +224,8 @@ func upCluster(t *testing.T, extraValues ...string) *cluster {
 	t.Cleanup(func() {
 		signal.Stop(sigc)
 		close(sigc)
-		if t.Failed() {
-			c.dumpState()
+		if t.Failed() && !c.dumped {
+			c.dumpState(t, "cluster")
 		}
 		var errs []error
 		c.step("teardown", func() error {
@@ -380,31 +380,6 @@ func (c *cluster) nodePluginSteady() error {
 func (c *cluster) logPods() {
 	out, _ := c.kubectl("get", "pods", "-A", "-o", "wide")
 	c.t.Logf("pods:\n%s", out)
-}
-
-// dumpState logs what helps to understand a failure: objects, events, and
-// the tails of the component and container logs.
-func (c *cluster) dumpState() {
-	if p := c.proc("kube-apiserver"); p != nil && p.alive() {
-		for _, a := range [][]string{
-			{"get", "nodes,pods,pvc,pv,volumesnapshots,volumesnapshotcontents", "-A", "-o", "wide"},
-			{"get", "events", "-A", "--sort-by=.lastTimestamp"},
-		} {
-			out, err := c.kubectl(a...)
-			c.t.Logf("kubectl %s:\n%s%v", strings.Join(a, " "), tailString(out, 60), errOrEmpty(err))
-		}
-		out, _ := c.kubectl("get", "pods", "-n", releaseNS, "-o", "name")
-		for _, pod := range strings.Fields(out) {
-			logs, _ := c.kubectl("logs", "-n", releaseNS, pod, "--all-containers", "--tail=40")
-			c.t.Logf("logs %s:\n%s", pod, logs)
-		}
-	}
-	c.mu.Lock()
-	procs := append([]*proc(nil), c.procs...)
-	c.mu.Unlock()
-	for _, p := range procs {
-		c.t.Logf("%s log (%s), last lines:\n%s", p.name, p.log, tail(p.log, 15))
-	}
 }
 
 func errOrEmpty(err error) string {
