@@ -53,6 +53,25 @@ func FuzzParseParams(f *testing.F) {
 	})
 }
 
+// FuzzParseSnapshotParams: no input panics; an accepted type is one of the
+// two, and a refusal wraps ErrInvalid.
+func FuzzParseSnapshotParams(f *testing.F) {
+	f.Add("blockMetadataType", "FIXED_LENGTH", "csi.storage.k8s.io/volumesnapshot/name", "s")
+	f.Add("blockMetadataType", "fixed_length", "x", "y")
+	f.Fuzz(func(t *testing.T, k1, v1, k2, v2 string) {
+		p, err := parseSnapshotParams(map[string]string{k1: v1, k2: v2}, blockMetadataVariable)
+		if err != nil {
+			if !errors.Is(err, ErrInvalid) {
+				t.Fatalf("error %v does not wrap ErrInvalid", err)
+			}
+			return
+		}
+		if _, ok := blockMetadataTypes[p.BlockMetadataType]; !ok {
+			t.Fatalf("accepted %+v", p)
+		}
+	})
+}
+
 // FuzzPoolMetadata: a metadata file with any content is either a valid
 // record of its volume or an error naming the file; never a panic.
 func FuzzPoolMetadata(f *testing.F) {

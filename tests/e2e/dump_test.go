@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 )
 
 // envDumpDir names where failure dumps go (kept after the run); without it
@@ -24,6 +25,43 @@ const (
 // or the kubelet no longer serves logs, and a run leaves nothing in
 // /var/log/pods.
 func (c *cluster) podLogsDir() string { return c.path("kubelet/pod-logs") }
+
+// keptLogsDir mirrors podLogsDir with hard links to every log file (see
+// keepPodLogs): the logs of pods deleted since, such as the node plugin
+// before an upgrade or a scenario's pods, stay readable for the dump.
+func (c *cluster) keptLogsDir() string { return c.path("kept-pod-logs") }
+
+// keepPodLogs hard-links every new log file under podLogsDir into
+// keptLogsDir every half second until stop is closed. The runtime keeps
+// appending to the same inode, so the link sees the whole log, and the
+// kubelet's removal of a pod's directory leaves it. (A container that
+// comes and goes within half a second can be missed.)
+func (c *cluster) keepPodLogs(stop <-chan struct{}) {
+	src, dst := c.podLogsDir(), c.keptLogsDir()
+	tick := time.NewTicker(500 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		files, _ := filepath.Glob(filepath.Join(src, "*", "*", "*.log"))
+		for _, f := range files {
+			rel, err := filepath.Rel(src, f)
+			if err != nil {
+				continue
+			}
+			to := filepath.Join(dst, rel)
+			if _, err := os.Lstat(to); err == nil {
+				continue
+			}
+			if os.MkdirAll(filepath.Dir(to), 0o755) == nil {
+				_ = os.Link(f, to)
+			}
+		}
+		select {
+		case <-stop:
+			return
+		case <-tick.C:
+		}
+	}
+}
 
 // containerLog is one container's log as the kubelet wrote it: one file per
 // start (0.log, 1.log, ... in restart order).
@@ -96,12 +134,12 @@ func newDumpDir(label string) (string, error) {
 	return os.MkdirTemp("", "qcow2-csi-e2e-dump-"+label+"-")
 }
 
-// dumpState records what helps to understand a failure, at the moment of
-// the failure (a later scenario may restart or uninstall the plugin, and its
-// pod's logs go with it): objects and events, every container's log from
-// the kubelet's podLogsDir (each restart's file, so a crashed container's
-// earlier run too) and every cluster process's log, whole into a dump
-// directory and as tails into the test log.
+// dumpState records what helps to understand a failure, at the end of the
+// failed scenario (later ones restart and uninstall the plugin): objects
+// and events, the log of every container the run started, pods deleted
+// since included (keepPodLogs; each restart's file, so a crashed
+// container's earlier run too) and every cluster process's log, whole into
+// a dump directory and as tails into the test log.
 func (c *cluster) dumpState(t testing.TB, label string) {
 	t.Helper()
 	dir, err := newDumpDir(strings.NewReplacer("/", "-", " ", "-").Replace(label))
@@ -129,7 +167,7 @@ func (c *cluster) dumpState(t testing.TB, label string) {
 	} else {
 		t.Logf("dump: kube-apiserver is not running: no objects or events")
 	}
-	logs, err := podLogs(c.podLogsDir())
+	logs, err := podLogs(c.keptLogsDir())
 	if err != nil {
 		t.Logf("dump: container logs: %v", err)
 	}
@@ -141,7 +179,6 @@ func (c *cluster) dumpState(t testing.TB, label string) {
 		}
 		save(l.name()+".log", all.String())
 		if len(l.files) == 0 {
-			t.Logf("container %s/%s %s: no log file", l.ns, l.pod, l.container)
 			continue
 		}
 		last := l.files[len(l.files)-1]

@@ -489,8 +489,16 @@ func testHelmUpgradeUninstall(t *testing.T, c *cluster) {
 	c.deletePod(t, testNS, "upgraded")
 	c.mustKubectl(t, "delete", "pvc", "-n", testNS, "upg", "--wait=true", "--timeout=120s")
 	c.waitPVGone(t, handle)
-	if out := c.mustKubectl(t, "get", "pv", "-o", "name"); strings.TrimSpace(out) != "" {
-		t.Errorf("PVs left before uninstall: %s", out)
+	// The provisioner deletes the PV object after DeleteVolume returned,
+	// so it can outlive the image for a moment.
+	if err := c.waitFor("PV objects deleted", 2*time.Minute, nil, func() error {
+		out, err := c.kubectl("get", "pv", "-o", "name")
+		if err == nil && strings.TrimSpace(out) != "" {
+			err = fmt.Errorf("left: %s", strings.TrimSpace(out))
+		}
+		return err
+	}); err != nil {
+		t.Errorf("PVs left before uninstall: %v", err)
 	}
 	if _, err := c.helm("uninstall", "qcow2-csi", "--namespace", releaseNS, "--wait", "--timeout", "3m"); err != nil {
 		t.Fatal(err)

@@ -274,6 +274,9 @@ func upCluster(t *testing.T, extraValues ...string) *cluster {
 	must("controller-manager + scheduler", c.startControllers)
 	must("containerd + image import", func() error { return c.startContainerd(images) })
 	must("kubelet, node Ready", c.startKubelet)
+	stopKeeping := make(chan struct{})
+	go c.keepPodLogs(stopKeeping)
+	t.Cleanup(func() { close(stopKeeping) })
 	must("VolumeSnapshot CRDs + snapshot-controller", func() error {
 		crds, err := snapshotCRDs(root)
 		if err != nil {
