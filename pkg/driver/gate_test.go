@@ -77,3 +77,26 @@ func TestGate(t *testing.T) {
 		}
 	}
 }
+
+type nopBackend struct{ blockingBackend }
+
+func (*nopBackend) WriteAt(context.Context, []byte, int64, bool) error { return nil }
+
+// BenchmarkGate: what the gate adds to each device request, from parallel
+// callers (the nbd server and FUSE serve requests concurrently).
+func BenchmarkGate(b *testing.B) {
+	for _, gated := range []bool{false, true} {
+		var be nbdattach.Backend = &nopBackend{}
+		if gated {
+			be, _ = newGate(be, true)
+		}
+		b.Run(map[bool]string{false: "direct", true: "gated"}[gated], func(b *testing.B) {
+			ctx := context.Background()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					be.WriteAt(ctx, nil, 0, false)
+				}
+			})
+		})
+	}
+}
