@@ -43,6 +43,11 @@ or -p; without -k the socket is %s.
   -B, --bitmap=NAME         expose persistent dirty bitmap NAME as the context
                             qemu:dirty-bitmap:NAME (qcow2)
   -A, --allocation-depth    expose the context qemu:allocation-depth
+      --crash-consistent-bitmaps
+                            keep the image's enabled persistent bitmaps correct
+                            on disk at every moment (bits fsynced before the
+                            data they cover), so that they survive a crash of
+                            this server; not in qemu-nbd (docs/bitmaps-and-check.md)
       --discard=MODE        ignore (default, as qemu-nbd): trims are no-ops and
                             zeroing keeps space allocated; unmap: trims and
                             zeroing free space
@@ -61,6 +66,7 @@ type nbdOptions struct {
 	format                string
 	snapshot, bitmap      string
 	allocationDepth       bool
+	crashConsistent       bool
 	pidFile               string
 	discard               string
 	verbose               bool
@@ -96,6 +102,7 @@ func parseNBDFlags(args []string, stderr io.Writer) (*nbdOptions, error) {
 	str(&o.snapshot, "", "l", "load-snapshot")
 	str(&o.bitmap, "", "B", "bitmap")
 	boolean(&o.allocationDepth, "A", "allocation-depth")
+	boolean(&o.crashConsistent, "crash-consistent-bitmaps")
 	str(&o.pidFile, "", "pid-file")
 	str(&o.discard, "ignore", "discard")
 	boolean(&o.verbose, "v", "verbose")

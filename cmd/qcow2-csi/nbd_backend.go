@@ -25,7 +25,7 @@ func openNBDBackend(o *nbdOptions, format string, readOnly bool) (nbdattach.Back
 		}
 		return b, b.Close, nil
 	case "qcow2":
-		img, err := qcow2.Open(o.file, qcow2.OpenOptions{ReadOnly: readOnly})
+		img, err := qcow2.Open(o.file, qcow2.OpenOptions{ReadOnly: readOnly, CrashConsistentBitmaps: o.crashConsistent})
 		if err != nil {
 			return nil, nil, err
 		}

@@ -1,8 +1,12 @@
 package qcow2
 
 import (
+	"errors"
 	"fmt"
+	"io"
 	"sync"
+
+	"golang.org/x/sys/unix"
 )
 
 // Crash-consistent bitmaps (OpenOptions.CrashConsistentBitmaps).
@@ -22,16 +26,18 @@ import (
 //     same header write that publishes them.
 //   - A write request first sets its bits in memory and, when that changed
 //     anything on disk, waits until the changed bitmap clusters are written
-//     and fsynced (bitmapWriteAhead). Concurrent writers share one fsync:
-//     the first waiter flushes everything pending, the others wait for it.
-//     Only then does the request write data.
-//   - To pay that fsync rarely, the bits written to disk are coarser than
+//     durably (bitmapWriteAhead; RWF_DSYNC writes, see writeDurable).
+//     Concurrent writers share the work: the first waiter writes everything
+//     pending, the others wait for it. Only then does the request write
+//     data.
+//   - To pay that sync rarely, the bits written to disk are coarser than
 //     the bitmap: each bitmap has a shadow at durableUnit granularity (at
 //     least the bitmap's own); a write dirties whole units on disk, and a
-//     write that continues a dirty unit (sequential I/O) dirties
-//     durableAhead units at once. In memory the bitmap keeps its exact
-//     bits, and a clean close stores them: the coarse superset is what a
-//     crash leaves, never what a clean session leaves.
+//     write that continues a run of dirty units (sequential I/O) dirties
+//     as many units ahead as the run holds (16 to 256). In memory the
+//     bitmap keeps its exact bits, and a clean close stores them: the
+//     coarse superset is what a crash leaves, never what a clean session
+//     leaves.
 //   - Everything that stores bitmaps (open, add, enable, merge, resize,
 //     close) writes the exact bits and empties the shadows: the disk then
 //     holds exactly the memory bits, and later writes start over.
@@ -45,9 +51,12 @@ import (
 const (
 	// durableUnitBits: 1 MiB of the disk per on-disk bit set ahead of data.
 	durableUnitBits = 20
-	// durableAhead: units dirtied at once by a write that extends a dirty
-	// unit, so that sequential writers fsync once per this many units.
-	durableAhead = 16
+	// durableAhead, durableAheadMax: a write that extends a run of dirty
+	// units dirties as many units again as the run holds, within these
+	// bounds, so that a sequential writer syncs once per 16 MiB at first
+	// and once per 256 MiB once streaming.
+	durableAhead    = 16
+	durableAheadMax = 256
 )
 
 // bitmapJournal orders bitmap cluster writes before the data they cover.
@@ -91,8 +100,11 @@ func (img *Image) bitmapWriteAhead(off, n int64) error {
 		if !ok || b.shadow.next(first, end, false) == end {
 			continue // every unit is dirty on disk (or pending) already
 		}
-		if first > 0 && b.shadow.next(first-1, first, true) == first-1 {
-			end = min(max(end, first+durableAhead), b.shadow.nbits)
+		if run := first - b.shadow.runStart(first, first-min(first, durableAheadMax)); run > 0 {
+			// Continues a dirty run: a sequential writer. Dirty as much
+			// ahead as the run is long (at least durableAhead, at most
+			// durableAheadMax units), so a stream pays O(log n) syncs.
+			end = min(max(end, first+min(max(run, durableAhead), durableAheadMax)), b.shadow.nbits)
 		}
 		b.bits.setRange(uint64(off), uint64(n))
 		b.shadow.setBits(first, end)
@@ -171,7 +183,9 @@ func (img *Image) flushBitmapJournal() (uint64, error) {
 			}
 			b.bits.serializeChunk(c, buf)
 			orShadowChunk(buf, c, b.bits, b.shadow)
-			err = img.writeMeta(buf, b.table[c].offset(), 0, "bitmap data")
+			if err = img.checkOverlap(b.table[c].offset(), int64(len(buf)), 0); err == nil {
+				err = img.writeDurable(buf, b.table[c].offset())
+			}
 		}
 	}
 	if err != nil {
@@ -192,12 +206,44 @@ func (img *Image) flushBitmapJournal() (uint64, error) {
 		return 0, err
 	}
 	img.mu.Unlock()
-	if !img.noSync {
-		if err := img.f.Sync(); err != nil {
-			return 0, ioErr("fsync bitmap data", err)
+	return upto, nil
+}
+
+// dsyncWriter is an image file that writes one range durably itself (the
+// power-loss model in tests).
+type dsyncWriter interface {
+	WriteAtDsync(p []byte, off int64) (int, error)
+}
+
+// writeDurable writes p at off and makes that range durable, without
+// waiting for the rest of the file: a write with RWF_DSYNC, whose sync
+// covers only its own range (plus the device cache flush). An fsync of the
+// whole file would first write back every dirty data page, which turns a
+// streaming writer synchronous. The bitmap clusters it targets were
+// written and fsynced when they were laid out, so no file system metadata
+// is needed to find them again. Falls back to write + fsync where the
+// kernel or file system lacks RWF_DSYNC.
+func (img *Image) writeDurable(p []byte, off int64) error {
+	if img.noSync {
+		_, err := img.f.WriteAt(p, off)
+		return ioErr("write bitmap data", err)
+	}
+	if d, ok := img.f.(dsyncWriter); ok {
+		_, err := d.WriteAtDsync(p, off)
+		return ioErr("write bitmap data", err)
+	}
+	n, err := unix.Pwritev2(int(img.f.Fd()), [][]byte{p}, off, unix.RWF_DSYNC)
+	switch {
+	case err == nil && n == len(p):
+		return nil
+	case err == nil:
+		err = io.ErrShortWrite
+	case errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EINVAL):
+		if _, err = img.f.WriteAt(p, off); err == nil {
+			err = img.f.Sync()
 		}
 	}
-	return upto, nil
+	return ioErr("write bitmap data", err)
 }
 
 // orShadowChunk sets in buf (cluster c of exact's serialization) every

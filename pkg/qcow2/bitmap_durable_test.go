@@ -52,6 +52,25 @@ func (p *powerLossFile) WriteAt(b []byte, off int64) (int, error) {
 	return p.File.WriteAt(b, off)
 }
 
+// WriteAtDsync is a write whose range is durable when it returns (and so
+// is every earlier write inside that range).
+func (p *powerLossFile) WriteAtDsync(b []byte, off int64) (int, error) {
+	n, err := p.WriteAt(b, off)
+	if err != nil {
+		return n, err
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	kept := p.unsynced[:0]
+	for _, u := range p.unsynced {
+		if u.off < off || u.off+int64(len(u.old)) > off+int64(len(b)) {
+			kept = append(kept, u)
+		}
+	}
+	p.unsynced = kept
+	return n, nil
+}
+
 func (p *powerLossFile) Sync() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()

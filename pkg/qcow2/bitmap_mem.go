@@ -146,6 +146,22 @@ func (b *dirtyBitmap) next(from, limit uint64, dirty bool) uint64 {
 	return limit
 }
 
+// runStart returns where the run of dirty bits ending just before end
+// starts (end itself when bit end-1 is clean), looking back no further
+// than floor.
+func (b *dirtyBitmap) runStart(end, floor uint64) uint64 {
+	for end > floor {
+		i := end - 1
+		w := ^b.word(i / 64) // clean bits
+		w &= ^uint64(0) >> (63 - i%64)
+		if w != 0 {
+			return max(i-i%64+uint64(63-bits.LeadingZeros64(w))+1, floor)
+		}
+		end = i - i%64
+	}
+	return floor
+}
+
 // countDirty is the number of dirty bits.
 func (b *dirtyBitmap) countDirty() uint64 {
 	var n uint64

@@ -198,3 +198,57 @@ func BenchmarkBitmapExtents1TiB(b *testing.B) {
 		}
 	}
 }
+
+func TestDirtyBitmapRunStart(t *testing.T) {
+	b := newDirtyBitmap(1000, 0) // 1000 bits
+	b.setBits(10, 20)
+	b.setBits(60, 200)
+	for _, c := range []struct{ end, floor, want uint64 }{
+		{20, 0, 10},     // the whole run
+		{15, 0, 10},     // inside a run
+		{10, 0, 10},     // bit 9 clean: empty run
+		{25, 0, 25},     // bit 24 clean
+		{200, 0, 60},    // a run across words
+		{200, 100, 100}, // floor stops the look back
+		{130, 0, 60},
+		{0, 0, 0},
+	} {
+		if got := b.runStart(c.end, c.floor); got != c.want {
+			t.Errorf("runStart(%d, %d) = %d, want %d", c.end, c.floor, got, c.want)
+		}
+	}
+	full := newDirtyBitmap(128, 0)
+	full.setBits(0, 128)
+	if got := full.runStart(128, 0); got != 0 {
+		t.Errorf("runStart over a full bitmap = %d, want 0", got)
+	}
+}
+
+// orShadowChunk expands coarse units into exact bits, clipped to the chunk
+// and to the disk.
+func TestOrShadowChunk(t *testing.T) {
+	exact := newDirtyBitmap(10<<20, 16)  // 160 bits of 64 KiB
+	shadow := newDirtyBitmap(10<<20, 20) // 10 units of 1 MiB
+	shadow.setBits(1, 2)
+	shadow.setBits(9, 10)
+	exact.setBits(3, 4)
+	buf := make([]byte, 512) // 4096 bits per chunk: one chunk
+	exact.serializeChunk(0, buf)
+	orShadowChunk(buf, 0, exact, shadow)
+	got := newDirtyBitmap(10<<20, 16)
+	got.deserializeChunk(0, buf)
+	want := newDirtyBitmap(10<<20, 16)
+	want.setBits(3, 4)
+	want.setBits(16, 32)
+	want.setBits(144, 160)
+	for i := uint64(0); i < 160; i++ {
+		if got.next(i, i+1, true) != want.next(i, i+1, true) {
+			t.Fatalf("bit %d differs after expansion", i)
+		}
+	}
+	for _, w := range buf[160/8:] {
+		if w != 0 {
+			t.Fatal("bits past the disk end were set")
+		}
+	}
+}

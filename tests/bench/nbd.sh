@@ -13,8 +13,16 @@
 # so that a burst of load from elsewhere on a shared machine does not decide
 # a row.
 #
+# TRACK=1 measures what changed-block tracking costs: every image gets an
+# enabled persistent bitmap (qemu-img bitmap --add), which qemu-nbd and
+# `qcow2-csi nbd` track in memory, and a third server, ours-cc, runs with
+# --crash-consistent-bitmaps (bits fsynced before the data they cover).
+# The ratio column is then ours-cc against ours: the price of crash
+# consistency.
+#
 # Usage: tests/bench/nbd.sh            (qcow2 if this build serves it, else raw)
 #        FORMAT=raw SIZE=1G RUNTIME=3 REPEAT=2 tests/bench/nbd.sh
+#        TRACK=1 tests/bench/nbd.sh
 # Keep RUNTIME short: the machines are shared.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,6 +30,7 @@ cd "$(dirname "$0")/../.."
 RUNTIME=${RUNTIME:-3}
 REPEAT=${REPEAT:-2}
 SIZE=${SIZE:-512M}
+TRACK=${TRACK:-0}
 for p in fio qemu-nbd qemu-img qemu-io; do
   command -v "$p" >/dev/null || { echo "nbd.sh: $p is missing (run hack/deps.sh)" >&2; exit 1; }
 done
@@ -55,15 +64,18 @@ make_image() { # make_image PATH allocated|empty
   if [ "$2" = allocated ]; then
     qemu-io -f "$FORMAT" -c "write -P 0x5a 0 $SIZE" "$1" >/dev/null
   fi
+  if [ "$TRACK" = 1 ]; then
+    qemu-img bitmap --add "$1" cbt
+  fi
 }
 
-start_server() { # start_server qemu|ours IMAGE SOCKET
+start_server() { # start_server qemu|ours|ours-cc IMAGE SOCKET
   rm -f "$3"
-  if [ "$1" = qemu ]; then
-    qemu-nbd -t -f "$FORMAT" -k "$3" "$2" &
-  else
-    "$BIN" nbd -t -f "$FORMAT" -k "$3" "$2" &
-  fi
+  case $1 in
+  qemu) qemu-nbd -t -f "$FORMAT" -k "$3" "$2" & ;;
+  ours) "$BIN" nbd -t -f "$FORMAT" -k "$3" "$2" & ;;
+  ours-cc) "$BIN" nbd -t -f "$FORMAT" --crash-consistent-bitmaps -k "$3" "$2" & ;;
+  esac
   pids+=($!)
   for _ in $(seq 100); do [ -S "$3" ] && return 0; sleep 0.05; done
   echo "nbd.sh: $1 server did not start" >&2; exit 1
@@ -88,15 +100,24 @@ run_fio() {
 }
 
 rows=("randread 4k 32" "randwrite 4k 32" "read 1M 8" "write 1M 8")
+servers=(qemu ours)
+if [ "$TRACK" = 1 ]; then
+  [ "$FORMAT" = qcow2 ] || { echo "nbd.sh: TRACK=1 needs qcow2" >&2; exit 1; }
+  servers=(qemu ours ours-cc)
+  rows=("randwrite 4k 32" "write 1M 8")
+fi
 make_image "$work/allocated.$FORMAT" allocated
-printf 'format=%s size=%s, best of %d runs of %ss per server and row, fio nbd engine over a unix socket\n' "$FORMAT" "$SIZE" "$REPEAT" "$RUNTIME"
-printf '%-11s %-10s %-4s %-3s | %10s %9s | %10s %9s | %6s\n' image rw bs qd "qemu IOPS" "MiB/s" "ours IOPS" "MiB/s" ratio
+printf 'format=%s size=%s track=%s, best of %d runs of %ss per server and row, fio nbd engine over a unix socket\n' "$FORMAT" "$SIZE" "$TRACK" "$REPEAT" "$RUNTIME"
+printf '%-11s %-10s %-4s %-3s' image rw bs qd
+for srv in "${servers[@]}"; do printf ' | %8s IOPS %9s' "$srv" "MiB/s"; done
+if [ "$TRACK" = 1 ]; then printf ' | %s\n' "cc/ours"; else printf ' | %s\n' "ours/qemu"; fi
 for mode in allocated first-touch; do
   for row in "${rows[@]}"; do
     set -- $row
-    declare -A res=([qemu]="0 0" [ours]="0 0")
+    declare -A res=()
+    for srv in "${servers[@]}"; do res[$srv]="0 0"; done
     for _ in $(seq "$REPEAT"); do
-      for srv in qemu ours; do
+      for srv in "${servers[@]}"; do
         img="$work/allocated.$FORMAT"
         if [ "$mode" = first-touch ]; then
           img="$work/first-touch.$FORMAT"
@@ -111,9 +132,17 @@ for mode in allocated first-touch; do
         if [ "${iops:-0}" -gt "$best" ]; then res[$srv]=$r; fi
       done
     done
-    read -r qi qb <<<"${res[qemu]}"
-    read -r oi ob <<<"${res[ours]}"
-    ratio=$(awk -v a="$oi" -v b="$qi" 'BEGIN { if (b > 0) printf "%.2fx", a/b; else print "-" }')
-    printf '%-11s %-10s %-4s %-3s | %10s %9s | %10s %9s | %6s\n' "$mode" "$1" "$2" "$3" "$qi" "$qb" "$oi" "$ob" "$ratio"
+    printf '%-11s %-10s %-4s %-3s' "$mode" "$1" "$2" "$3"
+    for srv in "${servers[@]}"; do
+      read -r i b <<<"${res[$srv]}"
+      printf ' | %13s %9s' "$i" "$b"
+    done
+    if [ "$TRACK" = 1 ]; then
+      read -r a _ <<<"${res[ours-cc]}"; read -r b _ <<<"${res[ours]}"
+    else
+      read -r a _ <<<"${res[ours]}"; read -r b _ <<<"${res[qemu]}"
+    fi
+    awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf " | %6.2fx\n", a/b; else print " | -" }'
+    unset res
   done
 done
