@@ -47,6 +47,7 @@ type serveFlags struct {
 	registerKubelet                           bool
 	registrationDir, kubeletRegistrationPath  string
 	attachBackend, capacityReserve, defaultSz string
+	crashConsistentCBT                        bool
 	fuseDir                                   string
 	controllerExpand                          bool
 	blockMetadataType                         string
@@ -66,6 +67,7 @@ func runServe(args []string) int {
 	fs.BoolVar(&f.registerKubelet, "register-with-kubelet", false, "register the driver with the kubelet through its plugin registration socket (replaces node-driver-registrar)")
 	fs.StringVar(&f.registrationDir, "registration-dir", "/var/lib/kubelet/plugins_registry", "kubelet plugin registration directory (with --register-with-kubelet)")
 	fs.StringVar(&f.kubeletRegistrationPath, "kubelet-registration-path", "", "CSI socket path as the kubelet sees it on the host, e.g. /var/lib/kubelet/plugins/<driver-name>/csi.sock (default: the --endpoint path)")
+	fs.BoolVar(&f.crashConsistentCBT, "crash-consistent-cbt", true, "keep the volumes' changed-block-tracking bitmaps correct on disk at every moment (bits made durable before the data they cover), so that a crash of this plugin does not force the next backup to be a full one; costs about one synced bitmap cluster write per MiB first written after each snapshot, fewer for sequential writes (docs/backup.md)")
 	fs.StringVar(&f.attachBackend, "attach-backend", "auto", "how the node attaches images: nbd (kernel NBD), fuse (FUSE + loop) or auto (nbd if available, else fuse)")
 	fs.StringVar(&f.fuseDir, "fuse-dir", "", "where the fuse attach backend mounts its per-volume FUSE files; one per plugin process (default: "+nbdattach.DefaultFuseDir+", or fuse/ in the temporary directory)")
 	fs.StringVar(&f.capacityReserve, "capacity-reserve", "0", "pool space kept free: bytes (suffixes Ki, Mi, Gi, Ti) or a percentage of the pool filesystem (e.g. 5%)")
@@ -151,7 +153,7 @@ func serve(ctx context.Context, f serveFlags, out io.Writer) error {
 		nbdattach.NewKernelAttacher(nbdattach.KernelOptions{Logger: logger}),
 		nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: f.fuseDir, Logger: logger}),
 	}
-	d, err := driver.New(opts, driver.Seams{Images: driver.Qcow2Images{Logger: logger}, Attachers: attachers})
+	d, err := driver.New(opts, driver.Seams{Images: driver.Qcow2Images{Logger: logger, CrashConsistentBitmaps: f.crashConsistentCBT}, Attachers: attachers})
 	if err != nil {
 		return err
 	}

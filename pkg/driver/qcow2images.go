@@ -19,6 +19,11 @@ import (
 type Qcow2Images struct {
 	// Logger receives the library's messages; nil is silent.
 	Logger *slog.Logger
+	// CrashConsistentBitmaps opens writable images with
+	// qcow2.OpenOptions.CrashConsistentBitmaps: the checkpoint bitmaps of
+	// a volume then survive a crash of the node plugin, and the next
+	// GetMetadataDelta stays incremental instead of FAILED_PRECONDITION.
+	CrashConsistentBitmaps bool
 }
 
 var _ Images = Qcow2Images{}
@@ -59,7 +64,7 @@ func (q Qcow2Images) Create(_ context.Context, path string, size int64, o ImageC
 }
 
 func (q Qcow2Images) Open(_ context.Context, path string, readOnly bool) (Image, error) {
-	img, err := qcow2.Open(path, qcow2.OpenOptions{ReadOnly: readOnly, Logger: q.Logger})
+	img, err := qcow2.Open(path, qcow2.OpenOptions{ReadOnly: readOnly, CrashConsistentBitmaps: q.CrashConsistentBitmaps, Logger: q.Logger})
 	if err != nil {
 		return nil, imageErr(path, err)
 	}
