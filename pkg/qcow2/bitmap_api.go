@@ -288,7 +288,9 @@ func (img *Image) bitmapsResizeCheck(newSize int64) error {
 	if _, err := checkBitmapSizes(img, newSize); err != nil {
 		return err
 	}
-	changed := false
+	// The crash-consistent marker must go as well (the in-place rewrite
+	// drops it): bitmaps of the old size must not be trusted in_use.
+	changed := img.hdr.Autoclear&AutoclearCrashConsistentBitmaps != 0
 	for _, b := range img.bms.list {
 		if b.disk != nil && !b.disk.inUse() {
 			b.disk.Flags |= bitmapFlagInUse

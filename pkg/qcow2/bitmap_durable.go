@@ -62,9 +62,17 @@ const (
 // bitmapJournal orders bitmap cluster writes before the data they cover.
 type bitmapJournal struct {
 	// Guarded by Image.mu: bitmap clusters changed in memory but not yet
-	// written, and the number of such changes so far.
+	// written; the number of such changes so far; and, per bitmap, the
+	// shadow units set by a change not yet known durable, with that
+	// change's number (a writer to such a unit waits for it too).
 	pending map[*imgBitmap]map[uint64]struct{}
 	seq     uint64
+	units   map[*imgBitmap]map[uint64]uint64
+
+	// io is held while bitmap clusters are written outside Image.mu; a
+	// store takes it (after Image.mu) before freeing old bitmap clusters,
+	// so no journal write can land in a cluster that was reused.
+	io sync.Mutex
 
 	// Guarded by mu: the changes up to durable are on disk; one flusher
 	// at a time (flushing), the others wait on cond.
@@ -77,6 +85,7 @@ type bitmapJournal struct {
 // resetShadow gives an enabled bitmap of a crash-consistent image an empty
 // shadow (the disk holds exactly b.bits), or drops it. mu held.
 func (img *Image) resetShadow(b *imgBitmap) {
+	delete(img.journal.units, b)
 	if !img.durableBitmaps || !b.enabled || b.inconsistent {
 		b.shadow = nil
 		return
@@ -92,19 +101,41 @@ func (img *Image) bitmapWriteAhead(off, n int64) error {
 	}
 	img.mu.Lock()
 	j := &img.journal
+	var target uint64 // the newest change this write must see durable
 	for _, b := range img.bms.list {
 		if b.shadow == nil || !b.enabled || b.inconsistent {
 			continue
 		}
 		first, end, ok := b.shadow.bitRange(uint64(off), uint64(n))
-		if !ok || b.shadow.next(first, end, false) == end {
-			continue // every unit is dirty on disk (or pending) already
+		if !ok {
+			continue
+		}
+		units := j.units[b]
+		for u := first; u < end && len(units) > 0; u++ {
+			if s, ok := units[u]; ok {
+				target = max(target, s) // set by a change still in flight
+			}
+		}
+		if b.shadow.next(first, end, false) == end {
+			continue // every unit is dirty on disk, or about to be
 		}
 		if run := first - b.shadow.runStart(first, first-min(first, durableAheadMax)); run > 0 {
 			// Continues a dirty run: a sequential writer. Dirty as much
 			// ahead as the run is long (at least durableAhead, at most
 			// durableAheadMax units), so a stream pays O(log n) syncs.
 			end = min(max(end, first+min(max(run, durableAhead), durableAheadMax)), b.shadow.nbits)
+		}
+		j.seq++
+		target = j.seq
+		if units == nil {
+			if j.units == nil {
+				j.units = map[*imgBitmap]map[uint64]uint64{}
+			}
+			units = map[uint64]uint64{}
+			j.units[b] = units
+		}
+		for u := b.shadow.next(first, end, false); u < end; u = b.shadow.next(u+1, end, false) {
+			units[u] = j.seq
 		}
 		b.bits.setRange(uint64(off), uint64(n))
 		b.shadow.setBits(first, end)
@@ -122,10 +153,11 @@ func (img *Image) bitmapWriteAhead(off, n int64) error {
 		for c := lo; c < min(hi, uint64(len(b.table))); c++ {
 			chunks[c] = struct{}{}
 		}
-		j.seq++
 	}
-	target := j.seq
 	img.mu.Unlock()
+	if target == 0 {
+		return nil
+	}
 	return img.waitBitmapsDurable(target)
 }
 
@@ -160,43 +192,60 @@ func (img *Image) waitBitmapsDurable(target uint64) error {
 }
 
 // flushBitmapJournal writes every pending bitmap cluster (the exact bits
-// ORed with the shadow's units) and fsyncs; it returns the change count
-// that is now durable.
+// ORed with the shadow's units) durably; it returns the change count that
+// is now durable. The writes happen outside Image.mu (under journal.io), so
+// other requests keep mapping and allocating meanwhile.
 func (img *Image) flushBitmapJournal() (uint64, error) {
+	type clusterWrite struct {
+		off int64
+		buf []byte
+	}
 	img.mu.Lock()
 	j := &img.journal
 	upto, pending := j.seq, j.pending
 	j.pending = nil
-	buf := make([]byte, img.clusterSize)
+	var writes []clusterWrite
 	var err error
 	for b, chunks := range pending {
 		if img.bms.find(b.name) != b || b.shadow == nil {
 			continue // removed or disabled since: stored without it
 		}
 		for c := range chunks {
-			if err != nil {
-				break
-			}
 			if c >= uint64(len(b.table)) || b.table[c].offset() == 0 {
 				err = fmt.Errorf("qcow2: internal: bitmap %q chunk %d has no data cluster in crash-consistent mode", b.name, c)
 				break
 			}
+			buf := make([]byte, img.clusterSize)
 			b.bits.serializeChunk(c, buf)
 			orShadowChunk(buf, c, b.bits, b.shadow)
-			if err = img.checkOverlap(b.table[c].offset(), int64(len(buf)), 0); err == nil {
-				err = img.writeDurable(buf, b.table[c].offset())
+			if err = img.checkOverlap(b.table[c].offset(), int64(len(buf)), 0); err != nil {
+				break
+			}
+			writes = append(writes, clusterWrite{b.table[c].offset(), buf})
+		}
+		if err != nil {
+			break
+		}
+	}
+	if err == nil {
+		j.io.Lock()
+		img.mu.Unlock()
+		for _, w := range writes {
+			if err = img.writeDurable(w.buf, w.off); err != nil {
+				break
 			}
 		}
+		j.io.Unlock()
+		img.mu.Lock()
 	}
 	if err != nil {
 		// Keep everything pending: the next waiter writes it again.
+		if j.pending == nil {
+			j.pending = map[*imgBitmap]map[uint64]struct{}{}
+		}
 		for b, chunks := range pending {
-			if j.pending == nil {
-				j.pending = map[*imgBitmap]map[uint64]struct{}{}
-			}
 			if j.pending[b] == nil {
-				j.pending[b] = chunks
-				continue
+				j.pending[b] = map[uint64]struct{}{}
 			}
 			for c := range chunks {
 				j.pending[b][c] = struct{}{}
@@ -204,6 +253,16 @@ func (img *Image) flushBitmapJournal() (uint64, error) {
 		}
 		img.mu.Unlock()
 		return 0, err
+	}
+	for b, units := range j.units {
+		for u, s := range units {
+			if s <= upto {
+				delete(units, u)
+			}
+		}
+		if len(units) == 0 {
+			delete(j.units, b)
+		}
 	}
 	img.mu.Unlock()
 	return upto, nil

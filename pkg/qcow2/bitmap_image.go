@@ -384,6 +384,10 @@ func (img *Image) storeBitmapsLocked(closing bool) (err error) {
 		}
 		img.resetShadow(b)
 	}
+	// No crash-consistent journal write may still be on its way to an old
+	// bitmap cluster once it is freed (and can be reused).
+	img.journal.io.Lock()
+	img.journal.io.Unlock()
 	// Free what only the old directory referenced: the old directory, and
 	// the tables and data of every bitmap rewritten or removed. Inconsistent
 	// bitmaps still present keep theirs.

@@ -62,7 +62,13 @@ make_image() { # make_image PATH allocated|empty
     qemu-img create -q -f raw "$1" "$SIZE"
   fi
   if [ "$2" = allocated ]; then
-    qemu-io -f "$FORMAT" -c "write -P 0x5a 0 $SIZE" "$1" >/dev/null
+    # In 256 MiB requests: qemu-io refuses a single one of 2 GiB or more.
+    local bytes cmds=() off
+    bytes=$(numfmt --from=iec "$SIZE")
+    for ((off = 0; off < bytes; off += 256 << 20)); do
+      cmds+=(-c "write -P 0x5a $off $(( bytes - off < 256 << 20 ? bytes - off : 256 << 20 ))")
+    done
+    qemu-io -f "$FORMAT" "${cmds[@]}" "$1" >/dev/null
   fi
   if [ "$TRACK" = 1 ]; then
     qemu-img bitmap --add "$1" cbt
