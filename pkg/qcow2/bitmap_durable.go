@@ -117,7 +117,17 @@ func (img *Image) bitmapWriteAhead(off, n int64) error {
 			}
 		}
 		if b.shadow.next(first, end, false) == end {
-			continue // every unit is dirty on disk, or about to be
+			// Every unit is dirty on disk, or about to be: only the
+			// exact bits (stored at close) remain to set.
+			b.bits.setRange(uint64(off), uint64(n))
+			continue
+		}
+		if f, e, ok := b.bits.bitRange(uint64(off), uint64(n)); ok && b.bits.next(f, e, false) == e {
+			// The exact bits are set already. In this mode they are
+			// set only here (under a unit made durable first) or by
+			// loading and storing, so they are on disk, or in flight
+			// in a unit waited for above.
+			continue
 		}
 		if run := first - b.shadow.runStart(first, first-min(first, durableAheadMax)); run > 0 {
 			// Continues a dirty run: a sequential writer. Dirty as much

@@ -72,6 +72,12 @@ func (s *bitmapSet) retrack() {
 // trackBitmapWrite is the write hook: every guest range written, zeroed or
 // discarded becomes dirty in every enabled bitmap. Image.mu held.
 func (img *Image) trackBitmapWrite(off, n int64) {
+	if img.durableBitmaps {
+		// bitmapWriteAhead set them before the data, durably. Setting
+		// bits here (in a bitmap enabled while the request was in
+		// flight) would make memory claim bits the disk lacks.
+		return
+	}
 	for _, b := range img.bms.tracking {
 		b.setRange(uint64(off), uint64(n))
 	}

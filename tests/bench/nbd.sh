@@ -130,6 +130,8 @@ for mode in allocated first-touch; do
           rm -f "$img"
           make_image "$img" empty
         fi
+        # Tracking starts from an empty bitmap each run, as after a snapshot.
+        if [ "$TRACK" = 1 ]; then qemu-img bitmap --clear "$img" cbt; fi
         start_server "$srv" "$img" "$work/$srv.sock"
         r=$(run_fio "nbd+unix:///?socket=$work/$srv.sock" "$1" "$2" "$3" "$mode")
         stop_server
