@@ -1,7 +1,6 @@
 package driver_test
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -11,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -22,6 +20,7 @@ import (
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver/drivertest"
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
+	"github.com/qcow2-csi/qcow2-csi/tests/child"
 	"github.com/qcow2-csi/qcow2-csi/tests/peer"
 )
 
@@ -305,12 +304,7 @@ func TestSnapshotMetadataErrors(t *testing.T) {
 func TestCreateSnapshotCompletesInterrupted(t *testing.T) {
 	pool, c, _ := startQcow2(t)
 	ctx := context.Background()
-	v, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "v", VolumeCapabilities: []*csi.VolumeCapability{capBlock(rw)},
-		CapacityRange: &csi.CapacityRange{RequiredBytes: snapDisk}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	vol := v.Volume.VolumeId
+	vol := blockVolume(t, c)
 	for _, tc := range []struct {
 		name string
 		seq  string
@@ -350,16 +344,7 @@ func TestSnapshotMetadataAfterCrash(t *testing.T) {
 	qemuIO := peer.Require(t, "qemu-io")
 	pool, c, md := startQcow2(t)
 	ctx := context.Background()
-	v, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "v", VolumeCapabilities: []*csi.VolumeCapability{capBlock(rw)},
-		CapacityRange: &csi.CapacityRange{RequiredBytes: snapDisk}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	vol := v.Volume.VolumeId
-	s1, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s1", SourceVolumeId: vol})
-	if err != nil {
-		t.Fatal(err)
-	}
+	vol, s1 := blockVolumeWithSnapshot(t, c, "s1")
 	out, _ := exec.Command(qemuIO, "-c", "write -P 1 0 64k", "-c", "sigraise 9", filepath.Join(pool, vol+".qcow2")).CombinedOutput()
 	s2, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s2", SourceVolumeId: vol})
 	if err != nil {
@@ -423,32 +408,13 @@ func TestSnapshotMetadataAcrossPluginCrash(t *testing.T) {
 	}
 	pool, c, md := startQcow2(t)
 	ctx := context.Background()
-	v, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "v", VolumeCapabilities: []*csi.VolumeCapability{capBlock(rw)},
-		CapacityRange: &csi.CapacityRange{RequiredBytes: snapDisk}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	vol := v.Volume.VolumeId
-	s1, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s1", SourceVolumeId: vol})
-	if err != nil {
-		t.Fatal(err)
-	}
+	vol, s1 := blockVolumeWithSnapshot(t, c, "s1")
 	path := filepath.Join(pool, vol+".qcow2")
-	cmd := exec.Command(os.Args[0], "-test.run=^TestPluginCrashHelper$")
-	cmd.Env = append(os.Environ(), "DRIVER_CRASH_IMAGE="+path)
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	line, _ := bufio.NewReader(out).ReadString('\n')
-	_ = cmd.Process.Kill()
-	_ = cmd.Wait()
-	if strings.TrimSpace(line) != "ready" {
+	cmd, line := child.Start(t, "TestPluginCrashHelper", "DRIVER_CRASH_IMAGE="+path)
+	if line != "ready" {
 		t.Fatalf("helper said %q", line)
 	}
+	child.Kill(cmd)
 	s2, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s2", SourceVolumeId: vol})
 	if err != nil {
 		t.Fatal(err)
@@ -475,4 +441,26 @@ func TestSnapshotMetadataAcrossPluginCrash(t *testing.T) {
 	if !covered(1<<20, 64<<10) || !covered(3<<20, 4096) {
 		t.Fatalf("delta across the plugin crash %v misses a write", blocks)
 	}
+}
+
+// blockVolume creates block volume "v" of snapDisk bytes.
+func blockVolume(t *testing.T, c clients) string {
+	t.Helper()
+	v, err := c.CreateVolume(context.Background(), &csi.CreateVolumeRequest{Name: "v", VolumeCapabilities: []*csi.VolumeCapability{capBlock(rw)},
+		CapacityRange: &csi.CapacityRange{RequiredBytes: snapDisk}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v.Volume.VolumeId
+}
+
+// blockVolumeWithSnapshot is blockVolume plus a first snapshot.
+func blockVolumeWithSnapshot(t *testing.T, c clients, snap string) (string, *csi.CreateSnapshotResponse) {
+	t.Helper()
+	vol := blockVolume(t, c)
+	s, err := c.CreateSnapshot(context.Background(), &csi.CreateSnapshotRequest{Name: snap, SourceVolumeId: vol})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return vol, s
 }

@@ -6,13 +6,13 @@ import (
 	"io"
 	"math/rand"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"reflect"
-	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/qcow2-csi/qcow2-csi/tests/child"
 )
 
 // powerLossFile records, for every write since the last fsync, the bytes it
@@ -410,24 +410,11 @@ func TestCrashConsistentBitmapsAfterKill(t *testing.T) {
 	qemu(t, "qemu-img", "create", "-q", "-f", "qcow2", p, "128M")
 	qemu(t, "qemu-img", "bitmap", "--add", p, "cbt")
 
-	cmd := exec.Command(os.Args[0], "-test.run=^TestCrashConsistentBitmapsAfterKill$")
-	cmd.Env = append(os.Environ(), "QCOW2_DURABLE_CHILD="+p)
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
+	cmd, line := child.Start(t, "TestCrashConsistentBitmapsAfterKill", "QCOW2_DURABLE_CHILD="+p)
+	if line != "written" {
+		t.Fatalf("child: %q", line)
 	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
-	line := make([]byte, 8)
-	if _, err := out.Read(line); err != nil || !strings.HasPrefix(string(line), "written") {
-		t.Fatalf("child: %q %v", line, err)
-	}
-	if err := cmd.Process.Kill(); err != nil {
-		t.Fatal(err)
-	}
-	_ = cmd.Wait()
+	child.Kill(cmd)
 
 	if qb := qemuBitmaps(t, p); !reflect.DeepEqual(qb, []qemuBitmapInfo{{"cbt", 65536, []string{"in-use", "auto"}}}) {
 		t.Fatalf("qemu-img info after kill: %+v", qb)

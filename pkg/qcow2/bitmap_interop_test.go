@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/qcow2-csi/qcow2-csi/tests/child"
 	"github.com/qcow2-csi/qcow2-csi/tests/peer"
 )
 
@@ -290,24 +291,11 @@ func TestBitmapsInUseAfterKill(t *testing.T) {
 	qemu(t, "qemu-img", "bitmap", "--add", "--disable", p, "frozen")
 	qemu(t, "qemu-io", "-c", "write 0 1", p)
 
-	cmd := exec.Command(os.Args[0], "-test.run=^TestBitmapsInUseAfterKill$")
-	cmd.Env = append(os.Environ(), "QCOW2_BITMAP_CHILD="+p)
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
+	cmd, line := child.Start(t, "TestBitmapsInUseAfterKill", "QCOW2_BITMAP_CHILD="+p)
+	if line != "written" {
+		t.Fatalf("child: %q", line)
 	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
-	line := make([]byte, 8)
-	if _, err := out.Read(line); err != nil || !strings.HasPrefix(string(line), "written") {
-		t.Fatalf("child: %q %v", line, err)
-	}
-	if err := cmd.Process.Kill(); err != nil { // SIGKILL
-		t.Fatal(err)
-	}
-	_ = cmd.Wait()
+	child.Kill(cmd)
 
 	qb := qemuBitmaps(t, p)
 	if !reflect.DeepEqual(qb, []qemuBitmapInfo{{"live", 65536, []string{"in-use", "auto"}}, {"frozen", 65536, []string{}}}) {

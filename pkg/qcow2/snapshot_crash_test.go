@@ -1,7 +1,6 @@
 package qcow2
 
 import (
-	"bufio"
 	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
@@ -12,10 +11,10 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/qcow2-csi/qcow2-csi/tests/child"
 	"github.com/qcow2-csi/qcow2-csi/tests/peer"
 )
 
@@ -63,26 +62,12 @@ func TestSnapshotCrash(t *testing.T) {
 // delay and kills it.
 func crashOnce(t *testing.T, path, dir string, round int, delay time.Duration) {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestSnapshotCrashChild$", "-test.count=1")
-	cmd.Env = append(os.Environ(), crashEnv+"="+path, "QCOW2_CRASH_DIR="+dir, "QCOW2_CRASH_SEED="+strconv.Itoa(round))
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	r := bufio.NewReader(out)
-	line, err := r.ReadString('\n')
-	if err != nil || !strings.HasPrefix(line, "ready") {
-		cmd.Process.Kill()
-		cmd.Wait()
-		t.Fatalf("round %d: child did not start: %q %v", round, line, err)
+	cmd, line := child.Start(t, "TestSnapshotCrashChild", crashEnv+"="+path, "QCOW2_CRASH_DIR="+dir, "QCOW2_CRASH_SEED="+strconv.Itoa(round))
+	if !strings.HasPrefix(line, "ready") {
+		t.Fatalf("round %d: child did not start: %q", round, line)
 	}
 	time.Sleep(delay)
-	_ = cmd.Process.Signal(syscall.SIGKILL)
-	_ = cmd.Wait()
+	child.Kill(cmd)
 }
 
 func verifyAfterCrash(t *testing.T, path, dir string, version, round int) {

@@ -6,13 +6,11 @@ import (
 	"fmt"
 	"math/rand"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
-	"syscall"
 	"testing"
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
+	"github.com/qcow2-csi/qcow2-csi/tests/child"
 )
 
 // TestCrashHelper runs in a child process: it opens the image, writes,
@@ -98,24 +96,15 @@ func testCrashKeepsDeltasSafe(t *testing.T, cc bool) {
 		t.Fatal(err)
 	}
 
-	cmd := exec.Command(os.Args[0], "-test.run=^TestCrashHelper$")
-	cmd.Env = append(os.Environ(), "SNAPSHOTTER_CRASH_IMAGE="+path)
+	env := []string{"SNAPSHOTTER_CRASH_IMAGE=" + path}
 	if cc {
-		cmd.Env = append(cmd.Env, "SNAPSHOTTER_CRASH_CC=1")
+		env = append(env, "SNAPSHOTTER_CRASH_CC=1")
 	}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	line, _ := bufio.NewReader(out).ReadString('\n')
-	_ = cmd.Process.Signal(syscall.SIGKILL)
-	_ = cmd.Wait()
-	if strings.TrimSpace(line) != "ready" {
+	cmd, line := child.Start(t, "TestCrashHelper", env...)
+	if line != "ready" {
 		t.Fatalf("helper said %q", line)
 	}
+	child.Kill(cmd)
 
 	img, err = qcow2.Open(path, qcow2.OpenOptions{CrashConsistentBitmaps: cc})
 	if err != nil {
