@@ -33,7 +33,9 @@ import (
 //   - driver: a block volume of this driver, staged with the fuse attach
 //     backend (loop device over FUSE, in process) and published; fio
 //     (libaio, direct) on the published device; CreateSnapshot through the
-//     gRPC socket.
+//     gRPC socket. Crash-consistent bitmaps on, as `qcow2-csi serve` runs
+//     by default.
+//   - driver-nocc: the same with them off (serve --crash-consistent-cbt=false).
 //   - qemu: the anchor. qemu-storage-daemon serves a qcow2 image of the same
 //     size over NBD (a unix socket), fio's nbd engine drives it, and QMP
 //     blockdev-snapshot-internal-sync takes the snapshots. The data paths
@@ -65,7 +67,8 @@ func BenchmarkSnapshotUnderLoad(b *testing.B) {
 	iv := int64(2)
 	envInt("QCOW2_CSI_BENCH_LOAD_INTERVAL", &iv)
 	cfg.interval = time.Duration(iv) * time.Second
-	b.Run("driver", func(b *testing.B) { benchLoad(b, cfg, driverLoadTarget(b, cfg)) })
+	b.Run("driver", func(b *testing.B) { benchLoad(b, cfg, driverLoadTarget(b, cfg, true)) })
+	b.Run("driver-nocc", func(b *testing.B) { benchLoad(b, cfg, driverLoadTarget(b, cfg, false)) })
 	b.Run("qemu", func(b *testing.B) { benchLoad(b, cfg, qemuLoadTarget(b, cfg)) })
 }
 
@@ -211,13 +214,13 @@ func runFio(b *testing.B, cfg loadConfig, t loadTarget, rw, bs string, qd int, r
 
 // driverLoadTarget: a block volume of an in-process driver, staged with the
 // fuse backend and published.
-func driverLoadTarget(b *testing.B, cfg loadConfig) loadTarget {
+func driverLoadTarget(b *testing.B, cfg loadConfig, crashConsistent bool) loadTarget {
 	fuse := nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: filepath.Join(b.TempDir(), "fuse")})
 	if err := fuse.Available(); err != nil {
 		peer.Missing(b, "the fuse attach backend", err.Error())
 	}
 	dir := b.TempDir()
-	srv := drivertest.Start(b, driver.Options{Pool: filepath.Join(dir, "pool")}, driver.Seams{Images: driver.Qcow2Images{}, Attachers: []nbdattach.Attacher{fuse}})
+	srv := drivertest.Start(b, driver.Options{Pool: filepath.Join(dir, "pool")}, driver.Seams{Images: driver.Qcow2Images{CrashConsistentBitmaps: crashConsistent}, Attachers: []nbdattach.Attacher{fuse}})
 	c := dial(b, srv)
 	ctx := context.Background()
 	capab := capBlock(rw)

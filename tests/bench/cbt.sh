@@ -15,7 +15,8 @@
 #  load      the I/O latency a snapshot every INTERVAL seconds adds to fio
 #            (4k randwrite, then 4k randread, libaio QD32, RUNTIME seconds,
 #            on a fully written LOAD_SIZE volume): a block volume of the driver
-#            staged with the fuse attach backend against qemu-storage-daemon
+#            staged with the fuse attach backend, with crash-consistent bitmaps
+#            (serve's default) and without (driver-nocc), against qemu-storage-daemon
 #            exporting a qcow2 image over NBD (fio's nbd engine) with QMP
 #            blockdev-snapshot-internal-sync. go test -bench SnapshotUnderLoad
 #            ./pkg/driver. Needs root, FUSE, fio, qemu-storage-daemon (Debian
@@ -107,13 +108,14 @@ if has load; then
     bench 'SnapshotUnderLoad' 1x >"$work/load"
   awk '{ split($1, p, "/"); k = p[1] " " p[2] " " p[3]; v[k, $2] = $3; if (!(k in seen)) { seen[k] = 1; order[++n] = k } }
     END {
-      printf "%-30s %7s %8s %8s %9s %8s %6s %11s %11s\n", "side workload mode", "IOPS", "p50-us", "p99-us", "p99.9-us", "max-us", "snaps", "snap-p50-ms", "snap-max-ms"
+      printf "%-32s %7s %8s %8s %9s %8s %6s %11s %11s\n", "side workload mode", "IOPS", "p50-us", "p99-us", "p99.9-us", "max-us", "snaps", "snap-p50-ms", "snap-max-ms"
       for (i = 1; i <= n; i++) { k = order[i]
-        printf "%-30s %7.0f %8.0f %8.0f %9.0f %8.0f %6s %11s %11s\n", k, v[k, "iops"], v[k, "p50-us"], v[k, "p99-us"],
-          v[k, "p99.9-us"], v[k, "max-us"], (k, "snaps") in v ? v[k, "snaps"] : "-",
+        printf "%-32s %7.0f %8.0f %8.0f %9.0f %8.0f %6s %11s %11s\n", k, v[k, "iops"], v[k, "p50-us"], v[k, "p99-us"],
+          v[k, "p99.9-us"], v[k, "max-us"], (k, "snaps") in v ? sprintf("%d", v[k, "snaps"]) : "-",
           (k, "snap-p50-ms") in v ? v[k, "snap-p50-ms"] : "-", (k, "snap-max-ms") in v ? v[k, "snap-max-ms"] : "-" } }' "$work/load"
-  echo "(driver: loop + FUSE + pkg/qcow2, CreateSnapshot over gRPC; qemu: fio nbd engine -> qemu-storage-daemon, QMP"
-  echo " blockdev-snapshot-internal-sync. Latency is fio's completion latency; compare idle with snapshots within a side)"
+  echo "(driver: loop + FUSE + pkg/qcow2, CreateSnapshot over gRPC, crash-consistent bitmaps on (nocc: off);"
+  echo " qemu: fio nbd engine -> qemu-storage-daemon, QMP blockdev-snapshot-internal-sync."
+  echo " Latency is fio's completion latency; compare idle with snapshots within a side)"
   echo
 fi
 
