@@ -60,6 +60,11 @@ func Take(img *qcow2.Image, name string, seq uint64) (qcow2.SnapshotInfo, error)
 	if s, err := Find(img, name); err == nil {
 		return s, nil
 	}
+	// The first flush below runs with I/O stalled; have the page cache
+	// written back before, while I/O still flows.
+	if err := img.SyncFile(); err != nil {
+		return qcow2.SnapshotInfo{}, fmt.Errorf("snapshot %q: %w", name, err)
+	}
 	c := chain(img)
 	bm := BitmapName(seq)
 	added := false
