@@ -144,41 +144,7 @@ func TestNodeSIGTERMFuse(t *testing.T) {
 		}
 	}
 
-	s2, err := e.c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s2", SourceVolumeId: id})
-	if err != nil {
-		t.Fatal(err)
-	}
-	conn, err := grpc.NewClient("unix://"+filepath.Join(filepath.Dir(e.pool), "csi.sock"), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	st2, err := csi.NewSnapshotMetadataClient(conn).GetMetadataDelta(context.Background(),
-		&csi.GetMetadataDeltaRequest{BaseSnapshotId: s1.Snapshot.SnapshotId, TargetSnapshotId: s2.Snapshot.SnapshotId})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var changed int64
-	for {
-		r, err := st2.Recv()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			t.Fatalf("delta across the SIGTERM restart: %v", err)
-		}
-		for _, b := range r.BlockMetadata {
-			changed += b.SizeBytes
-		}
-	}
-	if changed < int64(len(data)) {
-		t.Fatalf("delta across the restart covers %d bytes; %d were written", changed, len(data))
-	}
-	for _, s := range []string{s1.Snapshot.SnapshotId, s2.Snapshot.SnapshotId} {
-		if _, err := e.c.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: s}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	e.deltaCoversAcrossRestart(id, s1, int64(len(data)))
 	e.teardown(id, staging, target)
 }
 
@@ -247,6 +213,17 @@ func testNodeSIGTERMNBD(t *testing.T) {
 	if got, err := os.ReadFile(filepath.Join(target, "busy")); err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("data written across the restart: %d bytes, %v", len(got), err)
 	}
+	e.deltaCoversAcrossRestart(id, s1, int64(len(data)))
+	e.teardown(id, staging, target)
+}
+
+// deltaCoversAcrossRestart takes snapshot s2 of volume id and checks that
+// the delta from s1 (taken before the plugin restart) is answered and
+// covers at least written bytes; then deletes both snapshots.
+func (e *nodeEnv) deltaCoversAcrossRestart(id string, s1 *csi.CreateSnapshotResponse, written int64) {
+	t := e.t
+	t.Helper()
+	ctx := context.Background()
 	s2, err := e.c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s2", SourceVolumeId: id})
 	if err != nil {
 		t.Fatal(err)
@@ -274,13 +251,12 @@ func testNodeSIGTERMNBD(t *testing.T) {
 			changed += b.SizeBytes
 		}
 	}
-	if changed < int64(len(data)) {
-		t.Fatalf("delta across the restart covers %d bytes; %d were written", changed, len(data))
+	if changed < written {
+		t.Fatalf("delta across the restart covers %d bytes; %d were written", changed, written)
 	}
 	for _, s := range []string{s1.Snapshot.SnapshotId, s2.Snapshot.SnapshotId} {
 		if _, err := e.c.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: s}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	e.teardown(id, staging, target)
 }
