@@ -113,14 +113,7 @@ func (d *Driver) saveRecord(r *stageRecord) error {
 }
 
 func (d *Driver) removeRecord(id string) error {
-	err := os.Remove(d.recordPath(id))
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	return syncDir(d.recordDir())
+	return removeDurably(d.recordPath(id))
 }
 
 func (d *Driver) loadRecords() ([]*stageRecord, error) {

@@ -120,10 +120,7 @@ func writeRecord(path string, v any) error {
 // image. A crash between the two leaves an image without metadata, which
 // recover removes.
 func (p *pool) remove(id string) error {
-	if err := os.Remove(p.metaPath(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return err
-	}
-	if err := syncDir(p.dir); err != nil {
+	if err := removeDurably(p.metaPath(id)); err != nil {
 		return err
 	}
 	if err := os.Remove(p.imagePath(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -241,6 +238,19 @@ func writeFileAtomic(path string, data []byte) error {
 		return err
 	}
 	return syncDir(filepath.Dir(path))
+}
+
+// removeDurably removes path (one already gone is fine) and syncs its
+// directory, so that the removal survives a crash.
+func removeDurably(path string) error {
+	err := os.Remove(path)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	if serr := syncDir(filepath.Dir(path)); serr != nil && !(err != nil && errors.Is(serr, fs.ErrNotExist)) {
+		return serr // (no directory and no file: nothing to make durable)
+	}
+	return nil
 }
 
 func syncDir(dir string) error {

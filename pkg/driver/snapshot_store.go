@@ -97,10 +97,7 @@ func (p *pool) putSnapshot(m *snapshotMeta) error {
 }
 
 func (p *pool) removeSnapshot(id string) error {
-	if err := os.Remove(p.snapMetaPath(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return err
-	}
-	return syncDir(p.snapDir())
+	return removeDurably(p.snapMetaPath(id))
 }
 
 // listSnapshots returns every snapshot record, sorted by ID.
