@@ -124,7 +124,7 @@ func runImgConvert(args []string) int {
 			return imgErr("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
 		}
 	}
-	cs := &createSettings{set: map[string]bool{}}
+	cs := newCreateSettings()
 	for _, o := range pa.all("o") {
 		if err := applyCreateOptions(cs, o); err != nil {
 			return imgErr("%v", err)

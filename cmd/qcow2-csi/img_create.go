@@ -38,6 +38,17 @@ type createSettings struct {
 	help bool
 }
 
+// imgFileMode is the mode img create and img convert give a new file,
+// before the umask: qemu-img's (0644), so that the img face stays a drop-in
+// for it. The driver's pool files are 0600 (the qcow2 library's default),
+// and the pool directory is 0700, which covers a file an operator makes
+// there with this tool.
+const imgFileMode = 0o644
+
+func newCreateSettings() *createSettings {
+	return &createSettings{opts: qcow2.CreateOptions{Mode: imgFileMode}, set: map[string]bool{}}
+}
+
 func applyCreateOptions(cs *createSettings, list string) error {
 	items, err := parseOptionList(list)
 	if err != nil {
@@ -117,7 +128,7 @@ func runImgCreate(args []string) int {
 	if format == "" {
 		format = "raw"
 	}
-	cs := &createSettings{set: map[string]bool{}}
+	cs := newCreateSettings()
 	if b, ok := pa.get("b"); ok {
 		cs.opts.BackingFile, cs.set["backing_file"] = b, true
 	}
@@ -241,7 +252,7 @@ func formattingLine(path, format string, cs *createSettings) string {
 }
 
 func createRaw(path string, size int64, prealloc string) error {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, imgFileMode)
 	if err != nil {
 		return err
 	}

@@ -93,6 +93,15 @@ func (d *Driver) Options() Options { return d.opts }
 // Probe reports ready only after Start succeeded.
 func (d *Driver) Start(ctx context.Context) error {
 	logger := klog.FromContext(ctx)
+	// Not fatal: failing start would also skip the re-attach below, and
+	// every mounted volume would lose its I/O over a mode.
+	narrowed, err := d.pool.restrict()
+	if len(narrowed) > 0 {
+		logger.Info("Warning: pool files were open to other users; narrowed them", "pool", d.pool.dir, "changed", narrowed)
+	}
+	if err != nil {
+		logger.Error(err, "Pool files are open to other users and could not be narrowed", "pool", d.pool.dir)
+	}
 	removed, err := d.pool.recover()
 	if err != nil {
 		d.failStart(err)

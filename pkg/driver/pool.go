@@ -43,8 +43,18 @@ type pool struct {
 	dir string
 }
 
+// Modes of the pool: a volume's image is a whole disk's data, readable by
+// the driver alone, as its record is (writeFileAtomic's temporary files are
+// 0600). The directory is the driver's alone as well, so that a file
+// someone else makes there with a wider mode is still out of other users'
+// reach.
+const (
+	poolDirMode   fs.FileMode = 0o700
+	poolImageMode fs.FileMode = 0o600
+)
+
 func openPool(dir string) (*pool, error) {
-	if err := os.MkdirAll(dir, 0o750); err != nil {
+	if err := os.MkdirAll(dir, poolDirMode); err != nil {
 		return nil, fmt.Errorf("pool %s: %w", dir, err)
 	}
 	abs, err := filepath.Abs(dir)
@@ -188,6 +198,53 @@ func (p *pool) recover() ([]string, error) {
 		return removed, syncDir(p.dir)
 	}
 	return nil, nil
+}
+
+// restrict narrows the pool directory to poolDirMode and the driver's
+// images in it (and hidden ones among the snapshot records) to
+// poolImageMode, keeping only bits both allow. A hostPath the kubelet made
+// (DirectoryOrCreate: 0755) and images an older driver made (0644) are
+// narrowed this way; foreign files are left alone. It returns what it
+// changed, "path: old -> new", for the start-up log.
+func (p *pool) restrict() ([]string, error) {
+	var changed []string
+	var errs []error
+	narrow := func(path string, fi fs.FileInfo, want fs.FileMode) {
+		old := fi.Mode().Perm()
+		if old&^want == 0 {
+			return
+		}
+		if err := os.Chmod(path, old&want); err != nil {
+			errs = append(errs, err)
+			return
+		}
+		changed = append(changed, fmt.Sprintf("%s: %#o -> %#o", path, old, old&want))
+	}
+	fi, err := os.Stat(p.dir)
+	if err != nil {
+		return nil, err
+	}
+	narrow(p.dir, fi, poolDirMode)
+	for _, dir := range []string{p.dir, p.snapDir()} {
+		ents, err := os.ReadDir(dir)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		for _, e := range ents {
+			n := e.Name()
+			if !e.Type().IsRegular() || !strings.HasSuffix(n, imageSuffix) || checkVolumeID(strings.TrimSuffix(n, imageSuffix)) != nil {
+				continue
+			}
+			if fi, err := e.Info(); err == nil {
+				narrow(filepath.Join(dir, n), fi, poolImageMode)
+			}
+		}
+	}
+	return changed, errors.Join(errs...)
 }
 
 // space reports the pool filesystem's size and the bytes available to an

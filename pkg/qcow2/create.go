@@ -3,6 +3,7 @@ package qcow2
 import (
 	"encoding/binary"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"math/bits"
 	"os"
@@ -45,6 +46,12 @@ type CreateOptions struct {
 	BackingFormat string
 	// NoSync opens the new image with OpenOptions.NoSync.
 	NoSync bool
+	// Mode is the permission bits of a newly made file, before the umask
+	// (an existing file keeps its own). The default is 0600: an image holds
+	// a whole disk's data, so a caller that does not think about it must
+	// not leave it readable by every local user. qemu-img uses 0644; the
+	// img face asks for that to behave the same.
+	Mode fs.FileMode
 	// Logger receives messages; nil is silent.
 	Logger *slog.Logger
 }
@@ -67,6 +74,9 @@ func (o *CreateOptions) normalize() error {
 	}
 	if o.Preallocation == "" {
 		o.Preallocation = PreallocOff
+	}
+	if o.Mode == 0 {
+		o.Mode = 0o600
 	}
 	switch {
 	case o.Size < 0:
@@ -95,6 +105,8 @@ func (o *CreateOptions) normalize() error {
 		return bad("backing format %q is not supported (qcow2 or raw)", o.BackingFormat)
 	case len(o.BackingFile) > maxBackingFileName:
 		return bad("backing file name too long")
+	case o.Mode&^fs.ModePerm != 0:
+		return bad("file mode %v has bits other than permissions", o.Mode)
 	}
 	switch o.Preallocation {
 	case PreallocOff, PreallocMetadata, PreallocFalloc, PreallocFull:
@@ -124,7 +136,7 @@ func Create(path string, opts CreateOptions) (*Image, error) {
 	if (opts.Size+l2Cov-1)/l2Cov > maxL1Bytes/8 {
 		return nil, fmt.Errorf("%w: image size %d is too large for cluster size %d (L1 table would exceed %d bytes)", ErrInvalidOption, opts.Size, opts.ClusterSize, maxL1Bytes)
 	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, opts.Mode)
 	if err != nil {
 		return nil, fmt.Errorf("qcow2: create: %w", err)
 	}

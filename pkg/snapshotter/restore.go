@@ -213,7 +213,8 @@ func copyRestore(src *qcow2.Image, name, dst string, o RestoreOptions) error {
 	if cs == 0 {
 		cs = src.ClusterSize()
 	}
-	img, err := qcow2.Create(dst, qcow2.CreateOptions{Size: o.Size, ClusterSize: cs})
+	// 0600 as the reflink path: a restored volume is a disk's data.
+	img, err := qcow2.Create(dst, qcow2.CreateOptions{Size: o.Size, ClusterSize: cs, Mode: 0o600})
 	if err != nil {
 		return err
 	}

@@ -92,6 +92,13 @@ func restoreIn(t *testing.T, dir string, wantMethod Method) {
 			t.Fatalf("method %s, want %s", m, wantMethod)
 		}
 		checkRestored(t, dst, want, max(size, testDisk))
+		// A restored volume holds a disk's data: its owner's only, as
+		// the pool's other files are.
+		if fi, err := os.Stat(dst); err != nil {
+			t.Fatal(err)
+		} else if fi.Mode().Perm() != 0o600 {
+			t.Fatalf("restored image mode %v, want 0600", fi.Mode())
+		}
 	}
 }
 
