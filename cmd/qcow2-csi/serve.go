@@ -51,6 +51,7 @@ type serveFlags struct {
 	fuseDir                                   string
 	controllerExpand                          bool
 	blockMetadataType                         string
+	overcommitRatio, poolWarningPercent       float64
 }
 
 func runServe(args []string) int {
@@ -71,6 +72,8 @@ func runServe(args []string) int {
 	fs.StringVar(&f.attachBackend, "attach-backend", "auto", "how the node attaches images: nbd (kernel NBD), fuse (FUSE + loop) or auto (nbd if available, else fuse)")
 	fs.StringVar(&f.fuseDir, "fuse-dir", "", "where the fuse attach backend mounts its per-volume FUSE files; one per plugin process (default: "+nbdattach.DefaultFuseDir+", or fuse/ in the temporary directory)")
 	fs.StringVar(&f.capacityReserve, "capacity-reserve", "0", "pool space kept free: bytes (suffixes Ki, Mi, Gi, Ti) or a percentage of the pool filesystem (e.g. 5%)")
+	fs.Float64Var(&f.overcommitRatio, "overcommit-ratio", driver.DefaultOvercommitRatio, "most the volumes' virtual sizes may add up to, as a multiple of the pool filesystem's size minus the reserve; CreateVolume and expansion refuse more (ResourceExhausted); 0 means no limit (docs/operations.md)")
+	fs.Float64Var(&f.poolWarningPercent, "pool-warning-percent", driver.DefaultPoolWarningPercent, "how full the pool filesystem may get, in percent, before every volume's condition turns abnormal and qcow2_csi_pool_nearly_full is 1")
 	fs.StringVar(&f.defaultSz, "default-volume-size", "1Gi", "size of a volume created without a capacity range")
 	fs.BoolVar(&f.controllerExpand, "controller-expand", true, "advertise ControllerExpandVolume; set false when a central csi-resizer serves node-local pools, so that expansion runs entirely in NodeExpandVolume (docs/driver.md)")
 	fs.StringVar(&f.blockMetadataType, "block-metadata-type", "VARIABLE_LENGTH", "how SnapshotMetadata reports a snapshot's ranges when its VolumeSnapshotClass has no blockMetadataType parameter: VARIABLE_LENGTH (extents) or FIXED_LENGTH (cluster-size blocks)")
@@ -95,6 +98,10 @@ func runServe(args []string) int {
 		fmt.Fprintf(os.Stderr, "qcow2-csi serve: unexpected arguments %q\n", fs.Args())
 		return 2
 	}
+	if !(f.poolWarningPercent > 0 && f.poolWarningPercent <= 100) { // (0 means the default to driver.Options)
+		fmt.Fprintf(os.Stderr, "qcow2-csi serve: --pool-warning-percent %g: want more than 0 and at most 100\n", f.poolWarningPercent)
+		return 2
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	if err := serve(ctx, f, os.Stdout); err != nil {
@@ -114,6 +121,7 @@ func serve(ctx context.Context, f serveFlags, out io.Writer) error {
 		Mode: mode, DriverName: f.driverName, Version: version, NodeID: f.nodeID, Pool: f.pool,
 		MaxVolumes: f.maxVolumes, ControllerExpand: f.controllerExpand, AttachBackend: f.attachBackend,
 		BlockMetadataType: f.blockMetadataType,
+		OvercommitRatio:   f.overcommitRatio, PoolWarningPercent: f.poolWarningPercent,
 	}
 	if opts.CapacityReserve, opts.CapacityReservePercent, err = parseReserve(f.capacityReserve); err != nil {
 		return err

@@ -15,8 +15,8 @@ import (
 )
 
 // minFreeForThin is the headroom a thin (preallocation=off) image needs: its
-// header, L1 and refcount tables. A pool with less than this above its reserve
-// is full.
+// header, L1 and refcount tables. A pool with less than this free is full
+// (space.go).
 const minFreeForThin = 4 << 20
 
 func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
@@ -114,9 +114,11 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		return nil, toStatus(err)
 	}
 
-	if err := d.checkSpace(size, params); err != nil {
+	releaseSpace, err := d.claimSpace(d.createClaim(id, size, req.GetCapacityRange() != nil, params, req.GetVolumeContentSource()))
+	if err != nil {
 		return nil, toStatus(err)
 	}
+	defer releaseSpace() // after the record is written: then the volume counts itself
 	// Build the image under a temporary name and rename it into place, so
 	// that an interrupted create leaves only a temporary file (removed on
 	// start) and never a half-made image under a volume's name.
@@ -189,40 +191,6 @@ func mountFSType(cs []*csi.VolumeCapability) string {
 		}
 	}
 	return ""
-}
-
-// available is the space CreateVolume may use: free space minus the reserve.
-func (d *Driver) available() (int64, error) {
-	total, avail, err := d.pool.space()
-	if err != nil {
-		return 0, err
-	}
-	reserve := d.opts.CapacityReserve
-	if r := int64(float64(total) * d.opts.CapacityReservePercent / 100); r > reserve {
-		reserve = r
-	}
-	if avail -= reserve; avail < 0 {
-		avail = 0
-	}
-	return avail, nil
-}
-
-// checkSpace refuses a volume the pool cannot hold without eating into its
-// reserve: the full size for preallocated images, the metadata headroom for
-// thin ones (which grow as they are written, like any thin pool).
-func (d *Driver) checkSpace(size int64, p volumeParams) error {
-	avail, err := d.available()
-	if err != nil {
-		return err
-	}
-	need := int64(minFreeForThin)
-	if p.Preallocation == "falloc" || p.Preallocation == "full" {
-		need += size
-	}
-	if avail < need {
-		return fmt.Errorf("%w: %d bytes needed, %d available above the reserve in %s", ErrNoSpace, need, avail, d.pool.dir)
-	}
-	return nil
 }
 
 func (d *Driver) csiVolume(m *volumeMeta) *csi.Volume {
@@ -313,12 +281,13 @@ func (d *Driver) ControllerGetVolume(ctx context.Context, req *csi.ControllerGet
 	}, nil
 }
 
-// condition reports whether a volume's image is there, for ControllerGetVolume.
+// condition reports whether a volume's image is there and its pool has
+// room, for ControllerGetVolume.
 func (d *Driver) condition(id string) *csi.VolumeCondition {
 	if _, err := os.Stat(d.pool.imagePath(id)); err != nil {
 		return &csi.VolumeCondition{Abnormal: true, Message: fmt.Sprintf("image: %v", err)}
 	}
-	return &csi.VolumeCondition{Message: "image present"}
+	return d.withSpaceCondition(&csi.VolumeCondition{Message: "image present"})
 }
 
 func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csi.ValidateVolumeCapabilitiesRequest) (*csi.ValidateVolumeCapabilitiesResponse, error) {
@@ -401,13 +370,14 @@ func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (
 			return &csi.GetCapacityResponse{}, nil
 		}
 	}
-	if _, err := parseParams(req.GetParameters()); err != nil {
+	params, err := parseParams(req.GetParameters())
+	if err != nil {
 		return nil, toStatus(err)
 	}
 	if t := req.GetAccessibleTopology(); t != nil && !d.matches(t) {
 		return &csi.GetCapacityResponse{}, nil
 	}
-	avail, err := d.available()
+	avail, err := d.capacityFor(params)
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -437,6 +407,11 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.Controller
 		return nil, toStatus(err)
 	}
 	logger := klog.FromContext(ctx).WithValues("volumeID", id)
+	releaseSpace, err := d.claimGrowth(m, size)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	defer releaseSpace()
 
 	// Staged here: grow the open image and its device online (there is only
 	// ever one open of an image). Otherwise grow the closed image.

@@ -51,6 +51,12 @@ type Driver struct {
 	// calls take milliseconds and are rare; I/O is never under this lock.
 	devMu sync.Mutex
 
+	// ledger holds the space claimed by creates and expansions in flight
+	// (space.go).
+	ledger spaceLedger
+	// serving is where Serve listens, for liveness to call back (health.go).
+	serving atomic.Pointer[serveState]
+
 	ready    atomic.Bool
 	startErr atomic.Pointer[error]
 }
@@ -200,7 +206,11 @@ func (d *Driver) Close() error {
 }
 
 // readiness reports nil when the driver can serve every RPC of its mode, or
-// what stands in the way.
+// what stands in the way (Probe). A full pool is not in the way: deletes,
+// which free space, and every RPC but a create still work, and Probe's
+// "not ready" is a failed liveness check for the upstream livenessprobe
+// sidecar, which would restart the plugin in a loop; /readyz, the volume
+// conditions and the metrics say the pool is full (space.go).
 func (d *Driver) readiness() error {
 	if p := d.startErr.Load(); p != nil {
 		return fmt.Errorf("start failed: %w", *p)
@@ -208,7 +218,7 @@ func (d *Driver) readiness() error {
 	if !d.ready.Load() {
 		return errors.New("starting: re-attaching staged volumes")
 	}
-	if err := d.pool.writable(); err != nil {
+	if err := d.pool.writable(); err != nil && !noSpace(err) {
 		return fmt.Errorf("pool %s is not writable: %w", d.pool.dir, err)
 	}
 	if d.opts.Mode.node() {

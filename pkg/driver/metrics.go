@@ -68,7 +68,8 @@ var (
 )
 
 func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descPoolSize, descPoolAvail, descPoolAlloc, descPoolProv, descVolumes, descAttached} {
+	for _, d := range []*prometheus.Desc{descPoolSize, descPoolAvail, descPoolAlloc, descPoolProv, descVolumes, descAttached,
+		descPoolFree, descPoolUsed, descPoolReserve, descPoolReserved, descPoolLimit, descPoolNearlyFull, descPoolFull} {
 		ch <- d
 	}
 }
@@ -78,8 +79,9 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 	if total, _, err := d.pool.space(); err == nil {
 		ch <- prometheus.MustNewConstMetric(descPoolSize, prometheus.GaugeValue, float64(total))
 	}
-	if avail, err := d.available(); err == nil {
-		ch <- prometheus.MustNewConstMetric(descPoolAvail, prometheus.GaugeValue, float64(avail))
+	if s, err := d.poolSpace(); err == nil {
+		ch <- prometheus.MustNewConstMetric(descPoolAvail, prometheus.GaugeValue, float64(max(s.free-s.reserve, 0)))
+		c.collectSpace(ch, s)
 	}
 	if ids, err := d.pool.list(); err == nil {
 		var alloc, prov int64
@@ -100,4 +102,46 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descVolumes, prometheus.GaugeValue, float64(n))
 	}
 	ch <- prometheus.MustNewConstMetric(descAttached, prometheus.GaugeValue, float64(d.attachedCount()))
+}
+
+// Space gauges (space.go): enough to alert before the pool fills, on the
+// pool's own figures or on the driver's judgement (nearly_full, full).
+var (
+	descPoolFree = prometheus.NewDesc(metricsNamespace+"_pool_free_bytes",
+		"Free bytes of the filesystem holding the pool (statfs f_bavail).", nil, nil)
+	descPoolUsed = prometheus.NewDesc(metricsNamespace+"_pool_used_bytes",
+		"Used bytes of the filesystem holding the pool: size minus free.", nil, nil)
+	descPoolReserve = prometheus.NewDesc(metricsNamespace+"_pool_reserve_bytes",
+		"Bytes CreateVolume leaves free for thin volumes to grow into (--capacity-reserve).", nil, nil)
+	descPoolReserved = prometheus.NewDesc(metricsNamespace+"_pool_reserved_bytes",
+		"Bytes claimed by creates in flight and not yet allocated.", nil, nil)
+	descPoolLimit = prometheus.NewDesc(metricsNamespace+"_pool_provisioned_limit_bytes",
+		"Most the volumes' virtual sizes may add up to (--overcommit-ratio times the pool after the reserve); absent without a limit.", nil, nil)
+	descPoolNearlyFull = prometheus.NewDesc(metricsNamespace+"_pool_nearly_full",
+		"1 when the pool is above --pool-warning-percent or full: volume conditions are abnormal.", nil, nil)
+	descPoolFull = prometheus.NewDesc(metricsNamespace+"_pool_full",
+		"1 when the pool cannot hold one more image's metadata: thin volumes' writes fail, /readyz answers 503.", nil, nil)
+)
+
+func (c *poolCollector) collectSpace(ch chan<- prometheus.Metric, s *poolSpace) {
+	gauge := func(d *prometheus.Desc, v int64) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, float64(v))
+	}
+	gauge(descPoolFree, s.free)
+	gauge(descPoolUsed, s.size-s.free)
+	gauge(descPoolReserve, s.reserve)
+	gauge(descPoolReserved, s.heldDisk)
+	if s.limit > 0 {
+		gauge(descPoolLimit, s.limit)
+	}
+	lvl, _ := c.d.spaceState()
+	flag := func(d *prometheus.Desc, on bool) {
+		if on {
+			gauge(d, 1)
+		} else {
+			gauge(d, 0)
+		}
+	}
+	flag(descPoolNearlyFull, lvl >= spaceLow)
+	flag(descPoolFull, lvl == spaceFull)
 }

@@ -3,6 +3,7 @@ package driver
 import (
 	"fmt"
 	"log/slog"
+	"math"
 	"time"
 )
 
@@ -38,6 +39,11 @@ const (
 	DefaultVolumeSize  = 1 << 30 // CreateVolume without a capacity range
 	DefaultClusterSize = 64 << 10
 	DefaultFSType      = "ext4"
+	// DefaultOvercommitRatio is serve's --overcommit-ratio (docs/operations.md
+	// says why 10).
+	DefaultOvercommitRatio = 10
+	// DefaultPoolWarningPercent is when the pool counts as nearly full.
+	DefaultPoolWarningPercent = 85
 )
 
 // Options configure a Driver. The zero value of every field except Pool and
@@ -65,6 +71,18 @@ type Options struct {
 	// CapacityReservePercent is a reserve as a share of the pool filesystem's
 	// size; the larger of the two reserves applies.
 	CapacityReservePercent float64
+	// OvercommitRatio bounds thin provisioning: the virtual sizes of the
+	// pool's volumes (preallocated ones included) may add up to at most
+	// this many times the pool filesystem's size minus the reserve.
+	// CreateVolume and ControllerExpandVolume refuse more with
+	// ResourceExhausted. 0 means no limit (serve's --overcommit-ratio
+	// defaults to DefaultOvercommitRatio).
+	OvercommitRatio float64
+	// PoolWarningPercent is how full (percent of the pool filesystem) the
+	// pool may get before every volume's condition turns abnormal and the
+	// pool_nearly_full metric is 1, so that someone acts before thin
+	// volumes meet ENOSPC (default DefaultPoolWarningPercent).
+	PoolWarningPercent float64
 	// DefaultVolumeSize is the size of a volume created without a capacity
 	// range (default 1 GiB).
 	DefaultVolumeSize int64
@@ -105,6 +123,9 @@ func (o *Options) setDefaults() {
 	if o.AttachBackend == "" {
 		o.AttachBackend = "auto"
 	}
+	if o.PoolWarningPercent == 0 {
+		o.PoolWarningPercent = DefaultPoolWarningPercent
+	}
 	if o.BlockMetadataType == "" {
 		o.BlockMetadataType = blockMetadataVariable
 	}
@@ -131,6 +152,12 @@ func (o *Options) validate() error {
 	}
 	if o.CapacityReserve < 0 || o.CapacityReservePercent < 0 || o.CapacityReservePercent > 100 {
 		return fmt.Errorf("capacity reserve %d bytes / %g%% out of range", o.CapacityReserve, o.CapacityReservePercent)
+	}
+	if o.OvercommitRatio < 0 || math.IsNaN(o.OvercommitRatio) || math.IsInf(o.OvercommitRatio, 0) {
+		return fmt.Errorf("overcommit ratio %g: want 0 (no limit) or a positive number", o.OvercommitRatio)
+	}
+	if !(o.PoolWarningPercent > 0 && o.PoolWarningPercent <= 100) {
+		return fmt.Errorf("pool warning threshold %g%%: want more than 0 and at most 100", o.PoolWarningPercent)
 	}
 	if o.DefaultVolumeSize < 0 {
 		return fmt.Errorf("default volume size %d is negative", o.DefaultVolumeSize)

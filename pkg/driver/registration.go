@@ -69,14 +69,16 @@ func (d *Driver) ServeKubeletRegistration(ctx context.Context, dir, kubeletEndpo
 	return nil
 }
 
-// HealthHandler serves /healthz (liveness: the process answers and its pool
-// is reachable) and /readyz (readiness: what Probe answers). Liveness
-// deliberately does not include node readiness: a node without nbd must not
-// crash-loop, it must answer NodeStage with a clear FailedPrecondition.
+// HealthHandler serves /healthz (liveness: the CSI server answers; see
+// liveness) and /readyz (readiness: what Probe answers, and 503 when the
+// pool is full; a nearly full pool is a warning in the body). Liveness
+// deliberately does not include readiness: a node without nbd must not
+// crash-loop, it must answer NodeStage with a clear FailedPrecondition, and
+// a full pool must not either (with fuse a restart drops every device).
 func (d *Driver) HealthHandler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
-		if err := d.pool.writable(); err != nil {
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		if err := d.liveness(r.Context()); err != nil {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 			return
 		}
@@ -87,7 +89,14 @@ func (d *Driver) HealthHandler() http.Handler {
 			http.Error(w, err.Error(), http.StatusServiceUnavailable)
 			return
 		}
-		fmt.Fprintln(w, "ok")
+		switch lvl, msg := d.spaceState(); lvl {
+		case spaceFull:
+			http.Error(w, msg, http.StatusServiceUnavailable)
+		case spaceLow:
+			fmt.Fprintf(w, "ok\nwarning: %s\n", msg)
+		default:
+			fmt.Fprintln(w, "ok")
+		}
 	})
 	return mux
 }

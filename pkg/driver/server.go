@@ -137,6 +137,8 @@ func (d *Driver) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 // Serve serves the CSI services on lis until ctx ends, then stops gracefully.
 func (d *Driver) Serve(ctx context.Context, lis net.Listener) error {
 	s := d.GRPCServer()
+	d.serving.Store(&serveState{addr: lis.Addr()})
+	defer d.serving.Store(&serveState{stopped: true})
 	errc := make(chan error, 1)
 	go func() { errc <- s.Serve(lis) }()
 	select {
