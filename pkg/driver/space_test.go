@@ -223,7 +223,8 @@ func TestOvercommitRatio(t *testing.T) {
 	}
 	_, err = c.CreateVolume(ctx, volumeReq("b", 100<<20, nil))
 	wantCode(t, err, codes.ResourceExhausted, "104857600 bytes would bring the pool's provisioned total to 734003200, above the overcommit limit 671088640")
-	if _, err := c.CreateVolume(ctx, volumeReq("c", 40<<20, nil)); err != nil {
+	cv, err := c.CreateVolume(ctx, volumeReq("c", 40<<20, nil))
+	if err != nil {
 		t.Fatal(err)
 	}
 	if got := capacity(nil); got != 0 {
@@ -245,6 +246,14 @@ func TestOvercommitRatio(t *testing.T) {
 	if _, err := c.CreateVolume(ctx, volumeReq("b", 100<<20, nil)); err != nil {
 		t.Fatal(err)
 	}
+	// An expansion's new size counts once its record says so (the claim is
+	// gone by then): 100 + 540 MiB is the limit exactly.
+	if _, err := c.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: cv.Volume.VolumeId,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 540 << 20}, VolumeCapability: capBlock(rw)}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.CreateVolume(ctx, volumeReq("d", 1<<20, nil))
+	wantCode(t, err, codes.ResourceExhausted, "1048576 bytes would bring the pool's provisioned total to 672137216")
 	srv.Stop(t)
 
 	srv = drivertest.Start(t, driver.Options{Pool: pool}, driver.Seams{Images: drivertest.RawImages{}})
