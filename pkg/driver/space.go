@@ -48,7 +48,8 @@ type spaceLedger struct {
 	// their record file: every claim adds up the whole pool, and parsing
 	// each record each time doubled CreateVolume's time at 500 volumes.
 	// A record is replaced by rename (writeFileAtomic), so a changed
-	// record is a new inode.
+	// record has another inode or, should the inode be reused, another
+	// mtime.
 	records map[string]cachedRecord
 }
 

@@ -18,6 +18,7 @@ import (
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver/drivertest"
+	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
 	"github.com/qcow2-csi/qcow2-csi/tests/peer"
 )
 
@@ -332,4 +333,40 @@ func TestConcurrentSpaceReservation(t *testing.T) {
 	})
 	check("thin expansions to 100 MiB", ok, 2, errs)
 	metricsHas(t, srv.Driver, "qcow2_csi_pool_reserved_bytes 0")
+}
+
+// TestCloneClaimsSourceData: a clone copies its source's data, so it is
+// refused up front, with the numbers, when that does not fit, instead of
+// failing with ENOSPC halfway through the copy.
+func TestCloneClaimsSourceData(t *testing.T) {
+	ctx := context.Background()
+	pool := tmpfsPool(t, 64<<20)
+	srv := drivertest.Start(t, driver.Options{Pool: pool}, driver.Seams{Images: driver.Qcow2Images{}})
+	c := dial(t, srv)
+	v, err := c.CreateVolume(ctx, volumeReq("src", 64<<20, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := qcow2.Open(filepath.Join(pool, v.Volume.VolumeId+".qcow2"), qcow2.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := make([]byte, 36<<20)
+	for i := range data {
+		data[i] = byte(i>>12) | 1
+	}
+	if _, err := img.WriteAt(data, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	src := &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: v.Volume.VolumeId}}}
+	req := volumeReq("clone", 64<<20, nil)
+	req.VolumeContentSource = src
+	_, err = c.CreateVolume(ctx, req)
+	wantCode(t, err, codes.ResourceExhausted, "bytes needed")
+	if temps, _ := filepath.Glob(filepath.Join(pool, ".tmp-*")); len(temps) != 0 {
+		t.Errorf("temporary files left: %v", temps)
+	}
 }
