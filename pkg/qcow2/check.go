@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"math"
 )
 
 // Check verifies the image the way qemu-img check does and, with a repair
@@ -68,6 +69,11 @@ type checkState struct {
 	fileLen int64
 	// rebuild: the refcount structures themselves are broken.
 	rebuild bool
+	// blockOutside: a refcount block lies past the end of the file.
+	// qemu only reports it, except under -r all, where it grows the file
+	// to reach the block; a rebuild gives the same result without a file
+	// of that size (and an offset up to bit 63 leaves no other way).
+	blockOutside bool
 	// badRefs: references to space outside the file, fixable by zeroing.
 	badRefs int
 	// disk reads the on-disk refcounts through the raw reftable.
@@ -96,6 +102,9 @@ func (img *Image) checkLocked(mode RepairMode) (*CheckResult, error) {
 	pre := *res
 	pre.Messages = append([]string(nil), res.Messages...)
 	highest := st.compare(RepairNone)
+	if st.blockOutside && mode.fixErrors() {
+		st.rebuild = true
+	}
 	switch {
 	case st.rebuild && mode.fixErrors():
 		old := *res
@@ -256,30 +265,29 @@ func (st *checkState) checkRefblocks() error {
 	for i := int64(0); i < int64(len(raw))/8; i++ {
 		e := binary.BigEndian.Uint64(raw[i*8:])
 		st.disk.table = append(st.disk.table, e)
-		off := int64(e &^ refTableReservedMask)
+		// Unsigned: the offset bits reach bit 63 (hostOffset).
+		off := refTableEntry(e).rawOffset()
 		switch {
 		case e&refTableReservedMask != 0:
 			res.Corruptions++
 			res.msg("ERROR refcount table entry %d has reserved bits set", i)
 			st.rebuild = true
 			continue
-		case off%img.clusterSize != 0:
+		case off%uint64(img.clusterSize) != 0:
 			res.Corruptions++
 			res.msg("ERROR refcount block %d is not cluster aligned; refcount table entry corrupted", i)
 			st.rebuild = true
 			continue
-		case off>>img.clusterBits >= nbClusters:
-			// qemu -r all grows the file to reach the block; a rebuild
-			// gives the same result without a file of that size.
+		case off>>img.clusterBits >= uint64(nbClusters):
 			res.Corruptions++
 			res.msg("ERROR refcount block %d is outside image", i)
-			st.rebuild = true
+			st.blockOutside = true
 			continue
 		case off == 0:
 			continue
 		}
-		st.inc(off, img.clusterSize)
-		if n := st.counts.get(off >> img.clusterBits); n != 1 {
+		st.inc(int64(off), img.clusterSize)
+		if n := st.counts.get(int64(off) >> img.clusterBits); n != 1 {
 			res.Corruptions++
 			res.msg("ERROR refcount block %d refcount=%d", i, n)
 			st.rebuild = true
@@ -303,13 +311,19 @@ func (d *diskRefcounts) get(ci int64) (uint64, error) {
 	if bi >= int64(len(d.table)) {
 		return 0, nil
 	}
-	off := int64(d.table[bi] &^ refTableReservedMask)
-	if off == 0 {
+	raw := refTableEntry(d.table[bi]).rawOffset()
+	if raw == 0 {
 		return 0, nil
 	}
-	if off%img.clusterSize != 0 {
-		return 0, fmt.Errorf("refblock offset %#x unaligned (reftable index: %#x)", off, bi)
+	if raw%uint64(img.clusterSize) != 0 {
+		return 0, fmt.Errorf("refblock offset %#x unaligned (reftable index: %#x)", raw, bi)
 	}
+	// Past the end of the file a block reads as zeroes, but no file
+	// offset reaches beyond int64 (qemu's read fails there too).
+	if raw > math.MaxInt64-uint64(img.clusterSize) {
+		return 0, fmt.Errorf("refblock offset %#x is beyond any file offset (reftable index: %#x)", raw, bi)
+	}
+	off := int64(raw)
 	b, ok := d.blocks[bi]
 	if !ok {
 		b = make([]byte, img.clusterSize)

@@ -360,19 +360,35 @@ func (img *Image) loadRefTable(fileSize int64) error {
 	for i := range img.refTable {
 		e := refTableEntry(binary.BigEndian.Uint64(buf[i*8:]))
 		at := int64(h.RefcountTableOffset) + int64(i)*8
+		err := img.checkRefTableEntry(i, at, e, fileSize)
 		if img.checking {
-			img.refTable[i] = e
+			// Check reads the table from disk itself and reports what
+			// is wrong; the core keeps only entries it can follow, so
+			// that no offset it computes goes negative.
+			if _, ok := e.hostOffset(); ok && e.offset()%img.clusterSize == 0 {
+				img.refTable[i] = e
+			}
 			continue
 		}
-		if uint64(e)&refTableReservedMask != 0 {
-			return corruptf(fmt.Sprintf("refcount_table[%d]", i), at, "reserved bits set in %#x", uint64(e))
-		}
-		if err := img.checkTableRef("refcount_table", i, at, e.offset(), fileSize, "refcount block"); err != nil {
+		if err != nil {
 			return err
 		}
 		img.refTable[i] = e
 	}
 	return nil
+}
+
+// checkRefTableEntry validates refcount table entry i (stored at file
+// offset at), with the words qemu-img check uses for the same faults.
+func (img *Image) checkRefTableEntry(i int, at int64, e refTableEntry, fileSize int64) error {
+	field := fmt.Sprintf("refcount_table[%d]", i)
+	if r := uint64(e) & refTableReservedMask; r != 0 {
+		return corruptf(field, at, "refcount table entry %d has reserved bits %#x set (entry %#x)", i, r, uint64(e))
+	}
+	if _, ok := e.hostOffset(); !ok {
+		return corruptf(field, at, "refcount block %d is outside image (offset %#x, file %d bytes)", i, e.rawOffset(), fileSize)
+	}
+	return img.checkTableRef("refcount_table", i, at, e.offset(), fileSize, "refcount block")
 }
 
 func (img *Image) loadSnapshots(fileSize int64) error {

@@ -174,7 +174,22 @@ func (b l2Bitmap) String() string {
 // refTableEntry is one refcount table entry: the offset of a refcount block.
 type refTableEntry uint64
 
+// offset is the block's offset in a table open validated (loadRefTable
+// keeps only entries for which hostOffset holds).
 func (e refTableEntry) offset() int64 { return int64(uint64(e) &^ refTableReservedMask) }
+
+// rawOffset is the offset as the spec reads it: bits 9-63, unchecked.
+func (e refTableEntry) rawOffset() uint64 { return uint64(e) &^ refTableReservedMask }
+
+// hostOffset is the block's offset, and whether the entry can name one:
+// no reserved bit set and the offset within the 56 bits host offsets have
+// (offsetMask, as in L1 and L2 entries). The spec gives the offset bits up
+// to 63, but a higher offset lies outside any image, and taken as an int64
+// it would turn negative.
+func (e refTableEntry) hostOffset() (int64, bool) {
+	o := e.rawOffset()
+	return int64(o & offsetMask), uint64(e)&refTableReservedMask == 0 && o <= offsetMask
+}
 
 func (e refTableEntry) String() string { return fmt.Sprintf("reftable(block@%#x)", e.offset()) }
 
