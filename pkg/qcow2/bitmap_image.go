@@ -151,7 +151,9 @@ func (img *Image) loadBitmaps() error {
 	}
 	img.bms.list = list
 	img.bms.retrack()
-	if img.readOnly || (len(img.bms.tracking) == 0 && !durable) {
+	// A check writes no guest data, so its bitmaps stay as they are on
+	// disk: nothing to mark in use, nothing to store at Close.
+	if img.readOnly || img.checking || (len(img.bms.tracking) == 0 && !durable) {
 		return nil
 	}
 	if img.durableBitmaps {

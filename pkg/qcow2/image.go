@@ -476,11 +476,17 @@ func (img *Image) Close() error {
 	}
 	var err error
 	if !img.readOnly && img.err == nil {
-		err = img.storeBitmapsLocked(true)
+		// An image opened for Check changes only what the check repairs:
+		// storing bitmaps would allocate through refcounts the check may
+		// have found broken, and the check clears the dirty bit itself
+		// once a repair leaves nothing wrong (markCleanAndConsistent).
+		if !img.checking {
+			err = img.storeBitmapsLocked(true)
+		}
 		if err == nil {
 			err = img.flushLocked(true)
 		}
-		if err == nil && img.hdr.Incompatible&IncompatDirty != 0 {
+		if err == nil && !img.checking && img.hdr.Incompatible&IncompatDirty != 0 {
 			img.hdr.Incompatible &^= IncompatDirty
 			err = img.writeHeader()
 			if err == nil {
