@@ -9,12 +9,14 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"sync/atomic"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/kubernetes-csi/csi-lib-utils/protosanitizer"
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
@@ -72,10 +74,18 @@ func Listen(endpoint string) (net.Listener, error) {
 	return net.Listen(network, addr)
 }
 
+// serverOptions are the interceptors every gRPC server of the driver runs:
+// logging and metrics for unary calls, and recovery from handler panics for
+// unary and streaming calls alike.
+func (d *Driver) serverOptions() []grpc.ServerOption {
+	_ = d.metrics.reg.Register(handlerPanics) // once per registry; a second GRPCServer finds it there
+	return []grpc.ServerOption{grpc.UnaryInterceptor(d.intercept), grpc.StreamInterceptor(d.interceptStream)}
+}
+
 // GRPCServer returns a gRPC server with the services of the driver's mode
 // registered and the logging/metrics interceptor installed.
 func (d *Driver) GRPCServer() *grpc.Server {
-	s := grpc.NewServer(grpc.UnaryInterceptor(d.intercept))
+	s := grpc.NewServer(d.serverOptions()...)
 	csi.RegisterIdentityServer(s, d)
 	if d.opts.Mode.controller() {
 		csi.RegisterControllerServer(s, d)
@@ -122,7 +132,7 @@ func (d *Driver) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	}
 	v.Info("Request", "body", protosanitizer.StripSecrets(req).String())
 	start := time.Now()
-	resp, err := h(ctx, req)
+	resp, err := recoverHandler(logger, method, func() (any, error) { return h(ctx, req) })
 	took := time.Since(start)
 	code := status.Code(err)
 	d.metrics.observe(method, code, took)
@@ -132,6 +142,42 @@ func (d *Driver) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 		v.Info("Response", "body", protosanitizer.StripSecrets(resp).String(), "took", took.String())
 	}
 	return resp, err
+}
+
+// interceptStream recovers from panics of streaming handlers (the
+// SnapshotMetadata service) as intercept does for unary ones.
+func (d *Driver) interceptStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	method := info.FullMethod[strings.LastIndex(info.FullMethod, "/")+1:]
+	logger := klog.LoggerWithValues(klog.FromContext(ss.Context()), "method", method, "request", requestSeq.Add(1))
+	_, err := recoverHandler(logger, method, func() (any, error) { return nil, h(srv, ss) })
+	return err
+}
+
+// handlerPanics counts recovered handler panics. A panic is a bug of the
+// binary, so one counter serves the process; serverOptions registers it
+// on each driver's registry.
+var handlerPanics = prometheus.NewCounterVec(prometheus.CounterOpts{
+	Namespace: metricsNamespace, Name: "handler_panics_total",
+	Help: "CSI handler panics recovered into an Internal error, by method.",
+}, []string{"method"})
+
+// recoverHandler runs one handler and turns a panic into an Internal
+// error for that request: the node plugin serves every volume of its node,
+// so a bug met by one request must not take the others down with the
+// process. Deferred unlocks in the handler have run by the time it
+// returns; a panic in a goroutine the handler started is out of reach.
+func recoverHandler(logger klog.Logger, method string, h func() (any, error)) (resp any, err error) {
+	defer func() {
+		r := recover()
+		if r == nil {
+			return
+		}
+		handlerPanics.WithLabelValues(method).Inc()
+		logger.Error(fmt.Errorf("panic: %v", r), "Handler panicked; the request fails with Internal", "stack", string(debug.Stack()))
+		// %v, not %w: whatever the panic carried, the answer is Internal.
+		resp, err = nil, toStatus(fmt.Errorf("%s: internal error (a bug; the plugin logged the stack): %v", method, r))
+	}()
+	return h()
 }
 
 // Serve serves the CSI services on lis until ctx ends, then stops gracefully.
