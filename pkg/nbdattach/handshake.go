@@ -68,11 +68,17 @@ func (h *handshake) run() (*negotiated, error) {
 		h.opt = binary.BigEndian.Uint32(oh[8:])
 		n := binary.BigEndian.Uint32(oh[12:])
 		if n > maxOptionSize {
-			if _, err := io.CopyN(io.Discard, h.br, int64(n)); err != nil {
-				return nil, fmt.Errorf("%w: draining %d-byte option %d: %v", ErrProtocol, n, h.opt, err)
-			}
+			// Refused before a byte of it is read. NBD_OPT_EXPORT_NAME
+			// has no error reply: the spec's answer is to disconnect.
 			if h.opt == optExportName {
 				return nil, fmt.Errorf("%w: export name of %d bytes", ErrProtocol, n)
+			}
+			if n > maxOptionDrain {
+				_ = h.replyErr(repErrTooBig, "option data of %d bytes exceeds %d; disconnecting", n, maxOptionSize)
+				return nil, fmt.Errorf("%w: option %d claims %d bytes of data (limit %d)", ErrProtocol, h.opt, n, maxOptionSize)
+			}
+			if _, err := io.CopyN(io.Discard, h.br, int64(n)); err != nil {
+				return nil, fmt.Errorf("%w: draining %d-byte option %d: %v", ErrProtocol, n, h.opt, err)
 			}
 			if err := h.replyErr(repErrTooBig, "option data of %d bytes exceeds %d", n, maxOptionSize); err != nil {
 				return nil, err

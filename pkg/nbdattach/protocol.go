@@ -155,8 +155,14 @@ const (
 	// maxStringSize is the spec's cap on names, descriptions and queries.
 	maxStringSize = 4096
 	// maxOptionSize bounds the option payload a client may send; anything
-	// larger is drained in chunks and refused, never allocated.
+	// larger is refused with NBD_REP_ERR_TOO_BIG, never allocated.
 	maxOptionSize = 64 << 10
+	// maxOptionDrain bounds what is drained of a refused payload so that
+	// the negotiation can go on, as the spec asks of a server. A client
+	// claiming more is after the connection slot, not an answer (the
+	// spec lets a server hard-disconnect a denial of service): it gets
+	// the error reply and the connection ends, before any of it is read.
+	maxOptionDrain = 1 << 20
 	// maxMetaQueries bounds the number of queries in one meta context option.
 	maxMetaQueries = 128
 	// DefaultMaxPayload is the largest READ/WRITE payload advertised,

@@ -14,6 +14,10 @@ import (
 // aLongTimeAgo is a deadline in the past, used to unblock a pending read.
 var aLongTimeAgo = time.Unix(1, 0)
 
+// DefaultHandshakeTimeout is how long a client may take to negotiate, as
+// qemu-nbd (since the fix for CVE-2024-7409).
+const DefaultHandshakeTimeout = 10 * time.Second
+
 // ServerOptions tune a Server. Zero values mean defaults.
 type ServerOptions struct {
 	// Logger receives connection-level events; nil logs nothing.
@@ -21,8 +25,12 @@ type ServerOptions struct {
 	// MaxConnections bounds the clients served at once; further ones wait in
 	// the listen backlog until one leaves (qemu-nbd -e). Zero: no bound.
 	MaxConnections int
-	// HandshakeTimeout bounds the option negotiation of one client.
-	// Zero means 30 s.
+	// HandshakeTimeout bounds the whole negotiation of one client, from
+	// the greeting to NBD_OPT_GO: a client that connects and never
+	// negotiates (or trickles its options) would otherwise hold a
+	// connection slot for good, the only one with MaxConnections 1. Zero
+	// means qemu-nbd's 10 s; negative means no limit (for tests of the
+	// handshake itself, as qemu-nbd's --handshake-limit=0).
 	HandshakeTimeout time.Duration
 	// StopWhenIdle makes Serve return once a client has been served and no
 	// client remains (qemu-nbd without -t).
@@ -60,7 +68,7 @@ func NewServer(opts ServerOptions, exports ...*Export) (*Server, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	if opts.HandshakeTimeout == 0 {
-		opts.HandshakeTimeout = 30 * time.Second
+		opts.HandshakeTimeout = DefaultHandshakeTimeout
 	}
 	s := &Server{
 		opts:      opts,
@@ -178,7 +186,9 @@ func (s *Server) ServeConn(ctx context.Context, conn net.Conn) error {
 	stop := context.AfterFunc(s.ctx, cancel)
 	defer stop()
 
-	conn.SetDeadline(time.Now().Add(s.opts.HandshakeTimeout))
+	if s.opts.HandshakeTimeout > 0 {
+		conn.SetDeadline(time.Now().Add(s.opts.HandshakeTimeout))
+	}
 	// A shutdown during the negotiation ends it at once.
 	stopHS := context.AfterFunc(ctx, func() { conn.SetDeadline(aLongTimeAgo) })
 	h := &handshake{s: s, rw: conn, br: bufio.NewReaderSize(conn, readBufSize)}
