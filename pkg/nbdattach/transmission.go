@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 )
@@ -350,9 +351,30 @@ func (c *transmission) validate(r *request) uint32 {
 
 // handle runs one validated request against the backend and queues its reply.
 func (c *transmission) handle(ctx context.Context, r *request) {
+	if err := c.dispatch(ctx, r); err != nil {
+		r.err = err
+		r.errno = nbdErrno(err)
+		c.log.Debug("nbd request failed", "cmd", r.typ, "offset", r.off, "length", r.length, "err", err)
+	}
+	c.reply(r)
+}
+
+// errBackendPanic: the backend panicked serving a request (EIO).
+var errBackendPanic = errors.New("nbd backend panicked")
+
+// dispatch runs r against the backend. A panic there, a bug met by one
+// request, fails that request with EIO: the client sees an I/O error on a
+// few sectors, instead of the process dying with every device it serves.
+func (c *transmission) dispatch(ctx context.Context, r *request) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			c.log.Error("nbd backend panicked; the request fails with EIO", "cmd", r.typ, "offset", r.off, "length", r.length,
+				"panic", fmt.Sprint(p), "stack", string(debug.Stack()))
+			err = fmt.Errorf("%w: %v", errBackendPanic, p)
+		}
+	}()
 	off, n := int64(r.off), int64(r.length)
 	fua := r.flags&cmdFlagFUA != 0
-	var err error
 	switch r.typ {
 	case nbdCmdRead:
 		err = c.read(ctx, r)
@@ -378,12 +400,7 @@ func (c *transmission) handle(ctx context.Context, r *request) {
 	case nbdCmdBlockStatus:
 		err = c.blockStatus(ctx, r)
 	}
-	if err != nil {
-		r.err = err
-		r.errno = nbdErrno(err)
-		c.log.Debug("nbd request failed", "cmd", r.typ, "offset", off, "length", n, "err", err)
-	}
-	c.reply(r)
+	return err
 }
 
 // read fills r.data, and for structured replies with holes, r.chunks.
