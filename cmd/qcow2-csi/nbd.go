@@ -26,7 +26,10 @@ const nbdUsage = `Usage: qcow2-csi nbd [OPTIONS] FILE
 
 Serve FILE (a qcow2 image or a raw file) over NBD, with qemu-nbd 7.2's flags.
 Unlike qemu-nbd it listens on a unix socket unless TCP is asked for with -b
-or -p; without -k the socket is %s.
+or -p; without -k the socket is %s in a new private
+directory (mode 0700) under $XDG_RUNTIME_DIR, or $TMPDIR, or /tmp; its path
+is printed to stderr once it accepts clients, and both go when the server
+exits.
 
   -k, --socket=PATH         path of the unix socket to listen on
   -b, --bind=IFACE          listen on TCP at this address (default 0.0.0.0 with -p)
@@ -165,19 +168,26 @@ func parseNBDFlags(args []string, stderr io.Writer) (*nbdOptions, error) {
 	return o, nil
 }
 
-// defaultSocket is where `qcow2-csi nbd FILE` listens without -k.
-func defaultSocket(file string) string {
-	dir := os.Getenv("XDG_RUNTIME_DIR")
-	if dir == "" {
-		dir = os.TempDir()
+// defaultSocketName is the socket's name in the private directory that
+// `qcow2-csi nbd FILE` makes without -k. Not the image's name: a long one
+// would overflow the 108 bytes a socket path may have.
+const defaultSocketName = "nbd.sock"
+
+// privateSocketDir makes the directory the socket goes in without -k: new
+// and 0700 (os.MkdirTemp), so that no other user can have put anything at
+// the socket's path first, or connect to it.
+func privateSocketDir() (string, error) {
+	base := os.Getenv("XDG_RUNTIME_DIR")
+	if base == "" {
+		base = os.TempDir()
 	}
-	return filepath.Join(dir, "qcow2-csi-nbd-"+filepath.Base(file)+".sock")
+	return os.MkdirTemp(base, "qcow2-csi-nbd-")
 }
 
 func runNBD(args []string) int {
 	o, err := parseNBDFlags(args, os.Stderr)
 	if err != nil || o.exitHelp {
-		fmt.Fprintf(os.Stderr, nbdUsage, defaultSocket("FILE"))
+		fmt.Fprintf(os.Stderr, nbdUsage, defaultSocketName)
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "\nqcow2-csi nbd: %v\n", err)
 			return 1
@@ -244,12 +254,22 @@ func serveNBD(o *nbdOptions) error {
 	} else {
 		path := o.socket
 		if !o.socketGiven {
-			path = defaultSocket(o.file)
-			fmt.Fprintf(os.Stderr, "qcow2-csi nbd: serving %s on unix socket %s\n", o.file, path)
+			dir, derr := privateSocketDir()
+			if derr != nil {
+				return fmt.Errorf("making a private directory for the socket: %w", derr)
+			}
+			// Runs after the listener has closed (and unlinked the socket).
+			defer os.Remove(dir)
+			path = filepath.Join(dir, defaultSocketName)
 		}
 		ln, err = net.Listen("unix", path)
 		if ul, ok := ln.(*net.UnixListener); ok {
 			ul.SetUnlinkOnClose(true)
+		}
+		// Said only once the socket accepts: a client that waits for this
+		// line may connect at once.
+		if err == nil && !o.socketGiven {
+			fmt.Fprintf(os.Stderr, "qcow2-csi nbd: serving %s on unix socket %s\n", o.file, path)
 		}
 	}
 	if err != nil {
