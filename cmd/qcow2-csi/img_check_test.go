@@ -166,3 +166,35 @@ func TestImgBitmapMatchesQemu(t *testing.T) {
 		}
 	}
 }
+
+// img check in every -r mode on an image whose refcount table entry has
+// bit 63 set exits as qemu-img check does on the same file (it used to
+// panic with an index out of range in the reference walk).
+func TestImgCheckRefTableBit63EveryMode(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "a.qcow2")
+	mustQemu(t, "qemu-img", "create", "-q", "-f", "qcow2", p, "64M")
+	mustQemu(t, "qemu-io", "-c", "write 0 1M", p)
+	data, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rt := binary.BigEndian.Uint64(data[48:])
+	binary.BigEndian.PutUint64(data[rt:], binary.BigEndian.Uint64(data[rt:])|1<<63)
+	for _, mode := range [][]string{nil, {"-r", "leaks"}, {"-r", "all"}} {
+		ours, theirs := filepath.Join(t.TempDir(), "o.qcow2"), filepath.Join(t.TempDir(), "q.qcow2")
+		for _, f := range []string{ours, theirs} {
+			if err := os.WriteFile(f, data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+		qcode, _ := qemuImg(t, append(append([]string{"check"}, mode...), theirs)...)
+		code, _, stderr := capture(t, append(append([]string{"check"}, mode...), ours)...)
+		if code != qcode {
+			t.Errorf("check %v: exit %d, qemu-img %d\n%s", mode, code, qcode, stderr)
+		}
+		if !strings.Contains(stderr, "refcount block 0 is outside image") {
+			t.Errorf("check %v: stderr lacks the finding:\n%s", mode, stderr)
+		}
+	}
+}
