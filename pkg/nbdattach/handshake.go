@@ -38,6 +38,17 @@ type handshake struct {
 // errAbort: the client ended the negotiation with NBD_OPT_ABORT.
 var errAbort = errors.New("client aborted the negotiation")
 
+// runRecovering is run with a panic (in the backend's Size, say) turned
+// into an error that ends this connection, not the server.
+func (h *handshake) runRecovering() (neg *negotiated, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			neg, err = nil, panicError(h.s.log, "negotiating", p)
+		}
+	}()
+	return h.run()
+}
+
 // run negotiates until the client picks an export (returned), aborts or
 // breaks the protocol.
 func (h *handshake) run() (*negotiated, error) {

@@ -192,7 +192,7 @@ func (s *Server) ServeConn(ctx context.Context, conn net.Conn) error {
 	// A shutdown during the negotiation ends it at once.
 	stopHS := context.AfterFunc(ctx, func() { conn.SetDeadline(aLongTimeAgo) })
 	h := &handshake{s: s, rw: conn, br: bufio.NewReaderSize(conn, readBufSize)}
-	neg, err := h.run()
+	neg, err := h.runRecovering()
 	if !stopHS() {
 		conn.Close()
 		return nil

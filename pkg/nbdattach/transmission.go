@@ -198,7 +198,7 @@ func (c *transmission) serve(ctx context.Context) error {
 	stop := context.AfterFunc(ctx, func() { c.conn.SetReadDeadline(aLongTimeAgo) })
 	defer stop()
 
-	rerr := c.receive(ctx)
+	rerr := c.receiveRecovering(ctx)
 
 	// Everything received is answered before the connection closes.
 	c.wg.Wait()
@@ -219,6 +219,19 @@ func (c *transmission) serve(ctx context.Context) error {
 		return context.Cause(ctx)
 	}
 	return rerr
+}
+
+// receiveRecovering is receive with a panic (in the request validation,
+// say) turned into an error: the stream can no longer be trusted, so the
+// connection ends, but the requests in flight are answered and the process
+// lives on.
+func (c *transmission) receiveRecovering(ctx context.Context) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = panicError(c.log, "receiving requests", p)
+		}
+	}()
+	return c.receive(ctx)
 }
 
 // receive reads requests until DISC, EOF or an error.
@@ -359,8 +372,16 @@ func (c *transmission) handle(ctx context.Context, r *request) {
 	c.reply(r)
 }
 
-// errBackendPanic: the backend panicked serving a request (EIO).
+// errBackendPanic: the backend (or this package) panicked; the request,
+// or the connection where no one request is to blame, fails with it (EIO).
 var errBackendPanic = errors.New("nbd backend panicked")
+
+// panicError logs a recovered panic with its stack and returns it as an
+// error wrapping errBackendPanic.
+func panicError(log *slog.Logger, while string, p any) error {
+	log.Error("nbd: panic while "+while, "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
+	return fmt.Errorf("%w while %s: %v", errBackendPanic, while, p)
+}
 
 // dispatch runs r against the backend. A panic there, a bug met by one
 // request, fails that request with EIO: the client sees an I/O error on a
@@ -368,9 +389,7 @@ var errBackendPanic = errors.New("nbd backend panicked")
 func (c *transmission) dispatch(ctx context.Context, r *request) (err error) {
 	defer func() {
 		if p := recover(); p != nil {
-			c.log.Error("nbd backend panicked; the request fails with EIO", "cmd", r.typ, "offset", r.off, "length", r.length,
-				"panic", fmt.Sprint(p), "stack", string(debug.Stack()))
-			err = fmt.Errorf("%w: %v", errBackendPanic, p)
+			err = panicError(c.log.With("cmd", r.typ, "offset", r.off, "length", r.length), "serving a request (it fails with EIO)", p)
 		}
 	}()
 	off, n := int64(r.off), int64(r.length)

@@ -3,7 +3,11 @@ package nbdattach
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
+	"errors"
+	"io"
 	"testing"
+	"time"
 )
 
 // panicBackend panics on a read or write at offset 0 (a bug in the image
@@ -56,4 +60,43 @@ func TestBackendPanicFailsOneRequest(t *testing.T) {
 		t.Fatalf("ServeTransmission: %v", err)
 	}
 	c.expectClosed()
+}
+
+// sizePanicBackend panics in Size, which the handshake and the request
+// validation call outside any one request's I/O.
+type sizePanicBackend struct{ *memBackend }
+
+func (sizePanicBackend) Size() int64 { panic("size bug") }
+
+// A panic where no single request can take the blame (the handshake, the
+// request validation) ends that connection with an error, not the process.
+func TestBackendPanicOutsideARequestEndsTheConnection(t *testing.T) {
+	exp := &Export{Backend: sizePanicBackend{newMem(1 << 20)}}
+	c, wait := startTransmission(t, exp)
+	c.send(0, nbdCmdRead, 1, 0, 4096, nil)
+	if err := wait(); !errors.Is(err, errBackendPanic) {
+		t.Fatalf("ServeTransmission: %v, want errBackendPanic", err)
+	}
+	c.expectClosed()
+
+	srv, err := NewServer(ServerOptions{}, exp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := unixPair(t)
+	defer b.Close()
+	done := make(chan error, 1)
+	go func() { done <- srv.ServeConn(context.Background(), a) }()
+	b.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(b, make([]byte, 18)); err != nil {
+		t.Fatal(err)
+	}
+	msg := binary.BigEndian.AppendUint32(nil, clientFlagFixedNewstyle|clientFlagNoZeroes)
+	msg = binary.BigEndian.AppendUint64(msg, optMagic)
+	msg = binary.BigEndian.AppendUint32(msg, optGo)
+	msg = binary.BigEndian.AppendUint32(msg, uint32(len(goData(""))))
+	b.Write(append(msg, goData("")...))
+	if err := <-done; !errors.Is(err, errBackendPanic) {
+		t.Fatalf("ServeConn: %v, want errBackendPanic", err)
+	}
 }
