@@ -360,7 +360,6 @@ func (img *Image) loadRefTable(fileSize int64) error {
 	for i := range img.refTable {
 		e := refTableEntry(binary.BigEndian.Uint64(buf[i*8:]))
 		at := int64(h.RefcountTableOffset) + int64(i)*8
-		err := img.checkRefTableEntry(i, at, e, fileSize)
 		if img.checking {
 			// Check reads the table from disk itself and reports what
 			// is wrong; the core keeps only entries it can follow, so
@@ -370,7 +369,7 @@ func (img *Image) loadRefTable(fileSize int64) error {
 			}
 			continue
 		}
-		if err != nil {
+		if err := img.checkRefTableEntry(i, at, e, fileSize); err != nil {
 			return err
 		}
 		img.refTable[i] = e
