@@ -99,7 +99,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	mkfsOpts, _ := splitMkfsOptions(req.GetVolumeContext()[ctxMkfsOptions])
+	mkfsOpts, _ := stageMkfsOptions(req) // validated above
 
 	img, err := d.images.Open(ctx, d.pool.imagePath(id), want.ReadOnly)
 	if err != nil {

@@ -118,7 +118,7 @@ func parseSize(s string) (int64, error) {
 // mkfsArg is what one mkfs argument may contain: options, numbers, labels,
 // key=value lists. No shell is involved, but refusing odd bytes keeps logs and
 // error messages readable and rules out option smuggling through whitespace.
-var mkfsArg = regexp.MustCompile(`^[A-Za-z0-9=,._:+/-]{1,128}$`)
+var mkfsArg = regexp.MustCompile(`^[A-Za-z0-9=,._:+/^-]{1,128}$`)
 
 func splitMkfsOptions(s string) ([]string, error) {
 	f := strings.Fields(s)
@@ -127,10 +127,164 @@ func splitMkfsOptions(s string) ([]string, error) {
 	}
 	for _, a := range f {
 		if !mkfsArg.MatchString(a) {
-			return nil, fmt.Errorf("mkfs argument %q has characters outside [A-Za-z0-9=,._:+/-] or is too long", a)
+			return nil, fmt.Errorf("mkfs argument %q has characters outside [A-Za-z0-9=,._:+/^-] or is too long", a)
 		}
 	}
 	return f, nil
+}
+
+// mkfsFlag is what the driver lets through of one mkfs option. The plugin
+// runs mkfs as root on the host's filesystem, so an option that reads or
+// writes anything but the new volume's device (a directory to copy in, a
+// bad-block list, an undo file, an external journal or log device) would
+// let whoever writes a StorageClass, or a volume context, reach the host.
+type mkfsFlag struct {
+	value bool // takes a value: the next argument
+	// subs, when set, is the allowlist of the value's comma-separated
+	// name[=value] sub-options.
+	subs map[string]bool
+	// refusedSubs are sub-options refused by name, and why.
+	refusedSubs map[string]string
+	// refused, when set, refuses the option and says why.
+	refused string
+}
+
+func subs(names ...string) map[string]bool {
+	m := make(map[string]bool, len(names))
+	for _, n := range names {
+		m[n] = true
+	}
+	return m
+}
+
+// mkfsFlags are the options each filesystem's mkfs accepts from
+// mkfsOptions; any other option is refused as not allowed. Refusals with a
+// reason are the options known to touch more than the volume, or to make no
+// usable filesystem. -F/-f (force) and the filesystem type are the
+// driver's, not the StorageClass's.
+var mkfsFlags = map[string]map[string]mkfsFlag{
+	"ext4": {
+		"-b": {value: true}, "-C": {value: true}, "-e": {value: true}, "-g": {value: true},
+		"-G": {value: true}, "-i": {value: true}, "-I": {value: true}, "-j": {},
+		"-L": {value: true}, "-m": {value: true}, "-M": {value: true}, "-N": {value: true},
+		"-O": {value: true}, "-q": {}, "-r": {value: true}, "-T": {value: true},
+		"-U": {value: true}, "-v": {},
+		"-E": {value: true, subs: subs("root_owner", "lazy_itable_init", "lazy_journal_init", "discard", "nodiscard",
+			"stride", "stripe_width", "stripe-width", "resize", "packed_meta_blocks", "num_backup_sb",
+			"quotatype", "encoding", "encoding_flags", "orphan_file_size", "assume_storage_prezeroed"),
+			refusedSubs: map[string]string{"offset": "it puts the filesystem away from the device's start, where no mount finds it"}},
+		"-J": {value: true, subs: subs("size", "fast_commit_size", "location"),
+			refusedSubs: map[string]string{"device": "it puts the journal on another block device of the host"}},
+		"-c": {refused: "it scans the device for bad blocks, which an image has none of"},
+		"-d": {value: true, refused: "it copies a host directory or tarball into the volume"},
+		"-D": {refused: "direct I/O is the attach backend's business"},
+		"-F": {refused: "the driver decides about forcing"},
+		"-l": {value: true, refused: "it reads a bad-block list from a host file"},
+		"-n": {refused: "it makes no filesystem (dry run)"},
+		"-S": {refused: "it writes superblocks only, over whatever the device holds"},
+		"-t": {value: true, refused: "the filesystem type is the fsType parameter's"},
+		"-V": {refused: "it prints the version and makes no filesystem"},
+		"-z": {value: true, refused: "it writes an undo file to a host path"},
+	},
+	"xfs": {
+		"-b": {value: true, subs: subs("size")},
+		"-m": {value: true, subs: subs("crc", "finobt", "uuid", "rmapbt", "reflink", "inobtcount", "bigtime")},
+		"-d": {value: true, subs: subs("agcount", "agsize", "su", "sunit", "sw", "swidth", "noalign",
+			"cowextsize", "extszinherit", "daxinherit", "projinherit"),
+			refusedSubs: map[string]string{
+				"name": "it makes the data section on another host file or device",
+				"file": "it makes the data section on a host file"}},
+		"-i": {value: true, subs: subs("size", "perblock", "maxpct", "align", "attr", "projid32bit", "sparse", "nrext64")},
+		"-l": {value: true, subs: subs("internal", "size", "version", "sunit", "su", "lazy-count"),
+			refusedSubs: map[string]string{
+				"logdev": "it puts the log on another block device of the host",
+				"name":   "it puts the log on another host file or device",
+				"file":   "it puts the log in a host file"}},
+		"-n": {value: true, subs: subs("size", "version", "ftype")},
+		"-s": {value: true, subs: subs("size")},
+		"-L": {value: true}, "-q": {}, "-K": {},
+		"-c": {value: true, refused: "it reads a configuration file from a host path"},
+		"-f": {refused: "the driver decides about forcing"},
+		"-N": {refused: "it makes no filesystem (dry run)"},
+		"-p": {value: true, refused: "it populates the volume from a host prototype file or directory"},
+		"-r": {value: true, refused: "a realtime section lives on another block device of the host"},
+		"-V": {refused: "it prints the version and makes no filesystem"},
+	},
+}
+
+// mkfsOptionsFor splits mkfsOptions and checks them against the allowlist
+// of fsType's mkfs. Each option must be its own argument, its value the
+// next one: getopt's bundled (-qd) and attached (-b4096) forms would let a
+// refused option hide inside an allowed one.
+func mkfsOptionsFor(fsType, s string) ([]string, error) {
+	args, err := splitMkfsOptions(s)
+	if err != nil {
+		return nil, err
+	}
+	flags, ok := mkfsFlags[fsType]
+	if !ok {
+		return nil, fmt.Errorf("no mkfs options are known for filesystem %q", fsType)
+	}
+	tool := "mkfs." + fsType
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if !strings.HasPrefix(a, "-") {
+			return nil, fmt.Errorf("mkfs argument %q is not an option: the driver gives the device", a)
+		}
+		if len(a) != 2 || a == "--" {
+			return nil, fmt.Errorf("mkfs argument %q: write each option as its own argument, its value as the next one (-b 4096)", a)
+		}
+		f, ok := flags[a]
+		switch {
+		case !ok:
+			return nil, fmt.Errorf("%s option %s is not allowed (allowed: %s)", tool, a, allowedFlags(flags))
+		case f.refused != "":
+			return nil, fmt.Errorf("%s option %s is refused: %s", tool, a, f.refused)
+		case !f.value:
+			continue
+		}
+		if i+1 == len(args) {
+			return nil, fmt.Errorf("%s option %s needs a value", tool, a)
+		}
+		i++
+		if f.subs == nil {
+			continue
+		}
+		for _, sub := range strings.Split(args[i], ",") {
+			name, _, _ := strings.Cut(sub, "=")
+			if why, bad := f.refusedSubs[name]; bad {
+				return nil, fmt.Errorf("%s %s sub-option %s is refused: %s", tool, a, name, why)
+			}
+			if !f.subs[name] {
+				return nil, fmt.Errorf("%s %s sub-option %s is not allowed (allowed: %s)", tool, a, name, strings.Join(sortedKeys(f.subs), ", "))
+			}
+		}
+	}
+	return args, nil
+}
+
+func allowedFlags(flags map[string]mkfsFlag) string {
+	var ok []string
+	for n, f := range flags {
+		if f.refused == "" {
+			ok = append(ok, n)
+		}
+	}
+	// -b -C -e -E ...: the order of a man page.
+	sort.Slice(ok, func(i, j int) bool {
+		li, lj := strings.ToLower(ok[i]), strings.ToLower(ok[j])
+		return li < lj || (li == lj && ok[i] > ok[j])
+	})
+	return strings.Join(ok, " ")
+}
+
+func sortedKeys(m map[string]bool) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
 }
 
 // maxVirtualSize is the largest image a cluster size allows, the bound qemu

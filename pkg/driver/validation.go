@@ -122,6 +122,18 @@ func validateCreateVolumeRequest(r *csi.CreateVolumeRequest) error {
 	if err := checkCapabilities(r.GetVolumeCapabilities()); err != nil {
 		return err
 	}
+	// Each filesystem the volume may be made with checks mkfsOptions
+	// against its own mkfs: a capability's fs_type wins over the fsType
+	// parameter, as at NodeStageVolume.
+	if opts := r.GetParameters()[paramMkfsOptions]; opts != "" {
+		for _, c := range r.GetVolumeCapabilities() {
+			if fs := fsTypeFor(c, r.GetParameters()); c.GetMount() != nil && supportedFSTypes[fs] {
+				if _, err := mkfsOptionsFor(fs, opts); err != nil {
+					return fmt.Errorf("%w: parameter %s: %v", ErrInvalid, paramMkfsOptions, err)
+				}
+			}
+		}
+	}
 	if src := r.GetVolumeContentSource(); src != nil {
 		if src.GetSnapshot().GetSnapshotId() == "" && src.GetVolume().GetVolumeId() == "" {
 			return fmt.Errorf("%w: volume_content_source names neither a snapshot nor a volume", ErrInvalid)
@@ -189,10 +201,21 @@ func validateNodeStageVolumeRequest(r *csi.NodeStageVolumeRequest) error {
 	if fs := r.GetVolumeContext()[ctxFSType]; fs != "" && !supportedFSTypes[fs] {
 		return fmt.Errorf("%w: volume context %s=%q not supported (ext4, xfs)", ErrInvalid, ctxFSType, fs)
 	}
-	if _, err := splitMkfsOptions(r.GetVolumeContext()[ctxMkfsOptions]); err != nil {
+	if _, err := stageMkfsOptions(r); err != nil {
 		return fmt.Errorf("%w: volume context %s: %v", ErrInvalid, ctxMkfsOptions, err)
 	}
 	return nil
+}
+
+// stageMkfsOptions are the mkfs options of a NodeStageVolume request,
+// checked against the allowlist of the filesystem it makes: the volume
+// context comes from whoever calls, not necessarily from CreateVolume.
+func stageMkfsOptions(r *csi.NodeStageVolumeRequest) ([]string, error) {
+	s := r.GetVolumeContext()[ctxMkfsOptions]
+	if isBlock(r.GetVolumeCapability()) {
+		return splitMkfsOptions(s) // no filesystem is made
+	}
+	return mkfsOptionsFor(fsTypeFor(r.GetVolumeCapability(), r.GetVolumeContext()), s)
 }
 
 func validateNodeUnstageVolumeRequest(r *csi.NodeUnstageVolumeRequest) error {
