@@ -19,9 +19,6 @@ type Mounter interface {
 	// IsMountPoint reports whether path is a mount point; a missing path is
 	// an error satisfying os.IsNotExist.
 	IsMountPoint(path string) (bool, error)
-	// Cleanup unmounts target if it is mounted and removes it (directory or
-	// file); a missing target is not an error.
-	Cleanup(target string) error
 	// ResizeFS grows the filesystem on devicePath, mounted at mountPath, to
 	// the device's size.
 	ResizeFS(devicePath, mountPath string) error
@@ -55,10 +52,6 @@ func (m *nodeMounter) Mount(source, target, fsType string, options []string) err
 
 func (m *nodeMounter) IsMountPoint(path string) (bool, error) {
 	return m.SafeFormatAndMount.IsMountPoint(path)
-}
-
-func (m *nodeMounter) Cleanup(target string) error {
-	return mount.CleanupMountPoint(target, m.SafeFormatAndMount.Interface, true)
 }
 
 func (m *nodeMounter) ResizeFS(devicePath, mountPath string) error {

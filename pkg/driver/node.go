@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"time"
@@ -59,6 +58,9 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err := validateNodeStageVolumeRequest(req); err != nil {
 		return nil, toStatus(err)
 	}
+	if err := d.checkNodePath("staging target path", req.GetStagingTargetPath()); err != nil {
+		return nil, toStatus(err)
+	}
 	id := req.GetVolumeId()
 	release, err := d.locks.acquire(id, opStage)
 	if err != nil {
@@ -84,7 +86,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 				ErrAlreadyExists, id, v.StagingPath, v.Block, v.ReadOnly, v.FSType, want.StagingPath, want.Block, want.ReadOnly, want.FSType))
 		}
 		if v.device != nil {
-			return &csi.NodeStageVolumeResponse{}, nil
+			return d.restage(ctx, v, req)
 		}
 		// Lost at a plugin restart: tear down what remains, stage afresh.
 		logger.Info("Restaging a volume lost at plugin restart", "reason", v.lostReason)
@@ -122,6 +124,10 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		return nil, toStatus(fmt.Errorf("volume %q: %s attach: %w", id, a.Name(), err))
 	}
 	v.device, v.DevicePath = dev, dev.Path()
+	if v.Dev, err = deviceNumber(dev.Path()); err != nil {
+		d.undoAttach(ctx, v)
+		return nil, toStatus(fmt.Errorf("volume %q: %w", id, err))
+	}
 	// Record before mounting: from here on a crash leaves a device that the
 	// next process must find again.
 	if err := d.saveRecord(&v.stageRecord); err != nil {
@@ -133,17 +139,60 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 			d.undoAttach(ctx, v)
 			return nil, toStatus(err)
 		}
-		opts := append([]string{}, capab.GetMount().GetMountFlags()...)
-		if want.ReadOnly {
-			opts = append(opts, "ro")
-		}
-		if err := d.mounter.FormatAndMount(dev.Path(), want.StagingPath, want.FSType, opts, mkfsOpts); err != nil {
+		if err := d.mountStaging(v, req, mkfsOpts); err != nil {
 			d.undoAttach(ctx, v)
-			return nil, toStatus(fmt.Errorf("volume %q: format and mount %s (%s) at %s: %w", id, dev.Path(), want.FSType, want.StagingPath, err))
+			return nil, toStatus(err)
 		}
 	}
 	d.setStaged(v)
 	logger.Info("Volume staged", "device", dev.Path(), "backend", a.Name(), "staging", want.StagingPath, "block", want.Block, "fsType", want.FSType, "readOnly", want.ReadOnly)
+	return &csi.NodeStageVolumeResponse{}, nil
+}
+
+// mountStaging formats (when it has no filesystem) and mounts a staged
+// volume's device at its staging path, unless the volume's filesystem is
+// mounted there already. Someone else's mount there is refused: mounting
+// over it would hide it, and unstage could not tell the two apart.
+func (d *Driver) mountStaging(v *stagedVolume, req *csi.NodeStageVolumeRequest, mkfsOpts []string) error {
+	c, err := d.checkMount(v, "staging path", v.StagingPath, false)
+	switch {
+	case err != nil:
+		return err
+	case c.not != "":
+		return fmt.Errorf("%w: %s", ErrPrecondition, c.not)
+	case !c.none:
+		return nil
+	}
+	opts := append([]string{}, req.GetVolumeCapability().GetMount().GetMountFlags()...)
+	if v.ReadOnly {
+		opts = append(opts, "ro")
+	}
+	if err := d.mounter.FormatAndMount(v.device.Path(), v.StagingPath, v.FSType, opts, mkfsOpts); err != nil {
+		return fmt.Errorf("volume %q: format and mount %s (%s) at %s: %w", v.ID, v.device.Path(), v.FSType, v.StagingPath, err)
+	}
+	return nil
+}
+
+// restage answers a NodeStageVolume for a volume staged here already. A
+// mount volume's staging mount is checked, not assumed: when it is gone
+// (someone unmounted it) it is mounted again, so that publish binds the
+// volume and not an empty directory of the node's disk.
+func (d *Driver) restage(ctx context.Context, v *stagedVolume, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
+	if v.Block {
+		return &csi.NodeStageVolumeResponse{}, nil
+	}
+	why, err := d.stagingProblem(v)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if why == "" {
+		return &csi.NodeStageVolumeResponse{}, nil
+	}
+	klog.FromContext(ctx).Info("Staging mount is not in place; mounting it again", "volumeID", v.ID, "problem", why)
+	mkfsOpts, _ := stageMkfsOptions(req) // validated
+	if err := d.mountStaging(v, req, mkfsOpts); err != nil {
+		return nil, toStatus(err)
+	}
 	return &csi.NodeStageVolumeResponse{}, nil
 }
 
@@ -162,8 +211,11 @@ func (d *Driver) undoAttach(ctx context.Context, v *stagedVolume) {
 // interrupted unstage can be repeated.
 func (d *Driver) teardown(ctx context.Context, v *stagedVolume) error {
 	if !v.Block {
-		if err := d.unmount(v.StagingPath); err != nil {
-			return fmt.Errorf("volume %q: unmount %s: %w", v.ID, v.StagingPath, err)
+		if err := d.checkRecordedPath("staging path", v.StagingPath); err != nil {
+			return fmt.Errorf("volume %q: %w", v.ID, err)
+		}
+		if err := d.unmountOwn(v, "staging path", v.StagingPath, false); err != nil {
+			return fmt.Errorf("volume %q: %w", v.ID, err)
 		}
 	}
 	if v.device != nil {
@@ -233,17 +285,6 @@ func (d *Driver) detach(ctx context.Context, dev nbdattach.Device) error {
 	}
 }
 
-// unmount unmounts p if it is a mount point, keeping the directory (the CO
-// owns staging directories).
-func (d *Driver) unmount(p string) error {
-	for d.mounted(p) {
-		if err := unix.Unmount(p, 0); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
 func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
 	if err := validateNodeUnstageVolumeRequest(req); err != nil {
 		return nil, toStatus(err)
@@ -256,10 +297,10 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	defer release()
 	v := d.lookupStaged(id)
 	if v == nil {
-		// Not staged (any more): succeed, but leave nothing mounted there.
-		if err := d.unmount(req.GetStagingTargetPath()); err != nil {
-			return nil, toStatus(err)
-		}
+		// Not staged (any more). Whatever is mounted there is not this
+		// driver's: its mounts are recorded before they are made, and
+		// their record goes only once they are gone.
+		klog.FromContext(ctx).V(2).Info("Volume not staged here; nothing to unstage", "volumeID", id, "staging", req.GetStagingTargetPath())
 		return &csi.NodeUnstageVolumeResponse{}, nil
 	}
 	if v.StagingPath != req.GetStagingTargetPath() {
@@ -277,6 +318,15 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 
 func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
 	if err := validateNodePublishVolumeRequest(req); err != nil {
+		return nil, toStatus(err)
+	}
+	if err := checkTargetPlace(req.GetTargetPath(), req.GetStagingTargetPath()); err != nil {
+		return nil, toStatus(err)
+	}
+	if err := d.checkNodePath("staging target path", req.GetStagingTargetPath()); err != nil {
+		return nil, toStatus(err)
+	}
+	if err := d.checkNodePath("target path", req.GetTargetPath()); err != nil {
 		return nil, toStatus(err)
 	}
 	id := req.GetVolumeId()
@@ -302,10 +352,19 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if isBlock(capab) != v.Block {
 		return nil, toStatus(fmt.Errorf("%w: volume %q is staged as block=%v, publish asks block=%v", ErrInvalid, id, v.Block, isBlock(capab)))
 	}
-	target := req.GetTargetPath()
-	if d.mounted(target) {
+	// The bind mount takes whatever is at the staging path: it must be
+	// the volume, not the empty directory a lost mount leaves.
+	if err := d.requireStaged(v); err != nil {
+		return nil, toStatus(err)
+	}
+	target := filepath.Clean(req.GetTargetPath())
+	done, made, err := d.prepareTarget(v, target)
+	if err != nil {
+		return nil, toStatus(fmt.Errorf("volume %q: %w", id, err))
+	}
+	if done {
 		if !d.hasTarget(v, target) {
-			if err := d.setTarget(v, target, true); err != nil {
+			if err := d.setTarget(v, target, true, made); err != nil {
 				return nil, toStatus(err)
 			}
 		}
@@ -318,27 +377,19 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	source := v.StagingPath
 	if v.Block {
 		source = v.device.Path()
-		if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil {
-			return nil, toStatus(err)
-		}
-		f, err := os.OpenFile(target, os.O_CREATE|os.O_RDONLY, 0o640)
-		if err != nil {
-			return nil, toStatus(err)
-		}
-		f.Close()
 	} else {
 		opts = append(opts, capab.GetMount().GetMountFlags()...)
-		if err := os.MkdirAll(target, 0o750); err != nil {
-			return nil, toStatus(err)
-		}
 	}
-	// Record first: an unpublish after a crash must know the target.
-	if err := d.setTarget(v, target, true); err != nil {
+	// Record first: an unpublish after a crash must know the target, and
+	// whether the driver made it.
+	if err := d.setTarget(v, target, true, made); err != nil {
 		return nil, toStatus(err)
 	}
 	if err := d.mounter.Mount(source, target, "", opts); err != nil {
-		_ = d.setTarget(v, target, false)
-		_ = os.Remove(target)
+		_ = d.setTarget(v, target, false, false)
+		if made {
+			_, _ = removeMade(target)
+		}
 		return nil, toStatus(fmt.Errorf("volume %q: bind mount %s at %s: %w", id, source, target, err))
 	}
 	klog.FromContext(ctx).Info("Volume published", "volumeID", id, "target", target, "options", opts)
@@ -355,17 +406,37 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 		return nil, toStatus(err)
 	}
 	defer release()
-	target := req.GetTargetPath()
-	// The CSI spec: the plugin deletes the file or directory it created.
-	if err := d.mounter.Cleanup(target); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return nil, toStatus(fmt.Errorf("volume %q: unpublish %s: %w", id, target, err))
+	target := filepath.Clean(req.GetTargetPath())
+	logger := klog.FromContext(ctx).WithValues("volumeID", id, "target", target)
+	v := d.lookupStaged(id)
+	if v == nil || !d.hasTarget(v, target) {
+		// Not published there by this driver (records are written before
+		// the mount): what is at the path, file, directory or mount, is
+		// someone else's.
+		logger.V(2).Info("Volume not published at this target; nothing to do")
+		return &csi.NodeUnpublishVolumeResponse{}, nil
 	}
-	if v := d.lookupStaged(id); v != nil && d.hasTarget(v, target) {
-		if err := d.setTarget(v, target, false); err != nil {
-			return nil, toStatus(err)
+	if err := d.checkRecordedPath("target path", target); err != nil {
+		return nil, toStatus(fmt.Errorf("volume %q: %w", id, err))
+	}
+	if err := d.unmountOwn(v, "target path", target, v.Block); err != nil {
+		return nil, toStatus(fmt.Errorf("volume %q: %w", id, err))
+	}
+	// The CSI spec: the plugin deletes the file or directory it created,
+	// and only that.
+	if d.madeTarget(v, target) {
+		kept, err := removeMade(target)
+		if err != nil {
+			return nil, toStatus(fmt.Errorf("volume %q: remove %s: %w", id, target, err))
+		}
+		if kept {
+			logger.Info("Target directory the driver made is not empty once unmounted; keeping what it holds")
 		}
 	}
-	klog.FromContext(ctx).Info("Volume unpublished", "volumeID", id, "target", target)
+	if err := d.setTarget(v, target, false, false); err != nil {
+		return nil, toStatus(err)
+	}
+	logger.Info("Volume unpublished")
 	return &csi.NodeUnpublishVolumeResponse{}, nil
 }
 
@@ -386,6 +457,22 @@ func (d *Driver) stagedAt(id, p string) (*stagedVolume, error) {
 		return nil, fmt.Errorf("volume %q: %s: %w", id, p, ErrNotFound)
 	}
 	return v, nil
+}
+
+// volumePathProblem says what is wrong with what is mounted at a staged
+// volume's staging path or target p, or "" when it is the volume.
+func (d *Driver) volumePathProblem(v *stagedVolume, p string) (string, error) {
+	if p == filepath.Clean(v.StagingPath) {
+		return d.stagingProblem(v)
+	}
+	c, err := d.checkMount(v, "target path", p, v.Block)
+	switch {
+	case err != nil:
+		return "", err
+	case c.none:
+		return fmt.Sprintf("nothing is mounted at %s: volume %q's mount there is gone", p, v.ID), nil
+	}
+	return c.not, nil
 }
 
 func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVolumeStatsResponse, error) {
@@ -409,11 +496,19 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 	if allocErr == nil {
 		cond.Message += fmt.Sprintf("; image allocates %d bytes in the pool", alloc)
 	}
+	imageUsage := v.Block || v.device == nil
 	if v.device == nil {
 		cond = &csi.VolumeCondition{Abnormal: true, Message: "device lost at plugin restart: " + v.lostReason}
+	} else if why, err := d.volumePathProblem(v, filepath.Clean(req.GetVolumePath())); err != nil {
+		return nil, toStatus(err)
+	} else if why != "" {
+		// Whatever is there now is not the volume: its usage would be
+		// another filesystem's (the node's root disk, say).
+		cond = &csi.VolumeCondition{Abnormal: true, Message: why}
+		imageUsage = true
 	}
 	resp := &csi.NodeGetVolumeStatsResponse{VolumeCondition: cond}
-	if v.Block || v.device == nil {
+	if imageUsage {
 		// A block volume's usage is its image's: virtual size and the bytes
 		// the image file occupies in the pool.
 		size, err := d.images.Size(ctx, d.pool.imagePath(id))
@@ -462,6 +557,14 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	if v.ReadOnly {
 		return nil, toStatus(fmt.Errorf("%w: volume %q is staged read-only and cannot grow", ErrPrecondition, id))
 	}
+	growFS := !v.Block && !isBlock(req.GetVolumeCapability())
+	if growFS {
+		// The filesystem tools grow what is mounted at the staging path:
+		// check that it is the volume before anything grows.
+		if err := d.requireStaged(v); err != nil {
+			return nil, toStatus(err)
+		}
+	}
 	m, err := d.pool.get(id)
 	if err != nil {
 		return nil, toStatus(err)
@@ -482,7 +585,7 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 			return nil, toStatus(err)
 		}
 	}
-	if !v.Block && !isBlock(req.GetVolumeCapability()) {
+	if growFS {
 		if err := d.mounter.ResizeFS(v.device.Path(), v.StagingPath); err != nil {
 			return nil, toStatus(fmt.Errorf("volume %q: %w", id, err))
 		}

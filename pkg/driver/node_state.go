@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 
@@ -21,14 +22,21 @@ import (
 // It is written (atomically) before the device is mounted, so a crash at any
 // point leaves a record that Start or NodeUnstageVolume can act on.
 type stageRecord struct {
-	ID          string   `json:"id"`
-	StagingPath string   `json:"stagingPath"`
-	Block       bool     `json:"block"`
-	FSType      string   `json:"fsType,omitempty"`
-	ReadOnly    bool     `json:"readOnly"`
-	Backend     string   `json:"backend"`
-	DevicePath  string   `json:"devicePath"`
-	Targets     []string `json:"targets,omitempty"` // published at
+	ID          string `json:"id"`
+	StagingPath string `json:"stagingPath"`
+	Block       bool   `json:"block"`
+	FSType      string `json:"fsType,omitempty"`
+	ReadOnly    bool   `json:"readOnly"`
+	Backend     string `json:"backend"`
+	DevicePath  string `json:"devicePath"`
+	// Dev is the device's "major:minor": what the volume's mounts show in
+	// the mount table, so that the driver unmounts only its own. Records
+	// written before it was kept have none.
+	Dev     string   `json:"dev,omitempty"`
+	Targets []string `json:"targets,omitempty"` // published at
+	// Made are the targets the driver created (directory or file), the
+	// only ones unpublish removes.
+	Made []string `json:"made,omitempty"`
 }
 
 // stagedVolume is a volume staged on this node. image and device are nil when
@@ -65,12 +73,13 @@ func (v *stagedVolume) gated(a nbdattach.Attacher, img Image) nbdattach.Backend 
 func (d *Driver) hasTarget(v *stagedVolume, p string) bool {
 	d.stagedMu.Lock()
 	defer d.stagedMu.Unlock()
-	for _, t := range v.Targets {
-		if t == p {
-			return true
-		}
-	}
-	return false
+	return slices.Contains(v.Targets, p)
+}
+
+func (d *Driver) madeTarget(v *stagedVolume, p string) bool {
+	d.stagedMu.Lock()
+	defer d.stagedMu.Unlock()
+	return slices.Contains(v.Made, p)
 }
 
 func (d *Driver) targets(v *stagedVolume) []string {
@@ -79,23 +88,30 @@ func (d *Driver) targets(v *stagedVolume) []string {
 	return append([]string(nil), v.Targets...)
 }
 
-// setTarget adds or removes a published target and saves the record.
-func (d *Driver) setTarget(v *stagedVolume, p string, on bool) error {
+// setTarget adds or removes a published target, and whether the driver
+// made it, and saves the record.
+func (d *Driver) setTarget(v *stagedVolume, p string, on, made bool) error {
 	d.stagedMu.Lock()
-	out := make([]string, 0, len(v.Targets)+1)
-	for _, t := range v.Targets {
+	v.Targets = withPath(v.Targets, p, on)
+	v.Made = withPath(v.Made, p, on && made)
+	rec := v.stageRecord
+	d.stagedMu.Unlock()
+	return d.saveRecord(&rec)
+}
+
+// withPath is paths with p in it or not, sorted.
+func withPath(paths []string, p string, in bool) []string {
+	out := make([]string, 0, len(paths)+1)
+	for _, t := range paths {
 		if t != p {
 			out = append(out, t)
 		}
 	}
-	if on {
+	if in {
 		out = append(out, p)
 		sort.Strings(out)
 	}
-	v.Targets = out
-	rec := v.stageRecord
-	d.stagedMu.Unlock()
-	return d.saveRecord(&rec)
+	return out
 }
 
 func (d *Driver) recordDir() string           { return filepath.Join(d.pool.dir, stagedDir) }
@@ -237,8 +253,12 @@ func (d *Driver) reattach(ctx context.Context, v *stagedVolume) error {
 		return fmt.Errorf("%s reattach: %w", a.Name(), err)
 	}
 	v.image, v.device = img, dev
-	if dev.Path() != v.DevicePath {
-		v.DevicePath = dev.Path()
+	num, err := deviceNumber(dev.Path())
+	if err != nil {
+		num = v.Dev // keep what the record says; checks use it
+	}
+	if dev.Path() != v.DevicePath || num != v.Dev {
+		v.DevicePath, v.Dev = dev.Path(), num
 		_ = d.saveRecord(&v.stageRecord)
 	}
 	return nil

@@ -186,7 +186,7 @@ func serveChild(pool, backend string) int {
 	if backend == "fuse" {
 		a = nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: filepath.Join(filepath.Dir(pool), "fuse")})
 	}
-	d, err := driver.New(driver.Options{Pool: pool, NodeID: "test-node", ControllerExpand: true, AttachBackend: backend},
+	d, err := driver.New(driver.Options{Pool: pool, NodeID: "test-node", ControllerExpand: true, AttachBackend: backend, KubeletDir: os.TempDir()},
 		driver.Seams{Images: driver.Qcow2Images{}, Attachers: []nbdattach.Attacher{a}})
 	if err != nil {
 		fmt.Println("ERROR", err)

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
+	"path/filepath"
 	"time"
 )
 
@@ -44,6 +45,8 @@ const (
 	DefaultOvercommitRatio = 10
 	// DefaultPoolWarningPercent is when the pool counts as nearly full.
 	DefaultPoolWarningPercent = 85
+	// DefaultKubeletDir is serve's --kubelet-dir.
+	DefaultKubeletDir = "/var/lib/kubelet"
 )
 
 // Options configure a Driver. The zero value of every field except Pool and
@@ -100,6 +103,11 @@ type Options struct {
 	// "FIXED_LENGTH". CSI requests carry no type; the choice is recorded with
 	// each snapshot when it is created.
 	BlockMetadataType string
+	// KubeletDir confines the node's staging and target paths: they must
+	// lie below it, with no symbolic link below it (the kubelet makes
+	// none there). Default DefaultKubeletDir; "/" confines nothing but the
+	// symbolic links.
+	KubeletDir string
 	// ReattachTimeout bounds the re-attach of devices on start.
 	ReattachTimeout time.Duration
 	// Logger receives the domain packages' logs (the driver itself logs with
@@ -128,6 +136,9 @@ func (o *Options) setDefaults() {
 	}
 	if o.BlockMetadataType == "" {
 		o.BlockMetadataType = blockMetadataVariable
+	}
+	if o.KubeletDir == "" {
+		o.KubeletDir = DefaultKubeletDir
 	}
 	if o.ReattachTimeout == 0 {
 		o.ReattachTimeout = 2 * time.Minute
@@ -166,6 +177,9 @@ func (o *Options) validate() error {
 	case "auto", "nbd", "fuse":
 	default:
 		return fmt.Errorf("attach backend %q: want auto, nbd or fuse", o.AttachBackend)
+	}
+	if !filepath.IsAbs(o.KubeletDir) {
+		return fmt.Errorf("kubelet directory %q is not absolute", o.KubeletDir)
 	}
 	if _, ok := blockMetadataTypes[o.BlockMetadataType]; !ok {
 		return fmt.Errorf("block metadata type %q: want %s or %s", o.BlockMetadataType, blockMetadataFixed, blockMetadataVariable)

@@ -2,6 +2,7 @@ package drivertest
 
 import (
 	"context"
+	"os"
 	"path/filepath"
 	"testing"
 
@@ -21,7 +22,8 @@ type Server struct {
 }
 
 // Start builds a driver from opts and seams (Pool defaults to a temporary
-// directory, NodeID to "test-node"), starts it and serves it until the test
+// directory, NodeID to "test-node", KubeletDir to the system's temporary
+// directory), starts it and serves it until the test
 // ends or Stop is called.
 func Start(t testing.TB, opts driver.Options, seams driver.Seams) *Server {
 	t.Helper()
@@ -30,6 +32,10 @@ func Start(t testing.TB, opts driver.Options, seams driver.Seams) *Server {
 	}
 	if opts.NodeID == "" {
 		opts.NodeID = "test-node"
+	}
+	if opts.KubeletDir == "" {
+		// Tests stage and publish in their temporary directories.
+		opts.KubeletDir = os.TempDir()
 	}
 	d, err := driver.New(opts, seams)
 	if err != nil {
