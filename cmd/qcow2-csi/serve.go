@@ -52,6 +52,7 @@ type serveFlags struct {
 	controllerExpand                          bool
 	blockMetadataType                         string
 	overcommitRatio, poolWarningPercent       float64
+	kubeletDir                                string
 }
 
 func runServe(args []string) int {
@@ -77,6 +78,7 @@ func runServe(args []string) int {
 	fs.StringVar(&f.defaultSz, "default-volume-size", "1Gi", "size of a volume created without a capacity range")
 	fs.BoolVar(&f.controllerExpand, "controller-expand", true, "advertise ControllerExpandVolume; set false when a central csi-resizer serves node-local pools, so that expansion runs entirely in NodeExpandVolume (docs/driver.md)")
 	fs.StringVar(&f.blockMetadataType, "block-metadata-type", "VARIABLE_LENGTH", "how SnapshotMetadata reports a snapshot's ranges when its VolumeSnapshotClass has no blockMetadataType parameter: VARIABLE_LENGTH (extents) or FIXED_LENGTH (cluster-size blocks)")
+	fs.StringVar(&f.kubeletDir, "kubelet-dir", "", "the kubelet's --root-dir: the node stages and publishes only at paths below it, with no symbolic link below it (default "+driver.DefaultKubeletDir+"; for the ad hoc run without --endpoint or --pool, the system's temporary directory, where csi-sanity makes its paths)")
 	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
 	klog.InitFlags(klogFlags)
 	klogFlags.VisitAll(func(kf *flag.Flag) {
@@ -122,6 +124,7 @@ func serve(ctx context.Context, f serveFlags, out io.Writer) error {
 		MaxVolumes: f.maxVolumes, ControllerExpand: f.controllerExpand, AttachBackend: f.attachBackend,
 		BlockMetadataType: f.blockMetadataType,
 		OvercommitRatio:   f.overcommitRatio, PoolWarningPercent: f.poolWarningPercent,
+		KubeletDir: f.kubeletDir,
 	}
 	if opts.CapacityReserve, opts.CapacityReservePercent, err = parseReserve(f.capacityReserve); err != nil {
 		return err
@@ -149,6 +152,9 @@ func serve(ctx context.Context, f serveFlags, out io.Writer) error {
 		}
 		if f.fuseDir == "" {
 			f.fuseDir = filepath.Join(tmp, "fuse")
+		}
+		if opts.KubeletDir == "" {
+			opts.KubeletDir = os.TempDir()
 		}
 	}
 	if f.fuseDir == "" {

@@ -7,12 +7,15 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 )
 
 func TestParseReserve(t *testing.T) {
@@ -93,6 +96,13 @@ func TestServeNoFlags(t *testing.T) {
 	fh.Close()
 	if string(hdr) != "QFI\xfb" {
 		t.Fatalf("image starts %q, not the qcow2 magic", hdr)
+	}
+	// The ad hoc run confines node paths to the temporary directory.
+	_, err = csi.NewNodeClient(conn).NodeStageVolume(cctx, &csi.NodeStageVolumeRequest{VolumeId: v.Volume.VolumeId, StagingTargetPath: "/etc/qcow2-csi-staging",
+		VolumeCapability: &csi.VolumeCapability{AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+			AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}}}})
+	if want := "is not below the kubelet directory " + os.TempDir(); status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), want) {
+		t.Errorf("NodeStageVolume at /etc: %v, want InvalidArgument saying %q", err, want)
 	}
 	if _, err := cc.DeleteVolume(cctx, &csi.DeleteVolumeRequest{VolumeId: v.Volume.VolumeId}); err != nil {
 		t.Fatal(err)
