@@ -1,6 +1,7 @@
 package driver_test
 
 import (
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"slices"
@@ -289,4 +290,54 @@ func TestNodePaths(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.teardown(id, staging, target)
+}
+
+// TestNodeRecordFromOlderVersion: a stage record written before device
+// numbers and made targets were kept still works after an upgrade: the
+// restarted plugin learns the device number at re-attach, unpublish
+// unmounts the volume's mount, and leaves the target directory (not known
+// to be the driver's) for the kubelet to remove.
+func TestNodeRecordFromOlderVersion(t *testing.T) {
+	e := newNodeEnv(t)
+	c := capMount(rw, "ext4")
+	id := e.create("pvc-old-record", 64<<20, nil, c)
+	staging := e.stage(id, c)
+	target := e.publish(id, staging, c, false)
+	rec := filepath.Join(e.pool, ".staged", id+".json")
+	var r map[string]any
+	b, err := os.ReadFile(rec)
+	if err == nil {
+		err = json.Unmarshal(b, &r)
+	}
+	if err != nil || r["dev"] == nil || r["made"] == nil {
+		t.Fatalf("record %s: %s, %v; want dev and made in it", rec, b, err)
+	}
+	delete(r, "dev")
+	delete(r, "made")
+	if b, err = json.Marshal(r); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(rec, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e.start()
+	st, err := e.c.NodeGetVolumeStats(e.ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: target})
+	if err != nil || st.GetVolumeCondition().GetAbnormal() {
+		t.Fatalf("stats after upgrade = %v, %v", st, err)
+	}
+	if b, _ := os.ReadFile(rec); !strings.Contains(string(b), `"dev"`) {
+		t.Errorf("record after re-attach has no device number: %s", b)
+	}
+	if _, err := e.c.NodeUnpublishVolume(e.ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(target); err != nil || !fi.IsDir() || slices.Contains(mountsUnder(t, e.dir), target) {
+		t.Fatalf("target after unpublish: %v, %v; want an unmounted directory", fi, err)
+	}
+	if _, err := e.c.NodeUnstageVolume(e.ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.c.DeleteVolume(e.ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+		t.Fatal(err)
+	}
 }
