@@ -96,3 +96,36 @@ func FuzzPoolMetadata(f *testing.F) {
 		}
 	})
 }
+
+// FuzzMkfsOptions: no input panics; what is accepted for a filesystem
+// names, in option position, only options of its allowlist, and never a
+// refused sub-option.
+func FuzzMkfsOptions(f *testing.F) {
+	for _, s := range []string{"-L data -b 4096", "-d /etc", "-qd /etc", "-E root_owner=0:0,offset=1", "-L -d", "-d agcount=4,name=/dev/sda", "-- -d x", "-J device=/dev/sda"} {
+		f.Add("ext4", s)
+		f.Add("xfs", s)
+	}
+	f.Fuzz(func(t *testing.T, fsType, s string) {
+		args, err := mkfsOptionsFor(fsType, s)
+		if err != nil {
+			return
+		}
+		flags := mkfsFlags[fsType]
+		for i := 0; i < len(args); i++ {
+			fl, ok := flags[args[i]]
+			if !ok || fl.refused != "" {
+				t.Fatalf("%s %q: accepted %q in option position", fsType, s, args[i])
+			}
+			if !fl.value {
+				continue
+			}
+			i++
+			for _, sub := range strings.Split(args[i], ",") {
+				name, _, _ := strings.Cut(sub, "=")
+				if _, bad := fl.refusedSubs[name]; bad || (fl.subs != nil && !fl.subs[name]) {
+					t.Fatalf("%s %q: accepted sub-option %q of %s", fsType, s, name, args[i-1])
+				}
+			}
+		}
+	})
+}
