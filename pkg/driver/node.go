@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -166,6 +167,13 @@ func (d *Driver) mountStaging(v *stagedVolume, req *csi.NodeStageVolumeRequest, 
 	opts := append([]string{}, req.GetVolumeCapability().GetMount().GetMountFlags()...)
 	if v.ReadOnly {
 		opts = append(opts, "ro")
+	}
+	if v.FSType == "xfs" && !slices.Contains(opts, "nouuid") {
+		// A restore or clone carries its source's filesystem UUID, and xfs
+		// refuses to mount a second filesystem with a UUID already mounted
+		// on this node: the source and its copy could never be used side by
+		// side. The node, not xfs, keeps volumes apart (by device).
+		opts = append(opts, "nouuid")
 	}
 	if err := d.mounter.FormatAndMount(v.device.Path(), v.StagingPath, v.FSType, opts, mkfsOpts); err != nil {
 		return fmt.Errorf("volume %q: format and mount %s (%s) at %s: %w", v.ID, v.device.Path(), v.FSType, v.StagingPath, err)
@@ -507,7 +515,7 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 		cond = &csi.VolumeCondition{Abnormal: true, Message: why}
 		imageUsage = true
 	}
-	resp := &csi.NodeGetVolumeStatsResponse{VolumeCondition: cond}
+	resp := &csi.NodeGetVolumeStatsResponse{VolumeCondition: d.withSpaceCondition(cond)}
 	if imageUsage {
 		// A block volume's usage is its image's: virtual size and the bytes
 		// the image file occupies in the pool.
@@ -576,6 +584,11 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 		}
 		size = max(size, v.image.Size())
 	}
+	releaseSpace, err := d.claimGrowth(m, size)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	defer releaseSpace()
 	if _, err := d.growStaged(ctx, id, size); err != nil {
 		return nil, toStatus(err)
 	}
