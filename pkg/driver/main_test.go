@@ -15,6 +15,12 @@ func TestMain(m *testing.M) {
 	if pool := os.Getenv(envServe); pool != "" {
 		os.Exit(serveChild(pool, os.Getenv(envBackend)))
 	}
+	quietKlog()
+	os.Exit(m.Run())
+}
+
+// quietKlog discards klog's output unless QCOW2_CSI_TEST_LOG is set.
+func quietKlog() {
 	if os.Getenv("QCOW2_CSI_TEST_LOG") == "" {
 		fs := flag.NewFlagSet("klog", flag.ContinueOnError)
 		klog.InitFlags(fs)
@@ -22,5 +28,4 @@ func TestMain(m *testing.M) {
 		_ = fs.Set("stderrthreshold", "FATAL")
 		klog.SetOutput(io.Discard)
 	}
-	os.Exit(m.Run())
 }
