@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"log"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -14,8 +12,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/hanwen/go-fuse/v2/fs"
-	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 )
@@ -23,16 +19,21 @@ import (
 // fuseFSType is the filesystem type of the backend's mounts in mountinfo.
 const fuseFSType = "fuse.qcow2-csi"
 
-// FuseAttacher is the "fuse" attach backend: each device is a FUSE
-// filesystem this process serves, holding one file that is the Backend, with
-// a loop device bound to that file. It works on any kernel with FUSE and
-// loop; its devices cannot outlive the process (see Reattach).
+// FuseAttacher is the "fuse" attach backend: each device is a file of a FUSE
+// filesystem this process serves (one for all devices, fuseserver_linux.go),
+// whose contents are the Backend, with a loop device bound to that file. It
+// works on any kernel with FUSE and loop; its devices cannot outlive the
+// process (see Reattach).
 type FuseAttacher struct {
 	dir string
 	log *slog.Logger
 
 	mu      sync.Mutex
 	devices map[string]*fuseDevice
+
+	// srvMu guards srv, the shared server while mounted, and its count.
+	srvMu sync.Mutex
+	srv   *fuseServer
 
 	flusherOnce sync.Once
 	flusherErr  error
@@ -121,13 +122,12 @@ func (a *FuseAttacher) setIOFlusher() {
 
 // fuseDevice is one attached device.
 type fuseDevice struct {
-	a      *FuseAttacher
-	id     string
-	mnt    string // Dir/<id>
-	file   string // Dir/<id>/<id>
-	node   *diskNode
-	server *fuse.Server
-	loop   *loopDevice
+	a    *FuseAttacher
+	id   string
+	srv  *fuseServer
+	file string // Dir/srv@<random>/<id>
+	node *diskNode
+	loop *loopDevice
 
 	mu       sync.Mutex
 	detached bool
@@ -148,8 +148,9 @@ func (d *fuseDevice) ID() string { return d.id }
 // (no second page cache). Exposed for tests and diagnostics.
 func (d *fuseDevice) DirectIO() bool { return d.loop.dio }
 
-// Attach mounts a FUSE filesystem serving b at Dir/<id> and binds a loop
-// device to its file.
+// Attach serves b as the file Dir/srv@<random>/<id> of the shared FUSE
+// filesystem (mounting it if no device is attached) and binds a loop device
+// to that file.
 func (a *FuseAttacher) Attach(ctx context.Context, id string, b Backend, opts AttachOptions) (Device, error) {
 	if err := validFuseID(id); err != nil {
 		return nil, err
@@ -180,8 +181,7 @@ func (a *FuseAttacher) Attach(ctx context.Context, id string, b Backend, opts At
 		a.mu.Unlock()
 		return nil, fmt.Errorf("nbdattach: fuse: %s is attached by this process as %s: %w", id, a.devices[id].devPath(), ErrAlreadyAttached)
 	}
-	d := &fuseDevice{a: a, id: id, mnt: filepath.Join(a.dir, id)}
-	d.file = filepath.Join(d.mnt, id)
+	d := &fuseDevice{a: a, id: id}
 	a.devices[id] = d // reserve the id while attaching
 	a.mu.Unlock()
 
@@ -197,9 +197,10 @@ func (a *FuseAttacher) Attach(ctx context.Context, id string, b Backend, opts At
 
 func (a *FuseAttacher) attach(ctx context.Context, d *fuseDevice, b Backend, readOnly bool, bs uint32) (_ *fuseDevice, err error) {
 	a.setIOFlusher()
-	// A previous process's mount for this id: clean it if it is dead. Read
-	// mountinfo rather than stat the path, which a dead FUSE mount answers
-	// with ENOTCONN.
+	// A previous process's mount for this id (the one-mount-per-device
+	// layout of earlier versions): clean it if it is dead. Read mountinfo
+	// rather than stat the path, which a dead FUSE mount answers with
+	// ENOTCONN.
 	mounts, err := a.ourMounts()
 	if err != nil {
 		return nil, fmt.Errorf("nbdattach: fuse: %w", err)
@@ -208,70 +209,26 @@ func (a *FuseAttacher) attach(ctx context.Context, d *fuseDevice, b Backend, rea
 		if filepath.Base(m.Mountpoint) != d.id {
 			continue
 		}
-		if _, err := a.cleanMount(ctx, m.Mountpoint, d.id); err != nil {
-			return nil, fmt.Errorf("nbdattach: fuse: %s is mounted already and could not be cleaned: %w", d.mnt, err)
+		if _, err := a.cleanMount(ctx, m.Mountpoint); err != nil {
+			return nil, fmt.Errorf("nbdattach: fuse: %s is mounted already and could not be cleaned: %w", m.Mountpoint, err)
 		}
 	}
-	if err := os.MkdirAll(d.mnt, 0o700); err != nil {
-		return nil, fmt.Errorf("nbdattach: fuse: %w", err)
+	srv, err := a.acquireServer(ctx)
+	if err != nil {
+		return nil, err
 	}
-
 	d.node = &diskNode{b: b, readOnly: readOnly, log: a.log, id: d.id}
 	d.node.size.Store(b.Size())
-	root := &fuseRoot{name: d.id, disk: d.node}
-	zero := time.Duration(0)
-	hour := time.Hour
-	logger := log.New(io.Discard, "", 0)
-	if a.log != nil {
-		logger = slog.NewLogLogger(a.log.Handler(), slog.LevelWarn)
+	if err := srv.root.add(d.id, d.node); err != nil {
+		_ = a.releaseServer(srv)
+		return nil, fmt.Errorf("nbdattach: fuse: %w", err)
 	}
-	mopts := []string{"default_permissions"}
-	var mflags uintptr = syscall.MS_NOSUID | syscall.MS_NODEV | syscall.MS_NOEXEC | syscall.MS_NOATIME
-	if readOnly {
-		mflags |= syscall.MS_RDONLY
-	}
-	fsopts := &fs.Options{
-		MountOptions: fuse.MountOptions{
-			FsName: "qcow2-csi:" + d.id,
-			Name:   "qcow2-csi",
-			// The loop worker threads are kernel threads, not this process:
-			// allow them in, and let default_permissions keep everyone but
-			// root out (the file is 0600 root).
-			AllowOther:        true,
-			Options:           mopts,
-			DirectMount:       true,
-			DirectMountStrict: true,
-			DirectMountFlags:  mflags,
-			// 1 MiB requests (the kernel's FUSE maximum) and many in flight:
-			// loop direct I/O is asynchronous and issues in parallel.
-			MaxWrite:             1 << 20,
-			MaxBackground:        128,
-			ExtraCapabilities:    fuse.CAP_ASYNC_DIO,
-			DisableXAttrs:        true,
-			IgnoreSecurityLabels: true,
-			Logger:               logger,
-		},
-		EntryTimeout: &hour,
-		// Attributes are asked on every stat, so that Resize's stat refreshes
-		// the size the kernel reads in LOOP_SET_CAPACITY.
-		AttrTimeout:     &zero,
-		NegativeTimeout: &zero,
-		Logger:          logger,
-	}
-	server, err := fs.Mount(d.mnt, root, fsopts)
-	if err != nil {
-		_ = os.Remove(d.mnt)
-		return nil, fmt.Errorf("nbdattach: fuse: mount %s: %w", d.mnt, err)
-	}
-	d.server = server
+	d.srv, d.file = srv, filepath.Join(srv.mnt, d.id)
 	defer func() {
 		if err != nil {
-			// Nothing holds the file yet (the loop device was not bound):
-			// the unmount cannot be busy, and the directory goes with it.
-			if server.Unmount() == nil {
-				server.Wait()
-				_ = os.Remove(d.mnt)
-			}
+			// Nothing holds the file (the loop device was not bound).
+			srv.root.remove(d.id)
+			_ = a.releaseServer(srv)
 		}
 	}()
 
@@ -339,7 +296,8 @@ func (d *fuseDevice) Resize(ctx context.Context, size int64) error {
 }
 
 // Detach refuses while the device is in use (mounted), then flushes, unbinds
-// the loop device, unmounts the FUSE filesystem and flushes the Backend.
+// the loop device, removes the FUSE file (unmounting the filesystem after
+// the last device) and flushes the Backend.
 func (d *fuseDevice) Detach(ctx context.Context) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -359,16 +317,8 @@ func (d *fuseDevice) Detach(ctx context.Context) error {
 		// leaving the mount keeps the device working for whoever holds it.
 		return fmt.Errorf("nbdattach: fuse: detach %s: %w", d.id, err)
 	}
-	if err := d.server.Unmount(); err != nil {
-		errs = append(errs, fmt.Errorf("unmount %s: %w", d.mnt, err))
-		// The kernel no longer needs the mount; a lazy unmount frees it when
-		// the last reference goes.
-		if err := unix.Unmount(d.mnt, unix.MNT_DETACH); err == nil {
-			errs = errs[:0]
-		}
-	}
-	d.server.Wait()
-	if err := os.Remove(d.mnt); err != nil && !errors.Is(err, os.ErrNotExist) {
+	d.srv.root.remove(d.id)
+	if err := d.a.releaseServer(d.srv); err != nil {
 		errs = append(errs, err)
 	}
 	if !d.node.readOnly {
@@ -449,7 +399,8 @@ func (a *FuseAttacher) List(ctx context.Context) ([]DeviceInfo, error) {
 // id, truncated to 63 bytes); the backing file's name is the full id. When
 // the FUSE server is dead the kernel cannot answer LOOP_GET_STATUS64 (it
 // stats the backing file: ENOTCONN), so such a device counts when its backing
-// file has the shape of this backend's: Dir/<id>/<id>, or /<id> once the dead
+// file has the shape of this backend's: Dir/srv@<random>/<id> (or
+// Dir/<id>/<id>, the layout of earlier versions), or /<id> once the dead
 // mount was detached (CleanStale) and the path is left relative to its root.
 func (a *FuseAttacher) loopID(l loopStatus) (string, bool) {
 	bf := strings.TrimSuffix(l.backingFile, " (deleted)")
@@ -461,7 +412,9 @@ func (a *FuseAttacher) loopID(l loopStatus) (string, bool) {
 		return id, strings.HasPrefix(id, short)
 	}
 	dead := errors.Is(l.statusErr, unix.ENOTCONN)
-	return id, dead && (a.dirs()[filepath.Dir(filepath.Dir(bf))] && filepath.Base(filepath.Dir(bf)) == id || bf == "/"+id)
+	mnt := filepath.Dir(bf)
+	inDir := a.dirs()[filepath.Dir(mnt)] && (filepath.Base(mnt) == id || isServerDir(mnt))
+	return id, dead && (inDir || bf == "/"+id)
 }
 
 // fuseAlive reports whether the FUSE file at path answers a stat. A dead
@@ -518,18 +471,16 @@ func (a *FuseAttacher) CleanStale(ctx context.Context) ([]DeviceInfo, error) {
 		errs = append(errs, err)
 	}
 	for _, m := range mounts {
-		id := filepath.Base(m.Mountpoint)
-		a.mu.Lock()
-		_, mine := a.devices[id]
-		a.mu.Unlock()
-		if mine {
+		if a.isServer(m.Mountpoint) {
 			continue
 		}
-		dead, err := a.cleanMount(ctx, m.Mountpoint, id)
+		dead, err := a.cleanMount(ctx, m.Mountpoint)
 		if err != nil {
 			errs = append(errs, err)
 		}
-		if dead && !seen[id] {
+		// A dead mount of the earlier layout names its device; a dead
+		// shared one cannot say which files it held.
+		if id := filepath.Base(m.Mountpoint); dead && !isServerDir(m.Mountpoint) && !seen[id] {
 			found = append(found, DeviceInfo{ID: id})
 			seen[id] = true
 		}
@@ -562,11 +513,12 @@ func (a *FuseAttacher) ourMounts() ([]*mountinfo.Info, error) {
 	return ms, nil
 }
 
-// cleanMount detaches a dead mount of this backend at mnt (Dir/<id>) and
-// removes its directory. It reports whether it was dead; a live one (another
-// process serving it) is an error, left mounted.
-func (a *FuseAttacher) cleanMount(ctx context.Context, mnt, id string) (bool, error) {
-	if fuseAlive(ctx, filepath.Join(mnt, id)) {
+// cleanMount detaches a dead mount of this backend at mnt (Dir/srv@<random>,
+// or Dir/<id> of earlier versions) and removes its directory. It reports
+// whether it was dead; a live one (another process serving it) is an error,
+// left mounted.
+func (a *FuseAttacher) cleanMount(ctx context.Context, mnt string) (bool, error) {
+	if fuseAlive(ctx, mnt) {
 		return false, fmt.Errorf("%s is served by another live process: %w", mnt, ErrAlreadyAttached)
 	}
 	// Lazy: a loop device bound to the file (a filesystem still mounted on

@@ -223,7 +223,10 @@ func TestFuseFileIsFixedSize(t *testing.T) {
 		t.Fatal(err)
 	}
 	detachOnCleanup(t, d)
-	file := filepath.Join(dir, "fixed", "fixed")
+	file := backingFile(t, d.Path())
+	if filepath.Base(file) != "fixed" || !strings.HasPrefix(file, dir+"/") {
+		t.Fatalf("FUSE file %s: want Dir/<server>/fixed under %s", file, dir)
+	}
 	st, err := os.Stat(file)
 	if err != nil {
 		t.Fatal(err)
@@ -254,7 +257,7 @@ func TestFuseFileIsFixedSize(t *testing.T) {
 			return err
 		}, syscall.ENOSPC},
 		{"chmod", func() error { return os.Chmod(file, 0o666) }, syscall.EPERM},
-		{"create", func() error { return os.WriteFile(filepath.Join(dir, "fixed", "other"), nil, 0o600) }, syscall.EROFS},
+		{"create", func() error { return os.WriteFile(filepath.Join(filepath.Dir(file), "other"), nil, 0o600) }, syscall.EROFS},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if err := c.do(); !errors.Is(err, c.want) {
@@ -400,7 +403,11 @@ func TestFuseCrashCleanup(t *testing.T) {
 				}
 			}
 			// A failing run must not leave the dead mount behind.
-			t.Cleanup(func() { unix.Unmount(filepath.Join(dir, "crashvol"), unix.MNT_DETACH) })
+			t.Cleanup(func() {
+				for _, m := range fuseMountsUnder(t, dir) {
+					unix.Unmount(m, unix.MNT_DETACH)
+				}
+			})
 			cmd := exec.Command(os.Args[0], "-test.run=^TestFuseCrashHelper$", "-test.v")
 			cmd.Env = append(os.Environ(), helperEnv+"="+strings.Join([]string{dir, img, "crashvol", mnt}, "|"))
 			out, err := cmd.StdoutPipe()
@@ -433,7 +440,7 @@ func TestFuseCrashCleanup(t *testing.T) {
 			a := nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: dir})
 			ctx := context.Background()
 			if c.attachFirst {
-				// Attach finds the dead mount of its id and replaces it.
+				// Attach finds the dead mount and cleans it.
 				waitUnbound(t, devPath)
 				d, err := a.Attach(ctx, "crashvol", newFileBackend(t, 64<<20), nbdattach.AttachOptions{})
 				if err != nil {
@@ -447,13 +454,12 @@ func TestFuseCrashCleanup(t *testing.T) {
 				}
 				return
 			}
-			// Unused, the device went with its process (autoclear); under
-			// a mounted filesystem it stays, dead.
-			want := nbdattach.DeviceInfo{ID: "crashvol"}
+			// Unused, the device went with its process (autoclear), and
+			// the dead shared mount cannot say it held crashvol; under a
+			// mounted filesystem the device stays, dead.
 			var wantList []nbdattach.DeviceInfo
 			if mounted {
-				want = nbdattach.DeviceInfo{Path: devPath, ID: "crashvol", Size: 64 << 20, Connected: false}
-				wantList = []nbdattach.DeviceInfo{want}
+				wantList = []nbdattach.DeviceInfo{{Path: devPath, ID: "crashvol", Size: 64 << 20, Connected: false}}
 			} else {
 				waitUnbound(t, devPath)
 			}
@@ -498,8 +504,8 @@ func TestFuseCrashCleanup(t *testing.T) {
 					found = append(found, f)
 				}
 			}
-			if len(found) != 1 || found[0] != want {
-				t.Fatalf("CleanStale found %+v, want [%+v]", found, want)
+			if fmt.Sprint(found) != fmt.Sprint(wantList) {
+				t.Fatalf("CleanStale found %+v, want %+v", found, wantList)
 			}
 			if mounted {
 				// Still mounted: the device stays bound until the unmount,
@@ -521,8 +527,8 @@ func TestFuseCrashCleanup(t *testing.T) {
 			if ms := fuseMountsUnder(t, dir); len(ms) != 0 {
 				t.Fatalf("FUSE mounts left under %s: %q", dir, ms)
 			}
-			if _, err := os.Stat(filepath.Join(dir, "crashvol")); !errors.Is(err, os.ErrNotExist) {
-				t.Fatalf("mount directory left: %v", err)
+			if ents, err := os.ReadDir(dir); err != nil || len(ents) != 0 {
+				t.Fatalf("mount directories left in %s: %v %v", dir, ents, err)
 			}
 			// And the id can be attached again.
 			d, err := a.Attach(ctx, "crashvol", newFileBackend(t, 64<<20), nbdattach.AttachOptions{})
@@ -534,6 +540,16 @@ func TestFuseCrashCleanup(t *testing.T) {
 			}
 		})
 	}
+}
+
+// backingFile is the file a loop device is bound to, as sysfs shows it.
+func backingFile(t *testing.T, dev string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("/sys/class/block", filepath.Base(dev), "loop", "backing_file"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
 }
 
 // listID is List restricted to one id: other processes (other tests running

@@ -3,6 +3,7 @@ package nbdattach
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"sync/atomic"
 	"syscall"
@@ -12,10 +13,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// The FUSE filesystem of one attached device: a root directory holding one
-// regular file whose contents are the Backend. Only the loop device (and the
-// plugin itself, to open it) ever touches the file, so the filesystem
-// implements exactly what the loop driver calls:
+// The FUSE filesystem of the attached devices: a root directory holding one
+// regular file per device, whose contents are its Backend. Only the loop
+// devices (and the plugin itself, to open them) ever touch the files, so the
+// filesystem implements exactly what the loop driver calls:
 //
 //	read/write      -> ReadAt / WriteAt
 //	fsync           -> Flush                (loop: REQ_OP_FLUSH, REQ_FUA)
@@ -50,7 +51,6 @@ var (
 	_ fs.NodeStatfser   = (*diskNode)(nil)
 	_ fs.NodeGetattrer  = (*fuseRoot)(nil)
 	_ fs.NodeStatfser   = (*fuseRoot)(nil)
-	_ fs.NodeOnAdder    = (*fuseRoot)(nil)
 	_ fs.InodeEmbedder  = (*fuseRoot)(nil)
 	_ fs.NodeReaddirer  = (*fuseRoot)(nil)
 	_ fs.NodeLookuper   = (*fuseRoot)(nil)
@@ -257,16 +257,31 @@ func (n *diskNode) errno(op string, err error) syscall.Errno {
 	}
 }
 
-// fuseRoot is the mount's root directory: it holds the one file.
+// fuseRoot is the mount's root directory: it holds a file per device,
+// named by its id.
 type fuseRoot struct {
 	fs.Inode
-	name string
-	disk *diskNode
+	// lastIno numbers the files: never reused, since go-fuse takes two
+	// inodes with one number for the same file (a hard link).
+	lastIno atomic.Uint64
 }
 
-func (r *fuseRoot) OnAdd(ctx context.Context) {
-	ch := r.NewPersistentInode(ctx, r.disk, fs.StableAttr{Mode: syscall.S_IFREG, Ino: 2})
-	r.AddChild(r.name, ch, false)
+// add makes disk the file name. The inode is not persistent: go-fuse drops
+// it (and with it the Backend) once it is removed and the kernel forgets it.
+func (r *fuseRoot) add(name string, disk *diskNode) error {
+	ino := r.lastIno.Add(1) + 1 // 1 is the root's
+	ch := r.NewInode(context.Background(), disk, fs.StableAttr{Mode: syscall.S_IFREG, Ino: ino})
+	if !r.AddChild(name, ch, false) {
+		return fmt.Errorf("a file named %s is served already", name)
+	}
+	return nil
+}
+
+// remove takes the file name away, and has the kernel drop its entry (and
+// then forget the inode) now rather than under memory pressure.
+func (r *fuseRoot) remove(name string) {
+	r.RmChild(name)
+	_ = r.NotifyEntry(name)
 }
 
 func (r *fuseRoot) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
@@ -276,26 +291,31 @@ func (r *fuseRoot) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrO
 }
 
 func (r *fuseRoot) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
-	fillStatfs(out, r.disk.size.Load())
+	fillStatfs(out, 0)
 	return 0
 }
 
 func (r *fuseRoot) Opendir(ctx context.Context) syscall.Errno { return 0 }
 
 func (r *fuseRoot) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
-	if name != r.name {
-		return nil, syscall.ENOENT
-	}
 	ch := r.GetChild(name)
 	if ch == nil {
 		return nil, syscall.ENOENT
 	}
+	disk, ok := ch.Operations().(*diskNode)
+	if !ok {
+		return nil, syscall.ENOENT
+	}
 	var ao fuse.AttrOut
-	r.disk.Getattr(ctx, nil, &ao)
+	disk.Getattr(ctx, nil, &ao)
 	out.Attr = ao.Attr
 	return ch, 0
 }
 
 func (r *fuseRoot) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
-	return fs.NewListDirStream([]fuse.DirEntry{{Name: r.name, Mode: syscall.S_IFREG, Ino: 2}}), 0
+	var ents []fuse.DirEntry
+	for name, ch := range r.Children() {
+		ents = append(ents, fuse.DirEntry{Name: name, Mode: syscall.S_IFREG, Ino: ch.StableAttr().Ino})
+	}
+	return fs.NewListDirStream(ents), 0
 }
