@@ -4,6 +4,7 @@ package nbdattach_test
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -651,5 +652,77 @@ func TestFuseConcurrentAttach(t *testing.T) {
 		if l, _ := listID(ctx, a, d.ID()); len(l) != 0 {
 			t.Errorf("%s still listed after Detach: %+v", d.ID(), l)
 		}
+	}
+}
+
+// All devices are files of one FUSE mount (one server: its readers, threads
+// and buffers do not grow with the devices), which goes with the last
+// device. A device detached and attached again under the same id while the
+// others stay is a new file: it reads the new backend, not the old one.
+func TestFuseOneServer(t *testing.T) {
+	a := needFuse(t)
+	ctx := context.Background()
+	const n = 5
+	devs := map[string]nbdattach.Device{}
+	attach := func(id string, fill byte) {
+		t.Helper()
+		b := newFileBackend(t, 1<<20)
+		if err := b.WriteAt(ctx, bytes.Repeat([]byte{fill}, 4096), 0, false); err != nil {
+			t.Fatal(err)
+		}
+		d, err := a.Attach(ctx, id, b, nbdattach.AttachOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		devs[id] = d
+	}
+	firstByte := func(dev string) byte {
+		t.Helper()
+		f, err := os.OpenFile(dev, os.O_RDONLY|unix.O_DIRECT, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		buf := make([]byte, 8192)
+		al := buf[4096-int(uintptr(unsafe.Pointer(&buf[0]))&4095):][:4096]
+		if _, err := f.ReadAt(al, 0); err != nil {
+			t.Fatal(err)
+		}
+		return al[0]
+	}
+	for i := range n {
+		attach(fmt.Sprintf("one%d", i), byte('a'+i))
+	}
+	dir := filepath.Dir(filepath.Dir(backingFile(t, devs["one0"].Path())))
+	if ms := fuseMountsUnder(t, dir); len(ms) != 1 {
+		t.Fatalf("%d devices on FUSE mounts %q, want one mount", n, ms)
+	}
+	mnt := filepath.Dir(backingFile(t, devs["one0"].Path()))
+	for id, d := range devs {
+		if got := backingFile(t, d.Path()); got != filepath.Join(mnt, id) {
+			t.Errorf("%s: backing file %s, want %s", id, got, filepath.Join(mnt, id))
+		}
+	}
+
+	if err := devs["one2"].Detach(ctx); err != nil {
+		t.Fatal(err)
+	}
+	attach("one2", 'z')
+	for id, want := range map[string]byte{"one1": 'b', "one2": 'z', "one3": 'd'} {
+		if got := firstByte(devs[id].Path()); got != want {
+			t.Errorf("%s reads %q, want %q", id, got, want)
+		}
+	}
+
+	for _, d := range devs {
+		if err := d.Detach(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if ms := fuseMountsUnder(t, dir); len(ms) != 0 {
+		t.Fatalf("FUSE mounts left after the last detach: %q", ms)
+	}
+	if ents, err := os.ReadDir(dir); err != nil || len(ents) != 0 {
+		t.Fatalf("left in %s: %v %v", dir, ents, err)
 	}
 }
