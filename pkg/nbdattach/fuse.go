@@ -9,10 +9,12 @@ import (
 
 // FuseOptions configure the fuse attach backend (NewFuseAttacher).
 type FuseOptions struct {
-	// Dir is where the backend mounts one FUSE filesystem per attached
-	// device, at Dir/<id>, each holding one regular file Dir/<id>/<id>
-	// that a loop device is bound to. Stale mounts are looked for here only,
-	// so two processes must not share a Dir. Default: DefaultFuseDir.
+	// Dir is where the backend mounts the one FUSE filesystem that serves
+	// all its devices, at Dir/srv@<random> while any is attached, holding a
+	// regular file Dir/srv@<random>/<id> per device that a loop device is
+	// bound to. Stale mounts are looked for here only (of this layout, and
+	// Dir/<id> of earlier versions), so two processes must not share a Dir.
+	// Default: DefaultFuseDir.
 	Dir string
 	// Logger receives backend errors served to the kernel and the choices
 	// the backend made (direct I/O, IO flusher). Nil logs nothing.
