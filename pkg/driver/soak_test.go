@@ -281,7 +281,8 @@ func soakBuffer() []byte {
 //   - heap in use with zero volumes attached, after the cycles and after the
 //     attached batch, within soakHeapSlack of the fresh process;
 //   - RSS per attached volume ((RSS at N) - (RSS at 0)) / N below
-//     soakRSSPerVolume.
+//     soakRSSPerVolume;
+//   - threads added while N are attached: not one per volume.
 //
 // One cycle in fsEvery uses an ext4 filesystem volume (mkfs, mount, a file);
 // the others are raw block volumes, which exercise the same attach path at a
@@ -347,6 +348,13 @@ func testSoak(t *testing.T, backend string, cycles, attached, fsEvery int) {
 			t.Errorf("heap in use %s with zero volumes attached: %.1f MiB, a fresh process %.1f MiB (limit +%d MiB)",
 				c.when, mib(c.s.HeapInuse), mib(fresh.HeapInuse), soakHeapSlack>>20)
 		}
+	}
+	// A thread per attached volume (a server's reader parked in a syscall)
+	// would stay at its high-water mark for good: the Go runtime never
+	// hands threads back.
+	if added := held.Threads - afterCycles.Threads; attached > 0 && added > max(4, attached/2) {
+		t.Errorf("%d threads added while %d volumes were attached (%d -> %d): something parks a thread per volume",
+			added, attached, afterCycles.Threads, held.Threads)
 	}
 	if attached > 0 {
 		per := (int64(held.RSS) - int64(afterCycles.RSS)) / int64(attached)
