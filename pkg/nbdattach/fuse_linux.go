@@ -31,9 +31,11 @@ type FuseAttacher struct {
 	mu      sync.Mutex
 	devices map[string]*fuseDevice
 
-	// srvMu guards srv, the shared server while mounted, and its count.
-	srvMu sync.Mutex
-	srv   *fuseServer
+	// srvMu guards srv, the shared server while mounted, its count, and
+	// closing, the mounts of servers being unmounted.
+	srvMu   sync.Mutex
+	srv     *fuseServer
+	closing map[string]bool
 
 	flusherOnce sync.Once
 	flusherErr  error
@@ -417,9 +419,9 @@ func (a *FuseAttacher) loopID(l loopStatus) (string, bool) {
 	return id, dead && (inDir || bf == "/"+id)
 }
 
-// fuseAlive reports whether the FUSE file at path answers a stat. A dead
-// connection answers ENOTCONN at once; a wedged server would block, so the
-// stat runs aside and counts as dead after a few seconds.
+// fuseAlive reports whether the FUSE path (a mount or a file in it) answers
+// a stat. A dead connection answers ENOTCONN at once; a wedged server would
+// block, so the stat runs aside and counts as dead after a few seconds.
 func fuseAlive(ctx context.Context, path string) bool {
 	done := make(chan error, 1)
 	go func() {

@@ -704,6 +704,10 @@ func TestFuseOneServer(t *testing.T) {
 		}
 	}
 
+	// This process's live server is not stale.
+	if found, err := a.CleanStale(ctx); err != nil || len(found) != 0 {
+		t.Fatalf("CleanStale with devices attached: %+v, %v; want nothing", found, err)
+	}
 	if err := devs["one2"].Detach(ctx); err != nil {
 		t.Fatal(err)
 	}

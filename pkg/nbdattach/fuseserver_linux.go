@@ -89,13 +89,22 @@ func (a *FuseAttacher) releaseServer(s *fuseServer) error {
 	a.srvMu.Lock()
 	s.refs--
 	last := s.refs == 0
-	if last && a.srv == s {
+	if last {
 		a.srv = nil // the next attach mounts a new one, under another name
+		if a.closing == nil {
+			a.closing = map[string]bool{}
+		}
+		a.closing[s.mnt] = true
 	}
 	a.srvMu.Unlock()
 	if !last {
 		return nil
 	}
+	defer func() {
+		a.srvMu.Lock()
+		delete(a.closing, s.mnt)
+		a.srvMu.Unlock()
+	}()
 	var err error
 	if uerr := s.server.Unmount(); uerr != nil {
 		err = fmt.Errorf("unmount %s: %w", s.mnt, uerr)
@@ -112,11 +121,12 @@ func (a *FuseAttacher) releaseServer(s *fuseServer) error {
 	return err
 }
 
-// isServer reports whether mnt is this attacher's mounted server.
+// isServer reports whether mnt is this attacher's server, mounted or being
+// unmounted (CleanStale must not take it for another process's).
 func (a *FuseAttacher) isServer(mnt string) bool {
 	a.srvMu.Lock()
 	defer a.srvMu.Unlock()
-	return a.srv != nil && a.srv.mnt == mnt
+	return a.srv != nil && a.srv.mnt == mnt || a.closing[mnt]
 }
 
 func (a *FuseAttacher) mountServer() (*fuseServer, error) {
