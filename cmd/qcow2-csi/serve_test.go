@@ -88,7 +88,9 @@ func TestServeNoFlags(t *testing.T) {
 		t.Fatalf("CreateVolume = %v, %v", v, err)
 	}
 	hdr := make([]byte, 4)
-	fh, err := os.Open(filepath.Join(m[3], v.Volume.VolumeId+".qcow2"))
+	// The pool names the image by the ID's local part, before @node/#hash.
+	local, _, _ := strings.Cut(strings.Replace(v.Volume.VolumeId, "#", "@", 1), "@")
+	fh, err := os.Open(filepath.Join(m[3], local+".qcow2"))
 	if err != nil {
 		t.Fatal(err)
 	}

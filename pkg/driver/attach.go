@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -50,4 +51,40 @@ func (d *Driver) attacherNamed(name string) (nbdattach.Attacher, error) {
 		}
 	}
 	return nil, errors.New("attach backend " + name + " is not built into this plugin")
+}
+
+// localIDAttacher hands backends a volume's local ID (ids.go) as the
+// device ID: device IDs become FUSE file names and the kernel's nbd
+// backend identifier, and a device attached before IDs named their node
+// keeps being found by the same identifier. The local part is unique on a
+// node, which is all a device ID needs.
+type localIDAttacher struct{ nbdattach.Attacher }
+
+func (a localIDAttacher) Attach(ctx context.Context, id string, b nbdattach.Backend, o nbdattach.AttachOptions) (nbdattach.Device, error) {
+	local, _ := splitOwner(id)
+	return a.Attacher.Attach(ctx, local, b, o)
+}
+
+func (a localIDAttacher) Reattach(ctx context.Context, id string, b nbdattach.Backend, o nbdattach.AttachOptions) (nbdattach.Device, error) {
+	local, _ := splitOwner(id)
+	return a.Attacher.Reattach(ctx, local, b, o)
+}
+
+// localIDCleaner is localIDAttacher of a backend whose devices die with
+// the process: the driver tells the two kinds apart by staleCleaner.
+type localIDCleaner struct {
+	localIDAttacher
+	staleCleaner
+}
+
+func withLocalIDs(as []nbdattach.Attacher) []nbdattach.Attacher {
+	out := make([]nbdattach.Attacher, len(as))
+	for i, a := range as {
+		if c, ok := a.(staleCleaner); ok {
+			out[i] = localIDCleaner{localIDAttacher{a}, c}
+		} else {
+			out[i] = localIDAttacher{a}
+		}
+	}
+	return out
 }

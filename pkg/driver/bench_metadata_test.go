@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -69,7 +68,7 @@ func benchMetadata(b *testing.B, size int64) {
 		b.Fatal(err)
 	}
 	vol := v.Volume.VolumeId
-	path := filepath.Join(pool, vol+".qcow2")
+	path := imageFile(pool, vol)
 	s1, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s1", SourceVolumeId: vol})
 	if err != nil {
 		b.Fatal(err)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"path/filepath"
 	"sort"
 	"testing"
 
@@ -32,7 +31,7 @@ func TestListVolumesPages(t *testing.T) {
 	}
 	sort.Strings(ids)
 	r, err := c.ListVolumes(ctx, &csi.ListVolumesRequest{MaxEntries: 3})
-	if err != nil || len(r.Entries) != 3 || r.NextToken != "next:"+ids[3] {
+	if err != nil || len(r.Entries) != 3 || r.NextToken == "" {
 		t.Fatalf("page 1 = %v, %v", r, err)
 	}
 	var got []string
@@ -145,7 +144,7 @@ func TestDeleteCorruptImage(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	img := filepath.Join(srv.Driver.Options().Pool, v.Volume.VolumeId+".qcow2")
+	img := imageFile(srv.Driver.Options().Pool, v.Volume.VolumeId)
 	if err := os.WriteFile(img, []byte("garbage, not an image"), 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -73,7 +73,7 @@ func New(opts Options, s Seams) (*Driver, error) {
 	if s.Mounter == nil {
 		s.Mounter = NewMounter()
 	}
-	p, err := openPool(opts.Pool)
+	p, err := openPool(opts.Pool, opts.NodeID)
 	if err != nil {
 		return nil, err
 	}
@@ -82,7 +82,7 @@ func New(opts Options, s Seams) (*Driver, error) {
 		pool:      p,
 		locks:     newOpLocks(),
 		images:    s.Images,
-		attachers: s.Attachers,
+		attachers: withLocalIDs(s.Attachers),
 		mounter:   s.Mounter,
 		staged:    map[string]*stagedVolume{},
 	}

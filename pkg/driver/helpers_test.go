@@ -1,6 +1,7 @@
 package driver_test
 
 import (
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -63,4 +64,16 @@ func wantCode(t testing.TB, err error, code codes.Code, msg string) {
 	if s.Code() != code || !strings.Contains(s.Message(), msg) {
 		t.Fatalf("got %v %q, want %v containing %q", s.Code(), s.Message(), code, msg)
 	}
+}
+
+// imageFile is where the pool keeps volume id's image: under the ID's
+// local part, without the owner suffix (ids.go).
+func imageFile(pool, id string) string { return filepath.Join(pool, localID(id)+".qcow2") }
+
+// localID is a volume ID without its owner suffix: the pool's file name
+// stem and the ID attach backends see.
+func localID(id string) string {
+	local, _, _ := strings.Cut(id, "@")
+	local, _, _ = strings.Cut(local, "#")
+	return local
 }

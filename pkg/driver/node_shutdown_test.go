@@ -84,7 +84,7 @@ func TestNodeSIGTERMFuse(t *testing.T) {
 	ctx := e.ctx
 	c := capMount(rw, "ext4")
 	id := e.create("pvc-term", 64<<20, nil, c)
-	image := filepath.Join(e.pool, id+".qcow2")
+	image := imageFile(e.pool, id)
 	staging := e.stage(id, c)
 	target := e.publish(id, staging, c, false)
 	if err := os.WriteFile(filepath.Join(target, "before"), []byte("before"), 0o644); err != nil {
@@ -153,7 +153,7 @@ func testNodeSIGTERMNBD(t *testing.T) {
 	ctx := e.ctx
 	c := capMount(rw, "ext4")
 	id := e.create("pvc-term-nbd", 64<<20, nil, c)
-	image := filepath.Join(e.pool, id+".qcow2")
+	image := imageFile(e.pool, id)
 	staging := e.stage(id, c)
 	target := e.publish(id, staging, c, false)
 	s1, err := e.c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s1", SourceVolumeId: id})

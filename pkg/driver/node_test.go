@@ -315,7 +315,7 @@ func testNodeFilesystemLifecycle(t *testing.T, backend string) {
 			if len(st.Usage) != 2 || st.Usage[0].Unit != csi.VolumeUsage_BYTES || st.Usage[0].Total != statfsSize(t, target) || st.Usage[1].Unit != csi.VolumeUsage_INODES || st.Usage[1].Total == 0 || st.VolumeCondition.Abnormal {
 				t.Fatalf("stats %v", st)
 			}
-			alloc, err := allocatedOf(filepath.Join(e.pool, id+".qcow2"))
+			alloc, err := allocatedOf(imageFile(e.pool, id))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -613,7 +613,7 @@ func TestImageLocksAgainstQemu(t *testing.T) {
 	e := newNodeEnvOn(t, "fuse")
 	c := capMount(rw, "ext4")
 	id := e.create("pvc-locks", 64<<20, nil, c)
-	img := filepath.Join(e.pool, id+".qcow2")
+	img := imageFile(e.pool, id)
 
 	// qemu-nbd holds the image: the driver backs off.
 	nbd := exec.Command(qemuNBD, "-f", "qcow2", "-k", filepath.Join(e.dir, "nbd.sock"), img)

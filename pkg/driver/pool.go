@@ -41,6 +41,9 @@ type volumeMeta struct {
 // mutation is a single atomic rename, so readers never see half a record.
 type pool struct {
 	dir string
+	// node is the node this pool belongs to: IDs qualified with it are
+	// stored under their local part (ids.go).
+	node string
 }
 
 // Modes of the pool: a volume's image is a whole disk's data, readable by
@@ -53,7 +56,7 @@ const (
 	poolImageMode fs.FileMode = 0o600
 )
 
-func openPool(dir string) (*pool, error) {
+func openPool(dir, node string) (*pool, error) {
 	if err := os.MkdirAll(dir, poolDirMode); err != nil {
 		return nil, fmt.Errorf("pool %s: %w", dir, err)
 	}
@@ -61,7 +64,7 @@ func openPool(dir string) (*pool, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &pool{dir: abs}, nil
+	return &pool{dir: abs, node: node}, nil
 }
 
 // volumeIDForName maps a CSI volume name to its ID deterministically, so that
@@ -72,23 +75,51 @@ func volumeIDForName(name string) string {
 	return "vol-" + hex.EncodeToString(sum[:16])
 }
 
-func (p *pool) imagePath(id string) string { return filepath.Join(p.dir, id+imageSuffix) }
-func (p *pool) metaPath(id string) string  { return filepath.Join(p.dir, id+metaSuffix) }
+// file is the name stem of volume id's files: its local part when the ID
+// is this node's or legacy. Another node's ID keeps its suffix, a name no
+// volume file has, so that it finds nothing here and can never reach a
+// local volume of the same local part.
+func (p *pool) file(id string) string {
+	local, o := splitOwner(id)
+	if o.legacy() || o.is(p.node) {
+		return local
+	}
+	return id
+}
+
+func (p *pool) imagePath(id string) string { return filepath.Join(p.dir, p.file(id)+imageSuffix) }
+func (p *pool) metaPath(id string) string  { return filepath.Join(p.dir, p.file(id)+metaSuffix) }
 
 // tempPath is where an image for id is built before it is renamed into
 // place (the caller holds id's operation lock, so the name is its own).
 func (p *pool) tempPath(id, suffix string) string {
-	return filepath.Join(p.dir, tmpPrefix+id+suffix)
+	return filepath.Join(p.dir, tmpPrefix+p.file(id)+suffix)
 }
 
-// get reads a volume's metadata; ErrNotFound when it has none.
+// get reads a volume's metadata; ErrNotFound when it has none. The record
+// must carry id itself: a legacy ID does not reach a volume issued with a
+// qualified one, so each volume has one ID (and one lock key).
 func (p *pool) get(id string) (*volumeMeta, error) {
-	var m volumeMeta
-	if err := readRecord(p.metaPath(id), "volume", id, "metadata", &m); err != nil {
+	m, err := p.getFile(p.file(id))
+	if err != nil {
 		return nil, err
 	}
-	if m.ID != id || m.Version != metaVersion {
-		return nil, fmt.Errorf("volume %q: metadata %s names volume %q version %d", id, p.metaPath(id), m.ID, m.Version)
+	if m.ID != id {
+		return nil, fmt.Errorf("volume %q: metadata %s names volume %q", id, p.metaPath(id), m.ID)
+	}
+	return m, nil
+}
+
+// getFile reads the metadata of the volume stored under name (list's
+// names).
+func (p *pool) getFile(name string) (*volumeMeta, error) {
+	var m volumeMeta
+	path := filepath.Join(p.dir, name+metaSuffix)
+	if err := readRecord(path, "volume", name, "metadata", &m); err != nil {
+		return nil, err
+	}
+	if p.file(m.ID) != name || m.Version != metaVersion {
+		return nil, fmt.Errorf("volume %q: metadata %s names volume %q version %d", name, path, m.ID, m.Version)
 	}
 	return &m, nil
 }
@@ -139,7 +170,8 @@ func (p *pool) remove(id string) error {
 	return nil
 }
 
-// list returns the IDs of the committed volumes, sorted.
+// list returns the file names of the committed volumes, sorted (getFile
+// reads their records, which hold their IDs).
 func (p *pool) list() ([]string, error) {
 	ents, err := os.ReadDir(p.dir)
 	if err != nil {

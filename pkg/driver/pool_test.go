@@ -30,7 +30,7 @@ func TestVolumeIDForName(t *testing.T) {
 // TestPoolRecover: what an interrupted create or delete leaves is removed at
 // start; committed volumes and foreign files stay.
 func TestPoolRecover(t *testing.T) {
-	p, err := openPool(t.TempDir())
+	p, err := openPool(t.TempDir(), "test-node")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -79,7 +79,7 @@ func TestPoolRecover(t *testing.T) {
 }
 
 func TestPoolCorruptMetadata(t *testing.T) {
-	p, _ := openPool(t.TempDir())
+	p, _ := openPool(t.TempDir(), "test-node")
 	os.WriteFile(p.metaPath("vol-x"), []byte("{not json"), 0o600)
 	if _, err := p.get("vol-x"); err == nil || errors.Is(err, ErrNotFound) {
 		t.Fatalf("corrupt metadata: %v, want a non-NotFound error", err)

@@ -60,7 +60,7 @@ func TestSnapshotBlockMetadataType(t *testing.T) {
 		t.Fatal(err)
 	}
 	vol := v.Volume.VolumeId
-	path := filepath.Join(pool, vol+".qcow2")
+	path := imageFile(pool, vol)
 	rng := rand.New(rand.NewSource(11))
 	model := make([]byte, snapDisk)
 	snap := func(name, typ string) string {
@@ -196,7 +196,7 @@ func TestSnapshotBlockMetadataTypeDefault(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	writeImage(t, filepath.Join(pool, v.Volume.VolumeId+".qcow2"), rand.New(rand.NewSource(5)), make([]byte, snapDisk))
+	writeImage(t, imageFile(pool, v.Volume.VolumeId), rand.New(rand.NewSource(5)), make([]byte, snapDisk))
 	for _, tc := range []struct {
 		name, param string
 		want        csi.BlockMetadataType

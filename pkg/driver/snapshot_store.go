@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
-	"strconv"
 	"strings"
 	"time"
 
@@ -28,9 +27,10 @@ const (
 )
 
 // snapshotMeta is the committed record of a CSI snapshot. Its ID is
-// "<volume-id>@<seq>": the volume whose image holds it and the sequence
-// number that names its checkpoint bitmap, so that an ID still resolves
-// (for GetMetadataDelta) after its record is gone.
+// "<local volume-id>@<seq>" plus the volume's owner suffix (ids.go): the
+// volume whose image holds it and the sequence number that names its
+// checkpoint bitmap, so that an ID still resolves (for GetMetadataDelta)
+// after its record is gone.
 type snapshotMeta struct {
 	Version int       `json:"version"`
 	ID      string    `json:"id"`
@@ -49,30 +49,11 @@ type snapshotMeta struct {
 	BlockMetadataType string `json:"blockMetadataType,omitempty"`
 }
 
-func snapshotID(vol string, seq uint64) string {
-	return vol + snapshotIDSep + strconv.FormatUint(seq, 10)
+func (p *pool) snapDir() string               { return filepath.Join(p.dir, snapshotsDir) }
+func (p *pool) snapMetaPath(id string) string { return filepath.Join(p.snapDir(), id+metaSuffix) }
+func (p *pool) hiddenImagePath(vol string) string {
+	return filepath.Join(p.snapDir(), p.file(vol)+imageSuffix)
 }
-
-// parseSnapshotID splits an ID this driver issued. Anything else (including
-// IDs that would make unsafe paths) is not ours: callers answer NotFound.
-func parseSnapshotID(id string) (vol string, seq uint64, ok bool) {
-	if len(id) > maxSnapshotIDLen {
-		return "", 0, false
-	}
-	vol, s, found := strings.Cut(id, snapshotIDSep)
-	if !found || checkVolumeID(vol) != nil || s == "" || len(s) > 20 {
-		return "", 0, false
-	}
-	seq, err := strconv.ParseUint(s, 10, 64)
-	if err != nil || strconv.FormatUint(seq, 10) != s {
-		return "", 0, false
-	}
-	return vol, seq, true
-}
-
-func (p *pool) snapDir() string                   { return filepath.Join(p.dir, snapshotsDir) }
-func (p *pool) snapMetaPath(id string) string     { return filepath.Join(p.snapDir(), id+metaSuffix) }
-func (p *pool) hiddenImagePath(vol string) string { return filepath.Join(p.snapDir(), vol+imageSuffix) }
 
 func (p *pool) getSnapshot(id string) (*snapshotMeta, error) {
 	if _, _, ok := parseSnapshotID(id); !ok {

@@ -76,7 +76,7 @@ func TestSnapshotsOfStagedVolume(t *testing.T) {
 	if _, err := c.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: capab, VolumeContext: v.Volume.VolumeContext}); err != nil {
 		t.Fatal(err)
 	}
-	b := att.backends[vol]
+	b := att.backends[localID(vol)]
 	rng := rand.New(rand.NewSource(9))
 	model := make([]byte, snapDisk)
 	write := func() {
@@ -120,7 +120,7 @@ func TestSnapshotsOfStagedVolume(t *testing.T) {
 	if r.Volume.CapacityBytes != snapDisk {
 		t.Fatalf("restored capacity %d", r.Volume.CapacityBytes)
 	}
-	got := readImage(t, filepath.Join(pool, r.Volume.VolumeId+".qcow2"))
+	got := readImage(t, imageFile(pool, r.Volume.VolumeId))
 	backup := bytes.Clone(m1)
 	for _, bl := range blocks {
 		copy(backup[bl.ByteOffset:bl.ByteOffset+bl.SizeBytes], got[bl.ByteOffset:bl.ByteOffset+bl.SizeBytes])
@@ -137,7 +137,7 @@ func TestSnapshotsOfStagedVolume(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cloneImg := filepath.Join(pool, cl.Volume.VolumeId+".qcow2")
+	cloneImg := imageFile(pool, cl.Volume.VolumeId)
 	if got := readImage(t, cloneImg); !bytes.Equal(got, atClone) {
 		t.Fatal("clone of the staged volume differs from its disk at clone time")
 	}
@@ -175,7 +175,7 @@ func TestSnapshotsOfStagedVolume(t *testing.T) {
 	}
 	// Released: the source holds st1..st3 and no temporary snapshot, and
 	// qemu-img checks both images clean.
-	srcImg := filepath.Join(pool, vol+".qcow2")
+	srcImg := imageFile(pool, vol)
 	var names []string
 	func() {
 		img, err := qcow2.Open(srcImg, qcow2.OpenOptions{ReadOnly: true})
@@ -201,7 +201,7 @@ func TestSnapshotsOfStagedVolume(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := readImage(t, filepath.Join(pool, r.Volume.VolumeId+".qcow2")); !bytes.Equal(got, model) {
+	if got := readImage(t, imageFile(pool, r.Volume.VolumeId)); !bytes.Equal(got, model) {
 		t.Fatal("clone differs from the volume")
 	}
 }

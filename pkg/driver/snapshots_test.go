@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -136,7 +137,7 @@ func TestSnapshotBackupRoundTrip(t *testing.T) {
 		t.Fatal(err)
 	}
 	vol := v.Volume.VolumeId
-	path := filepath.Join(pool, vol+".qcow2")
+	path := imageFile(pool, vol)
 	model := make([]byte, snapDisk)
 	backup := make([]byte, snapDisk)
 	var prev string
@@ -195,11 +196,11 @@ func TestSnapshotBackupRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := readImage(t, filepath.Join(pool, r.Volume.VolumeId+".qcow2"))
+	got := readImage(t, imageFile(pool, r.Volume.VolumeId))
 	if len(got) != 2*snapDisk || !bytes.Equal(got[:snapDisk], model) || !bytes.Equal(got[snapDisk:], make([]byte, snapDisk)) {
 		t.Fatal("restored volume differs from the snapshot")
 	}
-	hidden := filepath.Join(pool, ".snapshots", vol+".qcow2")
+	hidden := imageFile(filepath.Join(pool, ".snapshots"), vol)
 	if _, err := os.Stat(hidden); err != nil {
 		t.Fatalf("hidden image: %v", err)
 	}
@@ -315,7 +316,7 @@ func TestCreateSnapshotCompletesInterrupted(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			id := vol + "@" + tc.seq
+			id := localID(vol) + "@" + tc.seq + strings.TrimPrefix(vol, localID(vol)) // ids.go
 			rec := `{"version":1,"id":"` + id + `","name":"` + tc.name + `","sourceVolumeId":"` + vol + `","seq":` + tc.seq + `,"sizeBytes":1,"created":"2026-01-01T00:00:00Z"}`
 			os.MkdirAll(filepath.Join(pool, ".snapshots"), 0o750)
 			if err := os.WriteFile(filepath.Join(pool, ".snapshots", id+".json"), []byte(rec), 0o600); err != nil {
@@ -345,7 +346,7 @@ func TestSnapshotMetadataAfterCrash(t *testing.T) {
 	pool, c, md := startQcow2(t)
 	ctx := context.Background()
 	vol, s1 := blockVolumeWithSnapshot(t, c, "s1")
-	out, _ := exec.Command(qemuIO, "-c", "write -P 1 0 64k", "-c", "sigraise 9", filepath.Join(pool, vol+".qcow2")).CombinedOutput()
+	out, _ := exec.Command(qemuIO, "-c", "write -P 1 0 64k", "-c", "sigraise 9", imageFile(pool, vol)).CombinedOutput()
 	s2, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s2", SourceVolumeId: vol})
 	if err != nil {
 		t.Fatalf("%v (qemu-io: %s)", err, out)
@@ -409,7 +410,7 @@ func TestSnapshotMetadataAcrossPluginCrash(t *testing.T) {
 	pool, c, md := startQcow2(t)
 	ctx := context.Background()
 	vol, s1 := blockVolumeWithSnapshot(t, c, "s1")
-	path := filepath.Join(pool, vol+".qcow2")
+	path := imageFile(pool, vol)
 	cmd, line := child.Start(t, "TestPluginCrashHelper", "DRIVER_CRASH_IMAGE="+path)
 	if line != "ready" {
 		t.Fatalf("helper said %q", line)

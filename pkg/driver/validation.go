@@ -18,7 +18,8 @@ const (
 	maxPathLength = 4096
 )
 
-var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]*$`)
+// validID is a local ID and an optional owner suffix (ids.go).
+var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]*([@#][A-Za-z0-9_.-]+)?$`)
 
 func checkVolumeID(id string) error {
 	switch {
@@ -27,7 +28,7 @@ func checkVolumeID(id string) error {
 	case len(id) > maxIDLength:
 		return fmt.Errorf("%w: volume ID of %d bytes exceeds %d", ErrInvalid, len(id), maxIDLength)
 	case !validID.MatchString(id) || strings.Contains(id, ".."):
-		return fmt.Errorf("%w: volume ID %q: only letters, digits, '_', '-' and '.' (not '..'), starting with a letter or digit", ErrInvalid, id)
+		return fmt.Errorf("%w: volume ID %q: only letters, digits, '_', '-' and '.' (not '..'), starting with a letter or digit, then an optional @<node> or #<hash>", ErrInvalid, id)
 	}
 	return nil
 }
