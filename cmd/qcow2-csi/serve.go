@@ -2,10 +2,12 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -28,10 +30,20 @@ func init() {
 
 const serveUsage = `Usage: qcow2-csi serve [FLAGS]
 
-Runs the qcow2-csi CSI driver. With no flags it serves every service on a unix
-socket in a new temporary directory, with an embedded pool there, and prints
-where: enough to point csi-sanity or csc at it. In Kubernetes the Helm chart
-runs it as a DaemonSet with --mode=all on each node (see docs/driver.md).
+Runs the qcow2-csi CSI driver. With no flags (--mode=all) it serves every
+service on a unix socket in a new temporary directory, with an embedded pool
+there, and prints where: enough to point csi-sanity or csc at it.
+
+In Kubernetes (the Helm chart, docs/driver.md "Topology"):
+  --mode=node        the DaemonSet on each node: Identity and Node on
+                     --endpoint for the kubelet, and the node agent
+                     (Identity, Controller, SnapshotMetadata of this node's
+                     pool) on --agent-address, mutual TLS only.
+  --mode=controller  one Deployment beside the central sidecars: Identity,
+                     Controller and SnapshotMetadata on --endpoint, each call
+                     routed to the agent of the node that owns the volume
+                     (found with --agent-selector, or --agent). No pool, no
+                     --node-id.
 
 Flags:
 `
@@ -53,15 +65,29 @@ type serveFlags struct {
 	blockMetadataType                         string
 	overcommitRatio, poolWarningPercent       float64
 	kubeletDir                                string
+	enableGetSnapshot                         bool
+
+	// The agent connection (docs/driver.md "Topology").
+	agentAddress, tlsCA, tlsCert, tlsKey string
+	agentClientName, agentServerName     string
+	agentPort                            int
+	agentNamespace, agentSelector        string
+	agents                               agentList
 }
+
+// agentList is the repeatable --agent NODE=HOST:PORT.
+type agentList []string
+
+func (a *agentList) String() string     { return strings.Join(*a, ",") }
+func (a *agentList) Set(v string) error { *a = append(*a, v); return nil }
 
 func runServe(args []string) int {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	var f serveFlags
 	fs.StringVar(&f.endpoint, "endpoint", "", "CSI endpoint: unix:///path/csi.sock, /path/csi.sock or tcp://host:port (default: csi.sock in a new temporary directory)")
-	fs.StringVar(&f.nodeID, "node-id", "", "this node's ID, also the value of the topology key <driver-name>/node (default: the host name)")
+	fs.StringVar(&f.nodeID, "node-id", "", "this node's ID, also the value of the topology key <driver-name>/node and the suffix of the IDs this node issues (default: the host name; not with --mode=controller)")
 	fs.StringVar(&f.pool, "pool", "", "directory holding the node's volumes (<id>.qcow2 + <id>.json) (default: pool/ in the temporary directory)")
-	fs.StringVar(&f.mode, "mode", "all", "services to serve: controller, node or all")
+	fs.StringVar(&f.mode, "mode", "all", "what to run: all (the embedded single-process driver), node (node plugin + agent) or controller (the router)")
 	fs.StringVar(&f.driverName, "driver-name", driver.DefaultDriverName, "CSI driver name (GetPluginInfo, StorageClass provisioner)")
 	fs.Int64Var(&f.maxVolumes, "max-volumes", 0, "volumes this node may hold staged (NodeGetInfo max_volumes_per_node); 0 means no limit")
 	fs.StringVar(&f.metricsAddr, "metrics-address", "", "serve Prometheus metrics at http://ADDRESS/metrics (e.g. :9090); empty disables")
@@ -77,6 +103,17 @@ func runServe(args []string) int {
 	fs.Float64Var(&f.poolWarningPercent, "pool-warning-percent", driver.DefaultPoolWarningPercent, "how full the pool filesystem may get, in percent, before every volume's condition turns abnormal and qcow2_csi_pool_nearly_full is 1")
 	fs.StringVar(&f.defaultSz, "default-volume-size", "1Gi", "size of a volume created without a capacity range")
 	fs.BoolVar(&f.controllerExpand, "controller-expand", true, "advertise ControllerExpandVolume; set false when a central csi-resizer serves node-local pools, so that expansion runs entirely in NodeExpandVolume (docs/driver.md)")
+	fs.BoolVar(&f.enableGetSnapshot, "enable-get-snapshot", false, "advertise the GET_SNAPSHOT controller capability (CSI 1.12, alpha); off by default because csi-test v5.4.0 fails a driver listing it (GetSnapshot answers either way)")
+	fs.StringVar(&f.agentAddress, "agent-address", "", "node: serve the node agent (for the controller) on this TCP address, e.g. :9821; mutual TLS only (--tls-*); required with --mode=node")
+	fs.StringVar(&f.tlsCA, "tls-ca", "", "agent connection: PEM CA that signs both the agents' and the controller's certificates")
+	fs.StringVar(&f.tlsCert, "tls-cert", "", "agent connection: this side's PEM certificate (node: the agent's server certificate; controller: its client certificate); re-read when it changes")
+	fs.StringVar(&f.tlsKey, "tls-key", "", "agent connection: this side's PEM private key")
+	fs.StringVar(&f.agentClientName, "agent-client-name", driver.DefaultAgentClientName, "node: the name (CN or DNS SAN) the controller's client certificate must carry; any other client is refused")
+	fs.StringVar(&f.agentServerName, "agent-server-name", driver.DefaultAgentServerName, "controller: the DNS name the agents' server certificate must carry (pod IPs are dialled, this fixed name is verified)")
+	fs.IntVar(&f.agentPort, "agent-port", driver.DefaultAgentPort, "controller: the agents' port (with --agent-selector)")
+	fs.StringVar(&f.agentNamespace, "agent-namespace", "", "controller: namespace of the node plugin Pods (default: this Pod's namespace)")
+	fs.StringVar(&f.agentSelector, "agent-selector", "", "controller: label selector of the node plugin Pods; the Pod on node N (spec.nodeName, status.podIP) is N's agent, found through the Kubernetes API with the Pod's service account")
+	fs.Var(&f.agents, "agent", "controller: NODE=HOST:PORT, a static agent address instead of --agent-selector (repeatable; tests, csi-sanity, benchmarks)")
 	fs.StringVar(&f.blockMetadataType, "block-metadata-type", "VARIABLE_LENGTH", "how SnapshotMetadata reports a snapshot's ranges when its VolumeSnapshotClass has no blockMetadataType parameter: VARIABLE_LENGTH (extents) or FIXED_LENGTH (cluster-size blocks)")
 	fs.StringVar(&f.kubeletDir, "kubelet-dir", "", "the kubelet's --root-dir: the node stages and publishes only at paths below it, with no symbolic link below it (default "+driver.DefaultKubeletDir+"; for the ad hoc run without --endpoint or --pool, the system's temporary directory, where csi-sanity makes its paths)")
 	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
@@ -119,10 +156,26 @@ func serve(ctx context.Context, f serveFlags, out io.Writer) error {
 	if err != nil {
 		return err
 	}
+	if mode == driver.ModeController {
+		return serveController(ctx, f, out)
+	}
+	if f.agentAddress == "" && mode == driver.ModeNode {
+		return fmt.Errorf("--mode=node needs --agent-address (and --tls-ca, --tls-cert, --tls-key): the controller reaches the node's pool through it")
+	}
+	if len(f.agents) > 0 || f.agentSelector != "" {
+		return fmt.Errorf("--agent and --agent-selector are for --mode=controller")
+	}
+	var agentTLS *tls.Config
+	if f.agentAddress != "" {
+		// Before anything starts: no agent without TLS.
+		if agentTLS, err = driver.AgentServerTLS(driver.TLSFiles{CA: f.tlsCA, Cert: f.tlsCert, Key: f.tlsKey}, f.agentClientName); err != nil {
+			return fmt.Errorf("--agent-address: %w", err)
+		}
+	}
 	opts := driver.Options{
 		Mode: mode, DriverName: f.driverName, Version: version, NodeID: f.nodeID, Pool: f.pool,
 		MaxVolumes: f.maxVolumes, ControllerExpand: f.controllerExpand, AttachBackend: f.attachBackend,
-		BlockMetadataType: f.blockMetadataType,
+		BlockMetadataType: f.blockMetadataType, EnableGetSnapshot: f.enableGetSnapshot,
 		OvercommitRatio:   f.overcommitRatio, PoolWarningPercent: f.poolWarningPercent,
 		KubeletDir: f.kubeletDir,
 	}
@@ -179,9 +232,7 @@ func serve(ctx context.Context, f serveFlags, out io.Writer) error {
 		return err
 	}
 	errc := make(chan error, 4)
-	if err := startHTTP(ctx, d, f, errc); err != nil {
-		return err
-	}
+	startHTTP(ctx, d.MetricsHandler(), d.HealthHandler(), f, errc)
 	if err := d.Start(ctx); err != nil {
 		return err
 	}
@@ -207,6 +258,14 @@ func serve(ctx context.Context, f serveFlags, out io.Writer) error {
 		}
 		go func() { errc <- d.ServeKubeletRegistration(ctx, f.registrationDir, kp) }()
 	}
+	if agentTLS != nil {
+		alis, err := net.Listen("tcp", f.agentAddress)
+		if err != nil {
+			return fmt.Errorf("--agent-address: %w", err)
+		}
+		go func() { errc <- d.ServeAgent(ctx, alis, agentTLS) }()
+		fmt.Fprintf(out, "qcow2-csi %s: node agent on %s (mutual TLS, client %q)\n", version, alis.Addr(), f.agentClientName)
+	}
 	o := d.Options()
 	fmt.Fprintf(out, "qcow2-csi %s: %s serving mode %s on %s (node %s, pool %s)\n", version, o.DriverName, o.Mode, f.endpoint, o.NodeID, o.Pool)
 	go func() { errc <- d.Serve(ctx, lis) }()
@@ -219,7 +278,8 @@ func serve(ctx context.Context, f serveFlags, out io.Writer) error {
 	}
 }
 
-func startHTTP(ctx context.Context, d *driver.Driver, f serveFlags, errc chan<- error) error {
+// startHTTP serves metrics and health where the flags ask.
+func startHTTP(ctx context.Context, metrics, health http.Handler, f serveFlags, errc chan<- error) {
 	muxes := map[string]*http.ServeMux{}
 	get := func(addr string) *http.ServeMux {
 		if muxes[addr] == nil {
@@ -228,12 +288,11 @@ func startHTTP(ctx context.Context, d *driver.Driver, f serveFlags, errc chan<- 
 		return muxes[addr]
 	}
 	if f.metricsAddr != "" {
-		get(f.metricsAddr).Handle("/metrics", d.MetricsHandler())
+		get(f.metricsAddr).Handle("/metrics", metrics)
 	}
 	if f.healthAddr != "" {
-		h := d.HealthHandler()
-		get(f.healthAddr).Handle("/healthz", h)
-		get(f.healthAddr).Handle("/readyz", h)
+		get(f.healthAddr).Handle("/healthz", health)
+		get(f.healthAddr).Handle("/readyz", health)
 	}
 	for addr, mux := range muxes {
 		go func() {
@@ -242,8 +301,80 @@ func startHTTP(ctx context.Context, d *driver.Driver, f serveFlags, errc chan<- 
 			}
 		}()
 	}
-	return nil
 }
+
+// serveController runs the router (--mode=controller) until ctx ends.
+func serveController(ctx context.Context, f serveFlags, out io.Writer) error {
+	if f.pool != "" || f.nodeID != "" || f.agentAddress != "" {
+		return fmt.Errorf("--mode=controller owns no pool: --pool, --node-id and --agent-address are for --mode=node")
+	}
+	tlsCfg, err := driver.AgentClientTLS(driver.TLSFiles{CA: f.tlsCA, Cert: f.tlsCert, Key: f.tlsKey}, f.agentServerName)
+	if err != nil {
+		return fmt.Errorf("--mode=controller: %w", err)
+	}
+	ropts := driver.RouterOptions{DriverName: f.driverName, Version: version, TLS: tlsCfg, EnableGetSnapshot: f.enableGetSnapshot}
+	switch {
+	case len(f.agents) > 0 && f.agentSelector != "":
+		return fmt.Errorf("--agent and --agent-selector exclude each other")
+	case len(f.agents) > 0:
+		static := driver.StaticAgents{}
+		for _, a := range f.agents {
+			node, addr, err := driver.ParseStaticAgent(a)
+			if err != nil {
+				return err
+			}
+			static[node] = addr
+		}
+		ropts.Agents = static
+	case f.agentSelector != "":
+		ns := f.agentNamespace
+		if ns == "" {
+			b, err := os.ReadFile("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+			if err != nil {
+				return fmt.Errorf("--agent-namespace not given and not in a Pod: %w", err)
+			}
+			ns = strings.TrimSpace(string(b))
+		}
+		ropts.Agents = &driver.KubeAgents{Namespace: ns, Selector: f.agentSelector, Port: f.agentPort}
+		// A Pod being replaced leaves its node briefly without one: only
+		// a node missing this long counts as gone (deletes then succeed).
+		ropts.NodeGoneAfter = nodeGoneAfter
+	default:
+		return fmt.Errorf("--mode=controller needs --agent-selector (Kubernetes) or --agent NODE=HOST:PORT")
+	}
+	r, err := driver.NewRouter(ropts)
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	if f.endpoint == "" {
+		tmp, err := os.MkdirTemp("", "qcow2-csi-")
+		if err != nil {
+			return err
+		}
+		f.endpoint = "unix://" + filepath.Join(tmp, "csi.sock")
+	}
+	ctx, stop := context.WithCancel(klog.NewContext(ctx, klog.Background()))
+	defer stop()
+	lis, err := driver.Listen(f.endpoint)
+	if err != nil {
+		return err
+	}
+	errc := make(chan error, 4)
+	startHTTP(ctx, r.MetricsHandler(), r.HealthHandler(), f, errc)
+	fmt.Fprintf(out, "qcow2-csi %s: %s serving mode controller on %s (routing to node agents)\n", version, f.driverName, f.endpoint)
+	go func() { errc <- r.Serve(ctx, lis) }()
+	select {
+	case err := <-errc:
+		stop()
+		return err
+	case <-ctx.Done():
+		return <-errc
+	}
+}
+
+// nodeGoneAfter: see RouterOptions.NodeGoneAfter.
+const nodeGoneAfter = 5 * time.Minute
 
 // parseReserve reads --capacity-reserve: a quantity or a percentage.
 func parseReserve(s string) (bytes int64, percent float64, err error) {

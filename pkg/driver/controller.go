@@ -20,6 +20,13 @@ import (
 const minFreeForThin = 4 << 20
 
 func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
+	_, snapshots := d.images.(Qcow2Images) // snapshots.go: internal snapshots of the qcow2 library
+	return controllerCapabilities(snapshots, d.opts.ControllerExpand && d.canGrow(), d.opts.EnableGetSnapshot), nil
+}
+
+// controllerCapabilities is the controller capability list, of a node's
+// driver and of the router alike.
+func controllerCapabilities(snapshots, expand, getSnapshot bool) *csi.ControllerGetCapabilitiesResponse {
 	rpcs := []csi.ControllerServiceCapability_RPC_Type{
 		csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME,
 		csi.ControllerServiceCapability_RPC_GET_CAPACITY,
@@ -28,14 +35,15 @@ func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCa
 		csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
 		csi.ControllerServiceCapability_RPC_VOLUME_CONDITION,
 	}
-	if _, ok := d.images.(Qcow2Images); ok {
-		// snapshots.go: internal snapshots of the qcow2 library.
+	if snapshots {
 		rpcs = append(rpcs, csi.ControllerServiceCapability_RPC_CREATE_DELETE_SNAPSHOT,
 			csi.ControllerServiceCapability_RPC_LIST_SNAPSHOTS,
-			csi.ControllerServiceCapability_RPC_GET_SNAPSHOT,
 			csi.ControllerServiceCapability_RPC_CLONE_VOLUME)
+		if getSnapshot {
+			rpcs = append(rpcs, csi.ControllerServiceCapability_RPC_GET_SNAPSHOT)
+		}
 	}
-	if d.opts.ControllerExpand && d.canGrow() {
+	if expand {
 		rpcs = append(rpcs, csi.ControllerServiceCapability_RPC_EXPAND_VOLUME)
 	}
 	caps := make([]*csi.ControllerServiceCapability, 0, len(rpcs))
@@ -43,7 +51,7 @@ func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCa
 		caps = append(caps, &csi.ControllerServiceCapability{Type: &csi.ControllerServiceCapability_Rpc{
 			Rpc: &csi.ControllerServiceCapability_RPC{Type: c}}})
 	}
-	return &csi.ControllerGetCapabilitiesResponse{Capabilities: caps}, nil
+	return &csi.ControllerGetCapabilitiesResponse{Capabilities: caps}
 }
 
 // topology is where this node's volumes are accessible: this node only.
@@ -96,7 +104,8 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		params.FSType = fs
 	}
 
-	id := volumeIDForName(req.GetName())
+	local := volumeIDForName(req.GetName())
+	id := qualifiedVolumeID(local, d.opts.NodeID)
 	release, err := d.locks.acquire(id, opCreate)
 	if err != nil {
 		return nil, toStatus(err)
@@ -104,7 +113,9 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	defer release()
 	logger := klog.FromContext(ctx).WithValues("volumeID", id)
 
-	if m, err := d.pool.get(id); err == nil {
+	// By file, not by ID: a retry of a create that a driver issuing
+	// legacy IDs began finds that volume under its legacy ID.
+	if m, err := d.pool.getFile(local); err == nil {
 		if err := compatible(m, req.GetName(), req.GetCapacityRange(), params); err != nil {
 			return nil, toStatus(err)
 		}
@@ -213,6 +224,9 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 	if err := validateDeleteVolumeRequest(req); err != nil {
 		return nil, toStatus(err)
 	}
+	if err := d.ownVolume(req.GetVolumeId()); err != nil {
+		return nil, toStatus(err)
+	}
 	id := req.GetVolumeId()
 	release, err := d.locks.acquire(id, opDelete)
 	if err != nil {
@@ -266,6 +280,9 @@ func (d *Driver) ControllerGetVolume(ctx context.Context, req *csi.ControllerGet
 	if err := validateControllerGetVolumeRequest(req); err != nil {
 		return nil, toStatus(err)
 	}
+	if err := d.ownVolume(req.GetVolumeId()); err != nil {
+		return nil, toStatus(err)
+	}
 	release, err := d.locks.acquire(req.GetVolumeId(), opRead)
 	if err != nil {
 		return nil, toStatus(err)
@@ -292,6 +309,9 @@ func (d *Driver) condition(id string) *csi.VolumeCondition {
 
 func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csi.ValidateVolumeCapabilitiesRequest) (*csi.ValidateVolumeCapabilitiesResponse, error) {
 	if err := validateValidateVolumeCapabilitiesRequest(req); err != nil {
+		return nil, toStatus(err)
+	}
+	if err := d.ownVolume(req.GetVolumeId()); err != nil {
 		return nil, toStatus(err)
 	}
 	release, err := d.locks.acquire(req.GetVolumeId(), opRead)
@@ -348,7 +368,7 @@ func (d *Driver) ListVolumes(ctx context.Context, req *csi.ListVolumesRequest) (
 	}
 	resp := &csi.ListVolumesResponse{NextToken: next}
 	for _, id := range ids {
-		m, err := d.pool.get(id)
+		m, err := d.pool.getFile(id)
 		if errors.Is(err, ErrNotFound) {
 			continue // deleted since listed
 		}
@@ -357,7 +377,7 @@ func (d *Driver) ListVolumes(ctx context.Context, req *csi.ListVolumesRequest) (
 		}
 		resp.Entries = append(resp.Entries, &csi.ListVolumesResponse_Entry{
 			Volume: d.csiVolume(m),
-			Status: &csi.ListVolumesResponse_VolumeStatus{VolumeCondition: d.condition(id)},
+			Status: &csi.ListVolumesResponse_VolumeStatus{VolumeCondition: d.condition(m.ID)},
 		})
 	}
 	return resp, nil
@@ -389,6 +409,9 @@ func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (
 
 func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csi.ControllerExpandVolumeRequest) (*csi.ControllerExpandVolumeResponse, error) {
 	if err := validateControllerExpandVolumeRequest(req); err != nil {
+		return nil, toStatus(err)
+	}
+	if err := d.ownVolume(req.GetVolumeId()); err != nil {
 		return nil, toStatus(err)
 	}
 	id := req.GetVolumeId()

@@ -21,6 +21,14 @@ type metrics struct {
 }
 
 func newMetrics(d *Driver) *metrics {
+	m := newRPCMetrics()
+	m.reg.MustRegister(&poolCollector{d: d})
+	return m
+}
+
+// newRPCMetrics are the metrics of any served process: RPCs by method and
+// code, latency, and the Go runtime's.
+func newRPCMetrics() *metrics {
 	m := &metrics{
 		reg: prometheus.NewRegistry(),
 		ops: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -33,7 +41,7 @@ func newMetrics(d *Driver) *metrics {
 			Buckets: prometheus.ExponentialBuckets(0.0005, 4, 10), // 0.5 ms .. ~131 s
 		}, []string{"method"}),
 	}
-	m.reg.MustRegister(m.ops, m.latency, &poolCollector{d: d},
+	m.reg.MustRegister(m.ops, m.latency,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -45,7 +53,11 @@ func (m *metrics) observe(method string, code codes.Code, took time.Duration) {
 
 // MetricsHandler serves the driver's metrics in the Prometheus format.
 func (d *Driver) MetricsHandler() http.Handler {
-	return promhttp.HandlerFor(d.metrics.reg, promhttp.HandlerOpts{})
+	return d.metrics.handler()
+}
+
+func (m *metrics) handler() http.Handler {
+	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{})
 }
 
 // poolCollector reads the pool at scrape time, so the figures are never
@@ -87,7 +99,7 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 		var alloc, prov int64
 		n := 0
 		for _, id := range ids {
-			m, err := d.pool.get(id)
+			m, err := d.pool.getFile(id)
 			if err != nil {
 				continue
 			}
@@ -144,4 +156,39 @@ func (c *poolCollector) collectSpace(ch chan<- prometheus.Metric, s *poolSpace) 
 	}
 	flag(descPoolNearlyFull, lvl >= spaceLow)
 	flag(descPoolFull, lvl == spaceFull)
+}
+
+// routerMetrics are the controller's (router.go): each call it passes to an
+// agent, by node, and the failures to reach one.
+type routerMetrics struct {
+	*metrics
+	routed     *prometheus.CounterVec
+	routedTime *prometheus.HistogramVec
+	connErrors *prometheus.CounterVec
+}
+
+func newRouterMetrics() *routerMetrics {
+	m := &routerMetrics{
+		metrics: newRPCMetrics(),
+		routed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: metricsNamespace, Name: "routed_calls_total",
+			Help: "Calls the controller passed to a node agent, by node, method and gRPC status code.",
+		}, []string{"node", "method", "code"}),
+		routedTime: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: metricsNamespace, Name: "routed_call_seconds",
+			Help:    "Latency of the calls the controller passed to a node agent, by node and method (streams: until the last message).",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 4, 10),
+		}, []string{"node", "method"}),
+		connErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: metricsNamespace, Name: "agent_connection_errors_total",
+			Help: "Calls that could not reach a node's agent (no address, connection refused or lost, TLS refused), by node.",
+		}, []string{"node"}),
+	}
+	m.reg.MustRegister(m.routed, m.routedTime, m.connErrors)
+	return m
+}
+
+func (m *routerMetrics) observeRouted(node, method string, code codes.Code, took time.Duration) {
+	m.routed.WithLabelValues(node, method, code.String()).Inc()
+	m.routedTime.WithLabelValues(node, method).Observe(took.Seconds())
 }

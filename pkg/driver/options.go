@@ -8,9 +8,13 @@ import (
 	"time"
 )
 
-// Mode selects which CSI services a process serves. In the node-local
-// deployment every node runs Mode "all" (provisioning runs where the pool is);
-// "controller" and "node" exist for split deployments and tests.
+// Mode selects which CSI services a process serves. In a cluster the node
+// plugins run Mode "node" (the Node service, plus the node agent that the
+// controller's Router reaches over mutual TLS, agent.go) and one Deployment
+// runs `serve --mode=controller`, which is a Router (router.go), not a
+// Driver: it owns no pool. A Driver of Mode "controller" serves the
+// controller services over its own pool (tests). "all" is the single-process
+// embedded driver.
 type Mode string
 
 const (
@@ -108,6 +112,11 @@ type Options struct {
 	// none there). Default DefaultKubeletDir; "/" confines nothing but the
 	// symbolic links.
 	KubeletDir string
+	// EnableGetSnapshot advertises the GET_SNAPSHOT controller capability
+	// (CSI 1.12, alpha). Off by default: csi-test v5.4.0, the released
+	// sanity suite, fails a driver that lists it. GetSnapshot answers
+	// either way.
+	EnableGetSnapshot bool
 	// ReattachTimeout bounds the re-attach of devices on start.
 	ReattachTimeout time.Duration
 	// Logger receives the domain packages' logs (the driver itself logs with
@@ -154,6 +163,10 @@ func (o *Options) validate() error {
 	}
 	if o.NodeID == "" {
 		return fmt.Errorf("node ID is required")
+	}
+	// The node's name goes into the IDs it issues (ids.go).
+	if err := checkNodeName(o.NodeID); err != nil {
+		return err
 	}
 	if err := validateDriverName(o.DriverName); err != nil {
 		return err

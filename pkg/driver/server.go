@@ -18,6 +18,7 @@ import (
 	"github.com/kubernetes-csi/csi-lib-utils/protosanitizer"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 )
@@ -122,6 +123,12 @@ var requestSeq atomic.Uint64
 // number (handlers take it with klog.FromContext), logs the request with its
 // secrets stripped, and records the outcome in the metrics.
 func (d *Driver) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	return logCall(ctx, req, info, h, d.metrics.observe)
+}
+
+// logCall is the driver's and the router's interceptor, recording into
+// observe.
+func logCall(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler, observe func(string, codes.Code, time.Duration)) (any, error) {
 	method := info.FullMethod[strings.LastIndex(info.FullMethod, "/")+1:]
 	logger := klog.LoggerWithValues(klog.FromContext(ctx), "method", method, "request", requestSeq.Add(1))
 	ctx = klog.NewContext(ctx, logger)
@@ -135,7 +142,7 @@ func (d *Driver) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	resp, err := recoverHandler(logger, method, func() (any, error) { return h(ctx, req) })
 	took := time.Since(start)
 	code := status.Code(err)
-	d.metrics.observe(method, code, took)
+	observe(method, code, took)
 	if err != nil {
 		logger.Info("Request failed", "code", code.String(), "err", status.Convert(err).Message(), "took", took.String())
 	} else {
@@ -185,6 +192,11 @@ func (d *Driver) Serve(ctx context.Context, lis net.Listener) error {
 	s := d.GRPCServer()
 	d.serving.Store(&serveState{addr: lis.Addr()})
 	defer d.serving.Store(&serveState{stopped: true})
+	return serveGRPC(ctx, s, lis)
+}
+
+// serveGRPC serves s on lis until ctx ends, then stops gracefully.
+func serveGRPC(ctx context.Context, s *grpc.Server, lis net.Listener) error {
 	errc := make(chan error, 1)
 	go func() { errc <- s.Serve(lis) }()
 	select {

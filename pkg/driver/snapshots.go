@@ -78,6 +78,9 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 	if checkVolumeID(vol) != nil {
 		return nil, toStatus(fmt.Errorf("volume %q: %w", vol, ErrNotFound))
 	}
+	if err := d.ownVolume(vol); err != nil {
+		return nil, toStatus(err)
+	}
 	release, err := d.locks.acquire(vol, opSnapshot)
 	if err != nil {
 		return nil, toStatus(err)
@@ -139,11 +142,15 @@ func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequ
 	if id == "" {
 		return nil, toStatus(fmt.Errorf("%w: snapshot_id is required", ErrInvalid))
 	}
-	vol, seq, ok := parseSnapshotID(id)
+	ref, ok := parseSnapshotRef(id)
 	if !ok {
 		// Not an ID this driver issued: nothing to delete.
 		return &csi.DeleteSnapshotResponse{}, nil
 	}
+	if err := d.checkOwner("snapshot", id, ref.Owner); err != nil {
+		return nil, toStatus(err)
+	}
+	vol, seq := ref.Volume, ref.Seq
 	release, err := d.locks.acquire(vol, opSnapshot)
 	if err != nil {
 		return nil, toStatus(err)
@@ -284,6 +291,11 @@ func (d *Driver) restoreSource(ctx context.Context, src *csi.VolumeContentSource
 	switch {
 	case src.GetSnapshot() != nil:
 		id := src.GetSnapshot().GetSnapshotId()
+		if ref, ok := parseSnapshotRef(id); ok {
+			if err := d.checkOwner("source snapshot", id, ref.Owner); err != nil {
+				return 0, err
+			}
+		}
 		m, err := d.pool.getSnapshot(id)
 		if err != nil {
 			return 0, err
@@ -293,6 +305,9 @@ func (d *Driver) restoreSource(ctx context.Context, src *csi.VolumeContentSource
 		vol = src.GetVolume().GetVolumeId()
 		if checkVolumeID(vol) != nil {
 			return 0, fmt.Errorf("source volume %q: %w", vol, ErrNotFound)
+		}
+		if err := d.ownVolume(vol); err != nil {
+			return 0, err
 		}
 		if _, err := d.pool.get(vol); err != nil {
 			return 0, err

@@ -38,6 +38,9 @@ var (
 	// ErrPrecondition: the node or volume is not in a state that allows the
 	// operation; the message says what to do.
 	ErrPrecondition = errors.New("failed precondition")
+	// ErrUnavailable: the controller cannot reach the agent of the node
+	// that owns the volume; the CO retries.
+	ErrUnavailable = errors.New("node agent unavailable")
 )
 
 // toStatus maps an error to a gRPC status, in one place. Errors that already
@@ -73,6 +76,8 @@ func codeOf(err error) codes.Code {
 		errors.Is(err, qcow2.ErrLocked), errors.Is(err, qcow2.ErrCorrupt), errors.Is(err, qcow2.ErrNotQcow2),
 		errors.Is(err, qcow2.ErrUnsupported), errors.Is(err, qcow2.ErrReadOnly):
 		return codes.FailedPrecondition
+	case errors.Is(err, ErrUnavailable):
+		return codes.Unavailable
 	case errors.Is(err, context.DeadlineExceeded):
 		return codes.DeadlineExceeded
 	case errors.Is(err, context.Canceled):
