@@ -1,0 +1,457 @@
+package driver_test
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"io"
+	"math/rand"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
+	"github.com/qcow2-csi/qcow2-csi/pkg/driver/drivertest"
+)
+
+// TestAgentTLS: the agent answers only the controller's certificate.
+// Without a client certificate, with one from another CA, and with one the
+// CA issued to another name, the call is refused; the controller's works.
+func TestAgentTLS(t *testing.T) {
+	certs := drivertest.MakeCerts(t, t.TempDir())
+	node := drivertest.Start(t, driver.Options{NodeID: "node-a"}, driver.Seams{Images: driver.Qcow2Images{}})
+	agent := drivertest.StartAgent(t, node, certs)
+	ca, err := os.ReadFile(certs.Agent.CA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(ca)
+	call := func(pair *driver.TLSFiles) error {
+		cfg := &tls.Config{RootCAs: roots, ServerName: driver.DefaultAgentServerName, MinVersion: tls.VersionTLS13}
+		if pair != nil {
+			kp, err := tls.LoadX509KeyPair(pair.Cert, pair.Key)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg.Certificates = []tls.Certificate{kp}
+		}
+		conn, err := grpc.NewClient(agent.Addr, grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_, err = csi.NewControllerClient(conn).ControllerGetCapabilities(ctx, &csi.ControllerGetCapabilitiesRequest{})
+		return err
+	}
+	for _, tc := range []struct {
+		name string
+		pair *driver.TLSFiles
+	}{{"no certificate", nil}, {"another CA", &certs.OtherCA}, {"another name", &certs.WrongName}} {
+		if err := call(tc.pair); status.Code(err) != codes.Unavailable {
+			t.Errorf("%s: got %v, want the connection refused (Unavailable)", tc.name, err)
+		}
+	}
+	if err := call(&certs.Controller); err != nil {
+		t.Errorf("controller certificate: %v", err)
+	}
+	// Plaintext: refused too.
+	conn, err := grpc.NewClient(agent.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := csi.NewIdentityClient(conn).GetPluginInfo(ctx, &csi.GetPluginInfoRequest{}); status.Code(err) != codes.Unavailable {
+		t.Errorf("plaintext: got %v, want Unavailable", err)
+	}
+	// No agent without TLS files, or with a configuration that does not
+	// verify clients.
+	if _, err := driver.AgentServerTLS(driver.TLSFiles{CA: certs.Agent.CA, Cert: certs.Agent.Cert}, driver.DefaultAgentClientName); err == nil || !strings.Contains(err.Error(), "--tls-key") {
+		t.Errorf("AgentServerTLS without a key: %v", err)
+	}
+	if _, err := node.Driver.AgentServer(&tls.Config{}); err == nil {
+		t.Error("AgentServer accepted a TLS configuration without client verification")
+	}
+}
+
+// routed is a controller in front of node drivers on qcow2 images.
+type routed struct {
+	nodes  map[string]*drivertest.Server
+	agents map[string]*drivertest.Agent
+	ctl    *drivertest.Controller
+	c      csi.ControllerClient
+	md     csi.SnapshotMetadataClient
+}
+
+func startRouted(t *testing.T, extra driver.StaticAgents, nodes ...string) *routed {
+	t.Helper()
+	certs := drivertest.MakeCerts(t, t.TempDir())
+	r := &routed{nodes: map[string]*drivertest.Server{}, agents: map[string]*drivertest.Agent{}}
+	static := driver.StaticAgents{}
+	for n, a := range extra {
+		static[n] = a
+	}
+	for _, n := range nodes {
+		r.nodes[n] = drivertest.Start(t, driver.Options{NodeID: n, ControllerExpand: true}, driver.Seams{Images: driver.Qcow2Images{}})
+		r.agents[n] = drivertest.StartAgent(t, r.nodes[n], certs)
+		static[n] = r.agents[n].Addr
+	}
+	r.ctl = drivertest.StartController(t, static, certs, driver.RouterOptions{})
+	conn, err := grpc.NewClient(r.ctl.Endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	r.c, r.md = csi.NewControllerClient(conn), csi.NewSnapshotMetadataClient(conn)
+	return r
+}
+
+func onNode(node string) *csi.TopologyRequirement {
+	t := &csi.Topology{Segments: map[string]string{driver.DefaultDriverName + "/node": node}}
+	return &csi.TopologyRequirement{Requisite: []*csi.Topology{t}, Preferred: []*csi.Topology{t}}
+}
+
+func (r *routed) create(t *testing.T, name, node string, src *csi.VolumeContentSource) (*csi.CreateVolumeResponse, error) {
+	t.Helper()
+	return r.c.CreateVolume(context.Background(), &csi.CreateVolumeRequest{Name: name, VolumeCapabilities: []*csi.VolumeCapability{capBlock(rw)},
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 4 << 20}, AccessibilityRequirements: onNode(node), VolumeContentSource: src})
+}
+
+// TestRouterTwoNodes: volumes land in the selected node's pool and nowhere
+// else; every call about them reaches that node; restore across nodes is
+// refused naming both; lists cover both nodes once, page by page.
+func TestRouterTwoNodes(t *testing.T) {
+	r := startRouted(t, nil, "node-a", "node-b")
+	ctx := context.Background()
+	vols := map[string]string{}
+	var routedMsgs []*csi.GetMetadataAllocatedResponse
+	for _, n := range []string{"node-a", "node-b", "node-b"} {
+		v, err := r.create(t, "pvc-"+n+"-"+string(rune('0'+len(vols))), n, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		id := v.Volume.VolumeId
+		vols[id] = n
+		if !strings.HasSuffix(id, "@"+n) || v.Volume.AccessibleTopology[0].Segments[driver.DefaultDriverName+"/node"] != n {
+			t.Fatalf("volume on %s: %v", n, v.Volume)
+		}
+		for other, srv := range r.nodes {
+			_, err := os.Stat(imageFile(srv.Driver.Options().Pool, id))
+			if (other == n) != (err == nil) {
+				t.Errorf("volume %s of %s: image in %s's pool: %v", id, n, other, err)
+			}
+		}
+	}
+	var onB string
+	for id, n := range vols {
+		if n == "node-b" {
+			onB = id
+		}
+	}
+	// Volume calls reach the owner.
+	if g, err := r.c.ControllerGetVolume(ctx, &csi.ControllerGetVolumeRequest{VolumeId: onB}); err != nil || g.Volume.VolumeId != onB {
+		t.Fatalf("ControllerGetVolume: %v %v", g, err)
+	}
+	writeImage(t, imageFile(r.nodes["node-b"].Driver.Options().Pool, onB), rand.New(rand.NewSource(1)), make([]byte, snapDisk))
+	s, err := r.c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap-b", SourceVolumeId: onB})
+	if err != nil || !strings.HasSuffix(s.Snapshot.SnapshotId, "@node-b") || s.Snapshot.SourceVolumeId != onB {
+		t.Fatalf("CreateSnapshot: %v %v", s, err)
+	}
+	snapSrc := &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: s.Snapshot.SnapshotId}}}
+	_, err = r.create(t, "restore-a", "node-a", snapSrc)
+	wantCode(t, err, codes.FailedPrecondition, "is on node node-b, the volume was requested on node node-a")
+	volSrc := &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: onB}}}
+	_, err = r.create(t, "clone-a", "node-a", volSrc)
+	wantCode(t, err, codes.FailedPrecondition, "is on node node-b")
+	rb, err := r.create(t, "restore-b", "node-b", snapSrc)
+	if err != nil || !strings.HasSuffix(rb.Volume.VolumeId, "@node-b") {
+		t.Fatalf("restore on the snapshot's node: %v %v", rb, err)
+	}
+	vols[rb.Volume.VolumeId] = "node-b"
+	if e, err := r.c.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: onB, CapacityRange: &csi.CapacityRange{RequiredBytes: 8 << 20}}); err != nil || e.CapacityBytes != 8<<20 {
+		t.Fatalf("ControllerExpandVolume: %v %v", e, err)
+	}
+	// Streams pass through, message for message.
+	direct := csi.NewSnapshotMetadataClient(dialConn(t, r.nodes["node-b"].Endpoint))
+	for _, c := range []csi.SnapshotMetadataClient{r.md, direct} {
+		st, err := c.GetMetadataAllocated(ctx, &csi.GetMetadataAllocatedRequest{SnapshotId: s.Snapshot.SnapshotId, MaxResults: 2})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var msgs []*csi.GetMetadataAllocatedResponse
+		for {
+			m, err := st.Recv()
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			msgs = append(msgs, m)
+		}
+		if c == r.md {
+			routedMsgs = msgs
+		} else if len(msgs) < 2 || len(msgs) != len(routedMsgs) {
+			t.Fatalf("GetMetadataAllocated: %d messages routed, %d direct", len(routedMsgs), len(msgs))
+		} else {
+			for i := range msgs {
+				if !proto.Equal(msgs[i], routedMsgs[i]) {
+					t.Fatalf("message %d: routed %v, direct %v", i, routedMsgs[i], msgs[i])
+				}
+			}
+		}
+	}
+	// Unfiltered lists: every volume once, pages of one across nodes.
+	seen := map[string]int{}
+	for tok, pages := "", 0; ; pages++ {
+		l, err := r.c.ListVolumes(ctx, &csi.ListVolumesRequest{MaxEntries: 1, StartingToken: tok})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range l.Entries {
+			seen[e.Volume.VolumeId]++
+		}
+		if tok = l.NextToken; tok == "" || pages > 10 {
+			break
+		}
+	}
+	if len(seen) != len(vols) {
+		t.Errorf("listed %v, want %v", seen, vols)
+	}
+	for id, n := range seen {
+		if n != 1 || vols[id] == "" {
+			t.Errorf("volume %s listed %d times (known: %v)", id, n, vols[id] != "")
+		}
+	}
+	_, err = r.c.ListVolumes(ctx, &csi.ListVolumesRequest{StartingToken: "next:vol-x"})
+	wantCode(t, err, codes.Aborted, "was not issued by this driver")
+	if l, err := r.c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{SourceVolumeId: onB}); err != nil || len(l.Entries) != 1 {
+		t.Errorf("ListSnapshots of %s: %v %v", onB, l, err)
+	}
+	if l, err := r.c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{}); err != nil || len(l.Entries) != 1 {
+		t.Errorf("ListSnapshots: %v %v", l, err)
+	}
+	// Capacity: one node by topology, the sum without.
+	ca, err := r.c.GetCapacity(ctx, &csi.GetCapacityRequest{AccessibleTopology: onNode("node-a").Requisite[0]})
+	if err != nil || ca.AvailableCapacity <= 0 {
+		t.Fatalf("GetCapacity node-a: %v %v", ca, err)
+	}
+	sum, err := r.c.GetCapacity(ctx, &csi.GetCapacityRequest{})
+	if err != nil || sum.AvailableCapacity < ca.AvailableCapacity {
+		t.Fatalf("GetCapacity: %v %v", sum, err)
+	}
+	// Without a node in the request and two nodes: refused, naming the key.
+	_, err = r.c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "nowhere", VolumeCapabilities: []*csi.VolumeCapability{capBlock(rw)}})
+	wantCode(t, err, codes.InvalidArgument, driver.DefaultDriverName+"/node")
+	// Deletes reach the owner.
+	if _, err := r.c.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: s.Snapshot.SnapshotId}); err != nil {
+		t.Fatal(err)
+	}
+	for id, n := range vols {
+		if _, err := r.c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+			t.Fatalf("DeleteVolume %s: %v", id, err)
+		}
+		if _, err := os.Stat(imageFile(r.nodes[n].Driver.Options().Pool, id)); !os.IsNotExist(err) {
+			t.Errorf("image of %s still there: %v", id, err)
+		}
+	}
+}
+
+// TestRouterNodeDown: a node whose agent is unreachable answers
+// Unavailable naming it; the other node keeps working; the failures are
+// counted. A node the cluster no longer has: its deletes succeed.
+func TestRouterNodeDown(t *testing.T) {
+	r := startRouted(t, driver.StaticAgents{"node-c": "127.0.0.1:1"}, "node-a", "node-b")
+	ctx := context.Background()
+	va, err := r.create(t, "pvc-a", "node-a", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.agents["node-a"].Stop(t)
+	_, err = r.create(t, "pvc-a2", "node-a", nil)
+	wantCode(t, err, codes.Unavailable, "node node-a")
+	_, err = r.c.ControllerGetVolume(ctx, &csi.ControllerGetVolumeRequest{VolumeId: va.Volume.VolumeId})
+	wantCode(t, err, codes.Unavailable, "node node-a")
+	_, err = r.c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: va.Volume.VolumeId})
+	wantCode(t, err, codes.Unavailable, "node node-a") // it may come back: never "deleted" while it is known
+	_, err = r.create(t, "pvc-c", "node-c", nil)
+	wantCode(t, err, codes.Unavailable, "node node-c")
+	if _, err := r.create(t, "pvc-b", "node-b", nil); err != nil {
+		t.Fatalf("node-b while node-a is down: %v", err)
+	}
+	// Gone from the cluster (not in the table): deletes succeed, the rest
+	// is NotFound.
+	gone := "vol-0123456789abcdef0123456789abcdef@node-gone"
+	if _, err := r.c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: gone}); err != nil {
+		t.Errorf("DeleteVolume on a gone node: %v", err)
+	}
+	if _, err := r.c.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: "vol-0123456789abcdef0123456789abcdef@5@node-gone"}); err != nil {
+		t.Errorf("DeleteSnapshot on a gone node: %v", err)
+	}
+	_, err = r.c.ControllerGetVolume(ctx, &csi.ControllerGetVolumeRequest{VolumeId: gone})
+	wantCode(t, err, codes.NotFound, "node-gone")
+	rec := httptest.NewRecorder()
+	r.ctl.Router.MetricsHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	body := rec.Body.String()
+	for _, want := range []string{
+		`qcow2_csi_agent_connection_errors_total{node="node-a"}`,
+		`qcow2_csi_routed_calls_total{code="OK",method="CreateVolume",node="node-b"} 1`,
+		`qcow2_csi_routed_call_seconds_count{method="CreateVolume",node="node-a"}`,
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+}
+
+// TestRouterLegacyAndHashedIDs: a legacy ID (no node in it) is found on
+// the node that has it; a node whose name is too long for the snapshot ID
+// budget issues hashed IDs, which the controller resolves by hashing the
+// names it knows.
+func TestRouterLegacyAndHashedIDs(t *testing.T) {
+	long := strings.Repeat("n", 80)
+	r := startRouted(t, nil, "node-a", long)
+	ctx := context.Background()
+	// Make a legacy volume in node-a's pool: a volume whose record has the
+	// unqualified ID, as drivers before this format wrote it.
+	v, err := r.create(t, "legacy", "node-a", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := r.nodes["node-a"].Driver.Options().Pool
+	legacy := localID(v.Volume.VolumeId)
+	meta := filepath.Join(pool, legacy+".json")
+	b, err := os.ReadFile(meta)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rec map[string]any
+	if err := json.Unmarshal(b, &rec); err != nil {
+		t.Fatal(err)
+	}
+	rec["id"] = legacy
+	b, _ = json.Marshal(rec)
+	if err := os.WriteFile(meta, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	g, err := r.c.ControllerGetVolume(ctx, &csi.ControllerGetVolumeRequest{VolumeId: legacy})
+	if err != nil || g.Volume.VolumeId != legacy {
+		t.Fatalf("legacy ControllerGetVolume: %v %v", g, err)
+	}
+	s, err := r.c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "legacy-snap", SourceVolumeId: legacy})
+	if err != nil || strings.Count(s.Snapshot.SnapshotId, "@") != 1 {
+		t.Fatalf("snapshot of a legacy volume: %v %v", s, err)
+	}
+	if _, err := r.c.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: s.Snapshot.SnapshotId}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: legacy}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(pool, legacy+".qcow2")); !os.IsNotExist(err) {
+		t.Errorf("legacy image still there: %v", err)
+	}
+	_, err = r.c.ControllerGetVolume(ctx, &csi.ControllerGetVolumeRequest{VolumeId: "vol-nowhere"})
+	wantCode(t, err, codes.NotFound, "legacy")
+	// Hashed.
+	h, err := r.create(t, "hashed", long, nil)
+	if err != nil || !strings.Contains(h.Volume.VolumeId, "#") || len(h.Volume.VolumeId) > 128 {
+		t.Fatalf("volume on a long-named node: %v %v", h, err)
+	}
+	hs, err := r.c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "hashed-snap", SourceVolumeId: h.Volume.VolumeId})
+	if err != nil || !strings.HasSuffix(hs.Snapshot.SnapshotId, h.Volume.VolumeId[strings.Index(h.Volume.VolumeId, "#"):]) {
+		t.Fatalf("snapshot on a long-named node: %v %v", hs, err)
+	}
+	if _, err := r.c.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: hs.Snapshot.SnapshotId}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: h.Volume.VolumeId}); err != nil {
+		t.Fatal(err)
+	}
+	// A node refuses another node's ID, naming both.
+	c := dial(t, r.nodes["node-a"])
+	_, err = c.ControllerGetVolume(ctx, &csi.ControllerGetVolumeRequest{VolumeId: h.Volume.VolumeId})
+	wantCode(t, err, codes.NotFound, "this is node node-a")
+}
+
+// TestKubeAgents: the Kubernetes lookup lists the plugin Pods with the
+// service account token and maps running Pods' nodes to their IPs; a Pod
+// not running marks its node as present but unreachable.
+func TestKubeAgents(t *testing.T) {
+	pods := `{"items":[
+	 {"metadata":{"name":"p1"},"spec":{"nodeName":"node-a"},"status":{"phase":"Running","podIP":"192.0.2.1"}},
+	 {"metadata":{"name":"p2"},"spec":{"nodeName":"node-b"},"status":{"phase":"Pending"}},
+	 {"metadata":{"name":"p3","deletionTimestamp":"2026-12-02T00:00:00Z"},"spec":{"nodeName":"node-c"},"status":{"phase":"Running","podIP":"192.0.2.3"}},
+	 {"metadata":{"name":"p4"},"spec":{"nodeName":"node-c"},"status":{"phase":"Running","podIP":"192.0.2.4"}},
+	 {"metadata":{"name":"p5"},"spec":{},"status":{"phase":"Pending"}}]}`
+	var got *http.Request
+	calls := 0
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got, calls = r, calls+1
+		if r.Header.Get("Authorization") != "Bearer tok" {
+			http.Error(w, "unauthorized", http.StatusUnauthorized)
+			return
+		}
+		io.WriteString(w, pods)
+	}))
+	defer srv.Close()
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca.crt")
+	if err := os.WriteFile(ca, pemCert(srv.Certificate().Raw), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	token := filepath.Join(dir, "token")
+	os.WriteFile(token, []byte("tok\n"), 0o600)
+	k := &driver.KubeAgents{Namespace: "kube-system", Selector: "app=qcow2-csi-node", Port: 9821, APIServer: srv.URL, TokenFile: token, CAFile: ca, TTL: time.Hour}
+	m, err := k.Agents(context.Background(), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{"node-a": "192.0.2.1:9821", "node-b": "", "node-c": "192.0.2.4:9821"}
+	if len(m) != len(want) || m["node-a"] != want["node-a"] || m["node-b"] != "" || m["node-c"] != want["node-c"] {
+		t.Errorf("agents %v, want %v", m, want)
+	}
+	if got.URL.Path != "/api/v1/namespaces/kube-system/pods" || got.URL.Query().Get("labelSelector") != "app=qcow2-csi-node" {
+		t.Errorf("asked %s", got.URL)
+	}
+	k.Agents(context.Background(), false) // cached
+	if calls != 1 {
+		t.Errorf("%d lookups, want 1 (cached)", calls)
+	}
+	os.WriteFile(token, []byte("wrong"), 0o600)
+	k2 := &driver.KubeAgents{Namespace: "ns", Selector: "x", Port: 1, APIServer: srv.URL, TokenFile: token, CAFile: ca}
+	if _, err := k2.Agents(context.Background(), false); err == nil || !strings.Contains(err.Error(), "401") {
+		t.Errorf("unauthorized lookup: %v", err)
+	}
+}
+
+func dialConn(t *testing.T, endpoint string) *grpc.ClientConn {
+	conn, err := grpc.NewClient(endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
+func pemCert(der []byte) []byte {
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+}
