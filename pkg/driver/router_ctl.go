@@ -87,6 +87,11 @@ func (r *Router) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		}
 	}
 	resp, err := forward(ctx, r, node, "CreateVolume", req, csi.ControllerClient.CreateVolume)
+	if gone(err) {
+		// The scheduler picked a node with no plugin Pod (yet): retry,
+		// do not answer NotFound for a volume that was never made.
+		err = fmt.Errorf("%w: volume %q: node %s has no agent in the cluster", ErrUnavailable, req.GetName(), node)
+	}
 	return resp, toStatus(err)
 }
 

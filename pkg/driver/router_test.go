@@ -7,12 +7,14 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"io"
+	"maps"
 	"math/rand"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -97,6 +99,7 @@ type routed struct {
 	nodes  map[string]*drivertest.Server
 	agents map[string]*drivertest.Agent
 	ctl    *drivertest.Controller
+	certs  drivertest.Certs
 	c      csi.ControllerClient
 	md     csi.SnapshotMetadataClient
 }
@@ -104,7 +107,7 @@ type routed struct {
 func startRouted(t *testing.T, extra driver.StaticAgents, nodes ...string) *routed {
 	t.Helper()
 	certs := drivertest.MakeCerts(t, t.TempDir())
-	r := &routed{nodes: map[string]*drivertest.Server{}, agents: map[string]*drivertest.Agent{}}
+	r := &routed{nodes: map[string]*drivertest.Server{}, agents: map[string]*drivertest.Agent{}, certs: certs}
 	static := driver.StaticAgents{}
 	for n, a := range extra {
 		static[n] = a
@@ -308,6 +311,8 @@ func TestRouterNodeDown(t *testing.T) {
 	}
 	_, err = r.c.ControllerGetVolume(ctx, &csi.ControllerGetVolumeRequest{VolumeId: gone})
 	wantCode(t, err, codes.NotFound, "node-gone")
+	_, err = r.create(t, "pvc-gone", "node-gone", nil)
+	wantCode(t, err, codes.Unavailable, "node node-gone has no agent")
 	rec := httptest.NewRecorder()
 	r.ctl.Router.MetricsHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
 	body := rec.Body.String()
@@ -319,6 +324,49 @@ func TestRouterNodeDown(t *testing.T) {
 		if !strings.Contains(body, want) {
 			t.Errorf("metrics lack %s", want)
 		}
+	}
+}
+
+// agentTable is a resolver whose table a test changes.
+type agentTable struct {
+	mu sync.Mutex
+	m  map[string]string
+}
+
+func (a *agentTable) Agents(context.Context, bool) (map[string]string, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return maps.Clone(a.m), nil
+}
+
+// TestRouterNodeGoneAfter: a node that drops out of the agent lookup is
+// not taken for gone at once (its plugin Pod may be being replaced):
+// deletes answer Unavailable until NodeGoneAfter has passed.
+func TestRouterNodeGoneAfter(t *testing.T) {
+	r := startRouted(t, nil, "node-a")
+	v, err := r.create(t, "pvc", "node-a", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	table := &agentTable{m: map[string]string{"node-a": r.agents["node-a"].Addr}}
+	ctl := drivertest.StartController(t, nil, r.certs, driver.RouterOptions{Agents: table, NodeGoneAfter: time.Hour})
+	c := csi.NewControllerClient(dialConn(t, ctl.Endpoint))
+	ctx := context.Background()
+	if _, err := c.ControllerGetVolume(ctx, &csi.ControllerGetVolumeRequest{VolumeId: v.Volume.VolumeId}); err != nil {
+		t.Fatal(err)
+	}
+	// The plugin Pod goes (agent stopped, out of the lookup): the call on
+	// the open connection fails, the next one asks the lookup afresh.
+	r.agents["node-a"].Stop(t)
+	table.mu.Lock()
+	delete(table.m, "node-a")
+	table.mu.Unlock()
+	_, err = c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.Volume.VolumeId})
+	wantCode(t, err, codes.Unavailable, "node node-a")
+	_, err = c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.Volume.VolumeId})
+	wantCode(t, err, codes.Unavailable, "node node-a has no agent")
+	if _, err := os.Stat(imageFile(r.nodes["node-a"].Driver.Options().Pool, v.Volume.VolumeId)); err != nil {
+		t.Fatalf("image gone: %v", err)
 	}
 }
 
