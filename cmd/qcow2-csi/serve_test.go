@@ -16,6 +16,9 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
+	"github.com/qcow2-csi/qcow2-csi/pkg/driver/drivertest"
 )
 
 func TestParseReserve(t *testing.T) {
@@ -117,5 +120,109 @@ func TestServeNoFlags(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("serve did not stop")
+	}
+}
+
+// TestServeTopologyFlags: node and controller modes refuse to start
+// without what the agent connection needs (no plaintext TCP anywhere), and
+// the controller owns no pool.
+func TestServeTopologyFlags(t *testing.T) {
+	certs := drivertest.MakeCerts(t, t.TempDir())
+	base := serveFlags{driverName: driver.DefaultDriverName, attachBackend: "auto", capacityReserve: "0", defaultSz: "1Gi",
+		agentClientName: driver.DefaultAgentClientName, agentServerName: driver.DefaultAgentServerName, agentPort: 9821}
+	tlsOf := func(f serveFlags, files driver.TLSFiles) serveFlags {
+		f.tlsCA, f.tlsCert, f.tlsKey = files.CA, files.Cert, files.Key
+		return f
+	}
+	for _, tc := range []struct {
+		name string
+		f    func(serveFlags) serveFlags
+		want string
+	}{
+		{"node without agent", func(f serveFlags) serveFlags { f.mode = "node"; return f }, "--mode=node needs --agent-address"},
+		{"node without TLS", func(f serveFlags) serveFlags { f.mode, f.agentAddress = "node", "127.0.0.1:0"; return f }, "--tls-ca --tls-cert --tls-key"},
+		{"node with agents", func(f serveFlags) serveFlags { f.mode, f.agents = "all", agentList{"n=h:1"}; return f }, "are for --mode=controller"},
+		{"controller without TLS", func(f serveFlags) serveFlags { f.mode, f.agents = "controller", agentList{"n=h:1"}; return f }, "mutual TLS only"},
+		{"controller without agents", func(f serveFlags) serveFlags { f.mode = "controller"; return tlsOf(f, certs.Controller) }, "needs --agent-selector"},
+		{"controller with a pool", func(f serveFlags) serveFlags {
+			f.mode, f.pool, f.agents = "controller", "/tmp/x", agentList{"n=h:1"}
+			return tlsOf(f, certs.Controller)
+		}, "owns no pool"},
+		{"controller with a bad agent", func(f serveFlags) serveFlags {
+			f.mode, f.agents = "controller", agentList{"n=nowhere"}
+			return tlsOf(f, certs.Controller)
+		}, "want HOST:PORT"},
+	} {
+		err := serve(context.Background(), tc.f(base), io.Discard)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want an error containing %q", tc.name, err, tc.want)
+		}
+	}
+}
+
+// TestServeControllerAndNode: `serve --mode=node --agent-address` and
+// `serve --mode=controller --agent NODE=ADDR` in one process: a volume
+// created through the controller lands in the node's pool with the node's
+// name in its ID.
+func TestServeControllerAndNode(t *testing.T) {
+	certs := drivertest.MakeCerts(t, t.TempDir())
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	base := serveFlags{driverName: driver.DefaultDriverName, attachBackend: "auto", capacityReserve: "0", defaultSz: "1Gi",
+		agentClientName: driver.DefaultAgentClientName, agentServerName: driver.DefaultAgentServerName, agentPort: 9821}
+	start := func(f serveFlags) (lines <-chan string, done <-chan error) {
+		r, w := io.Pipe()
+		d, l := make(chan error, 1), make(chan string, 4)
+		go func() { d <- serve(ctx, f, w); w.Close() }()
+		go func() {
+			s := bufio.NewScanner(r)
+			for s.Scan() {
+				l <- s.Text()
+			}
+			close(l)
+		}()
+		return l, d
+	}
+	node := base
+	node.mode, node.nodeID, node.agentAddress = "node", "node-x", "127.0.0.1:0"
+	node.tlsCA, node.tlsCert, node.tlsKey = certs.Agent.CA, certs.Agent.Cert, certs.Agent.Key
+	nl, nd := start(node)
+	agent := regexp.MustCompile(`node agent on (\S+) \(mutual TLS`).FindStringSubmatch(<-nl)
+	pool := regexp.MustCompile(`serving mode node on \S+ \(node node-x, pool (\S+)\)`).FindStringSubmatch(<-nl)
+	if agent == nil || pool == nil {
+		t.Fatalf("node serve printed %v %v", agent, pool)
+	}
+	defer os.RemoveAll(filepath.Dir(pool[1]))
+	ctl := base
+	ctl.mode, ctl.agents = "controller", agentList{"node-x=" + agent[1]}
+	ctl.tlsCA, ctl.tlsCert, ctl.tlsKey = certs.Controller.CA, certs.Controller.Cert, certs.Controller.Key
+	cl, cd := start(ctl)
+	ep := regexp.MustCompile(`serving mode controller on (unix://(\S+)/csi\.sock)`).FindStringSubmatch(<-cl)
+	if ep == nil {
+		t.Fatal("controller serve printed no endpoint")
+	}
+	defer os.RemoveAll(ep[2])
+	conn, err := grpc.NewClient(ep[1], grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	cctx, ccancel := context.WithTimeout(ctx, 30*time.Second)
+	defer ccancel()
+	v, err := csi.NewControllerClient(conn).CreateVolume(cctx, &csi.CreateVolumeRequest{Name: "pvc-1",
+		VolumeCapabilities: []*csi.VolumeCapability{{AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+			AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}}}}})
+	if err != nil || !strings.HasSuffix(v.Volume.VolumeId, "@node-x") {
+		t.Fatalf("CreateVolume through the controller: %v, %v", v, err)
+	}
+	local, _, _ := strings.Cut(v.Volume.VolumeId, "@")
+	if _, err := os.Stat(filepath.Join(pool[1], local+".qcow2")); err != nil {
+		t.Errorf("image not in the node's pool: %v", err)
+	}
+	cancel()
+	for _, d := range []<-chan error{cd, nd} {
+		if err := <-d; err != nil {
+			t.Errorf("serve: %v", err)
+		}
 	}
 }
