@@ -29,10 +29,19 @@ func (l latencies) report(b *testing.B) {
 	if len(l) == 0 {
 		return
 	}
+	p50, p99 := l.quantiles()
+	b.ReportMetric(p50, "p50-ms")
+	b.ReportMetric(p99, "p99-ms")
+}
+
+// quantiles are the p50 and p99 in milliseconds (l is sorted in place).
+func (l latencies) quantiles() (p50, p99 float64) {
+	if len(l) == 0 {
+		return 0, 0
+	}
 	slices.Sort(l)
 	q := func(p float64) float64 { return float64(l[int(p*float64(len(l)-1))].Microseconds()) / 1000 }
-	b.ReportMetric(q(0.50), "p50-ms")
-	b.ReportMetric(q(0.99), "p99-ms")
+	return q(0.50), q(0.99)
 }
 
 func benchServer(b *testing.B, attachers ...nbdattach.Attacher) (clients, string) {

@@ -491,7 +491,7 @@ func TestKubeAgents(t *testing.T) {
 	}
 }
 
-func dialConn(t *testing.T, endpoint string) *grpc.ClientConn {
+func dialConn(t testing.TB, endpoint string) *grpc.ClientConn {
 	conn, err := grpc.NewClient(endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
