@@ -102,7 +102,7 @@ func runServe(args []string) int {
 	fs.Float64Var(&f.overcommitRatio, "overcommit-ratio", driver.DefaultOvercommitRatio, "most the volumes' virtual sizes may add up to, as a multiple of the pool filesystem's size minus the reserve; CreateVolume and expansion refuse more (ResourceExhausted); 0 means no limit (docs/operations.md)")
 	fs.Float64Var(&f.poolWarningPercent, "pool-warning-percent", driver.DefaultPoolWarningPercent, "how full the pool filesystem may get, in percent, before every volume's condition turns abnormal and qcow2_csi_pool_nearly_full is 1")
 	fs.StringVar(&f.defaultSz, "default-volume-size", "1Gi", "size of a volume created without a capacity range")
-	fs.BoolVar(&f.controllerExpand, "controller-expand", true, "advertise ControllerExpandVolume; set false when a central csi-resizer serves node-local pools, so that expansion runs entirely in NodeExpandVolume (docs/driver.md)")
+	fs.BoolVar(&f.controllerExpand, "controller-expand", true, "advertise ControllerExpandVolume on this process's own controller service (--mode=all); false leaves expansion to NodeExpandVolume. The --mode=controller router always advertises it and passes it to the owning node's agent (docs/driver.md)")
 	fs.BoolVar(&f.enableGetSnapshot, "enable-get-snapshot", false, "advertise the GET_SNAPSHOT controller capability (CSI 1.12, alpha); off by default because csi-test v5.4.0 fails a driver listing it (GetSnapshot answers either way)")
 	fs.StringVar(&f.agentAddress, "agent-address", "", "node: serve the node agent (for the controller) on this TCP address, e.g. :9821; mutual TLS only (--tls-*); required with --mode=node")
 	fs.StringVar(&f.tlsCA, "tls-ca", "", "agent connection: PEM CA that signs both the agents' and the controller's certificates")

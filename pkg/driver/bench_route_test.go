@@ -58,6 +58,11 @@ func BenchmarkRoute(b *testing.B) {
 		{"CreateSnapshot", func(c csi.ControllerClient, path string, i int) error {
 			return snapshot(c, path, fmt.Sprintf("%s-snap-%d", path, i))
 		}},
+		// No disk write: the routing and the connection alone.
+		{"ControllerGetVolume", func(c csi.ControllerClient, path string, _ int) error {
+			_, err := c.ControllerGetVolume(ctx, &csi.ControllerGetVolumeRequest{VolumeId: src[path]})
+			return err
+		}},
 	} {
 		b.Run(op.name, func(b *testing.B) {
 			var d, r latencies
