@@ -213,9 +213,15 @@ func (r *Router) conn(ctx context.Context, node string) (*agentConn, error) {
 
 // call runs fn against node's agent and records it. The agent's status
 // passes through as it is; a failure to reach the agent becomes
-// Unavailable naming the node, and the next call asks where the agent is
-// afresh (its Pod may have moved).
+// Unavailable naming the node, and the agent's address is asked afresh
+// (its Pod may have moved). When it did move, a unary call (once) is
+// tried at the new address at once: CSI calls are idempotent. A stream
+// is not, as messages may have reached the client already.
 func (r *Router) call(ctx context.Context, node, method string, fn func(ctx context.Context, cc *grpc.ClientConn) error) error {
+	return r.callRetry(ctx, node, method, true, fn)
+}
+
+func (r *Router) callRetry(ctx context.Context, node, method string, retry bool, fn func(ctx context.Context, cc *grpc.ClientConn) error) error {
 	c, err := r.conn(ctx, node)
 	if err != nil {
 		return err
@@ -224,14 +230,20 @@ func (r *Router) call(ctx context.Context, node, method string, fn func(ctx cont
 	err = fn(ctx, c.cc)
 	code := status.Code(err)
 	r.metrics.observeRouted(node, method, code, time.Since(start))
-	if code == codes.Unavailable {
-		r.mu.Lock()
-		r.stale[node] = true
-		r.mu.Unlock()
-		r.metrics.connErrors.WithLabelValues(node).Inc()
-		return fmt.Errorf("%w: node %s: agent %s: %s", ErrUnavailable, node, c.addr, status.Convert(err).Message())
+	if code != codes.Unavailable {
+		return err
 	}
-	return err
+	r.mu.Lock()
+	r.stale[node] = true
+	r.mu.Unlock()
+	r.metrics.connErrors.WithLabelValues(node).Inc()
+	if retry {
+		if moved, cerr := r.conn(ctx, node); cerr == nil && moved.addr != c.addr {
+			klog.FromContext(ctx).V(2).Info("Agent moved; calling it at its new address", "node", node, "from", c.addr, "to", moved.addr)
+			return r.callRetry(ctx, node, method, false, fn)
+		}
+	}
+	return fmt.Errorf("%w: node %s: agent %s: %s", ErrUnavailable, node, c.addr, status.Convert(err).Message())
 }
 
 // nodeOfVolume is the node that owns volume id.

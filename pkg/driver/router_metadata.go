@@ -45,7 +45,7 @@ func (s routerMetadata) GetMetadataAllocated(req *csi.GetMetadataAllocatedReques
 	if err != nil {
 		return toStatus(err)
 	}
-	return toStatus(s.r.call(ctx, node, "GetMetadataAllocated", func(ctx context.Context, cc *grpc.ClientConn) error {
+	return toStatus(s.r.callRetry(ctx, node, "GetMetadataAllocated", false, func(ctx context.Context, cc *grpc.ClientConn) error {
 		in, err := csi.NewSnapshotMetadataClient(cc).GetMetadataAllocated(ctx, req)
 		if err != nil {
 			return err
@@ -65,7 +65,7 @@ func (s routerMetadata) GetMetadataDelta(req *csi.GetMetadataDeltaRequest, out c
 	if err != nil {
 		return toStatus(err)
 	}
-	return toStatus(s.r.call(ctx, node, "GetMetadataDelta", func(ctx context.Context, cc *grpc.ClientConn) error {
+	return toStatus(s.r.callRetry(ctx, node, "GetMetadataDelta", false, func(ctx context.Context, cc *grpc.ClientConn) error {
 		in, err := csi.NewSnapshotMetadataClient(cc).GetMetadataDelta(ctx, req)
 		if err != nil {
 			return err

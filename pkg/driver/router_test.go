@@ -372,6 +372,37 @@ func TestRouterNodeGoneAfter(t *testing.T) {
 	}
 }
 
+// TestRouterAgentMoved: when a node's plugin Pod comes back at another
+// address, the call that finds the old one dead is made again at the new
+// one: the caller sees no error.
+func TestRouterAgentMoved(t *testing.T) {
+	r := startRouted(t, nil, "node-a")
+	v, err := r.create(t, "pvc", "node-a", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	table := &agentTable{m: map[string]string{"node-a": r.agents["node-a"].Addr}}
+	ctl := drivertest.StartController(t, nil, r.certs, driver.RouterOptions{Agents: table})
+	c := csi.NewControllerClient(dialConn(t, ctl.Endpoint))
+	get := &csi.ControllerGetVolumeRequest{VolumeId: v.Volume.VolumeId}
+	if _, err := c.ControllerGetVolume(context.Background(), get); err != nil {
+		t.Fatal(err)
+	}
+	moved := drivertest.StartAgent(t, r.nodes["node-a"], r.certs)
+	r.agents["node-a"].Stop(t)
+	table.mu.Lock()
+	table.m["node-a"] = moved.Addr
+	table.mu.Unlock()
+	if _, err := c.ControllerGetVolume(context.Background(), get); err != nil {
+		t.Fatalf("after the agent moved: %v", err)
+	}
+	rec := httptest.NewRecorder()
+	ctl.Router.MetricsHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	if want := `qcow2_csi_agent_connection_errors_total{node="node-a"} 1`; !strings.Contains(rec.Body.String(), want) {
+		t.Errorf("metrics lack %s", want)
+	}
+}
+
 // TestRouterLegacyAndHashedIDs: a legacy ID (no node in it) is found on
 // the node that has it; a node whose name is too long for the snapshot ID
 // budget issues hashed IDs, which the controller resolves by hashing the
