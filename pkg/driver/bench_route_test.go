@@ -54,7 +54,9 @@ func BenchmarkRoute(b *testing.B) {
 		name string
 		call func(c csi.ControllerClient, path string, i int) error
 	}{
-		{"CreateVolume", func(c csi.ControllerClient, path string, i int) error { return create(c, fmt.Sprintf("%s-%d", path, i)) }},
+		{"CreateVolume", func(c csi.ControllerClient, path string, i int) error {
+			return create(c, fmt.Sprintf("%s-%d", path, i))
+		}},
 		{"CreateSnapshot", func(c csi.ControllerClient, path string, i int) error {
 			return snapshot(c, path, fmt.Sprintf("%s-snap-%d", path, i))
 		}},
