@@ -38,9 +38,9 @@ type Router struct {
 
 	mu    sync.Mutex
 	conns map[string]*agentConn // by node
-	// stale: nodes whose last call failed to connect; the next call asks
-	// the resolver afresh.
-	stale map[string]bool
+	// failed: the connection of each node whose last call could not reach
+	// its agent; the next call asks the resolver afresh and dials anew.
+	failed map[string]*agentConn
 	// missing: when each node was first seen without an agent (goneAfter).
 	missing map[string]time.Time
 	// legacy: legacy volume and snapshot IDs -> owning node.
@@ -64,6 +64,9 @@ type RouterOptions struct {
 	// static table is taken at its word).
 	NodeGoneAfter time.Duration
 }
+
+// agentBackoff paces reconnects to an agent that went away.
+var agentBackoff = backoff.Config{BaseDelay: time.Second, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 10 * time.Second}
 
 type agentConn struct {
 	addr string
@@ -95,7 +98,7 @@ func NewRouter(opts RouterOptions) (*Router, error) {
 		opts:    opts,
 		metrics: newRouterMetrics(),
 		conns:   map[string]*agentConn{},
-		stale:   map[string]bool{},
+		failed:  map[string]*agentConn{},
 		missing: map[string]time.Time{},
 		legacy:  map[string]string{},
 	}, nil
@@ -152,7 +155,8 @@ func (r *Router) agents(ctx context.Context, refresh bool) (map[string]string, e
 // been missing for NodeGoneAfter, ErrUnavailable before.
 func (r *Router) conn(ctx context.Context, node string) (*agentConn, error) {
 	r.mu.Lock()
-	c, stale := r.conns[node], r.stale[node]
+	c := r.conns[node]
+	stale := c != nil && r.failed[node] == c
 	r.mu.Unlock()
 	if c != nil && !stale {
 		return c, nil
@@ -188,11 +192,14 @@ func (r *Router) conn(ctx context.Context, node string) (*agentConn, error) {
 		r.metrics.connErrors.WithLabelValues(node).Inc()
 		return nil, fmt.Errorf("%w: node %s: its plugin Pod is not running", ErrUnavailable, node)
 	}
-	delete(r.stale, node)
 	if c := r.conns[node]; c != nil {
-		if c.addr == addr {
-			return c, nil
+		if c.addr == addr && r.failed[node] != c {
+			return c, nil // another call dialled it meanwhile
 		}
+		// Moved, or failed: a new connection, whose first call waits for
+		// its first connection attempt. The failed one would fail calls
+		// at once until its reconnect backoff ends, even after a plugin
+		// came back at the same address (hostNetwork).
 		_ = c.cc.Close()
 		delete(r.conns, node)
 	}
@@ -200,14 +207,16 @@ func (r *Router) conn(ctx context.Context, node string) (*agentConn, error) {
 		grpc.WithTransportCredentials(credentials.NewTLS(r.opts.TLS)),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second, PermitWithoutStream: true}),
 		// A node that went away must fail calls soon, not after the
-		// 20 s default connect timeout.
-		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.DefaultConfig, MinConnectTimeout: 5 * time.Second}),
+		// 20 s default connect timeout; one that comes back must be
+		// reached soon, not after up to 2 min of default backoff.
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: agentBackoff, MinConnectTimeout: 5 * time.Second}),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("node %s: agent %s: %w", node, addr, err)
 	}
 	c = &agentConn{addr: addr, cc: cc}
 	r.conns[node] = c
+	delete(r.failed, node)
 	return c, nil
 }
 
@@ -234,12 +243,14 @@ func (r *Router) callRetry(ctx context.Context, node, method string, retry bool,
 		return err
 	}
 	r.mu.Lock()
-	r.stale[node] = true
+	r.failed[node] = c
 	r.mu.Unlock()
 	r.metrics.connErrors.WithLabelValues(node).Inc()
 	if retry {
-		if moved, cerr := r.conn(ctx, node); cerr == nil && moved.addr != c.addr {
-			klog.FromContext(ctx).V(2).Info("Agent moved; calling it at its new address", "node", node, "from", c.addr, "to", moved.addr)
+		// Asking the lookup only: conn must still see the failed
+		// connection, to dial anew.
+		if m, aerr := r.agents(ctx, true); aerr == nil && m[node] != "" && m[node] != c.addr {
+			klog.FromContext(ctx).V(2).Info("Agent moved; calling it at its new address", "node", node, "from", c.addr, "to", m[node])
 			return r.callRetry(ctx, node, method, false, fn)
 		}
 	}

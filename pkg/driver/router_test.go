@@ -403,6 +403,28 @@ func TestRouterAgentMoved(t *testing.T) {
 	}
 }
 
+// TestRouterAgentRestarted: a plugin that comes back at the same address
+// (hostNetwork) is reached by the next call, not after the connection's
+// reconnect backoff.
+func TestRouterAgentRestarted(t *testing.T) {
+	r := startRouted(t, nil, "node-a")
+	v, err := r.create(t, "pvc", "node-a", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	get := &csi.ControllerGetVolumeRequest{VolumeId: v.Volume.VolumeId}
+	addr := r.agents["node-a"].Addr
+	r.agents["node-a"].Stop(t)
+	for range 3 { // a few failures: the backoff grows
+		_, err := r.c.ControllerGetVolume(context.Background(), get)
+		wantCode(t, err, codes.Unavailable, "node node-a")
+	}
+	drivertest.StartAgentAt(t, r.nodes["node-a"], r.certs, addr)
+	if _, err := r.c.ControllerGetVolume(context.Background(), get); err != nil {
+		t.Fatalf("first call after the agent came back: %v", err)
+	}
+}
+
 // TestRouterLegacyAndHashedIDs: a legacy ID (no node in it) is found on
 // the node that has it; a node whose name is too long for the snapshot ID
 // budget issues hashed IDs, which the controller resolves by hashing the

@@ -19,14 +19,21 @@ type Agent struct {
 }
 
 // StartAgent serves srv's driver as a node agent with the agent
-// certificate of certs, until the test ends or Stop is called.
+// certificate of certs on a free port of 127.0.0.1, until the test ends or
+// Stop is called.
 func StartAgent(t testing.TB, srv *Server, certs Certs) *Agent {
+	t.Helper()
+	return StartAgentAt(t, srv, certs, "127.0.0.1:0")
+}
+
+// StartAgentAt is StartAgent on addr (a restarted agent's old address).
+func StartAgentAt(t testing.TB, srv *Server, certs Certs, addr string) *Agent {
 	t.Helper()
 	cfg, err := driver.AgentServerTLS(certs.Agent, driver.DefaultAgentClientName)
 	if err != nil {
 		t.Fatal(err)
 	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	lis, err := net.Listen("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -56,7 +63,6 @@ func (a *Agent) Stop(t testing.TB) {
 type Controller struct {
 	Router   *driver.Router
 	Endpoint string
-	stop     context.CancelFunc
 	done     chan error
 }
 
@@ -85,7 +91,7 @@ func StartController(t testing.TB, agents driver.StaticAgents, certs Certs, opts
 	}
 	_, ctx := ktesting.NewTestContext(t)
 	ctx, cancel := context.WithCancel(ctx)
-	c := &Controller{Router: r, Endpoint: "unix://" + sock, stop: cancel, done: make(chan error, 1)}
+	c := &Controller{Router: r, Endpoint: "unix://" + sock, done: make(chan error, 1)}
 	go func() { c.done <- r.Serve(ctx, lis) }()
 	t.Cleanup(func() {
 		cancel()
