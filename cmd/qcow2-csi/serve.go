@@ -176,7 +176,7 @@ func serve(ctx context.Context, f serveFlags, out io.Writer) error {
 		Mode: mode, DriverName: f.driverName, Version: version, NodeID: f.nodeID, Pool: f.pool,
 		MaxVolumes: f.maxVolumes, ControllerExpand: f.controllerExpand, AttachBackend: f.attachBackend,
 		BlockMetadataType: f.blockMetadataType, EnableGetSnapshot: f.enableGetSnapshot,
-		OvercommitRatio:   f.overcommitRatio, PoolWarningPercent: f.poolWarningPercent,
+		OvercommitRatio: f.overcommitRatio, PoolWarningPercent: f.poolWarningPercent,
 		KubeletDir: f.kubeletDir,
 	}
 	if opts.CapacityReserve, opts.CapacityReservePercent, err = parseReserve(f.capacityReserve); err != nil {
