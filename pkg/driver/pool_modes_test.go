@@ -53,18 +53,18 @@ func TestPoolFileModes(t *testing.T) {
 		return r.Volume.VolumeId
 	}
 	vol := create("plain", nil)
-	wantMode(t, filepath.Join(pool, vol+".qcow2"), 0o600)
-	wantMode(t, filepath.Join(pool, vol+".json"), 0o600)
+	wantMode(t, imageFile(pool, vol), 0o600)
+	wantMode(t, filepath.Join(pool, localID(vol)+".json"), 0o600)
 	snap, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s", SourceVolumeId: vol})
 	if err != nil {
 		t.Fatal(err)
 	}
 	restored := create("restored", &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
 		Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap.Snapshot.SnapshotId}}})
-	wantMode(t, filepath.Join(pool, restored+".qcow2"), 0o600)
+	wantMode(t, imageFile(pool, restored), 0o600)
 	clone := create("clone", &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{
 		Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: vol}}})
-	wantMode(t, filepath.Join(pool, clone+".qcow2"), 0o600)
+	wantMode(t, imageFile(pool, clone), 0o600)
 
 	// An older driver's pool: wide directory, world-readable image. A
 	// foreign file in the pool is not the driver's to change.
@@ -73,14 +73,14 @@ func TestPoolFileModes(t *testing.T) {
 	if err := os.WriteFile(foreign, []byte("mine\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	for p, m := range map[string]fs.FileMode{pool: 0o755, filepath.Join(pool, vol+".qcow2"): 0o644, foreign: 0o644} {
+	for p, m := range map[string]fs.FileMode{pool: 0o755, imageFile(pool, vol): 0o644, foreign: 0o644} {
 		if err := os.Chmod(p, m); err != nil {
 			t.Fatal(err)
 		}
 	}
 	drivertest.Start(t, driver.Options{Pool: pool}, seams)
 	wantMode(t, pool, 0o700)
-	wantMode(t, filepath.Join(pool, vol+".qcow2"), 0o600)
+	wantMode(t, imageFile(pool, vol), 0o600)
 	wantMode(t, foreign, 0o644)
 }
 

@@ -105,14 +105,14 @@ func (d *Driver) measureLocked() (*poolSpace, map[string]int64, error) {
 			}
 		}
 		s.heldDisk += max(c.disk-done, 0)
-		s.heldSize += max(c.size-caps[c.vol], 0)
+		s.heldSize += max(c.size-caps[d.pool.file(c.vol)], 0)
 	}
 	return s, caps, nil
 }
 
 // capacitiesLocked is the recorded capacity of every volume in the pool,
-// reading only the records that changed since the last call. The caller
-// holds the ledger.
+// by file name (pool.file of its ID), reading only the records that
+// changed since the last call. The caller holds the ledger.
 func (d *Driver) capacitiesLocked() (map[string]int64, error) {
 	ents, err := os.ReadDir(d.pool.dir)
 	if err != nil {
@@ -138,7 +138,7 @@ func (d *Driver) capacitiesLocked() (map[string]int64, error) {
 		key := cachedRecord{ino: int64(st.Ino), mtime: fi.ModTime().UnixNano()}
 		if c, ok := l.records[id]; ok && c.ino == key.ino && c.mtime == key.mtime {
 			key.capacity = c.capacity
-		} else if m, err := d.pool.get(id); err == nil {
+		} else if m, err := d.pool.getFile(id); err == nil {
 			key.capacity = m.Capacity
 		} else {
 			continue // deleted since listed, or unreadable: not provisioned
@@ -177,7 +177,7 @@ func (d *Driver) claimSpace(c spaceClaim) (release func(), err error) {
 		}
 		return nil, fmt.Errorf("%w: %d bytes needed, %d available above the reserve in %s%s", ErrNoSpace, c.disk, s.available(), d.pool.dir, held)
 	}
-	if grow := c.size - caps[c.vol]; s.limit > 0 && grow > 0 && s.provisioned+s.heldSize+grow > s.limit {
+	if grow := c.size - caps[d.pool.file(c.vol)]; s.limit > 0 && grow > 0 && s.provisioned+s.heldSize+grow > s.limit {
 		return nil, fmt.Errorf("%w: %d bytes would bring the pool's provisioned total to %d, above the overcommit limit %d (ratio %g × %d bytes of pool after the reserve; %d provisioned, %d being provisioned)",
 			ErrNoSpace, grow, s.provisioned+s.heldSize+grow, s.limit, d.opts.OvercommitRatio, s.size-s.reserve, s.provisioned, s.heldSize)
 	}

@@ -347,7 +347,7 @@ func TestCloneClaimsSourceData(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	img, err := qcow2.Open(filepath.Join(pool, v.Volume.VolumeId+".qcow2"), qcow2.OpenOptions{})
+	img, err := qcow2.Open(imageFile(pool, v.Volume.VolumeId), qcow2.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
