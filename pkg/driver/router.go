@@ -109,9 +109,12 @@ func (r *Router) TopologyKey() string { return r.opts.DriverName + "/node" }
 
 // GRPCServer returns the controller's gRPC server.
 func (r *Router) GRPCServer() *grpc.Server {
+	// The driver's interceptors: logging and metrics, and a handler panic
+	// failing its own call only.
+	_ = r.metrics.reg.Register(handlerPanics)
 	s := grpc.NewServer(grpc.UnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 		return logCall(ctx, req, info, h, r.metrics.observe)
-	}))
+	}), grpc.StreamInterceptor(interceptStream))
 	csi.RegisterIdentityServer(s, r)
 	csi.RegisterControllerServer(s, r)
 	csi.RegisterSnapshotMetadataServer(s, routerMetadata{r: r})

@@ -80,7 +80,7 @@ func Listen(endpoint string) (net.Listener, error) {
 // unary and streaming calls alike.
 func (d *Driver) serverOptions() []grpc.ServerOption {
 	_ = d.metrics.reg.Register(handlerPanics) // once per registry; a second GRPCServer finds it there
-	return []grpc.ServerOption{grpc.UnaryInterceptor(d.intercept), grpc.StreamInterceptor(d.interceptStream)}
+	return []grpc.ServerOption{grpc.UnaryInterceptor(d.intercept), grpc.StreamInterceptor(interceptStream)}
 }
 
 // GRPCServer returns a gRPC server with the services of the driver's mode
@@ -153,7 +153,7 @@ func logCall(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.Un
 
 // interceptStream recovers from panics of streaming handlers (the
 // SnapshotMetadata service) as intercept does for unary ones.
-func (d *Driver) interceptStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+func interceptStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
 	method := info.FullMethod[strings.LastIndex(info.FullMethod, "/")+1:]
 	logger := klog.LoggerWithValues(klog.FromContext(ss.Context()), "method", method, "request", requestSeq.Add(1))
 	_, err := recoverHandler(logger, method, func() (any, error) { return nil, h(srv, ss) })
