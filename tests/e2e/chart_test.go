@@ -2,6 +2,9 @@ package e2e
 
 import (
 	"bytes"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/base64"
 	"fmt"
 	"os"
 	"os/exec"
@@ -76,33 +79,60 @@ func TestChartRender(t *testing.T) {
 		wantErr string
 	}{
 		{
-			name: "defaults: standard sidecars, nbd, WaitForFirstConsumer, no Deployment",
+			name: "defaults: controller Deployment with central sidecars, node DaemonSet with agent over mTLS",
 			has: []string{"kind: CSIDriver", "attachRequired: false", "podInfoOnMount: true", "fsGroupPolicy: File",
-				"name: node-driver-registrar", "name: liveness-probe", "name: csi-provisioner", "name: csi-snapshotter",
-				"name: csi-resizer", "--node-deployment=true", "--attach-backend=nbd", "mountPropagation: Bidirectional",
-				"volumeBindingMode: WaitForFirstConsumer", "kind: VolumeSnapshotClass", "kind: Service",
-				"storageCapacity: false", "registry.k8s.io/sig-storage/csi-node-driver-registrar:", "--controller-expand=false",
-				"--mode=all", "--leader-election=true"},
-			hasNot: []string{"--register-with-kubelet", "--fuse-dir", "kind: ServiceMonitor", "kind: PodMonitor", "kind: Deployment"},
+				"kind: Deployment", "replicas: 2", "--mode=controller", "--agent-port=9821", "--agent-server-name=qcow2-csi-agent",
+				"--agent-namespace=qcow2-csi", "--agent-selector=app.kubernetes.io/name=qcow2-csi,app.kubernetes.io/instance=qcow2-csi,app.kubernetes.io/component=node",
+				"name: csi-provisioner", "name: csi-snapshotter", "name: csi-resizer", "--strict-topology=true", "--immediate-topology=false",
+				"--extra-create-metadata=true", "--leader-election=true",
+				"kind: DaemonSet", "--mode=node", "--agent-address=:9821", "--agent-client-name=qcow2-csi-controller",
+				"--tls-ca=/tls/ca.crt", "--tls-cert=/tls/tls.crt", "--tls-key=/tls/tls.key",
+				"name: qcow2-csi-agent-tls", "name: qcow2-csi-controller-tls", "type: kubernetes.io/tls",
+				"name: node-driver-registrar", "name: liveness-probe", "--attach-backend=nbd", "mountPropagation: Bidirectional",
+				"volumeBindingMode: WaitForFirstConsumer", "kind: VolumeSnapshotClass", "name: qcow2-csi-metrics", "name: qcow2-csi-controller-metrics",
+				"storageCapacity: false", "registry.k8s.io/sig-storage/csi-node-driver-registrar:",
+				"resources: [\"pods\"]\n    verbs: [\"get\", \"list\", \"watch\"]", "automountServiceAccountToken: false"},
+			hasNot: []string{"--node-deployment", "--mode=all", "--controller-expand", "--register-with-kubelet", "--fuse-dir",
+				"kind: ServiceMonitor", "kind: PodMonitor", "kind: Certificate", "--enable-get-snapshot", "--enable-capacity"},
 		},
 		{
-			name:   "builtin registrar: no registrar or liveness sidecar, driver registers itself",
-			set:    []string{"node.registrar=builtin", "attachBackend=fuse", "kubeletDir=/srv/kubelet"},
-			has:    []string{"--register-with-kubelet", "--fuse-dir=/run/qcow2-csi/fuse", "--registration-dir=/registration", "--kubelet-registration-path=/srv/kubelet/plugins/qcow2.csi.qcow2-csi.io/csi.sock", "--health-address=:9808", "--attach-backend=fuse", "path: /srv/kubelet/plugins_registry"},
+			name:   "user Secrets: no Secret rendered, the pods mount the named ones",
+			set:    []string{"agent.tls.source=secret", "agent.tls.agentSecret=my-agent", "agent.tls.controllerSecret=my-ctl"},
+			has:    []string{"secretName: my-agent", "secretName: my-ctl"},
+			hasNot: []string{"kind: Secret", "kind: Certificate"},
+		},
+		{
+			name: "cert-manager Certificates from the given issuer",
+			set:  []string{"agent.tls.source=certManager", "agent.tls.certManager.issuerRef.name=ca-issuer", "agent.tls.certManager.issuerRef.kind=ClusterIssuer"},
+			has: []string{"kind: Certificate", "commonName: qcow2-csi-agent", "commonName: qcow2-csi-controller", "dnsNames: [qcow2-csi-controller]",
+				"usages: [digital signature, key encipherment, server auth]", "usages: [digital signature, key encipherment, client auth]",
+				"name: ca-issuer", "kind: ClusterIssuer", "secretName: qcow2-csi-agent-tls", "secretName: qcow2-csi-controller-tls"},
+			hasNot: []string{"kind: Secret"},
+		},
+		{
+			name: "builtin registrar: no registrar or liveness sidecar, driver registers itself",
+			set:  []string{"node.registrar=builtin", "attachBackend=fuse", "kubeletDir=/srv/kubelet"},
+			has: []string{"--register-with-kubelet", "--fuse-dir=/run/qcow2-csi/fuse", "--registration-dir=/registration", "--kubelet-registration-path=/srv/kubelet/plugins/qcow2.csi.qcow2-csi.io/csi.sock",
+				"--health-address=:9808", "--attach-backend=fuse", "path: /srv/kubelet/plugins_registry"},
 			hasNot: []string{"name: node-driver-registrar", "name: liveness-probe"},
 		},
 		{
-			name: "monitoring, capacity, no snapshots, no resizer",
-			set: []string{"metrics.serviceMonitor.enabled=true", "metrics.podMonitor.enabled=true", "node.storageCapacity=true",
-				"node.snapshotter.enabled=false", "volumeSnapshotClass.create=false", "node.resizer.enabled=false"},
-			has:    []string{"kind: ServiceMonitor", "kind: PodMonitor", "storageCapacity: true", "--enable-capacity=true"},
-			hasNot: []string{"name: csi-snapshotter", "kind: VolumeSnapshotClass", "name: csi-resizer", "-resizer\n"},
+			name: "monitoring, capacity, GET_SNAPSHOT, no snapshots, no resizer",
+			set: []string{"metrics.serviceMonitor.enabled=true", "metrics.podMonitor.enabled=true", "controller.storageCapacity=true",
+				"controller.snapshotter.enabled=false", "volumeSnapshotClass.create=false", "controller.resizer.enabled=false",
+				"controller.enableGetSnapshot=true", "controller.replicas=3"},
+			has: []string{"kind: ServiceMonitor", "kind: PodMonitor", "values: [node, controller]", "storageCapacity: true", "--enable-capacity=true",
+				"--capacity-ownerref-level=2", "--enable-get-snapshot", "replicas: 3"},
+			hasNot: []string{"name: csi-snapshotter", "kind: VolumeSnapshotClass", "name: csi-resizer", "-resizer\n", "-snapshotter\n"},
 		},
 		{
 			name: "storage class parameters are quoted strings",
 			set:  []string{"storageClasses[0].name=fast", "storageClasses[0].parameters.clusterSize=65536", "storageClasses[0].isDefault=true"},
 			has:  []string{"name: fast", `clusterSize: "65536"`, `storageclass.kubernetes.io/is-default-class: "true"`},
 		},
+		{name: "bad TLS source", set: []string{"agent.tls.source=plaintext"}, wantErr: `agent.tls.source must be generate, secret or certManager, not "plaintext"`},
+		{name: "cert-manager without issuer", set: []string{"agent.tls.source=certManager"}, wantErr: "agent.tls.certManager.issuerRef.name is required"},
+		{name: "no controller", set: []string{"controller.replicas=0"}, wantErr: "controller.replicas must be at least 1, not 0"},
 		{name: "bad registrar", set: []string{"node.registrar=both"}, wantErr: `node.registrar must be sidecar or builtin, not "both"`},
 		{name: "bad attach backend", set: []string{"attachBackend=iscsi"}, wantErr: `attachBackend must be nbd, fuse or auto, not "iscsi"`},
 	}
@@ -132,5 +162,74 @@ func TestChartRender(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestChartCertificates: the generated Secrets hold an agent server
+// certificate for qcow2-csi-agent and a controller client certificate for
+// qcow2-csi-controller, both signed by the one CA both Secrets carry, with
+// keys that match.
+func TestChartCertificates(t *testing.T) {
+	out, err := helmTemplate(t)
+	if err != nil {
+		t.Fatal(err)
+	}
+	secrets := map[string]map[string][]byte{}
+	for _, doc := range strings.Split(out, "\n---") {
+		if !strings.Contains(doc, "\nkind: Secret") {
+			continue
+		}
+		var name string
+		data := map[string][]byte{}
+		for _, l := range strings.Split(doc, "\n") {
+			l = strings.TrimSpace(l)
+			if v, ok := strings.CutPrefix(l, "name: "); ok && name == "" {
+				name = v
+			}
+			for _, k := range []string{"ca.crt", "tls.crt", "tls.key"} {
+				if v, ok := strings.CutPrefix(l, k+": "); ok {
+					b, err := base64.StdEncoding.DecodeString(v)
+					if err != nil {
+						t.Fatalf("%s %s: %v", name, k, err)
+					}
+					data[k] = b
+				}
+			}
+		}
+		secrets[name] = data
+	}
+	agent, ctl := secrets["qcow2-csi-agent-tls"], secrets["qcow2-csi-controller-tls"]
+	if agent == nil || ctl == nil {
+		t.Fatalf("rendered Secrets %v, want qcow2-csi-agent-tls and qcow2-csi-controller-tls", secrets)
+	}
+	if !bytes.Equal(agent["ca.crt"], ctl["ca.crt"]) {
+		t.Fatalf("the two Secrets carry different CAs")
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(agent["ca.crt"]) {
+		t.Fatalf("ca.crt is not a PEM certificate: %q", agent["ca.crt"])
+	}
+	for _, tc := range []struct {
+		secret map[string][]byte
+		name   string
+		usage  x509.ExtKeyUsage
+	}{
+		{agent, "qcow2-csi-agent", x509.ExtKeyUsageServerAuth},
+		{ctl, "qcow2-csi-controller", x509.ExtKeyUsageClientAuth},
+	} {
+		pair, err := tls.X509KeyPair(tc.secret["tls.crt"], tc.secret["tls.key"])
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		cert, err := x509.ParseCertificate(pair.Certificate[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := cert.Verify(x509.VerifyOptions{Roots: pool, DNSName: tc.name, KeyUsages: []x509.ExtKeyUsage{tc.usage}}); err != nil {
+			t.Errorf("%s certificate: %v", tc.name, err)
+		}
+		if cert.Subject.CommonName != tc.name {
+			t.Errorf("certificate CN %q, want %q", cert.Subject.CommonName, tc.name)
+		}
 	}
 }

@@ -48,3 +48,40 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "qcow2-csi.pluginDir" -}}
 {{- printf "%s/plugins/%s" (trimSuffix "/" .Values.kubeletDir) .Values.driver.name -}}
 {{- end -}}
+
+{{- define "qcow2-csi.controllerServiceAccount" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (printf "%s-controller" (include "qcow2-csi.fullname" .)) .Values.serviceAccount.controller -}}
+{{- else -}}
+{{- required "serviceAccount.controller is required when serviceAccount.create is false" .Values.serviceAccount.controller -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secrets holding the agent's server and the controller's client certificates (ca.crt, tls.crt, tls.key). */}}
+{{- define "qcow2-csi.agentTLSSecret" -}}
+{{- default (printf "%s-agent-tls" (include "qcow2-csi.fullname" .)) .Values.agent.tls.agentSecret -}}
+{{- end -}}
+{{- define "qcow2-csi.controllerTLSSecret" -}}
+{{- default (printf "%s-controller-tls" (include "qcow2-csi.fullname" .)) .Values.agent.tls.controllerSecret -}}
+{{- end -}}
+
+{{/* The names the two certificates carry; the driver's --agent-server-name and --agent-client-name check them. */}}
+{{- define "qcow2-csi.agentServerName" -}}qcow2-csi-agent{{- end -}}
+{{- define "qcow2-csi.agentClientName" -}}qcow2-csi-controller{{- end -}}
+
+{{/* Label selector of the node plugin Pods: where the controller finds the agents. */}}
+{{- define "qcow2-csi.nodeSelectorString" -}}
+app.kubernetes.io/name={{ include "qcow2-csi.name" . }},app.kubernetes.io/instance={{ .Release.Name }},app.kubernetes.io/component=node
+{{- end -}}
+
+{{- define "qcow2-csi.validate" -}}
+{{- if not (has .Values.agent.tls.source (list "generate" "secret" "certManager")) -}}
+{{- fail (printf "agent.tls.source must be generate, secret or certManager, not %q" .Values.agent.tls.source) -}}
+{{- end -}}
+{{- if and (eq .Values.agent.tls.source "certManager") (not .Values.agent.tls.certManager.issuerRef.name) -}}
+{{- fail "agent.tls.certManager.issuerRef.name is required when agent.tls.source is certManager" -}}
+{{- end -}}
+{{- if lt (int .Values.controller.replicas) 1 -}}
+{{- fail (printf "controller.replicas must be at least 1, not %v" .Values.controller.replicas) -}}
+{{- end -}}
+{{- end -}}
