@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -19,16 +18,14 @@ import (
 	"time"
 )
 
-// Addresses: documentation ranges only (RFC 5737), all inside the netns.
+// Addresses: documentation ranges only (RFC 5737), all inside the
+// cluster's namespaces (nodes_test.go: cpIP, the nodes' addresses and pod
+// ranges).
 const (
-	nodeIP       = "198.51.100.10" // node end of the veth pair: apiserver, kubelet
-	peerIP       = "198.51.100.11" // the other end, in the same namespace
-	podCIDR      = "203.0.113.0/24"
 	serviceCIDR  = "192.0.2.0/24"
 	apiServiceIP = "192.0.2.1" // the `kubernetes` Service: a local address the apiserver listens on
 	dnsIP        = "192.0.2.10"
 	apiPort      = "443"
-	nodeName     = "e2e-node"
 	rootPrefix   = "/tmp/qcow2-e2e-"
 	netnsPrefix  = "qcow2-e2e-"
 )
@@ -41,21 +38,22 @@ type proc struct {
 	done chan struct{}
 }
 
-// cluster is a single-node Kubernetes running in its own network namespace
-// with all state under root.
+// cluster is a two-node Kubernetes: the control plane in its own network
+// namespace, each node in its own network and mount namespaces, all state
+// under root.
 type cluster struct {
-	t       testing.TB
-	root    string
-	netns   string
-	bin     string // tools from hack/e2e/build-tools.sh
-	pki     *pki
-	admin   string // admin kubeconfig
-	procs   []*proc
-	mu      sync.Mutex
-	steps   []stepTime
-	cniNS   map[string]bool // network namespaces that existed before containerd started
-	mounted bool            // root is bind-mounted on itself (rshared)
-	dumped  bool            // a failed scenario dumped the state already
+	t      testing.TB
+	root   string
+	netns  string // the control plane's
+	nodes  []*node
+	bin    string // tools from hack/e2e/build-tools.sh
+	pki    *pki
+	admin  string // admin kubeconfig
+	procs  []*proc
+	mu     sync.Mutex
+	steps  []stepTime
+	cniNS  map[string]bool // network namespaces that existed before containerd started
+	dumped bool            // a failed scenario dumped the state already
 }
 
 type stepTime struct {
@@ -96,41 +94,15 @@ func run(name string, args ...string) (string, error) {
 	return string(out), nil
 }
 
-// inNS returns a command that runs in the cluster's network namespace but in
-// the machine's mount namespace (nsenter --net only; `ip netns exec` would
-// give each process a private mount namespace and break mount propagation
-// between the kubelet, containerd and the driver).
+// inNS returns a command that runs in the control plane's network
+// namespace but in the machine's mount namespace (nsenter --net only).
 func (c *cluster) inNS(ctx context.Context, name string, args ...string) *exec.Cmd {
 	return exec.CommandContext(ctx, "nsenter", append([]string{"--net=/run/netns/" + c.netns, "--", name}, args...)...)
 }
 
-// start launches a long-running component in the namespace, output to
-// root/logs/name.log.
+// start launches a control plane component, output to root/logs/name.log.
 func (c *cluster) start(name, bin string, args ...string) (*proc, error) {
-	if err := os.MkdirAll(c.path("logs"), 0o755); err != nil {
-		return nil, err
-	}
-	logPath := c.path("logs", name+".log")
-	f, err := os.Create(logPath)
-	if err != nil {
-		return nil, err
-	}
-	cmd := c.inNS(context.Background(), bin, args...)
-	cmd.Stdout, cmd.Stderr = f, f
-	cmd.Env = append(os.Environ(), "HOME="+c.path("home"))
-	// Own process group: a ^C to `go test` reaches the harness, which then
-	// tears the cluster down in order instead of every process dying at once.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("start %s: %w", name, err)
-	}
-	p := &proc{name: name, cmd: cmd, log: logPath, done: make(chan struct{})}
-	go func() { cmd.Wait(); f.Close(); close(p.done) }()
-	c.mu.Lock()
-	c.procs = append(c.procs, p)
-	c.mu.Unlock()
-	return p, nil
+	return c.startIn(c.netns, "", name, bin, args...)
 }
 
 func (p *proc) alive() bool {
@@ -238,8 +210,10 @@ func (c *cluster) helm(args ...string) (string, error) {
 	return string(out), nil
 }
 
-func (c *cluster) ctr(args ...string) (string, error) {
-	return run("ctr", append([]string{"-a", c.path("containerd/containerd.sock"), "-n", "k8s.io"}, args...)...)
+// ctr runs ctr against node n's containerd (its socket, seen from the
+// machine through the node's directory).
+func (c *cluster) ctr(n *node, args ...string) (string, error) {
+	return run("ctr", append([]string{"-a", n.path("containerd/run/containerd.sock"), "-n", "k8s.io"}, args...)...)
 }
 
 func netnsList() map[string]bool {
@@ -249,32 +223,6 @@ func netnsList() map[string]bool {
 		m[e.Name()] = true
 	}
 	return m
-}
-
-// setupNetwork creates the namespace: lo, the veth pair with both ends in
-// it, and the Service address of the apiserver on lo.
-func (c *cluster) setupNetwork() error {
-	if _, err := run("ip", "netns", "add", c.netns); err != nil {
-		return err
-	}
-	cmds := [][]string{
-		{"link", "add", "e2e0", "netns", c.netns, "type", "veth", "peer", "name", "e2e1", "netns", c.netns},
-		{"-n", c.netns, "link", "set", "lo", "up"},
-		{"-n", c.netns, "addr", "add", nodeIP + "/24", "dev", "e2e0"},
-		{"-n", c.netns, "addr", "add", peerIP + "/24", "dev", "e2e1"},
-		{"-n", c.netns, "link", "set", "e2e0", "up"},
-		{"-n", c.netns, "link", "set", "e2e1", "up"},
-		{"-n", c.netns, "addr", "add", apiServiceIP + "/32", "dev", "lo"},
-		// A default route keeps components that look for "the host's
-		// interface" happy; packets can only loop back into this namespace.
-		{"-n", c.netns, "route", "add", "default", "dev", "e2e0"},
-	}
-	for _, a := range cmds {
-		if _, err := run("ip", a...); err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 // writeFile writes content under root.
@@ -292,28 +240,34 @@ func (c *cluster) genPKI() error {
 		return err
 	}
 	c.pki = p
-	local := []net.IP{net.ParseIP("127.0.0.1"), net.ParseIP(nodeIP), net.ParseIP(apiServiceIP)}
-	issues := []struct {
+	local := []net.IP{net.ParseIP("127.0.0.1"), net.ParseIP(cpIP), net.ParseIP(apiServiceIP)}
+	type cert struct {
 		name, cn string
 		orgs     []string
 		ips      []net.IP
 		dns      []string
-	}{
+	}
+	issues := []cert{
 		{"apiserver", "kube-apiserver", nil, local, []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"}},
 		{"admin", "admin", []string{"system:masters"}, nil, nil},
 		{"kcm", "system:kube-controller-manager", nil, nil, nil},
 		{"scheduler", "system:kube-scheduler", nil, nil, nil},
-		{"kubelet", "system:node:" + nodeName, []string{"system:nodes"}, nil, nil},
-		{"kubelet-serving", "system:node:" + nodeName, []string{"system:nodes"}, []net.IP{net.ParseIP(nodeIP), net.ParseIP("127.0.0.1")}, []string{nodeName}},
 		{"apiserver-kubelet-client", "kube-apiserver-kubelet-client", []string{"system:masters"}, nil, nil},
+	}
+	kubeconfigs := []string{"admin", "kcm", "scheduler"}
+	for _, n := range c.nodes {
+		issues = append(issues,
+			cert{"kubelet-" + n.name, "system:node:" + n.name, []string{"system:nodes"}, nil, nil},
+			cert{"kubelet-serving-" + n.name, "system:node:" + n.name, []string{"system:nodes"}, []net.IP{net.ParseIP(n.ip), net.ParseIP("127.0.0.1")}, []string{n.name}})
+		kubeconfigs = append(kubeconfigs, "kubelet-"+n.name)
 	}
 	for _, i := range issues {
 		if err := p.issue(i.name, i.cn, i.orgs, i.ips, i.dns); err != nil {
 			return err
 		}
 	}
-	server := "https://" + nodeIP + ":" + apiPort
-	for _, n := range []string{"admin", "kcm", "scheduler", "kubelet"} {
+	server := "https://" + cpIP + ":" + apiPort
+	for _, n := range kubeconfigs {
 		path, err := p.kubeconfig(n, server)
 		if err != nil {
 			return err
@@ -350,7 +304,7 @@ func (c *cluster) startAPIServer() error {
 		"--etcd-servers=http://127.0.0.1:2379",
 		// 0.0.0.0 of the cluster's own namespace: the node address and the
 		// Service address 192.0.2.1, so pods reach it without kube-proxy.
-		"--bind-address=0.0.0.0", "--secure-port="+apiPort, "--advertise-address="+nodeIP,
+		"--bind-address=0.0.0.0", "--secure-port="+apiPort, "--advertise-address="+cpIP,
 		"--tls-cert-file="+P("apiserver.crt"), "--tls-private-key-file="+P("apiserver.key"),
 		"--client-ca-file="+P("ca.crt"),
 		"--service-account-issuer=https://kubernetes.default.svc", "--service-account-key-file="+P("sa.pub"),
@@ -399,8 +353,9 @@ func (c *cluster) startControllers() error {
 func (c *cluster) startSnapshotController() error {
 	p, err := c.start("snapshot-controller", filepath.Join(c.bin, "snapshot-controller"),
 		"--kubeconfig="+c.admin, "--leader-election=false", "--v=2",
-		// The chart runs csi-snapshotter per node (node-deployment): the
-		// controller labels each content with the node that must take it.
+		// The previous chart (the upgrade scenario) ran csi-snapshotter per
+		// node, which takes only the contents labelled with its node; the
+		// central one of this chart takes every content either way.
 		"--enable-distributed-snapshotting")
 	if err != nil {
 		return err
@@ -412,14 +367,19 @@ func (c *cluster) startSnapshotController() error {
 	return nil
 }
 
-func (c *cluster) startContainerd(images []string) error {
-	C := c.path("containerd")
+// startContainerd starts node n's mount namespace and containerd, and
+// imports the images. Its paths are the usual ones as the node sees them
+// (nodes_test.go binds); CNI config and IPAM state are the node's own.
+func (c *cluster) startContainerd(n *node, images []string) error {
+	if err := c.startHolder(n); err != nil {
+		return err
+	}
 	cni := fmt.Sprintf(`{"cniVersion":"0.4.0","name":"e2e","plugins":[
  {"type":"bridge","bridge":"e2ebr0","isGateway":true,"ipMasq":false,"hairpinMode":true,
   "ipam":{"type":"host-local","ranges":[[{"subnet":%q}]],"routes":[{"dst":"0.0.0.0/0"}],"dataDir":%q}},
  {"type":"portmap","capabilities":{"portMappings":true}}]}
-`, podCIDR, c.path("cni/ipam"))
-	if _, err := c.writeFile("cni/net.d/10-e2e.conflist", cni); err != nil {
+`, n.podCIDR, n.path("cni/ipam"))
+	if err := writeFileAt(n.path("cni/net.d/10-e2e.conflist"), cni); err != nil {
 		return err
 	}
 	cfg := fmt.Sprintf(`version = 2
@@ -446,28 +406,34 @@ state = %[2]q
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = %[8]q
-`, C+"/root", C+"/state", C+"/containerd.sock", C+"/opt", pauseRef, runcPath(), C+"/runc", c.path("cni/net.d"))
-	cfgPath, err := c.writeFile("containerd/config.toml", cfg)
+`, containerdRoot, containerdRun, containerdRun+"/containerd.sock", containerdRoot+"/opt", pauseRef, runcPath(), containerdRun+"/runc", n.path("cni/net.d"))
+	cfgPath := n.path("containerd/config.toml")
+	if err := writeFileAt(cfgPath, cfg); err != nil {
+		return err
+	}
+	p, err := c.startOn(n, "containerd", "containerd", "--config", cfgPath)
 	if err != nil {
 		return err
 	}
-	c.cniNS = netnsList()
-	p, err := c.start("containerd", "containerd", "--config", cfgPath)
-	if err != nil {
-		return err
-	}
-	if err := c.waitFor("containerd", time.Minute, p, func() error {
-		_, err := c.ctr("version")
+	if err := c.waitFor(n.name+" containerd", time.Minute, p, func() error {
+		_, err := c.ctr(n, "version")
 		return err
 	}); err != nil {
 		return err
 	}
 	for _, img := range images {
-		if _, err := c.ctr("images", "import", img); err != nil {
+		if _, err := c.ctr(n, "images", "import", img); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+func writeFileAt(p, content string) error {
+	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+		return err
+	}
+	return os.WriteFile(p, []byte(content), 0o644)
 }
 
 func runcPath() string {
@@ -479,10 +445,16 @@ func runcPath() string {
 	return "runc"
 }
 
-func (c *cluster) startKubelet() error {
+// startKubelet starts node n's kubelet (root dir /var/lib/kubelet as the
+// node sees it, pods under its own --cgroup-root, logs in its directory)
+// and waits for the node to be Ready.
+func (c *cluster) startKubelet(n *node) error {
 	P := c.pki.path
-	resolv, err := c.writeFile("resolv.conf", "nameserver "+dnsIP+"\n")
-	if err != nil {
+	resolv := n.path("resolv.conf")
+	if err := writeFileAt(resolv, "nameserver "+dnsIP+"\n"); err != nil {
+		return err
+	}
+	if err := makeCgroupRoot(n.cgroup); err != nil {
 		return err
 	}
 	cfg := fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1beta1
@@ -502,6 +474,7 @@ tlsPrivateKeyFile: %q
 containerRuntimeEndpoint: unix://%s
 imageServiceEndpoint: unix://%s
 cgroupDriver: cgroupfs
+cgroupRoot: %s
 failCgroupV1: false
 failSwapOn: false
 clusterDomain: cluster.local
@@ -518,20 +491,20 @@ syncFrequency: 5s
 fileCheckFrequency: 5s
 podLogsDir: %q
 nodeStatusUpdateFrequency: 5s
-`, P("ca.crt"), nodeIP, P("kubelet-serving.crt"), P("kubelet-serving.key"),
-		c.path("containerd/containerd.sock"), c.path("containerd/containerd.sock"), dnsIP, resolv, c.podLogsDir())
-	cfgPath, err := c.writeFile("kubelet/config.yaml", cfg)
+`, P("ca.crt"), n.ip, P("kubelet-serving-"+n.name+".crt"), P("kubelet-serving-"+n.name+".key"),
+		containerdRun+"/containerd.sock", containerdRun+"/containerd.sock", n.cgroup, dnsIP, resolv, c.podLogsDir(n))
+	cfgPath := n.path("kubelet-config.yaml")
+	if err := writeFileAt(cfgPath, cfg); err != nil {
+		return err
+	}
+	p, err := c.startOn(n, "kubelet", filepath.Join(c.bin, "kubelet"),
+		"--config="+cfgPath, "--kubeconfig="+P("kubelet-"+n.name+".kubeconfig"), "--root-dir="+kubeletView,
+		"--hostname-override="+n.name, "--node-ip="+n.ip, "--v=2")
 	if err != nil {
 		return err
 	}
-	p, err := c.start("kubelet", filepath.Join(c.bin, "kubelet"),
-		"--config="+cfgPath, "--kubeconfig="+P("kubelet.kubeconfig"), "--root-dir="+c.path("kubelet/root"),
-		"--hostname-override="+nodeName, "--node-ip="+nodeIP, "--v=2")
-	if err != nil {
-		return err
-	}
-	return c.waitFor("node Ready", 3*time.Minute, p, func() error {
-		out, err := c.kubectl("get", "node", nodeName, "-o", `jsonpath={.status.conditions[?(@.type=="Ready")].status}`)
+	return c.waitFor(n.name+" Ready", 3*time.Minute, p, func() error {
+		out, err := c.kubectl("get", "node", n.name, "-o", `jsonpath={.status.conditions[?(@.type=="Ready")].status}`)
 		if err != nil {
 			return err
 		}
@@ -542,31 +515,17 @@ nodeStatusUpdateFrequency: 5s
 	})
 }
 
-// kubeletDir is the kubelet's --root-dir, what the chart's kubeletDir names.
-func (c *cluster) kubeletDir() string { return c.path("kubelet/root") }
+// kubeletDir is the kubelet's --root-dir as every node sees it, what the
+// chart's kubeletDir names.
+func (c *cluster) kubeletDir() string { return kubeletView }
 
-// mountinfo lists mount points under prefix, deepest first.
-func mountsUnder(prefix string) []string {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return nil
-	}
-	defer f.Close()
-	var ms []string
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fs := strings.Fields(sc.Text())
-		if len(fs) < 5 {
-			continue
-		}
-		mp := unescapeMount(fs[4])
-		if mp == prefix || strings.HasPrefix(mp, prefix+"/") {
-			ms = append(ms, mp)
-		}
-	}
-	// Deepest first; later mounts on the same point come later in mountinfo.
+// mountsUnder lists the machine's mount points under prefix, deepest first.
+func mountsUnder(prefix string) []string { return mountsIn("/proc/self/mountinfo", prefix) }
+
+// sortDeepestFirst orders mount points for unmounting; later mounts on the
+// same point come later in mountinfo and stay after (stable sort).
+func sortDeepestFirst(ms []string) {
 	sort.SliceStable(ms, func(i, j int) bool { return strings.Count(ms[i], "/") > strings.Count(ms[j], "/") })
-	return ms
 }
 
 func unescapeMount(s string) string {
@@ -626,59 +585,44 @@ func pidsMentioning(prefix string) []int {
 	return pids
 }
 
-// podPIDs returns the processes of pods, from the kubelet's cgroup tree.
-func podPIDs() []int {
-	var pids []int
-	filepath.WalkDir("/sys/fs/cgroup/pids/kubepods", func(p string, d os.DirEntry, err error) error {
-		if err != nil || d.IsDir() || d.Name() != "cgroup.procs" {
-			return nil
-		}
-		b, _ := os.ReadFile(p)
-		for _, f := range strings.Fields(string(b)) {
-			if pid, err := strconv.Atoi(f); err == nil {
-				pids = append(pids, pid)
-			}
-		}
-		return nil
-	})
-	return pids
-}
-
-// teardown stops everything, in an order that lets the kubelet and the
+// teardown stops everything, in an order that lets the kubelets and the
 // driver unmount and detach first, then force-cleans whatever is left.
 // Errors are collected, never stop the teardown.
 func (c *cluster) teardown() []error {
 	var errs []error
-	if p := c.proc("kube-apiserver"); p != nil && p.alive() {
-		if k := c.proc("kubelet"); k != nil && k.alive() {
-			// Workloads first so the node plugin (still running) unstages
-			// their volumes; then everything else.
-			c.kubectl("delete", "pods", "--all", "-n", testNS, "--grace-period=1", "--timeout=90s")
-			c.kubectl("delete", "daemonsets,deployments,replicasets", "--all", "-A", "--timeout=60s")
-			c.kubectl("delete", "pods", "--all", "-A", "--grace-period=1", "--timeout=60s")
-		}
+	if p := c.proc("kube-apiserver"); p != nil && p.alive() && c.kubeletsAlive() {
+		// Workloads first so the node plugins (still running) unstage
+		// their volumes; then everything else.
+		c.kubectl("delete", "pods", "--all", "-n", testNS, "--grace-period=1", "--timeout=90s")
+		c.kubectl("delete", "daemonsets,deployments,replicasets", "--all", "-A", "--timeout=60s")
+		c.kubectl("delete", "pods", "--all", "-A", "--grace-period=1", "--timeout=60s")
 	}
-	for _, n := range []string{"snapshot-controller", "kubelet"} {
-		if p := c.proc(n); p != nil {
+	if p := c.proc("snapshot-controller"); p != nil {
+		p.stop(15 * time.Second)
+	}
+	for _, n := range c.nodes {
+		if p := c.proc(n.name + "-kubelet"); p != nil {
 			p.stop(15 * time.Second)
 		}
 	}
-	if p := c.proc("containerd"); p != nil && p.alive() {
-		if out, err := c.ctr("tasks", "ls", "-q"); err == nil {
-			for _, id := range strings.Fields(out) {
-				c.ctr("tasks", "kill", "-s", "KILL", id)
-			}
-			time.Sleep(time.Second)
-			for _, id := range strings.Fields(out) {
-				c.ctr("tasks", "delete", "-f", id)
+	for _, n := range c.nodes {
+		if p := c.proc(n.name + "-containerd"); p != nil && p.alive() {
+			if out, err := c.ctr(n, "tasks", "ls", "-q"); err == nil {
+				for _, id := range strings.Fields(out) {
+					c.ctr(n, "tasks", "kill", "-s", "KILL", id)
+				}
+				time.Sleep(time.Second)
+				for _, id := range strings.Fields(out) {
+					c.ctr(n, "tasks", "delete", "-f", id)
+				}
 			}
 		}
-	}
-	for _, pid := range podPIDs() {
-		syscall.Kill(pid, syscall.SIGKILL)
-	}
-	if p := c.proc("containerd"); p != nil {
-		p.stop(15 * time.Second)
+		for _, pid := range pidsOfNode("", n.cgroup) {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+		if p := c.proc(n.name + "-containerd"); p != nil {
+			p.stop(15 * time.Second)
+		}
 	}
 	for _, n := range []string{"kube-controller-manager", "kube-scheduler", "kube-apiserver", "etcd"} {
 		if p := c.proc(n); p != nil {
@@ -696,17 +640,35 @@ func (c *cluster) teardown() []error {
 	return errs
 }
 
+func (c *cluster) kubeletsAlive() bool {
+	for _, n := range c.nodes {
+		if p := c.proc(n.name + "-kubelet"); p == nil || !p.alive() {
+			return false
+		}
+	}
+	return len(c.nodes) > 0
+}
+
 // sweep removes what a cluster rooted at root may have left: processes
-// naming root (shims), mounts and loop devices under it, the pods' network
-// namespaces created since before (nil: none), the cluster namespace, the
-// kubelet's cgroups, and the directory itself. It is also run on the
-// remains of a previous run that was killed.
+// naming root, the processes of its nodes (by network namespace and
+// cgroup root: containerd, shims, kubelets, pods), mounts and loop devices
+// under it, the pods' network namespaces created since before (nil: none),
+// the cluster's namespaces and cgroups, and the directory itself. It is
+// also run on the remains of a previous run that was killed.
 func sweep(root, netns string, before map[string]bool) []error {
 	var errs []error
+	var nodeNS []string
+	for n := range netnsList() {
+		if strings.HasPrefix(n, netns+"-n") {
+			nodeNS = append(nodeNS, n)
+		}
+	}
+	sort.Strings(nodeNS)
 	for i := 0; i < 3; i++ {
-		// Pod processes (from the kubelet's cgroups) and the processes that
-		// name our directory: components, containerd shims.
-		pids := append(pidsMentioning(root), podPIDs()...)
+		pids := pidsMentioning(root)
+		for _, ns := range nodeNS {
+			pids = append(pids, pidsOfNode(ns, "/"+ns)...)
+		}
 		if len(pids) == 0 {
 			break
 		}
@@ -746,26 +708,15 @@ func sweep(root, netns string, before map[string]bool) []error {
 			}
 		}
 	}
-	if netnsList()[netns] {
-		if _, err := run("ip", "netns", "delete", netns); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	// The kubelet's pod cgroups (cgroupfs driver), deepest first.
-	for _, base := range []string{"/sys/fs/cgroup/*/kubepods", "/sys/fs/cgroup/kubepods"} {
-		dirs, _ := filepath.Glob(base)
-		for _, d := range dirs {
-			var all []string
-			filepath.WalkDir(d, func(p string, e os.DirEntry, err error) error {
-				if err == nil && e.IsDir() {
-					all = append(all, p)
-				}
-				return nil
-			})
-			for i := len(all) - 1; i >= 0; i-- {
-				os.Remove(all[i])
+	for _, ns := range append(nodeNS, netns) {
+		if netnsList()[ns] {
+			if _, err := run("ip", "netns", "delete", ns); err != nil {
+				errs = append(errs, err)
 			}
 		}
+	}
+	for _, ns := range nodeNS {
+		removeCgroup("/" + ns)
 	}
 	if ms := mountsUnder(root); len(ms) > 0 {
 		// Never RemoveAll through a mount point.

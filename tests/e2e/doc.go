@@ -4,13 +4,28 @@
 // sidecars and snapshot-controller, all compiled from the Go module proxy by
 // hack/e2e/build-tools.sh (cached under .cache/e2e, keyed by versions).
 //
-// The whole cluster runs inside a network namespace the suite creates, with
-// a veth pair whose two ends both live in it and addresses from the
-// documentation ranges (node 198.51.100.10/24, pods 203.0.113.0/24,
-// services 192.0.2.0/24): nothing listens on the machine's own interfaces.
-// The `kubernetes` Service address 192.0.2.1 is a local address of that
-// namespace on which the apiserver listens directly, so pods reach the API
-// without kube-proxy.
+// Two nodes on this one machine join one control plane. The control plane
+// (etcd, apiserver, controller-manager, scheduler, snapshot-controller)
+// runs in a network namespace the suite creates; each node in its own
+// network namespace, linked to the control plane's by a veth pair with
+// documentation-range addresses (control plane 198.51.100.1, nodes
+// 198.51.100.11 and .12, their pods 203.0.113.0/25 and .128/25, services
+// 192.0.2.0/24), routed through the control plane's namespace: nothing
+// listens on the machine's own interfaces. The `kubernetes` Service address
+// 192.0.2.1 is a local address of the control plane's namespace on which
+// the apiserver listens directly, so pods reach the API without kube-proxy.
+// Each node also has its own mount namespace, held by one process, in which
+// its directories under the cluster root are bind-mounted over
+// /var/lib/kubelet, /var/lib/containerd, /run/containerd and the pool and
+// fuse paths of the chart values: the same paths on both nodes, as a
+// DaemonSet needs, with different contents. Each node has its own
+// containerd, and its kubelet its own --cgroup-root; teardown finds a
+// node's processes by its network namespace and cgroup root.
+//
+// The cluster starts with the previous chart and driver (previous_test.go:
+// a pinned commit, built once into .cache/e2e) so that the first scenario
+// is the upgrade to this checkout's chart; a -run filter must keep it
+// (-run 'TestE2E/(0-|9-)').
 //
 // Images are docker-archive tarballs made without a container engine
 // (hack/image/imagetar) and imported into containerd; the chart is installed

@@ -20,39 +20,43 @@ const (
 	envDumpAlways = "E2E_DUMP_ALWAYS"
 )
 
-// podLogsDir is the kubelet's podLogsDir: inside the cluster root, so the
-// dump can read every container's log from disk, also when the API server
-// or the kubelet no longer serves logs, and a run leaves nothing in
+// podLogsDir is node n's kubelet podLogsDir: inside the cluster root, so
+// the dump can read every container's log from disk, also when the API
+// server or the kubelet no longer serves logs, and a run leaves nothing in
 // /var/log/pods.
-func (c *cluster) podLogsDir() string { return c.path("kubelet/pod-logs") }
+func (c *cluster) podLogsDir(n *node) string { return n.path("pod-logs") }
 
 // keptLogsDir mirrors podLogsDir with hard links to every log file (see
 // keepPodLogs): the logs of pods deleted since, such as the node plugin
 // before an upgrade or a scenario's pods, stay readable for the dump.
 func (c *cluster) keptLogsDir() string { return c.path("kept-pod-logs") }
 
-// keepPodLogs hard-links every new log file under podLogsDir into
-// keptLogsDir every half second until stop is closed. The runtime keeps
+// keepPodLogs hard-links every new log file under the nodes' podLogsDirs
+// into keptLogsDir every half second until stop is closed (pod directory
+// names hold the pod's UID: the two nodes' never collide). The runtime keeps
 // appending to the same inode, so the link sees the whole log, and the
 // kubelet's removal of a pod's directory leaves it. (A container that
 // comes and goes within half a second can be missed.)
 func (c *cluster) keepPodLogs(stop <-chan struct{}) {
-	src, dst := c.podLogsDir(), c.keptLogsDir()
+	dst := c.keptLogsDir()
 	tick := time.NewTicker(500 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		files, _ := filepath.Glob(filepath.Join(src, "*", "*", "*.log"))
-		for _, f := range files {
-			rel, err := filepath.Rel(src, f)
-			if err != nil {
-				continue
-			}
-			to := filepath.Join(dst, rel)
-			if _, err := os.Lstat(to); err == nil {
-				continue
-			}
-			if os.MkdirAll(filepath.Dir(to), 0o755) == nil {
-				_ = os.Link(f, to)
+		for _, n := range c.nodes {
+			src := c.podLogsDir(n)
+			files, _ := filepath.Glob(filepath.Join(src, "*", "*", "*.log"))
+			for _, f := range files {
+				rel, err := filepath.Rel(src, f)
+				if err != nil {
+					continue
+				}
+				to := filepath.Join(dst, rel)
+				if _, err := os.Lstat(to); err == nil {
+					continue
+				}
+				if os.MkdirAll(filepath.Dir(to), 0o755) == nil {
+					_ = os.Link(f, to)
+				}
 			}
 		}
 		select {

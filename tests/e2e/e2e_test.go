@@ -12,10 +12,12 @@ import (
 	"time"
 )
 
-// TestE2E brings up one cluster and runs the scenarios of issue 9 that pass
-// with the driver on main, in order; the last one uninstalls the chart.
-// Scenarios 5 and 6 start from scenario 4's source volume and pod; 6
-// deletes them and leaves the pool empty for 7 and 8.
+// TestE2E brings up one two-node cluster with the previous chart and
+// runs the scenarios in order: the first upgrades to this checkout's
+// chart, the last one uninstalls it. Those of issue 9 come first, then the
+// two-node ones of issue 13 (twonode_test.go). Scenarios 5 and 6 start
+// from scenario 4's source volume and pod; 6 deletes them and leaves the
+// pools empty for those after.
 func TestE2E(t *testing.T) {
 	c := upCluster(t)
 	scenarios := []struct {
@@ -23,6 +25,7 @@ func TestE2E(t *testing.T) {
 		f    func(t *testing.T, c *cluster)
 	}{
 		{"examples-validate", testExamplesValidate},
+		{"0-upgrade-from-previous-chart", testUpgradeFromPrevious},
 		{"1-filesystem-data-survives-pod-recreate", testFilesystemPersists},
 		{"2-raw-block", testRawBlock},
 		{"3-online-expansion", testOnlineExpansion},
@@ -30,6 +33,11 @@ func TestE2E(t *testing.T) {
 		{"5-clone", testClone},
 		{"6-delete-pvc-before-snapshot", testDeletePVCBeforeSnapshot},
 		{"7-driver-restart-while-writing", testDriverRestart},
+		{"9-volumes-land-on-the-selected-node", testSelectedNode},
+		{"10-snapshot-restore-expand-off-leader-node", testOffLeaderNode},
+		{"11-controller-killed-during-10-provisionings", testControllerFailover},
+		{"12-node-plugin-down", testNodePluginDown},
+		{"13-clone-onto-other-node-refused", testCloneOtherNode},
 		{"8-helm-upgrade-and-uninstall", testHelmUpgradeUninstall},
 	}
 	for _, s := range scenarios {
@@ -48,8 +56,8 @@ func TestE2E(t *testing.T) {
 				c.dumped = c.dumped || t.Failed()
 			}
 		})
-		if !ok && s.name == "examples-validate" {
-			t.Fatal("the cluster does not accept the chart's objects; not running the scenarios")
+		if !ok && (s.name == "examples-validate" || strings.HasPrefix(s.name, "0-")) {
+			t.Fatal("the cluster does not accept the chart's objects or the upgrade to this chart failed; not running the scenarios")
 		}
 	}
 }
@@ -132,14 +140,47 @@ func (c *cluster) pvcVolume(t *testing.T, ns, pvc string) (pv, handle string) {
 	return pv, c.jsonpath(t, "pv", "", pv, "{.spec.csi.volumeHandle}")
 }
 
-// poolImages lists the qcow2 files in the node's pool.
+// poolImages lists the qcow2 files in every node's pool.
 func (c *cluster) poolImages(t *testing.T) []string {
 	t.Helper()
-	m, err := filepath.Glob(c.path("pool", "*.qcow2"))
-	if err != nil {
-		t.Fatal(err)
+	var all []string
+	for _, n := range c.nodes {
+		m, err := filepath.Glob(filepath.Join(n.pool(), "*.qcow2"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		all = append(all, m...)
 	}
-	return m
+	return all
+}
+
+// localID is the part of a volume or snapshot ID that names its file in
+// the pool: the ID without the owning node's "@node" or "#hash" suffix
+// (legacy IDs have none).
+func localID(id string) string {
+	if i := strings.IndexAny(id, "@#"); i >= 0 {
+		return id[:i]
+	}
+	return id
+}
+
+// imagePath returns the pool file of a volume and the node whose pool
+// holds it; it fails unless exactly one pool does.
+func (c *cluster) imagePath(t *testing.T, handle string) (string, *node) {
+	t.Helper()
+	var found []string
+	var owner *node
+	for _, n := range c.nodes {
+		p := filepath.Join(n.pool(), localID(handle)+".qcow2")
+		if _, err := os.Stat(p); err == nil {
+			found = append(found, p)
+			owner = n
+		}
+	}
+	if len(found) != 1 {
+		t.Fatalf("volume %s: image in %d pools (%v), want exactly one; pools hold %v", handle, len(found), found, c.poolImages(t))
+	}
+	return found[0], owner
 }
 
 // imageInfo reads an image in the pool with qemu-img (the qcow2 oracle),
@@ -151,15 +192,10 @@ type qemuImgInfo struct {
 
 func (c *cluster) imageInfo(t *testing.T, handle string) qemuImgInfo {
 	t.Helper()
-	path := c.path("pool", handle+".qcow2")
+	path, _ := c.imagePath(t, handle)
 	out, err := exec.Command("qemu-img", "info", "-U", "--output=json", path).CombinedOutput()
 	if err != nil {
-		ents, _ := os.ReadDir(c.path("pool"))
-		var names []string
-		for _, e := range ents {
-			names = append(names, e.Name())
-		}
-		t.Fatalf("qemu-img info %s: %v: %s (pool holds %v)", path, err, out, names)
+		t.Fatalf("qemu-img info %s: %v: %s", path, err, out)
 	}
 	var info qemuImgInfo
 	if err := json.Unmarshal(out, &info); err != nil {
@@ -187,17 +223,28 @@ spec:
 }
 
 // podManifest is a busybox pod running script with the PVC at /data
-// (filesystem) or /dev/xvda (block).
+// (filesystem) or /dev/xvda (block), on the node the scheduler picks.
 func podManifest(name, pvc string, block bool, script string) string {
+	return podOnManifest(name, pvc, block, script, "")
+}
+
+// podOnManifest is podManifest pinned to a node (when not empty) by a node
+// selector: the scheduler still runs, so a WaitForFirstConsumer claim gets
+// that node as its selected node.
+func podOnManifest(name, pvc string, block bool, script, node string) string {
 	vol := "volumeMounts: [{name: v, mountPath: /data}]"
 	if block {
 		vol = "volumeDevices: [{name: v, devicePath: /dev/xvda}]"
+	}
+	sel := ""
+	if node != "" {
+		sel = fmt.Sprintf("nodeSelector: {kubernetes.io/hostname: %s}\n  ", node)
 	}
 	return fmt.Sprintf(`apiVersion: v1
 kind: Pod
 metadata: {name: %s, namespace: %s}
 spec:
-  terminationGracePeriodSeconds: 2
+  %sterminationGracePeriodSeconds: 2
   containers:
   - name: c
     image: %s
@@ -207,7 +254,7 @@ spec:
   volumes:
   - name: v
     persistentVolumeClaim: {claimName: %s}
-`, name, testNS, busyboxRef, script, vol, pvc)
+`, name, testNS, sel, busyboxRef, script, vol, pvc)
 }
 
 // --- scenarios ---------------------------------------------------------------
@@ -270,13 +317,15 @@ func testFilesystemPersists(t *testing.T, c *cluster) {
 	c.waitPVGone(t, handle)
 }
 
-// waitPVGone waits until the volume's image has left the pool (reclaim
+// waitPVGone waits until the volume's image has left every pool (reclaim
 // policy Delete).
 func (c *cluster) waitPVGone(t *testing.T, handle string) {
 	t.Helper()
-	if err := c.waitFor("image "+handle+" deleted from the pool", 2*time.Minute, nil, func() error {
-		if _, err := os.Stat(c.path("pool", handle+".qcow2")); err == nil {
-			return fmt.Errorf("still there")
+	if err := c.waitFor("image "+handle+" deleted from the pools", 2*time.Minute, nil, func() error {
+		for _, n := range c.nodes {
+			if _, err := os.Stat(filepath.Join(n.pool(), localID(handle)+".qcow2")); err == nil {
+				return fmt.Errorf("still in %s's pool", n.name)
+			}
 		}
 		return nil
 	}); err != nil {
@@ -324,21 +373,37 @@ func testRawBlock(t *testing.T, c *cluster) {
 // machines, so resize2fs fails there with "Permission denied"; xfs_growfs
 // needs only CAP_SYS_ADMIN.
 func testOnlineExpansion(t *testing.T, c *cluster) {
-	c.mustApply(t, fmt.Sprintf(`apiVersion: storage.k8s.io/v1
+	c.mustApply(t, xfsClassManifest)
+	defer c.kubectl("delete", "storageclass", "qcow2-xfs")
+	c.mustApply(t, pvcClassManifest("grow", "1Gi", "Filesystem", "qcow2-xfs"))
+	c.mustApply(t, podManifest("grower", "grow", false, "echo before > /data/marker && sync && sleep 3600"))
+	c.podReady(t, testNS, "grower", 3*time.Minute)
+	c.waitOutput(t, testNS, "grower", "cat /data/marker", "before")
+	handle := c.expandOnline(t, "grow", "grower")
+	if got := c.exec(t, testNS, "grower", "cat /data/marker"); got != "before" {
+		t.Errorf("marker after expansion %q, want %q", got, "before")
+	}
+	c.deletePod(t, testNS, "grower")
+	c.mustKubectl(t, "delete", "pvc", "-n", testNS, "grow", "--wait=true", "--timeout=120s")
+	c.waitPVGone(t, handle)
+}
+
+var xfsClassManifest = fmt.Sprintf(`apiVersion: storage.k8s.io/v1
 kind: StorageClass
 metadata: {name: qcow2-xfs}
 provisioner: %s
 allowVolumeExpansion: true
 volumeBindingMode: WaitForFirstConsumer
 parameters: {fsType: xfs}
-`, driverName))
-	defer c.kubectl("delete", "storageclass", "qcow2-xfs")
-	c.mustApply(t, pvcClassManifest("grow", "1Gi", "Filesystem", "qcow2-xfs"))
-	c.mustApply(t, podManifest("grower", "grow", false, "echo before > /data/marker && sync && sleep 3600"))
-	c.podReady(t, testNS, "grower", 3*time.Minute)
-	c.waitOutput(t, testNS, "grower", "cat /data/marker", "before")
+`, driverName)
+
+// expandOnline grows a 1Gi filesystem PVC in use by pod to 2Gi and waits
+// for the claim's capacity, the image's virtual size and the filesystem
+// seen in the pod; it returns the volume handle.
+func (c *cluster) expandOnline(t *testing.T, pvc, pod string) string {
+	t.Helper()
 	dfKB := func() int64 {
-		out := c.exec(t, testNS, "grower", "df -k /data | tail -1")
+		out := c.exec(t, testNS, pod, "df -k /data | tail -1")
 		f := strings.Fields(out)
 		if len(f) < 2 {
 			t.Fatalf("df output %q", out)
@@ -350,10 +415,10 @@ parameters: {fsType: xfs}
 		return n
 	}
 	before := dfKB()
-	c.mustKubectl(t, "patch", "pvc", "grow", "-n", testNS, "--type=merge", "-p", `{"spec":{"resources":{"requests":{"storage":"2Gi"}}}}`)
+	c.mustKubectl(t, "patch", "pvc", pvc, "-n", testNS, "--type=merge", "-p", `{"spec":{"resources":{"requests":{"storage":"2Gi"}}}}`)
 	var after int64
 	if err := c.waitFor("PVC capacity 2Gi and filesystem grown", 3*time.Minute, nil, func() error {
-		capacity, err := c.kubectl("get", "pvc", "grow", "-n", testNS, "-o", "jsonpath={.status.capacity.storage}")
+		capacity, err := c.kubectl("get", "pvc", pvc, "-n", testNS, "-o", "jsonpath={.status.capacity.storage}")
 		if err != nil {
 			return err
 		}
@@ -363,37 +428,36 @@ parameters: {fsType: xfs}
 		}
 		return nil
 	}); err != nil {
-		out, _ := c.kubectl("describe", "pvc", "grow", "-n", testNS)
+		out, _ := c.kubectl("describe", "pvc", pvc, "-n", testNS)
 		t.Fatalf("%v\n%s", err, tailString(out, 20))
 	}
-	_, handle := c.pvcVolume(t, testNS, "grow")
+	_, handle := c.pvcVolume(t, testNS, pvc)
 	if info := c.imageInfo(t, handle); info.VirtualSize != 2*gib {
 		t.Errorf("image virtual size after expansion %d, want %d", info.VirtualSize, 2*gib)
 	}
-	if got := c.exec(t, testNS, "grower", "cat /data/marker"); got != "before" {
-		t.Errorf("marker after expansion %q, want %q", got, "before")
-	}
-	t.Logf("df: %d KiB -> %d KiB", before, after)
-	c.deletePod(t, testNS, "grower")
-	c.mustKubectl(t, "delete", "pvc", "-n", testNS, "grow", "--wait=true", "--timeout=120s")
-	c.waitPVGone(t, handle)
+	t.Logf("%s: df %d KiB -> %d KiB", pvc, before, after)
+	return handle
 }
 
-// nodePluginPod returns the name of the running node plugin pod.
-func (c *cluster) nodePluginPod(t *testing.T) string {
+// nodePluginPod returns the name of the running node plugin pod on node.
+func (c *cluster) nodePluginPod(t *testing.T, node string) string {
 	t.Helper()
-	out := c.mustKubectl(t, "get", "pods", "-n", releaseNS, "-l", "app.kubernetes.io/component=node",
-		"-o", `jsonpath={range .items[*]}{.metadata.name}{"|"}{.metadata.deletionTimestamp}{"\n"}{end}`)
-	var names []string
-	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
-		if name, deleting, _ := strings.Cut(l, "|"); name != "" && deleting == "" {
-			names = append(names, name)
-		}
+	name := c.nodePluginPodOrEmpty(node)
+	if name == "" {
+		out, _ := c.kubectl("get", "pods", "-n", releaseNS, "-o", "wide")
+		t.Fatalf("no running node plugin pod on %s:\n%s", node, out)
 	}
-	if len(names) != 1 {
-		t.Fatalf("node plugin pods: %q, want one", out)
+	return name
+}
+
+// podNode returns the node a pod runs on.
+func (c *cluster) podNode(t *testing.T, ns, pod string) string {
+	t.Helper()
+	n := c.jsonpath(t, "pod", ns, pod, "{.spec.nodeName}")
+	if n == "" {
+		t.Fatalf("pod %s/%s is not scheduled", ns, pod)
 	}
-	return names[0]
+	return n
 }
 
 // Scenario 7, with the fuse attach backend this host needs: the node plugin
@@ -414,13 +478,15 @@ func testDriverRestart(t *testing.T, c *cluster) {
 	if synced < 10 {
 		t.Fatalf("only %d lines written in 2 s", synced)
 	}
-	old := c.nodePluginPod(t)
+	node := c.podNode(t, testNS, "logger")
+	old := c.nodePluginPod(t, node)
 	c.mustKubectl(t, "delete", "pod", "-n", releaseNS, old, "--wait=true", "--timeout=120s")
-	if err := c.waitFor("node plugin back", 3*time.Minute, nil, func() error {
-		if name := c.nodePluginPodOrEmpty(); name == "" || name == old {
+	if err := c.waitFor("node plugin back on "+node, 3*time.Minute, nil, func() error {
+		name := c.nodePluginPodOrEmpty(node)
+		if name == "" || name == old {
 			return fmt.Errorf("no new node plugin pod yet")
 		}
-		_, err := c.kubectl("wait", "-n", releaseNS, "--for=condition=Ready", "pod", "-l", "app.kubernetes.io/component=node", "--timeout=5s")
+		_, err := c.kubectl("wait", "-n", releaseNS, "--for=condition=Ready", "pod/"+name, "--timeout=5s")
 		return err
 	}); err != nil {
 		t.Fatal(err)
@@ -448,8 +514,9 @@ func testDriverRestart(t *testing.T, c *cluster) {
 }
 
 // nodePluginPodOrEmpty is nodePluginPod without failing.
-func (c *cluster) nodePluginPodOrEmpty() string {
+func (c *cluster) nodePluginPodOrEmpty(node string) string {
 	out, err := c.kubectl("get", "pods", "-n", releaseNS, "-l", "app.kubernetes.io/component=node",
+		"--field-selector=spec.nodeName="+node,
 		"-o", `jsonpath={range .items[*]}{.metadata.name}{"|"}{.metadata.deletionTimestamp}{"\n"}{end}`)
 	if err != nil {
 		return ""
@@ -472,12 +539,13 @@ func testHelmUpgradeUninstall(t *testing.T, c *cluster) {
 	c.mustApply(t, podManifest("upgrader", "upg", false, "echo kept > /data/kept && sync && sleep 3600"))
 	c.podReady(t, testNS, "upgrader", 3*time.Minute)
 	c.waitOutput(t, testNS, "upgrader", "cat /data/kept", "kept")
+	node := c.podNode(t, testNS, "upgrader")
 	c.deletePod(t, testNS, "upgrader")
-	old := c.nodePluginPod(t)
+	old := c.nodePluginPod(t, node)
 	if err := c.helmInstall("upgrade", "driver.logLevel=5"); err != nil {
 		t.Fatal(err)
 	}
-	if now := c.nodePluginPod(t); now == old {
+	if now := c.nodePluginPod(t, node); now == old {
 		t.Errorf("helm upgrade with a changed value did not roll the node plugin (still %s)", now)
 	}
 	c.mustApply(t, podManifest("upgraded", "upg", false, "sleep 3600"))
@@ -519,15 +587,22 @@ func testHelmUpgradeUninstall(t *testing.T, c *cluster) {
 	if imgs := c.poolImages(t); len(imgs) != 0 {
 		t.Errorf("images left in the pool: %v", imgs)
 	}
-	if ms := mountsUnder(c.kubeletDir()); len(ms) != 0 {
-		t.Errorf("mounts left under the kubelet dir: %v", ms)
+	for _, n := range c.nodes {
+		// Mounts the kubelet made for volumes: under pods/ (the plugin's own
+		// registration socket dir is not a mount).
+		if ms := n.mountsOn(c.kubeletDir() + "/pods"); len(ms) != 0 {
+			t.Errorf("%s: mounts left under the kubelet's pods dir: %v", n.name, ms)
+		}
+		if ms := n.mountsOn(c.kubeletDir() + "/plugins"); len(ms) != 0 {
+			t.Errorf("%s: mounts left under the kubelet's plugins dir: %v", n.name, ms)
+		}
+		out := c.mustKubectl(t, "get", "csinode", n.name, "-o", "jsonpath={.spec.drivers[*].name}")
+		if strings.Contains(out, driverName) {
+			// The kubelet unregisters a plugin when its registration socket goes.
+			t.Errorf("CSINode of %s still lists %s after uninstall", n.name, driverName)
+		}
 	}
-	if loops := loopsBackedUnder(c.path("pool")); len(loops) != 0 {
-		t.Errorf("loop devices left on pool files: %v", loops)
-	}
-	out := c.mustKubectl(t, "get", "csinode", nodeName, "-o", "jsonpath={.spec.drivers[*].name}")
-	if strings.Contains(out, driverName) {
-		// The kubelet unregisters a plugin when its registration socket goes.
-		t.Errorf("CSINode still lists %s after uninstall", driverName)
+	if loops := append(loopsBackedUnder(c.poolView()), loopsBackedUnder(c.fuseView())...); len(loops) != 0 {
+		t.Errorf("loop devices left on pool or fuse files: %v", loops)
 	}
 }

@@ -123,6 +123,10 @@ func buildImages(t testing.TB, root, bin, dir string) ([]string, error) {
 			return nil, fmt.Errorf("build qcow2-csi: %v\n%s", err, out)
 		}
 	}
+	_, prevDrv, err := prevTree(root)
+	if err != nil {
+		return nil, err
+	}
 	pause := filepath.Join(dir, "pause")
 	build := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", pause, "./hack/image/pause")
 	build.Dir = root
@@ -136,6 +140,7 @@ func buildImages(t testing.TB, root, bin, dir string) ([]string, error) {
 	}
 	imgs := []img{
 		{driverRepo + ":" + driverTag, func() (*imagetar.Image, error) { return imagetar.Driver(drv, "/bin/busybox") }},
+		{prevDriver, func() (*imagetar.Image, error) { return imagetar.Driver(prevDrv, "/bin/busybox") }},
 		{pauseRef, func() (*imagetar.Image, error) { return imagetar.Single("pause", pause) }},
 		{busyboxRef, func() (*imagetar.Image, error) { return imagetar.Busybox("/bin/busybox") }},
 		{provisionerRef, func() (*imagetar.Image, error) {
@@ -201,6 +206,7 @@ func upCluster(t *testing.T, extraValues ...string) *cluster {
 	root := repoRoot(t)
 	sweepStale(t)
 	c := &cluster{t: t, root: rootPrefix + strconv.Itoa(os.Getpid()), netns: netnsPrefix + strconv.Itoa(os.Getpid())}
+	c.newNodes()
 	c.steps = append(c.steps, stepTime{"build cluster tools (hack/e2e/build-tools.sh)", 0})
 	c.bin = buildTools(t)
 	c.steps[0].d = toolsTime
@@ -254,16 +260,7 @@ func upCluster(t *testing.T, extraValues ...string) *cluster {
 		images, err = buildImages(t, root, c.bin, c.path("images"))
 		return err
 	})
-	must("shared mount, netns, veth, PKI", func() error {
-		// The kubelet dir and pool are bind-mounted into the node plugin with
-		// Bidirectional propagation, which needs a shared mount under them.
-		if _, err := run("mount", "--bind", c.root, c.root); err != nil {
-			return err
-		}
-		c.mounted = true
-		if _, err := run("mount", "--make-rshared", c.root); err != nil {
-			return err
-		}
+	must("netns per node + control plane, routes, PKI", func() error {
 		if err := c.setupNetwork(); err != nil {
 			return err
 		}
@@ -272,8 +269,13 @@ func upCluster(t *testing.T, extraValues ...string) *cluster {
 	must("etcd", c.startEtcd)
 	must("kube-apiserver ready", c.startAPIServer)
 	must("controller-manager + scheduler", c.startControllers)
-	must("containerd + image import", func() error { return c.startContainerd(images) })
-	must("kubelet, node Ready", c.startKubelet)
+	c.cniNS = netnsList()
+	must("2 nodes: mount ns, containerd, image import", func() error {
+		return parallel(len(c.nodes), func(i int) error { return c.startContainerd(c.nodes[i], images) })
+	})
+	must("2 kubelets, nodes Ready", func() error {
+		return parallel(len(c.nodes), func(i int) error { return c.startKubelet(c.nodes[i]) })
+	})
 	stopKeeping := make(chan struct{})
 	go c.keepPodLogs(stopKeeping)
 	t.Cleanup(func() { close(stopKeeping) })
@@ -294,7 +296,15 @@ func upCluster(t *testing.T, extraValues ...string) *cluster {
 		}
 		return c.startSnapshotController()
 	})
-	must("helm install qcow2-csi", func() error { return c.helmInstall("install", extraValues...) })
+	// The previous chart and driver: the first scenario upgrades to this
+	// checkout's.
+	must("helm install qcow2-csi (previous chart)", func() error {
+		chart, _, err := prevTree(root)
+		if err != nil {
+			return err
+		}
+		return c.helmInstallChart(chart, "install", append(c.prevValues(), extraValues...)...)
+	})
 	must("test namespace", func() error {
 		if _, err := c.kubectl("create", "namespace", testNS); err != nil {
 			return err
@@ -307,27 +317,56 @@ func upCluster(t *testing.T, extraValues ...string) *cluster {
 	return c
 }
 
-// helmValues are the chart values of the e2e install.
+// parallel runs f(0..n-1) at once and returns the first error.
+func parallel(n int, f func(i int) error) error {
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func(i int) { defer wg.Done(); errs[i] = f(i) }(i)
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// helmValues are the chart values of the e2e install. The kubelet dir is
+// the default (every node sees its own at /var/lib/kubelet); the pool and
+// the fuse dir are per-run paths, each node's own by bind mount.
 func (c *cluster) helmValues() []string {
 	return []string{
 		"image.driver.repository=" + driverRepo,
 		"image.driver.tag=" + driverTag,
 		"image.driver.pullPolicy=Never",
-		"kubeletDir=" + c.kubeletDir(),
-		"pool.hostPath=" + c.path("pool"),
+		"pool.hostPath=" + c.poolView(),
 		// No registry here: the driver registers itself with the kubelet.
 		"node.registrar=builtin",
 		// The host kernel has no nbd module.
 		"attachBackend=fuse",
-		"fuseDir=" + c.path("fuse"),
+		"fuseDir=" + c.fuseView(),
 		"driver.logLevel=4",
+		// Retry a failed call within 10 s, not the sidecars' 5 min: the
+		// scenario that stops a node's plugin waits for convergence.
+		"controller.provisioner.extraArgs={--retry-interval-max=10s}",
+		"controller.snapshotter.extraArgs={--retry-interval-max=10s}",
+		"controller.resizer.extraArgs={--retry-interval-max=10s}",
 	}
 }
 
 // helmInstall runs `helm install` or `helm upgrade` of the chart in this
-// checkout and waits for the node plugin to be registered with the kubelet.
+// checkout and waits for the node plugins to be registered with the
+// kubelets.
 func (c *cluster) helmInstall(verb string, extra ...string) error {
-	args := []string{verb, "qcow2-csi", filepath.Join(repoRoot(c.t), "charts/qcow2-csi"),
+	return c.helmInstallChart(filepath.Join(repoRoot(c.t), "charts/qcow2-csi"), verb, extra...)
+}
+
+// helmInstallChart is helmInstall of the chart in dir.
+func (c *cluster) helmInstallChart(dir, verb string, extra ...string) error {
+	args := []string{verb, "qcow2-csi", dir,
 		"--namespace", releaseNS, "--wait", "--timeout", "4m"}
 	if verb == "install" {
 		args = append(args, "--create-namespace")
@@ -339,27 +378,33 @@ func (c *cluster) helmInstall(verb string, extra ...string) error {
 		c.logPods()
 		return err
 	}
-	if err := c.nodePluginSteady(); err != nil {
+	if err := c.pluginSteady(); err != nil {
 		return err
 	}
-	return c.waitFor("CSINode lists "+driverName, 2*time.Minute, c.proc("kubelet"), func() error {
-		out, err := c.kubectl("get", "csinode", nodeName, "-o", "jsonpath={.spec.drivers[*].name}")
-		if err != nil {
+	for _, n := range c.nodes {
+		if err := c.waitFor("CSINode of "+n.name+" lists "+driverName, 2*time.Minute, c.proc(n.name+"-kubelet"), func() error {
+			out, err := c.kubectl("get", "csinode", n.name, "-o", "jsonpath={.spec.drivers[*].name}")
+			if err != nil {
+				return err
+			}
+			if !strings.Contains(out, driverName) {
+				return fmt.Errorf("CSINode drivers: %q", out)
+			}
+			return nil
+		}); err != nil {
 			return err
 		}
-		if !strings.Contains(out, driverName) {
-			return fmt.Errorf("CSINode drivers: %q", out)
-		}
-		return nil
-	})
+	}
+	return nil
 }
 
-// nodePluginSteady waits for every container of the node plugin to be
-// ready, then checks that none restarted a few seconds later: helm's --wait
-// alone passes a sidecar that starts and then exits.
-func (c *cluster) nodePluginSteady() error {
-	sel := "app.kubernetes.io/component=node"
-	if err := c.waitFor("node plugin containers ready", 3*time.Minute, nil, func() error {
+// pluginSteady waits for every container of the release (node plugins,
+// controller replicas) to be ready, then checks that none restarted a few
+// seconds later: helm's --wait alone passes a sidecar that starts and then
+// exits.
+func (c *cluster) pluginSteady() error {
+	sel := "app.kubernetes.io/instance=qcow2-csi"
+	if err := c.waitFor("release containers ready", 3*time.Minute, nil, func() error {
 		_, err := c.kubectl("wait", "-n", releaseNS, "--for=condition=Ready", "pod", "-l", sel, "--timeout=10s")
 		return err
 	}); err != nil {
@@ -367,14 +412,14 @@ func (c *cluster) nodePluginSteady() error {
 	}
 	time.Sleep(5 * time.Second)
 	out, err := c.kubectl("get", "pods", "-n", releaseNS, "-l", sel, "-o",
-		`jsonpath={range .items[*].status.containerStatuses[*]}{.name}={.restartCount}{" "}{end}`)
+		`jsonpath={range .items[*]}{range .status.containerStatuses[*]}{.name}={.restartCount}{" "}{end}{end}`)
 	if err != nil {
 		return err
 	}
 	for _, f := range strings.Fields(out) {
 		if !strings.HasSuffix(f, "=0") {
 			logs, _ := c.kubectl("logs", "-n", releaseNS, "-l", sel, "--all-containers", "--previous", "--tail=5")
-			return fmt.Errorf("node plugin containers restarted: %s\n%s", out, logs)
+			return fmt.Errorf("release containers restarted: %s\n%s", out, logs)
 		}
 	}
 	return nil

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"fmt"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -61,8 +60,11 @@ func testSnapshotRestore(t *testing.T, c *cluster) {
 	c.mustApply(t, snapshotManifest("snap1", "src"))
 	c.snapshotReady(t, "snap1")
 	c.exec(t, testNS, "src-pod", "echo later > /data/f && sync")
+	// A restore is made in the source's pool (scenario 13: another node
+	// is refused): the pod goes where the source is.
+	node := c.podNode(t, testNS, "src-pod")
 	c.mustApply(t, pvcFromManifest("restored", "VolumeSnapshot", "snapshot.storage.k8s.io", "snap1"))
-	c.mustApply(t, podManifest("restored-pod", "restored", false, "sleep 3600"))
+	c.mustApply(t, podOnManifest("restored-pod", "restored", false, "sleep 3600", node))
 	c.podReady(t, testNS, "restored-pod", 3*time.Minute)
 	if got := c.exec(t, testNS, "restored-pod", "cat /data/f"); got != "snapshot-time" {
 		t.Errorf("restored volume holds %q, want %q", got, "snapshot-time")
@@ -80,7 +82,7 @@ func testSnapshotRestore(t *testing.T, c *cluster) {
 func testClone(t *testing.T, c *cluster) {
 	c.exec(t, testNS, "src-pod", "echo clone-time > /data/g && sync")
 	c.mustApply(t, pvcFromManifest("cloned", "PersistentVolumeClaim", "", "src"))
-	c.mustApply(t, podManifest("cloned-pod", "cloned", false, "sleep 3600"))
+	c.mustApply(t, podOnManifest("cloned-pod", "cloned", false, "sleep 3600", c.podNode(t, testNS, "src-pod")))
 	c.podReady(t, testNS, "cloned-pod", 3*time.Minute)
 	if got := c.exec(t, testNS, "cloned-pod", "cat /data/g /data/f"); got != "clone-time\nlater" {
 		t.Errorf("clone holds %q", got)
@@ -97,22 +99,5 @@ func testDeletePVCBeforeSnapshot(t *testing.T, c *cluster) {
 	c.deletePod(t, testNS, "src-pod")
 	c.mustKubectl(t, "delete", "pvc", "-n", testNS, "src", "--wait=true", "--timeout=120s")
 	c.mustKubectl(t, "delete", "volumesnapshot", "-n", testNS, "snap2", "--wait=true", "--timeout=120s")
-	if err := c.waitFor("pool empty", 2*time.Minute, nil, func() error {
-		ents, err := os.ReadDir(c.path("pool"))
-		if err != nil {
-			return err
-		}
-		var left []string
-		for _, e := range ents {
-			if !strings.HasPrefix(e.Name(), ".") {
-				left = append(left, e.Name())
-			}
-		}
-		if len(left) > 0 {
-			return fmt.Errorf("pool holds %v", left)
-		}
-		return nil
-	}); err != nil {
-		t.Error(err)
-	}
+	c.waitPoolsEmpty(t)
 }
