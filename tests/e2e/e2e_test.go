@@ -38,6 +38,7 @@ func TestE2E(t *testing.T) {
 		{"11-controller-killed-during-10-provisionings", testControllerFailover},
 		{"12-node-plugin-down", testNodePluginDown},
 		{"13-clone-onto-other-node-refused", testCloneOtherNode},
+		{"14-agent-is-mutual-tls-only", testAgentMutualTLS},
 		{"8-helm-upgrade-and-uninstall", testHelmUpgradeUninstall},
 	}
 	for _, s := range scenarios {
