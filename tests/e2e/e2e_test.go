@@ -56,6 +56,11 @@ func TestE2E(t *testing.T) {
 				c.dumpState(t, s.name)
 				c.dumped = c.dumped || t.Failed()
 			}
+			if t.Failed() {
+				// What a failed scenario left would fail the next ones'
+				// checks of the pools.
+				c.cleanTestNamespace(t)
+			}
 		})
 		if !ok && (s.name == "examples-validate" || strings.HasPrefix(s.name, "0-")) {
 			t.Fatal("the cluster does not accept the chart's objects or the upgrade to this chart failed; not running the scenarios")
@@ -64,6 +69,17 @@ func TestE2E(t *testing.T) {
 }
 
 // --- helpers on the cluster, for scenarios ---------------------------------
+
+// cleanTestNamespace deletes the pods, snapshots and claims of the test
+// namespace and waits for the pools to be empty.
+func (c *cluster) cleanTestNamespace(t *testing.T) {
+	for _, kind := range []string{"pods", "volumesnapshots", "pvc"} {
+		if _, err := c.kubectl("delete", kind, "--all", "-n", testNS, "--wait=true", "--timeout=120s"); err != nil {
+			t.Logf("cleaning %s after the failure: %v", kind, err)
+		}
+	}
+	c.waitPoolsEmpty(t)
+}
 
 func (c *cluster) mustKubectl(t *testing.T, args ...string) string {
 	t.Helper()

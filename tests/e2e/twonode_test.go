@@ -87,7 +87,8 @@ func testSelectedNode(t *testing.T, c *cluster) {
 		c.deletePod(t, testNS, pvc+"-pod")
 		path, _ := c.imagePath(t, handles[i])
 		out, err := run("qemu-io", "-U", "-r", "-f", "qcow2", "-c", "read -v 0 16", path)
-		if err != nil || !strings.Contains(out, n.name) {
+		// qemu-io's hex column: its text column shows '-' as '.'.
+		if err != nil || !strings.Contains(out, fmt.Sprintf("% x", n.name)) {
 			t.Errorf("%s: image %s does not hold what the pod wrote: %v\n%s", pvc, path, err, out)
 		}
 		c.mustKubectl(t, "delete", "pvc", "-n", testNS, pvc, "--wait=true", "--timeout=120s")
@@ -121,6 +122,10 @@ func testOffLeaderNode(t *testing.T, c *cluster) {
 	}
 	c.exec(t, testNS, "far-pod", "echo later > /data/f && sync")
 	c.expandOnline(t, "far", "far-pod")
+	// The source must not be mounted on the node when the restore is:
+	// both hold the same xfs UUID, and XFS refuses to mount the second
+	// ("duplicate UUID") unless the driver mounts with nouuid.
+	c.deletePod(t, testNS, "far-pod")
 
 	c.mustApply(t, strings.Replace(pvcFromManifest("far-restored", "VolumeSnapshot", "snapshot.storage.k8s.io", "far-snap"),
 		"storageClassName: qcow2", "storageClassName: qcow2-xfs", 1))
@@ -134,7 +139,6 @@ func testOffLeaderNode(t *testing.T, c *cluster) {
 		t.Errorf("restore landed in %s's pool, want %s's", owner.name, n.name)
 	}
 	c.deletePod(t, testNS, "far-restored-pod")
-	c.deletePod(t, testNS, "far-pod")
 	c.mustKubectl(t, "delete", "volumesnapshot", "-n", testNS, "far-snap", "--wait=true", "--timeout=120s")
 	c.mustKubectl(t, "delete", "pvc", "-n", testNS, "far", "far-restored", "--wait=true", "--timeout=120s")
 	c.waitPoolsEmpty(t)
@@ -171,12 +175,18 @@ func testControllerFailover(t *testing.T, c *cluster) {
 	c.mustKubectl(t, "delete", "pod", "-n", releaseNS, holder, "--wait=false")
 	t.Logf("deleted the active controller %s (on %s)", holder, leader.name)
 	if err := c.waitFor("10 claims bound", 5*time.Minute, nil, func() error {
-		out, err := c.kubectl("get", "pvc", "-n", testNS, "-o", `jsonpath={range .items[*]}{.status.phase}{" "}{end}`)
+		out, err := c.kubectl("get", "pvc", "-n", testNS, "-o", `jsonpath={range .items[*]}{.metadata.name}={.status.phase}{" "}{end}`)
 		if err != nil {
 			return err
 		}
-		if n := strings.Count(out, "Bound"); n != count {
-			return fmt.Errorf("%d of %d bound: %s", n, count, out)
+		bound := 0
+		for i := 0; i < count; i++ {
+			if strings.Contains(" "+out, fmt.Sprintf(" many-%d=Bound ", i)) {
+				bound++
+			}
+		}
+		if bound != count {
+			return fmt.Errorf("%d of %d bound: %s", bound, count, out)
 		}
 		return nil
 	}); err != nil {
@@ -210,8 +220,13 @@ func testControllerFailover(t *testing.T, c *cluster) {
 	for i := 0; i < count; i++ {
 		c.podReady(t, testNS, fmt.Sprintf("many-%d-pod", i), 3*time.Minute)
 	}
-	c.mustKubectl(t, "delete", "pods", "--all", "-n", testNS, "--wait=true", "--timeout=180s")
-	c.mustKubectl(t, "delete", "pvc", "--all", "-n", testNS, "--wait=true", "--timeout=180s")
+	var pods, pvcs []string
+	for i := 0; i < count; i++ {
+		pvcs = append(pvcs, fmt.Sprintf("many-%d", i))
+		pods = append(pods, fmt.Sprintf("many-%d-pod", i))
+	}
+	c.mustKubectl(t, append([]string{"delete", "pod", "-n", testNS, "--wait=true", "--timeout=180s"}, pods...)...)
+	c.mustKubectl(t, append([]string{"delete", "pvc", "-n", testNS, "--wait=true", "--timeout=180s"}, pvcs...)...)
 	c.waitPoolsEmpty(t)
 	if err := c.waitControllerReplicas(); err != nil {
 		t.Error(err)
