@@ -566,23 +566,10 @@ func loopsBackedUnder(prefix string) []string {
 // containerd shims (their -address is under root) and anything else the
 // cluster started with a path of ours.
 func pidsMentioning(prefix string) []int {
-	var pids []int
-	ents, _ := os.ReadDir("/proc")
-	self := os.Getpid()
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == self {
-			continue
-		}
-		b, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
-		if err != nil {
-			continue
-		}
-		if bytes.Contains(b, []byte(prefix+"/")) {
-			pids = append(pids, pid)
-		}
-	}
-	return pids
+	return processes(func(pid string) bool {
+		b, err := os.ReadFile("/proc/" + pid + "/cmdline")
+		return err == nil && bytes.Contains(b, []byte(prefix+"/"))
+	})
 }
 
 // teardown stops everything, in an order that lets the kubelets and the

@@ -281,21 +281,11 @@ func makeCgroupRoot(cgroup string) error {
 func pidsOfNode(netns, cgroup string) []int {
 	var pids []int
 	var st syscall.Stat_t
-	if netns == "" {
-		// only the cgroup
-	} else if err := syscall.Stat("/run/netns/"+netns, &st); err == nil {
-		ents, _ := os.ReadDir("/proc")
-		self := os.Getpid()
-		for _, e := range ents {
-			pid, err := strconv.Atoi(e.Name())
-			if err != nil || pid == self {
-				continue
-			}
+	if netns != "" && syscall.Stat("/run/netns/"+netns, &st) == nil {
+		pids = processes(func(pid string) bool {
 			var ps syscall.Stat_t
-			if syscall.Stat("/proc/"+e.Name()+"/ns/net", &ps) == nil && ps.Ino == st.Ino && ps.Dev == st.Dev {
-				pids = append(pids, pid)
-			}
-		}
+			return syscall.Stat("/proc/"+pid+"/ns/net", &ps) == nil && ps.Ino == st.Ino && ps.Dev == st.Dev
+		})
 	}
 	for _, d := range cgroupDirs(cgroup) {
 		filepath.WalkDir(d, func(p string, e os.DirEntry, err error) error {
@@ -352,4 +342,21 @@ func mountsIn(mountinfo, prefix string) []string {
 	}
 	sortDeepestFirst(ms)
 	return ms
+}
+
+// processes returns the PIDs (but this process's) for which match holds.
+func processes(match func(pid string) bool) []int {
+	var pids []int
+	ents, _ := os.ReadDir("/proc")
+	self := os.Getpid()
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == self {
+			continue
+		}
+		if match(e.Name()) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
 }

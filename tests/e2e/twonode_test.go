@@ -2,8 +2,12 @@ package e2e
 
 import (
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -95,6 +99,18 @@ func testSelectedNode(t *testing.T, c *cluster) {
 	}
 	for _, h := range handles {
 		c.waitPVGone(t, h)
+	}
+	// The controller counted the calls it passed to each node's agent.
+	m := c.controllerMetrics(t)
+	for _, n := range c.nodes {
+		for _, method := range []string{"CreateVolume", "DeleteVolume"} {
+			if v := metricSum(m, "qcow2_csi_routed_calls_total", `node="`+n.name+`"`, method, `code="OK"`); v < 1 {
+				t.Errorf("qcow2_csi_routed_calls_total{node=%q,method=~%q,code=OK} = %v, want >= 1", n.name, method, v)
+			}
+		}
+		if v := metricSum(m, "qcow2_csi_routed_call_seconds_count", `node="`+n.name+`"`); v < 2 {
+			t.Errorf("qcow2_csi_routed_call_seconds_count{node=%q} = %v, want >= 2", n.name, v)
+		}
 	}
 }
 
@@ -298,11 +314,7 @@ func (c *cluster) waitEvent(t *testing.T, ns, name string, want ...string) strin
 // once the plugin is back the failed operations complete.
 func testNodePluginDown(t *testing.T, c *cluster) {
 	down, up := c.nodes[0], c.nodes[1]
-	c.mustApply(t, pvcManifest("down-vol", "64Mi", "Block"))
-	c.mustApply(t, podOnManifest("down-pod", "down-vol", true, "sleep 3600", down.name))
-	c.podReady(t, testNS, "down-pod", 3*time.Minute)
-	c.deletePod(t, testNS, "down-pod")
-	_, handle := c.pvcVolume(t, testNS, "down-vol")
+	handle := c.blockVolumeOn(t, "down-vol", down)
 
 	old := c.nodePluginPod(t, down.name)
 	c.mustKubectl(t, "label", "node", down.name, "kubernetes.io/os-")
@@ -327,6 +339,9 @@ func testNodePluginDown(t *testing.T, c *cluster) {
 	c.mustApply(t, snapshotManifest("down-snap", "down-vol"))
 	ev := c.waitEvent(t, testNS, "down-vol", down.name)
 	t.Logf("expansion while %s's plugin is down: %s", down.name, ev)
+	if v := metricSum(c.controllerMetrics(t), "qcow2_csi_agent_connection_errors_total", `node="`+down.name+`"`); v < 1 {
+		t.Errorf("qcow2_csi_agent_connection_errors_total{node=%q} = %v while its plugin is down, want >= 1", down.name, v)
+	}
 
 	c.mustApply(t, pvcManifest("up-vol", "64Mi", "Block"))
 	c.mustApply(t, podOnManifest("up-pod", "up-vol", true, "sleep 3600", up.name))
@@ -375,10 +390,7 @@ func testNodePluginDown(t *testing.T, c *cluster) {
 // nodes; nothing is created in either pool.
 func testCloneOtherNode(t *testing.T, c *cluster) {
 	src, dst := c.nodes[0], c.nodes[1]
-	c.mustApply(t, pvcManifest("here", "64Mi", "Block"))
-	c.mustApply(t, podOnManifest("here-pod", "here", true, "sleep 3600", src.name))
-	c.podReady(t, testNS, "here-pod", 3*time.Minute)
-	c.deletePod(t, testNS, "here-pod")
+	c.blockVolumeOn(t, "here", src)
 	c.mustApply(t, strings.Replace(pvcFromManifest("there", "PersistentVolumeClaim", "", "here"),
 		"resources: {requests: {storage: 1Gi}}", "volumeMode: Block\n  resources: {requests: {storage: 64Mi}}", 1))
 	c.mustApply(t, podOnManifest("there-pod", "there", true, "sleep 3600", dst.name))
@@ -393,4 +405,62 @@ func testCloneOtherNode(t *testing.T, c *cluster) {
 	c.mustKubectl(t, "delete", "pod", "-n", testNS, "there-pod", "--wait=true", "--timeout=120s")
 	c.mustKubectl(t, "delete", "pvc", "-n", testNS, "there", "here", "--wait=true", "--timeout=120s")
 	c.waitPoolsEmpty(t)
+}
+
+// blockVolumeOn provisions a 64Mi raw block claim on node n (a pod pinned
+// there is its first consumer, then deleted) and returns its handle.
+func (c *cluster) blockVolumeOn(t *testing.T, pvc string, n *node) string {
+	t.Helper()
+	c.mustApply(t, pvcManifest(pvc, "64Mi", "Block"))
+	c.mustApply(t, podOnManifest(pvc+"-pod", pvc, true, "sleep 3600", n.name))
+	c.podReady(t, testNS, pvc+"-pod", 3*time.Minute)
+	c.deletePod(t, testNS, pvc+"-pod")
+	_, handle := c.pvcVolume(t, testNS, pvc)
+	return handle
+}
+
+// controllerMetrics returns the Prometheus text of every controller
+// replica, fetched from the control plane's network namespace.
+func (c *cluster) controllerMetrics(t *testing.T) string {
+	t.Helper()
+	ips := strings.Fields(c.mustKubectl(t, "get", "pods", "-n", releaseNS, "-l", "app.kubernetes.io/component=controller",
+		"-o", `jsonpath={range .items[*]}{.status.podIP}{" "}{end}`))
+	var all strings.Builder
+	for _, ip := range ips {
+		err := inNetns("/run/netns/"+c.netns, func() error {
+			cl := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+			resp, err := cl.Get("http://" + net.JoinHostPort(ip, "9820") + "/metrics")
+			if err != nil {
+				return err
+			}
+			defer resp.Body.Close()
+			b, err := io.ReadAll(resp.Body)
+			all.Write(b)
+			return err
+		})
+		if err != nil {
+			t.Errorf("metrics of the controller at %s: %v", ip, err)
+		}
+	}
+	return all.String()
+}
+
+// metricSum adds the samples of metric whose labels include every one of
+// labels (`name="value"` strings).
+func metricSum(text, metric string, labels ...string) float64 {
+	var sum float64
+	for _, l := range strings.Split(text, "\n") {
+		if !strings.HasPrefix(l, metric+"{") {
+			continue
+		}
+		ok := true
+		for _, want := range labels {
+			ok = ok && strings.Contains(l, want)
+		}
+		f := strings.Fields(l)
+		if v, err := strconv.ParseFloat(f[len(f)-1], 64); ok && err == nil {
+			sum += v
+		}
+	}
+	return sum
 }
