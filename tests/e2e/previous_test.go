@@ -13,7 +13,9 @@ import (
 // The previous release of the chart and driver, which the cluster starts
 // with so that the first scenario upgrades from it: chart 0.1.0, where every
 // node ran csi-provisioner and csi-snapshotter in node-deployment mode and
-// volume IDs carried no node. QCOW2_CSI_E2E_PREV_REF names another commit.
+// volume IDs carried no node. QCOW2_CSI_E2E_PREV_REF names another commit,
+// or "none": the cluster then starts with this checkout's chart and
+// scenario 0 is skipped (a checkout without that commit, e.g. shallow).
 const (
 	prevRef    = "e94529dc414cabdfa53a39867ebeddc0e74e41d8"
 	prevDriver = driverRepo + ":e2e-prev"
@@ -45,7 +47,7 @@ func prevTree(root string) (chart, driver string, err error) {
 	archive := exec.Command("sh", "-c", `git archive "$1" | tar -x -C "$2"`, "sh", ref, src)
 	archive.Dir = root
 	if out, err := archive.CombinedOutput(); err != nil {
-		return "", "", fmt.Errorf("git archive %s: %v: %s", ref, err, out)
+		return "", "", fmt.Errorf("git archive %s (the previous release, for the upgrade scenario; a shallow checkout lacks it: fetch it, or set QCOW2_CSI_E2E_PREV_REF=none to skip that scenario): %v: %s", ref, err, out)
 	}
 	build := exec.Command("go", "build", "-trimpath", "-o", driver, "./cmd/qcow2-csi")
 	build.Dir = src
@@ -68,6 +70,9 @@ func (c *cluster) prevValues() []string {
 // legacy IDs: the data is there, the snapshot restores, a new snapshot is
 // taken, and deleting everything empties both pools.
 func testUpgradeFromPrevious(t *testing.T, c *cluster) {
+	if prevRefOrEnv() == "none" {
+		t.Skip("SKIPPED: QCOW2_CSI_E2E_PREV_REF=none: the cluster started with this chart, no upgrade tested")
+	}
 	for i, n := range c.nodes {
 		pvc := fmt.Sprintf("old-%d", i+1)
 		c.mustApply(t, pvcManifest(pvc, "1Gi", "Filesystem"))
