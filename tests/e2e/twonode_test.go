@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bufio"
 	"fmt"
 	"io"
 	"net"
@@ -428,12 +429,27 @@ func (c *cluster) controllerMetrics(t *testing.T) string {
 	var all strings.Builder
 	for _, ip := range ips {
 		err := inNetns("/run/netns/"+c.netns, func() error {
-			cl := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-			resp, err := cl.Get("http://" + net.JoinHostPort(ip, "9820") + "/metrics")
+			// Dialled here, on the thread in the namespace: http.Transport
+			// would dial from a goroutine of its own, anywhere.
+			conn, err := net.DialTimeout("tcp", net.JoinHostPort(ip, "9820"), 10*time.Second)
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			conn.SetDeadline(time.Now().Add(10 * time.Second))
+			req, _ := http.NewRequest("GET", "http://"+net.JoinHostPort(ip, "9820")+"/metrics", nil)
+			req.Close = true
+			if err := req.Write(conn); err != nil {
+				return err
+			}
+			resp, err := http.ReadResponse(bufio.NewReader(conn), req)
 			if err != nil {
 				return err
 			}
 			defer resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				return fmt.Errorf("GET /metrics: %s", resp.Status)
+			}
 			b, err := io.ReadAll(resp.Body)
 			all.Write(b)
 			return err
