@@ -280,7 +280,15 @@ func upCluster(t *testing.T, extraValues ...string) *cluster {
 		return parallel(len(c.nodes), func(i int) error { return c.startContainerd(c.nodes[i], images) })
 	})
 	must("2 kubelets, nodes Ready", func() error {
-		return parallel(len(c.nodes), func(i int) error { return c.startKubelet(c.nodes[i]) })
+		if err := parallel(len(c.nodes), func(i int) error { return c.startKubelet(c.nodes[i]) }); err != nil {
+			return err
+		}
+		for _, n := range c.nodes {
+			if _, err := c.kubectl("label", "node", n.name, pluginLabel+"=on"); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 	stopKeeping := make(chan struct{})
 	go c.keepPodLogs(stopKeeping)
@@ -343,6 +351,9 @@ func parallel(n int, f func(i int) error) error {
 	return nil
 }
 
+// pluginLabel marks the nodes on which the node plugin runs.
+const pluginLabel = "qcow2-e2e-plugin"
+
 // helmValues are the chart values of the e2e install. The kubelet dir is
 // the default (every node sees its own at /var/lib/kubelet); the pool and
 // the fuse dir are per-run paths, each node's own by bind mount.
@@ -354,6 +365,10 @@ func (c *cluster) helmValues() []string {
 		"pool.hostPath=" + c.poolView(),
 		// No registry here: the driver registers itself with the kubelet.
 		"node.registrar=builtin",
+		// The node plugin runs where this label is: scenario 12 stops one
+		// node's plugin by removing it (the kubelet restores its own
+		// labels, kubernetes.io/os included).
+		"node.nodeSelector." + pluginLabel + "=on",
 		// The host kernel has no nbd module.
 		"attachBackend=fuse",
 		"fuseDir=" + c.fuseView(),

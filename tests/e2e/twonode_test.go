@@ -310,7 +310,7 @@ func (c *cluster) waitEvent(t *testing.T, ns, name string, want ...string) strin
 }
 
 // Scenario 12: with one node's plugin stopped (the DaemonSet's node
-// selector no longer matches it), operations on that node's volume fail
+// selector no longer matches it: its pluginLabel is removed), operations on that node's volume fail
 // with an event naming the node, the other node keeps provisioning, and
 // once the plugin is back the failed operations complete.
 func testNodePluginDown(t *testing.T, c *cluster) {
@@ -318,18 +318,21 @@ func testNodePluginDown(t *testing.T, c *cluster) {
 	handle := c.blockVolumeOn(t, "down-vol", down)
 
 	old := c.nodePluginPod(t, down.name)
-	c.mustKubectl(t, "label", "node", down.name, "kubernetes.io/os-")
+	c.mustKubectl(t, "label", "node", down.name, pluginLabel+"-")
 	restored := false
 	restore := func() {
 		if !restored {
 			restored = true
-			c.kubectl("label", "node", down.name, "kubernetes.io/os=linux", "--overwrite")
+			c.kubectl("label", "node", down.name, pluginLabel+"=on", "--overwrite")
 		}
 	}
 	defer restore()
 	if err := c.waitFor("plugin gone from "+down.name, 2*time.Minute, nil, func() error {
 		if _, err := c.kubectl("get", "pod", "-n", releaseNS, old); err == nil {
 			return fmt.Errorf("%s still exists", old)
+		}
+		if p := c.nodePluginPodOrEmpty(down.name); p != "" {
+			return fmt.Errorf("%s runs there", p)
 		}
 		return nil
 	}); err != nil {
@@ -350,6 +353,9 @@ func testNodePluginDown(t *testing.T, c *cluster) {
 	_, upHandle := c.pvcVolume(t, testNS, "up-vol")
 	if _, owner := c.imagePath(t, upHandle); owner != up {
 		t.Errorf("up-vol landed in %s's pool, want %s's", owner.name, up.name)
+	}
+	if p := c.nodePluginPodOrEmpty(down.name); p != "" {
+		t.Fatalf("a node plugin pod (%s) came back on %s while its label is off", p, down.name)
 	}
 	if ready, _ := c.kubectl("get", "volumesnapshot", "down-snap", "-n", testNS, "-o", "jsonpath={.status.readyToUse}"); strings.TrimSpace(ready) == "true" {
 		t.Errorf("snapshot of a volume on %s is ready while its plugin is down", down.name)
