@@ -112,7 +112,7 @@ func TestChartRender(t *testing.T) {
 		{
 			name: "builtin registrar: no registrar or liveness sidecar, driver registers itself",
 			set:  []string{"node.registrar=builtin", "attachBackend=fuse", "kubeletDir=/srv/kubelet"},
-			has: []string{"--register-with-kubelet", "--fuse-dir=/run/qcow2-csi/fuse", "--registration-dir=/registration", "--kubelet-registration-path=/srv/kubelet/plugins/qcow2.csi.qcow2-csi.io/csi.sock",
+			has: []string{"--register-with-kubelet", "--fuse-dir=/run/qcow2-csi/fuse", "--registration-dir=/registration", "--kubelet-registration-path=/srv/kubelet/plugins/qcow2.csi.qcow2-csi.io/csi.sock", "--kubelet-dir=/srv/kubelet",
 				"--health-address=:9808", "--attach-backend=fuse", "path: /srv/kubelet/plugins_registry"},
 			hasNot: []string{"name: node-driver-registrar", "name: liveness-probe"},
 		},

@@ -139,10 +139,6 @@ func testOffLeaderNode(t *testing.T, c *cluster) {
 	}
 	c.exec(t, testNS, "far-pod", "echo later > /data/f && sync")
 	c.expandOnline(t, "far", "far-pod")
-	// The source must not be mounted on the node when the restore is:
-	// both hold the same xfs UUID, and XFS refuses to mount the second
-	// ("duplicate UUID") unless the driver mounts with nouuid.
-	c.deletePod(t, testNS, "far-pod")
 
 	c.mustApply(t, strings.Replace(pvcFromManifest("far-restored", "VolumeSnapshot", "snapshot.storage.k8s.io", "far-snap"),
 		"storageClassName: qcow2", "storageClassName: qcow2-xfs", 1))
@@ -155,7 +151,13 @@ func testOffLeaderNode(t *testing.T, c *cluster) {
 	if _, owner := c.imagePath(t, rh); owner != n {
 		t.Errorf("restore landed in %s's pool, want %s's", owner.name, n.name)
 	}
+	// Both are mounted on one node with one xfs UUID (the driver mounts
+	// xfs with nouuid); the source still holds its later write.
+	if got := c.exec(t, testNS, "far-pod", "cat /data/f"); got != "later" {
+		t.Errorf("source volume holds %q, want %q", got, "later")
+	}
 	c.deletePod(t, testNS, "far-restored-pod")
+	c.deletePod(t, testNS, "far-pod")
 	c.mustKubectl(t, "delete", "volumesnapshot", "-n", testNS, "far-snap", "--wait=true", "--timeout=120s")
 	c.mustKubectl(t, "delete", "pvc", "-n", testNS, "far", "far-restored", "--wait=true", "--timeout=120s")
 	c.waitPoolsEmpty(t)
