@@ -92,7 +92,7 @@ func TestChartRender(t *testing.T) {
 				"volumeBindingMode: WaitForFirstConsumer", "kind: VolumeSnapshotClass", "name: qcow2-csi-metrics", "name: qcow2-csi-controller-metrics",
 				"storageCapacity: false", "registry.k8s.io/sig-storage/csi-node-driver-registrar:",
 				"resources: [\"pods\"]\n    verbs: [\"get\", \"list\", \"watch\"]", "automountServiceAccountToken: false"},
-			hasNot: []string{"--node-deployment", "--mode=all", "--controller-expand", "--register-with-kubelet", "--fuse-dir",
+			hasNot: []string{"--node-deployment", "--mode=all", "--controller-expand", "--register-with-kubelet", "--fuse-dir", "--overcommit-ratio", "--pool-warning-percent", "path: /readyz",
 				"kind: ServiceMonitor", "kind: PodMonitor", "kind: Certificate", "--enable-get-snapshot", "--enable-capacity"},
 		},
 		{
@@ -113,7 +113,7 @@ func TestChartRender(t *testing.T) {
 			name: "builtin registrar: no registrar or liveness sidecar, driver registers itself",
 			set:  []string{"node.registrar=builtin", "attachBackend=fuse", "kubeletDir=/srv/kubelet"},
 			has: []string{"--register-with-kubelet", "--fuse-dir=/run/qcow2-csi/fuse", "--registration-dir=/registration", "--kubelet-registration-path=/srv/kubelet/plugins/qcow2.csi.qcow2-csi.io/csi.sock", "--kubelet-dir=/srv/kubelet",
-				"--health-address=:9808", "--attach-backend=fuse", "path: /srv/kubelet/plugins_registry"},
+				"--health-address=:9808", "--attach-backend=fuse", "path: /srv/kubelet/plugins_registry", "path: /readyz"},
 			hasNot: []string{"name: node-driver-registrar", "name: liveness-probe"},
 		},
 		{
@@ -124,6 +124,11 @@ func TestChartRender(t *testing.T) {
 			has: []string{"kind: ServiceMonitor", "kind: PodMonitor", "values: [node, controller]", "storageCapacity: true", "--enable-capacity=true",
 				"--capacity-ownerref-level=2", "--enable-get-snapshot", "replicas: 3"},
 			hasNot: []string{"name: csi-snapshotter", "kind: VolumeSnapshotClass", "name: csi-resizer", "-resizer\n", "-snapshotter\n"},
+		},
+		{
+			name: "pool space limits",
+			set:  []string{"pool.overcommitRatio=0", "pool.warningPercent=90"},
+			has:  []string{"--overcommit-ratio=0", "--pool-warning-percent=90"},
 		},
 		{
 			name: "storage class parameters are quoted strings",
