@@ -109,6 +109,26 @@ func certHasName(c *x509.Certificate, name string) bool {
 	return c.Subject.CommonName == name || slices.Contains(c.DNSNames, name)
 }
 
+// load reads the CA and this side's key pair for a TLS configuration that
+// checks the peer's name (what, for the error when it is empty).
+func (f TLSFiles) load(what, peerName string) (*x509.CertPool, *keyPair, error) {
+	if err := f.check(); err != nil {
+		return nil, nil, err
+	}
+	if peerName == "" {
+		return nil, nil, fmt.Errorf("%s is empty", what)
+	}
+	cas, err := loadCAPool(f.CA)
+	if err != nil {
+		return nil, nil, err
+	}
+	kp, err := newKeyPair(f.Cert, f.Key)
+	if err != nil {
+		return nil, nil, err
+	}
+	return cas, kp, nil
+}
+
 // errWrongPeer is a peer certificate that chains to the CA but is not
 // issued to the expected name.
 var errWrongPeer = errors.New("peer certificate is not issued to the expected name")
@@ -117,17 +137,7 @@ var errWrongPeer = errors.New("peer certificate is not issued to the expected na
 // TLS 1.3, a client certificate signed by the CA required, and that
 // certificate must carry clientName.
 func AgentServerTLS(f TLSFiles, clientName string) (*tls.Config, error) {
-	if err := f.check(); err != nil {
-		return nil, err
-	}
-	if clientName == "" {
-		return nil, errors.New("agent client name is empty")
-	}
-	cas, err := loadCAPool(f.CA)
-	if err != nil {
-		return nil, err
-	}
-	kp, err := newKeyPair(f.Cert, f.Key)
+	cas, kp, err := f.load("agent client name", clientName)
 	if err != nil {
 		return nil, err
 	}
@@ -152,17 +162,7 @@ func AgentServerTLS(f TLSFiles, clientName string) (*tls.Config, error) {
 // with: TLS 1.3, the agent's certificate verified against the CA for
 // serverName, and the controller's own certificate presented.
 func AgentClientTLS(f TLSFiles, serverName string) (*tls.Config, error) {
-	if err := f.check(); err != nil {
-		return nil, err
-	}
-	if serverName == "" {
-		return nil, errors.New("agent server name is empty")
-	}
-	cas, err := loadCAPool(f.CA)
-	if err != nil {
-		return nil, err
-	}
-	kp, err := newKeyPair(f.Cert, f.Key)
+	cas, kp, err := f.load("agent server name", serverName)
 	if err != nil {
 		return nil, err
 	}
