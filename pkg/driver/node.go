@@ -111,17 +111,26 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	v := &stagedVolume{stageRecord: want, image: img}
 	v.Backend = a.Name()
 	be := v.gated(a, img)
-	d.devMu.Lock()
-	dev, err := a.Attach(ctx, id, be, nbdattach.AttachOptions{ReadOnly: want.ReadOnly})
-	if errors.Is(err, nbdattach.ErrAlreadyAttached) {
-		// A device for this volume outlived a process that crashed before
-		// recording it: take it over rather than fail forever.
-		logger.Info("Taking over a device attached by a previous process", "backend", a.Name(), "err", err)
-		dev, err = a.Reattach(ctx, id, be, nbdattach.AttachOptions{ReadOnly: want.ReadOnly})
-	}
-	d.devMu.Unlock()
+	var dev nbdattach.Device
+	// Until a device serves it, the image is this call's to close: on an
+	// attach error, and on a panic (recovered into Internal: server.go),
+	// which would otherwise leave it open and locked against every retry.
+	defer func() {
+		if dev == nil {
+			_ = img.Close()
+		}
+	}()
+	d.withDevMu(func() {
+		dev, err = a.Attach(ctx, id, be, nbdattach.AttachOptions{ReadOnly: want.ReadOnly})
+		if errors.Is(err, nbdattach.ErrAlreadyAttached) {
+			// A device for this volume outlived a process that crashed before
+			// recording it: take it over rather than fail forever.
+			logger.Info("Taking over a device attached by a previous process", "backend", a.Name(), "err", err)
+			dev, err = a.Reattach(ctx, id, be, nbdattach.AttachOptions{ReadOnly: want.ReadOnly})
+		}
+	})
 	if err != nil {
-		_ = img.Close()
+		dev = nil // whatever came back with the error serves nothing
 		return nil, toStatus(fmt.Errorf("volume %q: %s attach: %w", id, a.Name(), err))
 	}
 	v.device, v.DevicePath = dev, dev.Path()
@@ -260,13 +269,21 @@ func (d *Driver) detachLost(ctx context.Context, v *stagedVolume) error {
 		return nil // image gone or locked: nothing we can serve the device from
 	}
 	defer img.Close()
-	d.devMu.Lock()
-	dev, err := a.Reattach(ctx, v.ID, img.Backend(), nbdattach.AttachOptions{ReadOnly: true})
-	d.devMu.Unlock()
+	var dev nbdattach.Device
+	d.withDevMu(func() { dev, err = a.Reattach(ctx, v.ID, img.Backend(), nbdattach.AttachOptions{ReadOnly: true}) })
 	if err != nil {
 		return nil
 	}
 	return d.detach(ctx, dev)
+}
+
+// withDevMu runs f holding devMu, released even when f panics: a handler
+// panic is recovered (server.go), and must not leave every later stage and
+// unstage on the node waiting for this lock.
+func (d *Driver) withDevMu(f func()) {
+	d.devMu.Lock()
+	defer d.devMu.Unlock()
+	f()
 }
 
 // detach disconnects a device under devMu. Right after an unmount a device
@@ -278,9 +295,8 @@ func (d *Driver) detach(ctx context.Context, dev nbdattach.Device) error {
 	wait := 20 * time.Millisecond
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		d.devMu.Lock()
-		err := dev.Detach(ctx)
-		d.devMu.Unlock()
+		var err error
+		d.withDevMu(func() { err = dev.Detach(ctx) })
 		if !errors.Is(err, nbdattach.ErrDeviceBusy) || time.Now().After(deadline) {
 			return err
 		}

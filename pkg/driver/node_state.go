@@ -245,9 +245,8 @@ func (d *Driver) reattach(ctx context.Context, v *stagedVolume) error {
 	if err != nil {
 		return fmt.Errorf("open image: %w", err)
 	}
-	d.devMu.Lock()
-	dev, err := a.Reattach(ctx, v.ID, v.gated(a, img), nbdattach.AttachOptions{ReadOnly: v.ReadOnly})
-	d.devMu.Unlock()
+	var dev nbdattach.Device
+	d.withDevMu(func() { dev, err = a.Reattach(ctx, v.ID, v.gated(a, img), nbdattach.AttachOptions{ReadOnly: v.ReadOnly}) })
 	if err != nil {
 		_ = img.Close()
 		return fmt.Errorf("%s reattach: %w", a.Name(), err)

@@ -140,13 +140,10 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 	}
 	img.drain.RLock()
 	defer img.drain.RUnlock()
-	img.mu.Lock()
-	if err := img.checkOpen(); err != nil {
-		img.mu.Unlock()
+	size, err := img.openSize()
+	if err != nil {
 		return 0, err
 	}
-	size := img.size
-	img.mu.Unlock()
 	if off >= size {
 		if len(p) == 0 {
 			return 0, nil
@@ -166,6 +163,26 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 	return int(n), eof
 }
 
+// openSize is the disk size of an image still open. Like every section
+// under mu it unlocks by defer: the NBD and FUSE servers and the gRPC
+// handlers recover a panic (a bug met by hostile metadata) into one failed
+// request, and a lock left held would hang every later request instead.
+func (img *Image) openSize() (int64, error) {
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	if err := img.checkOpen(); err != nil {
+		return 0, err
+	}
+	return img.size, nil
+}
+
+// mapRangeLocked is mapRangeL1 under mu (openSize says why by defer).
+func (img *Image) mapRangeLocked(l1 []l1Entry, off, n int64, runs []run) ([]run, error) {
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	return img.mapRangeL1(l1, off, n, runs)
+}
+
 // readRange fills p from guest offset off; the caller holds the range.
 func (img *Image) readRange(p []byte, off int64) error {
 	return img.readRangeL1(nil, p, off)
@@ -177,10 +194,8 @@ func (img *Image) readRangeL1(l1 []l1Entry, p []byte, off int64) error {
 	var cbuf []byte
 	for len(p) > 0 {
 		chunk := min(int64(len(p)), maxMapChunk)
-		img.mu.Lock()
 		var err error
-		runs, err = img.mapRangeL1(l1, off, chunk, runs[:0])
-		img.mu.Unlock()
+		runs, err = img.mapRangeLocked(l1, off, chunk, runs[:0])
 		if err != nil {
 			return err
 		}
@@ -276,13 +291,10 @@ func (img *Image) BlockStatus(off, n int64) ([]Extent, error) {
 }
 
 func (img *Image) blockStatus(off, n int64, depth int) ([]Extent, error) {
-	img.mu.Lock()
-	if err := img.checkOpen(); err != nil {
-		img.mu.Unlock()
+	size, err := img.openSize()
+	if err != nil {
 		return nil, err
 	}
-	size := img.size
-	img.mu.Unlock()
 	return img.blockStatusL1(nil, size, off, n, depth)
 }
 
@@ -305,10 +317,8 @@ func (img *Image) blockStatusL1(l1 []l1Entry, size, off, n int64, depth int) ([]
 	var dr dataRegion // for this scan only: writes may punch holes after it
 	for n > 0 {
 		chunk := min(n, maxMapChunk*64)
-		img.mu.Lock()
 		var err error
-		runs, err = img.mapRangeL1(l1, off, chunk, runs[:0])
-		img.mu.Unlock()
+		runs, err = img.mapRangeLocked(l1, off, chunk, runs[:0])
 		if err != nil {
 			return nil, err
 		}

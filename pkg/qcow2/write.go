@@ -46,11 +46,18 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
-// startWrite validates a write request, takes drain shared (released by
-// the caller) and does the first-write header updates.
-func (img *Image) startWrite(off, n int64) error {
-	img.drain.RLock()
+// locked runs f under mu, unlocked by defer (see openSize).
+func (img *Image) locked(f func() error) error {
 	img.mu.Lock()
+	defer img.mu.Unlock()
+	return f()
+}
+
+// startWriteLocked is startWrite's checks and first-write header update,
+// under mu (unlocked by defer: see openSize).
+func (img *Image) startWriteLocked(off, n int64) error {
+	img.mu.Lock()
+	defer img.mu.Unlock()
 	err := img.checkOpen()
 	switch {
 	case err != nil:
@@ -63,7 +70,14 @@ func (img *Image) startWrite(off, n int64) error {
 	case !img.wroteOnce && n > 0:
 		err = img.firstWrite()
 	}
-	img.mu.Unlock()
+	return err
+}
+
+// startWrite validates a write request, takes drain shared (released by
+// the caller) and does the first-write header updates.
+func (img *Image) startWrite(off, n int64) error {
+	img.drain.RLock()
+	err := img.startWriteLocked(off, n)
 	if err == nil {
 		// Crash-consistent bitmaps: their bits reach the disk first.
 		err = img.bitmapWriteAhead(off, n)
@@ -140,21 +154,19 @@ func (img *Image) writeBatch(p []byte, off int64) error {
 		o = cEnd
 	}
 	// Phase 1 (metadata lock): decide, allocate.
-	img.mu.Lock()
-	err := img.planWrites(plans)
-	img.mu.Unlock()
-	if err != nil {
+	if err := img.locked(func() error { return img.planWrites(plans) }); err != nil {
 		return err
 	}
 	// Phase 2 (no lock): fill from old contents, write data.
 	if err := img.fillAndWrite(plans); err != nil {
-		img.mu.Lock()
-		for _, pl := range plans {
-			if pl.alloc {
-				_ = img.freeNow(pl.host, img.clusterSize)
+		_ = img.locked(func() error {
+			for _, pl := range plans {
+				if pl.alloc {
+					_ = img.freeNow(pl.host, img.clusterSize)
+				}
 			}
-		}
-		img.mu.Unlock()
+			return nil
+		})
 		return err
 	}
 	// Phase 3 (metadata lock): point L2 at the data, drop old references.
