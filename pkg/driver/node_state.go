@@ -246,7 +246,9 @@ func (d *Driver) reattach(ctx context.Context, v *stagedVolume) error {
 		return fmt.Errorf("open image: %w", err)
 	}
 	var dev nbdattach.Device
-	d.withDevMu(func() { dev, err = a.Reattach(ctx, v.ID, v.gated(a, img), nbdattach.AttachOptions{ReadOnly: v.ReadOnly}) })
+	d.withDevMu(func() {
+		dev, err = a.Reattach(ctx, v.ID, v.gated(a, img), nbdattach.AttachOptions{ReadOnly: v.ReadOnly})
+	})
 	if err != nil {
 		_ = img.Close()
 		return fmt.Errorf("%s reattach: %w", a.Name(), err)
