@@ -24,7 +24,11 @@ import (
 )
 
 // ParseEndpoint splits a CSI endpoint into a network and an address:
-// unix:///path, unix:/path, a bare absolute path (unix), or tcp://host:port.
+// unix:///path, unix:/path or a bare absolute path. The network is always
+// unix: the CSI services carry no authentication of their own (the socket's
+// file mode is what keeps other users out), so a tcp:// endpoint would serve
+// them, the router included, to anyone who can reach the port. The node
+// agent (--agent-address) is the one TCP listener, and it is mutual TLS only.
 func ParseEndpoint(ep string) (network, addr string, err error) {
 	if strings.HasPrefix(ep, "/") {
 		return "unix", ep, nil
@@ -44,12 +48,10 @@ func ParseEndpoint(ep string) (network, addr string, err error) {
 		}
 		return "unix", p, nil
 	case "tcp":
-		if u.Host == "" {
-			return "", "", fmt.Errorf("endpoint %q: want tcp://host:port", ep)
-		}
-		return "tcp", u.Host, nil
+		return "", "", fmt.Errorf("endpoint %q: plaintext TCP is not served, it would expose the CSI services unauthenticated; "+
+			"use a unix socket (unix:///path/csi.sock); the node agent, served over mutual TLS on --agent-address, is the only TCP listener", ep)
 	}
-	return "", "", fmt.Errorf("endpoint %q: scheme %q not supported (unix, tcp)", ep, u.Scheme)
+	return "", "", fmt.Errorf("endpoint %q: scheme %q not supported (unix only)", ep, u.Scheme)
 }
 
 // Listen opens a CSI endpoint. A unix socket left by a previous process is

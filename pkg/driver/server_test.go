@@ -2,6 +2,7 @@ package driver_test
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -20,14 +21,17 @@ import (
 )
 
 func TestParseEndpoint(t *testing.T) {
+	// The CSI services are unauthenticated: no plaintext TCP listener.
+	const tcpRefused = `endpoint "%s": plaintext TCP is not served, it would expose the CSI services unauthenticated; ` +
+		`use a unix socket (unix:///path/csi.sock); the node agent, served over mutual TLS on --agent-address, is the only TCP listener`
 	tests := []struct{ in, network, addr, err string }{
 		{"unix:///run/csi.sock", "unix", "/run/csi.sock", ""},
 		{"unix:/run/csi.sock", "unix", "/run/csi.sock", ""},
 		{"/run/csi.sock", "unix", "/run/csi.sock", ""},
-		{"tcp://127.0.0.1:10000", "tcp", "127.0.0.1:10000", ""},
 		{"unix://relative/csi.sock", "", "", `endpoint "unix://relative/csi.sock": want unix:///absolute/path`},
-		{"http://x", "", "", `endpoint "http://x": scheme "http" not supported (unix, tcp)`},
-		{"tcp://", "", "", `endpoint "tcp://": want tcp://host:port`},
+		{"http://x", "", "", `endpoint "http://x": scheme "http" not supported (unix only)`},
+		{"tcp://127.0.0.1:10000", "", "", fmt.Sprintf(tcpRefused, "tcp://127.0.0.1:10000")},
+		{"tcp://", "", "", fmt.Sprintf(tcpRefused, "tcp://")},
 	}
 	for _, tc := range tests {
 		t.Run(tc.in, func(t *testing.T) {
