@@ -84,7 +84,7 @@ func (a *agentList) Set(v string) error { *a = append(*a, v); return nil }
 func runServe(args []string) int {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	var f serveFlags
-	fs.StringVar(&f.endpoint, "endpoint", "", "CSI endpoint: unix:///path/csi.sock, /path/csi.sock or tcp://host:port (default: csi.sock in a new temporary directory)")
+	fs.StringVar(&f.endpoint, "endpoint", "", "CSI endpoint, a unix socket: unix:///path/csi.sock or /path/csi.sock (default: csi.sock in a new temporary directory); tcp:// is refused, the CSI services have no authentication (the node agent on --agent-address is the TCP listener, mutual TLS only)")
 	fs.StringVar(&f.nodeID, "node-id", "", "this node's ID, also the value of the topology key <driver-name>/node and the suffix of the IDs this node issues (default: the host name; not with --mode=controller)")
 	fs.StringVar(&f.pool, "pool", "", "directory holding the node's volumes (<id>.qcow2 + <id>.json) (default: pool/ in the temporary directory)")
 	fs.StringVar(&f.mode, "mode", "all", "what to run: all (the embedded single-process driver), node (node plugin + agent) or controller (the router)")
@@ -236,10 +236,12 @@ func serve(ctx context.Context, f serveFlags, out io.Writer) error {
 	if err := d.Start(ctx); err != nil {
 		return err
 	}
-	// On the way out (after Serve returns: no RPC runs) close the images
-	// cleanly but leave devices attached: the next process re-attaches them
-	// before the kernel's dead-connection timeout (nbd) fails any I/O, and
-	// finds their dirty bitmaps stored.
+	// On the way out close the images cleanly but leave devices attached:
+	// the next process re-attaches them before the kernel's dead-connection
+	// timeout (nbd) fails any I/O, and finds their dirty bitmaps stored.
+	// Deferred here, it runs only after awaitServers has seen both gRPC
+	// servers (CSI socket and node agent) stop; an agent's CreateSnapshot or
+	// ControllerExpandVolume would otherwise find its image closed under it.
 	defer func() {
 		sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 		defer cancel()
@@ -247,14 +249,12 @@ func serve(ctx context.Context, f serveFlags, out io.Writer) error {
 			klog.ErrorS(err, "Closing images at exit")
 		}
 	}()
+	// One done channel per gRPC server running, for awaitServers.
+	var done []<-chan error
 	if f.registerKubelet {
 		kp := f.kubeletRegistrationPath
 		if kp == "" {
-			network, addr, _ := driver.ParseEndpoint(f.endpoint)
-			if network != "unix" {
-				return fmt.Errorf("--register-with-kubelet needs a unix --endpoint or --kubelet-registration-path")
-			}
-			kp = addr
+			_, kp, _ = driver.ParseEndpoint(f.endpoint) // a socket path: Listen took it
 		}
 		go func() { errc <- d.ServeKubeletRegistration(ctx, f.registrationDir, kp) }()
 	}
@@ -263,19 +263,44 @@ func serve(ctx context.Context, f serveFlags, out io.Writer) error {
 		if err != nil {
 			return fmt.Errorf("--agent-address: %w", err)
 		}
-		go func() { errc <- d.ServeAgent(ctx, alis, agentTLS) }()
+		agentDone := make(chan error, 1)
+		done = append(done, agentDone)
+		go func() { agentDone <- d.ServeAgent(ctx, alis, agentTLS) }()
 		fmt.Fprintf(out, "qcow2-csi %s: node agent on %s (mutual TLS, client %q)\n", version, alis.Addr(), f.agentClientName)
 	}
 	o := d.Options()
 	fmt.Fprintf(out, "qcow2-csi %s: %s serving mode %s on %s (node %s, pool %s)\n", version, o.DriverName, o.Mode, f.endpoint, o.NodeID, o.Pool)
-	go func() { errc <- d.Serve(ctx, lis) }()
-	select {
-	case err := <-errc:
-		stop()
-		return err
-	case <-ctx.Done():
-		return <-errc
+	csiDone := make(chan error, 1)
+	done = append(done, csiDone)
+	go func() { csiDone <- d.Serve(ctx, lis) }()
+	return awaitServers(ctx, stop, errc, done...)
+}
+
+// awaitServers returns once ctx has ended or something failed (an error on
+// errc, or any server stopping), and every server has stopped: it cancels
+// the rest with stop and waits for each one's done channel, which gets the
+// result of its Serve (so pass only servers that run). Cleanup deferred by
+// the caller thus never races an RPC still running. The first error wins.
+func awaitServers(ctx context.Context, stop context.CancelFunc, errc <-chan error, done ...<-chan error) error {
+	stopped := make(chan error, len(done))
+	for _, c := range done {
+		go func() { stopped <- <-c }()
 	}
+	var err error
+	n := 0
+	select {
+	case err = <-errc:
+	case err = <-stopped:
+		n++
+	case <-ctx.Done():
+	}
+	stop()
+	for ; n < len(done); n++ {
+		if e := <-stopped; err == nil {
+			err = e
+		}
+	}
+	return err
 }
 
 // startHTTP serves metrics and health where the flags ask.
@@ -363,14 +388,9 @@ func serveController(ctx context.Context, f serveFlags, out io.Writer) error {
 	errc := make(chan error, 4)
 	startHTTP(ctx, r.MetricsHandler(), r.HealthHandler(), f, errc)
 	fmt.Fprintf(out, "qcow2-csi %s: %s serving mode controller on %s (routing to node agents)\n", version, f.driverName, f.endpoint)
-	go func() { errc <- r.Serve(ctx, lis) }()
-	select {
-	case err := <-errc:
-		stop()
-		return err
-	case <-ctx.Done():
-		return <-errc
-	}
+	done := make(chan error, 1)
+	go func() { done <- r.Serve(ctx, lis) }()
+	return awaitServers(ctx, stop, errc, done)
 }
 
 // nodeGoneAfter: see RouterOptions.NodeGoneAfter.

@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"errors"
 	"io"
 	"os"
 	"path/filepath"
@@ -152,6 +153,15 @@ func TestServeTopologyFlags(t *testing.T) {
 			f.mode, f.agents = "controller", agentList{"n=nowhere"}
 			return tlsOf(f, certs.Controller)
 		}, "want HOST:PORT"},
+		// No plaintext TCP listener for the unauthenticated CSI services.
+		{"controller on tcp", func(f serveFlags) serveFlags {
+			f.mode, f.agents, f.endpoint = "controller", agentList{"n=h:1"}, "tcp://127.0.0.1:0"
+			return tlsOf(f, certs.Controller)
+		}, "plaintext TCP is not served"},
+		{"all on tcp", func(f serveFlags) serveFlags {
+			f.mode, f.pool, f.endpoint = "all", filepath.Join(t.TempDir(), "pool"), "tcp://127.0.0.1:0"
+			return f
+		}, "plaintext TCP is not served"},
 	} {
 		err := serve(context.Background(), tc.f(base), io.Discard)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
@@ -224,5 +234,46 @@ func TestServeControllerAndNode(t *testing.T) {
 		if err := <-d; err != nil {
 			t.Errorf("serve: %v", err)
 		}
+	}
+}
+
+// TestAwaitServers: serve's deferred cleanup (closing the images) must not
+// run while any gRPC server may still run an RPC, so whatever ends the run,
+// awaitServers cancels and then waits for every server to have stopped.
+func TestAwaitServers(t *testing.T) {
+	boom := errors.New("boom")
+	for _, tc := range []struct {
+		name string
+		// end ends the run; first is the first server's done channel.
+		end          func(cancel context.CancelFunc, errc, first chan<- error)
+		firstStopped bool // end stopped the first server
+		want         error
+	}{
+		{"context ends", func(cancel context.CancelFunc, _, _ chan<- error) { cancel() }, false, nil},
+		{"a failure on errc", func(_ context.CancelFunc, errc, _ chan<- error) { errc <- boom }, false, boom},
+		{"a server fails", func(_ context.CancelFunc, _, first chan<- error) { first <- boom }, true, boom},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			stopped := make(chan struct{})
+			errc, first, second := make(chan error, 1), make(chan error, 1), make(chan error, 1)
+			ret := make(chan error, 1)
+			go func() { ret <- awaitServers(ctx, func() { close(stopped) }, errc, first, second) }()
+			tc.end(cancel, errc, first)
+			<-stopped
+			if !tc.firstStopped {
+				first <- nil
+			}
+			select {
+			case err := <-ret:
+				t.Fatalf("returned %v while the second server still runs", err)
+			case <-time.After(50 * time.Millisecond):
+			}
+			second <- nil
+			if err := <-ret; err != tc.want {
+				t.Fatalf("awaitServers = %v, want %v", err, tc.want)
+			}
+		})
 	}
 }
