@@ -77,6 +77,9 @@ func TestChartRender(t *testing.T) {
 		has     []string
 		hasNot  []string
 		wantErr string
+		// What the controller Deployment and the node DaemonSet, each
+		// on its own, must (not) hold.
+		controller, node, nodeNot []string
 	}{
 		{
 			name: "defaults: controller Deployment with central sidecars, node DaemonSet with agent over mTLS",
@@ -92,8 +95,18 @@ func TestChartRender(t *testing.T) {
 				"volumeBindingMode: WaitForFirstConsumer", "kind: VolumeSnapshotClass", "name: qcow2-csi-metrics", "name: qcow2-csi-controller-metrics",
 				"storageCapacity: false", "registry.k8s.io/sig-storage/csi-node-driver-registrar:",
 				"resources: [\"pods\"]\n    verbs: [\"get\", \"list\", \"watch\"]", "automountServiceAccountToken: false"},
-			hasNot: []string{"--node-deployment", "--mode=all", "--controller-expand", "--register-with-kubelet", "--fuse-dir", "--overcommit-ratio", "--pool-warning-percent", "path: /readyz",
+			hasNot: []string{"--node-deployment", "--mode=all", "--controller-expand", "--register-with-kubelet", "--fuse-dir", "--overcommit-ratio", "--pool-warning-percent",
 				"kind: ServiceMonitor", "kind: PodMonitor", "kind: Certificate", "--enable-get-snapshot", "--enable-capacity"},
+			controller: []string{"livenessProbe:\n            httpGet:\n              path: /healthz\n              port: healthz\n            failureThreshold: 5",
+				"readinessProbe:\n            httpGet:\n              path: /readyz\n              port: healthz\n            failureThreshold: 3"},
+			nodeNot: []string{"path: /readyz"},
+		},
+		{
+			name:       "controller probes are the controller's own",
+			set:        []string{"controller.livenessProbe.periodSeconds=7", "controller.readinessProbe.periodSeconds=4", "node.livenessProbe.periodSeconds=13"},
+			controller: []string{"path: /healthz", "periodSeconds: 7", "path: /readyz", "periodSeconds: 4"},
+			node:       []string{"path: /healthz", "periodSeconds: 13"},
+			nodeNot:    []string{"periodSeconds: 7", "periodSeconds: 4"},
 		},
 		{
 			name:   "user Secrets: no Secret rendered, the pods mount the named ones",
@@ -113,8 +126,9 @@ func TestChartRender(t *testing.T) {
 			name: "builtin registrar: no registrar or liveness sidecar, driver registers itself",
 			set:  []string{"node.registrar=builtin", "attachBackend=fuse", "kubeletDir=/srv/kubelet"},
 			has: []string{"--register-with-kubelet", "--fuse-dir=/run/qcow2-csi/fuse", "--registration-dir=/registration", "--kubelet-registration-path=/srv/kubelet/plugins/qcow2.csi.qcow2-csi.io/csi.sock", "--kubelet-dir=/srv/kubelet",
-				"--health-address=:9808", "--attach-backend=fuse", "path: /srv/kubelet/plugins_registry", "path: /readyz"},
+				"--health-address=:9808", "--attach-backend=fuse", "path: /srv/kubelet/plugins_registry"},
 			hasNot: []string{"name: node-driver-registrar", "name: liveness-probe"},
+			node:   []string{"path: /readyz"},
 		},
 		{
 			name: "monitoring, capacity, GET_SNAPSHOT, no snapshots, no resizer",
@@ -166,8 +180,36 @@ func TestChartRender(t *testing.T) {
 					t.Errorf("rendered chart has %q", s)
 				}
 			}
+			ctl, node := chartDoc(t, out, "Deployment", "qcow2-csi-controller"), chartDoc(t, out, "DaemonSet", "qcow2-csi-node")
+			for _, s := range tc.controller {
+				if !strings.Contains(ctl, s) {
+					t.Errorf("controller Deployment lacks %q", s)
+				}
+			}
+			for _, s := range tc.node {
+				if !strings.Contains(node, s) {
+					t.Errorf("node DaemonSet lacks %q", s)
+				}
+			}
+			for _, s := range tc.nodeNot {
+				if strings.Contains(node, s) {
+					t.Errorf("node DaemonSet has %q", s)
+				}
+			}
 		})
 	}
+}
+
+// chartDoc is the rendered object of that kind and name.
+func chartDoc(t *testing.T, out, kind, name string) string {
+	t.Helper()
+	for _, doc := range strings.Split(out, "\n---") {
+		if strings.Contains(doc, "\nkind: "+kind+"\n") && strings.Contains(doc, "\n  name: "+name+"\n") {
+			return doc
+		}
+	}
+	t.Fatalf("no %s %s in the rendered chart", kind, name)
+	return ""
 }
 
 // TestChartCertificates: the generated Secrets hold an agent server
