@@ -6,10 +6,12 @@ package sanityrun
 
 import (
 	"context"
+	"net"
 	"net/http/httptest"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/kubernetes-csi/csi-test/v5/pkg/sanity"
@@ -57,9 +59,9 @@ func RunRouted(t *testing.T, seams driver.Seams, backend string) {
 func run(t *testing.T, nodeEndpoint, controllerEndpoint string) {
 	dir := t.TempDir()
 	cfg := sanity.NewTestConfig()
-	cfg.Address = nodeEndpoint
+	cfg.Address, cfg.DialOptions = suiteDial(nodeEndpoint)
 	if controllerEndpoint != nodeEndpoint {
-		cfg.ControllerAddress = controllerEndpoint
+		cfg.ControllerAddress, cfg.ControllerDialOptions = suiteDial(controllerEndpoint)
 	}
 	cfg.TargetPath = filepath.Join(dir, "target")
 	cfg.StagingPath = filepath.Join(dir, "staging")
@@ -72,6 +74,31 @@ func run(t *testing.T, nodeEndpoint, controllerEndpoint string) {
 	sanity.Test(t, cfg)
 
 	t.Run("ControllerGetCapabilities", func(t *testing.T) { checkControllerCapabilities(t, controllerEndpoint) })
+}
+
+// suiteDial is the address and dial options the suite connects to a unix
+// endpoint with. csi-test v5.4.0's utils.Connect reads the connection's
+// state and then waits for it to change: a connection already Ready at
+// that first read never changes, and the spec fails with "Connection timed
+// out" after a minute though the driver answers (seen on the first spec
+// of a run). A dialler that takes a moment keeps the connection
+// Connecting until Connect watches it; the passthrough address keeps
+// Connect from replacing this dialler with its own.
+func suiteDial(endpoint string) (string, []grpc.DialOption) {
+	path := strings.TrimPrefix(endpoint, "unix://")
+	return "passthrough:///" + path, []grpc.DialOption{
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithAuthority("localhost"),
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
+			select {
+			case <-time.After(50 * time.Millisecond):
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		}),
+	}
 }
 
 // checkControllerCapabilities: every advertised controller capability is a
