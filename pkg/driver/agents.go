@@ -29,6 +29,18 @@ type AgentResolver interface {
 	Agents(ctx context.Context, refresh bool) (map[string]string, error)
 }
 
+// NodeChecker is implemented by resolvers that can tell a node that left
+// the cluster from one whose plugin is only missing for a while. The
+// Router asks it before it takes a node without an agent for gone (and
+// lets deletes of its IDs succeed); a resolver without it is taken at its
+// word once RouterOptions.NodeGoneAfter has passed.
+type NodeChecker interface {
+	// NodeExists reports whether the cluster still has the node named
+	// name or, when name is empty, a node whose name has the owner hash
+	// hash (the IDs of nodes with long names). An error is "cannot tell".
+	NodeExists(ctx context.Context, name, hash string) (bool, error)
+}
+
 // StaticAgents is a fixed node -> host:port table (serve --agent), for
 // tests, csi-sanity and benchmarks.
 type StaticAgents map[string]string
@@ -157,29 +169,81 @@ type podList struct {
 	} `json:"items"`
 }
 
-func (k *KubeAgents) list(ctx context.Context) (map[string]string, error) {
+// get GETs an API path with the service account token; any status other
+// than 200 and 404 is an error, naming what.
+func (k *KubeAgents) get(ctx context.Context, what, path string) (found bool, body []byte, err error) {
 	token, err := os.ReadFile(k.TokenFile) // re-read: bound tokens rotate
 	if err != nil {
-		return nil, fmt.Errorf("agent lookup: service account token: %w", err)
+		return false, nil, fmt.Errorf("agent lookup: service account token: %w", err)
 	}
-	u := k.APIServer + "/api/v1/namespaces/" + url.PathEscape(k.Namespace) + "/pods?labelSelector=" + url.QueryEscape(k.Selector)
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, k.APIServer+path, nil)
 	if err != nil {
-		return nil, err
+		return false, nil, err
 	}
 	req.Header.Set("Authorization", "Bearer "+string(bytes.TrimSpace(token)))
 	req.Header.Set("Accept", "application/json")
 	resp, err := k.client.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("agent lookup: list pods: %w", err)
+		return false, nil, fmt.Errorf("agent lookup: %s: %w", what, err)
 	}
 	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	body, err = io.ReadAll(io.LimitReader(resp.Body, 64<<20))
 	if err != nil {
-		return nil, fmt.Errorf("agent lookup: list pods: %w", err)
+		return false, nil, fmt.Errorf("agent lookup: %s: %w", what, err)
 	}
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("agent lookup: list pods in %s with %q: %s: %s", k.Namespace, k.Selector, resp.Status, bytes.TrimSpace(body))
+	switch resp.StatusCode {
+	case http.StatusOK:
+		return true, body, nil
+	case http.StatusNotFound:
+		return false, nil, nil
+	}
+	return false, nil, fmt.Errorf("agent lookup: %s: %s: %s", what, resp.Status, bytes.TrimSpace(body))
+}
+
+// NodeExists asks the API server for the Node object: only a 404 (or, for
+// a hash, a node list without a match) says the node is gone. A node
+// without a plugin Pod is not gone: the DaemonSet may be being replaced.
+func (k *KubeAgents) NodeExists(ctx context.Context, name, hash string) (bool, error) {
+	if err := k.init(); err != nil {
+		return false, err
+	}
+	if name != "" {
+		found, _, err := k.get(ctx, "get node "+name, "/api/v1/nodes/"+url.PathEscape(name))
+		return found, err
+	}
+	found, body, err := k.get(ctx, "list nodes", "/api/v1/nodes")
+	if err == nil && !found {
+		err = errors.New("agent lookup: list nodes: 404")
+	}
+	if err != nil {
+		return false, err
+	}
+	var nl struct {
+		Items []struct {
+			Metadata struct {
+				Name string `json:"name"`
+			} `json:"metadata"`
+		} `json:"items"`
+	}
+	if err := json.Unmarshal(body, &nl); err != nil {
+		return false, fmt.Errorf("agent lookup: list nodes: %w", err)
+	}
+	for _, n := range nl.Items {
+		if (owner{Hash: hash}).is(n.Metadata.Name) {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+func (k *KubeAgents) list(ctx context.Context) (map[string]string, error) {
+	what := fmt.Sprintf("list pods in %s with %q", k.Namespace, k.Selector)
+	found, body, err := k.get(ctx, what, "/api/v1/namespaces/"+url.PathEscape(k.Namespace)+"/pods?labelSelector="+url.QueryEscape(k.Selector))
+	if err == nil && !found {
+		err = fmt.Errorf("agent lookup: %s: 404 (no namespace %s?)", what, k.Namespace)
+	}
+	if err != nil {
+		return nil, err
 	}
 	var pl podList
 	if err := json.Unmarshal(body, &pl); err != nil {

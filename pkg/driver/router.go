@@ -153,9 +153,59 @@ func (r *Router) agents(ctx context.Context, refresh bool) (map[string]string, e
 	return m, nil
 }
 
+// absent is the answer for an owner (a node, or the hash of one) that no
+// listed agent serves. It is errNodeGone (wrapped in ErrNotFound) only
+// once the owner has been missing for NodeGoneAfter and, where the
+// resolver can tell (NodeChecker), its Node object is gone too: a plugin
+// Pod being replaced, or a DaemonSet recreated by an upgrade, leaves a
+// node briefly without an agent, and a delete must not claim success then.
+// Until both hold it is ErrUnavailable.
+func (r *Router) absent(ctx context.Context, o owner) error {
+	key := o.Name
+	if key == "" {
+		key = ownerHashSep + o.Hash
+	}
+	r.mu.Lock()
+	first, seen := r.missing[key]
+	if !seen {
+		first = time.Now()
+		r.missing[key] = first
+	}
+	r.mu.Unlock()
+	desc := o.String()
+	if o.Name != "" {
+		desc = "node " + o.Name
+	}
+	since := first.UTC().Format(time.RFC3339)
+	unavailable := func(format string, args ...any) error {
+		r.metrics.connErrors.WithLabelValues(key).Inc()
+		return fmt.Errorf("%w: %s has no agent (no plugin Pod on it) since %s"+format, append([]any{ErrUnavailable, desc, since}, args...)...)
+	}
+	if time.Since(first) < r.opts.NodeGoneAfter {
+		return unavailable("")
+	}
+	if nc, ok := r.opts.Agents.(NodeChecker); ok {
+		exists, err := nc.NodeExists(ctx, o.Name, o.Hash)
+		switch {
+		case err != nil:
+			return unavailable(", and whether its Node still exists is unknown: %w", err)
+		case exists:
+			return unavailable(", but its Node object still exists")
+		}
+	}
+	return fmt.Errorf("%w: %s: %w", ErrNotFound, desc, errNodeGone)
+}
+
+// present notes that the owner key (a node name, or '#' and a hash) has an
+// agent again.
+func (r *Router) present(key string) {
+	r.mu.Lock()
+	delete(r.missing, key)
+	r.mu.Unlock()
+}
+
 // conn returns the connection to node's agent, dialling it if needed. A
-// node without an agent is errNodeGone (wrapped in ErrNotFound) once it has
-// been missing for NodeGoneAfter, ErrUnavailable before.
+// node without an agent is answered by absent.
 func (r *Router) conn(ctx context.Context, node string) (*agentConn, error) {
 	r.mu.Lock()
 	c := r.conns[node]
@@ -176,20 +226,11 @@ func (r *Router) conn(ctx context.Context, node string) (*agentConn, error) {
 		}
 		addr, known = m[node]
 	}
+	if !known {
+		return nil, r.absent(ctx, owner{Name: node})
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if !known {
-		first, seen := r.missing[node]
-		if !seen {
-			first = time.Now()
-			r.missing[node] = first
-		}
-		if time.Since(first) >= r.opts.NodeGoneAfter {
-			return nil, fmt.Errorf("%w: node %s: %w", ErrNotFound, node, errNodeGone)
-		}
-		r.metrics.connErrors.WithLabelValues(node).Inc()
-		return nil, fmt.Errorf("%w: node %s has no agent (no plugin Pod on it) since %s", ErrUnavailable, node, first.UTC().Format(time.RFC3339))
-	}
 	delete(r.missing, node)
 	if addr == "" {
 		r.metrics.connErrors.WithLabelValues(node).Inc()
@@ -300,11 +341,12 @@ func (r *Router) owner(ctx context.Context, o owner, kind, id string, has func(c
 			}
 			for n := range m {
 				if o.is(n) {
+					r.present(ownerHashSep + o.Hash)
 					return n, nil
 				}
 			}
 		}
-		return "", fmt.Errorf("%w: %s %q: no node with an agent hashes to %s: %w", ErrNotFound, kind, id, o.Hash, errNodeGone)
+		return "", fmt.Errorf("%s %q: no node with an agent hashes to %s: %w", kind, id, o.Hash, r.absent(ctx, o))
 	}
 	r.mu.Lock()
 	n, ok := r.legacy[id]
@@ -315,6 +357,27 @@ func (r *Router) owner(ctx context.Context, o owner, kind, id string, has func(c
 	m, err := r.agents(ctx, false)
 	if err != nil {
 		return "", err
+	}
+	if len(m) == 0 {
+		// No agent listed at all (the DaemonSet recreated in an
+		// upgrade): not "on no node", which would let a delete succeed
+		// and leak the image.
+		if m, err = r.agents(ctx, true); err != nil {
+			return "", err
+		}
+	}
+	// The nodes to ask: those listed, and those the router had a
+	// connection to, which may be between plugin Pods (conn answers for
+	// them as for any node without an agent).
+	r.mu.Lock()
+	for n := range r.conns {
+		if _, ok := m[n]; !ok {
+			m[n] = ""
+		}
+	}
+	r.mu.Unlock()
+	if len(m) == 0 {
+		return "", fmt.Errorf("%w: %s %q names no node (legacy ID) and no node agent is known to ask (no plugin Pod in the cluster)", ErrUnavailable, kind, id)
 	}
 	nodes := make([]string, 0, len(m))
 	for n := range m {
@@ -332,6 +395,9 @@ func (r *Router) owner(ctx context.Context, o owner, kind, id string, has func(c
 			}
 			return err
 		})
+		if gone(err) {
+			continue // answered: its pool went with it
+		}
 		if err != nil {
 			errs = append(errs, err)
 			continue
