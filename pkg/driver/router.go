@@ -56,12 +56,13 @@ type RouterOptions struct {
 	TLS *tls.Config
 	// EnableGetSnapshot advertises GET_SNAPSHOT (see Options).
 	EnableGetSnapshot bool
-	// NodeGoneAfter is how long a node must be seen without an agent
-	// before DeleteVolume and DeleteSnapshot of its IDs succeed without
-	// it (its pool went with it). Until then they answer Unavailable, so
-	// that a plugin Pod being replaced (briefly no Pod on its node) does
-	// not leak the images of volumes deleted meanwhile. 0: at once (a
-	// static table is taken at its word).
+	// NodeGoneAfter is how long a node (or the hash of one) must be seen
+	// without an agent before DeleteVolume and DeleteSnapshot of its IDs
+	// succeed without it (its pool went with it); a resolver that is a
+	// NodeChecker must also say its Node is gone. Until then they answer
+	// Unavailable, so that a plugin Pod being replaced (briefly no Pod on
+	// its node) does not leak the images of volumes deleted meanwhile.
+	// 0: at once (a static table is taken at its word).
 	NodeGoneAfter time.Duration
 }
 

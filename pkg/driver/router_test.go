@@ -2,8 +2,10 @@ package driver_test
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -686,6 +688,60 @@ func TestKubeAgents(t *testing.T) {
 	k2 := &driver.KubeAgents{Namespace: "ns", Selector: "x", Port: 1, APIServer: srv.URL, TokenFile: token, CAFile: ca}
 	if _, err := k2.Agents(context.Background(), false); err == nil || !strings.Contains(err.Error(), "401") {
 		t.Errorf("unauthorized lookup: %v", err)
+	}
+}
+
+// TestKubeAgentsNodeExists: a node is gone only when the API server says
+// its Node object is (404); any other answer is "cannot tell". A hashed
+// owner is matched against the names in the node list.
+func TestKubeAgentsNodeExists(t *testing.T) {
+	long := strings.Repeat("n", 80)
+	var paths []string
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		paths = append(paths, r.URL.Path)
+		switch r.URL.Path {
+		case "/api/v1/nodes/node-a":
+			io.WriteString(w, `{"metadata":{"name":"node-a"}}`)
+		case "/api/v1/nodes/node-forbidden":
+			http.Error(w, "forbidden", http.StatusForbidden)
+		case "/api/v1/nodes":
+			io.WriteString(w, `{"items":[{"metadata":{"name":"node-a"}},{"metadata":{"name":"`+long+`"}}]}`)
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	defer srv.Close()
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca.crt")
+	token := filepath.Join(dir, "token")
+	if err := os.WriteFile(ca, pemCert(srv.Certificate().Raw), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(token, []byte("tok"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	k := &driver.KubeAgents{Namespace: "ns", Selector: "x", Port: 1, APIServer: srv.URL, TokenFile: token, CAFile: ca}
+	var _ driver.NodeChecker = k
+	ctx := context.Background()
+	if ok, err := k.NodeExists(ctx, "node-a", ""); !ok || err != nil {
+		t.Errorf("node-a: %v %v, want it there", ok, err)
+	}
+	if ok, err := k.NodeExists(ctx, "node-gone", ""); ok || err != nil {
+		t.Errorf("node-gone: %v %v, want it gone", ok, err)
+	}
+	if _, err := k.NodeExists(ctx, "node-forbidden", ""); err == nil || !strings.Contains(err.Error(), "403") {
+		t.Errorf("node-forbidden: %v, want the 403 as an error", err)
+	}
+	// The owner hash of a long name: the start of its SHA-256 (ids.go).
+	sum := sha256.Sum256([]byte(long))
+	if ok, err := k.NodeExists(ctx, "", hex.EncodeToString(sum[:8])); !ok || err != nil {
+		t.Errorf("hash of a listed node: %v %v, want it there", ok, err)
+	}
+	if ok, err := k.NodeExists(ctx, "", "0123456789abcdef"); ok || err != nil {
+		t.Errorf("hash of no node: %v %v, want it gone", ok, err)
+	}
+	if want := "/api/v1/nodes/node-a"; len(paths) == 0 || paths[0] != want {
+		t.Errorf("asked %v, want %s first", paths, want)
 	}
 }
 
