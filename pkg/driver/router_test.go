@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"io"
 	"maps"
 	"math/rand"
@@ -203,17 +204,7 @@ func TestRouterTwoNodes(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var msgs []*csi.GetMetadataAllocatedResponse
-		for {
-			m, err := st.Recv()
-			if err == io.EOF {
-				break
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			msgs = append(msgs, m)
-		}
+		msgs := recvAll(t, st.Recv)
 		if c == r.md {
 			routedMsgs = msgs
 		} else if len(msgs) < 2 || len(msgs) != len(routedMsgs) {
@@ -268,9 +259,34 @@ func TestRouterTwoNodes(t *testing.T) {
 	// Without a node in the request and two nodes: refused, naming the key.
 	_, err = r.c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "nowhere", VolumeCapabilities: []*csi.VolumeCapability{capBlock(rw)}})
 	wantCode(t, err, codes.InvalidArgument, driver.DefaultDriverName+"/node")
-	// Deletes reach the owner.
-	if _, err := r.c.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: s.Snapshot.SnapshotId}); err != nil {
+	// The delta stream too: a second snapshot after new writes, compared
+	// with the one from the node's own socket.
+	writeImage(t, imageFile(r.nodes["node-b"].Driver.Options().Pool, onB), rand.New(rand.NewSource(2)), make([]byte, snapDisk))
+	s2, err := r.c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap-b2", SourceVolumeId: onB})
+	if err != nil {
 		t.Fatal(err)
+	}
+	delta := func(c csi.SnapshotMetadataClient) []*csi.GetMetadataDeltaResponse {
+		st, err := c.GetMetadataDelta(ctx, &csi.GetMetadataDeltaRequest{BaseSnapshotId: s.Snapshot.SnapshotId, TargetSnapshotId: s2.Snapshot.SnapshotId, MaxResults: 2})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return recvAll(t, st.Recv)
+	}
+	if routed, direct := delta(r.md), delta(direct); len(direct) < 2 || len(routed) != len(direct) {
+		t.Fatalf("GetMetadataDelta: %d messages routed, %d direct", len(routed), len(direct))
+	} else {
+		for i := range direct {
+			if !proto.Equal(routed[i], direct[i]) {
+				t.Fatalf("delta message %d: routed %v, direct %v", i, routed[i], direct[i])
+			}
+		}
+	}
+	// Deletes reach the owner.
+	for _, id := range []string{s2.Snapshot.SnapshotId, s.Snapshot.SnapshotId} {
+		if _, err := r.c.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: id}); err != nil {
+			t.Fatal(err)
+		}
 	}
 	for id, n := range vols {
 		if _, err := r.c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
@@ -279,6 +295,102 @@ func TestRouterTwoNodes(t *testing.T) {
 		if _, err := os.Stat(imageFile(r.nodes[n].Driver.Options().Pool, id)); !os.IsNotExist(err) {
 			t.Errorf("image of %s still there: %v", id, err)
 		}
+	}
+}
+
+// recvAll reads a stream to its end.
+func recvAll[M any](t *testing.T, recv func() (M, error)) []M {
+	t.Helper()
+	var msgs []M
+	for {
+		m, err := recv()
+		if err == io.EOF {
+			return msgs
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		msgs = append(msgs, m)
+	}
+}
+
+// TestRouterListSnapshotsPaging: unfiltered ListSnapshots in pages of one
+// lists the snapshots of every node once; when a node drops out of the
+// agent table between pages (its token's node left), the listing goes on
+// with the next node, repeating nothing.
+func TestRouterListSnapshotsPaging(t *testing.T) {
+	r := startRouted(t, nil, "node-a", "node-b", "node-c")
+	ctx := context.Background()
+	owner := map[string]string{} // snapshot ID -> node
+	for i, n := range []string{"node-a", "node-a", "node-b", "node-b", "node-c"} {
+		v, err := r.create(t, fmt.Sprintf("pvc-%d", i), n, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sn, err := r.c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: fmt.Sprintf("snap-%d", i), SourceVolumeId: v.Volume.VolumeId})
+		if err != nil {
+			t.Fatal(err)
+		}
+		owner[sn.Snapshot.SnapshotId] = n
+	}
+	table := &agentTable{m: map[string]string{}}
+	for n, a := range r.agents {
+		table.m[n] = a.Addr
+	}
+	ctl := drivertest.StartController(t, nil, r.certs, driver.RouterOptions{Agents: table})
+	c := csi.NewControllerClient(dialConn(t, ctl.Endpoint))
+	// list pages through, calling between(page) after each page; it
+	// returns how often each snapshot was listed.
+	list := func(between func(page int)) map[string]int {
+		seen := map[string]int{}
+		tok := ""
+		for page := 0; ; page++ {
+			if page > 20 {
+				t.Fatal("the listing does not end")
+			}
+			l, err := c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{MaxEntries: 1, StartingToken: tok})
+			if err != nil {
+				t.Fatalf("page %d: %v", page, err)
+			}
+			if len(l.Entries) > 1 {
+				t.Fatalf("page %d: %d entries, max_entries 1", page, len(l.Entries))
+			}
+			for _, e := range l.Entries {
+				seen[e.Snapshot.SnapshotId]++
+			}
+			if tok = l.NextToken; tok == "" {
+				return seen
+			}
+			between(page)
+		}
+	}
+	seen := list(func(int) {})
+	if len(seen) != len(owner) {
+		t.Errorf("listed %v, want %v", seen, owner)
+	}
+	for id, k := range seen {
+		if k != 1 || owner[id] == "" {
+			t.Errorf("snapshot %s listed %d times (known: %v)", id, k, owner[id] != "")
+		}
+	}
+	// Drop node-b after the third page: node-a's two and node-b's first
+	// were listed; the token names node-b inside its own listing.
+	seen = list(func(page int) {
+		if page == 2 {
+			table.mu.Lock()
+			delete(table.m, "node-b")
+			table.mu.Unlock()
+		}
+	})
+	byNode := map[string]int{}
+	for id, k := range seen {
+		if k != 1 {
+			t.Errorf("snapshot %s listed %d times", id, k)
+		}
+		byNode[owner[id]] += k
+	}
+	if byNode["node-a"] != 2 || byNode["node-b"] != 1 || byNode["node-c"] != 1 || len(byNode) != 3 {
+		t.Errorf("listed per node %v, want node-a 2, node-b 1 (before it left), node-c 1", byNode)
 	}
 }
 
