@@ -267,7 +267,7 @@ func (r *Router) conn(ctx context.Context, node string) (*agentConn, error) {
 
 // call runs fn against node's agent and records it. The agent's status
 // passes through as it is; a failure to reach the agent becomes
-// Unavailable naming the node, and the agent's address is asked afresh
+// Unavailable naming the node (DeadlineExceeded stays so, naming it too), and the agent's address is asked afresh
 // (its Pod may have moved). When it did move, a unary call (once) is
 // tried at the new address at once: CSI calls are idempotent. A stream
 // is not, as messages may have reached the client already.
@@ -284,13 +284,18 @@ func (r *Router) callRetry(ctx context.Context, node, method string, retry bool,
 	err = fn(ctx, c.cc)
 	code := status.Code(err)
 	r.metrics.observeRouted(node, method, code, time.Since(start))
-	if code != codes.Unavailable {
+	if code != codes.Unavailable && code != codes.DeadlineExceeded {
 		return err
 	}
 	r.mu.Lock()
 	r.failed[node] = c
 	r.mu.Unlock()
 	r.metrics.connErrors.WithLabelValues(node).Inc()
+	if code == codes.DeadlineExceeded {
+		// A hung agent (or connection) looks like this too: dial anew
+		// next time, and say which node. No retry: the time is spent.
+		return fmt.Errorf("node %s: agent %s: %s: %w", node, c.addr, status.Convert(err).Message(), context.DeadlineExceeded)
+	}
 	if retry {
 		// Asking the lookup only: conn must still see the failed
 		// connection, to dial anew.

@@ -886,6 +886,43 @@ func (a *blockingAgent) GetMetadataAllocated(_ *csi.GetMetadataAllocatedRequest,
 	return out.Context().Err()
 }
 
+// slowAgent answers ControllerGetVolume with DeadlineExceeded, as an agent
+// that hangs past its caller's deadline does.
+type slowAgent struct {
+	csi.UnimplementedControllerServer
+}
+
+func (slowAgent) ControllerGetVolume(context.Context, *csi.ControllerGetVolumeRequest) (*csi.ControllerGetVolumeResponse, error) {
+	return nil, status.Error(codes.DeadlineExceeded, "too slow")
+}
+
+// TestRouterAgentDeadline: a DeadlineExceeded from an agent names its node
+// and counts as a connection error, like Unavailable.
+func TestRouterAgentDeadline(t *testing.T) {
+	certs := drivertest.MakeCerts(t, t.TempDir())
+	cfg, err := driver.AgentServerTLS(certs.Agent, driver.DefaultAgentClientName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(cfg)))
+	csi.RegisterControllerServer(srv, slowAgent{})
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(lis)
+	defer srv.Stop()
+	ctl := drivertest.StartController(t, driver.StaticAgents{"node-a": lis.Addr().String()}, certs, driver.RouterOptions{})
+	c := csi.NewControllerClient(dialConn(t, ctl.Endpoint))
+	_, err = c.ControllerGetVolume(context.Background(), &csi.ControllerGetVolumeRequest{VolumeId: "vol-0123456789abcdef0123456789abcdef@node-a"})
+	wantCode(t, err, codes.DeadlineExceeded, "node node-a: agent "+lis.Addr().String()+": too slow")
+	rec := httptest.NewRecorder()
+	ctl.Router.MetricsHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	if want := `qcow2_csi_agent_connection_errors_total{node="node-a"} 1`; !strings.Contains(rec.Body.String(), want) {
+		t.Errorf("metrics lack %s", want)
+	}
+}
+
 // TestRouterStreamCancel: a SnapshotMetadata client that goes away
 // mid-stream cancels the agent's call: the controller relays on the
 // client's context. (An agent that never ends its stream would otherwise
