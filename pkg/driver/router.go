@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -373,11 +374,16 @@ func (r *Router) owner(ctx context.Context, o owner, kind, id string, has func(c
 		}
 	}
 	// The nodes to ask: those listed, and those the router had a
-	// connection to, which may be between plugin Pods (conn answers for
-	// them as for any node without an agent).
+	// connection to or saw missing, which may be between plugin Pods
+	// (conn answers for them as for any node without an agent).
 	r.mu.Lock()
 	for n := range r.conns {
 		if _, ok := m[n]; !ok {
+			m[n] = ""
+		}
+	}
+	for n := range r.missing {
+		if _, ok := m[n]; !ok && !strings.HasPrefix(n, ownerHashSep) {
 			m[n] = ""
 		}
 	}

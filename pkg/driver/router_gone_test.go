@@ -190,7 +190,8 @@ func TestRouterNoAgentsListed(t *testing.T) {
 
 // TestRouterLegacyNodeBetweenPods: a legacy ID whose node had an agent
 // and drops out of the lookup is not "on no node" while the other nodes
-// say they lack it: the node the router knew is still asked (Unavailable).
+// say they lack it: the node the router knew (connected to, or seen
+// missing) is still asked (Unavailable).
 func TestRouterLegacyNodeBetweenPods(t *testing.T) {
 	r := startRouted(t, nil, "node-a", "node-b")
 	v, err := r.create(t, "pvc", "node-a", nil)
@@ -214,6 +215,14 @@ func TestRouterLegacyNodeBetweenPods(t *testing.T) {
 		_, err = c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: legacy})
 		wantCode(t, err, codes.Unavailable, "node node-a")
 	}
+	// A controller that never had a connection to node-a, but saw it
+	// missing (a call for one of its qualified IDs), asks it too.
+	fresh := drivertest.StartController(t, nil, r.certs, driver.RouterOptions{Agents: table, NodeGoneAfter: time.Hour})
+	fc := csi.NewControllerClient(dialConn(t, fresh.Endpoint))
+	_, err = fc.ControllerGetVolume(ctx, &csi.ControllerGetVolumeRequest{VolumeId: v.Volume.VolumeId})
+	wantCode(t, err, codes.Unavailable, "node node-a has no agent")
+	_, err = fc.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: legacy})
+	wantCode(t, err, codes.Unavailable, "node node-a")
 	if _, err := os.Stat(filepath.Join(pool, legacy+".qcow2")); err != nil {
 		t.Fatalf("image gone: %v", err)
 	}
