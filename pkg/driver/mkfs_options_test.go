@@ -40,6 +40,9 @@ func TestMkfsOptionsAllowlist(t *testing.T) {
 		{"-E offset=4096", ext4, "mkfs.ext4 -E sub-option offset is refused"},
 		{"-E nosuch=1", ext4, "mkfs.ext4 -E sub-option nosuch is not allowed (allowed: "},
 		{"-n", ext4, "mkfs.ext4 option -n is refused"},
+		// errors=panic in the superblock: a full pool would panic the node.
+		{"-e panic", ext4, "mkfs.ext4 option -e panic is refused: an error on the volume would panic the node's kernel (allowed: continue, remount-ro)"},
+		{"-e Panic", ext4, "mkfs.ext4 option -e Panic is refused"},
 		{"-Y", ext4, "mkfs.ext4 option -Y is not allowed (allowed: -b"},
 		{"-qd /etc", ext4, `mkfs argument "-qd": write each option as its own argument`},
 		{"-b4096", ext4, `mkfs argument "-b4096": write each option as its own argument`},
@@ -65,7 +68,7 @@ func TestMkfsOptionsAllowlist(t *testing.T) {
 		opts string
 		cap  *csi.VolumeCapability
 	}{
-		{"-L data -b 4096 -E root_owner=1000:1000,lazy_itable_init=1 -O ^metadata_csum -I 256", ext4},
+		{"-L data -b 4096 -e remount-ro -E root_owner=1000:1000,lazy_itable_init=1 -O ^metadata_csum -I 256", ext4},
 		{"-L data -d agcount=4,su=64k,sw=2 -m reflink=1 -n ftype=1", xfs},
 	} {
 		if err := create(tc.opts, tc.cap); err != nil {

@@ -147,6 +147,10 @@ type mkfsFlag struct {
 	refusedSubs map[string]string
 	// refused, when set, refuses the option and says why.
 	refused string
+	// values, when set, is the allowlist of the option's whole value;
+	// valuesWhy says why the others are refused.
+	values    map[string]bool
+	valuesWhy string
 }
 
 func subs(names ...string) map[string]bool {
@@ -164,7 +168,11 @@ func subs(names ...string) map[string]bool {
 // driver's, not the StorageClass's.
 var mkfsFlags = map[string]map[string]mkfsFlag{
 	"ext4": {
-		"-b": {value: true}, "-C": {value: true}, "-e": {value: true}, "-g": {value: true},
+		"-b": {value: true}, "-C": {value: true}, "-g": {value: true},
+		// errors=panic in the superblock would let a full pool or one bad
+		// volume take down the node's kernel, and every other volume on it.
+		"-e": {value: true, values: subs("continue", "remount-ro"),
+			valuesWhy: "an error on the volume would panic the node's kernel"},
 		"-G": {value: true}, "-i": {value: true}, "-I": {value: true}, "-j": {},
 		"-L": {value: true}, "-m": {value: true}, "-M": {value: true}, "-N": {value: true},
 		"-O": {value: true}, "-q": {}, "-r": {value: true}, "-T": {value: true},
@@ -247,6 +255,9 @@ func mkfsOptionsFor(fsType, s string) ([]string, error) {
 			return nil, fmt.Errorf("%s option %s needs a value", tool, a)
 		}
 		i++
+		if f.values != nil && !f.values[args[i]] {
+			return nil, fmt.Errorf("%s option %s %s is refused: %s (allowed: %s)", tool, a, args[i], f.valuesWhy, strings.Join(sortedKeys(f.values), ", "))
+		}
 		if f.subs == nil {
 			continue
 		}

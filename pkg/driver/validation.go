@@ -91,6 +91,12 @@ func checkCapability(c *csi.VolumeCapability) error {
 			if f == "" || strings.ContainsAny(f, " \t\n\x00") {
 				return fmt.Errorf("%w: mount flag %q is malformed", ErrInvalid, f)
 			}
+			// A flag may be a comma-separated list, as mount(8) takes it.
+			for _, o := range strings.Split(f, ",") {
+				if o == "errors=panic" {
+					return fmt.Errorf("%w: mount flag errors=panic is refused: an error on the volume (a full pool) would panic the node's kernel; use errors=remount-ro or errors=continue", ErrInvalid)
+				}
+			}
 		}
 	default:
 		return fmt.Errorf("%w: volume capability has neither block nor mount access type", ErrInvalid)

@@ -79,6 +79,13 @@ func TestBadInput(t *testing.T) {
 		{"create bad prealloc", create("v", nil, map[string]string{"preallocation": "sparse"}, caps...), codes.InvalidArgument, `preallocation="sparse"`},
 		{"create bad lazy", create("v", nil, map[string]string{"lazyRefcounts": "maybe"}, caps...), codes.InvalidArgument, `lazyRefcounts="maybe"`},
 		{"create bad mkfs", create("v", nil, map[string]string{"mkfsOptions": "-L $(reboot)"}, caps...), codes.InvalidArgument, `mkfs argument "$(reboot)"`},
+		{"create errors=panic", create("v", nil, nil, capMountFlags("errors=panic")), codes.InvalidArgument, "mount flag errors=panic is refused"},
+		{"create errors=panic in a list", create("v", nil, nil, capMountFlags("noatime,errors=panic")), codes.InvalidArgument, "mount flag errors=panic is refused"},
+		{"stage errors=panic", stage("v", tmp, capMountFlags("errors=panic")), codes.InvalidArgument, "mount flag errors=panic is refused"},
+		{"publish errors=panic", func() error {
+			_, err := c.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: "v", StagingTargetPath: tmp, TargetPath: tmp + "/t", VolumeCapability: capMountFlags("ro", "errors=panic")})
+			return err
+		}, codes.InvalidArgument, "mount flag errors=panic is refused"},
 		{"create fs conflict", create("v", nil, map[string]string{"fsType": "xfs"}, capMount(rw, "ext4")), codes.InvalidArgument, "fsType=xfs contradicts the capability's fs_type ext4"},
 		{"create content source", func() error {
 			_, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "v", VolumeCapabilities: caps,
@@ -189,4 +196,11 @@ func TestNodeWithoutNBDNorFUSE(t *testing.T) {
 	_, err = c.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v.Volume.VolumeId, StagingTargetPath: t.TempDir(), VolumeCapability: capMount(rw, "")})
 	wantCode(t, err, codes.FailedPrecondition,
 		"node test-node cannot attach volumes (--attach-backend=auto): nbd: attach backend unavailable: no /sys/module/nbd; fuse: attach backend unavailable: no /dev/fuse. Load the nbd kernel module (modprobe nbd)")
+}
+
+// capMountFlags is a single-node ext4 mount capability with mount flags.
+func capMountFlags(flags ...string) *csi.VolumeCapability {
+	c := capMount(rw, "ext4")
+	c.GetMount().MountFlags = flags
+	return c
 }
