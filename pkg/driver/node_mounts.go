@@ -155,7 +155,10 @@ func (d *Driver) requireStaged(v *stagedVolume) error {
 
 // unmountOwn unmounts the volume's mounts at p, the topmost first, and
 // stops at the first that is not the volume's: that one, and what is
-// under it, are someone else's business.
+// under it, are someone else's business. A volume recorded without its
+// device number (by an older version, and not re-attached since) cannot
+// tell its mount from one underneath, so it unmounts the topmost only:
+// the driver made one mount there.
 func (d *Driver) unmountOwn(v *stagedVolume, field, p string, block bool) error {
 	for {
 		c, err := d.checkMount(v, field, p, block)
@@ -167,8 +170,13 @@ func (d *Driver) unmountOwn(v *stagedVolume, field, p string, block bool) error 
 		case c.not != "":
 			return fmt.Errorf("%w: %s; the driver leaves it alone", ErrPrecondition, c.not)
 		}
-		if err := unix.Unmount(p, 0); err != nil {
+		// NOFOLLOW: p was checked, but a link swapped in since must not
+		// take the unmount to where it points.
+		if err := unix.Unmount(p, unix.UMOUNT_NOFOLLOW); err != nil {
 			return fmt.Errorf("unmount %s: %w", p, err)
+		}
+		if v.Dev == "" {
+			return nil
 		}
 	}
 }
