@@ -46,6 +46,15 @@ func (d *Driver) RegistrationSocket(dir string) string {
 	return filepath.Join(dir, d.opts.DriverName+"-reg.sock")
 }
 
+// registrationServer is the gRPC server of the registration socket, with
+// the driver's interceptors: a panic while answering the kubelet fails that
+// call, it does not take down the node plugin and every volume it serves.
+func (d *Driver) registrationServer(r registerapi.RegistrationServer) *grpc.Server {
+	s := grpc.NewServer(d.serverOptions()...)
+	registerapi.RegisterRegistrationServer(s, r)
+	return s
+}
+
 // ServeKubeletRegistration serves the kubelet plugin registration API on
 // <dir>/<driver>-reg.sock until ctx ends. kubeletEndpoint is the CSI socket
 // path as the kubelet sees it on the host (it differs from --endpoint inside
@@ -56,8 +65,7 @@ func (d *Driver) ServeKubeletRegistration(ctx context.Context, dir, kubeletEndpo
 	if err != nil {
 		return fmt.Errorf("kubelet registration socket: %w", err)
 	}
-	s := grpc.NewServer()
-	registerapi.RegisterRegistrationServer(s, &registrar{name: d.opts.DriverName, endpoint: kubeletEndpoint})
+	s := d.registrationServer(&registrar{name: d.opts.DriverName, endpoint: kubeletEndpoint})
 	go func() {
 		<-ctx.Done()
 		s.Stop()
