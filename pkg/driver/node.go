@@ -72,8 +72,10 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 
 	capab := req.GetVolumeCapability()
 	want := stageRecord{
-		ID:          id,
-		StagingPath: req.GetStagingTargetPath(),
+		ID: id,
+		// Cleaned: "/x/staging/" and "/x/staging" are one place, and
+		// later requests and stats are compared with the clean form.
+		StagingPath: filepath.Clean(req.GetStagingTargetPath()),
 		Block:       isBlock(capab),
 		ReadOnly:    isReadOnlyMode(capab),
 	}
@@ -81,7 +83,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		want.FSType = fsTypeFor(capab, req.GetVolumeContext())
 	}
 	if v := d.lookupStaged(id); v != nil {
-		same := v.StagingPath == want.StagingPath && v.Block == want.Block && v.ReadOnly == want.ReadOnly && v.FSType == want.FSType
+		same := sameStagingPath(v, want.StagingPath) && v.Block == want.Block && v.ReadOnly == want.ReadOnly && v.FSType == want.FSType
 		if !same {
 			return nil, toStatus(fmt.Errorf("%w: volume %q is staged at %s (block %v, read-only %v, fs %q); asked for %s (block %v, read-only %v, fs %q)",
 				ErrAlreadyExists, id, v.StagingPath, v.Block, v.ReadOnly, v.FSType, want.StagingPath, want.Block, want.ReadOnly, want.FSType))
@@ -327,7 +329,7 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 		klog.FromContext(ctx).V(2).Info("Volume not staged here; nothing to unstage", "volumeID", id, "staging", req.GetStagingTargetPath())
 		return &csi.NodeUnstageVolumeResponse{}, nil
 	}
-	if v.StagingPath != req.GetStagingTargetPath() {
+	if !sameStagingPath(v, req.GetStagingTargetPath()) {
 		return nil, toStatus(fmt.Errorf("%w: volume %q is staged at %s, not %s", ErrNotFound, id, v.StagingPath, req.GetStagingTargetPath()))
 	}
 	if t := d.targets(v); len(t) > 0 {
@@ -366,7 +368,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		}
 		return nil, toStatus(fmt.Errorf("%w: volume %q is not staged on node %s", ErrPrecondition, id, d.opts.NodeID))
 	}
-	if v.StagingPath != req.GetStagingTargetPath() {
+	if !sameStagingPath(v, req.GetStagingTargetPath()) {
 		return nil, toStatus(fmt.Errorf("%w: volume %q is staged at %s, not %s", ErrPrecondition, id, v.StagingPath, req.GetStagingTargetPath()))
 	}
 	if v.device == nil {
@@ -464,6 +466,13 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	return &csi.NodeUnpublishVolumeResponse{}, nil
 }
 
+// sameStagingPath compares a request's staging path with the recorded one,
+// both cleaned: a record from an older version may hold the path as sent,
+// trailing slash and all.
+func sameStagingPath(v *stagedVolume, p string) bool {
+	return filepath.Clean(v.StagingPath) == filepath.Clean(p)
+}
+
 // stagedAt finds the staged volume id whose staging or target path is p.
 func (d *Driver) stagedAt(id, p string) (*stagedVolume, error) {
 	if _, err := d.pool.get(id); err != nil {
@@ -474,7 +483,7 @@ func (d *Driver) stagedAt(id, p string) (*stagedVolume, error) {
 		return nil, fmt.Errorf("volume %q is not staged on node %s: %w", id, d.opts.NodeID, ErrNotFound)
 	}
 	clean := filepath.Clean(p)
-	if clean != v.StagingPath && !d.hasTarget(v, clean) {
+	if !sameStagingPath(v, clean) && !d.hasTarget(v, clean) {
 		return nil, fmt.Errorf("volume %q is not staged or published at %s: %w", id, p, ErrNotFound)
 	}
 	if _, err := os.Stat(clean); err != nil {
