@@ -103,15 +103,27 @@ func (img *Image) zeroRange(off, n int64, flags ZeroFlags, discard bool) error {
 }
 
 func (img *Image) zeroCluster(vc int64, flags ZeroFlags, discard bool, explicit func(o, l int64) error) error {
-	img.mu.Lock()
-	e, bm, err := img.getL2(vc)
-	if err != nil {
-		img.mu.Unlock()
+	n, err := img.zeroClusterLocked(vc, flags, discard)
+	if err != nil || n == 0 {
 		return err
 	}
+	return explicit(vc<<img.clusterBits, n)
+}
+
+// zeroClusterLocked zeroes guest cluster vc through its L2 entry, under mu
+// (unlocked by defer: see openSize). Where the entry cannot say "zero" (a
+// v2 image over a backing file, or one keeping its allocation) it changes
+// nothing and returns how many bytes the caller must write explicitly,
+// outside the lock.
+func (img *Image) zeroClusterLocked(vc int64, flags ZeroFlags, discard bool) (explicitLen int64, err error) {
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	e, bm, err := img.getL2(vc)
+	if err != nil {
+		return 0, err
+	}
 	if _, err := img.classify(e, bm, -1, func() string { return fmt.Sprintf("l2 entry of guest cluster %d", vc) }); err != nil {
-		img.mu.Unlock()
-		return err
+		return 0, err
 	}
 	hasBacking := img.backing != nil || img.hdr.BackingFile != ""
 	keep := flags&ZeroMayUnmap == 0 && !e.compressed() && e.offset() != 0 && e.copied()
@@ -135,22 +147,16 @@ func (img *Image) zeroCluster(vc int64, flags ZeroFlags, discard bool, explicit 
 			ne = l2Entry(uint64(e.offset()) | oflagCopied | oflagZero)
 		}
 	default: // v2: no zero flag
-		if hasBacking && !discard {
-			img.mu.Unlock()
-			return explicit(vc<<img.clusterBits, min(img.clusterSize, img.size-vc<<img.clusterBits))
-		}
-		if keep {
-			img.mu.Unlock()
-			return explicit(vc<<img.clusterBits, min(img.clusterSize, img.size-vc<<img.clusterBits))
+		if (hasBacking && !discard) || keep {
+			return min(img.clusterSize, img.size-vc<<img.clusterBits), nil
 		}
 		ne = 0
 	}
-	defer img.mu.Unlock()
 	if ne == e && nbm == bm {
-		return nil
+		return 0, nil
 	}
 	if err := img.setL2(vc, ne, nbm); err != nil {
-		return img.fail(err)
+		return 0, img.fail(err)
 	}
 	if !keep {
 		switch {
@@ -161,7 +167,7 @@ func (img *Image) zeroCluster(vc int64, flags ZeroFlags, discard bool, explicit 
 			img.freeLater(e.offset(), img.clusterSize, true)
 		}
 	}
-	return nil
+	return 0, nil
 }
 
 // zeroSubclusters zeroes part of a cluster of an extended-L2 image: whole
@@ -185,18 +191,26 @@ func (img *Image) zeroSubclusters(vc, off, end int64, explicit func(o, l int64) 
 			return err
 		}
 	}
+	rewrite, err := img.zeroSubclusterBits(vc, s, e, sc)
+	if err != nil || !rewrite {
+		return err
+	}
+	// Shared or compressed: rewrite through the write path.
+	return explicit(s, min(e, end)-s)
+}
+
+// zeroSubclusterBits sets the zero bits of subclusters [s, e) of cluster
+// vc, under mu (unlocked by defer: see openSize), or reports that the
+// cluster is shared or compressed and must be rewritten instead.
+func (img *Image) zeroSubclusterBits(vc, s, e, sc int64) (rewrite bool, err error) {
 	img.mu.Lock()
 	defer img.mu.Unlock()
 	le, bm, err := img.getL2(vc)
 	if err != nil {
-		return err
+		return false, err
 	}
 	if le.compressed() || (le.offset() != 0 && !le.copied()) {
-		// Shared or compressed: rewrite through the write path.
-		img.mu.Unlock()
-		err := explicit(s, min(e, end)-s)
-		img.mu.Lock()
-		return err
+		return true, nil
 	}
 	base := vc << img.clusterBits
 	nbm := bm
@@ -205,7 +219,7 @@ func (img *Image) zeroSubclusters(vc, off, end int64, explicit func(o, l int64) 
 		nbm |= l2Bitmap(1) << uint(32+i)
 	}
 	if nbm == bm {
-		return nil
+		return false, nil
 	}
-	return img.setL2(vc, le, nbm)
+	return false, img.setL2(vc, le, nbm)
 }
