@@ -2,14 +2,10 @@ package driver
 
 import (
 	"context"
-	"net"
-	"path/filepath"
 	"strings"
 	"testing"
 
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
 )
@@ -35,22 +31,11 @@ func TestRegistrationPanicRecovered(t *testing.T) {
 	d := &Driver{}
 	d.metrics = newMetrics(d)
 	s := d.registrationServer(panicRegistrar{})
-	sock := filepath.Join(t.TempDir(), "reg.sock")
-	lis, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go s.Serve(lis)
-	defer s.Stop()
-	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	conn := serveForTest(t, s)
 	rc := registerapi.NewRegistrationClient(conn)
 	ctx := context.Background()
 	before := counterValue(t, handlerPanics.WithLabelValues("GetInfo"))
-	_, err = rc.GetInfo(ctx, &registerapi.InfoRequest{})
+	_, err := rc.GetInfo(ctx, &registerapi.InfoRequest{})
 	if status.Code(err) != codes.Internal || !strings.Contains(err.Error(), "GetInfo: internal error") {
 		t.Fatalf("GetInfo: %v; want Internal naming the method", err)
 	}

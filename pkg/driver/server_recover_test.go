@@ -16,6 +16,25 @@ import (
 	"google.golang.org/grpc/status"
 )
 
+// serveForTest serves s on a unix socket of the test's, stopped at the
+// end, and dials it.
+func serveForTest(t *testing.T, s *grpc.Server) *grpc.ClientConn {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "grpc.sock")
+	lis, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go s.Serve(lis)
+	t.Cleanup(s.Stop)
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
 type panicIdentity struct {
 	csi.UnimplementedIdentityServer
 }
@@ -49,18 +68,7 @@ func TestHandlerPanicBecomesInternal(t *testing.T) {
 	s := grpc.NewServer(d.serverOptions()...)
 	csi.RegisterIdentityServer(s, panicIdentity{})
 	csi.RegisterSnapshotMetadataServer(s, panicMetadata{})
-	sock := filepath.Join(t.TempDir(), "csi.sock")
-	lis, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go s.Serve(lis)
-	defer s.Stop()
-	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	conn := serveForTest(t, s)
 	ctx := context.Background()
 
 	probes := counterValue(t, handlerPanics.WithLabelValues("Probe"))
