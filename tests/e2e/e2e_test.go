@@ -559,8 +559,18 @@ func testHelmUpgradeUninstall(t *testing.T, c *cluster) {
 	node := c.podNode(t, testNS, "upgrader")
 	c.deletePod(t, testNS, "upgrader")
 	old := c.nodePluginPod(t, node)
+	// The generated CA and certificates outlive an upgrade (the chart looks
+	// them up): a new CA would cut the controller off from every agent
+	// until both restart.
+	tlsData := func() string {
+		return c.mustKubectl(t, "get", "secret", "-n", releaseNS, "qcow2-csi-agent-tls", "qcow2-csi-controller-tls", "-o", "jsonpath={..data}")
+	}
+	certs := tlsData()
 	if err := c.helmInstall("upgrade", "driver.logLevel=5"); err != nil {
 		t.Fatal(err)
+	}
+	if now := tlsData(); now != certs || !strings.Contains(now, "ca.crt") {
+		t.Errorf("the agent and controller TLS Secrets changed in helm upgrade (or hold no ca.crt)")
 	}
 	if now := c.nodePluginPod(t, node); now == old {
 		t.Errorf("helm upgrade with a changed value did not roll the node plugin (still %s)", now)
