@@ -99,8 +99,6 @@ type mountCheck struct {
 	not  string // non-empty: a mount that is not the volume's, described
 }
 
-func (c mountCheck) ours() bool { return !c.none && c.not == "" }
-
 // checkMount looks at the mount visible at p: the volume's filesystem
 // (root of the filesystem on its device) or, with block, its device node.
 // A volume recorded before device numbers were (Dev empty) cannot be

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"maps"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -59,9 +58,7 @@ func TestRouterNodeDown(t *testing.T) {
 	wantCode(t, err, codes.NotFound, "node-gone")
 	_, err = r.create(t, "pvc-gone", "node-gone", nil)
 	wantCode(t, err, codes.Unavailable, "node node-gone has no agent")
-	rec := httptest.NewRecorder()
-	r.ctl.Router.MetricsHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
-	body := rec.Body.String()
+	body := r.ctl.Metrics()
 	for _, want := range []string{
 		`qcow2_csi_agent_connection_errors_total{node="node-a"}`,
 		`qcow2_csi_routed_calls_total{code="OK",method="CreateVolume",node="node-b"} 1`,

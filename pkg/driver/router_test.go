@@ -415,9 +415,7 @@ func TestRouterAgentMoved(t *testing.T) {
 	if _, err := c.ControllerGetVolume(context.Background(), get); err != nil {
 		t.Fatalf("after the agent moved: %v", err)
 	}
-	rec := httptest.NewRecorder()
-	ctl.Router.MetricsHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
-	if want := `qcow2_csi_agent_connection_errors_total{node="node-a"} 1`; !strings.Contains(rec.Body.String(), want) {
+	if want := `qcow2_csi_agent_connection_errors_total{node="node-a"} 1`; !strings.Contains(ctl.Metrics(), want) {
 		t.Errorf("metrics lack %s", want)
 	}
 }
@@ -664,9 +662,7 @@ func TestRouterAgentDeadline(t *testing.T) {
 	c := csi.NewControllerClient(dialConn(t, ctl.Endpoint))
 	_, err = c.ControllerGetVolume(context.Background(), &csi.ControllerGetVolumeRequest{VolumeId: "vol-0123456789abcdef0123456789abcdef@node-a"})
 	wantCode(t, err, codes.DeadlineExceeded, "node node-a: agent "+lis.Addr().String()+": too slow")
-	rec := httptest.NewRecorder()
-	ctl.Router.MetricsHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
-	if want := `qcow2_csi_agent_connection_errors_total{node="node-a"} 1`; !strings.Contains(rec.Body.String(), want) {
+	if want := `qcow2_csi_agent_connection_errors_total{node="node-a"} 1`; !strings.Contains(ctl.Metrics(), want) {
 		t.Errorf("metrics lack %s", want)
 	}
 }

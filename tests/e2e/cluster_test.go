@@ -225,15 +225,6 @@ func netnsList() map[string]bool {
 	return m
 }
 
-// writeFile writes content under root.
-func (c *cluster) writeFile(rel, content string) (string, error) {
-	p := c.path(rel)
-	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-		return "", err
-	}
-	return p, os.WriteFile(p, []byte(content), 0o644)
-}
-
 func (c *cluster) genPKI() error {
 	p, err := newPKI(c.path("pki"))
 	if err != nil {

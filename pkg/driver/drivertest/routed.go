@@ -3,6 +3,7 @@ package drivertest
 import (
 	"context"
 	"net"
+	"net/http/httptest"
 	"path/filepath"
 	"testing"
 
@@ -64,6 +65,13 @@ type Controller struct {
 	Router   *driver.Router
 	Endpoint string
 	done     chan error
+}
+
+// Metrics is the Router's Prometheus text, as a scrape would read it.
+func (c *Controller) Metrics() string {
+	rec := httptest.NewRecorder()
+	c.Router.MetricsHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	return rec.Body.String()
 }
 
 // StartController serves a Router over agents with the controller
