@@ -14,6 +14,7 @@ import (
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/fuse"
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
 )
 
@@ -54,7 +55,7 @@ func parseAttachFlags(args []string) (*attachOptions, error) {
 	fs := flag.NewFlagSet("qcow2-csi attach", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.StringVar(&o.backend, "backend", "fuse", "")
-	fs.StringVar(&o.fuseDir, "fuse-dir", nbdattach.DefaultFuseDir, "")
+	fs.StringVar(&o.fuseDir, "fuse-dir", fuse.DefaultDir, "")
 	fs.StringVar(&o.format, "format", "raw", "")
 	fs.StringVar(&o.format, "f", "raw", "")
 	fs.UintVar(&o.blockSize, "block-size", 0, "")
@@ -79,7 +80,7 @@ func parseAttachFlags(args []string) (*attachOptions, error) {
 func runAttach(args []string) int {
 	for _, a := range args {
 		if a == "-h" || a == "--help" || a == "-help" {
-			fmt.Printf(attachUsage, nbdattach.DefaultFuseDir)
+			fmt.Printf(attachUsage, fuse.DefaultDir)
 			return 0
 		}
 	}
@@ -103,7 +104,7 @@ func attach(o *attachOptions) error {
 	var a nbdattach.Attacher
 	switch o.backend {
 	case "fuse":
-		a = nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: o.fuseDir, Logger: logger})
+		a = fuse.NewAttacher(fuse.Options{Dir: o.fuseDir, Logger: logger})
 	default:
 		return fmt.Errorf("--backend=%s: this command knows the fuse backend only", o.backend)
 	}

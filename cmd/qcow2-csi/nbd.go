@@ -15,7 +15,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/nbd"
 )
 
 func init() {
@@ -220,7 +220,7 @@ func serveNBD(o *nbdOptions) error {
 	}
 	defer closeBackend()
 
-	exp := &nbdattach.Export{
+	exp := &nbd.Export{
 		Name:        o.exportName,
 		Description: o.desc,
 		Backend:     backend,
@@ -232,7 +232,7 @@ func serveNBD(o *nbdOptions) error {
 	if o.verbose {
 		log = slog.New(slog.NewTextHandler(os.Stderr, nil))
 	}
-	srv, err := nbdattach.NewServer(nbdattach.ServerOptions{
+	srv, err := nbd.NewServer(nbd.ServerOptions{
 		Logger:         log,
 		MaxConnections: o.shared,
 		StopWhenIdle:   !o.persistent,

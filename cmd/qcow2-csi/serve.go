@@ -22,6 +22,8 @@ import (
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/fuse"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/kernel"
 )
 
 func init() {
@@ -97,7 +99,7 @@ func runServe(args []string) int {
 	fs.StringVar(&f.kubeletRegistrationPath, "kubelet-registration-path", "", "CSI socket path as the kubelet sees it on the host, e.g. /var/lib/kubelet/plugins/<driver-name>/csi.sock (default: the --endpoint path)")
 	fs.BoolVar(&f.crashConsistentCBT, "crash-consistent-cbt", true, "keep the volumes' changed-block-tracking bitmaps correct on disk at every moment (bits made durable before the data they cover), so that a crash of this plugin does not force the next backup to be a full one; costs about one synced bitmap cluster write per MiB first written after each snapshot, fewer for sequential writes (docs/backup.md)")
 	fs.StringVar(&f.attachBackend, "attach-backend", "auto", "how the node attaches images: nbd (kernel NBD), fuse (FUSE + loop) or auto (nbd if available, else fuse)")
-	fs.StringVar(&f.fuseDir, "fuse-dir", "", "where the fuse attach backend mounts the FUSE filesystem serving its volumes; one per plugin process (default: "+nbdattach.DefaultFuseDir+", or fuse/ in the temporary directory)")
+	fs.StringVar(&f.fuseDir, "fuse-dir", "", "where the fuse attach backend mounts the FUSE filesystem serving its volumes; one per plugin process (default: "+fuse.DefaultDir+", or fuse/ in the temporary directory)")
 	fs.StringVar(&f.capacityReserve, "capacity-reserve", "0", "pool space kept free: bytes (suffixes Ki, Mi, Gi, Ti) or a percentage of the pool filesystem (e.g. 5%)")
 	fs.Float64Var(&f.overcommitRatio, "overcommit-ratio", driver.DefaultOvercommitRatio, "most the volumes' virtual sizes may add up to, as a multiple of the pool filesystem's size minus the reserve; CreateVolume and expansion refuse more (ResourceExhausted); 0 means no limit (docs/operations.md)")
 	fs.Float64Var(&f.poolWarningPercent, "pool-warning-percent", driver.DefaultPoolWarningPercent, "how full the pool filesystem may get, in percent, before every volume's condition turns abnormal and qcow2_csi_pool_nearly_full is 1")
@@ -211,14 +213,14 @@ func serve(ctx context.Context, f serveFlags, out io.Writer) error {
 		}
 	}
 	if f.fuseDir == "" {
-		f.fuseDir = nbdattach.DefaultFuseDir
+		f.fuseDir = fuse.DefaultDir
 	}
 	logger := slog.New(logr.ToSlogHandler(klog.Background()))
 	opts.Logger = logger
 	// In the order --attach-backend=auto tries them.
 	attachers := []nbdattach.Attacher{
-		nbdattach.NewKernelAttacher(nbdattach.KernelOptions{Logger: logger}),
-		nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: f.fuseDir, Logger: logger}),
+		kernel.NewAttacher(kernel.Options{Logger: logger}),
+		fuse.NewAttacher(fuse.Options{Dir: f.fuseDir, Logger: logger}),
 	}
 	d, err := driver.New(opts, driver.Seams{Images: driver.Qcow2Images{Logger: logger, CrashConsistentBitmaps: f.crashConsistentCBT}, Attachers: attachers})
 	if err != nil {

@@ -20,6 +20,7 @@ import (
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver/drivertest"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/fuse"
 	"github.com/qcow2-csi/qcow2-csi/tests/peer"
 )
 
@@ -215,12 +216,12 @@ func runFio(b *testing.B, cfg loadConfig, t loadTarget, rw, bs string, qd int, r
 // driverLoadTarget: a block volume of an in-process driver, staged with the
 // fuse backend and published.
 func driverLoadTarget(b *testing.B, cfg loadConfig, crashConsistent bool) loadTarget {
-	fuse := nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: filepath.Join(b.TempDir(), "fuse")})
-	if err := fuse.Available(); err != nil {
+	fa := fuse.NewAttacher(fuse.Options{Dir: filepath.Join(b.TempDir(), "fuse")})
+	if err := fa.Available(); err != nil {
 		peer.Missing(b, "the fuse attach backend", err.Error())
 	}
 	dir := b.TempDir()
-	srv := drivertest.Start(b, driver.Options{Pool: filepath.Join(dir, "pool")}, driver.Seams{Images: driver.Qcow2Images{CrashConsistentBitmaps: crashConsistent}, Attachers: []nbdattach.Attacher{fuse}})
+	srv := drivertest.Start(b, driver.Options{Pool: filepath.Join(dir, "pool")}, driver.Seams{Images: driver.Qcow2Images{CrashConsistentBitmaps: crashConsistent}, Attachers: []nbdattach.Attacher{fa}})
 	c := dial(b, srv)
 	ctx := context.Background()
 	capab := capBlock(rw)

@@ -14,6 +14,7 @@ import (
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver/drivertest"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/fuse"
 	"github.com/qcow2-csi/qcow2-csi/tests/peer"
 )
 
@@ -102,11 +103,11 @@ func BenchmarkDeleteVolume(b *testing.B) {
 func BenchmarkNodeStagePublish(b *testing.B) {
 	peer.Root(b)
 	peer.Require(b, "mkfs.ext4")
-	fuse := nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: filepath.Join(b.TempDir(), "fuse")})
-	if err := fuse.Available(); err != nil {
+	fa := fuse.NewAttacher(fuse.Options{Dir: filepath.Join(b.TempDir(), "fuse")})
+	if err := fa.Available(); err != nil {
 		peer.Missing(b, "the fuse attach backend", err.Error())
 	}
-	c, dir := benchServer(b, fuse)
+	c, dir := benchServer(b, fa)
 	ctx := context.Background()
 	capab := capMount(rw, "ext4")
 	var l latencies

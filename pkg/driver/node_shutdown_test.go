@@ -19,7 +19,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
-	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/fuse"
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
 	"github.com/qcow2-csi/qcow2-csi/tests/peer"
 )
@@ -77,7 +77,7 @@ func bitmapFlags(t *testing.T, qemuImg, path string, shared bool) map[string][]s
 func TestNodeSIGTERMFuse(t *testing.T) {
 	peer.Root(t)
 	qemuImg := peer.Require(t, "qemu-img")
-	if err := nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: t.TempDir()}).Available(); err != nil {
+	if err := fuse.NewAttacher(fuse.Options{Dir: t.TempDir()}).Available(); err != nil {
 		peer.Missing(t, "the fuse attach backend", err.Error())
 	}
 	e := newNodeEnvOn(t, "fuse")

@@ -21,6 +21,8 @@ import (
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver/drivertest"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/fuse"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/kernel"
 	"github.com/qcow2-csi/qcow2-csi/tests/peer"
 )
 
@@ -112,7 +114,7 @@ func newNodeEnvOn(t *testing.T, backend string) *nodeEnv {
 			}
 		}
 		if backend == "nbd" {
-			devs, err := nbdattach.NewKernelAttacher(nbdattach.KernelOptions{}).List(context.Background())
+			devs, err := kernel.NewAttacher(kernel.Options{}).List(context.Background())
 			if err != nil {
 				t.Error(err)
 			}
@@ -182,9 +184,9 @@ func (e *nodeEnv) startChild() {
 // and serves until killed; on SIGTERM it shuts down as `qcow2-csi serve`
 // does (Driver.Shutdown) and exits 0 when that succeeded.
 func serveChild(pool, backend string) int {
-	var a nbdattach.Attacher = nbdattach.NewKernelAttacher(nbdattach.KernelOptions{})
+	var a nbdattach.Attacher = kernel.NewAttacher(kernel.Options{})
 	if backend == "fuse" {
-		a = nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: filepath.Join(filepath.Dir(pool), "fuse")})
+		a = fuse.NewAttacher(fuse.Options{Dir: filepath.Join(filepath.Dir(pool), "fuse")})
 	}
 	d, err := driver.New(driver.Options{Pool: pool, NodeID: "test-node", ControllerExpand: true, AttachBackend: backend, KubeletDir: os.TempDir()},
 		driver.Seams{Images: driver.Qcow2Images{}, Attachers: []nbdattach.Attacher{a}})
@@ -281,7 +283,7 @@ func TestNodeFilesystemLifecycle(t *testing.T) { testNodeFilesystemLifecycle(t, 
 // the fuse backend: online expansion grows the open qcow2 image.
 func TestNodeFilesystemLifecycleQcow2(t *testing.T) {
 	peer.Root(t)
-	if err := nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: t.TempDir()}).Available(); err != nil {
+	if err := fuse.NewAttacher(fuse.Options{Dir: t.TempDir()}).Available(); err != nil {
 		peer.Missing(t, "the fuse attach backend", err.Error())
 	}
 	testNodeFilesystemLifecycle(t, "fuse")
@@ -561,7 +563,7 @@ func TestNodeOfflineExpand(t *testing.T) {
 // the kill.
 func TestNodeRestartFuse(t *testing.T) {
 	peer.Root(t)
-	if err := nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: t.TempDir()}).Available(); err != nil {
+	if err := fuse.NewAttacher(fuse.Options{Dir: t.TempDir()}).Available(); err != nil {
 		peer.Missing(t, "the fuse attach backend", err.Error())
 	}
 	e := newNodeEnvOn(t, "fuse")
@@ -607,7 +609,7 @@ func TestImageLocksAgainstQemu(t *testing.T) {
 	qemuNBD := peer.Require(t, "qemu-nbd")
 	qemuIO := peer.Require(t, "qemu-io")
 	qemuImg := peer.Require(t, "qemu-img")
-	if err := nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: t.TempDir()}).Available(); err != nil {
+	if err := fuse.NewAttacher(fuse.Options{Dir: t.TempDir()}).Available(); err != nil {
 		peer.Missing(t, "the fuse attach backend", err.Error())
 	}
 	e := newNodeEnvOn(t, "fuse")

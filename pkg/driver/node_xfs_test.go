@@ -8,7 +8,7 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
 
-	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/fuse"
 	"github.com/qcow2-csi/qcow2-csi/tests/peer"
 )
 
@@ -18,7 +18,7 @@ import (
 func TestNodeStagesXFSCloneBesideSource(t *testing.T) {
 	peer.Root(t)
 	needMounts(t, "mkfs.xfs")
-	if err := nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: t.TempDir()}).Available(); err != nil {
+	if err := fuse.NewAttacher(fuse.Options{Dir: t.TempDir()}).Available(); err != nil {
 		peer.Missing(t, "the fuse attach backend", err.Error())
 	}
 	e := newNodeEnvOn(t, "fuse")

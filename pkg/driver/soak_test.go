@@ -21,7 +21,7 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
 
-	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/fuse"
 	"github.com/qcow2-csi/qcow2-csi/tests/peer"
 	"github.com/qcow2-csi/qcow2-csi/tests/vm/vmharness"
 )
@@ -372,7 +372,7 @@ func TestSoakFuse(t *testing.T) {
 		t.Skip("soak: not in -short")
 	}
 	peer.Root(t)
-	if err := nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: t.TempDir()}).Available(); err != nil {
+	if err := fuse.NewAttacher(fuse.Options{Dir: t.TempDir()}).Available(); err != nil {
 		peer.Missing(t, "the fuse attach backend", err.Error())
 	}
 	testSoak(t, "fuse", envInt(t, envSoakCycles, 1000), envInt(t, envSoakAttached, 50), 10)

@@ -58,3 +58,16 @@ type DeviceInfo struct {
 	// Connected is false when the device exists but nothing serves it.
 	Connected bool
 }
+
+// StaleCleaner is implemented by attach backends whose devices cannot be
+// taken over by a new process (fuse): the caller runs CleanStale once at
+// start, before attaching anything.
+type StaleCleaner interface {
+	// CleanStale finds the devices and mounts a previous, dead process left
+	// behind and releases what it safely can: loop devices no one uses are
+	// unbound, loop devices still mounted are set to unbind when unmounted,
+	// dead FUSE mounts are detached. It returns what it found (Connected is
+	// false for each; Path is empty for a dead mount whose device the kernel
+	// released already) and the errors it met, joined.
+	CleanStale(ctx context.Context) ([]DeviceInfo, error)
+}

@@ -63,3 +63,22 @@ type Extent struct {
 	Length int64
 	Flags  uint32
 }
+
+// Block status flags of base:allocation.
+const (
+	// StateHole: the extent is not allocated.
+	StateHole uint32 = 1 << 0
+	// StateZero: the extent reads as zeroes.
+	StateZero uint32 = 1 << 1
+)
+
+// Metadata context names, and the context IDs qemu-nbd gives them on the
+// wire (base:allocation 0, qemu:allocation-depth 1, dirty bitmaps from 2 in
+// the order the export lists them), so that traces compare line by line.
+const (
+	ContextBaseAllocation  = "base:allocation"
+	ContextAllocationDepth = "qemu:allocation-depth"
+	// ContextDirtyBitmapPrefix is followed by the bitmap name. A dirty extent
+	// has flag 1.
+	ContextDirtyBitmapPrefix = "qemu:dirty-bitmap:"
+)

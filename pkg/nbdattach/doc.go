@@ -1,46 +1,28 @@
-// Package nbdattach serves a Backend over the NBD protocol and attaches it to
-// the kernel as a block device.
+// Package nbdattach is the contract between a block device's data and the
+// code that exposes it: a Backend (and its optional capabilities
+// BlockStatuser and MetaContextProvider), the Attacher and Device that turn
+// a Backend into a kernel block device, and the sentinel errors both sides
+// use. It also holds FileBackend, a Backend over a plain file.
 //
-// # The server
+// The implementations live in subpackages, each with only the imports its
+// job needs:
 //
-// An Export is a Backend plus how it is advertised (name, read-only, block
-// sizes, multi-connection). A Server negotiates fixed newstyle NBD with
-// clients that haggle options (qemu-img, qemu-io, nbdinfo, nbdcopy, fio's nbd
-// engine): EXPORT_NAME, ABORT, LIST, INFO and GO (NAME, DESCRIPTION,
-// BLOCK_SIZE), STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT;
-// other options are answered with ERR_UNSUP. Metadata contexts are
-// base:allocation (from an optional BlockStatuser) and whatever a
-// MetaContextProvider offers (qemu:allocation-depth, qemu:dirty-bitmap:NAME),
-// with the context IDs qemu-nbd uses on the wire.
+//   - nbd: the NBD protocol server (standard library only): a Server that
+//     negotiates with clients such as qemu-img, nbdinfo and fio, and
+//     ServeTransmission for a socket handed to the kernel.
+//   - kernel: the "nbd" Attacher, the Linux kernel's NBD driver configured
+//     over generic netlink, served by package nbd over socketpairs.
+//   - fuse: the "fuse" Attacher, a FUSE-served file behind a loop device,
+//     for kernels without nbd. It uses nothing of the other two.
 //
-// Each connection runs a receiver, one goroutine per request in flight
-// (bounded by Export.MaxInFlight) and a sender. The receiver validates every
-// request (magic, flags, bounds, alignment, payload size, read-only) before
-// anything is allocated or dispatched; a refused WRITE's payload is drained
-// in bounded chunks. The sender writes replies as the I/O completes, in any
-// order, and flushes its buffer only when no other reply is waiting, so
-// replies batch under load. Payload buffers come from size-class pools.
-// Backend errors map to NBD errors through the sentinels in errno.go (or a
-// syscall.Errno); anything else is EIO.
+// The driver adapts a qcow2 image to Backend; nothing here imports pkg/qcow2.
 //
-// # The kernel's side: ServeTransmission
+// # Errors
 //
-// The kernel's nbd driver never negotiates: the attach code hands it one end
-// of a socketpair over netlink and serves the other end with
-//
-//	err := ServeTransmission(ctx, conn, exp)
-//
-// which starts directly in the transmission phase with simple replies only
-// and enforces exp.MinBlock alignment (set it to the kernel block size). Pass
-// exp.TransmissionFlags() as NBD_ATTR_SERVER_FLAGS so the kernel sends exactly
-// the commands the server accepts, and exp.Backend.Size() as the size. Several
-// connections may serve the same Export at once. ServeTransmission returns
-// nil when the kernel disconnects (NBD_CMD_DISC or EOF), ctx's error when ctx
-// ends (requests already received are answered first), and an error wrapping
-// ErrProtocol on garbage; conn is always closed on return.
-//
-// # Attach
-//
-// Attacher and Device are the contract of the two attach backends: the kernel
-// NBD driver over generic netlink, and FUSE plus a loop device.
+// A Backend wraps ErrNoSpace, ErrInvalid, ErrPermission, ErrOverflow,
+// ErrNotSupported or ErrShutdown (or passes a syscall.Errno through) to
+// choose the error its client sees: the NBD server maps them to NBD error
+// values, the fuse backend to errnos. Anything else is EIO. The attach
+// backends report ErrUnavailable, ErrNotAttached, ErrAlreadyAttached and
+// ErrDeviceBusy, wrapped in an error that says what to do.
 package nbdattach

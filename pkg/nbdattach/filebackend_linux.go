@@ -112,13 +112,14 @@ func (b *FileBackend) WriteZeroes(ctx context.Context, off, length int64, fl Zer
 	return err
 }
 
+// zeroBlock is what writeZeroes writes where the file system cannot zero a
+// range itself; it is only ever read.
+var zeroBlock [1 << 20]byte
+
 func (b *FileBackend) writeZeroes(off, length int64) error {
-	z := getBuf(1 << 20)
-	defer putBuf(z)
-	clear(*z)
 	for length > 0 {
-		n := min(length, int64(len(*z)))
-		if _, err := b.f.WriteAt((*z)[:n], off); err != nil {
+		n := min(length, int64(len(zeroBlock)))
+		if _, err := b.f.WriteAt(zeroBlock[:n], off); err != nil {
 			return err
 		}
 		off += n

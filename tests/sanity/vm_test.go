@@ -7,6 +7,7 @@ import (
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/kernel"
 	"github.com/qcow2-csi/qcow2-csi/tests/sanity/sanityrun"
 	"github.com/qcow2-csi/qcow2-csi/tests/vm/vmharness"
 )
@@ -26,6 +27,6 @@ func TestGuestSanity(t *testing.T) {
 	vmharness.Guest(t)
 	sanityrun.Run(t, driver.Seams{
 		Images:    driver.Qcow2Images{},
-		Attachers: []nbdattach.Attacher{nbdattach.NewKernelAttacher(nbdattach.KernelOptions{})},
+		Attachers: []nbdattach.Attacher{kernel.NewAttacher(kernel.Options{})},
 	}, "nbd")
 }

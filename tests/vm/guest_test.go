@@ -23,6 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/kernel"
 	"github.com/qcow2-csi/qcow2-csi/tests/vm/vmharness"
 )
 
@@ -51,12 +52,12 @@ func newRaw(t *testing.T, path string, size int64) {
 	f.Close()
 }
 
-func kernelAttacher() *nbdattach.KernelAttacher {
+func kernelAttacher() *kernel.Attacher {
 	// A short I/O timeout: requests in flight on a socket that died are
 	// resent only when it expires (see DefaultIOTimeout). Not too short:
 	// TCG on a loaded machine is slow, and a request that times out makes
 	// the kernel drop a healthy socket.
-	return nbdattach.NewKernelAttacher(nbdattach.KernelOptions{IOTimeout: 10 * time.Second, DeadConnTimeout: 60 * time.Second})
+	return kernel.NewAttacher(kernel.Options{IOTimeout: 10 * time.Second, DeadConnTimeout: 60 * time.Second})
 }
 
 // fileSet writes n files of pseudo-random sizes and contents under dir and
@@ -524,7 +525,7 @@ func TestGuestStalledRequest(t *testing.T) {
 	const timeout = 2 * time.Second
 	b := &stallingBackend{FileBackend: fb, stall: make(chan struct{}), delay: 3 * timeout}
 	var logs lockedBuffer
-	a := nbdattach.NewKernelAttacher(nbdattach.KernelOptions{IOTimeout: timeout, DeadConnTimeout: 60 * time.Second,
+	a := kernel.NewAttacher(kernel.Options{IOTimeout: timeout, DeadConnTimeout: 60 * time.Second,
 		Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 	dev, err := a.Attach(ctx, "vol-stall", b, nbdattach.AttachOptions{})
 	if err != nil {

@@ -8,7 +8,7 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/kernel"
 	"github.com/qcow2-csi/qcow2-csi/tests/peer"
 	"github.com/qcow2-csi/qcow2-csi/tests/vm/vmharness"
 )
@@ -74,7 +74,7 @@ func TestVM(t *testing.T) {
 // TestGuestAvailable: in the VM the nbd driver is there.
 func TestGuestAvailable(t *testing.T) {
 	vmharness.Guest(t)
-	if err := nbdattach.NewKernelAttacher(nbdattach.KernelOptions{}).Available(); err != nil {
+	if err := kernel.NewAttacher(kernel.Options{}).Available(); err != nil {
 		t.Fatal(err)
 	}
 }

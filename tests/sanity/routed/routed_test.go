@@ -11,6 +11,7 @@ import (
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/fuse"
 	"github.com/qcow2-csi/qcow2-csi/tests/peer"
 	"github.com/qcow2-csi/qcow2-csi/tests/sanity/sanityrun"
 )
@@ -20,12 +21,12 @@ import (
 func TestSanityRouted(t *testing.T) {
 	peer.Root(t)
 	peer.Require(t, "mkfs.ext4")
-	fuse := nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: filepath.Join(t.TempDir(), "fuse")})
-	if err := fuse.Available(); err != nil {
+	fa := fuse.NewAttacher(fuse.Options{Dir: filepath.Join(t.TempDir(), "fuse")})
+	if err := fa.Available(); err != nil {
 		peer.Missing(t, "the fuse attach backend", err.Error())
 	}
 	sanityrun.RunRouted(t, driver.Seams{
 		Images:    driver.Qcow2Images{},
-		Attachers: []nbdattach.Attacher{fuse},
+		Attachers: []nbdattach.Attacher{fa},
 	}, "fuse")
 }
