@@ -12,7 +12,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
+	"github.com/qcow2-csi/qcow2-csi/pkg/imagebackend"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/fuse"
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
@@ -136,7 +136,7 @@ func attach(o *attachOptions) error {
 		if err != nil {
 			return err
 		}
-		ib, err := driver.NewImageBackend(img, driver.ImageBackendOptions{})
+		ib, err := imagebackend.New(img, imagebackend.Options{})
 		if err != nil {
 			img.Close()
 			return err

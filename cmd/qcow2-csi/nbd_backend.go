@@ -4,7 +4,7 @@ import (
 	"errors"
 	"fmt"
 
-	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
+	"github.com/qcow2-csi/qcow2-csi/pkg/imagebackend"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
 )
@@ -29,7 +29,7 @@ func openNBDBackend(o *nbdOptions, format string, readOnly bool) (nbdattach.Back
 		if err != nil {
 			return nil, nil, err
 		}
-		opts := driver.ImageBackendOptions{AllocationDepth: o.allocationDepth}
+		opts := imagebackend.Options{AllocationDepth: o.allocationDepth}
 		if o.bitmap != "" {
 			opts.Bitmaps = []string{o.bitmap}
 		}
@@ -41,7 +41,7 @@ func openNBDBackend(o *nbdOptions, format string, readOnly bool) (nbdattach.Back
 			}
 			return b, closeAll, nil
 		}
-		b, err := driver.NewImageBackend(img, opts)
+		b, err := imagebackend.New(img, opts)
 		if err != nil {
 			img.Close()
 			return nil, nil, err

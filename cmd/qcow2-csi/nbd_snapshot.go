@@ -6,7 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
+	"github.com/qcow2-csi/qcow2-csi/pkg/imagebackend"
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
 )
 
@@ -36,7 +36,7 @@ func snapshotParam(s string) (id, name string, err error) {
 }
 
 // openSnapshotBackend opens the snapshot -l names, read-only.
-func openSnapshotBackend(img *qcow2.Image, file, param string, opts driver.ImageBackendOptions) (*driver.ImageBackend, func() error, error) {
+func openSnapshotBackend(img *qcow2.Image, file, param string, opts imagebackend.Options) (*imagebackend.Backend, func() error, error) {
 	id, name, err := snapshotParam(param)
 	if err != nil {
 		return nil, nil, err
@@ -60,7 +60,7 @@ func openSnapshotBackend(img *qcow2.Image, file, param string, opts driver.Image
 		view.Close()
 		return nil, nil, fmt.Errorf("-l %q: %w in %s", param, qcow2.ErrSnapshotNotFound, filepath.Base(file))
 	}
-	b, err := driver.NewSnapshotBackend(img, view, opts)
+	b, err := imagebackend.NewSnapshot(img, view, opts)
 	if err != nil {
 		view.Close()
 		return nil, nil, err

@@ -8,12 +8,13 @@ import (
 	"log/slog"
 	"os"
 
+	"github.com/qcow2-csi/qcow2-csi/pkg/imagebackend"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
 )
 
 // Qcow2Images is the production Images: pkg/qcow2 images served through the
-// NBD adapter (imagebackend.go). It translates the library's lock and
+// NBD adapter (pkg/imagebackend). It translates the library's lock and
 // existence errors to the driver's sentinels, which the driver's logic tests
 // for; every other qcow2 error keeps its sentinel for toStatus.
 type Qcow2Images struct {
@@ -68,7 +69,7 @@ func (q Qcow2Images) Open(_ context.Context, path string, readOnly bool) (Image,
 	if err != nil {
 		return nil, imageErr(path, err)
 	}
-	b, err := NewImageBackend(img, ImageBackendOptions{})
+	b, err := imagebackend.New(img, imagebackend.Options{})
 	if err != nil {
 		_ = img.Close()
 		return nil, imageErr(path, err)
@@ -101,7 +102,7 @@ func (q Qcow2Images) Resize(ctx context.Context, path string, size int64) error 
 
 type qcow2Image struct {
 	img     *qcow2.Image
-	backend *ImageBackend
+	backend *imagebackend.Backend
 }
 
 func (i *qcow2Image) Size() int64                { return i.img.Size() }

@@ -4,7 +4,8 @@ import "context"
 
 // Backend is the block device an export serves: the NBD server, the kernel
 // attach and the fallback (FUSE + loop) attach all speak to it and nothing
-// else. The driver adapts a qcow2 image to it; tests use a plain file.
+// else. Package imagebackend adapts a qcow2 image to it; tests use a plain
+// file (FileBackend).
 //
 // Implementations must be safe for concurrent use: the server issues requests
 // from many goroutines at once. Offsets and lengths passed in are already

@@ -15,7 +15,8 @@
 //   - fuse: the "fuse" Attacher, a FUSE-served file behind a loop device,
 //     for kernels without nbd. It uses nothing of the other two.
 //
-// The driver adapts a qcow2 image to Backend; nothing here imports pkg/qcow2.
+// Package imagebackend adapts a qcow2 image to Backend; nothing here imports
+// pkg/qcow2.
 //
 // # Errors
 //

@@ -16,7 +16,7 @@ import (
 
 // Qcow2 is the qcow2 format as the node plugin serves it: an image made by
 // qemu-img (64 KiB clusters), opened by driver.Qcow2Images (pkg/qcow2 under
-// driver.ImageBackend). qemu-img is the oracle: map for allocation, check for
+// imagebackend.Backend). qemu-img is the oracle: map for allocation, check for
 // consistency, compare for contents.
 var Qcow2 = Format{
 	Name: "qcow2",

@@ -12,14 +12,14 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
+	"github.com/qcow2-csi/qcow2-csi/pkg/imagebackend"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
 	"github.com/qcow2-csi/qcow2-csi/tests/vm/vmharness"
 )
 
 // TestGuestQcow2 attaches a qcow2 image made by pkg/qcow2, through the
-// driver's adapter (driver.ImageBackend), with two connections, puts ext4 on it, writes and verifies files, and leaves in the
+// adapter (imagebackend.Backend), with two connections, puts ext4 on it, writes and verifies files, and leaves in the
 // share the image and what the kernel read of the device, for TestVM to run
 // qemu-img check and qemu-img compare on.
 func TestGuestQcow2(t *testing.T) {
@@ -31,7 +31,7 @@ func TestGuestQcow2(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := driver.NewImageBackend(img, driver.ImageBackendOptions{})
+	b, err := imagebackend.New(img, imagebackend.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

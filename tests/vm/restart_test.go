@@ -19,7 +19,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
+	"github.com/qcow2-csi/qcow2-csi/pkg/imagebackend"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
 	"github.com/qcow2-csi/qcow2-csi/tests/vm/vmharness"
@@ -56,7 +56,7 @@ func serveMain(mode, img, id string, conns int) int {
 			return 1
 		}
 		defer q.Close()
-		if b, err = driver.NewImageBackend(q, driver.ImageBackendOptions{}); err != nil {
+		if b, err = imagebackend.New(q, imagebackend.Options{}); err != nil {
 			fmt.Println("ERROR", err)
 			return 1
 		}

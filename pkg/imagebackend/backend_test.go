@@ -1,4 +1,4 @@
-package driver
+package imagebackend
 
 import (
 	"bytes"
@@ -25,7 +25,7 @@ func newTestImage(t *testing.T, opts qcow2.CreateOptions) (*qcow2.Image, string)
 func TestImageBackendStatus(t *testing.T) {
 	ctx := context.Background()
 	img, path := newTestImage(t, qcow2.CreateOptions{Size: 1 << 20})
-	b := mustBackend(t, img, ImageBackendOptions{AllocationDepth: true})
+	b := mustBackend(t, img, Options{AllocationDepth: true})
 	if err := b.WriteAt(ctx, bytes.Repeat([]byte{7}, 65536), 65536, true); err != nil {
 		t.Fatal(err)
 	}
@@ -63,7 +63,7 @@ func TestImageBackendStatus(t *testing.T) {
 func TestImageBackendErrors(t *testing.T) {
 	ctx := context.Background()
 	img, path := newTestImage(t, qcow2.CreateOptions{Size: 1 << 20})
-	b := mustBackend(t, img, ImageBackendOptions{})
+	b := mustBackend(t, img, Options{})
 	// A fast zero over partial clusters would have to write: ENOTSUP, as qemu.
 	if err := b.WriteZeroes(ctx, 512, 4096, nbdattach.ZeroFlags{Fast: true}); !errors.Is(err, nbdattach.ErrNotSupported) {
 		t.Fatalf("fast partial zero: %v", err)
@@ -77,7 +77,7 @@ func TestImageBackendErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ro.Close()
-	rb := mustBackend(t, ro, ImageBackendOptions{})
+	rb := mustBackend(t, ro, Options{})
 	if err := rb.WriteAt(ctx, make([]byte, 512), 0, false); !errors.Is(err, nbdattach.ErrPermission) {
 		t.Fatalf("write to read-only image: %v, want ErrPermission", err)
 	}
@@ -98,9 +98,9 @@ func equalExtents(a, b []nbdattach.Extent) bool {
 	return true
 }
 
-func mustBackend(t *testing.T, img *qcow2.Image, opts ImageBackendOptions) *ImageBackend {
+func mustBackend(t *testing.T, img *qcow2.Image, opts Options) *Backend {
 	t.Helper()
-	b, err := NewImageBackend(img, opts)
+	b, err := New(img, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -110,13 +110,13 @@ func mustBackend(t *testing.T, img *qcow2.Image, opts ImageBackendOptions) *Imag
 func TestImageBackendBitmaps(t *testing.T) {
 	ctx := context.Background()
 	img, _ := newTestImage(t, qcow2.CreateOptions{Size: 1 << 20})
-	if _, err := NewImageBackend(img, ImageBackendOptions{Bitmaps: []string{"b1"}}); err == nil {
+	if _, err := New(img, Options{Bitmaps: []string{"b1"}}); err == nil {
 		t.Fatal("missing bitmap accepted")
 	}
 	if err := img.AddBitmap("b1", qcow2.BitmapOptions{Granularity: 65536}); err != nil {
 		t.Fatal(err)
 	}
-	b := mustBackend(t, img, ImageBackendOptions{Bitmaps: []string{"b1"}})
+	b := mustBackend(t, img, Options{Bitmaps: []string{"b1"}})
 	if err := b.WriteAt(ctx, []byte{1}, 200000, false); err != nil {
 		t.Fatal(err)
 	}
@@ -151,7 +151,7 @@ func TestSnapshotBackend(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer view.Close()
-	b, err := NewSnapshotBackend(img, view, ImageBackendOptions{AllocationDepth: true})
+	b, err := NewSnapshot(img, view, Options{AllocationDepth: true})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,10 @@
-package driver
+// Package imagebackend adapts an open qcow2 image to nbdattach.Backend: the
+// data path of every attached volume (kernel NBD or fuse) and of
+// `qcow2-csi nbd`. It maps the library's errors to the sentinels the NBD
+// server and the fuse backend turn into errnos, and serves base:allocation,
+// qemu:allocation-depth and qemu:dirty-bitmap:NAME as qemu-nbd does. It
+// knows nothing of CSI: pkg/driver, cmd/qcow2-csi and the tests use it alike.
+package imagebackend
 
 import (
 	"context"
@@ -12,12 +18,11 @@ import (
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
 )
 
-// ImageBackend serves an open qcow2 image as an nbdattach.Backend: the data
-// path of every attached volume and of `qcow2-csi nbd`. The image stays owned
-// by the caller (ImageBackend never closes it).
-type ImageBackend struct {
+// Backend serves an open qcow2 image as an nbdattach.Backend. The image
+// stays owned by the caller (Backend never closes it).
+type Backend struct {
 	img  *qcow2.Image
-	opts ImageBackendOptions
+	opts Options
 	// src serves reads and block status: the image itself, or a read-only
 	// view of one of its internal snapshots (then view is set and every
 	// write is refused).
@@ -32,8 +37,8 @@ type dataSource interface {
 	BlockStatus(off, n int64) ([]qcow2.Extent, error)
 }
 
-// ImageBackendOptions choose what an ImageBackend exposes beyond the data.
-type ImageBackendOptions struct {
+// Options choose what a Backend exposes beyond the data.
+type Options struct {
 	// AllocationDepth serves the qemu:allocation-depth metadata context
 	// (qemu-nbd -A): 0 unallocated, 1 allocated in the image itself, 2 and
 	// up in its backing chain.
@@ -44,9 +49,9 @@ type ImageBackendOptions struct {
 	Bitmaps []string
 }
 
-// NewImageBackend adapts img. Each bitmap in opts must exist and be
+// New adapts img. Each bitmap in opts must exist and be
 // consistent (qemu-nbd refuses to start otherwise).
-func NewImageBackend(img *qcow2.Image, opts ImageBackendOptions) (*ImageBackend, error) {
+func New(img *qcow2.Image, opts Options) (*Backend, error) {
 	have := map[string]qcow2.BitmapStatus{}
 	for _, bi := range img.Bitmaps() {
 		have[bi.Name] = bi
@@ -60,26 +65,26 @@ func NewImageBackend(img *qcow2.Image, opts ImageBackendOptions) (*ImageBackend,
 			return nil, fmt.Errorf("bitmap %q in %s is inconsistent: it can only be removed", name, img.Path())
 		}
 	}
-	return &ImageBackend{img: img, opts: opts, src: img}, nil
+	return &Backend{img: img, opts: opts, src: img}, nil
 }
 
 // errView refuses writes to a snapshot view.
 var errView = fmt.Errorf("%w: an internal snapshot is exported read-only", nbdattach.ErrPermission)
 
 // Image returns the adapted image.
-func (b *ImageBackend) Image() *qcow2.Image { return b.img }
+func (b *Backend) Image() *qcow2.Image { return b.img }
 
 // Size implements nbdattach.Backend.
-func (b *ImageBackend) Size() int64 { return b.src.Size() }
+func (b *Backend) Size() int64 { return b.src.Size() }
 
 // ReadAt implements nbdattach.Backend.
-func (b *ImageBackend) ReadAt(_ context.Context, p []byte, off int64) error {
+func (b *Backend) ReadAt(_ context.Context, p []byte, off int64) error {
 	_, err := b.src.ReadAt(p, off)
 	return mapImageErr(err)
 }
 
 // WriteAt implements nbdattach.Backend.
-func (b *ImageBackend) WriteAt(_ context.Context, p []byte, off int64, fua bool) error {
+func (b *Backend) WriteAt(_ context.Context, p []byte, off int64, fua bool) error {
 	if b.view {
 		return errView
 	}
@@ -93,7 +98,7 @@ func (b *ImageBackend) WriteAt(_ context.Context, p []byte, off int64, fua bool)
 }
 
 // Flush implements nbdattach.Backend.
-func (b *ImageBackend) Flush(context.Context) error {
+func (b *Backend) Flush(context.Context) error {
 	if b.view {
 		return nil // nothing is ever written through a view
 	}
@@ -101,7 +106,7 @@ func (b *ImageBackend) Flush(context.Context) error {
 }
 
 // Trim implements nbdattach.Backend: whole clusters are discarded.
-func (b *ImageBackend) Trim(_ context.Context, off, n int64) error {
+func (b *Backend) Trim(_ context.Context, off, n int64) error {
 	if b.view {
 		return errView
 	}
@@ -111,7 +116,7 @@ func (b *ImageBackend) Trim(_ context.Context, off, n int64) error {
 // WriteZeroes implements nbdattach.Backend. A fast zero is refused (as qemu
 // does for qcow2) when the range does not cover whole clusters, because the
 // partial clusters would have to be written.
-func (b *ImageBackend) WriteZeroes(_ context.Context, off, n int64, fl nbdattach.ZeroFlags) error {
+func (b *Backend) WriteZeroes(_ context.Context, off, n int64, fl nbdattach.ZeroFlags) error {
 	if b.view {
 		return errView
 	}
@@ -138,7 +143,7 @@ func (b *ImageBackend) WriteZeroes(_ context.Context, off, n int64, fl nbdattach
 // BlockStatus implements nbdattach.BlockStatuser for base:allocation the way
 // qemu-nbd reports a qcow2 image: a hole is what holds no data (zero and
 // unallocated clusters), zero is what reads as zeroes.
-func (b *ImageBackend) BlockStatus(_ context.Context, off, n int64) ([]nbdattach.Extent, error) {
+func (b *Backend) BlockStatus(_ context.Context, off, n int64) ([]nbdattach.Extent, error) {
 	exts, err := b.src.BlockStatus(off, n)
 	if err != nil {
 		return nil, mapImageErr(err)
@@ -158,7 +163,7 @@ func (b *ImageBackend) BlockStatus(_ context.Context, off, n int64) ([]nbdattach
 }
 
 // MetaContexts implements nbdattach.MetaContextProvider.
-func (b *ImageBackend) MetaContexts() []string {
+func (b *Backend) MetaContexts() []string {
 	var out []string
 	if b.opts.AllocationDepth {
 		out = append(out, nbdattach.ContextAllocationDepth)
@@ -170,7 +175,7 @@ func (b *ImageBackend) MetaContexts() []string {
 }
 
 // MetaContextStatus implements nbdattach.MetaContextProvider.
-func (b *ImageBackend) MetaContextStatus(_ context.Context, name string, off, n int64) ([]nbdattach.Extent, error) {
+func (b *Backend) MetaContextStatus(_ context.Context, name string, off, n int64) ([]nbdattach.Extent, error) {
 	if bm, ok := strings.CutPrefix(name, nbdattach.ContextDirtyBitmapPrefix); ok && slices.Contains(b.opts.Bitmaps, bm) {
 		exts, err := b.img.BitmapExtents(bm, off, n)
 		if err != nil {
