@@ -55,15 +55,29 @@ func (a *Attacher) family(c *genetlink.Conn) (genetlink.Family, error) {
 	return f, fmt.Errorf("%w: nbd: look up generic netlink family %q: %v", nbdattach.ErrUnavailable, nlFamilyName, err)
 }
 
-// execute sends one nbd netlink command and returns the replies.
-func (a *Attacher) execute(cmd uint8, attrs []byte) ([]genetlink.Message, error) {
+// execute sends one nbd netlink command and returns the replies. ctx bounds
+// the exchange: its deadline becomes the socket's, and its end interrupts a
+// send or receive in progress. The kernel handles a command within the send,
+// so an error after ctx ended does not say whether the command took effect.
+func (a *Attacher) execute(ctx context.Context, cmd uint8, attrs []byte) ([]genetlink.Message, error) {
+	if ctx.Err() != nil {
+		return nil, fmt.Errorf("nbd: %s: %w", nlCmdName(cmd), context.Cause(ctx))
+	}
 	c, err := genetlink.Dial(nil)
 	if err != nil {
 		return nil, fmt.Errorf("%w: nbd: open generic netlink: %v", nbdattach.ErrUnavailable, err)
 	}
 	defer c.Close()
+	release, err := bindContext(ctx, c)
+	if err != nil {
+		return nil, fmt.Errorf("nbd: %s: %w", nlCmdName(cmd), err)
+	}
+	defer release()
 	f, err := a.family(c)
 	if err != nil {
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("nbd: %s: %w (%v)", nlCmdName(cmd), context.Cause(ctx), err)
+		}
 		return nil, err
 	}
 	msgs, err := c.Execute(genetlink.Message{
@@ -71,6 +85,9 @@ func (a *Attacher) execute(cmd uint8, attrs []byte) ([]genetlink.Message, error)
 		Data:   attrs,
 	}, f.ID, netlink.Request|netlink.Acknowledge)
 	if err != nil {
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("nbd: %s: %w (%v)", nlCmdName(cmd), context.Cause(ctx), err)
+		}
 		if errors.Is(err, syscall.EPERM) {
 			return nil, fmt.Errorf("nbd: %s: %w (configuring nbd devices needs CAP_SYS_ADMIN)", nlCmdName(cmd), err)
 		}
@@ -78,6 +95,21 @@ func (a *Attacher) execute(cmd uint8, attrs []byte) ([]genetlink.Message, error)
 	}
 	return msgs, nil
 }
+
+// bindContext makes ctx's deadline c's, and ctx's end interrupt whatever
+// c is blocked in (a deadline in the past wakes a pending read or write).
+// release stops watching ctx.
+func bindContext(ctx context.Context, c *genetlink.Conn) (release func() bool, err error) {
+	if dl, ok := ctx.Deadline(); ok {
+		if err := c.SetDeadline(dl); err != nil {
+			return nil, fmt.Errorf("set netlink socket deadline: %w", err)
+		}
+	}
+	return context.AfterFunc(ctx, func() { c.SetDeadline(aLongTimeAgo) }), nil
+}
+
+// aLongTimeAgo is a deadline that has passed: setting it interrupts I/O.
+var aLongTimeAgo = time.Unix(1, 0)
 
 func nlCmdName(cmd uint8) string {
 	switch cmd {
@@ -95,7 +127,7 @@ func nlCmdName(cmd uint8) string {
 
 // status asks the kernel which devices hold a configuration. index < 0
 // asks for all devices.
-func (a *Attacher) status(index int) ([]nlStatus, error) {
+func (a *Attacher) status(ctx context.Context, index int) ([]nlStatus, error) {
 	ae := netlink.NewAttributeEncoder()
 	if index >= 0 {
 		ae.Uint32(nlAttrIndex, uint32(index))
@@ -104,7 +136,7 @@ func (a *Attacher) status(index int) ([]nlStatus, error) {
 	if err != nil {
 		return nil, err
 	}
-	msgs, err := a.execute(nlCmdStatus, attrs)
+	msgs, err := a.execute(ctx, nlCmdStatus, attrs)
 	if err != nil {
 		return nil, err
 	}
@@ -173,10 +205,18 @@ func (a *Attacher) Attach(ctx context.Context, id string, b nbdattach.Backend, o
 	}.encode()
 	var msgs []genetlink.Message
 	if err == nil {
-		msgs, err = a.execute(nlCmdConnect, attrs)
+		msgs, err = a.execute(ctx, nlCmdConnect, attrs)
 	}
 	closeFDs(kfds)
 	if err != nil {
+		if ctx.Err() != nil {
+			// Cut off after the send, the kernel may have configured the
+			// device all the same: undo that, or its identifier would
+			// stay taken by a device nobody serves.
+			if sd, ok := a.findSys(id); ok {
+				_, _ = a.execute(context.WithoutCancel(ctx), nlCmdDisconnect, indexAttr(sd.index))
+			}
+		}
 		d.abort()
 		return nil, err
 	}
@@ -197,7 +237,7 @@ func (a *Attacher) Attach(ctx context.Context, id string, b nbdattach.Backend, o
 		}
 	}
 	if err := a.register(d, index); err != nil {
-		_, _ = a.execute(nlCmdDisconnect, indexAttr(index))
+		_, _ = a.execute(context.WithoutCancel(ctx), nlCmdDisconnect, indexAttr(index))
 		d.abort()
 		return nil, err
 	}
@@ -261,7 +301,7 @@ func (a *Attacher) Reattach(ctx context.Context, id string, b nbdattach.Backend,
 	// retry briefly before concluding that a live process still serves.
 	deadline := time.Now().Add(reattachGrace)
 	for {
-		taken, err := d.reconnect(cfg, n)
+		taken, err := d.reconnect(ctx, cfg, n)
 		if err != nil {
 			d.abort()
 			return nil, err
@@ -299,7 +339,7 @@ const maxConnections = 16
 // List implements Attacher: every configured nbd device on the node, with
 // the identifier recorded when it was attached.
 func (a *Attacher) List(ctx context.Context) ([]nbdattach.DeviceInfo, error) {
-	sts, err := a.status(-1)
+	sts, err := a.status(ctx, -1)
 	if err != nil {
 		return nil, err
 	}
@@ -565,7 +605,7 @@ func (d *kernelDevice) replace() net.Conn {
 			var attrs []byte
 			attrs, err = nlConfig{index: d.indexNow(), sockets: []int{kfd}, backendID: d.id}.encode()
 			if err == nil {
-				_, err = d.a.execute(nlCmdReconfigure, attrs)
+				_, err = d.a.execute(d.ctx, nlCmdReconfigure, attrs)
 			}
 			unix.Close(kfd)
 			if err == nil && socketTaken(conn) && d.track(conn) {
@@ -599,7 +639,7 @@ func (d *kernelDevice) indexNow() int {
 
 // reconnect sends RECONFIGURE with n fresh sockets and serves those the
 // kernel took; it returns how many it took.
-func (d *kernelDevice) reconnect(cfg nlConfig, n int) (int, error) {
+func (d *kernelDevice) reconnect(ctx context.Context, cfg nlConfig, n int) (int, error) {
 	var kfds []int
 	var conns []net.Conn
 	for i := 0; i < n; i++ {
@@ -617,7 +657,7 @@ func (d *kernelDevice) reconnect(cfg nlConfig, n int) (int, error) {
 	cfg.sockets = kfds
 	attrs, err := cfg.encode()
 	if err == nil {
-		_, err = d.a.execute(nlCmdReconfigure, attrs)
+		_, err = d.a.execute(ctx, nlCmdReconfigure, attrs)
 	}
 	closeFDs(kfds)
 	taken := 0
@@ -654,7 +694,7 @@ func (d *kernelDevice) Resize(ctx context.Context, size int64) error {
 	if err != nil {
 		return err
 	}
-	if _, err := d.a.execute(nlCmdReconfigure, attrs); err != nil {
+	if _, err := d.a.execute(ctx, nlCmdReconfigure, attrs); err != nil {
 		return fmt.Errorf("nbd: resize %s: %w", d.Path(), err)
 	}
 	after, err := readSysDevice(d.a.opts.SysfsRoot, sd.index)
@@ -707,7 +747,9 @@ func (d *kernelDevice) Detach(ctx context.Context) error {
 	d.mu.Lock()
 	d.stopping = true
 	d.mu.Unlock()
-	_, derr := d.a.execute(nlCmdDisconnect, indexAttr(d.indexNow()))
+	// The device is going away whatever ctx says: DISCONNECT is not cut
+	// off by it, or the kernel would keep a device nobody serves.
+	_, derr := d.a.execute(context.WithoutCancel(ctx), nlCmdDisconnect, indexAttr(d.indexNow()))
 	// The kernel sends NBD_CMD_DISC and shuts its ends; the serving
 	// goroutines return. Wait for them, but no longer than ctx allows.
 	done := make(chan struct{})
