@@ -1,0 +1,71 @@
+package throttle
+
+import (
+	"errors"
+	"fmt"
+)
+
+// MaxValue bounds every rate and burst, as QEMU's THROTTLE_VALUE_MAX does:
+// far above any device, and low enough that float64 arithmetic on bytes
+// stays exact to the byte.
+const MaxValue = 1_000_000_000_000_000
+
+// Rate is one limit: Avg units (operations or bytes) per second on average,
+// and bursts of up to Burst units after the volume was quiet. Zero Avg is no
+// limit. Zero Burst is a tenth of a second's worth (QEMU's default bucket).
+type Rate struct {
+	Avg   int64 `json:"avg"`
+	Burst int64 `json:"burst,omitempty"`
+}
+
+// size is the bucket's capacity in units.
+func (r Rate) size() float64 {
+	if r.Burst > 0 {
+		return float64(r.Burst)
+	}
+	return float64(r.Avg) / 10
+}
+
+// Limits are a volume's limits, per direction. The zero value is unlimited.
+type Limits struct {
+	ReadIOPS   Rate `json:"readIOPS"`
+	WriteIOPS  Rate `json:"writeIOPS"`
+	ReadBytes  Rate `json:"readBytesPerSecond"`
+	WriteBytes Rate `json:"writeBytesPerSecond"`
+}
+
+// Unlimited reports whether l limits nothing.
+func (l Limits) Unlimited() bool { return l == Limits{} }
+
+// ErrInvalid is wrapped by the errors of Check and Set.
+var ErrInvalid = errors.New("invalid throttle limit")
+
+// Check refuses what QEMU refuses: negative or huge values, a burst without
+// an average, a burst below its average (a burst is the most a second may
+// pass; the average must fit in it). name names the rate in the error.
+func (r Rate) Check(name string) error {
+	switch {
+	case r.Avg < 0 || r.Avg > MaxValue:
+		return fmt.Errorf("%w: %s %d is not in [0, %d]", ErrInvalid, name, r.Avg, int64(MaxValue))
+	case r.Burst < 0 || r.Burst > MaxValue:
+		return fmt.Errorf("%w: %s burst %d is not in [0, %d]", ErrInvalid, name, r.Burst, int64(MaxValue))
+	case r.Burst > 0 && r.Avg == 0:
+		return fmt.Errorf("%w: %s burst %d needs an average limit", ErrInvalid, name, r.Burst)
+	case r.Burst > 0 && r.Burst < r.Avg:
+		return fmt.Errorf("%w: %s burst %d is below its average %d", ErrInvalid, name, r.Burst, r.Avg)
+	}
+	return nil
+}
+
+// Check checks every rate of l.
+func (l Limits) Check() error {
+	for _, r := range []struct {
+		name string
+		r    Rate
+	}{{"read IOPS", l.ReadIOPS}, {"write IOPS", l.WriteIOPS}, {"read bytes/s", l.ReadBytes}, {"write bytes/s", l.WriteBytes}} {
+		if err := r.r.Check(r.name); err != nil {
+			return err
+		}
+	}
+	return nil
+}
