@@ -108,14 +108,14 @@ func TestRateCheck(t *testing.T) {
 		{Rate{Avg: 200}, ""},
 		{Rate{Avg: 200, Burst: 200}, ""},
 		{Rate{Avg: MaxValue, Burst: MaxValue}, ""},
-		{Rate{Avg: -1}, "write IOPS -1 is not in [0, 1000000000000000]"},
-		{Rate{Avg: MaxValue + 1}, "write IOPS 1000000000000001 is not in [0, 1000000000000000]"},
-		{Rate{Avg: 1, Burst: -1}, "write IOPS burst -1 is not in"},
-		{Rate{Burst: 10}, "write IOPS burst 10 needs an average limit"},
-		{Rate{Avg: 100, Burst: 99}, "write IOPS burst 99 is below its average 100"},
+		{Rate{Avg: -1}, "writeIOPS=-1 is not in [0, 1000000000000000]"},
+		{Rate{Avg: MaxValue + 1}, "writeIOPS=1000000000000001 is not in [0, 1000000000000000]"},
+		{Rate{Avg: 1, Burst: -1}, "writeIOPSBurst=-1 is not in"},
+		{Rate{Burst: 10}, "writeIOPSBurst=10 needs writeIOPS"},
+		{Rate{Avg: 100, Burst: 99}, "writeIOPSBurst=99 is below writeIOPS=100"},
 	}
 	for _, tc := range tests {
-		err := tc.r.Check("write IOPS")
+		err := tc.r.Check("writeIOPS")
 		switch {
 		case tc.want == "" && err != nil:
 			t.Errorf("%+v: %v", tc.r, err)

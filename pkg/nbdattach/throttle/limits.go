@@ -42,28 +42,45 @@ var ErrInvalid = errors.New("invalid throttle limit")
 
 // Check refuses what QEMU refuses: negative or huge values, a burst without
 // an average, a burst below its average (a burst is the most a second may
-// pass; the average must fit in it). name names the rate in the error.
+// pass; the average must fit in it). The errors name the rate name and its
+// burst name+"Burst", as in "writeIOPSBurst=5 is below writeIOPS=10".
 func (r Rate) Check(name string) error {
 	switch {
 	case r.Avg < 0 || r.Avg > MaxValue:
-		return fmt.Errorf("%w: %s %d is not in [0, %d]", ErrInvalid, name, r.Avg, int64(MaxValue))
+		return fmt.Errorf("%w: %s=%d is not in [0, %d]", ErrInvalid, name, r.Avg, int64(MaxValue))
 	case r.Burst < 0 || r.Burst > MaxValue:
-		return fmt.Errorf("%w: %s burst %d is not in [0, %d]", ErrInvalid, name, r.Burst, int64(MaxValue))
+		return fmt.Errorf("%w: %sBurst=%d is not in [0, %d]", ErrInvalid, name, r.Burst, int64(MaxValue))
 	case r.Burst > 0 && r.Avg == 0:
-		return fmt.Errorf("%w: %s burst %d needs an average limit", ErrInvalid, name, r.Burst)
+		return fmt.Errorf("%w: %sBurst=%d needs %s: a burst is above an average limit", ErrInvalid, name, r.Burst, name)
 	case r.Burst > 0 && r.Burst < r.Avg:
-		return fmt.Errorf("%w: %s burst %d is below its average %d", ErrInvalid, name, r.Burst, r.Avg)
+		return fmt.Errorf("%w: %sBurst=%d is below %s=%d: a burst must hold at least a second's average", ErrInvalid, name, r.Burst, name, r.Avg)
 	}
 	return nil
 }
 
+// Names of the rates, as their JSON fields: the driver's parameter keys.
+const (
+	NameReadIOPS   = "readIOPS"
+	NameWriteIOPS  = "writeIOPS"
+	NameReadBytes  = "readBytesPerSecond"
+	NameWriteBytes = "writeBytesPerSecond"
+)
+
+// Rates lists l's rates by name, reads then writes, IOPS then bytes.
+func (l *Limits) Rates() []NamedRate {
+	return []NamedRate{{NameReadIOPS, &l.ReadIOPS}, {NameWriteIOPS, &l.WriteIOPS}, {NameReadBytes, &l.ReadBytes}, {NameWriteBytes, &l.WriteBytes}}
+}
+
+// NamedRate is one of a Limits' rates and its name.
+type NamedRate struct {
+	Name string
+	Rate *Rate
+}
+
 // Check checks every rate of l.
 func (l Limits) Check() error {
-	for _, r := range []struct {
-		name string
-		r    Rate
-	}{{"read IOPS", l.ReadIOPS}, {"write IOPS", l.WriteIOPS}, {"read bytes/s", l.ReadBytes}, {"write bytes/s", l.WriteBytes}} {
-		if err := r.r.Check(r.name); err != nil {
+	for _, r := range l.Rates() {
+		if err := r.Rate.Check(r.Name); err != nil {
 			return err
 		}
 	}
