@@ -12,6 +12,8 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 	"k8s.io/klog/v2"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/throttle"
 )
 
 // minFreeForThin is the headroom a thin (preallocation=off) image needs: its
@@ -25,7 +27,8 @@ func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCa
 }
 
 // controllerCapabilities is the controller capability list, of a node's
-// driver and of the router alike.
+// driver and of the router alike. MODIFY_VOLUME (I/O limits, qos.go) unless
+// the plugin is built without throttling.
 func controllerCapabilities(snapshots, expand, getSnapshot bool) *csi.ControllerGetCapabilitiesResponse {
 	rpcs := []csi.ControllerServiceCapability_RPC_Type{
 		csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME,
@@ -34,6 +37,9 @@ func controllerCapabilities(snapshots, expand, getSnapshot bool) *csi.Controller
 		csi.ControllerServiceCapability_RPC_GET_VOLUME,
 		csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
 		csi.ControllerServiceCapability_RPC_VOLUME_CONDITION,
+	}
+	if throttle.Enabled {
+		rpcs = append(rpcs, csi.ControllerServiceCapability_RPC_MODIFY_VOLUME)
 	}
 	if snapshots {
 		rpcs = append(rpcs, csi.ControllerServiceCapability_RPC_CREATE_DELETE_SNAPSHOT,
@@ -166,6 +172,11 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		return nil, toStatus(err)
 	}
 	m := &volumeMeta{ID: id, Name: req.GetName(), Capacity: size, Params: params, Created: time.Now().UTC()}
+	// Validated whole with the request. A repeated CreateVolume does not
+	// compare them: they are mutable, and ControllerModifyVolume changes them.
+	qos, _ := parseQoSParams(req.GetMutableParameters())
+	limits, _ := qos.apply(throttle.Limits{})
+	m.setLimits(limits)
 	if err := d.pool.put(m); err != nil {
 		_ = os.Remove(d.pool.imagePath(id))
 		return nil, toStatus(fmt.Errorf("volume %q: write metadata: %w", id, err))

@@ -22,7 +22,7 @@ type metrics struct {
 
 func newMetrics(d *Driver) *metrics {
 	m := newRPCMetrics()
-	m.reg.MustRegister(&poolCollector{d: d})
+	m.reg.MustRegister(&poolCollector{d: d}, &qosCollector{d: d})
 	return m
 }
 

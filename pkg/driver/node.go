@@ -97,7 +97,8 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 			return nil, toStatus(err)
 		}
 	}
-	if _, err := d.pool.get(id); err != nil {
+	m, err := d.pool.get(id)
+	if err != nil {
 		return nil, toStatus(err)
 	}
 	a, err := d.attacher()
@@ -112,7 +113,6 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	}
 	v := &stagedVolume{stageRecord: want, image: img}
 	v.Backend = a.Name()
-	be := v.gated(a, img)
 	var dev nbdattach.Device
 	// Until a device serves it, the image is this call's to close: on an
 	// attach error, and on a panic (recovered into Internal: server.go),
@@ -122,6 +122,10 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 			_ = img.Close()
 		}
 	}()
+	be, err := v.gated(a, img, m.limits())
+	if err != nil {
+		return nil, toStatus(err)
+	}
 	d.withDevMu(func() {
 		dev, err = a.Attach(ctx, id, be, nbdattach.AttachOptions{ReadOnly: want.ReadOnly})
 		if errors.Is(err, nbdattach.ErrAlreadyAttached) {
@@ -529,6 +533,7 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 	if allocErr == nil {
 		cond.Message += fmt.Sprintf("; image allocates %d bytes in the pool", alloc)
 	}
+	cond.Message += qosCondition(v.throttle)
 	imageUsage := v.Block || v.device == nil
 	if v.device == nil {
 		cond = &csi.VolumeCondition{Abnormal: true, Message: "device lost at plugin restart: " + v.lostReason}

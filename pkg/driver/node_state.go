@@ -15,6 +15,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/throttle"
 )
 
 // stageRecord is what a node must remember about a staged volume across a
@@ -45,26 +46,38 @@ type stageRecord struct {
 // helps.
 type stagedVolume struct {
 	stageRecord
-	image      Image
-	device     nbdattach.Device
-	gate       *gate // between device and image (Shutdown)
+	image  Image
+	device nbdattach.Device
+	gate   *gate // between device and image (Shutdown)
+	// throttle is in front of the gate: the volume's I/O limits (qos.go).
+	// nil where no request passes the backend, or built with nothrottle.
+	throttle   *throttle.Throttle
 	lostReason string
 }
 
-// gated returns img's backend behind a new gate of v, for attaching with a.
-func (v *stagedVolume) gated(a nbdattach.Attacher, img Image) nbdattach.Backend {
+// gated returns img's backend behind a new gate and throttle of v, for
+// attaching with a, with limits set. Every attach path (kernel nbd, fuse)
+// passes here, so all of them enforce a volume's limits alike; the throttle
+// is outermost so that a request held back by it holds no gate. The backend
+// comes back even with an error (limits that cannot be enforced here), for
+// a re-attach that must serve the device all the same.
+func (v *stagedVolume) gated(a nbdattach.Attacher, img Image, limits throttle.Limits) (nbdattach.Backend, error) {
 	be := img.Backend()
 	if _, direct := be.(interface{ FilePath() string }); direct {
 		// The device reads the file itself (a loop device on a raw image,
 		// drivertest): no request passes through the backend to gate.
-		v.gate = nil
-		return be
+		v.gate, v.throttle = nil, nil
+		return be, throttleable(v, limits)
 	}
 	// Devices of a backend with stale-device cleaning die with the process
 	// (fuse); the others (nbd) survive it and their kernel requeues.
 	_, dies := a.(staleCleaner)
 	be, v.gate = newGate(be, !dies)
-	return be
+	be, v.throttle = throttle.Wrap(be)
+	if err := throttleable(v, limits); err != nil {
+		return be, err
+	}
+	return be, v.throttle.Set(limits)
 }
 
 // Targets change under a volume's publish/unpublish lock while stats and
@@ -241,13 +254,26 @@ func (d *Driver) reattach(ctx context.Context, v *stagedVolume) error {
 	if err != nil {
 		return err
 	}
+	// The limits the volume was staged with, as changed since: kept
+	// across a plugin restart. Without its record the volume is served
+	// all the same (unlimited) rather than left failing its I/O.
+	var limits throttle.Limits
+	if m, err := d.pool.get(v.ID); err == nil {
+		limits = m.limits()
+	} else {
+		klog.FromContext(ctx).Error(err, "No volume record: re-attaching without I/O limits", "volumeID", v.ID)
+	}
 	img, err := d.images.Open(ctx, d.pool.imagePath(v.ID), v.ReadOnly)
 	if err != nil {
 		return fmt.Errorf("open image: %w", err)
 	}
+	be, err := v.gated(a, img, limits)
+	if err != nil {
+		klog.FromContext(ctx).Error(err, "Re-attaching without I/O limits", "volumeID", v.ID)
+	}
 	var dev nbdattach.Device
 	d.withDevMu(func() {
-		dev, err = a.Reattach(ctx, v.ID, v.gated(a, img), nbdattach.AttachOptions{ReadOnly: v.ReadOnly})
+		dev, err = a.Reattach(ctx, v.ID, be, nbdattach.AttachOptions{ReadOnly: v.ReadOnly})
 	})
 	if err != nil {
 		_ = img.Close()

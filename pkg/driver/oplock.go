@@ -23,6 +23,10 @@ const (
 	// the source of a restore or clone. It opens the closed image or works
 	// on the staged one, so it excludes what opens, closes or destroys it.
 	opSnapshot op = "snapshot"
+	// opModify: ControllerModifyVolume. It rewrites the volume's record
+	// (as create and expand do) and sets the limits of its device (made
+	// and destroyed by stage and unstage).
+	opModify op = "modify"
 )
 
 // conflicts states, in one place, which operations on the same volume
@@ -32,15 +36,16 @@ const (
 // that changes the volume's image, device or mounts excludes every other
 // change.
 var conflicts = map[op][]op{
-	opCreate:    {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish, opRead, opSnapshot},
-	opDelete:    {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish, opRead, opSnapshot},
-	opExpand:    {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish, opSnapshot},
-	opStage:     {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish, opRead, opSnapshot},
-	opUnstage:   {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish, opRead, opSnapshot},
+	opCreate:    {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish, opRead, opSnapshot, opModify},
+	opDelete:    {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish, opRead, opSnapshot, opModify},
+	opExpand:    {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish, opSnapshot, opModify},
+	opStage:     {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish, opRead, opSnapshot, opModify},
+	opUnstage:   {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish, opRead, opSnapshot, opModify},
 	opPublish:   {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish},
 	opUnpublish: {opCreate, opDelete, opExpand, opStage, opUnstage, opPublish, opUnpublish},
 	opRead:      {opCreate, opDelete, opStage, opUnstage},
 	opSnapshot:  {opCreate, opDelete, opExpand, opStage, opUnstage, opSnapshot},
+	opModify:    {opCreate, opDelete, opExpand, opStage, opUnstage, opModify},
 }
 
 func conflict(a, b op) bool {

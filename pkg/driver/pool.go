@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/throttle"
 )
 
 // File names in the pool directory. A volume is <id>.qcow2 plus <id>.json;
@@ -34,6 +36,8 @@ type volumeMeta struct {
 	Capacity int64        `json:"capacityBytes"`
 	Params   volumeParams `json:"parameters"`
 	Created  time.Time    `json:"created"`
+	// QoS are the I/O limits (mutable parameters, qos.go); nil: none.
+	QoS *throttle.Limits `json:"qos,omitempty"`
 }
 
 // pool is the on-disk store of volumes in one directory. It does no locking

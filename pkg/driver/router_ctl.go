@@ -162,6 +162,18 @@ func (r *Router) ControllerExpandVolume(ctx context.Context, req *csi.Controller
 	return resp, toStatus(err)
 }
 
+func (r *Router) ControllerModifyVolume(ctx context.Context, req *csi.ControllerModifyVolumeRequest) (*csi.ControllerModifyVolumeResponse, error) {
+	if err := validateControllerModifyVolumeRequest(req); err != nil {
+		return nil, toStatus(err)
+	}
+	node, err := r.nodeOfVolume(ctx, req.GetVolumeId())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	resp, err := forward(ctx, r, node, "ControllerModifyVolume", req, csi.ControllerClient.ControllerModifyVolume)
+	return resp, toStatus(err)
+}
+
 func (r *Router) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequest) (*csi.CreateSnapshotResponse, error) {
 	if err := validateCreateSnapshotRequest(req); err != nil {
 		return nil, toStatus(err)

@@ -9,6 +9,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/throttle"
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
 )
 
@@ -57,7 +58,7 @@ func toStatus(err error) error {
 
 func codeOf(err error) codes.Code {
 	switch {
-	case errors.Is(err, ErrInvalid), errors.Is(err, qcow2.ErrInvalidOption):
+	case errors.Is(err, ErrInvalid), errors.Is(err, qcow2.ErrInvalidOption), errors.Is(err, throttle.ErrInvalid):
 		return codes.InvalidArgument
 	case errors.Is(err, ErrNotFound), errors.Is(err, nbdattach.ErrNotAttached):
 		return codes.NotFound
@@ -74,7 +75,9 @@ func codeOf(err error) codes.Code {
 		// An image another process holds, or one that needs an operator
 		// (qcow2-csi img check) before it can be used.
 		errors.Is(err, qcow2.ErrLocked), errors.Is(err, qcow2.ErrCorrupt), errors.Is(err, qcow2.ErrNotQcow2),
-		errors.Is(err, qcow2.ErrUnsupported), errors.Is(err, qcow2.ErrReadOnly):
+		errors.Is(err, qcow2.ErrUnsupported), errors.Is(err, qcow2.ErrReadOnly),
+		// I/O limits on a device no throttle serves.
+		errors.Is(err, throttle.ErrCompiledOut):
 		return codes.FailedPrecondition
 	case errors.Is(err, ErrUnavailable):
 		return codes.Unavailable

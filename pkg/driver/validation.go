@@ -7,6 +7,8 @@ import (
 	"strings"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/throttle"
 )
 
 // Limits on request strings. Volume IDs become file names in the pool, so they
@@ -146,7 +148,13 @@ func validateCreateVolumeRequest(r *csi.CreateVolumeRequest) error {
 			return fmt.Errorf("%w: volume_content_source names neither a snapshot nor a volume", ErrInvalid)
 		}
 	}
-	return nil
+	// A new volume's limits are all there is: check them whole.
+	c, err := parseQoSParams(r.GetMutableParameters())
+	if err != nil {
+		return err
+	}
+	_, err = c.apply(throttle.Limits{})
+	return err
 }
 
 func validateDeleteVolumeRequest(r *csi.DeleteVolumeRequest) error {
@@ -193,6 +201,19 @@ func validateControllerExpandVolumeRequest(r *csi.ControllerExpandVolumeRequest)
 		return checkCapability(c)
 	}
 	return nil
+}
+
+// validateControllerModifyVolumeRequest checks the keys and values; how
+// they combine with the volume's limits is checked where those are known.
+func validateControllerModifyVolumeRequest(r *csi.ControllerModifyVolumeRequest) error {
+	if err := checkVolumeID(r.GetVolumeId()); err != nil {
+		return err
+	}
+	if len(r.GetMutableParameters()) == 0 {
+		return fmt.Errorf("%w: mutable_parameters missing (known: %s)", ErrInvalid, qosKeys())
+	}
+	_, err := parseQoSParams(r.GetMutableParameters())
+	return err
 }
 
 func validateNodeStageVolumeRequest(r *csi.NodeStageVolumeRequest) error {

@@ -1,0 +1,244 @@
+package driver_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/tests/peer"
+)
+
+// Mutable parameters: every bad key and value is refused by name, at
+// CreateVolume and at ControllerModifyVolume; a modification changes only
+// the keys it names and is kept in the volume's record.
+func TestModifyVolumeParameters(t *testing.T) {
+	srv, c := startRaw(t, driver.Options{})
+	ctx := context.Background()
+	caps, err := c.ControllerGetCapabilities(ctx, &csi.ControllerGetCapabilitiesRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(fmt.Sprint(caps.Capabilities), "MODIFY_VOLUME") {
+		t.Fatalf("capabilities %v lack MODIFY_VOLUME", caps.Capabilities)
+	}
+	create := func(name string, mp map[string]string) (*csi.CreateVolumeResponse, error) {
+		return c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20},
+			VolumeCapabilities: []*csi.VolumeCapability{capBlock(rw)}, MutableParameters: mp})
+	}
+	for _, tc := range []struct {
+		mp   map[string]string
+		want string
+	}{
+		{map[string]string{"XXX_FakeKey": "x"}, `unknown mutable parameter "XXX_FakeKey" (known: readIOPS, readIOPSBurst, writeIOPS, writeIOPSBurst, readBytesPerSecond, readBytesPerSecondBurst, writeBytesPerSecond, writeBytesPerSecondBurst)`},
+		{map[string]string{"writeIOPS": "200", "writeiops": "1"}, `unknown mutable parameter "writeiops"`},
+		{map[string]string{"writeIOPS": "-1"}, `mutable parameter writeIOPS="-1": want a whole number of operations per second`},
+		{map[string]string{"readIOPS": "1.5"}, `mutable parameter readIOPS="1.5"`},
+		{map[string]string{"readBytesPerSecond": "10Mi"}, `mutable parameter readBytesPerSecond="10Mi": want a whole number of bytes per second, with an optional k, K, M or G suffix`},
+		{map[string]string{"writeIOPS": "2000000000000000"}, `writeIOPS="2000000000000000"`},
+		{map[string]string{"writeIOPSBurst": "100"}, "writeIOPSBurst=100 needs writeIOPS"},
+		{map[string]string{"writeIOPS": "200", "writeIOPSBurst": "100"}, "writeIOPSBurst=100 is below writeIOPS=200"},
+	} {
+		_, err := create("pvc-bad", tc.mp)
+		wantCode(t, err, codes.InvalidArgument, tc.want)
+	}
+
+	r, err := create("pvc-qos", map[string]string{"writeIOPS": "200", "readBytesPerSecond": "10M"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := r.Volume.VolumeId
+	record := func() map[string]any {
+		t.Helper()
+		b, err := os.ReadFile(filepath.Join(srv.Driver.Options().Pool, localID(id)+".json"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var m map[string]any
+		if err := json.Unmarshal(b, &m); err != nil {
+			t.Fatal(err)
+		}
+		q, _ := m["qos"].(map[string]any)
+		return q
+	}
+	wantRecord := func(want string) {
+		t.Helper()
+		b, _ := json.Marshal(record())
+		if string(b) != want {
+			t.Fatalf("record's qos %s, want %s", b, want)
+		}
+	}
+	wantRecord(`{"readBytesPerSecond":{"avg":10485760},"readIOPS":{"avg":0},"writeBytesPerSecond":{"avg":0},"writeIOPS":{"avg":200}}`)
+
+	modify := func(id string, mp map[string]string) error {
+		_, err := c.ControllerModifyVolume(ctx, &csi.ControllerModifyVolumeRequest{VolumeId: id, MutableParameters: mp})
+		return err
+	}
+	wantCode(t, modify(id, nil), codes.InvalidArgument, "mutable_parameters missing")
+	wantCode(t, modify("", map[string]string{"writeIOPS": "1"}), codes.InvalidArgument, "volume ID missing")
+	wantCode(t, modify("no-such-volume", map[string]string{"writeIOPS": "1"}), codes.NotFound, "no-such-volume")
+	wantCode(t, modify(id, map[string]string{"XXX_FakeKey": "x"}), codes.InvalidArgument, `unknown mutable parameter "XXX_FakeKey"`)
+	// Checked against what the volume has: its writeIOPS is 200.
+	wantCode(t, modify(id, map[string]string{"writeIOPSBurst": "100"}), codes.InvalidArgument, "writeIOPSBurst=100 is below writeIOPS=200")
+	wantRecord(`{"readBytesPerSecond":{"avg":10485760},"readIOPS":{"avg":0},"writeBytesPerSecond":{"avg":0},"writeIOPS":{"avg":200}}`)
+
+	// Only the keys named change.
+	if err := modify(id, map[string]string{"writeIOPSBurst": "400"}); err != nil {
+		t.Fatal(err)
+	}
+	wantRecord(`{"readBytesPerSecond":{"avg":10485760},"readIOPS":{"avg":0},"writeBytesPerSecond":{"avg":0},"writeIOPS":{"avg":200,"burst":400}}`)
+	if err := modify(id, map[string]string{"writeIOPS": "1000", "writeIOPSBurst": "1000"}); err != nil {
+		t.Fatal(err)
+	}
+	wantRecord(`{"readBytesPerSecond":{"avg":10485760},"readIOPS":{"avg":0},"writeBytesPerSecond":{"avg":0},"writeIOPS":{"avg":1000,"burst":1000}}`)
+	// 0 lifts a limit, and its burst with it; with none left the record has none.
+	if err := modify(id, map[string]string{"writeIOPS": "0", "readBytesPerSecond": "0"}); err != nil {
+		t.Fatal(err)
+	}
+	if q := record(); q != nil {
+		t.Fatalf("record's qos %v after every limit was lifted, want none", q)
+	}
+	// Idempotent.
+	if err := modify(id, map[string]string{"writeIOPS": "0"}); err != nil {
+		t.Fatal(err)
+	}
+	// A repeated CreateVolume is the same volume whatever its mutable
+	// parameters: they are not part of what the name was created with.
+	if _, err := create("pvc-qos", map[string]string{"writeIOPS": "5"}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A staged volume whose device reads its image file directly (a loop
+// device on a raw image) cannot be throttled: limits are refused rather
+// than accepted and not enforced.
+func TestModifyVolumeDirectDevice(t *testing.T) {
+	e := newNodeEnv(t)
+	c := capBlock(rw)
+	id := e.create("pvc-direct", 1<<20, nil, c)
+	staging := e.stage(id, c)
+	_, err := e.c.ControllerModifyVolume(e.ctx, &csi.ControllerModifyVolumeRequest{VolumeId: id, MutableParameters: map[string]string{"writeIOPS": "10"}})
+	wantCode(t, err, codes.FailedPrecondition, "I/O limits writeIOPS=10 cannot be enforced: its device reads the image file directly (loop)")
+	if _, err := e.c.ControllerModifyVolume(e.ctx, &csi.ControllerModifyVolumeRequest{VolumeId: id, MutableParameters: map[string]string{"writeIOPS": "0"}}); err != nil {
+		t.Fatalf("lifting limits that are not there: %v", err)
+	}
+	if _, err := e.c.NodeUnstageVolume(e.ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// throttledWrites parses the condition message of NodeGetVolumeStats:
+// the limits in force and how many writes they held back.
+var condQoS = regexp.MustCompile(`I/O limits: (.*); throttled (\d+) reads \([^)]*\), (\d+) writes`)
+
+func (e *nodeEnv) qosStats(id, path string) (limits string, writes int) {
+	e.t.Helper()
+	st, err := e.c.NodeGetVolumeStats(e.ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: path})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	m := condQoS.FindStringSubmatch(st.VolumeCondition.Message)
+	if m == nil {
+		return "", 0
+	}
+	n, _ := strconv.Atoi(m[3])
+	return m[1], n
+}
+
+// syncWrites writes n 4 KiB blocks to a file with O_DIRECT|O_DSYNC, each
+// reaching the device before the next.
+func syncWrites(t *testing.T, path string, n int) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|unix.O_DIRECT|unix.O_DSYNC, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf, err := unix.Mmap(-1, 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE) // aligned
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(buf)
+	for i := range n {
+		buf[0] = byte(i)
+		if _, err := f.WriteAt(buf, int64(i%64)*4096); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// Limits through a real attach path (qcow2 image, fuse backend, ext4
+// mounted): set at CreateVolume, changed live while mounted (no unstage,
+// no remount), lifted, and kept across a plugin restart.
+func TestNodeQoSLive(t *testing.T) {
+	if err := nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: t.TempDir()}).Available(); err != nil {
+		peer.Missing(t, "the fuse attach backend", err.Error())
+	}
+	e := newNodeEnvOn(t, "fuse")
+	c := capMount(rw, "ext4")
+	r, err := e.c.CreateVolume(e.ctx, &csi.CreateVolumeRequest{Name: "pvc-qos", CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20},
+		VolumeCapabilities: []*csi.VolumeCapability{c}, MutableParameters: map[string]string{"writeIOPS": "20"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := r.Volume.VolumeId
+	staging := e.stage(id, c)
+	target := e.publish(id, staging, c, false)
+	file := filepath.Join(target, "data")
+
+	syncWrites(t, file, 20)
+	limits, held := e.qosStats(id, target)
+	if limits != "writeIOPS=20" || held == 0 {
+		t.Fatalf("after 20 synchronous writes at writeIOPS=20: limits %q, %d writes throttled; want writeIOPS=20 and some", limits, held)
+	}
+
+	modify := func(mp map[string]string) {
+		t.Helper()
+		if _, err := e.c.ControllerModifyVolume(e.ctx, &csi.ControllerModifyVolumeRequest{VolumeId: id, MutableParameters: mp}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Lifted while mounted: nothing more is held back.
+	modify(map[string]string{"writeIOPS": "0"})
+	limits, before := e.qosStats(id, target)
+	if limits != "none" {
+		t.Fatalf("limits %q after lifting them, want none", limits)
+	}
+	syncWrites(t, file, 100)
+	if _, after := e.qosStats(id, target); after != before {
+		t.Fatalf("%d writes throttled without limits (before: %d)", after, before)
+	}
+	// Set again while mounted: held back again.
+	modify(map[string]string{"writeIOPS": "10", "writeIOPSBurst": "10"})
+	syncWrites(t, file, 40)
+	limits, after := e.qosStats(id, target)
+	if limits != "writeIOPS=10 writeIOPSBurst=10" || after <= before {
+		t.Fatalf("after 40 writes at writeIOPS=10: limits %q, throttled %d (before: %d)", limits, after, before)
+	}
+
+	// A new plugin process stages the volume with the limits it had.
+	if _, err := e.c.NodeUnpublishVolume(e.ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.c.NodeUnstageVolume(e.ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		t.Fatal(err)
+	}
+	e.start()
+	staging = e.stage(id, c)
+	target = e.publish(id, staging, c, false)
+	if limits, _ := e.qosStats(id, target); limits != "writeIOPS=10 writeIOPSBurst=10" {
+		t.Fatalf("limits %q after a plugin restart, want writeIOPS=10 writeIOPSBurst=10", limits)
+	}
+	e.teardown(id, staging, target)
+}
