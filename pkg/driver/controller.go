@@ -181,7 +181,7 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		_ = os.Remove(d.pool.imagePath(id))
 		return nil, toStatus(fmt.Errorf("volume %q: write metadata: %w", id, err))
 	}
-	logger.Info("Volume created", "name", req.GetName(), "capacity", size, "params", params, "took", since(start))
+	logger.Info("Volume created", "name", req.GetName(), "capacity", size, "params", params, "limits", formatLimits(limits), "took", since(start))
 	v := d.csiVolume(m)
 	v.ContentSource = req.GetVolumeContentSource()
 	return &csi.CreateVolumeResponse{Volume: v}, nil

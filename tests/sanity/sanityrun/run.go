@@ -6,7 +6,9 @@ package sanityrun
 
 import (
 	"context"
+	_ "embed"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -47,16 +49,27 @@ func RunRouted(t *testing.T, seams driver.Seams, backend string) {
 	run(t, node.Endpoint, ctl.Endpoint)
 	// The suite's controller calls did go through the controller.
 	metrics := ctl.Metrics()
-	for _, m := range []string{"CreateVolume", "DeleteVolume", "CreateSnapshot", "ListVolumes", "ControllerExpandVolume"} {
+	for _, m := range []string{"CreateVolume", "DeleteVolume", "CreateSnapshot", "ListVolumes", "ControllerExpandVolume", "ControllerModifyVolume"} {
 		if want := `qcow2_csi_routed_calls_total{code="OK",method="` + m + `",node="test-node"}`; !strings.Contains(metrics, want) {
 			t.Errorf("no %s routed to the agent (%s missing from the controller's metrics)", m, want)
 		}
 	}
 }
 
+// mutableParameters is the suite's mutable-parameters file: the
+// VolumeAttributesClass parameters its modify specs create and modify
+// volumes with.
+//
+//go:embed mutable-parameters.yaml
+var mutableParameters []byte
+
 func run(t *testing.T, nodeEndpoint, controllerEndpoint string) {
 	dir := t.TempDir()
 	cfg := sanity.NewTestConfig()
+	cfg.TestVolumeMutableParametersFile = filepath.Join(dir, "mutable-parameters.yaml")
+	if err := os.WriteFile(cfg.TestVolumeMutableParametersFile, mutableParameters, 0o644); err != nil {
+		t.Fatal(err)
+	}
 	cfg.Address, cfg.DialOptions = suiteDial(nodeEndpoint)
 	if controllerEndpoint != nodeEndpoint {
 		cfg.ControllerAddress, cfg.ControllerDialOptions = suiteDial(controllerEndpoint)
