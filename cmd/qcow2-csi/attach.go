@@ -9,12 +9,15 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
+	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
 	"github.com/qcow2-csi/qcow2-csi/pkg/imagebackend"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/fuse"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/throttle"
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
 )
 
@@ -38,6 +41,9 @@ SIGTERM; then detach (the device must not be in use any more) and exit. Like
   -r, --read-only      attach read-only
   --clean-stale        release the devices a dead process left in --fuse-dir
                        first (what the node plugin does at start)
+  --limits=KEY=N,...   I/O limits, with the keys of a VolumeAttributesClass
+                       (docs/qos.md): readIOPS, writeIOPS, readBytesPerSecond,
+                       writeBytesPerSecond, each also with the suffix Burst
   -v, --verbose        log the backend's decisions to stderr
   -h, --help           show this help
 `
@@ -48,6 +54,7 @@ type attachOptions struct {
 	readOnly, cleanStale     bool
 	verbose                  bool
 	file                     string
+	limits                   throttle.Limits
 }
 
 func parseAttachFlags(args []string) (*attachOptions, error) {
@@ -64,8 +71,23 @@ func parseAttachFlags(args []string) (*attachOptions, error) {
 	fs.BoolVar(&o.cleanStale, "clean-stale", false, "")
 	fs.BoolVar(&o.verbose, "verbose", false, "")
 	fs.BoolVar(&o.verbose, "v", false, "")
+	limits := fs.String("limits", "", "")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
+	}
+	if *limits != "" {
+		kv := map[string]string{}
+		for _, f := range strings.Split(*limits, ",") {
+			k, v, ok := strings.Cut(f, "=")
+			if !ok {
+				return nil, fmt.Errorf("--limits: %q is not KEY=VALUE", f)
+			}
+			kv[k] = v
+		}
+		var err error
+		if o.limits, err = driver.ParseLimits(kv); err != nil {
+			return nil, fmt.Errorf("--limits: %w", err)
+		}
 	}
 	if fs.NArg() != 1 {
 		return nil, errors.New("expected exactly one FILE")
@@ -146,6 +168,12 @@ func attach(o *attachOptions) error {
 		return fmt.Errorf("--format=%s: raw or qcow2", o.format)
 	}
 	defer closeImage()
+	// As the node plugin does: every device is served through a throttle,
+	// which an unlimited device passes at the cost of one atomic load.
+	b, th := throttle.Wrap(b)
+	if err := th.Set(o.limits); err != nil {
+		return fmt.Errorf("--limits: %w", err)
+	}
 
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)

@@ -174,8 +174,7 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	m := &volumeMeta{ID: id, Name: req.GetName(), Capacity: size, Params: params, Created: time.Now().UTC()}
 	// Validated whole with the request. A repeated CreateVolume does not
 	// compare them: they are mutable, and ControllerModifyVolume changes them.
-	qos, _ := parseQoSParams(req.GetMutableParameters())
-	limits, _ := qos.apply(throttle.Limits{})
+	limits, _ := ParseLimits(req.GetMutableParameters())
 	m.setLimits(limits)
 	if err := d.pool.put(m); err != nil {
 		_ = os.Remove(d.pool.imagePath(id))

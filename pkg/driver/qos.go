@@ -93,6 +93,17 @@ func (c qosChange) apply(l throttle.Limits) (throttle.Limits, error) {
 	return l, l.Check()
 }
 
+// ParseLimits reads a new volume's I/O limits from mutable parameters (a
+// VolumeAttributesClass's), as CreateVolume does: `qcow2-csi attach
+// --limits` takes the same keys.
+func ParseLimits(p map[string]string) (throttle.Limits, error) {
+	c, err := parseQoSParams(p)
+	if err != nil {
+		return throttle.Limits{}, err
+	}
+	return c.apply(throttle.Limits{})
+}
+
 // limits are the volume's I/O limits (none when it has none recorded).
 func (m *volumeMeta) limits() throttle.Limits {
 	if m.QoS == nil {

@@ -7,8 +7,6 @@ import (
 	"strings"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
-
-	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/throttle"
 )
 
 // Limits on request strings. Volume IDs become file names in the pool, so they
@@ -149,11 +147,7 @@ func validateCreateVolumeRequest(r *csi.CreateVolumeRequest) error {
 		}
 	}
 	// A new volume's limits are all there is: check them whole.
-	c, err := parseQoSParams(r.GetMutableParameters())
-	if err != nil {
-		return err
-	}
-	_, err = c.apply(throttle.Limits{})
+	_, err := ParseLimits(r.GetMutableParameters())
 	return err
 }
 
