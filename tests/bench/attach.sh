@@ -11,6 +11,14 @@
 # With FORMAT=qcow2 (or when this build attaches qcow2), a third column
 # attaches a fully allocated 64k-cluster qcow2 image through the fuse backend.
 #
+# QOS=1 measures what per-volume I/O limits (docs/qos.md) cost instead: the
+# same qcow2 image attached by three builds of this tree: "nothrottle" (built
+# with -tags nothrottle: no throttle compiled in, the baseline), "unlimited"
+# (the product: every device passes a throttle without limits, as an
+# unlimited volume does) and "limited" (limits set far above what the
+# machine does, so that every request takes the limits' path and never
+# waits). Target: unlimited within 2% of nothrottle on every row.
+#
 # Rows: psync (one request at a time) and libaio (queue depth 32 for 4k, 8 for
 # 1M), 4k random and 1M sequential, read and write, O_DIRECT on the device.
 # Each row runs the devices alternately REPEAT times (RUNTIME seconds a run)
@@ -19,6 +27,7 @@
 #
 # Usage (root): tests/bench/attach.sh
 #               SIZE=1G RUNTIME=3 REPEAT=2 tests/bench/attach.sh
+#               QOS=1 REPEAT=3 tests/bench/attach.sh
 # Keep RUNTIME short: the machines are shared.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -50,9 +59,9 @@ make_image() { # make_image PATH FORMAT: fully allocated, and in the page cache
   cat "$1" >/dev/null
 }
 
-attach_fuse() { # attach_fuse NAME IMAGE FORMAT: sets dev[NAME]
-  local out=$work/attach.$1
-  "$BIN" attach --backend=fuse --fuse-dir="$work/fuse" -f "$3" "$2" >"$out" &
+attach_fuse() { # attach_fuse NAME IMAGE FORMAT [BINARY [ARGS...]]: sets dev[NAME]
+  local out=$work/attach.$1 bin=${4:-$BIN}
+  "$bin" attach --backend=fuse --fuse-dir="$work/fuse" -f "$3" "${@:5}" "$2" >"$out" &
   pids+=($!)
   for _ in $(seq 200); do
     if [ -s "$out" ]; then dev[$1]=$(head -1 "$out"); return 0; fi
@@ -70,7 +79,24 @@ run_fio() {
     awk -F';' 'NF > 100 { if ($7 > 0) printf "%d %.1f\n", $8, $7/1024; else printf "%d %.1f\n", $49, $48/1024 }'
 }
 
+declare -A dev=()
+if [ "${QOS:-0}" = 1 ]; then
+  go build -tags nothrottle -o "$work/qcow2-csi-nothrottle" ./cmd/qcow2-csi
+  big=1000000000000 # far above any device: the limits' path, never a wait
+  for d in nothrottle unlimited limited; do make_image "$work/$d.qcow2" qcow2 cluster_size=64k; done
+  attach_fuse nothrottle "$work/nothrottle.qcow2" qcow2 "$work/qcow2-csi-nothrottle"
+  attach_fuse unlimited "$work/unlimited.qcow2" qcow2
+  attach_fuse limited "$work/limited.qcow2" qcow2 "$BIN" \
+    --limits="readIOPS=$big,writeIOPS=$big,readBytesPerSecond=$big,writeBytesPerSecond=$big"
+  devs=(nothrottle unlimited limited)
+  base=nothrottle
+  compared=(unlimited limited)
+  echo "size=$SIZE, best of $REPEAT runs of ${RUNTIME}s per device and row, fio O_DIRECT on the block device"
+  echo "one 64k-cluster qcow2 image each, qcow2-csi attach --backend=fuse built: nothrottle: with -tags nothrottle (${dev[nothrottle]}); unlimited: as shipped, no limits (${dev[unlimited]}); limited: as shipped, limits of $big per second (${dev[limited]})"
+else
 devs=(floor fuse)
+base=floor
+compared=(fuse)
 make_image "$work/floor.raw" raw
 make_image "$work/loopdio.raw" raw
 make_image "$work/fuse.raw" raw
@@ -78,22 +104,24 @@ floor=$(losetup --direct-io=off --show -f "$work/floor.raw")
 loops+=("$floor")
 loopdio=$(losetup --direct-io=on --show -f "$work/loopdio.raw")
 loops+=("$loopdio")
-declare -A dev=([floor]=$floor [loopdio]=$loopdio)
+dev[floor]=$floor
+dev[loopdio]=$loopdio
 attach_fuse fuse "$work/fuse.raw" raw
 
 if [ "${FORMAT:-}" = qcow2 ] || { [ -z "${FORMAT:-}" ] && "$BIN" attach --help | grep -q 'format: raw or qcow2'; }; then
   make_image "$work/fuse.qcow2" qcow2 cluster_size=64k
   attach_fuse qcow2 "$work/fuse.qcow2" qcow2
   devs+=(qcow2)
+  compared+=(qcow2)
 fi
 devs+=(loopdio)
 
 echo "size=$SIZE, best of $REPEAT runs of ${RUNTIME}s per device and row, fio O_DIRECT on the block device"
 echo "floor: loop device on a raw file ($floor); fuse: qcow2-csi attach --backend=fuse on a raw file (${dev[fuse]})${dev[qcow2]:+; qcow2: the same on a qcow2 image (${dev[qcow2]})}; loopdio: loop device with direct I/O on a raw file ($loopdio)"
+fi
 hdr=$(printf '%-7s %-10s %-3s %-3s' engine rw bs qd)
 for d in "${devs[@]}"; do hdr+=$(printf ' | %9s %8s' "$d IOPS" "MiB/s"); done
-hdr+=$(printf ' | %10s' "fuse/floor")
-[ -n "${dev[qcow2]:-}" ] && hdr+=$(printf ' | %11s' "qcow2/floor")
+for d in "${compared[@]}"; do hdr+=$(printf ' | %11s' "$d/$base"); done
 echo "$hdr"
 
 rows=("psync randread 4k 1" "psync randwrite 4k 1" "libaio randread 4k 32" "libaio randwrite 4k 32"
@@ -112,11 +140,11 @@ for row in "${rows[@]}"; do
   done
   line=$(printf '%-7s %-10s %-3s %-3s' "$1" "$2" "$3" "$4")
   for d in "${devs[@]}"; do read -r i b <<<"${res[$d]}"; line+=$(printf ' | %9s %8s' "$i" "$b"); done
-  read -r fi_ _ <<<"${res[floor]}"
-  ratio() { awk -v a="$1" -v b="$fi_" 'BEGIN { if (b > 0) printf "%.2fx", a/b; else print "-" }'; }
-  read -r ui _ <<<"${res[fuse]}"
-  line+=$(printf ' | %10s' "$(ratio "$ui")")
-  if [ -n "${dev[qcow2]:-}" ]; then read -r qi _ <<<"${res[qcow2]}"; line+=$(printf ' | %11s' "$(ratio "$qi")"); fi
+  read -r bi _ <<<"${res[$base]}"
+  for d in "${compared[@]}"; do
+    read -r ci _ <<<"${res[$d]}"
+    line+=$(printf ' | %11s' "$(awk -v a="$ci" -v b="$bi" 'BEGIN { if (b > 0) printf "%.3fx", a/b; else print "-" }')")
+  done
   echo "$line"
   unset res
 done
