@@ -94,7 +94,9 @@ func TestChartRender(t *testing.T) {
 				"name: node-driver-registrar", "name: liveness-probe", "--attach-backend=nbd", "mountPropagation: Bidirectional",
 				"volumeBindingMode: WaitForFirstConsumer", "kind: VolumeSnapshotClass", "name: qcow2-csi-metrics", "name: qcow2-csi-controller-metrics",
 				"storageCapacity: false", "registry.k8s.io/sig-storage/csi-node-driver-registrar:",
-				"resources: [\"pods\"]\n    verbs: [\"get\", \"list\", \"watch\"]", "automountServiceAccountToken: false"},
+				"resources: [\"pods\"]\n    verbs: [\"get\", \"list\", \"watch\"]", "automountServiceAccountToken: false",
+				"--feature-gates=VolumeAttributesClass=true", "kind: VolumeAttributesClass", "name: qcow2-standard", "name: qcow2-unlimited",
+				"driverName: qcow2.csi.qcow2-csi.io\nparameters:\n  readBytesPerSecond: \"0\""},
 			hasNot: []string{"--node-deployment", "--mode=all", "--controller-expand", "--register-with-kubelet", "--fuse-dir", "--overcommit-ratio", "--pool-warning-percent",
 				"kind: ServiceMonitor", "kind: PodMonitor", "kind: Certificate", "--enable-get-snapshot", "--enable-capacity"},
 			controller: []string{"livenessProbe:\n            httpGet:\n              path: /healthz\n              port: healthz\n            failureThreshold: 5",
@@ -138,6 +140,12 @@ func TestChartRender(t *testing.T) {
 			has: []string{"kind: ServiceMonitor", "kind: PodMonitor", "values: [node, controller]", "storageCapacity: true", "--enable-capacity=true",
 				"--capacity-ownerref-level=2", "--enable-get-snapshot", "replicas: 3"},
 			hasNot: []string{"name: csi-snapshotter", "kind: VolumeSnapshotClass", "name: csi-resizer", "-resizer\n", "-snapshotter\n"},
+		},
+		{
+			name:   "no VolumeAttributesClasses, modify left to the resizer's API detection",
+			set:    []string{"volumeAttributesClasses={}", "controller.resizer.modifyVolume=false"},
+			has:    []string{"name: csi-resizer"},
+			hasNot: []string{"kind: VolumeAttributesClass", "--feature-gates=VolumeAttributesClass"},
 		},
 		{
 			name: "pool space limits",

@@ -39,6 +39,9 @@ func TestE2E(t *testing.T) {
 		{"12-node-plugin-down", testNodePluginDown},
 		{"13-clone-onto-other-node-refused", testCloneOtherNode},
 		{"14-agent-is-mutual-tls-only", testAgentMutualTLS},
+		{"20-qos-write-iops-200", testQoSLimited},
+		{"21-qos-raised-to-1000-while-fio-runs", testQoSRaisedLive},
+		{"22-qos-limit-lifted", testQoSLifted},
 		{"8-helm-upgrade-and-uninstall", testHelmUpgradeUninstall},
 	}
 	for _, s := range scenarios {
@@ -249,6 +252,11 @@ func podManifest(name, pvc string, block bool, script string) string {
 // selector: the scheduler still runs, so a WaitForFirstConsumer claim gets
 // that node as its selected node.
 func podOnManifest(name, pvc string, block bool, script, node string) string {
+	return podImageManifest(name, pvc, busyboxRef, block, script, node)
+}
+
+// podImageManifest is podOnManifest with another workload image.
+func podImageManifest(name, pvc, image string, block bool, script, node string) string {
 	vol := "volumeMounts: [{name: v, mountPath: /data}]"
 	if block {
 		vol = "volumeDevices: [{name: v, devicePath: /dev/xvda}]"
@@ -271,7 +279,7 @@ spec:
   volumes:
   - name: v
     persistentVolumeClaim: {claimName: %s}
-`, name, testNS, sel, busyboxRef, script, vol, pvc)
+`, name, testNS, sel, image, script, vol, pvc)
 }
 
 // --- scenarios ---------------------------------------------------------------

@@ -22,6 +22,7 @@ import (
 const (
 	pauseRef       = "registry.k8s.io/pause:3.10.1"
 	busyboxRef     = "e2e.local/busybox:e2e"
+	fioRef         = "e2e.local/fio:e2e"
 	driverRepo     = "e2e.local/qcow2-csi"
 	driverTag      = "e2e"
 	provisionerRef = "registry.k8s.io/sig-storage/csi-provisioner:v6.3.0"
@@ -146,6 +147,7 @@ func buildImages(t testing.TB, root, bin, dir string) ([]string, error) {
 		{prevDriver, func() (*imagetar.Image, error) { return imagetar.Driver(prevDrv, "/bin/busybox") }},
 		{pauseRef, func() (*imagetar.Image, error) { return imagetar.Single("pause", pause) }},
 		{busyboxRef, func() (*imagetar.Image, error) { return imagetar.Busybox("/bin/busybox") }},
+		{fioRef, func() (*imagetar.Image, error) { return imagetar.Fio("/bin/busybox") }},
 		{provisionerRef, func() (*imagetar.Image, error) {
 			return imagetar.Single("csi-provisioner", filepath.Join(bin, "csi-provisioner"))
 		}},

@@ -85,3 +85,17 @@ func Busybox(busybox string) (*Image, error) {
 	im.Entrypoint = []string{"/bin/sh"}
 	return im, nil
 }
+
+// Fio returns the Busybox workload image with fio (and the libraries ldd
+// lists for it) at /usr/bin/fio: the I/O load of the e2e I/O limits
+// scenarios.
+func Fio(busybox string) (*Image, error) {
+	im, err := Busybox(busybox)
+	if err != nil {
+		return nil, err
+	}
+	if err := im.AddProgram("fio"); err != nil {
+		return nil, fmt.Errorf("fio image: %w", err)
+	}
+	return im, nil
+}
