@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -16,6 +17,7 @@ import (
 	"google.golang.org/grpc/codes"
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
+	"github.com/qcow2-csi/qcow2-csi/pkg/driver/drivertest"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
 	"github.com/qcow2-csi/qcow2-csi/tests/peer"
 )
@@ -241,4 +243,64 @@ func TestNodeQoSLive(t *testing.T) {
 		t.Fatalf("limits %q after a plugin restart, want writeIOPS=10 writeIOPSBurst=10", limits)
 	}
 	e.teardown(id, staging, target)
+}
+
+// The node plugin's metrics show a staged volume's limits and what they
+// held back (in process: qcow2 images, the fuse backend, a block volume).
+func TestQoSMetrics(t *testing.T) {
+	needMounts(t)
+	fuse := nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: filepath.Join(t.TempDir(), "fuse")})
+	if err := fuse.Available(); err != nil {
+		peer.Missing(t, "the fuse attach backend", err.Error())
+	}
+	srv := drivertest.Start(t, driver.Options{AttachBackend: "fuse"}, driver.Seams{Images: driver.Qcow2Images{}, Attachers: []nbdattach.Attacher{fuse}})
+	c := dial(t, srv)
+	ctx := context.Background()
+	capab := capBlock(rw)
+	r, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-metrics", CapacityRange: &csi.CapacityRange{RequiredBytes: 16 << 20},
+		VolumeCapabilities: []*csi.VolumeCapability{capab}, MutableParameters: map[string]string{"writeIOPS": "5", "writeIOPSBurst": "5", "readBytesPerSecond": "1G"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := r.Volume.VolumeId
+	dir := t.TempDir()
+	staging, target := filepath.Join(dir, "staging"), filepath.Join(dir, "target")
+	if _, err := c.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: capab}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: capab}); err != nil {
+		t.Fatal(err)
+	}
+	syncWrites(t, target, 10) // a burst of 5, then 5 held back
+	rec := httptest.NewRecorder()
+	srv.Driver.MetricsHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	body := rec.Body.String()
+	for _, want := range []string{
+		`qcow2_csi_volume_io_limit_per_second{direction="write",unit="operations",volume_id="` + id + `"} 5`,
+		`qcow2_csi_volume_io_limit_per_second{direction="read",unit="bytes",volume_id="` + id + `"} 1.073741824e+09`,
+		`qcow2_csi_volume_io_limit_burst{direction="write",unit="operations",volume_id="` + id + `"} 5`,
+		`qcow2_csi_volume_io_throttled_total{direction="read",volume_id="` + id + `"} 0`,
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+	m := regexp.MustCompile(`qcow2_csi_volume_io_throttled_total\{direction="write",volume_id="[^"]+"\} (\d+)`).FindStringSubmatch(body)
+	if m == nil || m[1] == "0" {
+		t.Errorf("metrics show no write held back after 10 synchronous writes at writeIOPS=5 burst 5: %v", m)
+	}
+	if strings.Contains(body, `qcow2_csi_volume_io_limit_per_second{direction="read",unit="operations"`) {
+		t.Error("a limit that is not set is reported")
+	}
+	if _, err := c.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		t.Fatal(err)
+	}
+	rec = httptest.NewRecorder()
+	srv.Driver.MetricsHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	if strings.Contains(rec.Body.String(), "qcow2_csi_volume_io_") {
+		t.Error("an unstaged volume still has I/O limit metrics")
+	}
 }
