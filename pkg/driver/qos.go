@@ -38,7 +38,8 @@ func qosKeys() string {
 }
 
 // parseQoSParams checks the keys and the syntax of the values of mutable
-// parameters; whether the limits they make sense together is apply's.
+// parameters; whether the limits they make make sense together is
+// apply's.
 func parseQoSParams(p map[string]string) (qosChange, error) {
 	keys := make([]string, 0, len(p))
 	for k := range p {
