@@ -182,12 +182,17 @@ func syncWrites(t *testing.T, path string, n int) {
 
 // Limits through a real attach path (qcow2 image, fuse backend, ext4
 // mounted): set at CreateVolume, changed live while mounted (no unstage,
-// no remount), lifted, and kept across a plugin restart.
+// no remount), lifted, and kept across a plugin restart. The nbd backend
+// runs the same in a VM (TestGuestNBDQoS).
 func TestNodeQoSLive(t *testing.T) {
 	if err := nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: t.TempDir()}).Available(); err != nil {
 		peer.Missing(t, "the fuse attach backend", err.Error())
 	}
-	e := newNodeEnvOn(t, "fuse")
+	testNodeQoSLive(t, "fuse")
+}
+
+func testNodeQoSLive(t *testing.T, backend string) {
+	e := newNodeEnvOn(t, backend)
 	c := capMount(rw, "ext4")
 	r, err := e.c.CreateVolume(e.ctx, &csi.CreateVolumeRequest{Name: "pvc-qos", CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20},
 		VolumeCapabilities: []*csi.VolumeCapability{c}, MutableParameters: map[string]string{"writeIOPS": "20"}})
@@ -229,6 +234,18 @@ func TestNodeQoSLive(t *testing.T) {
 		t.Fatalf("after 40 writes at writeIOPS=10: limits %q, throttled %d (before: %d)", limits, after, before)
 	}
 
+	if backend == "nbd" {
+		// kill -9 of the plugin: the new process re-attaches /dev/nbdN
+		// with the limits recorded, and holds writes back again.
+		e.start()
+		if limits, held := e.qosStats(id, target); limits != "writeIOPS=10 writeIOPSBurst=10" || held != 0 {
+			t.Fatalf("after a kill -9 and re-attach: limits %q, %d throttled; want writeIOPS=10 writeIOPSBurst=10 and a new count", limits, held)
+		}
+		syncWrites(t, file, 40)
+		if _, held := e.qosStats(id, target); held == 0 {
+			t.Fatal("no write held back after the re-attach")
+		}
+	}
 	// A new plugin process stages the volume with the limits it had.
 	if _, err := e.c.NodeUnpublishVolume(e.ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
 		t.Fatal(err)

@@ -61,3 +61,10 @@ func TestGuestNBDSIGTERM(t *testing.T) {
 	vmharness.Guest(t)
 	testNodeSIGTERMNBD(t)
 }
+
+// TestGuestNBDQoS: I/O limits on /dev/nbdN, changed live, and kept across
+// a kill -9 of the node plugin (the re-attached device is throttled again).
+func TestGuestNBDQoS(t *testing.T) {
+	vmharness.Guest(t)
+	testNodeQoSLive(t, "nbd")
+}
