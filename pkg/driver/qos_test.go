@@ -19,6 +19,7 @@ import (
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver/drivertest"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/fuse"
 	"github.com/qcow2-csi/qcow2-csi/tests/peer"
 )
 
@@ -185,7 +186,7 @@ func syncWrites(t *testing.T, path string, n int) {
 // no remount), lifted, and kept across a plugin restart. The nbd backend
 // runs the same in a VM (TestGuestNBDQoS).
 func TestNodeQoSLive(t *testing.T) {
-	if err := nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: t.TempDir()}).Available(); err != nil {
+	if err := fuse.NewAttacher(fuse.Options{Dir: t.TempDir()}).Available(); err != nil {
 		peer.Missing(t, "the fuse attach backend", err.Error())
 	}
 	testNodeQoSLive(t, "fuse")
@@ -266,11 +267,11 @@ func testNodeQoSLive(t *testing.T, backend string) {
 // held back (in process: qcow2 images, the fuse backend, a block volume).
 func TestQoSMetrics(t *testing.T) {
 	needMounts(t)
-	fuse := nbdattach.NewFuseAttacher(nbdattach.FuseOptions{Dir: filepath.Join(t.TempDir(), "fuse")})
-	if err := fuse.Available(); err != nil {
+	fa := fuse.NewAttacher(fuse.Options{Dir: filepath.Join(t.TempDir(), "fuse")})
+	if err := fa.Available(); err != nil {
 		peer.Missing(t, "the fuse attach backend", err.Error())
 	}
-	srv := drivertest.Start(t, driver.Options{AttachBackend: "fuse"}, driver.Seams{Images: driver.Qcow2Images{}, Attachers: []nbdattach.Attacher{fuse}})
+	srv := drivertest.Start(t, driver.Options{AttachBackend: "fuse"}, driver.Seams{Images: driver.Qcow2Images{}, Attachers: []nbdattach.Attacher{fa}})
 	c := dial(t, srv)
 	ctx := context.Background()
 	capab := capBlock(rw)
