@@ -143,7 +143,7 @@ func TestChartRender(t *testing.T) {
 		},
 		{
 			name:   "no VolumeAttributesClasses, modify left to the resizer's API detection",
-			set:    []string{"volumeAttributesClasses={}", "controller.resizer.modifyVolume=false"},
+			set:    []string{"volumeAttributesClasses=null", "controller.resizer.modifyVolume=false"},
 			has:    []string{"name: csi-resizer"},
 			hasNot: []string{"kind: VolumeAttributesClass", "--feature-gates=VolumeAttributesClass"},
 		},
