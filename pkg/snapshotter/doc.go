@@ -25,5 +25,5 @@
 // Restore and clone make a new image: a reflink (FICLONE) of a closed image
 // followed by revert and dropping the other snapshots and bitmaps where the
 // file system supports it, otherwise a copy of the snapshot's allocated
-// clusters only.
+// clusters only, with the copy engine img convert uses (pkg/imgcopy).
 package snapshotter

@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/qcow2-csi/qcow2-csi/pkg/imgcopy"
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
 )
 
@@ -38,8 +39,9 @@ type RestoreOptions struct {
 	ClusterSize int64
 }
 
-// copyChunk bounds the memory one copy step uses.
-const copyChunk = 1 << 20
+// copyWorkers read the source in parallel on the copy path (writes stay in
+// order); a few are enough to keep the target busy.
+const copyWorkers = 4
 
 // TempPrefix starts the names of the temporary internal snapshots Restore
 // takes of an open image's current disk. They have no checkpoint bitmap and
@@ -192,14 +194,8 @@ func makeSole(img *qcow2.Image, name string, size int64) error {
 	return img.Flush()
 }
 
-// reader is the disk a copy reads: a snapshot view or the image itself.
-type reader interface {
-	ReadAt(p []byte, off int64) (int, error)
-	BlockStatus(off, n int64) ([]qcow2.Extent, error)
-}
-
 func copyRestore(src *qcow2.Image, name, dst string, o RestoreOptions) error {
-	var r reader = src
+	var r imgcopy.Source = src
 	size := src.Size()
 	if name != "" {
 		v, err := openView(src, name)
@@ -218,7 +214,9 @@ func copyRestore(src *qcow2.Image, name, dst string, o RestoreOptions) error {
 	if err != nil {
 		return err
 	}
-	err = copyData(r, size, img)
+	// Only the data clusters are copied: holes and zero clusters stay
+	// unallocated in the new image, which reads them as zeroes.
+	err = imgcopy.Copy(img, r, size, imgcopy.Options{Workers: copyWorkers})
 	if err == nil {
 		err = img.Flush()
 	}
@@ -226,29 +224,4 @@ func copyRestore(src *qcow2.Image, name, dst string, o RestoreOptions) error {
 		err = cerr
 	}
 	return err
-}
-
-// copyData copies the data clusters of r; holes and zero clusters stay
-// unallocated in the new image, which reads them as zeroes.
-func copyData(r reader, size int64, dst *qcow2.Image) error {
-	buf := make([]byte, copyChunk)
-	ext, err := r.BlockStatus(0, size)
-	if err != nil {
-		return err
-	}
-	for _, e := range ext {
-		if !e.Data || e.Zero {
-			continue
-		}
-		for off := e.Start; off < e.Start+e.Length; off += copyChunk {
-			n := min(int64(copyChunk), e.Start+e.Length-off)
-			if _, err := r.ReadAt(buf[:n], off); err != nil {
-				return fmt.Errorf("read at %d: %w", off, err)
-			}
-			if _, err := dst.WriteAt(buf[:n], off); err != nil {
-				return fmt.Errorf("write at %d: %w", off, err)
-			}
-		}
-	}
-	return nil
 }
