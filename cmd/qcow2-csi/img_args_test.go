@@ -1,7 +1,9 @@
 package main
 
 import (
+	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 )
 
@@ -69,5 +71,35 @@ func TestSizeToStr(t *testing.T) {
 		if got := sizeToStr(v); got != want {
 			t.Errorf("sizeToStr(%d) = %q, want %q", v, got, want)
 		}
+	}
+}
+
+// Every img sub-command parses its arguments with parseArgs: a long option
+// that merely starts with a known one (--formatx) is refused by name, never
+// taken for it.
+func TestImgCommandsRefuseUnknownLongOption(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "a.qcow2")
+	if code, _, stderr := capture(t, "create", "-q", "-f", "qcow2", p, "1M"); code != 0 {
+		t.Fatalf("create: %d %s", code, stderr)
+	}
+	for name := range imgCommands {
+		want := 1
+		if name == "compare" {
+			want = 2 // qemu-img compare's exit status for an error
+		}
+		for _, opt := range [][]string{{"--formatx=qcow2"}, {"--formatx", "qcow2"}} {
+			args := append(append([]string{name}, opt...), p, "1M")
+			code, _, stderr := capture(t, args...)
+			if code != want || !strings.Contains(stderr, "unrecognized option '--formatx") {
+				t.Errorf("%v: exit %d, stderr %q; want %d and the option named", args, code, stderr, want)
+			}
+		}
+	}
+	// What getopt_long accepts still works: an unambiguous prefix.
+	if code, out, stderr := capture(t, "check", "--out=json", p); code != 0 || !strings.Contains(out, `"check-errors": 0`) {
+		t.Errorf("check --out=json: exit %d\n%s%s", code, out, stderr)
+	}
+	if code, _, stderr := capture(t, "bitmap", "--ad", "--gran", "64k", p, "b"); code != 0 {
+		t.Errorf("bitmap --ad --gran 64k: exit %d %s", code, stderr)
 	}
 }

@@ -3,8 +3,6 @@ package main
 import (
 	"fmt"
 	"os"
-	"strconv"
-	"strings"
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
 )
@@ -47,70 +45,42 @@ func runImgBitmap(args []string) int {
 		fmt.Fprintf(os.Stderr, "qcow2-csi img bitmap: "+format+"\n", a...)
 		return 1
 	}
+	pa, err := parseArgs(args, argSpec{
+		short: "hb:F:f:g:",
+		long: map[string]bool{"help": false, "add": false, "remove": false, "clear": false, "enable": false, "disable": false,
+			"merge": true, "source-file": true, "source-format": true, "format": true, "granularity": true},
+	})
+	if err != nil {
+		return fail("%v\n%s", err, imgBitmapHelp)
+	}
 	var (
 		ops     []bitmapOp
 		srcFile string
 		gran    int64
 		hasGran bool
-		pos     []string
+		pos     = pa.pos
 	)
-	for i := 0; i < len(args); i++ {
-		a := args[i]
-		key, inline, hasInline := strings.Cut(a, "=")
-		if !strings.HasPrefix(a, "--") {
-			key, hasInline = a, false
-			if len(a) > 2 && a[0] == '-' {
-				key, inline, hasInline = a[:2], a[2:], true
-			}
-		}
-		val := func() (string, bool) {
-			if hasInline {
-				return inline, true
-			}
-			if i+1 < len(args) {
-				i++
-				return args[i], true
-			}
-			return "", false
-		}
-		switch key {
-		case "-h", "--help":
+	for _, o := range pa.opts {
+		switch o.name {
+		case "h", "help":
 			fmt.Print(imgBitmapHelp)
 			return 0
-		case "--add", "--remove", "--clear", "--enable", "--disable":
-			ops = append(ops, bitmapOp{op: key[2:]})
-		case "--merge":
-			v, ok := val()
-			if !ok {
-				return fail("--merge needs a source bitmap")
-			}
-			ops = append(ops, bitmapOp{op: "merge", src: v})
-		case "-b", "--source-file":
-			v, ok := val()
-			if !ok {
-				return fail("-b needs a file name")
-			}
-			srcFile = v
-		case "-F", "--source-format", "-f", "--format":
-			v, ok := val()
-			if !ok || v != "qcow2" {
+		case "add", "remove", "clear", "enable", "disable":
+			ops = append(ops, bitmapOp{op: o.name})
+		case "merge":
+			ops = append(ops, bitmapOp{op: "merge", src: o.val})
+		case "b", "source-file":
+			srcFile = o.val
+		case "F", "source-format", "f", "format":
+			if o.val != "qcow2" {
 				return fail("only the qcow2 format is supported")
 			}
-		case "-g", "--granularity":
-			v, ok := val()
-			if !ok {
-				return fail("-g needs a size")
-			}
-			g, err := parseBitmapSize(v)
+		case "g", "granularity":
+			g, err := parseSize(o.val)
 			if err != nil {
-				return fail("invalid granularity %q: %v", v, err)
+				return fail("invalid granularity %q: %v", o.val, err)
 			}
 			gran, hasGran = g, true
-		default:
-			if len(a) > 1 && a[0] == '-' {
-				return fail("unknown option %s\n%s", a, imgBitmapHelp)
-			}
-			pos = append(pos, a)
 		}
 	}
 	if len(ops) == 0 {
@@ -177,29 +147,4 @@ func hasOp(ops []bitmapOp, op string) bool {
 		}
 	}
 	return false
-}
-
-// parseBitmapSize reads a byte count with qemu's optional binary suffix
-// (k, M, G, T; b for bytes).
-func parseBitmapSize(s string) (int64, error) {
-	mult := int64(1)
-	if n := len(s); n > 0 {
-		switch s[n-1] {
-		case 'b', 'B':
-			s = s[:n-1]
-		case 'k', 'K':
-			mult, s = 1<<10, s[:n-1]
-		case 'm', 'M':
-			mult, s = 1<<20, s[:n-1]
-		case 'g', 'G':
-			mult, s = 1<<30, s[:n-1]
-		case 't', 'T':
-			mult, s = 1<<40, s[:n-1]
-		}
-	}
-	v, err := strconv.ParseInt(s, 10, 64)
-	if err != nil || v < 0 || v > (1<<62)/mult {
-		return 0, fmt.Errorf("not a size")
-	}
-	return v * mult, nil
 }

@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"os"
-	"strings"
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
 )
@@ -35,61 +34,47 @@ Exit codes: 0 no errors, 1 check failed, 2 corruptions, 3 leaks only.
 `
 
 func runImgCheck(args []string) int {
+	pa, err := parseArgs(args, argSpec{
+		short: "hf:r:qU",
+		long:  map[string]bool{"help": false, "format": true, "repair": true, "output": true, "quiet": false, "force-share": false},
+	})
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "qcow2-csi img check: %v\n%s", err, imgCheckHelp)
+		return 1
+	}
 	var (
 		output = "human"
 		repair string
 		quiet  bool
 		share  bool
-		files  []string
+		files  = pa.pos
 	)
-	for i := 0; i < len(args); i++ {
-		a := args[i]
-		val := func() (string, bool) {
-			if k, v, ok := strings.Cut(a, "="); ok && strings.HasPrefix(k, "--") {
-				return v, true
-			}
-			if len(a) > 2 && a[0] == '-' && a[1] != '-' {
-				return a[2:], true
-			}
-			if i+1 < len(args) {
-				i++
-				return args[i], true
-			}
-			return "", false
-		}
-		switch {
-		case a == "-h" || a == "--help":
+	for _, o := range pa.opts {
+		switch o.name {
+		case "h", "help":
 			fmt.Print(imgCheckHelp)
 			return 0
-		case a == "-q" || a == "--quiet":
+		case "q", "quiet":
 			quiet = true
-		case a == "-U" || a == "--force-share":
+		case "U", "force-share":
 			share = true
-		case a == "-f" || strings.HasPrefix(a, "-f") && len(a) > 2 || strings.HasPrefix(a, "--format"):
-			v, ok := val()
-			if !ok || v != "qcow2" {
+		case "f", "format":
+			if o.val != "qcow2" {
 				fmt.Fprintf(os.Stderr, "qcow2-csi img check: only -f qcow2 is supported\n")
 				return 1
 			}
-		case a == "-r" || strings.HasPrefix(a, "-r") && len(a) > 2 || strings.HasPrefix(a, "--repair"):
-			v, ok := val()
-			if !ok || (v != "leaks" && v != "all") {
-				fmt.Fprintf(os.Stderr, "qcow2-csi img check: --repair (-r) expects 'leaks' or 'all', not '%s'\n", v)
+		case "r", "repair":
+			if o.val != "leaks" && o.val != "all" {
+				fmt.Fprintf(os.Stderr, "qcow2-csi img check: --repair (-r) expects 'leaks' or 'all', not '%s'\n", o.val)
 				return 1
 			}
-			repair = v
-		case strings.HasPrefix(a, "--output"):
-			v, ok := val()
-			if !ok || (v != "human" && v != "json") {
+			repair = o.val
+		case "output":
+			if o.val != "human" && o.val != "json" {
 				fmt.Fprintf(os.Stderr, "qcow2-csi img check: --output must be human or json\n")
 				return 1
 			}
-			output = v
-		case len(a) > 1 && a[0] == '-':
-			fmt.Fprintf(os.Stderr, "qcow2-csi img check: unknown option %s\n%s", a, imgCheckHelp)
-			return 1
-		default:
-			files = append(files, a)
+			output = o.val
 		}
 	}
 	if len(files) != 1 {
