@@ -430,7 +430,7 @@ func (img *Image) changeRefcountOrder(order uint32) error {
 	img.refBlockBits = img.clusterBits + 3 - order
 	img.refBlockEnts = 1 << img.refBlockBits
 	img.rcCache.clear()
-	if _, err := img.rebuildRefcountsLocked(); err != nil {
+	if err := img.rebuildRefcountsLocked(); err != nil {
 		return img.failMetaOp(err)
 	}
 	// The rebuild clears the dirty bit; a lazy-refcounts image that has

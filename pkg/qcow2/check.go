@@ -12,7 +12,7 @@ import (
 // repair the image is checked again and the final counts are returned
 // together with what was fixed.
 //
-// The walk is the core's walkReferences (repair.go): header, active and
+// The walk is the core's walkReferences (refwalk.go): header, active and
 // snapshot L1/L2 tables, data and compressed clusters, snapshot table, bitmap
 // directory, tables and data. On top of it Check counts the refcount
 // structures themselves as qemu's check_refblocks does, compares every
@@ -26,7 +26,8 @@ import (
 // the end of the file (which read as zeroes) into zero clusters, and, when
 // the refcount structures themselves are broken, rebuilds them from the
 // computed counts with the reftable placed in the first free space that
-// fits (qemu's rebuild_refcount_structure), not only at the end of the file.
+// fits (qemu's rebuild_refcount_structure), not only at the end of the file
+// (refrebuild.go).
 //
 // Check holds the image exclusively while it runs. Repairs need an image
 // opened read-write.
@@ -109,7 +110,8 @@ func (img *Image) checkLocked(mode RepairMode) (*CheckResult, error) {
 	case st.rebuild && mode.fixErrors():
 		old := *res
 		res.msg("Rebuilding refcount structure")
-		if err := st.rebuildRefcountStructure(); err != nil {
+		end := max(int64(len(st.counts.small)), (st.fileLen+img.clusterSize-1)>>img.clusterBits)
+		if err := img.rebuildRefcountStructure(st.counts, end, placeFirstFit); err != nil {
 			res.CheckErrors++
 			res.msg("ERROR %v", err)
 			return res, err

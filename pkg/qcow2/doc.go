@@ -92,9 +92,12 @@
 //   - walkReferences(opts, fn): every reference to host space (header, L1s,
 //     L2s, data, compressed ranges, snapshot table, bitmap directory,
 //     tables and data, optionally refcount structures), with the L1/L2
-//     index and raw entry; countReferences() turns it into expected
-//     refcounts; rebuildRefcountsLocked() writes fresh refcount structures
-//     from them (the repair used for dirty lazy-refcount images).
+//     index and raw entry (refwalk.go); countReferences() turns it into
+//     expected refcounts. rebuildRefcountStructure(counts, end, placement)
+//     (refrebuild.go) writes fresh refcount structures from counts, appended
+//     (the repair of dirty lazy-refcount images, amend's refcount width) or
+//     in the first free gaps (check's rebuild); commitRefTable(off, table)
+//     is the one switch of the header to a new refcount table.
 //   - writeHooks: funcs called with (off, n) for every guest range
 //     written, zeroed or discarded (mu held), for dirty bitmaps.
 //   - After changing a data cluster's refcount between 1 and >1, callers

@@ -208,7 +208,7 @@ func openImage(path string, opts OpenOptions, depth int) (_ *Image, err error) {
 	if !img.readOnly && !img.checking && img.hdr.Incompatible&IncompatDirty != 0 {
 		// Lazy refcounts left unflushed by a crash: rebuild refcounts from
 		// every reference before anything is allocated (as qemu does).
-		if _, err := img.rebuildRefcounts(); err != nil {
+		if err := img.rebuildRefcounts(); err != nil {
 			return nil, fmt.Errorf("qcow2: repairing dirty image: %w", err)
 		}
 	}

@@ -257,32 +257,13 @@ func (img *Image) growRefTable(need int64) error {
 			return ioErr("write refcount block", err)
 		}
 	}
-	tb := make([]byte, tblClusters*cs)
-	for i, e := range tbl {
-		binary.BigEndian.PutUint64(tb[i*8:], uint64(e))
-	}
-	if _, err := img.f.WriteAt(tb, p<<img.clusterBits); err != nil {
-		return ioErr("write refcount table", err)
-	}
 	if err := img.syncRefcounts(false); err != nil {
 		return err
 	}
-	if err := img.fsync(); err != nil {
-		return err
-	}
 	oldOff, oldClusters := int64(img.hdr.RefcountTableOffset), int64(img.hdr.RefcountTableClusters)
-	var hb [12]byte
-	binary.BigEndian.PutUint64(hb[:], uint64(p<<img.clusterBits))
-	binary.BigEndian.PutUint32(hb[8:], uint32(tblClusters))
-	if _, err := img.f.WriteAt(hb[:], hdrRefcountTableOffset); err != nil {
-		return ioErr("write header", err)
-	}
-	if err := img.fsync(); err != nil {
+	if err := img.commitRefTable(p<<img.clusterBits, tbl); err != nil {
 		return err
 	}
-	img.hdr.RefcountTableOffset = uint64(p << img.clusterBits)
-	img.hdr.RefcountTableClusters = uint32(tblClusters)
-	img.refTable = tbl
 	for c := oldOff >> img.clusterBits; c < (oldOff>>img.clusterBits)+oldClusters; c++ {
 		delete(img.metaMap, c)
 	}
@@ -299,6 +280,38 @@ func (img *Image) growRefTable(need int64) error {
 			return err
 		}
 	}
+	return nil
+}
+
+// commitRefTable makes tbl, written at off, the image's refcount table:
+// the table is made durable, then the header names it and is made durable
+// in turn. Every block tbl names must be written already, so a crash leaves
+// either the old structures in force or the new ones. mu held.
+func (img *Image) commitRefTable(off int64, tbl []refTableEntry) error {
+	cs := img.clusterSize
+	clusters := (int64(len(tbl))*8 + cs - 1) / cs
+	tb := make([]byte, clusters*cs)
+	for i, e := range tbl {
+		binary.BigEndian.PutUint64(tb[i*8:], uint64(e))
+	}
+	if _, err := img.f.WriteAt(tb, off); err != nil {
+		return ioErr("write refcount table", err)
+	}
+	if err := img.fsync(); err != nil {
+		return err
+	}
+	var hb [12]byte
+	binary.BigEndian.PutUint64(hb[:], uint64(off))
+	binary.BigEndian.PutUint32(hb[8:], uint32(clusters))
+	if _, err := img.f.WriteAt(hb[:], hdrRefcountTableOffset); err != nil {
+		return ioErr("write header", err)
+	}
+	if err := img.fsync(); err != nil {
+		return err
+	}
+	img.hdr.RefcountTableOffset = uint64(off)
+	img.hdr.RefcountTableClusters = uint32(clusters)
+	img.refTable = tbl
 	return nil
 }
 

@@ -3,7 +3,6 @@ package qcow2
 import (
 	"encoding/binary"
 	"fmt"
-	"slices"
 )
 
 // refKind says what kind of structure a reference found by walkReferences
@@ -55,7 +54,8 @@ type walkOptions struct {
 // active L1 and from every snapshot's L1, the snapshot table, the bitmap
 // directory, bitmap tables and bitmap data, and optionally the refcount
 // structures. L2 tables are read through the cache so unflushed updates
-// count. mu held. The check and repair code (issue 4) builds on this.
+// count. mu held. Check (check.go) and the refcount rebuild
+// (refrebuild.go) build on this.
 func (img *Image) walkReferences(opt walkOptions, fn func(r reference) error) error {
 	bad := func(where string, err error) error {
 		if opt.Bad != nil {
@@ -266,6 +266,28 @@ func (c *refCounts) get(ci int64) uint64 {
 	return uint64(c.small[ci]) + c.big[ci]
 }
 
+// reset forgets the count of cluster ci.
+func (c *refCounts) reset(ci int64) {
+	if ci < int64(len(c.small)) {
+		c.small[ci] = 0
+	}
+	delete(c.big, ci)
+}
+
+// firstAbove returns the first cluster whose count exceeds limit, and that
+// count; 0, 0 when none does.
+func (c *refCounts) firstAbove(limit uint64) (int64, uint64) {
+	if limit >= 0xffff && len(c.big) == 0 {
+		return 0, 0
+	}
+	for ci := range c.small {
+		if v := c.get(int64(ci)); v > limit {
+			return int64(ci), v
+		}
+	}
+	return 0, 0
+}
+
 func (c *refCounts) addRange(off, n, clusterBits int64) {
 	for ci := off >> clusterBits; ci <= (off+n-1)>>clusterBits; ci++ {
 		c.add(ci)
@@ -281,188 +303,4 @@ func (img *Image) countReferences(bad func(string, error)) (*refCounts, error) {
 		return nil
 	})
 	return c, err
-}
-
-// RepairResult says what a refcount rebuild changed.
-type RepairResult struct {
-	// Leaks is the number of clusters whose refcount was higher than their
-	// references (now freed or lowered).
-	Leaks int64
-	// Errors is the number of clusters whose refcount was lower than their
-	// references (which could have led to data being overwritten).
-	Errors int64
-}
-
-// rebuildRefcounts recomputes every refcount from the references and
-// writes a fresh refcount table and blocks at the end of the file (the old
-// ones become free space), then points the header at them. Callers hold
-// drain exclusively or have not shared the image yet; mu must NOT be held.
-func (img *Image) rebuildRefcounts() (RepairResult, error) {
-	img.mu.Lock()
-	defer img.mu.Unlock()
-	return img.rebuildRefcountsLocked()
-}
-
-func (img *Image) rebuildRefcountsLocked() (RepairResult, error) {
-	var res RepairResult
-	// Unflushed L2 updates first, so what we count is what is on disk.
-	for _, e := range img.l2Cache.dirtyEntries() {
-		if err := img.checkOverlap(e.off, int64(len(e.buf)), metaL2); err != nil {
-			return res, err
-		}
-		if _, err := img.f.WriteAt(e.buf, e.off); err != nil {
-			return res, ioErr("write L2 table", err)
-		}
-		e.dirty = false
-	}
-	if err := img.fsync(); err != nil {
-		return res, err
-	}
-	img.pendingFree = nil
-	counts, err := img.countReferences(nil)
-	if err != nil {
-		return res, err
-	}
-	cs := img.clusterSize
-	p := img.fileEnd >> img.clusterBits
-	if n := int64(len(counts.small)); n > p {
-		p = n
-	}
-	// Block indexes needed for the references below p, plus the new area.
-	need := map[int64]bool{}
-	for ci := int64(0); ci < p; ci++ {
-		if counts.get(ci) != 0 {
-			need[ci>>img.refBlockBits] = true
-		}
-	}
-	var nBlocks, tblClusters int64
-	for iter := 0; ; iter++ {
-		if iter > 64 {
-			return res, fmt.Errorf("qcow2: internal: refcount layout does not converge")
-		}
-		all := map[int64]bool{}
-		for k := range need {
-			all[k] = true
-		}
-		for ci := p; ci < p+nBlocks+tblClusters; ci++ {
-			all[ci>>img.refBlockBits] = true
-		}
-		maxBi := int64(0)
-		for k := range all {
-			maxBi = max(maxBi, k)
-		}
-		nb := int64(len(all))
-		tc := max(1, ((maxBi+1)*8+cs-1)/cs)
-		if nb == nBlocks && tc == tblClusters {
-			need = all
-			break
-		}
-		nBlocks, tblClusters = nb, tc
-	}
-	if tblClusters*cs > maxRefcountTableBytes {
-		return res, fmt.Errorf("%w: refcount table would exceed %d bytes", ErrUnsupported, maxRefcountTableBytes)
-	}
-	for ci := p; ci < p+nBlocks+tblClusters; ci++ {
-		counts.add(ci)
-	}
-	// Sorted block indexes get consecutive clusters from p.
-	order := make([]int64, 0, len(need))
-	for k := range need {
-		order = append(order, k)
-	}
-	slices.Sort(order)
-	tbl := make([]refTableEntry, tblClusters*cs/8)
-	blocks := make([][]byte, len(order))
-	maxRef := img.maxRefcount()
-	for i, bi := range order {
-		tbl[bi] = refTableEntry((p + int64(i)) << img.clusterBits)
-		buf := make([]byte, cs)
-		for j := int64(0); j < img.refBlockEnts; j++ {
-			v := counts.get(bi<<img.refBlockBits + j)
-			if v > maxRef {
-				return res, fmt.Errorf("%w: cluster %#x needs refcount %d, more than %d-bit refcounts hold", ErrUnsupported, (bi<<img.refBlockBits+j)<<img.clusterBits, v, img.refBits)
-			}
-			if v != 0 {
-				setRefEntry(buf, img.refOrder, j, v)
-			}
-		}
-		blocks[i] = buf
-	}
-	// What changed, for the caller's report (old refcount structures are
-	// expected to change and are not counted).
-	oldStruct := map[int64]bool{}
-	for c := int64(img.hdr.RefcountTableOffset) >> img.clusterBits; c < int64(img.hdr.RefcountTableOffset)>>img.clusterBits+int64(img.hdr.RefcountTableClusters); c++ {
-		oldStruct[c] = true
-	}
-	for _, e := range img.refTable {
-		if o := e.offset(); o != 0 {
-			oldStruct[o>>img.clusterBits] = true
-		}
-	}
-	for ci := int64(1); ci < p; ci++ {
-		if oldStruct[ci] {
-			continue
-		}
-		old, err := img.getRefcount(ci)
-		if err != nil {
-			old = 0
-		}
-		switch nv := counts.get(ci); {
-		case old > nv:
-			res.Leaks++
-		case old < nv:
-			res.Errors++
-		}
-	}
-	// Write the new structures, then switch the header to them.
-	for i, b := range blocks {
-		if _, err := img.f.WriteAt(b, (p+int64(i))<<img.clusterBits); err != nil {
-			return res, ioErr("write refcount block", err)
-		}
-	}
-	tb := make([]byte, tblClusters*cs)
-	for i, e := range tbl {
-		binary.BigEndian.PutUint64(tb[i*8:], uint64(e))
-	}
-	tblOff := (p + nBlocks) << img.clusterBits
-	if _, err := img.f.WriteAt(tb, tblOff); err != nil {
-		return res, ioErr("write refcount table", err)
-	}
-	if err := img.fsync(); err != nil {
-		return res, err
-	}
-	var hb [12]byte
-	binary.BigEndian.PutUint64(hb[:], uint64(tblOff))
-	binary.BigEndian.PutUint32(hb[8:], uint32(tblClusters))
-	if _, err := img.f.WriteAt(hb[:], hdrRefcountTableOffset); err != nil {
-		return res, ioErr("write header", err)
-	}
-	if err := img.fsync(); err != nil {
-		return res, err
-	}
-	img.hdr.RefcountTableOffset = uint64(tblOff)
-	img.hdr.RefcountTableClusters = uint32(tblClusters)
-	img.refTable = tbl
-	img.rcCache.clear()
-	img.freeHint = 1
-	img.fileEnd = max(img.fileEnd, (p+nBlocks+tblClusters)<<img.clusterBits)
-	img.buildMetaMap()
-	if !img.readOnly {
-		// COPIED flags of the active tables from the new refcounts,
-		// durable before the dirty bit goes (qemu's repair fixes them
-		// too; a crash inside a snapshot operation leaves them stale).
-		if err := img.repairCopiedLocked(); err != nil {
-			return res, err
-		}
-	}
-	if img.hdr.Incompatible&IncompatDirty != 0 && !img.readOnly {
-		img.hdr.Incompatible &^= IncompatDirty
-		if err := img.writeHeader(); err != nil {
-			return res, err
-		}
-		if err := img.fsync(); err != nil {
-			return res, err
-		}
-	}
-	return res, nil
 }
