@@ -260,110 +260,163 @@ func (img *Image) storeBitmapsLocked(closing bool) (err error) {
 	if img.readOnly {
 		return nil
 	}
-	h := img.hdr
-	if len(img.bms.list) == 0 && len(img.bitmapDir) == 0 && h.Bitmaps == nil {
+	if len(img.bms.list) == 0 && len(img.bitmapDir) == 0 && img.hdr.Bitmaps == nil {
 		return nil
 	}
-	cs := img.clusterSize
-	var fresh [][2]int64 // allocated here: freed again if we fail before the switch
+	fresh := &bitmapAllocs{img: img}
 	defer func() {
 		if err != nil {
-			for _, r := range fresh {
-				_ = img.freeNow(r[0], r[1])
-			}
+			fresh.undo()
 		}
 	}()
-	alloc := func(n int64) (int64, error) {
-		off, err := img.allocClusters(n)
-		if err == nil {
-			fresh = append(fresh, [2]int64{off, n * cs})
-		}
-		return off, err
-	}
 	dir := make([]bitmapDirEntry, 0, len(img.bms.list))
 	tables := make([][]bitmapTableEntry, len(img.bms.list))
-	buf := make([]byte, cs)
 	for i, b := range img.bms.list {
 		if b.inconsistent {
 			dir = append(dir, *b.disk)
 			tables[i] = b.table
 			continue
 		}
-		n := b.bits.tableSize(uint64(cs))
-		table := make([]bitmapTableEntry, n)
-		// A crash-consistent tracker sets bits in place: every chunk of
-		// an enabled bitmap gets a data cluster.
-		inPlace := img.durableBitmaps && b.enabled && !closing
-		for j := uint64(0); j < n; j++ {
-			zero, ones := b.bits.chunkState(j, uint64(cs))
-			if zero && !inPlace {
-				continue
-			}
-			if ones && !inPlace {
-				table[j] = bitmapTableEntryAllOnes
-				continue
-			}
-			off, err := alloc(1)
-			if err != nil {
-				return err
-			}
-			b.bits.serializeChunk(j, buf)
-			if err := img.writeMeta(buf, off, 0, "bitmap data"); err != nil {
-				return err
-			}
-			table[j] = bitmapTableEntry(off)
-		}
-		tb := encodeBitmapTable(table)
-		toff, err := alloc((int64(len(tb)) + cs - 1) / cs)
+		e, table, err := img.writeBitmap(b, closing, fresh)
 		if err != nil {
 			return err
-		}
-		if err := img.writeMeta(padCluster(tb, cs), toff, metaBitmapTable, "bitmap table"); err != nil {
-			return err
-		}
-		flags := uint32(0)
-		if b.enabled {
-			flags |= bitmapFlagAuto
-			if !closing {
-				flags |= bitmapFlagInUse
-			}
-		}
-		e := bitmapDirEntry{TableOffset: uint64(toff), TableSize: uint32(n), Flags: flags, Type: bitmapTypeDirty, GranularityBits: b.granBits, Name: b.name}
-		if b.disk != nil && len(b.disk.ExtraData) > 0 {
-			e.ExtraData, e.Flags = b.disk.ExtraData, e.Flags|b.disk.Flags&bitmapFlagExtraComp
 		}
 		dir = append(dir, e)
 		tables[i] = table
 	}
-	var ext *bitmapsExt
-	if len(dir) > 0 {
-		db := encodeBitmapDirectory(dir)
-		if len(db) > maxBitmapDirSize {
-			return fmt.Errorf("%w: bitmap directory of %d bytes exceeds limit %d", ErrBitmapInvalid, len(db), maxBitmapDirSize)
-		}
-		doff, err := alloc((int64(len(db)) + cs - 1) / cs)
-		if err != nil {
-			return err
-		}
-		if err := img.writeMeta(padCluster(db, cs), doff, metaBitmapDir, "bitmap directory"); err != nil {
-			return err
-		}
-		ext = &bitmapsExt{NbBitmaps: uint32(len(dir)), DirSize: uint64(len(db)), DirOffset: uint64(doff)}
-	}
-	// Everything new and its refcounts durable before the header names it.
-	if err := img.syncRefcounts(true); err != nil {
+	ext, err := img.writeBitmapDirectory(dir, fresh)
+	if err != nil {
 		return err
 	}
-	if err := img.fsync(); err != nil {
-		return err
-	}
-	oldExt, oldAuto, oldDir := h.Bitmaps, h.Autoclear, img.bitmapDir
+	oldExt, oldDir := img.hdr.Bitmaps, img.bitmapDir
 	oldTables := map[string][]bitmapTableEntry{}
 	for _, b := range img.bms.list {
 		if !b.inconsistent && b.disk != nil {
 			oldTables[b.disk.Name] = b.table
 		}
 	}
+	if err := img.switchBitmapHeader(ext, closing); err != nil {
+		return err
+	}
+	fresh.fresh = nil // the header owns them now
+	img.bitmapDir = dir
+	for i, b := range img.bms.list {
+		if !b.inconsistent {
+			e := dir[i]
+			b.disk, b.table = &e, tables[i]
+		}
+		img.resetShadow(b)
+	}
+	return img.freeOldBitmaps(oldExt, oldDir, oldTables)
+}
+
+// bitmapAllocs is what one storeBitmapsLocked allocated: freed again if it
+// fails before the header switch.
+type bitmapAllocs struct {
+	img   *Image
+	fresh [][2]int64
+}
+
+func (a *bitmapAllocs) alloc(n int64) (int64, error) {
+	off, err := a.img.allocClusters(n)
+	if err == nil {
+		a.fresh = append(a.fresh, [2]int64{off, n * a.img.clusterSize})
+	}
+	return off, err
+}
+
+func (a *bitmapAllocs) undo() {
+	for _, r := range a.fresh {
+		_ = a.img.freeNow(r[0], r[1])
+	}
+	a.fresh = nil
+}
+
+// writeBitmap writes b's data clusters and its table into new clusters and
+// returns its directory entry and table. All-zero chunks get no cluster and
+// all-one chunks are marked in the table, except for a crash-consistent
+// tracker, which sets bits in place: every chunk of an enabled bitmap then
+// gets a data cluster. mu held.
+func (img *Image) writeBitmap(b *imgBitmap, closing bool, fresh *bitmapAllocs) (bitmapDirEntry, []bitmapTableEntry, error) {
+	cs := img.clusterSize
+	n := b.bits.tableSize(uint64(cs))
+	table := make([]bitmapTableEntry, n)
+	inPlace := img.durableBitmaps && b.enabled && !closing
+	buf := make([]byte, cs)
+	for j := uint64(0); j < n; j++ {
+		zero, ones := b.bits.chunkState(j, uint64(cs))
+		if zero && !inPlace {
+			continue
+		}
+		if ones && !inPlace {
+			table[j] = bitmapTableEntryAllOnes
+			continue
+		}
+		off, err := fresh.alloc(1)
+		if err != nil {
+			return bitmapDirEntry{}, nil, err
+		}
+		b.bits.serializeChunk(j, buf)
+		if err := img.writeMeta(buf, off, 0, "bitmap data"); err != nil {
+			return bitmapDirEntry{}, nil, err
+		}
+		table[j] = bitmapTableEntry(off)
+	}
+	tb := encodeBitmapTable(table)
+	toff, err := fresh.alloc((int64(len(tb)) + cs - 1) / cs)
+	if err != nil {
+		return bitmapDirEntry{}, nil, err
+	}
+	if err := img.writeMeta(padCluster(tb, cs), toff, metaBitmapTable, "bitmap table"); err != nil {
+		return bitmapDirEntry{}, nil, err
+	}
+	flags := uint32(0)
+	if b.enabled {
+		flags |= bitmapFlagAuto
+		if !closing {
+			flags |= bitmapFlagInUse
+		}
+	}
+	e := bitmapDirEntry{TableOffset: uint64(toff), TableSize: uint32(n), Flags: flags, Type: bitmapTypeDirty, GranularityBits: b.granBits, Name: b.name}
+	if b.disk != nil && len(b.disk.ExtraData) > 0 {
+		e.ExtraData, e.Flags = b.disk.ExtraData, e.Flags|b.disk.Flags&bitmapFlagExtraComp
+	}
+	return e, table, nil
+}
+
+// writeBitmapDirectory writes dir into new clusters and returns the header
+// extension that names it (nil for no bitmaps). mu held.
+func (img *Image) writeBitmapDirectory(dir []bitmapDirEntry, fresh *bitmapAllocs) (*bitmapsExt, error) {
+	if len(dir) == 0 {
+		return nil, nil
+	}
+	cs := img.clusterSize
+	db := encodeBitmapDirectory(dir)
+	if len(db) > maxBitmapDirSize {
+		return nil, fmt.Errorf("%w: bitmap directory of %d bytes exceeds limit %d", ErrBitmapInvalid, len(db), maxBitmapDirSize)
+	}
+	doff, err := fresh.alloc((int64(len(db)) + cs - 1) / cs)
+	if err != nil {
+		return nil, err
+	}
+	if err := img.writeMeta(padCluster(db, cs), doff, metaBitmapDir, "bitmap directory"); err != nil {
+		return nil, err
+	}
+	return &bitmapsExt{NbBitmaps: uint32(len(dir)), DirSize: uint64(len(db)), DirOffset: uint64(doff)}, nil
+}
+
+// switchBitmapHeader makes everything new and its refcounts durable, then
+// the header that names ext, with the autoclear bits to match. On failure
+// the in-memory header is as before. mu held.
+func (img *Image) switchBitmapHeader(ext *bitmapsExt, closing bool) error {
+	if err := img.syncRefcounts(true); err != nil {
+		return err
+	}
+	if err := img.fsync(); err != nil {
+		return err
+	}
+	h := img.hdr
+	oldExt, oldAuto := h.Bitmaps, h.Autoclear
 	h.Bitmaps = ext
 	if ext != nil {
 		h.Autoclear |= AutoclearBitmaps
@@ -375,30 +428,26 @@ func (img *Image) storeBitmapsLocked(closing bool) (err error) {
 	} else {
 		h.Autoclear &^= AutoclearCrashConsistentBitmaps
 	}
-	herr := img.writeHeader()
-	if herr == nil {
-		herr = img.fsync()
+	err := img.writeHeader()
+	if err == nil {
+		err = img.fsync()
 	}
-	if herr != nil {
+	if err != nil {
 		h.Bitmaps, h.Autoclear = oldExt, oldAuto
-		return herr
 	}
-	fresh = nil // the header owns them now
-	img.bitmapDir = dir
-	for i, b := range img.bms.list {
-		if !b.inconsistent {
-			e := dir[i]
-			b.disk, b.table = &e, tables[i]
-		}
-		img.resetShadow(b)
-	}
+	return err
+}
+
+// freeOldBitmaps frees what only the old directory referenced, once the
+// header no longer names it: the old directory, and the tables and data of
+// every bitmap rewritten or removed (oldTables by name; a bitmap not there
+// has its table read from disk). Inconsistent bitmaps still present keep
+// theirs. mu held.
+func (img *Image) freeOldBitmaps(oldExt *bitmapsExt, oldDir []bitmapDirEntry, oldTables map[string][]bitmapTableEntry) error {
 	// No crash-consistent journal write may still be on its way to an old
 	// bitmap cluster once it is freed (and can be reused).
 	img.journal.io.Lock()
 	img.journal.io.Unlock()
-	// Free what only the old directory referenced: the old directory, and
-	// the tables and data of every bitmap rewritten or removed. Inconsistent
-	// bitmaps still present keep theirs.
 	keep := map[uint64]bool{}
 	for _, b := range img.bms.list {
 		if b.inconsistent {
@@ -420,7 +469,7 @@ func (img *Image) storeBitmapsLocked(closing bool) (err error) {
 		}
 		for _, te := range t {
 			if te.offset() != 0 {
-				if err := img.freeIfReferenced(te.offset(), cs); err != nil && ferr == nil {
+				if err := img.freeIfReferenced(te.offset(), img.clusterSize); err != nil && ferr == nil {
 					ferr = err
 				}
 			}
