@@ -3,6 +3,8 @@ package imagetar
 import (
 	"errors"
 	"fmt"
+
+	"github.com/qcow2-csi/qcow2-csi/internal/hostbin"
 )
 
 // DriverTools are the host programs the driver runs: formatting, checking
@@ -35,7 +37,7 @@ func Driver(qcow2csi, busybox string) (*Image, error) {
 		}
 	}
 	for _, t := range OptionalDriverTools {
-		if err := im.AddProgram(t); err != nil && !errors.Is(err, ErrNotFound) {
+		if err := im.AddProgram(t); err != nil && !errors.Is(err, hostbin.ErrNotFound) {
 			return nil, fmt.Errorf("driver image: %w", err)
 		}
 	}

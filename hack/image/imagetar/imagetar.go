@@ -5,31 +5,27 @@
 // The e2e suite and `make image` use it to package the statically linked
 // qcow2-csi binary with the Debian filesystem tools it calls (mkfs, fsck,
 // resize2fs, xfs_growfs, mount, blkid, ...) and their shared libraries, as
-// listed by ldd. Output is deterministic: entries sorted, owner root, mtime 0,
-// so the same inputs give the same image ID.
+// listed by ldd (internal/hostbin, which the VM harness shares). Output is
+// deterministic: entries sorted, owner root, mtime 0, so the same inputs
+// give the same image ID.
 package imagetar
 
 import (
 	"archive/tar"
-	"bufio"
 	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path"
-	"path/filepath"
 	"sort"
 	"strings"
 	"time"
-)
 
-// ErrNotFound is returned when a program asked for is not on the build host.
-var ErrNotFound = errors.New("imagetar: not found on this host")
+	"github.com/qcow2-csi/qcow2-csi/internal/hostbin"
+)
 
 type entry struct {
 	typ    byte   // tar.TypeReg, tar.TypeDir, tar.TypeSymlink
@@ -121,88 +117,23 @@ func (im *Image) AddFile(p, src string) error {
 	return nil
 }
 
-// LookPath finds a program on the build host in the usual system directories
-// (not only $PATH, which may lack the sbin directories for non-root users).
-func LookPath(name string) (string, error) {
-	if p, err := exec.LookPath(name); err == nil {
-		return p, nil
-	}
-	for _, d := range []string{"/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/local/sbin", "/usr/local/bin"} {
-		p := filepath.Join(d, name)
-		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0 {
-			return p, nil
-		}
-	}
-	return "", fmt.Errorf("%w: program %q", ErrNotFound, name)
-}
-
-// AddProgram copies the host program name (looked up with LookPath) to
-// /usr/sbin or /usr/bin (where the host has it) together with the shared
+// AddProgram copies the host program name (looked up with hostbin.LookPath)
+// to /usr/sbin or /usr/bin (where the host has it) together with the shared
 // libraries and ELF interpreter ldd lists for it.
 func (im *Image) AddProgram(name string) error {
-	src, err := LookPath(name)
-	if err != nil {
-		return err
-	}
-	dst := usrPath(src)
-	if !strings.HasPrefix(dst, "/usr/") {
-		dst = "/usr/bin/" + name
-	}
-	if err := im.AddFile(dst, src); err != nil {
-		return err
-	}
-	return im.AddLibraries(src)
+	return hostbin.CopyProgram(name, im.AddFile, hostbin.Options{ProgramPath: func(src string) string {
+		if dst := usrPath(src); strings.HasPrefix(dst, "/usr/") {
+			return dst
+		}
+		return "/usr/bin/" + name
+	}})
 }
 
 // AddLibraries adds the shared libraries of the host ELF file src, as ldd
 // resolves them. A statically linked file adds nothing; a script (not ELF)
 // is an error, since its interpreter would be missing too.
 func (im *Image) AddLibraries(src string) error {
-	out, err := exec.Command("ldd", src).CombinedOutput()
-	if err != nil {
-		if bytes.Contains(out, []byte("not a dynamic executable")) || bytes.Contains(out, []byte("statically linked")) {
-			return nil
-		}
-		return fmt.Errorf("imagetar: ldd %s: %v: %s", src, err, bytes.TrimSpace(out))
-	}
-	libs, err := parseLdd(out)
-	if err != nil {
-		return fmt.Errorf("imagetar: ldd %s: %w", src, err)
-	}
-	for _, l := range libs {
-		if err := im.AddFile(l, l); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// parseLdd returns the absolute library paths in ldd output: the target of
-// "name => /path (addr)" lines and bare "/path (addr)" lines (the ELF
-// interpreter). linux-vdso has no file and is skipped; "not found" is an error.
-func parseLdd(out []byte) ([]string, error) {
-	var libs []string
-	sc := bufio.NewScanner(bytes.NewReader(out))
-	for sc.Scan() {
-		line := strings.TrimSpace(sc.Text())
-		if line == "" || strings.Contains(line, "statically linked") {
-			continue
-		}
-		if strings.Contains(line, "not found") {
-			return nil, fmt.Errorf("missing library: %s", line)
-		}
-		f := line
-		if i := strings.Index(line, "=>"); i >= 0 {
-			f = strings.TrimSpace(line[i+2:])
-		}
-		if i := strings.Index(f, " ("); i >= 0 {
-			f = f[:i]
-		}
-		if strings.HasPrefix(f, "/") {
-			libs = append(libs, f)
-		}
-	}
-	return libs, sc.Err()
+	return hostbin.CopyLibraries(src, im.AddFile)
 }
 
 // tarLayer writes the layer tarball, entries sorted by path.

@@ -8,45 +8,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"reflect"
 	"strings"
 	"syscall"
 	"testing"
 
+	"github.com/qcow2-csi/qcow2-csi/internal/hostbin"
 	"github.com/qcow2-csi/qcow2-csi/tests/peer"
 )
-
-func TestParseLdd(t *testing.T) {
-	tests := []struct {
-		name    string
-		in      string
-		want    []string
-		wantErr string
-	}{
-		{
-			name: "dynamic",
-			in: "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibblkid.so.1 => /lib/x86_64-linux-gnu/libblkid.so.1 (0x00007f)\n" +
-				"\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n",
-			want: []string{"/lib/x86_64-linux-gnu/libblkid.so.1", "/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2"},
-		},
-		{name: "static", in: "\tstatically linked\n", want: nil},
-		{name: "missing library", in: "\tlibfoo.so.1 => not found\n", wantErr: "missing library: libfoo.so.1 => not found"},
-	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			got, err := parseLdd([]byte(tc.in))
-			if tc.wantErr != "" {
-				if err == nil || err.Error() != tc.wantErr {
-					t.Fatalf("err %v, want %q", err, tc.wantErr)
-				}
-				return
-			}
-			if err != nil || !reflect.DeepEqual(got, tc.want) {
-				t.Fatalf("got %q, %v; want %q", got, err, tc.want)
-			}
-		})
-	}
-}
 
 // readArchive returns the manifest, the config and the layer's files.
 func readArchive(t *testing.T, b []byte) (manifest []map[string]any, config map[string]any, layer map[string]*tar.Header, data map[string][]byte) {
@@ -132,7 +100,7 @@ func TestSingleImageIsDeterministic(t *testing.T) {
 func TestDriverImageToolsRun(t *testing.T) {
 	peer.Root(t)
 	for _, p := range DriverTools {
-		if _, err := LookPath(p); err != nil {
+		if _, err := hostbin.LookPath(p); err != nil {
 			peer.Missing(t, p, "apt-get install e2fsprogs xfsprogs util-linux mount")
 		}
 	}

@@ -13,8 +13,9 @@
 //     gunzip costs more than reading the bytes) holding busybox, the kernel
 //     modules asked for and their dependencies (read from each module's
 //     .modinfo), host programs (mkfs.ext4, mkfs.xfs, resize2fs, xfs_growfs,
-//     blkid, ...) with the libraries ldd lists, extra files, and the
-//     statically built (CGO_ENABLED=0) test binary.
+//     blkid, ...) with the libraries ldd lists (internal/hostbin, which
+//     hack/image shares), extra files, and the statically built
+//     (CGO_ENABLED=0) test binary.
 //   - Boot: one VM per RunGoTest call, so a suite batches its tests into one
 //     boot. /init loads the modules, mounts proc, sys, devtmpfs, a tmpfs on
 //     /tmp and the host directory Options.Share (9p) on /share, runs the

@@ -7,11 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path"
-	"path/filepath"
-	"regexp"
-	"sort"
 	"strings"
 )
 
@@ -135,41 +131,4 @@ func (c *cpioWriter) close() error {
 		return c.err
 	}
 	return c.w.Flush()
-}
-
-// lookTool finds a host program on PATH or in the sbin directories a
-// non-root PATH may lack.
-func lookTool(name string) (string, error) {
-	if p, err := exec.LookPath(name); err == nil {
-		return p, nil
-	}
-	for _, d := range []string{"/usr/sbin", "/sbin", "/usr/bin", "/bin"} {
-		p := filepath.Join(d, name)
-		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() && st.Mode().Perm()&0o111 != 0 {
-			return p, nil
-		}
-	}
-	return "", fmt.Errorf("vmharness: program %s not found on the host (run hack/deps.sh)", name)
-}
-
-var lddPath = regexp.MustCompile(`(?:=>\s*)?(/\S+)\s+\(0x[0-9a-f]+\)`)
-
-// sharedLibs lists the libraries (and the dynamic loader) ldd reports for
-// a program; none for a static one.
-func sharedLibs(prog string) ([]string, error) {
-	out, err := exec.Command("ldd", prog).CombinedOutput()
-	if err != nil {
-		if strings.Contains(string(out), "not a dynamic executable") {
-			return nil, nil
-		}
-		return nil, fmt.Errorf("vmharness: ldd %s: %v: %s", prog, err, out)
-	}
-	var libs []string
-	for _, ln := range strings.Split(string(out), "\n") {
-		if m := lddPath.FindStringSubmatch(ln); m != nil {
-			libs = append(libs, m[1])
-		}
-	}
-	sort.Strings(libs)
-	return libs, nil
 }

@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/qcow2-csi/qcow2-csi/internal/hostbin"
 	"github.com/qcow2-csi/qcow2-csi/tests/peer"
 )
 
@@ -234,18 +235,10 @@ func (a *Assets) buildInitramfs(dst, testBin string, args, env []string, opts Op
 	}
 
 	tools := append(append([]string{}, DefaultTools...), opts.Tools...)
+	addFile := func(dst, src string) error { c.file(dst, src); return nil }
 	for _, name := range tools {
-		p, err := lookTool(name)
-		if err != nil {
+		if err := hostbin.CopyProgram(name, addFile, hostbin.Options{}); err != nil {
 			return err
-		}
-		libs, err := sharedLibs(p)
-		if err != nil {
-			return err
-		}
-		c.file(p, p)
-		for _, l := range libs {
-			c.file(l, l)
 		}
 	}
 	for _, conf := range []string{"/etc/mke2fs.conf"} {
