@@ -235,29 +235,11 @@ func (img *Image) growRefTable(need int64) error {
 	copy(tbl, img.refTable)
 	blockBase := p + tblClusters
 	end := blockBase + int64(len(newBlocks))
-	newBlockBufs := map[int64][]byte{}
 	for i, bi := range newBlocks {
 		tbl[bi] = refTableEntry((blockBase + int64(i)) << img.clusterBits)
-		newBlockBufs[bi] = make([]byte, cs)
 	}
 	// Refcount 1 for every cluster of the new area.
-	for ci := p; ci < end; ci++ {
-		bi := ci >> img.refBlockBits
-		if buf, ok := newBlockBufs[bi]; ok {
-			setRefEntry(buf, img.refOrder, ci&(img.refBlockEnts-1), 1)
-			continue
-		}
-		if _, err := img.addRefcount(ci, 1); err != nil {
-			return err
-		}
-	}
-	for i, bi := range newBlocks {
-		off := (blockBase + int64(i)) << img.clusterBits
-		if _, err := img.f.WriteAt(newBlockBufs[bi], off); err != nil {
-			return ioErr("write refcount block", err)
-		}
-	}
-	if err := img.syncRefcounts(false); err != nil {
+	if _, err := img.writeNewRefBlocks(newBlocks, blockBase, p, end); err != nil {
 		return err
 	}
 	oldOff, oldClusters := int64(img.hdr.RefcountTableOffset), int64(img.hdr.RefcountTableClusters)
@@ -417,25 +399,8 @@ func (img *Image) placeBlocksAfter(start, n int64) error {
 	if len(missing) == 0 {
 		return nil
 	}
-	bufs := map[int64][]byte{}
-	for _, bi := range missing {
-		bufs[bi] = make([]byte, img.clusterSize)
-	}
-	for i := range missing {
-		ci := p + int64(i)
-		if buf, ok := bufs[ci>>img.refBlockBits]; ok {
-			setRefEntry(buf, img.refOrder, ci&(img.refBlockEnts-1), 1)
-		} else if _, err := img.addRefcount(ci, 1); err != nil {
-			return err
-		}
-	}
-	for i, bi := range missing {
-		off := (p + int64(i)) << img.clusterBits
-		if _, err := img.f.WriteAt(bufs[bi], off); err != nil {
-			return ioErr("write refcount block", err)
-		}
-	}
-	if err := img.syncRefcounts(false); err != nil {
+	bufs, err := img.writeNewRefBlocks(missing, p, p, p+int64(len(missing)))
+	if err != nil {
 		return err
 	}
 	if err := img.fsync(); err != nil {
@@ -453,6 +418,33 @@ func (img *Image) placeBlocksAfter(start, n int64) error {
 	}
 	img.fileEnd = max(img.fileEnd, (p+int64(len(missing)))<<img.clusterBits)
 	return nil
+}
+
+// writeNewRefBlocks writes new refcount blocks for the block indexes
+// blocks, at consecutive clusters from base, with refcount 1 for every
+// cluster of [from, to) (the new area that holds them): in the new blocks
+// where they describe it, through the refcount cache elsewhere; then the
+// cached refcounts. It returns the new blocks' contents by block index. The
+// refcount table does not name them yet: the caller does that once they are
+// durable. mu held.
+func (img *Image) writeNewRefBlocks(blocks []int64, base, from, to int64) (map[int64][]byte, error) {
+	bufs := make(map[int64][]byte, len(blocks))
+	for _, bi := range blocks {
+		bufs[bi] = make([]byte, img.clusterSize)
+	}
+	for ci := from; ci < to; ci++ {
+		if buf, ok := bufs[ci>>img.refBlockBits]; ok {
+			setRefEntry(buf, img.refOrder, ci&(img.refBlockEnts-1), 1)
+		} else if _, err := img.addRefcount(ci, 1); err != nil {
+			return nil, err
+		}
+	}
+	for i, bi := range blocks {
+		if _, err := img.f.WriteAt(bufs[bi], (base+int64(i))<<img.clusterBits); err != nil {
+			return nil, ioErr("write refcount block", err)
+		}
+	}
+	return bufs, img.syncRefcounts(false)
 }
 
 // freeLater records a refcount decrement for the host range [off, off+n)
