@@ -271,22 +271,13 @@ func (img *Image) growL1(n int64) error {
 	if err := img.checkOverlap(newOff, int64(len(buf)), 0); err != nil {
 		return err
 	}
-	if _, err := img.f.WriteAt(buf, newOff); err != nil {
-		return ioErr("write L1 table", err)
-	}
 	if err := img.syncRefcounts(false); err != nil {
-		return err
-	}
-	if err := img.fsync(); err != nil {
 		return err
 	}
 	var hb [12]byte
 	binary.BigEndian.PutUint32(hb[:], uint32(n))
 	binary.BigEndian.PutUint64(hb[4:], uint64(newOff))
-	if _, err := img.f.WriteAt(hb[:], hdrL1Size); err != nil {
-		return ioErr("write header", err)
-	}
-	if err := img.fsync(); err != nil {
+	if err := img.switchTable("L1 table", buf, newOff, hb[:], hdrL1Size); err != nil {
 		return err
 	}
 	oldOff, oldN := int64(img.hdr.L1TableOffset), int64(len(img.l1))

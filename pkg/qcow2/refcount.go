@@ -276,25 +276,34 @@ func (img *Image) commitRefTable(off int64, tbl []refTableEntry) error {
 	for i, e := range tbl {
 		binary.BigEndian.PutUint64(tb[i*8:], uint64(e))
 	}
-	if _, err := img.f.WriteAt(tb, off); err != nil {
-		return ioErr("write refcount table", err)
-	}
-	if err := img.fsync(); err != nil {
-		return err
-	}
 	var hb [12]byte
 	binary.BigEndian.PutUint64(hb[:], uint64(off))
 	binary.BigEndian.PutUint32(hb[8:], uint32(clusters))
-	if _, err := img.f.WriteAt(hb[:], hdrRefcountTableOffset); err != nil {
-		return ioErr("write header", err)
-	}
-	if err := img.fsync(); err != nil {
+	if err := img.switchTable("refcount table", tb, off, hb[:], hdrRefcountTableOffset); err != nil {
 		return err
 	}
 	img.hdr.RefcountTableOffset = uint64(off)
 	img.hdr.RefcountTableClusters = uint32(clusters)
 	img.refTable = tbl
 	return nil
+}
+
+// switchTable moves a table the header names to a new place: the new
+// table tb is written at off and made durable, then the header fields at
+// hdrOff get hdr (the new location and size) and are made durable in turn,
+// so a crash leaves the header naming the old table or the new one, whole.
+// mu held.
+func (img *Image) switchTable(what string, tb []byte, off int64, hdr []byte, hdrOff int64) error {
+	if _, err := img.f.WriteAt(tb, off); err != nil {
+		return ioErr("write "+what, err)
+	}
+	if err := img.fsync(); err != nil {
+		return err
+	}
+	if _, err := img.f.WriteAt(hdr, hdrOff); err != nil {
+		return ioErr("write header", err)
+	}
+	return img.fsync()
 }
 
 // allocClusters allocates n contiguous free host clusters, sets their
