@@ -21,13 +21,19 @@ func run(t *testing.T, tool string, args ...string) {
 }
 
 // source makes a 24 MiB qcow2 image with qemu: data, a zero cluster, a
-// compressed cluster, a run of zero bytes written as data, and holes.
-func source(t *testing.T) string {
+// compressed cluster, a run of zero bytes written as data, and holes. It
+// returns its path and the image opened read-only until the test ends.
+func source(t *testing.T) (string, *qcow2.Image) {
 	p := filepath.Join(t.TempDir(), "src.qcow2")
 	run(t, "qemu-img", "create", "-q", "-f", "qcow2", p, "24M")
 	run(t, "qemu-io", "-c", "write -P 0x11 0 3M", "-c", "write -z 1M 64k",
 		"-c", "write -c -P 0x22 8M 64k", "-c", "write -P 0 12M 1M", "-c", "write -P 0x33 23M 512k", p)
-	return p
+	img, err := qcow2.Open(p, qcow2.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { img.Close() })
+	return p, img
 }
 
 // recorder is a Target that checks that writes arrive in source order.
@@ -65,12 +71,7 @@ func (r *recorder) WriteZeroes(off, n int64, _ qcow2.ZeroFlags) error {
 }
 
 func TestCopyMatchesSource(t *testing.T) {
-	src := source(t)
-	in, err := qcow2.Open(src, qcow2.OpenOptions{ReadOnly: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer in.Close()
+	src, in := source(t)
 	for _, tc := range []struct {
 		name string
 		o    Options
@@ -101,11 +102,7 @@ func TestCopyMatchesSource(t *testing.T) {
 // The zero-filled megabyte at 12M is data in the source: copied as read by
 // default, left out with a sparse granularity.
 func TestCopySparseSkipsZeroData(t *testing.T) {
-	in, err := qcow2.Open(source(t), qcow2.OpenOptions{ReadOnly: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer in.Close()
+	_, in := source(t)
 	want := map[int64]int64{0: 3<<20 - 64<<10 + 64<<10 + 1<<20 + 512<<10, 4096: 3<<20 - 64<<10 + 64<<10 + 512<<10}
 	for sparse, n := range want {
 		r := &recorder{}
@@ -124,12 +121,7 @@ func TestCopySparseSkipsZeroData(t *testing.T) {
 // An existing target with old data reads as the source afterwards: what is
 // zero in the source is zeroed in the target.
 func TestCopyIntoExistingRawFile(t *testing.T) {
-	src := source(t)
-	in, err := qcow2.Open(src, qcow2.OpenOptions{ReadOnly: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer in.Close()
+	src, in := source(t)
 	dst := filepath.Join(t.TempDir(), "old.raw")
 	if err := os.WriteFile(dst, bytes.Repeat([]byte{0xee}, int(in.Size())), 0o600); err != nil {
 		t.Fatal(err)
