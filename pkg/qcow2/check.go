@@ -240,6 +240,15 @@ func (st *checkState) inc(off, n int64) {
 		st.res.msg("ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x%x size 0x%x", off, n)
 		return
 	}
+	// Most references are one aligned cluster whose count is far from
+	// any limit: count those without the general loop's checks.
+	if n == cs && off&(cs-1) == 0 {
+		if ci := off >> st.img.clusterBits; ci < int64(len(st.counts.small)) && st.counts.small[ci] < 0xfffe &&
+			uint64(st.counts.small[ci]) < st.img.maxRefcount()-1 {
+			st.counts.small[ci]++
+			return
+		}
+	}
 	max := st.img.maxRefcount()
 	for ci := off >> st.img.clusterBits; ci <= (off+n-1)>>st.img.clusterBits; ci++ {
 		if st.counts.get(ci) >= max {
@@ -305,11 +314,18 @@ type diskRefcounts struct {
 	img    *Image
 	table  []uint64
 	blocks map[int64][]byte
+	// lastBi/last is the block the previous get read: callers walk
+	// clusters in order, so most gets need no map lookup.
+	lastBi int64
+	last   []byte
 }
 
 func (d *diskRefcounts) get(ci int64) (uint64, error) {
 	img := d.img
 	bi := ci >> img.refBlockBits
+	if d.last != nil && bi == d.lastBi {
+		return getRefEntry(d.last, img.refOrder, ci&(img.refBlockEnts-1)), nil
+	}
 	if bi >= int64(len(d.table)) {
 		return 0, nil
 	}
@@ -334,6 +350,7 @@ func (d *diskRefcounts) get(ci int64) (uint64, error) {
 		}
 		d.blocks[bi] = b
 	}
+	d.lastBi, d.last = bi, b
 	return getRefEntry(b, img.refOrder, ci&(img.refBlockEnts-1)), nil
 }
 
@@ -396,7 +413,7 @@ func (st *checkState) compare(mode RepairMode) int64 {
 			res.msg("ERROR writing refcounts: %v", err)
 		}
 		// Later reads must see the repaired values.
-		st.disk.blocks = map[int64][]byte{}
+		st.disk.blocks, st.disk.last = map[int64][]byte{}, nil
 	}
 	return highest
 }

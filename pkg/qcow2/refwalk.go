@@ -263,6 +263,9 @@ func (c *refCounts) get(ci int64) uint64 {
 	if ci >= int64(len(c.small)) {
 		return 0
 	}
+	if c.big == nil { // the common case: no count above 65535
+		return uint64(c.small[ci])
+	}
 	return uint64(c.small[ci]) + c.big[ci]
 }
 
