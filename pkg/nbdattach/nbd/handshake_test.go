@@ -490,6 +490,27 @@ func TestStructuredReads(t *testing.T) {
 		t.Fatalf("DF chunk type %d flags %d len %d", ch.typ, ch.flags, len(ch.payload))
 	}
 
+	// Small reads: zeroes as one hole chunk (the backend is not asked for
+	// block status), data as data, and with DF the zeroes themselves.
+	for _, tc := range []struct {
+		flags  uint16
+		off    uint64
+		hole   bool
+		cookie uint64
+	}{{0, 8192, true, 10}, {0, 4096, false, 11}, {cmdFlagDF, 8192, false, 12}} {
+		rc.send(tc.flags, nbdCmdRead, tc.cookie, tc.off, 4096, nil)
+		ch = readChunk(t, c.conn)
+		if ch.cookie != tc.cookie || ch.flags != replyFlagDone || binary.BigEndian.Uint64(ch.payload) != tc.off {
+			t.Fatalf("4k read at %d flags %d: chunk %+v", tc.off, tc.flags, ch)
+		}
+		switch {
+		case tc.hole && (ch.typ != replyTypeOffsetHole || len(ch.payload) != 12 || binary.BigEndian.Uint32(ch.payload[8:]) != 4096):
+			t.Fatalf("4k read of zeroes at %d: chunk type %d payload %x, want one hole of 4096", tc.off, ch.typ, ch.payload)
+		case !tc.hole && (ch.typ != replyTypeOffsetData || !bytes.Equal(ch.payload[8:], mem.data[tc.off:tc.off+4096])):
+			t.Fatalf("4k read at %d flags %d: chunk type %d len %d, want the data", tc.off, tc.flags, ch.typ, len(ch.payload))
+		}
+	}
+
 	// A backend error: ERROR chunk, ENOSPC, with a message.
 	rc.send(0, nbdCmdRead, 3, 899840, 4096, nil)
 	ch = readChunk(t, c.conn)

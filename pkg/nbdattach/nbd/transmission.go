@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -434,8 +435,22 @@ func (c *transmission) read(ctx context.Context, r *request) error {
 	}
 	r.buf = getBuf(n)
 	r.data = (*r.buf)[:n]
-	return c.be.ReadAt(ctx, r.data, off)
+	if err := c.be.ReadAt(ctx, r.data, off); err != nil {
+		return err
+	}
+	// A small structured read that came back all zeroes (space never
+	// written, on a fresh image) is answered as one hole chunk: 12 bytes
+	// on the wire instead of the zeroes, as qemu-nbd answers it after a
+	// block status lookup, here for the price of a compare. The spec
+	// makes OFFSET_HOLE mean "reads as zeroes", allocated or not.
+	if c.structured && r.flags&cmdFlagDF == 0 && n > 0 && n <= len(zeroes) && bytes.Equal(r.data, zeroes[:n]) {
+		r.appendChunk(r.off, nil, r.length)
+	}
+	return nil
 }
+
+// zeroes is what small reads are compared with (sparseReadMin bytes).
+var zeroes = make([]byte, sparseReadMin)
 
 // sparseRead reads only the data extents and describes the zero ones as
 // holes, as qemu-nbd does for structured reads without DF.
