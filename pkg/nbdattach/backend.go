@@ -1,6 +1,9 @@
 package nbdattach
 
-import "context"
+import (
+	"context"
+	"os"
+)
 
 // Backend is the block device an export serves: the NBD server, the kernel
 // attach and the fallback (FUSE + loop) attach all speak to it and nothing
@@ -37,6 +40,18 @@ type ZeroFlags struct {
 	Fast bool
 	// FUA: durable on return.
 	FUA bool
+}
+
+// Passthrougher is an optional Backend capability: a backend whose bytes are
+// those of one host file at the same offsets, read and written with nothing
+// but pread and pwrite (a raw image). The fuse backend hands that file to the
+// kernel (FUSE passthrough, Linux 6.9 and later), which then reads and writes
+// it without a round trip through this process; flush, discard and
+// write-zeroes still reach the Backend. A backend that must see every write
+// (tracking, gating) does not implement it.
+type Passthrougher interface {
+	// PassthroughFile returns the open host file, owned by the backend.
+	PassthroughFile() *os.File
 }
 
 // BlockStatuser is an optional Backend capability: allocation status for the

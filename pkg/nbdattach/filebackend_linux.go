@@ -40,6 +40,10 @@ func OpenFile(path string, readOnly bool) (*FileBackend, error) {
 	return b, nil
 }
 
+// PassthroughFile implements Passthrougher: reads and writes are plain
+// pread and pwrite of the file.
+func (b *FileBackend) PassthroughFile() *os.File { return b.f }
+
 // Close closes the file.
 func (b *FileBackend) Close() error { return b.f.Close() }
 

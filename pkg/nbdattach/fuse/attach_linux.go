@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -27,8 +28,9 @@ const fuseFSType = "fuse.qcow2-csi"
 // works on any kernel with FUSE and loop; its devices cannot outlive the
 // process (see Reattach).
 type Attacher struct {
-	dir string
-	log *slog.Logger
+	dir         string
+	log         *slog.Logger
+	passthrough bool
 
 	mu      sync.Mutex
 	devices map[string]*fuseDevice
@@ -57,7 +59,7 @@ func NewAttacher(opts Options) *Attacher {
 	if abs, err := filepath.Abs(dir); err == nil {
 		dir = abs
 	}
-	return &Attacher{dir: filepath.Clean(dir), log: opts.Logger, devices: map[string]*fuseDevice{}}
+	return &Attacher{dir: filepath.Clean(dir), log: opts.Logger, passthrough: opts.Passthrough, devices: map[string]*fuseDevice{}}
 }
 
 // Name is "fuse".
@@ -132,6 +134,8 @@ type fuseDevice struct {
 	file string // Dir/srv@<random>/<id>
 	node *diskNode
 	loop *loopDevice
+	// passthrough: the kernel reads and writes the backend's file itself.
+	passthrough bool
 
 	mu       sync.Mutex
 	detached bool
@@ -151,6 +155,10 @@ func (d *fuseDevice) ID() string { return d.id }
 // DirectIO reports whether the loop device does direct I/O to the FUSE file
 // (no second page cache). Exposed for tests and diagnostics.
 func (d *fuseDevice) DirectIO() bool { return d.loop.dio }
+
+// Passthrough reports whether the kernel reads and writes the backend's
+// host file directly (FUSE passthrough). Exposed for tests and diagnostics.
+func (d *fuseDevice) Passthrough() bool { return d.passthrough }
 
 // Attach serves b as the file Dir/srv@<random>/<id> of the shared FUSE
 // filesystem (mounting it if no device is attached) and binds a loop device
@@ -222,6 +230,9 @@ func (a *Attacher) attach(ctx context.Context, d *fuseDevice, b nbdattach.Backen
 		return nil, err
 	}
 	d.node = &diskNode{b: b, readOnly: readOnly, log: a.log, id: d.id}
+	if pt, ok := b.(nbdattach.Passthrougher); ok && a.passthrough {
+		d.node.passthrough = pt.PassthroughFile()
+	}
 	d.node.size.Store(b.Size())
 	if err := srv.root.add(d.id, d.node); err != nil {
 		_ = a.releaseServer(srv)
@@ -247,11 +258,16 @@ func (a *Attacher) attach(ctx context.Context, d *fuseDevice, b nbdattach.Backen
 	// The loop device takes its own reference to the open file.
 	defer backing.Close()
 
+	// With passthrough the loop device reads and writes the host file
+	// through the kernel's FUSE file without direct I/O: direct I/O would
+	// pass on to the host file and bypass its page cache, which the raw
+	// file is served from otherwise (by pread and pwrite).
+	d.passthrough = d.node.passthrough != nil && passthroughInEffect(backing, d.node)
 	ld, err := bindLoop(loopConfig{
 		backing:   backing,
 		blockSize: bs,
 		readOnly:  readOnly,
-		directIO:  true,
+		directIO:  !d.passthrough,
 		name:      loopNameMarker + d.id,
 	})
 	if err != nil {
@@ -261,9 +277,26 @@ func (a *Attacher) attach(ctx context.Context, d *fuseDevice, b nbdattach.Backen
 	d.loop = ld
 	a.mu.Unlock()
 	if a.log != nil {
-		a.log.Info("fuse attach: attached", "id", d.id, "device", ld.path, "directIO", ld.dio, "blockSize", bs, "readOnly", readOnly)
+		a.log.Info("fuse attach: attached", "id", d.id, "device", ld.path, "directIO", ld.dio, "passthrough", d.passthrough, "blockSize", bs, "readOnly", readOnly)
 	}
 	return d, nil
+}
+
+// passthroughInEffect reports whether reads of f bypass the server: the
+// kernel may refuse passthrough (older than 6.9, no CAP_SYS_ADMIN, a
+// backing file it cannot stack on), and go-fuse then serves the open
+// normally without saying so. One read tells.
+func passthroughInEffect(f *os.File, n *diskNode) bool {
+	before := n.reads.Load()
+	var b [512]byte
+	_, err := f.ReadAt(b[:], 0)
+	if (err == nil || errors.Is(err, io.EOF)) && n.reads.Load() == before {
+		return true
+	}
+	// Served the normal way: the probe left a page in the FUSE file's
+	// cache, which the loop device's direct I/O does not use. Drop it.
+	_ = unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED)
+	return false
 }
 
 // Resize grows the file to size and has the loop device pick it up. size must

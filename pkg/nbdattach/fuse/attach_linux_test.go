@@ -32,6 +32,88 @@ func TestFuseAttachCases(t *testing.T) {
 	attachcases.Run(t, attachcases.Target{Attacher: a, Formats: []attachcases.Format{attachcases.Raw, attachcases.Qcow2}})
 }
 
+// The same table for raw images with FUSE passthrough asked for: where the
+// kernel takes it, the kernel reads and writes the file itself, and every
+// case must still hold (flush, discard and write-zeroes still reach the
+// backend).
+func TestFuseAttachCasesPassthrough(t *testing.T) {
+	a := fuse.NewAttacher(fuse.Options{Dir: filepath.Join(t.TempDir(), "fuse"), Passthrough: true})
+	attachcases.Run(t, attachcases.Target{Attacher: a, Formats: []attachcases.Format{attachcases.Raw}, Filesystems: []string{"ext4"}})
+}
+
+// TestFusePassthrough: on a kernel with FUSE passthrough (6.9 and later) a
+// raw file's device is served by the kernel, and the loop device is then
+// buffered (direct I/O would pass through to the file and skip its page
+// cache); data written through the device is in the file. Without the
+// option nothing changes.
+func TestFusePassthrough(t *testing.T) {
+	needFuse(t)
+	var uts unix.Utsname
+	if err := unix.Uname(&uts); err != nil {
+		t.Fatal(err)
+	}
+	var major, minor int
+	fmt.Sscanf(unix.ByteSliceToString(uts.Release[:]), "%d.%d", &major, &minor)
+	kernelHas := major > 6 || major == 6 && minor >= 9
+	for _, on := range []bool{false, true} {
+		t.Run(fmt.Sprintf("passthrough=%v", on), func(t *testing.T) {
+			a := fuse.NewAttacher(fuse.Options{Dir: filepath.Join(t.TempDir(), "fuse"), Passthrough: on})
+			b := newFileBackend(t, 4<<20)
+			d, err := a.Attach(context.Background(), "pt", b, nbdattach.AttachOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			detachOnCleanup(t, d)
+			dev := d.(interface {
+				Passthrough() bool
+				DirectIO() bool
+			})
+			want := on && kernelHas
+			if dev.Passthrough() != want || dev.DirectIO() == want {
+				t.Fatalf("kernel %s, option %v: Passthrough() %v DirectIO() %v, want passthrough %v and direct I/O %v",
+					unix.ByteSliceToString(uts.Release[:]), on, dev.Passthrough(), dev.DirectIO(), want, !want)
+			}
+			f, err := os.OpenFile(d.Path(), os.O_RDWR|unix.O_DIRECT, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			buf := alignedBlock(t, 4096)
+			for i := range buf {
+				buf[i] = byte(i%251) + 1
+			}
+			if _, err := f.WriteAt(buf, 1<<20); err != nil {
+				t.Fatal(err)
+			}
+			if err := f.Sync(); err != nil {
+				t.Fatal(err)
+			}
+			got := make([]byte, len(buf))
+			if err := b.ReadAt(context.Background(), got, 1<<20); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, buf) {
+				t.Fatal("the file does not hold what was written through the device")
+			}
+			back := alignedBlock(t, 4096)
+			if _, err := f.ReadAt(back, 1<<20); err != nil || !bytes.Equal(back, buf) {
+				t.Fatalf("read back through the device: %v, equal %v", err, bytes.Equal(back, buf))
+			}
+		})
+	}
+}
+
+// alignedBlock returns n bytes aligned for O_DIRECT.
+func alignedBlock(t *testing.T, n int) []byte {
+	t.Helper()
+	b, err := unix.Mmap(-1, 0, n, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Munmap(b) })
+	return b
+}
+
 func needFuse(t *testing.T) *fuse.Attacher {
 	t.Helper()
 	peer.Root(t)

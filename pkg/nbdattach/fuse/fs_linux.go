@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"sync/atomic"
 	"syscall"
 
@@ -40,7 +41,22 @@ type diskNode struct {
 	readOnly bool
 	log      *slog.Logger
 	id       string
+	// passthrough is the host file the kernel reads and writes directly
+	// when the backend is a Passthrougher (nil otherwise).
+	passthrough *os.File
+	// reads counts the reads that reached Read: attach probes with one
+	// whether passthrough took effect.
+	reads atomic.Int64
 }
+
+// passthroughHandle is the file handle of an open with passthrough: go-fuse
+// registers its descriptor as the backing file of the open. Everything
+// else still goes to the node.
+type passthroughHandle struct{ f *os.File }
+
+var _ fs.FilePassthroughFder = passthroughHandle{}
+
+func (h passthroughHandle) PassthroughFd() (int, bool) { return int(h.f.Fd()), true }
 
 var (
 	_ fs.NodeGetattrer  = (*diskNode)(nil)
@@ -115,10 +131,17 @@ func (n *diskNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint3
 	if flags&syscall.O_TRUNC != 0 {
 		return nil, 0, syscall.EPERM
 	}
+	if n.passthrough != nil {
+		// Not with FOPEN_DIRECT_IO, which overrides passthrough for reads
+		// and writes. Should the kernel refuse passthrough, the loop
+		// device still does direct I/O (see Attacher.attach).
+		return passthroughHandle{n.passthrough}, 0, 0
+	}
 	return nil, gofuse.FOPEN_DIRECT_IO | gofuse.FOPEN_PARALLEL_DIRECT_WRITES, 0
 }
 
 func (n *diskNode) Read(ctx context.Context, f fs.FileHandle, dest []byte, off int64) (gofuse.ReadResult, syscall.Errno) {
+	n.reads.Add(1)
 	size := n.size.Load()
 	if off < 0 {
 		return nil, syscall.EINVAL

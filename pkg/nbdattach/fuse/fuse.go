@@ -18,6 +18,15 @@ type Options struct {
 	// Logger receives backend errors served to the kernel and the choices
 	// the backend made (direct I/O, IO flusher). Nil logs nothing.
 	Logger *slog.Logger
+	// Passthrough lets the kernel read and write an nbdattach.Passthrougher backend's
+	// host file itself (FUSE passthrough, Linux 6.9+), where the kernel
+	// accepts it. Off by default: on Linux 6.18 it brings 4k random reads
+	// to the loop floor but cuts 4k random writes at queue depth 32 to a
+	// fraction of the served path (the loop device's concurrent writes
+	// meet in the FUSE inode's lock and ext4's write_begin; see
+	// tests/bench/attach.sh, column fuse-pt). Only raw images have such a
+	// backend; the driver's volumes are qcow2.
+	Passthrough bool
 }
 
 // DefaultDir is Options.Dir when none is given.
