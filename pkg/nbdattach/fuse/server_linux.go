@@ -167,9 +167,15 @@ func (a *Attacher) mountServer() (*fuseServer, error) {
 			MaxBackground:           128,
 			MaxInflightRequestBytes: fuseMaxInflight * (fuseMaxWrite + 64<<10),
 			ExtraCapabilities:       gofuse.CAP_ASYNC_DIO,
-			DisableXAttrs:           true,
-			IgnoreSecurityLabels:    true,
-			Logger:                  logger,
+			// Replies carry our own buffers (ReadResultData), never a file
+			// to splice from; with splice on, go-fuse still fetched a pipe
+			// and wrote each read reply's header into it before falling
+			// back to writev (and, for 1 MiB reads, logged that the pipe
+			// could not grow that far).
+			DisableSplice:        true,
+			DisableXAttrs:        true,
+			IgnoreSecurityLabels: true,
+			Logger:               logger,
 		},
 		// Entries are looked up again at every open: a device detached
 		// and attached again under the same id is a new inode, which the
