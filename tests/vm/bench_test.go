@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
+	"github.com/qcow2-csi/qcow2-csi/pkg/imagebackend"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
 	"github.com/qcow2-csi/qcow2-csi/tests/peer"
@@ -27,7 +27,7 @@ import (
 //   - loop:   a buffered loop device on a raw file (the floor);
 //   - qemu:   /dev/nbd15 attached by `qemu-nbd -c` serving a qcow2 image;
 //   - oursN:  a device attached by the node plugin's in-process server
-//     (nbdattach.KernelAttacher over driver.NewImageBackend) with N
+//     (the kernel attacher over imagebackend.New) with N
 //     connections, serving the same kind of qcow2 image.
 //
 // Every file lives on the guest's tmpfs and is fully allocated (64k
@@ -151,7 +151,7 @@ func TestBenchGuestNBD(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		b, err := driver.NewImageBackend(img, driver.ImageBackendOptions{})
+		b, err := imagebackend.New(img, imagebackend.Options{})
 		if err != nil {
 			t.Fatal(err)
 		}
