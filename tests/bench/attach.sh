@@ -10,6 +10,10 @@
 # request reaches the disk) is shown as well, for scale.
 # With FORMAT=qcow2 (or when this build attaches qcow2), a third column
 # attaches a fully allocated 64k-cluster qcow2 image through the fuse backend.
+# When this build has --fuse-passthrough (and PASSTHROUGH is not 0), a column
+# fusept attaches a raw file with FUSE passthrough (the kernel reads and
+# writes the file itself; the loop device is then buffered), for comparison:
+# it is not the default.
 #
 # QOS=1 measures what per-volume I/O limits (docs/qos.md) cost instead: the
 # same qcow2 image attached by three builds of this tree: "nothrottle" (built
@@ -61,7 +65,8 @@ make_image() { # make_image PATH FORMAT: fully allocated, and in the page cache
 
 attach_fuse() { # attach_fuse NAME IMAGE FORMAT [BINARY [ARGS...]]: sets dev[NAME]
   local out=$work/attach.$1 bin=${4:-$BIN}
-  "$bin" attach --backend=fuse --fuse-dir="$work/fuse" -f "$3" "${@:5}" "$2" >"$out" &
+  # A Dir per process: the backend's Dir is one process's.
+  "$bin" attach --backend=fuse --fuse-dir="$work/fusedir.$1" -f "$3" "${@:5}" "$2" >"$out" &
   pids+=($!)
   for _ in $(seq 200); do
     if [ -s "$out" ]; then dev[$1]=$(head -1 "$out"); return 0; fi
@@ -114,10 +119,16 @@ if [ "${FORMAT:-}" = qcow2 ] || { [ -z "${FORMAT:-}" ] && "$BIN" attach --help |
   devs+=(qcow2)
   compared+=(qcow2)
 fi
+if [ "${PASSTHROUGH:-1}" != 0 ] && "$BIN" attach --help | grep -q -- '--fuse-passthrough'; then
+  make_image "$work/fusept.raw" raw
+  attach_fuse fusept "$work/fusept.raw" raw "$BIN" --fuse-passthrough
+  devs+=(fusept)
+  compared+=(fusept)
+fi
 devs+=(loopdio)
 
 echo "size=$SIZE, best of $REPEAT runs of ${RUNTIME}s per device and row, fio O_DIRECT on the block device"
-echo "floor: loop device on a raw file ($floor); fuse: qcow2-csi attach --backend=fuse on a raw file (${dev[fuse]})${dev[qcow2]:+; qcow2: the same on a qcow2 image (${dev[qcow2]})}; loopdio: loop device with direct I/O on a raw file ($loopdio)"
+echo "floor: loop device on a raw file ($floor); fuse: qcow2-csi attach --backend=fuse on a raw file (${dev[fuse]})${dev[qcow2]:+; qcow2: the same on a qcow2 image (${dev[qcow2]})}${dev[fusept]:+; fusept: the same on a raw file with --fuse-passthrough (${dev[fusept]})}; loopdio: loop device with direct I/O on a raw file ($loopdio)"
 fi
 hdr=$(printf '%-7s %-10s %-3s %-3s' engine rw bs qd)
 for d in "${devs[@]}"; do hdr+=$(printf ' | %9s %8s' "$d IOPS" "MiB/s"); done
