@@ -233,22 +233,9 @@ func (img *Image) load(opts OpenOptions) error {
 		return fmt.Errorf("qcow2: stat: %w", err)
 	}
 	fileSize := st.Size()
-	// The header and its extensions lie in the first cluster, whose size
-	// the header gives: read 64 KiB (the default cluster size), and the
-	// rest of a larger first cluster only then, rather than the largest
-	// cluster (2 MiB) at every open. decodeHeader checks cluster_bits.
-	first := make([]byte, min(fileSize, 64<<10))
+	first := make([]byte, min(fileSize, 1<<maxClusterBits))
 	if _, err := io.ReadFull(io.NewSectionReader(img.f, 0, int64(len(first))), first); err != nil {
 		return ioErr("read header", err)
-	}
-	if len(first) >= hdrClusterBits+4 {
-		if cb := binary.BigEndian.Uint32(first[hdrClusterBits:]); cb <= maxClusterBits && min(fileSize, 1<<cb) > int64(len(first)) {
-			have := len(first)
-			first = append(first, make([]byte, min(fileSize, 1<<cb)-int64(have))...)
-			if _, err := io.ReadFull(io.NewSectionReader(img.f, int64(have), int64(len(first)-have)), first[have:]); err != nil {
-				return ioErr("read header", err)
-			}
-		}
 	}
 	h, err := decodeHeader(first, fileSize)
 	if err != nil {
