@@ -18,14 +18,15 @@ type Options struct {
 	// Logger receives backend errors served to the kernel and the choices
 	// the backend made (direct I/O, IO flusher). Nil logs nothing.
 	Logger *slog.Logger
-	// Passthrough lets the kernel read and write an nbdattach.Passthrougher backend's
-	// host file itself (FUSE passthrough, Linux 6.9+), where the kernel
-	// accepts it. Off by default: on Linux 6.18 it brings 4k random reads
-	// to the loop floor but cuts 4k random writes at queue depth 32 to a
-	// fraction of the served path (the loop device's concurrent writes
-	// meet in the FUSE inode's lock and ext4's write_begin; see
-	// tests/bench/attach.sh, column fuse-pt). Only raw images have such a
-	// backend; the driver's volumes are qcow2.
+	// Passthrough lets the kernel read and write an nbdattach.Passthrougher
+	// backend's host file itself (FUSE passthrough, Linux 6.9+), where the
+	// kernel accepts it. Off by default: measured on Linux 6.18 it was at or
+	// above the loop floor on most rows of tests/bench/attach.sh (column
+	// fusept), but 4k random writes at queue depth 32 on a file written just
+	// before fell to 2.6-3.5k IOPS against 13-19k on the floor, reproducibly
+	// and not yet explained (perf: the loop workers' writes in
+	// fuse_passthrough_write_iter spend their time in ext4_block_write_begin).
+	// Only raw images have such a backend; the driver's volumes are qcow2.
 	Passthrough bool
 }
 
