@@ -22,7 +22,7 @@ import (
 const minFreeForThin = 4 << 20
 
 func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
-	_, snapshots := d.images.(Qcow2Images) // snapshots.go: internal snapshots of the qcow2 library
+	_, snapshots := d.snapshotImages()
 	return controllerCapabilities(snapshots, d.opts.ControllerExpand && d.canGrow(), d.opts.EnableGetSnapshot), nil
 }
 

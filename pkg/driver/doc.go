@@ -28,7 +28,11 @@
 // The driver reaches the outside world through narrow interfaces injected by
 // the constructor: Images (the qcow2 library), nbdattach.Attacher (kernel NBD
 // or FUSE+loop) and Mounter (k8s.io/mount-utils). Tests swap them; `qcow2-csi
-// serve` wires the real ones.
+// serve` wires the real ones. What not every Images can do is an optional
+// capability it implements: GrowthReporter (expansion) and SnapshotImages
+// (internal snapshots, hence CSI snapshots and the SnapshotMetadata service).
+// Every image the driver opens, for I/O or for a snapshot, goes through
+// Images.Open.
 //
 // # Errors
 //

@@ -4,6 +4,7 @@ import (
 	"context"
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
 )
 
 // Images is what the driver needs from the image library: the whole of its
@@ -55,4 +56,22 @@ type GrowthReporter interface {
 func (d *Driver) canGrow() bool {
 	g, ok := d.images.(GrowthReporter)
 	return !ok || g.CanGrow()
+}
+
+// SnapshotImages is implemented by an Images whose images hold internal
+// snapshots. The driver offers CSI snapshots, volumes made from them and
+// the SnapshotMetadata service only when its Images implements it. Those
+// work on the qcow2 library's image (pkg/snapshotter): Qcow2 hands it over,
+// so every image the driver touches is opened by Images.Open, with its
+// options, whether for I/O or for a snapshot.
+type SnapshotImages interface {
+	// Qcow2 returns the library image behind img, an Image this Images
+	// opened, or false when img has none.
+	Qcow2(img Image) (*qcow2.Image, bool)
+}
+
+// snapshotImages is the Images' snapshot capability, when it has one.
+func (d *Driver) snapshotImages() (SnapshotImages, bool) {
+	s, ok := d.images.(SnapshotImages)
+	return s, ok
 }

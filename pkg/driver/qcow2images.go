@@ -27,11 +27,25 @@ type Qcow2Images struct {
 	CrashConsistentBitmaps bool
 }
 
-var _ Images = Qcow2Images{}
+var (
+	_ Images         = Qcow2Images{}
+	_ GrowthReporter = Qcow2Images{}
+	_ SnapshotImages = Qcow2Images{}
+)
 
 // CanGrow reports that qcow2 images grow (GrowthReporter): pkg/qcow2 has
 // Image.Resize.
 func (Qcow2Images) CanGrow() bool { return true }
+
+// Qcow2 implements SnapshotImages: img is a qcow2 image when this Images
+// opened it.
+func (Qcow2Images) Qcow2(img Image) (*qcow2.Image, bool) {
+	qi, ok := img.(*qcow2Image)
+	if !ok {
+		return nil, false
+	}
+	return qi.img, true
+}
 
 func imageErr(path string, err error) error {
 	switch {

@@ -111,7 +111,7 @@ func (d *Driver) streamSnapshot(ctx context.Context, m *snapshotMeta, start int6
 	}
 	defer release()
 	typ := d.blockMetadataType(m)
-	return d.withImage(m.Source, m.Hidden, func(img *qcow2.Image, _ bool) error {
+	return d.withImage(ctx, m.Source, m.Hidden, func(img *qcow2.Image, _ bool) error {
 		size, err := snapshotter.Size(img, m.ID)
 		if err != nil {
 			return snapshotErr(err)
@@ -221,8 +221,8 @@ func (s snapshotMetadataServer) GetMetadataDelta(req *csi.GetMetadataDeltaReques
 }
 
 // snapshotMetadata reports whether the service is offered: snapshots need
-// the qcow2 image library.
+// an Images with internal snapshots (SnapshotImages).
 func (d *Driver) snapshotMetadata() bool {
-	_, ok := d.images.(Qcow2Images)
+	_, ok := d.snapshotImages()
 	return ok
 }

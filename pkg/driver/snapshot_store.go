@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -124,42 +125,48 @@ func (p *pool) snapshotsOf(vol string) ([]*snapshotMeta, error) {
 	return out, nil
 }
 
-// qcow2Of is the library image behind an Image of Qcow2Images.
-func (i *qcow2Image) qcow2() *qcow2.Image { return i.img }
-
 // withImage runs fn on volume vol's image: the node's open image when the
 // volume is staged here (there is only ever one open of an image), the
 // hidden image of a deleted volume when hidden, otherwise the closed image
-// opened for the call. closed tells fn whether nothing else writes the file.
-func (d *Driver) withImage(vol string, hidden bool, fn func(img *qcow2.Image, closed bool) error) error {
+// opened for the call through Images.Open. closed tells fn whether nothing
+// else writes the file.
+func (d *Driver) withImage(ctx context.Context, vol string, hidden bool, fn func(img *qcow2.Image, closed bool) error) error {
+	si, ok := d.snapshotImages()
+	if !ok {
+		return needQcow2(vol)
+	}
 	if !hidden {
 		if v := d.lookupStaged(vol); v != nil {
 			if v.image == nil {
 				return fmt.Errorf("%w: volume %q lost its device at a plugin restart (%s); unstage it first", ErrPrecondition, vol, v.lostReason)
 			}
-			qi, ok := v.image.(*qcow2Image)
+			q, ok := si.Qcow2(v.image)
 			if !ok {
-				return fmt.Errorf("%w: volume %q: snapshots need the qcow2 image library", ErrPrecondition, vol)
+				return needQcow2(vol)
 			}
-			return fn(qi.qcow2(), false)
+			return fn(q, false)
 		}
-	}
-	if _, ok := d.images.(Qcow2Images); !ok {
-		return fmt.Errorf("%w: volume %q: snapshots need the qcow2 image library", ErrPrecondition, vol)
 	}
 	path := d.pool.imagePath(vol)
 	if hidden {
 		path = d.pool.hiddenImagePath(vol)
 	}
-	img, err := qcow2.Open(path, qcow2.OpenOptions{})
+	img, err := d.images.Open(ctx, path, false)
 	if err != nil {
-		return imageErr(path, err)
+		return err
 	}
-	ferr := fn(img, true)
+	ferr := needQcow2(vol)
+	if q, ok := si.Qcow2(img); ok {
+		ferr = fn(q, true)
+	}
 	if err := img.Close(); ferr == nil && err != nil {
-		ferr = imageErr(path, err)
+		ferr = err
 	}
 	return ferr
+}
+
+func needQcow2(vol string) error {
+	return fmt.Errorf("%w: volume %q: snapshots need the qcow2 image library", ErrPrecondition, vol)
 }
 
 // snapshotErr maps the snapshotter's sentinels to the driver's.

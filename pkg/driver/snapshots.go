@@ -92,7 +92,7 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 	logger := klog.FromContext(ctx).WithValues("volumeID", vol, "name", name)
 	start := time.Now()
 	m := existing
-	err = d.withImage(vol, false, func(img *qcow2.Image, _ bool) error {
+	err = d.withImage(ctx, vol, false, func(img *qcow2.Image, _ bool) error {
 		if m == nil {
 			// The record goes first: a crash after it leaves a record
 			// whose retry completes the snapshot below.
@@ -162,7 +162,7 @@ func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequ
 	} else if err != nil {
 		return nil, toStatus(err)
 	}
-	err = d.withImage(vol, m.Hidden, func(img *qcow2.Image, _ bool) error {
+	err = d.withImage(ctx, vol, m.Hidden, func(img *qcow2.Image, _ bool) error {
 		return snapshotErr(snapshotter.Delete(img, id, seq))
 	})
 	if err != nil && !(m.Hidden && errors.Is(err, ErrNotFound)) {
@@ -258,7 +258,7 @@ func (d *Driver) hideVolume(ctx context.Context, vol string, snaps []*snapshotMe
 	if _, err := os.Stat(d.pool.hiddenImagePath(vol)); err == nil {
 		return fmt.Errorf("%w: volume %q: an earlier volume of this ID still has snapshots; delete them first", ErrInUse, vol)
 	}
-	err := d.withImage(vol, false, func(img *qcow2.Image, _ bool) error {
+	err := d.withImage(ctx, vol, false, func(img *qcow2.Image, _ bool) error {
 		return img.Discard(0, img.Size())
 	})
 	if err != nil {
@@ -321,7 +321,7 @@ func (d *Driver) restoreSource(ctx context.Context, src *csi.VolumeContentSource
 	}
 	defer release()
 	var got int64
-	err = d.withImage(vol, hidden, func(img *qcow2.Image, closed bool) error {
+	err = d.withImage(ctx, vol, hidden, func(img *qcow2.Image, closed bool) error {
 		srcSize := img.Size()
 		if snapName != "" {
 			s, err := snapshotter.Size(img, snapName)
