@@ -2,15 +2,10 @@ package driver
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
-	"os"
-	"path/filepath"
 	"slices"
 	"sort"
-	"strings"
 
 	"k8s.io/klog/v2"
 
@@ -127,50 +122,36 @@ func withPath(paths []string, p string, in bool) []string {
 	return out
 }
 
-func (d *Driver) recordDir() string           { return filepath.Join(d.pool.dir, stagedDir) }
-func (d *Driver) recordPath(id string) string { return filepath.Join(d.recordDir(), id+metaSuffix) }
-
 func (d *Driver) saveRecord(r *stageRecord) error {
-	if err := os.MkdirAll(d.recordDir(), 0o750); err != nil {
-		return err
-	}
-	b, err := json.MarshalIndent(r, "", "  ")
-	if err != nil {
-		return err
-	}
-	return writeFileAtomic(d.recordPath(r.ID), append(b, '\n'))
+	return d.pool.stagedVolumes().put(r.ID, r)
 }
 
 func (d *Driver) removeRecord(id string) error {
-	return removeDurably(d.recordPath(id))
+	return d.pool.stagedVolumes().remove(id)
 }
 
+// loadRecords reads the staged volumes' records, at start: it also removes
+// what writes a crash interrupted left.
 func (d *Driver) loadRecords() ([]*stageRecord, error) {
-	ents, err := os.ReadDir(d.recordDir())
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
+	store := d.pool.stagedVolumes()
+	if err := store.removeTemps(); err != nil {
+		return nil, err
 	}
+	ids, err := store.names()
 	if err != nil {
 		return nil, err
 	}
 	var recs []*stageRecord
-	for _, e := range ents {
-		n := e.Name()
-		if strings.HasPrefix(n, ".") {
-			_ = os.Remove(filepath.Join(d.recordDir(), n)) // interrupted write
+	for _, id := range ids {
+		if checkVolumeID(id) != nil {
 			continue
-		}
-		id := strings.TrimSuffix(n, metaSuffix)
-		if !strings.HasSuffix(n, metaSuffix) || checkVolumeID(id) != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join(d.recordDir(), n))
-		if err != nil {
-			return nil, err
 		}
 		var r stageRecord
-		if err := json.Unmarshal(b, &r); err != nil || r.ID != id {
-			return nil, fmt.Errorf("staged volume record %s is corrupt: %v", n, err)
+		if err := store.get(id, &r); err != nil {
+			return nil, err
+		}
+		if r.ID != id {
+			return nil, fmt.Errorf("staged volume record %s is corrupt: it names volume %q", store.path(id), r.ID)
 		}
 		recs = append(recs, &r)
 	}

@@ -3,13 +3,11 @@ package driver
 import (
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
-	"sort"
 	"strings"
 	"time"
 
@@ -92,7 +90,7 @@ func (p *pool) file(id string) string {
 }
 
 func (p *pool) imagePath(id string) string { return filepath.Join(p.dir, p.file(id)+imageSuffix) }
-func (p *pool) metaPath(id string) string  { return filepath.Join(p.dir, p.file(id)+metaSuffix) }
+func (p *pool) metaPath(id string) string  { return p.volumes().path(p.file(id)) }
 
 // tempPath is where an image for id is built before it is renamed into
 // place (the caller holds id's operation lock, so the name is its own).
@@ -118,12 +116,11 @@ func (p *pool) get(id string) (*volumeMeta, error) {
 // names).
 func (p *pool) getFile(name string) (*volumeMeta, error) {
 	var m volumeMeta
-	path := filepath.Join(p.dir, name+metaSuffix)
-	if err := readRecord(path, "volume", name, "metadata", &m); err != nil {
+	if err := p.volumes().get(name, &m); err != nil {
 		return nil, err
 	}
 	if p.file(m.ID) != name || m.Version != metaVersion {
-		return nil, fmt.Errorf("volume %q: metadata %s names volume %q version %d", name, path, m.ID, m.Version)
+		return nil, fmt.Errorf("volume %q: metadata %s names volume %q version %d", name, p.volumes().path(name), m.ID, m.Version)
 	}
 	return &m, nil
 }
@@ -133,39 +130,14 @@ func (p *pool) getFile(name string) (*volumeMeta, error) {
 // a power cut.
 func (p *pool) put(m *volumeMeta) error {
 	m.Version = metaVersion
-	return writeRecord(p.metaPath(m.ID), m)
-}
-
-// readRecord decodes the JSON record of the kind's id at path into v. A
-// missing record is ErrNotFound; what names the record in errors.
-func readRecord(path, kind, id, what string, v any) error {
-	b, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("%s %q: %w", kind, id, ErrNotFound)
-	}
-	if err != nil {
-		return err
-	}
-	if err := json.Unmarshal(b, v); err != nil {
-		return fmt.Errorf("%s %q: %s %s: %v", kind, id, what, path, err)
-	}
-	return nil
-}
-
-// writeRecord commits v as JSON at path atomically (writeFileAtomic).
-func writeRecord(path string, v any) error {
-	b, err := json.MarshalIndent(v, "", "  ")
-	if err != nil {
-		return err
-	}
-	return writeFileAtomic(path, append(b, '\n'))
+	return p.volumes().put(p.file(m.ID), m)
 }
 
 // remove deletes a volume: its metadata first (the commit point), then its
 // image. A crash between the two leaves an image without metadata, which
 // recover removes.
 func (p *pool) remove(id string) error {
-	if err := removeDurably(p.metaPath(id)); err != nil {
+	if err := p.volumes().remove(p.file(id)); err != nil {
 		return err
 	}
 	if err := os.Remove(p.imagePath(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -177,22 +149,16 @@ func (p *pool) remove(id string) error {
 // list returns the file names of the committed volumes, sorted (getFile
 // reads their records, which hold their IDs).
 func (p *pool) list() ([]string, error) {
-	ents, err := os.ReadDir(p.dir)
+	names, err := p.volumes().names()
 	if err != nil {
 		return nil, err
 	}
-	var ids []string
-	for _, e := range ents {
-		n := e.Name()
-		if !e.Type().IsRegular() || !strings.HasSuffix(n, metaSuffix) || strings.HasPrefix(n, ".") {
-			continue
-		}
-		id := strings.TrimSuffix(n, metaSuffix)
+	ids := names[:0]
+	for _, id := range names {
 		if checkVolumeID(id) == nil {
 			ids = append(ids, id)
 		}
 	}
-	sort.Strings(ids)
 	return ids, nil
 }
 

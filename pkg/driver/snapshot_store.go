@@ -4,11 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
-	"os"
 	"path/filepath"
 	"sort"
-	"strings"
 	"time"
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
@@ -50,8 +47,8 @@ type snapshotMeta struct {
 	BlockMetadataType string `json:"blockMetadataType,omitempty"`
 }
 
-func (p *pool) snapDir() string               { return filepath.Join(p.dir, snapshotsDir) }
-func (p *pool) snapMetaPath(id string) string { return filepath.Join(p.snapDir(), id+metaSuffix) }
+func (p *pool) snapDir() string               { return p.snapshots().dir }
+func (p *pool) snapMetaPath(id string) string { return p.snapshots().path(id) }
 func (p *pool) hiddenImagePath(vol string) string {
 	return filepath.Join(p.snapDir(), p.file(vol)+imageSuffix)
 }
@@ -61,7 +58,7 @@ func (p *pool) getSnapshot(id string) (*snapshotMeta, error) {
 		return nil, fmt.Errorf("snapshot %q: %w", id, ErrNotFound)
 	}
 	var m snapshotMeta
-	if err := readRecord(p.snapMetaPath(id), "snapshot", id, "record", &m); err != nil {
+	if err := p.snapshots().get(id, &m); err != nil {
 		return nil, err
 	}
 	if m.ID != id || m.Version != snapshotMetaV {
@@ -71,33 +68,23 @@ func (p *pool) getSnapshot(id string) (*snapshotMeta, error) {
 }
 
 func (p *pool) putSnapshot(m *snapshotMeta) error {
-	if err := os.MkdirAll(p.snapDir(), 0o750); err != nil {
-		return err
-	}
 	m.Version = snapshotMetaV
-	return writeRecord(p.snapMetaPath(m.ID), m)
+	return p.snapshots().put(m.ID, m)
 }
 
 func (p *pool) removeSnapshot(id string) error {
-	return removeDurably(p.snapMetaPath(id))
+	return p.snapshots().remove(id)
 }
 
 // listSnapshots returns every snapshot record, sorted by ID.
 func (p *pool) listSnapshots() ([]*snapshotMeta, error) {
-	ents, err := os.ReadDir(p.snapDir())
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
+	ids, err := p.snapshots().names()
 	if err != nil {
 		return nil, err
 	}
 	var out []*snapshotMeta
-	for _, e := range ents {
-		n := e.Name()
-		if !e.Type().IsRegular() || !strings.HasSuffix(n, metaSuffix) {
-			continue
-		}
-		m, err := p.getSnapshot(strings.TrimSuffix(n, metaSuffix))
+	for _, id := range ids {
+		m, err := p.getSnapshot(id)
 		if errors.Is(err, ErrNotFound) {
 			continue
 		}
