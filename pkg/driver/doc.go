@@ -37,6 +37,8 @@
 // # Errors
 //
 // Internal functions return errors wrapping the sentinels in status.go or
-// those of the domain packages; toStatus maps them to gRPC codes in a single
-// errors.Is switch, at the RPC boundary only.
+// those of the domain packages. status.go says once what each domain
+// sentinel means to the driver (meanings): driverErr applies that where the
+// driver's logic tests for it, and toStatus, at the RPC boundary only, maps
+// both kinds to gRPC codes through one table.
 package driver

@@ -47,16 +47,16 @@ func (Qcow2Images) Qcow2(img Image) (*qcow2.Image, bool) {
 	return qi.img, true
 }
 
+// imageErr names the image in err and gives it the driver's meaning: a
+// missing image file is a volume not found, the rest is driverErr's.
 func imageErr(path string, err error) error {
 	switch {
 	case err == nil:
 		return nil
-	case errors.Is(err, qcow2.ErrLocked):
-		return fmt.Errorf("image %s: %w: %w", path, ErrInUse, err)
 	case errors.Is(err, fs.ErrNotExist):
 		return fmt.Errorf("image %s: %w: %w", path, ErrNotFound, err)
 	}
-	return fmt.Errorf("image %s: %w", path, err)
+	return fmt.Errorf("image %s: %w", path, driverErr(err))
 }
 
 func (q Qcow2Images) Create(_ context.Context, path string, size int64, o ImageCreateOptions) error {

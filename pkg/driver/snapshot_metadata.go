@@ -114,7 +114,7 @@ func (d *Driver) streamSnapshot(ctx context.Context, m *snapshotMeta, start int6
 	return d.withImage(ctx, m.Source, m.Hidden, func(img *qcow2.Image, _ bool) error {
 		size, err := snapshotter.Size(img, m.ID)
 		if err != nil {
-			return snapshotErr(err)
+			return driverErr(err)
 		}
 		bs := int64(0)
 		if typ == csi.BlockMetadataType_FIXED_LENGTH {
@@ -126,7 +126,7 @@ func (d *Driver) streamSnapshot(ctx context.Context, m *snapshotMeta, start int6
 					return nil, err
 				}
 				rs, err := ranges(img, off, n)
-				return rs, snapshotErr(err)
+				return rs, driverErr(err)
 			},
 			func(b []*csi.BlockMetadata) error { return send(typ, size, b) })
 	})

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
-	"github.com/qcow2-csi/qcow2-csi/pkg/snapshotter"
 )
 
 // Snapshot records live in <pool>/.snapshots/<snapshot-id>.json. A volume
@@ -154,21 +153,4 @@ func (d *Driver) withImage(ctx context.Context, vol string, hidden bool, fn func
 
 func needQcow2(vol string) error {
 	return fmt.Errorf("%w: volume %q: snapshots need the qcow2 image library", ErrPrecondition, vol)
-}
-
-// snapshotErr maps the snapshotter's sentinels to the driver's.
-func snapshotErr(err error) error {
-	switch {
-	case err == nil:
-		return nil
-	case errors.Is(err, snapshotter.ErrNotFound), errors.Is(err, qcow2.ErrSnapshotNotFound):
-		return fmt.Errorf("%w: %w", ErrNotFound, err)
-	case errors.Is(err, snapshotter.ErrUntrusted):
-		return fmt.Errorf("%w: %w", ErrPrecondition, err)
-	case errors.Is(err, snapshotter.ErrInvalid):
-		return fmt.Errorf("%w: %w", ErrInvalid, err)
-	case errors.Is(err, snapshotter.ErrOutOfRange):
-		return fmt.Errorf("%w: %w", ErrOutOfRange, err)
-	}
-	return err
 }

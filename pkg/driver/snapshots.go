@@ -119,7 +119,7 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 			info, err = snapshotter.Take(img, m.ID, m.Seq)
 		}
 		if err != nil {
-			return snapshotErr(err)
+			return driverErr(err)
 		}
 		if int64(info.DiskSize) != m.Size {
 			m.Size = int64(info.DiskSize)
@@ -163,7 +163,7 @@ func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequ
 		return nil, toStatus(err)
 	}
 	err = d.withImage(ctx, vol, m.Hidden, func(img *qcow2.Image, _ bool) error {
-		return snapshotErr(snapshotter.Delete(img, id, seq))
+		return driverErr(snapshotter.Delete(img, id, seq))
 	})
 	if err != nil && !(m.Hidden && errors.Is(err, ErrNotFound)) {
 		return nil, toStatus(fmt.Errorf("snapshot %q: %w", id, err))
@@ -326,7 +326,7 @@ func (d *Driver) restoreSource(ctx context.Context, src *csi.VolumeContentSource
 		if snapName != "" {
 			s, err := snapshotter.Size(img, snapName)
 			if err != nil {
-				return snapshotErr(err)
+				return driverErr(err)
 			}
 			srcSize = s
 		}
@@ -338,7 +338,7 @@ func (d *Driver) restoreSource(ctx context.Context, src *csi.VolumeContentSource
 		// volume lock keeps other snapshot operations out meanwhile.
 		m, err := snapshotter.Restore(img, snapName, tmp, snapshotter.RestoreOptions{Size: size, SourceClosed: closed, ClusterSize: cluster})
 		if err != nil {
-			return snapshotErr(err)
+			return driverErr(err)
 		}
 		got = max(size, srcSize)
 		klog.FromContext(ctx).Info("Volume content restored", "sourceVolumeID", vol, "snapshot", snapName, "method", m)

@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"errors"
+	"fmt"
 	"syscall"
 
 	"google.golang.org/grpc/codes"
@@ -11,6 +12,7 @@ import (
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/throttle"
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
+	"github.com/qcow2-csi/qcow2-csi/pkg/snapshotter"
 )
 
 // Sentinel errors of the driver's own logic. Functions below the RPC layer
@@ -44,6 +46,85 @@ var (
 	ErrUnavailable = errors.New("node agent unavailable")
 )
 
+// meanings are what the domain packages' sentinel errors mean to the driver:
+// the one place they are translated, for the driver's logic (driverErr) and
+// for gRPC codes (codeOf) alike.
+var meanings = []struct{ domain, driver error }{
+	{qcow2.ErrInvalidOption, ErrInvalid},
+	{snapshotter.ErrInvalid, ErrInvalid},
+	{throttle.ErrInvalid, ErrInvalid},
+	{nbdattach.ErrNotAttached, ErrNotFound},
+	{snapshotter.ErrNotFound, ErrNotFound},
+	{qcow2.ErrSnapshotNotFound, ErrNotFound},
+	{qcow2.ErrOutOfRange, ErrOutOfRange},
+	{snapshotter.ErrOutOfRange, ErrOutOfRange},
+	{syscall.ENOSPC, ErrNoSpace},
+	{syscall.EDQUOT, ErrNoSpace},
+	// An image another process holds.
+	{qcow2.ErrLocked, ErrInUse},
+	{snapshotter.ErrUntrusted, ErrPrecondition},
+	{nbdattach.ErrUnavailable, ErrPrecondition},
+	{nbdattach.ErrAlreadyAttached, ErrPrecondition},
+	{nbdattach.ErrDeviceBusy, ErrPrecondition},
+	// An image that needs an operator (qcow2-csi img check) before it can
+	// be used.
+	{qcow2.ErrCorrupt, ErrPrecondition},
+	{qcow2.ErrNotQcow2, ErrPrecondition},
+	{qcow2.ErrUnsupported, ErrPrecondition},
+	{qcow2.ErrReadOnly, ErrPrecondition},
+	// I/O limits on a device no throttle serves.
+	{throttle.ErrCompiledOut, ErrPrecondition},
+}
+
+// codeTable gives each sentinel its gRPC code. The first that err is, or
+// that one of err's domain sentinels means, decides.
+var codeTable = []struct {
+	sentinel error
+	code     codes.Code
+}{
+	{ErrInvalid, codes.InvalidArgument},
+	{ErrNotFound, codes.NotFound},
+	{ErrAlreadyExists, codes.AlreadyExists},
+	{ErrOutOfRange, codes.OutOfRange},
+	{ErrNoSpace, codes.ResourceExhausted},
+	{ErrBusy, codes.Aborted},
+	{ErrBadToken, codes.Aborted},
+	{ErrInUse, codes.FailedPrecondition},
+	{ErrPrecondition, codes.FailedPrecondition},
+	{ErrUnavailable, codes.Unavailable},
+	{context.DeadlineExceeded, codes.DeadlineExceeded},
+	{context.Canceled, codes.Canceled},
+}
+
+// means reports whether err is sentinel or wraps a domain error that means
+// it.
+func means(err, sentinel error) bool {
+	if errors.Is(err, sentinel) {
+		return true
+	}
+	for _, m := range meanings {
+		if m.driver == sentinel && errors.Is(err, m.domain) {
+			return true
+		}
+	}
+	return false
+}
+
+// driverErr wraps err, from a domain package, with the driver sentinel its
+// own sentinel means, so that the driver's logic can test for it; an error
+// that already carries it, or means nothing to the driver, is returned as is.
+func driverErr(err error) error {
+	for _, m := range meanings {
+		if errors.Is(err, m.domain) {
+			if errors.Is(err, m.driver) {
+				return err
+			}
+			return fmt.Errorf("%w: %w", m.driver, err)
+		}
+	}
+	return err
+}
+
 // toStatus maps an error to a gRPC status, in one place. Errors that already
 // are statuses pass through unchanged.
 func toStatus(err error) error {
@@ -57,34 +138,10 @@ func toStatus(err error) error {
 }
 
 func codeOf(err error) codes.Code {
-	switch {
-	case errors.Is(err, ErrInvalid), errors.Is(err, qcow2.ErrInvalidOption), errors.Is(err, throttle.ErrInvalid):
-		return codes.InvalidArgument
-	case errors.Is(err, ErrNotFound), errors.Is(err, nbdattach.ErrNotAttached):
-		return codes.NotFound
-	case errors.Is(err, ErrAlreadyExists):
-		return codes.AlreadyExists
-	case errors.Is(err, ErrOutOfRange), errors.Is(err, qcow2.ErrOutOfRange):
-		return codes.OutOfRange
-	case errors.Is(err, ErrNoSpace), errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
-		return codes.ResourceExhausted
-	case errors.Is(err, ErrBusy), errors.Is(err, ErrBadToken):
-		return codes.Aborted
-	case errors.Is(err, ErrInUse), errors.Is(err, ErrPrecondition), errors.Is(err, nbdattach.ErrUnavailable),
-		errors.Is(err, nbdattach.ErrAlreadyAttached), errors.Is(err, nbdattach.ErrDeviceBusy),
-		// An image another process holds, or one that needs an operator
-		// (qcow2-csi img check) before it can be used.
-		errors.Is(err, qcow2.ErrLocked), errors.Is(err, qcow2.ErrCorrupt), errors.Is(err, qcow2.ErrNotQcow2),
-		errors.Is(err, qcow2.ErrUnsupported), errors.Is(err, qcow2.ErrReadOnly),
-		// I/O limits on a device no throttle serves.
-		errors.Is(err, throttle.ErrCompiledOut):
-		return codes.FailedPrecondition
-	case errors.Is(err, ErrUnavailable):
-		return codes.Unavailable
-	case errors.Is(err, context.DeadlineExceeded):
-		return codes.DeadlineExceeded
-	case errors.Is(err, context.Canceled):
-		return codes.Canceled
+	for _, c := range codeTable {
+		if means(err, c.sentinel) {
+			return c.code
+		}
 	}
 	return codes.Internal
 }
