@@ -22,6 +22,11 @@ W=$ROOT/hack/e2e/tools
 # modules at v0.36.3, etcd 3.6.16, the sidecars whose go.mod asks for
 # k8s.io/* <= 0.36 and CSI spec <= 1.12.
 KV=1.36.3 EV=3.6.16 SNAP=v8.6.0 RES=v2.2.0 PROV=v6.3.0 CSITEST=v5.4.0 HELM=v3.21.4
+# external-snapshot-metadata: `go install ...@v0.2.0` refuses it (its go.mod
+# replaces its client module with ./client), so it joins this module by
+# `go get`, which adds its requirements (client v0.1.0) without moving ours.
+# pkg/iterator is a library: listed so the module keeps it for test clients.
+SMD=v0.2.0
 TOOLS=(
   "k8s.io/kubernetes@v$KV:cmd/kube-apiserver,cmd/kube-controller-manager,cmd/kube-scheduler,cmd/kubelet,cmd/kubectl"
   "go.etcd.io/etcd/server/v3@v$EV:."
@@ -30,6 +35,7 @@ TOOLS=(
   "github.com/kubernetes-csi/external-provisioner/v6@$PROV:cmd/csi-provisioner"
   "github.com/kubernetes-csi/csi-test/v5@$CSITEST:cmd/csi-sanity"
   "helm.sh/helm/v3@$HELM:cmd/helm"
+  "github.com/kubernetes-csi/external-snapshot-metadata@$SMD:cmd/csi-snapshot-metadata,examples/snapshot-metadata-lister,examples/snapshot-metadata-verifier,pkg/iterator"
 )
 export GOFLAGS=-buildvcs=false GOTOOLCHAIN=local CGO_ENABLED=0
 
@@ -78,7 +84,8 @@ CACHE=${QCOW2_CSI_CACHE:-$ROOT/.cache}
 KEY=$( { cat "$W/go.mod" "$W/go.sum" "$SELF"; go version; } | sha256sum | cut -c1-16)
 [ ${#KEY} = 16 ] || { echo "build-tools: no cache key" >&2; exit 1; }
 OUT=$CACHE/e2e/tools-$KEY
-if [ -f "$OUT/stamp" ]; then echo "$OUT/bin"; exit 0; fi
+# A warm run touches the stamp: its mtime says when the output was last used.
+if [ -f "$OUT/stamp" ]; then touch "$OUT/stamp"; echo "$OUT/bin"; exit 0; fi
 rm -rf "$OUT"; mkdir -p "$OUT/bin"
 cd "$W"
 MINOR=$(echo $KV | cut -d. -f2)
@@ -91,6 +98,11 @@ go build -trimpath -ldflags="$LD" -o "$OUT/bin/" $(pkgs | sed 's/@.*//') >&2
 [ -f "$OUT/bin/v3" ] && mv "$OUT/bin/v3" "$OUT/bin/etcd"
 echo "build-tools: built $(ls "$OUT/bin" | wc -l) programs in $(( $(date +%s) - t0 )) s" >&2
 date -u > "$OUT/stamp"
-# Outputs of other versions (or of an older build-tools.sh) are stale.
-for d in "$CACHE"/e2e/tools-*; do [ "$d" = "$OUT" ] || rm -rf "$d"; done
+# Outputs of other versions (or of an older build-tools.sh) are stale once
+# unused for two days; sooner would pull them from under another worktree's
+# checkout (a branch with an older tools module) that may be running e2e now.
+for d in "$CACHE"/e2e/tools-*; do
+  [ "$d" = "$OUT" ] && continue
+  if [ -z "$(find "$d" -maxdepth 1 -name stamp -mmin -2880)" ] && [ -z "$(find "$d" -maxdepth 0 -mmin -2880)" ]; then rm -rf "$d"; fi
+done
 echo "$OUT/bin"
