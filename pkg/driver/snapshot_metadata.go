@@ -24,7 +24,7 @@ const (
 	defaultMaxResults = 1024
 	// metadataWindow bounds the extents held in memory at once: the disk
 	// is scanned in windows of this many bytes.
-	metadataWindow = 64 << 30
+	metadataWindow = 4 << 30
 )
 
 type snapshotMetadataServer struct {
