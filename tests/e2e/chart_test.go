@@ -96,9 +96,15 @@ func TestChartRender(t *testing.T) {
 				"storageCapacity: false", "registry.k8s.io/sig-storage/csi-node-driver-registrar:",
 				"resources: [\"pods\"]\n    verbs: [\"get\", \"list\", \"watch\"]", "automountServiceAccountToken: false",
 				"--feature-gates=VolumeAttributesClass=true", "kind: VolumeAttributesClass", "name: qcow2-standard", "name: qcow2-unlimited",
-				"driverName: qcow2.csi.qcow2-csi.io\nparameters:\n  readBytesPerSecond: \"0\""},
+				"driverName: qcow2.csi.qcow2-csi.io\nparameters:\n  readBytesPerSecond: \"0\"",
+				// changed block tracking for backup tools (issue 14)
+				"name: csi-snapshot-metadata", "registry.k8s.io/sig-storage/csi-snapshot-metadata:v0.2.0", "--port=50051",
+				"--max-streaming-duration-min=10", "tcpSocket:\n              port: snapshot-metadata", "name: qcow2-csi-snapshot-metadata-tls",
+				"kind: SnapshotMetadataService", "apiVersion: cbt.storage.k8s.io/v1alpha1", "address: qcow2-csi-snapshot-metadata.qcow2-csi.svc:6443",
+				`audience: "qcow2.csi.qcow2-csi.io"`, "port: 6443\n      targetPort: snapshot-metadata",
+				`resources: ["volumesnapshots", "volumesnapshotcontents", "volumesnapshotclasses"]`, `resources: ["tokenreviews"]`, `resources: ["subjectaccessreviews"]`},
 			hasNot: []string{"--node-deployment", "--mode=all", "--controller-expand", "--register-with-kubelet", "--fuse-dir", "--overcommit-ratio", "--pool-warning-percent",
-				"kind: ServiceMonitor", "kind: PodMonitor", "kind: Certificate", "--enable-get-snapshot", "--enable-capacity"},
+				"kind: ServiceMonitor", "kind: PodMonitor", "kind: Certificate", "--enable-get-snapshot", "--enable-capacity", "grpc_health_probe"},
 			controller: []string{"livenessProbe:\n            httpGet:\n              path: /healthz\n              port: healthz\n            failureThreshold: 5",
 				"readinessProbe:\n            httpGet:\n              path: /readyz\n              port: healthz\n            failureThreshold: 3"},
 			nodeNot: []string{"path: /readyz"},
@@ -111,15 +117,18 @@ func TestChartRender(t *testing.T) {
 			nodeNot:    []string{"periodSeconds: 7", "periodSeconds: 4"},
 		},
 		{
-			name:   "user Secrets: no Secret rendered, the pods mount the named ones",
-			set:    []string{"agent.tls.source=secret", "agent.tls.agentSecret=my-agent", "agent.tls.controllerSecret=my-ctl"},
-			has:    []string{"secretName: my-agent", "secretName: my-ctl"},
+			name: "user Secrets: no Secret rendered, the pods mount the named ones",
+			set: []string{"agent.tls.source=secret", "agent.tls.agentSecret=my-agent", "agent.tls.controllerSecret=my-ctl",
+				"snapshotMetadata.tls.source=secret", "snapshotMetadata.tls.secretName=my-smd", "snapshotMetadata.tls.caCert=my-ca"},
+			has:    []string{"secretName: my-agent", "secretName: my-ctl", "secretName: my-smd", "caCert: bXktY2E="},
 			hasNot: []string{"kind: Secret", "kind: Certificate"},
 		},
 		{
 			name: "cert-manager Certificates from the given issuer",
-			set:  []string{"agent.tls.source=certManager", "agent.tls.certManager.issuerRef.name=ca-issuer", "agent.tls.certManager.issuerRef.kind=ClusterIssuer"},
+			set: []string{"agent.tls.source=certManager", "agent.tls.certManager.issuerRef.name=ca-issuer", "agent.tls.certManager.issuerRef.kind=ClusterIssuer",
+				"snapshotMetadata.tls.source=certManager", "snapshotMetadata.tls.certManager.issuerRef.name=ca-issuer", "snapshotMetadata.tls.caCert=my-ca"},
 			has: []string{"kind: Certificate", "commonName: qcow2-csi-agent", "commonName: qcow2-csi-controller", "dnsNames: [qcow2-csi-controller]",
+				`dnsNames: ["qcow2-csi-snapshot-metadata.qcow2-csi.svc","qcow2-csi-snapshot-metadata.qcow2-csi"]`, "secretName: qcow2-csi-snapshot-metadata-tls", "caCert: bXktY2E=",
 				"usages: [digital signature, key encipherment, server auth]", "usages: [digital signature, key encipherment, client auth]",
 				"name: ca-issuer", "kind: ClusterIssuer", "secretName: qcow2-csi-agent-tls", "secretName: qcow2-csi-controller-tls"},
 			hasNot: []string{"kind: Secret"},
@@ -148,6 +157,16 @@ func TestChartRender(t *testing.T) {
 			hasNot: []string{"kind: VolumeAttributesClass", "--feature-gates=VolumeAttributesClass"},
 		},
 		{
+			name:   "snapshot metadata off",
+			set:    []string{"snapshotMetadata.enabled=false"},
+			hasNot: []string{"csi-snapshot-metadata", "kind: SnapshotMetadataService", "snapshot-metadata-tls", "cbt.storage.k8s.io"},
+		},
+		{
+			name: "snapshot metadata audience, port and arguments",
+			set:  []string{"snapshotMetadata.audience=backup", "snapshotMetadata.servicePort=8443", "snapshotMetadata.extraArgs={--kube-api-qps=20}"},
+			has:  []string{`audience: "backup"`, "address: qcow2-csi-snapshot-metadata.qcow2-csi.svc:8443", "--kube-api-qps=20"},
+		},
+		{
 			name: "pool space limits",
 			set:  []string{"pool.overcommitRatio=0", "pool.warningPercent=90"},
 			has:  []string{"--overcommit-ratio=0", "--pool-warning-percent=90"},
@@ -159,6 +178,11 @@ func TestChartRender(t *testing.T) {
 		},
 		{name: "bad TLS source", set: []string{"agent.tls.source=plaintext"}, wantErr: `agent.tls.source must be generate, secret or certManager, not "plaintext"`},
 		{name: "cert-manager without issuer", set: []string{"agent.tls.source=certManager"}, wantErr: "agent.tls.certManager.issuerRef.name is required"},
+		{name: "bad snapshot metadata TLS source", set: []string{"snapshotMetadata.tls.source=none"}, wantErr: `snapshotMetadata.tls.source must be generate, secret or certManager, not "none"`},
+		{name: "snapshot metadata Secret without its CA", set: []string{"snapshotMetadata.tls.source=secret"},
+			wantErr: "snapshotMetadata.tls.caCert is required with snapshotMetadata.tls.source=secret: the PEM of the CA that signs qcow2-csi-snapshot-metadata.qcow2-csi.svc"},
+		{name: "snapshot metadata cert-manager without issuer", set: []string{"snapshotMetadata.tls.source=certManager", "snapshotMetadata.tls.caCert=x"},
+			wantErr: "snapshotMetadata.tls.certManager.issuerRef.name is required"},
 		{name: "no controller", set: []string{"controller.replicas=0"}, wantErr: "controller.replicas must be at least 1, not 0"},
 		{name: "bad registrar", set: []string{"node.registrar=both"}, wantErr: `node.registrar must be sidecar or builtin, not "both"`},
 		{name: "bad attach backend", set: []string{"attachBackend=iscsi"}, wantErr: `attachBackend must be nbd, fuse or auto, not "iscsi"`},
@@ -223,7 +247,9 @@ func chartDoc(t *testing.T, out, kind, name string) string {
 // TestChartCertificates: the generated Secrets hold an agent server
 // certificate for qcow2-csi-agent and a controller client certificate for
 // qcow2-csi-controller, both signed by the one CA both Secrets carry, with
-// keys that match.
+// keys that match; and the csi-snapshot-metadata sidecar's server
+// certificate for the DNS name of its Service, signed by the CA the
+// SnapshotMetadataService gives clients.
 func TestChartCertificates(t *testing.T) {
 	out, err := helmTemplate(t)
 	if err != nil {
@@ -253,6 +279,16 @@ func TestChartCertificates(t *testing.T) {
 		}
 		secrets[name] = data
 	}
+	if smd := secrets["qcow2-csi-snapshot-metadata-tls"]; smd == nil {
+		t.Errorf("no Secret qcow2-csi-snapshot-metadata-tls rendered")
+	} else {
+		sms := chartDoc(t, out, "SnapshotMetadataService", "qcow2.csi.qcow2-csi.io")
+		if want := "caCert: " + base64.StdEncoding.EncodeToString(smd["ca.crt"]); !strings.Contains(sms, want) {
+			t.Errorf("the SnapshotMetadataService's caCert is not the sidecar Secret's ca.crt:\n%s", sms)
+		}
+		verifyChartCert(t, smd, smd["ca.crt"], "qcow2-csi-snapshot-metadata.qcow2-csi.svc", x509.ExtKeyUsageServerAuth)
+		verifyChartCert(t, smd, smd["ca.crt"], "qcow2-csi-snapshot-metadata.qcow2-csi", x509.ExtKeyUsageServerAuth)
+	}
 	agent, ctl := secrets["qcow2-csi-agent-tls"], secrets["qcow2-csi-controller-tls"]
 	if agent == nil || ctl == nil {
 		t.Fatalf("rendered Secrets %v, want qcow2-csi-agent-tls and qcow2-csi-controller-tls", secrets)
@@ -260,31 +296,40 @@ func TestChartCertificates(t *testing.T) {
 	if !bytes.Equal(agent["ca.crt"], ctl["ca.crt"]) {
 		t.Fatalf("the two Secrets carry different CAs")
 	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(agent["ca.crt"]) {
-		t.Fatalf("ca.crt is not a PEM certificate: %q", agent["ca.crt"])
+	verifyChartCert(t, agent, agent["ca.crt"], "qcow2-csi-agent", x509.ExtKeyUsageServerAuth)
+	verifyChartCert(t, ctl, agent["ca.crt"], "qcow2-csi-controller", x509.ExtKeyUsageClientAuth)
+	if cn := chartCert(t, agent).Subject.CommonName; cn != "qcow2-csi-agent" {
+		t.Errorf("agent certificate CN %q, want qcow2-csi-agent", cn)
 	}
-	for _, tc := range []struct {
-		secret map[string][]byte
-		name   string
-		usage  x509.ExtKeyUsage
-	}{
-		{agent, "qcow2-csi-agent", x509.ExtKeyUsageServerAuth},
-		{ctl, "qcow2-csi-controller", x509.ExtKeyUsageClientAuth},
-	} {
-		pair, err := tls.X509KeyPair(tc.secret["tls.crt"], tc.secret["tls.key"])
-		if err != nil {
-			t.Fatalf("%s: %v", tc.name, err)
-		}
-		cert, err := x509.ParseCertificate(pair.Certificate[0])
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := cert.Verify(x509.VerifyOptions{Roots: pool, DNSName: tc.name, KeyUsages: []x509.ExtKeyUsage{tc.usage}}); err != nil {
-			t.Errorf("%s certificate: %v", tc.name, err)
-		}
-		if cert.Subject.CommonName != tc.name {
-			t.Errorf("certificate CN %q, want %q", cert.Subject.CommonName, tc.name)
-		}
+	if cn := chartCert(t, ctl).Subject.CommonName; cn != "qcow2-csi-controller" {
+		t.Errorf("controller certificate CN %q, want qcow2-csi-controller", cn)
+	}
+}
+
+// chartCert is the certificate of a rendered Secret's tls.crt, checked to
+// match its tls.key.
+func chartCert(t *testing.T, secret map[string][]byte) *x509.Certificate {
+	t.Helper()
+	pair, err := tls.X509KeyPair(secret["tls.crt"], secret["tls.key"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := x509.ParseCertificate(pair.Certificate[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cert
+}
+
+// verifyChartCert checks that a rendered Secret's certificate is valid for
+// name and usage under the CA in caPEM.
+func verifyChartCert(t *testing.T, secret map[string][]byte, caPEM []byte, name string, usage x509.ExtKeyUsage) {
+	t.Helper()
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(caPEM) {
+		t.Fatalf("ca.crt is not a PEM certificate: %q", caPEM)
+	}
+	if _, err := chartCert(t, secret).Verify(x509.VerifyOptions{Roots: pool, DNSName: name, KeyUsages: []x509.ExtKeyUsage{usage}}); err != nil {
+		t.Errorf("%s certificate: %v", name, err)
 	}
 }

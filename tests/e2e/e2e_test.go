@@ -15,7 +15,9 @@ import (
 // TestE2E brings up one two-node cluster with the previous chart and
 // runs the scenarios in order: the first upgrades to this checkout's
 // chart, the last one uninstalls it. Those of issue 9 come first, then the
-// two-node ones of issue 13 (twonode_test.go). Scenarios 5 and 6 start
+// two-node ones of issue 13 (twonode_test.go), then changed block tracking
+// through the csi-snapshot-metadata sidecar (issue 14, cbt_test.go: 16-18
+// go on from 15's volume and snapshots). Scenarios 5 and 6 start
 // from scenario 4's source volume and pod; 6 deletes them and leaves the
 // pools empty for those after.
 func TestE2E(t *testing.T) {
@@ -39,6 +41,11 @@ func TestE2E(t *testing.T) {
 		{"12-node-plugin-down", testNodePluginDown},
 		{"13-clone-onto-other-node-refused", testCloneOtherNode},
 		{"14-agent-is-mutual-tls-only", testAgentMutualTLS},
+		{"15-cbt-lister-delta-allocated-and-refusals", testCBTLister},
+		{"16-cbt-incremental-backup-restores-byte-for-byte", testCBTIncrementalBackup},
+		{"17-cbt-base-deleted-and-fixed-length", testCBTBaseDeletedAndFixed},
+		{"18-cbt-delta-across-node-plugin-sigkill", testCBTPluginKilled},
+		{"19-cbt-lister-wall-times-opt-in", testCBTBench},
 		{"20-qos-write-iops-200", testQoSLimited},
 		{"21-qos-raised-to-1000-while-fio-runs", testQoSRaisedLive},
 		{"22-qos-limit-lifted", testQoSLifted},
@@ -607,7 +614,7 @@ func testHelmUpgradeUninstall(t *testing.T, c *cluster) {
 		t.Fatal(err)
 	}
 	if err := c.waitFor("release objects gone", 2*time.Minute, nil, func() error {
-		out, err := c.kubectl("get", "daemonsets,deployments,pods,services,serviceaccounts,roles,rolebindings,clusterroles,clusterrolebindings,csidrivers,storageclasses,volumesnapshotclasses",
+		out, err := c.kubectl("get", "daemonsets,deployments,pods,services,serviceaccounts,roles,rolebindings,clusterroles,clusterrolebindings,csidrivers,storageclasses,volumesnapshotclasses,snapshotmetadataservices",
 			"-A", "-l", "app.kubernetes.io/instance=qcow2-csi", "-o", "name")
 		if err != nil {
 			return err

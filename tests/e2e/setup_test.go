@@ -28,6 +28,7 @@ const (
 	provisionerRef = "registry.k8s.io/sig-storage/csi-provisioner:v6.3.0"
 	snapshotterRef = "registry.k8s.io/sig-storage/csi-snapshotter:v8.6.0"
 	resizerRef     = "registry.k8s.io/sig-storage/csi-resizer:v2.2.0"
+	smdRef         = "registry.k8s.io/sig-storage/csi-snapshot-metadata:v0.2.0"
 	testNS         = "e2e"
 	releaseNS      = "qcow2-csi"
 	driverName     = "qcow2.csi.qcow2-csi.io"
@@ -157,6 +158,9 @@ func buildImages(t testing.TB, root, bin, dir string) ([]string, error) {
 		{resizerRef, func() (*imagetar.Image, error) {
 			return imagetar.Single("csi-resizer", filepath.Join(bin, "csi-resizer"))
 		}},
+		{smdRef, func() (*imagetar.Image, error) {
+			return imagetar.Single("csi-snapshot-metadata", filepath.Join(bin, "csi-snapshot-metadata"))
+		}},
 	}
 	var files []string
 	for i, im := range imgs {
@@ -176,34 +180,58 @@ func buildImages(t testing.TB, root, bin, dir string) ([]string, error) {
 	return files, nil
 }
 
-// snapshotCRDs returns the VolumeSnapshot CRD manifests of the
-// external-snapshotter client module the tools were built with.
-func snapshotCRDs(root string) ([]string, error) {
-	cmd := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "github.com/kubernetes-csi/external-snapshotter/client/v8")
-	cmd.Dir = filepath.Join(root, "hack/e2e/tools")
-	out, err := cmd.Output()
-	if err != nil {
-		dl := exec.Command("go", "mod", "download", "github.com/kubernetes-csi/external-snapshotter/client/v8")
-		dl.Dir = cmd.Dir
-		if o, err := dl.CombinedOutput(); err != nil {
-			return nil, fmt.Errorf("snapshot CRDs: %v: %s", err, o)
-		}
-		cmd = exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "github.com/kubernetes-csi/external-snapshotter/client/v8")
+// toolsModuleDir returns the directory of module mod as the tools module
+// (hack/e2e/tools) requires it, downloading it if it is not in the cache.
+func toolsModuleDir(root, mod string) (string, error) {
+	list := func() ([]byte, error) {
+		cmd := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", mod)
 		cmd.Dir = filepath.Join(root, "hack/e2e/tools")
-		if out, err = cmd.Output(); err != nil {
-			return nil, fmt.Errorf("snapshot CRDs: %v", err)
+		return cmd.Output()
+	}
+	out, err := list()
+	if err == nil && strings.TrimSpace(string(out)) == "" {
+		err = fmt.Errorf("not downloaded")
+	}
+	if err != nil {
+		dl := exec.Command("go", "mod", "download", mod)
+		dl.Dir = filepath.Join(root, "hack/e2e/tools")
+		if o, err := dl.CombinedOutput(); err != nil {
+			return "", fmt.Errorf("%s: %v: %s", mod, err, o)
+		}
+		if out, err = list(); err != nil {
+			return "", fmt.Errorf("%s: %v", mod, err)
 		}
 	}
-	dir := filepath.Join(strings.TrimSpace(string(out)), "config/crd")
-	var files []string
-	for _, n := range []string{"volumesnapshotclasses", "volumesnapshotcontents", "volumesnapshots"} {
-		f := filepath.Join(dir, "snapshot.storage.k8s.io_"+n+".yaml")
-		if _, err := os.Stat(f); err != nil {
-			return nil, fmt.Errorf("snapshot CRDs: %w", err)
+	return strings.TrimSpace(string(out)), nil
+}
+
+// snapshotCRDs returns the CRD manifests of the external-snapshotter client
+// module the tools were built with (VolumeSnapshot, VolumeSnapshotContent,
+// VolumeSnapshotClass) and of the external-snapshot-metadata client module
+// (SnapshotMetadataService), with the names to wait for.
+func snapshotCRDs(root string) (files, names []string, err error) {
+	for _, m := range []struct{ mod, group string }{
+		{"github.com/kubernetes-csi/external-snapshotter/client/v8", "snapshot.storage.k8s.io"},
+		{"github.com/kubernetes-csi/external-snapshot-metadata/client", "cbt.storage.k8s.io"},
+	} {
+		dir, err := toolsModuleDir(root, m.mod)
+		if err != nil {
+			return nil, nil, fmt.Errorf("CRDs: %w", err)
 		}
-		files = append(files, f)
+		kinds := []string{"volumesnapshotclasses", "volumesnapshotcontents", "volumesnapshots"}
+		if m.group == "cbt.storage.k8s.io" {
+			kinds = []string{"snapshotmetadataservices"}
+		}
+		for _, k := range kinds {
+			f := filepath.Join(dir, "config/crd", m.group+"_"+k+".yaml")
+			if _, err := os.Stat(f); err != nil {
+				return nil, nil, fmt.Errorf("CRDs: %w", err)
+			}
+			files = append(files, f)
+			names = append(names, "crd/"+k+"."+m.group)
+		}
 	}
-	return files, nil
+	return files, names, nil
 }
 
 // upCluster brings up the whole cluster, with the chart installed with
@@ -295,8 +323,8 @@ func upCluster(t *testing.T, extraValues ...string) *cluster {
 	stopKeeping := make(chan struct{})
 	go c.keepPodLogs(stopKeeping)
 	t.Cleanup(func() { close(stopKeeping) })
-	must("VolumeSnapshot CRDs + snapshot-controller", func() error {
-		crds, err := snapshotCRDs(root)
+	must("VolumeSnapshot + SnapshotMetadataService CRDs, snapshot-controller", func() error {
+		crds, names, err := snapshotCRDs(root)
 		if err != nil {
 			return err
 		}
@@ -305,9 +333,7 @@ func upCluster(t *testing.T, extraValues ...string) *cluster {
 				return err
 			}
 		}
-		if _, err := c.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-			"crd/volumesnapshots.snapshot.storage.k8s.io", "crd/volumesnapshotcontents.snapshot.storage.k8s.io",
-			"crd/volumesnapshotclasses.snapshot.storage.k8s.io"); err != nil {
+		if _, err := c.kubectl(append([]string{"wait", "--for=condition=Established", "--timeout=60s"}, names...)...); err != nil {
 			return err
 		}
 		return c.startSnapshotController()
@@ -380,6 +406,10 @@ func (c *cluster) helmValues() []string {
 		"controller.provisioner.extraArgs={--retry-interval-max=10s}",
 		"controller.snapshotter.extraArgs={--retry-interval-max=10s}",
 		"controller.resizer.extraArgs={--retry-interval-max=10s}",
+		// No kube-proxy here: the csi-snapshot-metadata sidecar listens on
+		// its Service's port, so that the Service's DNS name mapped to a
+		// controller pod's IP (cbt_test.go) reaches it.
+		"snapshotMetadata.port=" + smdPort,
 	}
 }
 

@@ -74,12 +74,31 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/name={{ include "qcow2-csi.name" . }},app.kubernetes.io/instance={{ .Release.Name }},app.kubernetes.io/component=node
 {{- end -}}
 
+{{/* The csi-snapshot-metadata sidecar's Service, its DNS name (the certificate's SAN) and the address backup clients dial. */}}
+{{- define "qcow2-csi.snapshotMetadataService" -}}
+{{- printf "%s-snapshot-metadata" (include "qcow2-csi.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- define "qcow2-csi.snapshotMetadataHost" -}}
+{{- printf "%s.%s.svc" (include "qcow2-csi.snapshotMetadataService" .) .Release.Namespace -}}
+{{- end -}}
+{{- define "qcow2-csi.snapshotMetadataTLSSecret" -}}
+{{- default (printf "%s-snapshot-metadata-tls" (include "qcow2-csi.fullname" .)) .Values.snapshotMetadata.tls.secretName -}}
+{{- end -}}
+
 {{- define "qcow2-csi.validate" -}}
 {{- if not (has .Values.agent.tls.source (list "generate" "secret" "certManager")) -}}
 {{- fail (printf "agent.tls.source must be generate, secret or certManager, not %q" .Values.agent.tls.source) -}}
 {{- end -}}
 {{- if and (eq .Values.agent.tls.source "certManager") (not .Values.agent.tls.certManager.issuerRef.name) -}}
 {{- fail "agent.tls.certManager.issuerRef.name is required when agent.tls.source is certManager" -}}
+{{- end -}}
+{{- if .Values.snapshotMetadata.enabled -}}
+{{- if not (has .Values.snapshotMetadata.tls.source (list "generate" "secret" "certManager")) -}}
+{{- fail (printf "snapshotMetadata.tls.source must be generate, secret or certManager, not %q" .Values.snapshotMetadata.tls.source) -}}
+{{- end -}}
+{{- if and (eq .Values.snapshotMetadata.tls.source "certManager") (not .Values.snapshotMetadata.tls.certManager.issuerRef.name) -}}
+{{- fail "snapshotMetadata.tls.certManager.issuerRef.name is required when snapshotMetadata.tls.source is certManager" -}}
+{{- end -}}
 {{- end -}}
 {{- if lt (int .Values.controller.replicas) 1 -}}
 {{- fail (printf "controller.replicas must be at least 1, not %v" .Values.controller.replicas) -}}

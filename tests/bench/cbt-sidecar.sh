@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Changed block tracking through Kubernetes (issue 14): wall time of the
+# upstream snapshot-metadata-lister for the delta and the allocated list of a
+# 10 GiB block volume with 1 GiB changed between two snapshots (1024 runs of
+# 1 MiB), through the chart's csi-snapshot-metadata sidecar, next to the same
+# GetMetadataDelta/GetMetadataAllocated streams read from the controller's
+# CSI socket directly, in the same run on the same volume.
+#
+# It is e2e scenario 19 (tests/e2e/cbt_test.go), opt-in: this script brings
+# up the e2e cluster (root; see tests/e2e/doc.go for what it needs), runs
+# the scenario with QCOW2_CSI_E2E_CBT_BENCH=1 and prints its table. Only one
+# e2e cluster may run on a machine at a time: on a shared machine wrap it in
+# the e2e lock (flock /work/logs/e2e.lock tests/bench/cbt-sidecar.sh).
+#
+# Usage: tests/bench/cbt-sidecar.sh          REPS=5 tests/bench/cbt-sidecar.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+[ "$(id -u)" = 0 ] || { echo "cbt-sidecar.sh: the e2e cluster needs root" >&2; exit 1; }
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+# The previous-chart upgrade (scenario 0) is not what is measured here.
+if ! QCOW2_CSI_E2E_PREV_REF=${QCOW2_CSI_E2E_PREV_REF:-none} QCOW2_CSI_E2E_CBT_BENCH=1 REPS=${REPS:-3} \
+  go test -count=1 -timeout 40m -v -run 'TestE2E/^(examples-validate|0-|19-)' ./tests/e2e/ > "$log" 2>&1; then
+  tail -60 "$log" >&2
+  echo "cbt-sidecar.sh: the e2e run failed (log above)" >&2
+  exit 1
+fi
+# The table is the test log's lines after CBT-BENCH, indented by t.Logf.
+awk '/CBT-BENCH$/ {on=1; next} on && /^        / {sub(/^        /, ""); print; next} on {exit}' "$log"
