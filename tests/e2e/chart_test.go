@@ -99,9 +99,9 @@ func TestChartRender(t *testing.T) {
 				"driverName: qcow2.csi.qcow2-csi.io\nparameters:\n  readBytesPerSecond: \"0\"",
 				// changed block tracking for backup tools (issue 14)
 				"name: csi-snapshot-metadata", "registry.k8s.io/sig-storage/csi-snapshot-metadata:v0.2.0", "--port=50051",
-				"--max-streaming-duration-min=10", "tcpSocket:\n              port: snapshot-metadata", "name: qcow2-csi-snapshot-metadata-tls",
+				"--max-streaming-duration-min=10", "tcpSocket:\n              port: cbt-grpc", "name: qcow2-csi-snapshot-metadata-tls",
 				"kind: SnapshotMetadataService", "apiVersion: cbt.storage.k8s.io/v1alpha1", "address: qcow2-csi-snapshot-metadata.qcow2-csi.svc:6443",
-				`audience: "qcow2.csi.qcow2-csi.io"`, "port: 6443\n      targetPort: snapshot-metadata",
+				`audience: "qcow2.csi.qcow2-csi.io"`, "port: 6443\n      targetPort: cbt-grpc",
 				`resources: ["volumesnapshots", "volumesnapshotcontents", "volumesnapshotclasses"]`, `resources: ["tokenreviews"]`, `resources: ["subjectaccessreviews"]`},
 			hasNot: []string{"--node-deployment", "--mode=all", "--controller-expand", "--register-with-kubelet", "--fuse-dir", "--overcommit-ratio", "--pool-warning-percent",
 				"kind: ServiceMonitor", "kind: PodMonitor", "kind: Certificate", "--enable-get-snapshot", "--enable-capacity", "grpc_health_probe"},
