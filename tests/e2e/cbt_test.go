@@ -111,8 +111,8 @@ func total(rs []rng) int64 {
 var cbt struct {
 	node       string // where the volume and its pod are
 	kubeconfig string // of cbtClient
-	handleA    string // snapA's CSI handle (scenario 17 deletes snapA)
-	w0, w1     []rng  // written before snapA, between snapA and snapB
+	handleA    string // snap-a's CSI handle (scenario 17 deletes snap-a)
+	w0, w1     []rng  // written before snap-a, between snap-a and snap-b
 }
 
 // listerRecord is one message as the lister's -o json prints it.
@@ -301,10 +301,10 @@ func checkExact(t *testing.T, what string, l listing, written []rng) {
 	}
 }
 
-// Scenario 15: a block volume written before snapA and at known offsets
-// between snapA and snapB. Through the sidecar, as a ServiceAccount bound to
-// the upstream client role: `lister -s snapB -p snapA` reports exactly the
-// 64 KiB granules written, `lister -s snapA` the allocated clusters.
+// Scenario 15: a block volume written before snap-a and at known offsets
+// between snap-a and snap-b. Through the sidecar, as a ServiceAccount bound to
+// the upstream client role: `lister -s snap-b -p snap-a` reports exactly the
+// 64 KiB granules written, `lister -s snap-a` the allocated clusters.
 // A ServiceAccount without the role is refused (PermissionDenied), and so
 // is a token of the client for another audience (Unauthenticated), while
 // the same client with the object's audience is served.
@@ -326,15 +326,15 @@ func testCBTLister(t *testing.T, c *cluster) {
 	// block of the disk.
 	cbt.w1 = []rng{{10*mib + 4096, cluster64k}, {500 * mib, mib}, {gib - 4096, 4096}}
 	c.writeAt(t, "cbt-w", cbt.w0)
-	c.takeSnapshot(t, "snapA", "qcow2")
+	c.takeSnapshot(t, "snap-a", "qcow2")
 	c.writeAt(t, "cbt-w", cbt.w1)
-	c.takeSnapshot(t, "snapB", "qcow2")
-	cbt.handleA = c.snapshotHandle(t, "snapA")
+	c.takeSnapshot(t, "snap-b", "qcow2")
+	cbt.handleA = c.snapshotHandle(t, "snap-a")
 
-	delta := c.mustList(t, "-s", "snapB", "-p", "snapA")
-	checkExact(t, "delta snapA..snapB", delta, cbt.w1)
-	alloc := c.mustList(t, "-s", "snapA")
-	checkExact(t, "allocated snapA", alloc, cbt.w0)
+	delta := c.mustList(t, "-s", "snap-b", "-p", "snap-a")
+	checkExact(t, "delta snap-a..snap-b", delta, cbt.w1)
+	alloc := c.mustList(t, "-s", "snap-a")
+	checkExact(t, "allocated snap-a", alloc, cbt.w0)
 	for _, l := range []listing{delta, alloc} {
 		if len(l.types) != 1 || !l.types[blockTypeVar] {
 			t.Errorf("block metadata types %v, want VARIABLE_LENGTH (%d) only", l.types, blockTypeVar)
@@ -344,7 +344,7 @@ func testCBTLister(t *testing.T, c *cluster) {
 
 	// Refusals. The admin kubeconfig reads the snapshots; the token is the
 	// role-less ServiceAccount's: the sidecar's SubjectAccessReview says no.
-	_, err := c.lister(t, c.admin, "-s", "snapB", "-service-account", cbtNoRole, "-service-account-namespace", testNS)
+	_, err := c.lister(t, c.admin, "-s", "snap-b", "-service-account", cbtNoRole, "-service-account-namespace", testNS)
 	if err == nil || !strings.Contains(err.Error(), "PermissionDenied") {
 		t.Errorf("lister as %s (no client role): %v, want PermissionDenied", cbtNoRole, err)
 	}
@@ -356,7 +356,7 @@ func testCBTLister(t *testing.T, c *cluster) {
 		{"not-" + driverName, codes.Unauthenticated},
 	} {
 		token := strings.TrimSpace(c.mustKubectl(t, "create", "token", cbtClient, "-n", testNS, "--audience="+tc.audience))
-		if got := status.Code(c.rawAllocated(t, token, "snapB")); got != tc.want {
+		if got := status.Code(c.rawAllocated(t, token, "snap-b")); got != tc.want {
 			t.Errorf("GetMetadataAllocated with a %s token for audience %q: %v, want %v", cbtClient, tc.audience, got, tc.want)
 		}
 	}
@@ -425,14 +425,14 @@ func (c *cluster) rawAllocated(t *testing.T, token, snapshot string) error {
 
 // Scenario 16: an incremental backup restores byte for byte, as
 // docs/backup.md tells users to take one. Full backup: the ranges `lister -s
-// snapA` lists, read from a PVC restored from snapA. Incremental: the ranges
-// of `lister -s snapB -p snapA`, read from a PVC restored from snapB. Both
+// snap-a` lists, read from a PVC restored from snap-a. Incremental: the ranges
+// of `lister -s snap-b -p snap-a`, read from a PVC restored from snap-b. Both
 // applied in order to an empty block PVC, which then has the sha256 of
-// snapB's restored PVC.
+// snap-b's restored PVC.
 func testCBTIncrementalBackup(t *testing.T, c *cluster) {
-	full := c.mustList(t, "-s", "snapA")
-	incr := c.mustList(t, "-s", "snapB", "-p", "snapA")
-	for _, p := range []struct{ name, snap string }{{"cbt-ra", "snapA"}, {"cbt-rb", "snapB"}} {
+	full := c.mustList(t, "-s", "snap-a")
+	incr := c.mustList(t, "-s", "snap-b", "-p", "snap-a")
+	for _, p := range []struct{ name, snap string }{{"cbt-ra", "snap-a"}, {"cbt-rb", "snap-b"}} {
 		c.mustApply(t, strings.Replace(pvcFromManifest(p.name, "VolumeSnapshot", "snapshot.storage.k8s.io", p.snap),
 			"accessModes:", "volumeMode: Block\n  accessModes:", 1))
 	}
@@ -489,25 +489,25 @@ spec:
 	c.exec(t, testNS, "cbt-backup", restore("/backup/full", full)+" && "+restore("/backup/incr", incr)+" && sync")
 	sums := strings.Fields(c.exec(t, testNS, "cbt-backup", "sha256sum < /dev/target && sha256sum < /dev/snapb && sha256sum < /dev/snapa"))
 	if len(sums) != 6 || sums[0] != sums[2] {
-		t.Errorf("sha256 of the restored backup, of snapB and of snapA: %v; want the first two equal", sums)
+		t.Errorf("sha256 of the restored backup, of snap-b and of snap-a: %v; want the first two equal", sums)
 	} else if sums[2] == sums[4] {
-		t.Errorf("snapA and snapB read the same (%s): the incremental step proved nothing", sums[2])
+		t.Errorf("snap-a and snap-b read the same (%s): the incremental step proved nothing", sums[2])
 	}
 	t.Logf("full backup %d KiB in %d ranges, incremental %d KiB in %d ranges; restored sha256 %s", total(full.tuples)>>10, len(full.tuples), total(incr.tuples)>>10, len(incr.tuples), sums[0])
 	c.deletePod(t, testNS, "cbt-backup")
 	c.mustKubectl(t, "delete", "pvc", "-n", testNS, "cbt-ra", "cbt-rb", "cbt-t", "--wait=true", "--timeout=120s")
 }
 
-// Scenario 17: snapA is deleted before the delta is asked: `lister -s snapB
-// -P <snapA's handle>` still answers, the same ranges (snapA's checkpoint
+// Scenario 17: snap-a is deleted before the delta is asked: `lister -s snap-b
+// -P <snap-a's handle>` still answers, the same ranges (snap-a's checkpoint
 // bitmap is the oldest, so it stays). Then a VolumeSnapshotClass with
 // blockMetadataType FIXED_LENGTH: the delta and the allocation of its
 // snapshots come as 64 KiB blocks, every tuple aligned and of that size,
 // covering exactly the clusters written.
 func testCBTBaseDeletedAndFixed(t *testing.T, c *cluster) {
-	c.mustKubectl(t, "delete", "volumesnapshot", "-n", testNS, "snapA", "--wait=true", "--timeout=120s")
-	delta := c.mustList(t, "-s", "snapB", "-P", cbt.handleA)
-	checkExact(t, "delta from the deleted snapA to snapB", delta, cbt.w1)
+	c.mustKubectl(t, "delete", "volumesnapshot", "-n", testNS, "snap-a", "--wait=true", "--timeout=120s")
+	delta := c.mustList(t, "-s", "snap-b", "-P", cbt.handleA)
+	checkExact(t, "delta from the deleted snap-a to snap-b", delta, cbt.w1)
 
 	c.mustApply(t, fmt.Sprintf(`apiVersion: snapshot.storage.k8s.io/v1
 kind: VolumeSnapshotClass
@@ -518,16 +518,16 @@ parameters: {blockMetadataType: FIXED_LENGTH}
 `, fixedClass, driverName))
 	defer c.kubectl("delete", "volumesnapshotclass", fixedClass)
 	w2 := []rng{{300*mib + 60<<10, 8 << 10}, {301 * mib, 4096}}
-	c.takeSnapshot(t, "snapC", fixedClass)
+	c.takeSnapshot(t, "snap-c", fixedClass)
 	c.writeAt(t, "cbt-w", w2)
-	c.takeSnapshot(t, "snapD", fixedClass)
+	c.takeSnapshot(t, "snap-d", fixedClass)
 	for _, tc := range []struct {
 		what    string
 		args    []string
 		written []rng
 	}{
-		{"FIXED_LENGTH delta snapC..snapD", []string{"-s", "snapD", "-p", "snapC"}, w2},
-		{"FIXED_LENGTH allocated snapC", []string{"-s", "snapC"}, append(append([]rng(nil), cbt.w0...), cbt.w1...)},
+		{"FIXED_LENGTH delta snap-c..snap-d", []string{"-s", "snap-d", "-p", "snap-c"}, w2},
+		{"FIXED_LENGTH allocated snap-c", []string{"-s", "snap-c"}, append(append([]rng(nil), cbt.w0...), cbt.w1...)},
 	} {
 		l := c.mustList(t, tc.args...)
 		checkExact(t, tc.what, l, tc.written)
@@ -541,17 +541,17 @@ parameters: {blockMetadataType: FIXED_LENGTH}
 			}
 		}
 	}
-	c.mustKubectl(t, "delete", "volumesnapshot", "-n", testNS, "snapC", "snapD", "--wait=true", "--timeout=120s")
+	c.mustKubectl(t, "delete", "volumesnapshot", "-n", testNS, "snap-c", "snap-d", "--wait=true", "--timeout=120s")
 }
 
-// Scenario 18: the node plugin is SIGKILLed between snapE and snapF, after
-// writes that were synced. The plugin restarts; the delta snapE..snapF is
+// Scenario 18: the node plugin is SIGKILLed between snap-e and snap-f, after
+// writes that were synced. The plugin restarts; the delta snap-e..snap-f is
 // still answered (crash-consistent tracking, the chart's default), covers
-// every write, and is not a full listing: the data written before snapA,
+// every write, and is not a full listing: the data written before snap-a,
 // untouched since, is not in it. docs/backup.md says what it may
 // over-report after a crash (1 MiB units, runs ahead).
 func testCBTPluginKilled(t *testing.T, c *cluster) {
-	c.takeSnapshot(t, "snapE", "qcow2")
+	c.takeSnapshot(t, "snap-e", "qcow2")
 	w3 := []rng{{700 * mib, 4096}, {800*mib + 512<<10, cluster64k}}
 	c.writeAt(t, "cbt-w", w3)
 
@@ -574,8 +574,8 @@ func testCBTPluginKilled(t *testing.T, c *cluster) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	c.takeSnapshot(t, "snapF", "qcow2")
-	delta := c.mustList(t, "-s", "snapF", "-p", "snapE")
+	c.takeSnapshot(t, "snap-f", "qcow2")
+	delta := c.mustList(t, "-s", "snap-f", "-p", "snap-e")
 	for _, w := range w3 {
 		if !covers(delta.tuples, w) {
 			t.Errorf("delta across the crash %v misses the write %v", normalize(delta.tuples), w)
@@ -584,7 +584,7 @@ func testCBTPluginKilled(t *testing.T, c *cluster) {
 	for _, w := range cbt.w0 {
 		for _, d := range delta.tuples {
 			if d.off < w.off+w.n && w.off < d.off+d.n {
-				t.Errorf("delta across the crash %v holds %v, written before snapA and untouched: a full listing, not a delta", normalize(delta.tuples), w)
+				t.Errorf("delta across the crash %v holds %v, written before snap-a and untouched: a full listing, not a delta", normalize(delta.tuples), w)
 			}
 		}
 	}
@@ -592,7 +592,7 @@ func testCBTPluginKilled(t *testing.T, c *cluster) {
 	// The writer's FUSE device died with the plugin: its pod goes, and with
 	// it the volume and its snapshots.
 	c.mustKubectl(t, "delete", "pod", "-n", testNS, "cbt-w", "--grace-period=2", "--wait=true", "--timeout=180s")
-	c.mustKubectl(t, "delete", "volumesnapshot", "-n", testNS, "snapB", "snapE", "snapF", "--wait=true", "--timeout=120s")
+	c.mustKubectl(t, "delete", "volumesnapshot", "-n", testNS, "snap-b", "snap-e", "snap-f", "--wait=true", "--timeout=120s")
 	c.mustKubectl(t, "delete", "pvc", "-n", testNS, "cbt", "--wait=true", "--timeout=120s")
 	c.kubectl("delete", "clusterrolebinding", "e2e-cbt-client")
 	c.kubectl("delete", "serviceaccount", "-n", testNS, cbtClient, cbtNoRole)
@@ -672,7 +672,14 @@ func testCBTBench(t *testing.T, c *cluster) {
 	c.takeSnapshot(t, "bench2", "qcow2")
 	base, target := c.snapshotHandle(t, "bench1"), c.snapshotHandle(t, "bench2")
 
-	sock := c.controllerSocket(t)
+	// The socket's path is longer than a unix socket address may be: dial
+	// it through a short symlink.
+	sock := filepath.Join(os.TempDir(), fmt.Sprintf("cbt-%d.sock", os.Getpid()))
+	os.Remove(sock)
+	if err := os.Symlink(c.controllerSocket(t), sock); err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(sock)
 	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
