@@ -664,6 +664,12 @@ func testCBTBench(t *testing.T, c *cluster) {
 	c.backupServiceAccounts(t)
 	defer c.kubectl("delete", "clusterrolebinding", "e2e-cbt-client")
 	defer c.kubectl("delete", "serviceaccount", "-n", testNS, cbtClient, cbtNoRole)
+	// A failed measurement must not leave its pod to scenario 8's upgrade.
+	defer func() {
+		c.kubectl("delete", "pod", "-n", testNS, "cbt-w", "--wait=true", "--timeout=120s")
+		c.kubectl("delete", "volumesnapshot", "-n", testNS, "bench1", "bench2", "--ignore-not-found", "--wait=true", "--timeout=120s")
+		c.kubectl("delete", "pvc", "-n", testNS, "cbt", "--ignore-not-found", "--wait=true", "--timeout=120s")
+	}()
 	c.mustApply(t, pvcManifest("cbt", "10Gi", "Block"))
 	c.mustApply(t, podManifest("cbt-w", "cbt", true, "sleep 3600"))
 	c.podReady(t, testNS, "cbt-w", 3*time.Minute)
@@ -751,9 +757,6 @@ func testCBTBench(t *testing.T, c *cluster) {
 		fmt.Fprintf(&sb, "%-10s %22s %22s %10d\n", name, minMed(r.sidecar), minMed(r.socket), r.bytes[0]>>20)
 	}
 	t.Logf("CBT-BENCH\n%s", sb.String())
-	c.deletePod(t, testNS, "cbt-w")
-	c.mustKubectl(t, "delete", "volumesnapshot", "-n", testNS, "bench1", "bench2", "--wait=true", "--timeout=120s")
-	c.mustKubectl(t, "delete", "pvc", "-n", testNS, "cbt", "--wait=true", "--timeout=120s")
 }
 
 // controllerSocket is the host path of a Ready controller pod's CSI socket
