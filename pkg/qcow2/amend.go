@@ -48,6 +48,9 @@ func (img *Image) Amend(opts AmendOptions) error {
 	default:
 		return fmt.Errorf("%w: unknown compatibility level %s", ErrInvalidOption, opts.Compat)
 	}
+	if newVersion < 3 && img.crypto != nil {
+		return fmt.Errorf("%w: LUKS encryption needs compat=1.1; cannot downgrade an encrypted image", ErrInvalidOption)
+	}
 	refBits := int(img.refBits)
 	if opts.RefcountBits != 0 {
 		refBits = opts.RefcountBits

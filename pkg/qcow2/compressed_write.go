@@ -14,6 +14,9 @@ func (img *Image) WriteCompressed(p []byte, off int64) (int, error) {
 	if off%cs != 0 || (int64(len(p))%cs != 0 && off+int64(len(p)) != img.Size()) {
 		return 0, fmt.Errorf("%w: compressed writes must be whole clusters (offset %d, length %d)", ErrInvalidOption, off, len(p))
 	}
+	if img.crypto != nil {
+		return 0, fmt.Errorf("%w: compression is not supported on encrypted images", ErrUnsupported)
+	}
 	if err := img.startWrite(off, int64(len(p))); err != nil {
 		return 0, err
 	}

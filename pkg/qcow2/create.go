@@ -44,6 +44,10 @@ type CreateOptions struct {
 	BackingFile string
 	// BackingFormat is "qcow2" or "raw"; empty probes the backing file.
 	BackingFormat string
+	// Encryption, when set, makes the image encrypted (qemu-img's
+	// encrypt.format=luks): compat 1.1 and preallocation off only. The
+	// returned Image is unlocked with its passphrase.
+	Encryption *EncryptionOptions
 	// NoSync opens the new image with OpenOptions.NoSync.
 	NoSync bool
 	// Mode is the permission bits of a newly made file, before the umask
@@ -112,6 +116,19 @@ func (o *CreateOptions) normalize() error {
 	case PreallocOff, PreallocMetadata, PreallocFalloc, PreallocFull:
 	default:
 		return bad("invalid preallocation mode %q (off, metadata, falloc, full)", o.Preallocation)
+	}
+	if o.Encryption != nil {
+		if err := o.Encryption.normalize(); err != nil {
+			return err
+		}
+		switch {
+		case o.Version < 3:
+			return bad("LUKS encryption needs compat=1.1")
+		case o.Preallocation != PreallocOff:
+			// Preallocated clusters would hold clear zeroes that decrypt
+			// to noise.
+			return bad("preallocation=%s cannot be used with encryption", o.Preallocation)
+		}
 	}
 	if o.BackingFile != "" && o.Preallocation != PreallocOff && !o.ExtendedL2 {
 		return bad("backing file and preallocation can only be used at the same time if extended_l2 is on")
@@ -213,6 +230,11 @@ func (img *Image) createFinish(o *CreateOptions) error {
 	defer img.drain.Unlock()
 	img.mu.Lock()
 	defer img.mu.Unlock()
+	if o.Encryption != nil {
+		if err := img.setupEncryption(o.Encryption); err != nil {
+			return err
+		}
+	}
 	if err := img.growLocked(o.Size); err != nil {
 		return err
 	}

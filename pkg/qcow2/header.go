@@ -33,7 +33,7 @@ type header struct {
 	Features      []featureName
 	Bitmaps       *bitmapsExt
 	Unknown       []rawExtension // preserved verbatim on rewrite
-	HasCrypto     bool
+	Crypto        *cryptoExt     // full disk encryption header extension
 }
 
 type featureName struct {
@@ -46,6 +46,13 @@ type bitmapsExt struct {
 	NbBitmaps uint32
 	DirSize   uint64
 	DirOffset uint64
+}
+
+// cryptoExt is the full disk encryption header extension: where the LUKS
+// header region lies in the file (luks.go).
+type cryptoExt struct {
+	Offset uint64 // cluster aligned
+	Length uint64
 }
 
 type rawExtension struct {
@@ -114,6 +121,9 @@ func decodeHeader(buf []byte, fileSize int64) (*header, error) {
 	if err := h.decodeExtensions(buf, fileSize); err != nil {
 		return nil, err
 	}
+	if (h.CryptMethod == cryptLUKS) != (h.Crypto != nil) {
+		return nil, corruptf("crypt_method", hdrCryptMethod, "method %d does not match the presence of the full disk encryption header extension (%t)", h.CryptMethod, h.Crypto != nil)
+	}
 	if h.BackingFileOffset != 0 {
 		if h.BackingFileSize > maxBackingFileName {
 			return nil, corruptf("backing_file_size", hdrBackingFileSize, "%d exceeds limit %d", h.BackingFileSize, maxBackingFileName)
@@ -160,8 +170,12 @@ func (h *header) validate(fileSize int64) error {
 	if h.Incompatible&IncompatExtendedL2 != 0 && h.ClusterBits < 14 {
 		return corruptf("cluster_bits", hdrClusterBits, "extended L2 needs clusters of at least 16 KiB, got %d bytes", cs)
 	}
-	if h.CryptMethod != 0 {
-		return unsupportedf("crypt_method", hdrCryptMethod, "encrypted images (method %d) are not supported", h.CryptMethod)
+	switch h.CryptMethod {
+	case cryptNone, cryptLUKS:
+	case cryptAES:
+		return unsupportedf("crypt_method", hdrCryptMethod, "legacy AES-CBC encryption (method 1) is not supported; convert with qemu-img to encrypt.format=luks")
+	default:
+		return unsupportedf("crypt_method", hdrCryptMethod, "unknown encryption method %d", h.CryptMethod)
 	}
 	if int64(h.Size) < 0 {
 		return corruptf("size", hdrSize, "%d is too large", h.Size)
@@ -280,8 +294,17 @@ func (h *header) decodeExtensions(buf []byte, fileSize int64) error {
 		case extExternalDataFile:
 			h.DataFile = string(data)
 		case extCryptoHeader:
-			h.HasCrypto = true
-			h.Unknown = append(h.Unknown, rawExtension{Type: typ, Data: append([]byte(nil), data...)})
+			if ln != 16 {
+				return corruptf("crypto_header_extension", int64(off), "length %d is not 16", ln)
+			}
+			c := &cryptoExt{Offset: be.Uint64(data), Length: be.Uint64(data[8:])}
+			if c.Length < luksHeaderLen || c.Length > maxLUKSRegion {
+				return corruptf("crypto_header_length", int64(dataOff+8), "%d is outside %d..%d", c.Length, luksHeaderLen, maxLUKSRegion)
+			}
+			if err := checkTable("crypto_header_offset", int64(dataOff), c.Offset, c.Length, uint64(1)<<h.ClusterBits, fileSize); err != nil {
+				return err
+			}
+			h.Crypto = c
 		default:
 			h.Unknown = append(h.Unknown, rawExtension{Type: typ, Data: append([]byte(nil), data...)})
 		}
@@ -337,6 +360,13 @@ func (h *header) encode() ([]byte, error) {
 	}
 	if h.DataFile != "" {
 		ext(extExternalDataFile, []byte(h.DataFile))
+	}
+	if h.Crypto != nil {
+		// qemu writes it before the feature table.
+		var c [16]byte
+		be.PutUint64(c[:], h.Crypto.Offset)
+		be.PutUint64(c[8:], h.Crypto.Length)
+		ext(extCryptoHeader, c[:])
 	}
 	if h.Version >= 3 {
 		if len(h.Features) > 0 {

@@ -47,6 +47,16 @@ const (
 	maxBitmapNameSize     = 1023
 	maxExtensionsSize     = 1 << 20 // header extensions must fit in the first cluster anyway
 
+	// maxLUKSRegion bounds the LUKS header region a crypto header
+	// extension may declare (QEMU's own is about 2 MiB; 8 slots of 4000
+	// stripes of a 64-byte key, with alignment, need under 2.1 MiB).
+	maxLUKSRegion = 16 << 20
+
+	// crypt_method values.
+	cryptNone = 0
+	cryptAES  = 1
+	cryptLUKS = 2
+
 	// Header extension types.
 	extEnd              = 0x00000000
 	extBackingFormat    = 0xe2792aca

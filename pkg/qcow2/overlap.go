@@ -19,6 +19,7 @@ const (
 	metaInactiveL1
 	metaBitmapDir
 	metaBitmapTable
+	metaCryptoHeader
 )
 
 func (k metaKind) String() string {
@@ -41,6 +42,8 @@ func (k metaKind) String() string {
 		return "bitmap directory"
 	case metaBitmapTable:
 		return "bitmap table"
+	case metaCryptoHeader:
+		return "crypto header"
 	}
 	return fmt.Sprintf("metadata(%d)", uint8(k))
 }
@@ -79,6 +82,9 @@ func (img *Image) buildMetaMap() {
 	}
 	for _, b := range img.bitmapDir {
 		addRange(int64(b.TableOffset), int64(b.TableSize)*8, metaBitmapTable)
+	}
+	if c := h.Crypto; c != nil {
+		addRange(int64(c.Offset), int64(c.Length), metaCryptoHeader)
 	}
 	img.metaMap = m
 }

@@ -190,6 +190,9 @@ func (img *Image) readRange(p []byte, off int64) error {
 
 // readRangeL1 is readRange through the given L1 table (nil: the active one).
 func (img *Image) readRangeL1(l1 []l1Entry, p []byte, off int64) error {
+	if _, err := img.dataCipher(); err != nil {
+		return err
+	}
 	var runs []run
 	var cbuf []byte
 	for len(p) > 0 {
@@ -203,7 +206,7 @@ func (img *Image) readRangeL1(l1 []l1Entry, p []byte, off int64) error {
 			dst := p[r.guest-off : r.guest-off+r.n]
 			switch r.kind {
 			case kindNormal:
-				if err := img.preadData(dst, r.host); err != nil {
+				if err := img.readGuestData(dst, r.host); err != nil {
 					return err
 				}
 			case kindZero, kindZeroAlloc:

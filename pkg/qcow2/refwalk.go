@@ -22,6 +22,7 @@ const (
 	refBitmapData
 	refRefTable
 	refRefBlock
+	refCryptoHeader
 )
 
 // reference is one use of host space. A host cluster's refcount must equal
@@ -186,6 +187,11 @@ func (img *Image) walkReferences(opt walkOptions, fn func(r reference) error) er
 			if err := emit(reference{Off: o, Len: img.clusterSize, Kind: refBitmapData, Snapshot: -1, L1Index: int64(bi), L2Index: i, Entry: e}); err != nil {
 				return err
 			}
+		}
+	}
+	if c := h.Crypto; c != nil {
+		if err := emit(reference{Off: int64(c.Offset), Len: int64(c.Length), Kind: refCryptoHeader, Snapshot: -1}); err != nil {
+			return err
 		}
 	}
 	if opt.RefcountStructures {

@@ -67,6 +67,8 @@ func (img *Image) startWriteLocked(off, n int64) error {
 		err = fmt.Errorf("qcow2: image unusable after an earlier metadata write failure: %w", img.err)
 	case off < 0 || n < 0 || off > img.size || n > img.size-off:
 		err = fmt.Errorf("%w: %d bytes at %d, disk size %d", ErrOutOfRange, n, off, img.size)
+	case img.crypto != nil && img.crypto.c == nil:
+		err = ErrKeyRequired
 	case !img.wroteOnce && n > 0:
 		err = img.firstWrite()
 	}
@@ -247,6 +249,12 @@ func (img *Image) planWrites(plans []plan) error {
 			next += img.clusterSize
 		}
 		img.planFill(pl)
+		if img.crypto != nil {
+			// Sectors are encrypted whole: a partial one is filled
+			// from its old contents like a partial cluster.
+			pl.fillStart = alignDown(pl.fillStart, luksSectorSize)
+			pl.fillEnd = alignUp(pl.fillEnd, luksSectorSize)
+		}
 		if err := img.checkOverlap(pl.host+pl.fillStart, pl.fillEnd-pl.fillStart, 0); err != nil {
 			return img.fail(err)
 		}
@@ -300,17 +308,28 @@ func (img *Image) planFill(pl *plan) {
 // fillAndWrite builds the bytes of each plan's fill range and writes them,
 // merging writes to consecutive host clusters. No lock held.
 func (img *Image) fillAndWrite(plans []plan) error {
+	c, err := img.dataCipher()
+	if err != nil {
+		return err
+	}
 	for i := range plans {
 		pl := &plans[i]
 		if pl.fillStart == pl.wStart && pl.fillEnd == pl.wEnd {
-			continue // the guest data is the whole write
+			if c != nil {
+				// Never encrypt the caller's buffer in place.
+				pl.buf = append([]byte(nil), pl.src...)
+			}
+		} else {
+			buf := make([]byte, pl.fillEnd-pl.fillStart)
+			if err := img.readOld(pl, buf, pl.fillStart); err != nil {
+				return err
+			}
+			copy(buf[pl.wStart-pl.fillStart:], pl.src)
+			pl.buf = buf
 		}
-		buf := make([]byte, pl.fillEnd-pl.fillStart)
-		if err := img.readOld(pl, buf, pl.fillStart); err != nil {
-			return err
+		if c != nil {
+			xtsSectors(c, pl.buf, uint64((pl.host+pl.fillStart)/luksSectorSize), true)
 		}
-		copy(buf[pl.wStart-pl.fillStart:], pl.src)
-		pl.buf = buf
 	}
 	// Merge runs whose host ranges and buffers are contiguous.
 	for i := 0; i < len(plans); {
@@ -367,7 +386,7 @@ func (img *Image) readOld(pl *plan, buf []byte, from int64) error {
 		case img.hdr.Version >= 3 && e.zeroFlag():
 			clear(buf)
 		case e.offset() != 0:
-			return img.preadData(buf, e.offset()+from)
+			return img.readGuestData(buf, e.offset()+from)
 		default:
 			return img.readBacking(buf, base+from)
 		}
@@ -381,7 +400,7 @@ func (img *Image) readOld(pl *plan, buf []byte, from int64) error {
 		dst := buf[pos : pos+n]
 		switch {
 		case bm.alloc(uint(sc)):
-			if err := img.preadData(dst, e.offset()+in); err != nil {
+			if err := img.readGuestData(dst, e.offset()+in); err != nil {
 				return err
 			}
 		case bm.zero(uint(sc)):
