@@ -117,7 +117,7 @@ func (img *Image) loadCrypto(opts OpenOptions) error {
 	}
 	key, slot, err := luksUnlock(h, opts.Passphrase, budget, img.readKeyMaterial)
 	if err != nil {
-		return fmt.Errorf("qcow2: %s: %w", img.path, err)
+		return fmt.Errorf("%w (image %s)", err, img.path)
 	}
 	return cr.setKey(key, slot)
 }
