@@ -5,6 +5,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
 )
@@ -17,7 +18,7 @@ import (
 func init() {
 	registerImgCommand(imgCommand{
 		name:  "amend",
-		usage: "amend [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename",
+		usage: "amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename",
 		run:   runImgAmend,
 	})
 }
@@ -41,6 +42,18 @@ does. Options (comma separated, ",," for a literal comma; -o may repeat):
                          qemu-img rebase -u (qemu-img 7.2 amend refuses this)
   backing_fmt=FMT        rewrite the backing format (qcow2 or raw)
   help                   list these options
+
+Key slots of an encrypted (LUKS) image, as qemu-img amend takes them; the
+image is named with --image-opts and its current key, the secrets with
+--object (see docs/encryption.md):
+
+  encrypt.state=active,encrypt.new-secret=ID[,encrypt.keyslot=N][,encrypt.iter-time=MS]
+                         add a key slot opening with secret ID
+  encrypt.state=inactive,encrypt.old-secret=ID
+                         remove every key slot secret ID opens
+  encrypt.state=inactive,encrypt.keyslot=N
+                         remove key slot N
+  The last active key slot is never removed. Data is not rewritten.
 `
 
 var amendOptionNames = []string{"backing_file", "backing_fmt", "compat", "lazy_refcounts", "refcount_bits", "size"}
@@ -79,8 +92,6 @@ func runImgAmend(args []string) int {
 				return imgErr("Invalid cache option: %s", o.val)
 			}
 		case "p", "q", "force":
-		case "object", "image-opts":
-			return imgErr("option --%s is not supported", o.name)
 		}
 	}
 	if len(optList) == 0 {
@@ -105,13 +116,32 @@ func runImgAmend(args []string) int {
 		printAmendOptions()
 		return 0
 	}
+	ia, err := newImageArgs(pa)
+	if err != nil {
+		return imgErr("%v", err)
+	}
+	defer ia.secrets.wipe()
+	kv, ks, err := splitKeyslotOptions(kv, ia.secrets)
+	if err != nil {
+		return imgErr("%v", err)
+	}
 	ao, err := parseAmendOptions(kv)
 	if err != nil {
 		return imgErr("%v", err)
 	}
-	img, err := qcow2.Open(pa.pos[0], qcow2.OpenOptions{})
+	ref, err := ia.ref(pa.pos[0], "")
 	if err != nil {
-		return imgErr("Could not open '%s': %v", pa.pos[0], err)
+		return imgErr("%v", err)
+	}
+	img, err := qcow2.Open(ref.path, ref.openOptions(false, false))
+	if err != nil {
+		return imgErr("Could not open '%s': %v", ref.path, err)
+	}
+	if ks != nil {
+		if err := ks.apply(img); err != nil {
+			img.Close()
+			return imgErr("%v", keyError(err))
+		}
 	}
 	if err := img.Amend(ao); err != nil {
 		img.Close()
@@ -242,4 +272,81 @@ func validCacheMode(s string) bool {
 func faceUsageError(msg string) int {
 	fmt.Fprintf(os.Stderr, "qcow2-csi img: %s\nTry 'qcow2-csi img --help' for more information\n", msg)
 	return 1
+}
+
+// keyslotChange is an amend of an encrypted image's key slots.
+type keyslotChange struct {
+	state    string // "active" or "inactive"
+	newPass  []byte
+	oldPass  []byte
+	slot     int
+	iterTime time.Duration
+}
+
+// splitKeyslotOptions takes the encrypt.* amend options out of kv.
+func splitKeyslotOptions(kv optionList, secrets imgSecrets) (optionList, *keyslotChange, error) {
+	var rest optionList
+	var ks *keyslotChange
+	for _, o := range kv {
+		if !strings.HasPrefix(o.name, "encrypt.") {
+			rest = append(rest, o)
+			continue
+		}
+		if ks == nil {
+			ks = &keyslotChange{slot: -1}
+		}
+		var err error
+		switch o.name {
+		case "encrypt.state":
+			if o.val != "active" && o.val != "inactive" {
+				return nil, nil, fmt.Errorf("Invalid parameter value '%s' for encrypt.state (active, inactive)", o.val)
+			}
+			ks.state = o.val
+		case "encrypt.new-secret":
+			ks.newPass, err = secrets.get(o.val)
+		case "encrypt.old-secret":
+			ks.oldPass, err = secrets.get(o.val)
+		case "encrypt.keyslot":
+			n, perr := strconv.Atoi(o.val)
+			if perr != nil || n < 0 || n > 7 {
+				return nil, nil, fmt.Errorf("Invalid keyslot %s (0 to 7)", o.val)
+			}
+			ks.slot = n
+		case "encrypt.iter-time":
+			ks.iterTime, err = parseMillis(o.name, o.val)
+		default:
+			return nil, nil, fmt.Errorf("Invalid parameter '%s'\nThis option is only supported for image creation", o.name)
+		}
+		if err != nil {
+			return nil, nil, err
+		}
+	}
+	if ks == nil {
+		return rest, nil, nil
+	}
+	switch {
+	case ks.state == "":
+		return nil, nil, fmt.Errorf("Parameter 'encrypt.state' is required to change key slots")
+	case ks.state == "active" && ks.newPass == nil:
+		return nil, nil, fmt.Errorf("'new-secret' is required to activate a keyslot")
+	case ks.state == "active" && ks.oldPass != nil:
+		return nil, nil, fmt.Errorf("'old-secret' must not be given when activating keyslots")
+	case ks.state == "inactive" && ks.newPass != nil:
+		return nil, nil, fmt.Errorf("'new-secret' must not be given when erasing keyslots")
+	case ks.state == "inactive" && (ks.oldPass == nil) == (ks.slot < 0):
+		return nil, nil, fmt.Errorf("exactly one of 'old-secret' and 'keyslot' is needed to erase keyslots")
+	}
+	return rest, ks, nil
+}
+
+func (ks *keyslotChange) apply(img *qcow2.Image) error {
+	if !img.Encrypted() {
+		return fmt.Errorf("the image is not encrypted: encrypt.* options cannot be amended")
+	}
+	if ks.state == "active" {
+		_, err := img.AddKeySlot(ks.newPass, qcow2.KeySlotOptions{Slot: ks.slot, IterTime: ks.iterTime})
+		return err
+	}
+	_, err := img.RemoveKeySlots(ks.oldPass, ks.slot)
+	return err
 }

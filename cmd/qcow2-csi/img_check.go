@@ -10,7 +10,7 @@ import (
 func init() {
 	registerImgCommand(imgCommand{
 		name:  "check",
-		usage: "check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename",
+		usage: "check [--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename",
 		run:   runImgCheck,
 	})
 }
@@ -28,6 +28,8 @@ snapshot table, bitmap directory and tables), COPIED flags, and statistics.
              refcount structures (the new table goes where it fits)
   --output   human (default) or json (qemu-img's field names)
   -U         do not take the image lock (force-share)
+  --object secret,... and --image-opts are accepted as qemu-img takes them
+             for an encrypted image; the check itself needs no key
   -q         quiet
 
 Exit codes: 0 no errors, 1 check failed, 2 corruptions, 3 leaks only.
@@ -36,7 +38,8 @@ Exit codes: 0 no errors, 1 check failed, 2 corruptions, 3 leaks only.
 func runImgCheck(args []string) int {
 	pa, err := parseArgs(args, argSpec{
 		short: "hf:r:qU",
-		long:  map[string]bool{"help": false, "format": true, "repair": true, "output": true, "quiet": false, "force-share": false},
+		long: map[string]bool{"help": false, "format": true, "repair": true, "output": true, "quiet": false, "force-share": false,
+			"object": true, "image-opts": false},
 	})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "qcow2-csi img check: %v\n%s", err, imgCheckHelp)
@@ -92,7 +95,22 @@ func runImgCheck(args []string) int {
 	case "all":
 		mode = qcow2.RepairAll
 	}
-	name := files[0]
+	// An encrypted image is checked without its key (only metadata is
+	// read); --object and --image-opts are taken so that qemu-img's
+	// command line for one works unchanged.
+	ia, err := newImageArgs(pa)
+	if err == nil {
+		defer ia.secrets.wipe()
+	}
+	var ref imageRef
+	if err == nil {
+		ref, err = ia.ref(files[0], "")
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "qcow2-csi img check: %v\n", err)
+		return 1
+	}
+	name := ref.path
 	img, err := qcow2.OpenForCheck(name, qcow2.OpenOptions{ReadOnly: mode == qcow2.RepairNone, NoLock: share})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "qcow2-csi img check: Could not open '%s': %v\n", name, err)

@@ -40,13 +40,30 @@ func runImgCompare(args []string) int {
 	strict := pa.has("s")
 	f1, _ := pa.get("f")
 	f2, _ := pa.get("F")
-	a, err := openImg(pa.pos[0], f1, false, share)
+	var refs [2]imageRef
+	ia, err := newImageArgs(pa)
+	if err != nil {
+		imgErr("%v", err)
+		return cmpError
+	}
+	defer ia.secrets.wipe()
+	r1, err := ia.ref(pa.pos[0], f1)
+	if err == nil {
+		var r2 imageRef
+		r2, err = ia.ref(pa.pos[1], f2)
+		refs = [2]imageRef{r1, r2}
+	}
+	if err != nil {
+		imgErr("%v", err)
+		return cmpError
+	}
+	a, err := openImgRef(refs[0], false, share)
 	if err != nil {
 		imgErr("%v", err)
 		return cmpError
 	}
 	defer a.Close()
-	b, err := openImg(pa.pos[1], f2, false, share)
+	b, err := openImgRef(refs[1], false, share)
 	if err != nil {
 		imgErr("%v", err)
 		return cmpError

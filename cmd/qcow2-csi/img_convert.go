@@ -54,7 +54,7 @@ func runImgConvert(args []string) int {
 	if pa.wantsHelp("convert") {
 		return 0
 	}
-	for _, unsupported := range []string{"B", "C", "object", "image-opts", "target-image-opts", "salvage", "bitmaps", "r"} {
+	for _, unsupported := range []string{"B", "C", "target-image-opts", "salvage", "bitmaps", "r"} {
 		if pa.has(unsupported) {
 			name := "-" + unsupported
 			if len(unsupported) > 1 {
@@ -103,7 +103,13 @@ func runImgConvert(args []string) int {
 			return imgErr("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
 		}
 	}
+	ia, err := newImageArgs(pa)
+	if err != nil {
+		return imgErr("%v", err)
+	}
+	defer ia.secrets.wipe()
 	cs := newCreateSettings()
+	cs.secrets = ia.secrets
 	for _, o := range pa.all("o") {
 		if err := applyCreateOptions(cs, o); err != nil {
 			return imgErr("%v", err)
@@ -116,9 +122,19 @@ func runImgConvert(args []string) int {
 	if cs.opts.BackingFile != "" {
 		return imgErr("backing_file is not supported by qcow2-csi img convert")
 	}
+	if err := checkEncryption(&cs.opts); err != nil {
+		return imgErr("%v", err)
+	}
+	if cs.opts.Encryption != nil && (outFmt != "qcow2" || c.existing) {
+		return imgErr("encrypt.* options need -O qcow2 and a new target")
+	}
 	inFmt, _ := pa.get("f")
 	share := pa.has("U") || pa.has("force-share")
-	src, err := openImg(pa.pos[0], inFmt, false, share)
+	ref, err := ia.ref(pa.pos[0], inFmt)
+	if err != nil {
+		return imgErr("%v", err)
+	}
+	src, err := openImgRef(ref, false, share)
 	if err != nil {
 		return imgErr("%v", err)
 	}

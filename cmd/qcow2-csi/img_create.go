@@ -23,6 +23,13 @@ const createOptionsHelp = `Supported options:
   cluster_size=<size>    - qcow2 cluster size (512 to 2M, default 64k)
   compat=<str>           - Compatibility level (v2 / 0.10, v3 / 1.1)
   compression_type=<str> - Compression method used for image cluster compression (zlib, zstd)
+  encrypt.format=<str>   - Encrypt the image, format choices: 'luks'
+  encrypt.key-secret=<str> - ID of secret providing qcow2 AES key or LUKS passphrase
+  encrypt.cipher-alg=<str> - Name of encryption cipher algorithm (aes-256, aes-128)
+  encrypt.cipher-mode=<str> - Name of encryption cipher mode (xts)
+  encrypt.ivgen-alg=<str> - Name of IV generator algorithm (plain64)
+  encrypt.hash-alg=<str> - Name of encryption hash algorithm (sha256, sha1, sha512)
+  encrypt.iter-time=<num> - Time to spend in PBKDF in milliseconds
   extended_l2=<bool (on/off)> - Extended L2 tables
   lazy_refcounts=<bool (on/off)> - Postpone refcount updates
   preallocation=<str>    - Preallocation mode (allowed values: off, metadata, falloc, full)
@@ -36,6 +43,11 @@ type createSettings struct {
 	opts qcow2.CreateOptions
 	set  map[string]bool
 	help bool
+	// secrets are the --object secrets encrypt.key-secret may name;
+	// encrypt lists the encrypt.* options as given (for the
+	// Formatting line).
+	secrets imgSecrets
+	encrypt []string
 }
 
 // imgFileMode is the mode img create and img convert give a new file,
@@ -104,10 +116,16 @@ func applyCreateOptions(cs *createSettings, list string) error {
 			o.BackingFile = v
 		case "backing_fmt":
 			o.BackingFormat = v
-		case "encryption", "encrypt.format", "data_file", "data_file_raw":
+		case "encryption", "data_file", "data_file_raw":
 			return fmt.Errorf("option '%s' is not supported by qcow2-csi", k)
 		default:
-			return fmt.Errorf("Invalid parameter '%s'", k)
+			if !strings.HasPrefix(k, "encrypt.") {
+				return fmt.Errorf("Invalid parameter '%s'", k)
+			}
+			if err := applyEncryptOption(o, k, v, cs.secrets); err != nil {
+				return err
+			}
+			cs.encrypt = append(cs.encrypt, k+"="+v)
 		}
 	}
 	return nil
@@ -121,14 +139,15 @@ func runImgCreate(args []string) int {
 	if pa.wantsHelp("create") {
 		return 0
 	}
-	if pa.has("object") {
-		return imgErr("--object is not supported")
-	}
 	format, _ := pa.get("f")
 	if format == "" {
 		format = "raw"
 	}
 	cs := newCreateSettings()
+	if cs.secrets, err = parseObjects(pa.all("object")); err != nil {
+		return imgErr("%v", err)
+	}
+	defer cs.secrets.wipe()
 	if b, ok := pa.get("b"); ok {
 		cs.opts.BackingFile, cs.set["backing_file"] = b, true
 	}
@@ -143,6 +162,12 @@ func runImgCreate(args []string) int {
 	if cs.help {
 		fmt.Print(createOptionsHelp)
 		return 0
+	}
+	if err := checkEncryption(&cs.opts); err != nil {
+		return imgErr("%v", err)
+	}
+	if cs.opts.Encryption != nil && format != "qcow2" {
+		return imgErr("Invalid parameter 'encrypt.format'")
 	}
 	if len(pa.pos) < 1 || len(pa.pos) > 2 {
 		return imgErr("Expecting image file name")
@@ -220,6 +245,9 @@ func formattingLine(path, format string, cs *createSettings) string {
 			return "on"
 		}
 		return "off"
+	}
+	for _, e := range cs.encrypt {
+		fmt.Fprintf(&b, " %s", e)
 	}
 	fmt.Fprintf(&b, " cluster_size=%d extended_l2=%s", clusterSize, onOff(o.ExtendedL2))
 	if cs.set["preallocation"] {

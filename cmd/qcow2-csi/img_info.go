@@ -30,6 +30,7 @@ type infoJSON struct {
 	FormatSpecific        *formatSpecific `json:"format-specific,omitempty"`
 	FullBackingFilename   string          `json:"full-backing-filename,omitempty"`
 	BackingFilename       string          `json:"backing-filename,omitempty"`
+	Encrypted             bool            `json:"encrypted,omitempty"`
 	DirtyFlag             bool            `json:"dirty-flag"`
 }
 
@@ -50,13 +51,14 @@ type formatSpecific struct {
 }
 
 type qcow2Specs struct {
-	Compat          string       `json:"compat"`
-	CompressionType string       `json:"compression-type"`
-	LazyRefcounts   *bool        `json:"lazy-refcounts,omitempty"`
-	Bitmaps         []bitmapJSON `json:"bitmaps,omitempty"`
-	RefcountBits    int          `json:"refcount-bits"`
-	Corrupt         *bool        `json:"corrupt,omitempty"`
-	ExtendedL2      *bool        `json:"extended-l2,omitempty"`
+	Compat          string                `json:"compat"`
+	CompressionType string                `json:"compression-type"`
+	LazyRefcounts   *bool                 `json:"lazy-refcounts,omitempty"`
+	Bitmaps         []bitmapJSON          `json:"bitmaps,omitempty"`
+	RefcountBits    int                   `json:"refcount-bits"`
+	Encrypt         *qcow2.EncryptionInfo `json:"encrypt,omitempty"`
+	Corrupt         *bool                 `json:"corrupt,omitempty"`
+	ExtendedL2      *bool                 `json:"extended-l2,omitempty"`
 }
 
 type bitmapJSON struct {
@@ -82,7 +84,18 @@ func runImgInfo(args []string) int {
 	}
 	format, _ := pa.get("f")
 	share := pa.has("U") || pa.has("force-share")
-	path := pa.pos[0]
+	// Info reads metadata only: an encrypted image needs no key, but the
+	// qemu-img command line with --object and --image-opts works too.
+	ia, err := newImageArgs(pa)
+	if err != nil {
+		return imgErr("%v", err)
+	}
+	defer ia.secrets.wipe()
+	ref, err := ia.ref(pa.pos[0], format)
+	if err != nil {
+		return imgErr("%v", err)
+	}
+	path, format := ref.path, ref.format
 	var chain []infoJSON
 	for path != "" {
 		in, next, err := imageInfo(path, format, share)
@@ -156,6 +169,9 @@ func imageInfo(path, format string, share bool) (infoJSON, string, error) {
 		DirtyFlag:             q.Dirty,
 		FormatSpecific:        &formatSpecific{Type: "qcow2", Data: qcow2Specs{Compat: q.Compat, CompressionType: q.CompressionType, RefcountBits: q.RefcountBits}},
 	}
+	if e := img.Encryption(); e != nil {
+		in.Encrypted, in.FormatSpecific.Data.Encrypt = true, e
+	}
 	if q.Version >= 3 {
 		d := &in.FormatSpecific.Data
 		d.LazyRefcounts, d.Corrupt, d.ExtendedL2 = &q.LazyRefcounts, &q.Corrupt, &q.ExtendedL2
@@ -200,6 +216,9 @@ func printInfoHuman(in infoJSON) {
 	fmt.Printf("file format: %s\n", in.Format)
 	fmt.Printf("virtual size: %s (%d bytes)\n", sizeToStr(in.VirtualSize), in.VirtualSize)
 	fmt.Printf("disk size: %s\n", sizeToStr(in.ActualSize))
+	if in.Encrypted {
+		fmt.Println("encrypted: yes")
+	}
 	if in.ClusterSize != 0 {
 		fmt.Printf("cluster_size: %d\n", in.ClusterSize)
 	}
@@ -251,6 +270,9 @@ func printInfoHuman(in infoJSON) {
 			}
 		}
 		fmt.Printf("    refcount bits: %d\n", d.RefcountBits)
+		if e := d.Encrypt; e != nil {
+			printEncryptHuman(e)
+		}
 		if d.Corrupt != nil {
 			fmt.Printf("    corrupt: %t\n", *d.Corrupt)
 		}
@@ -258,4 +280,29 @@ func printInfoHuman(in infoJSON) {
 			fmt.Printf("    extended l2: %t\n", *d.ExtendedL2)
 		}
 	}
+}
+
+// printEncryptHuman prints the LUKS part as qemu-img info does.
+func printEncryptHuman(e *qcow2.EncryptionInfo) {
+	fmt.Println("    encrypt:")
+	fmt.Printf("        ivgen alg: %s\n", e.IvgenAlg)
+	fmt.Printf("        hash alg: %s\n", e.HashAlg)
+	fmt.Printf("        cipher alg: %s\n", e.CipherAlg)
+	fmt.Printf("        uuid: %s\n", e.UUID)
+	fmt.Printf("        format: %s\n", e.Format)
+	fmt.Printf("        cipher mode: %s\n", e.CipherMode)
+	fmt.Println("        slots:")
+	for i, s := range e.Slots {
+		fmt.Printf("            [%d]:\n", i)
+		fmt.Printf("                active: %t\n", s.Active)
+		if s.Iters != nil {
+			fmt.Printf("                iters: %d\n", *s.Iters)
+		}
+		fmt.Printf("                key offset: %d\n", s.KeyOffset)
+		if s.Stripes != nil {
+			fmt.Printf("                stripes: %d\n", *s.Stripes)
+		}
+	}
+	fmt.Printf("        payload offset: %d\n", e.PayloadOffset)
+	fmt.Printf("        master key iters: %d\n", e.MasterKeyIters)
 }

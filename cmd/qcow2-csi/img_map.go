@@ -40,7 +40,16 @@ func runImgMap(args []string) int {
 		}
 	}
 	format, _ := pa.get("f")
-	img, err := openImg(pa.pos[0], format, false, pa.has("U") || pa.has("force-share"))
+	ia, err := newImageArgs(pa)
+	if err != nil {
+		return imgErr("%v", err)
+	}
+	defer ia.secrets.wipe()
+	ref, err := ia.ref(pa.pos[0], format)
+	if err != nil {
+		return imgErr("%v", err)
+	}
+	img, err := openImgRef(ref, false, pa.has("U") || pa.has("force-share"))
 	if err != nil {
 		return imgErr("%v", err)
 	}

@@ -72,14 +72,21 @@ func runImgResize(args []string) int {
 			default:
 				return imgErr("Invalid preallocation mode '%s'", o.val)
 			}
-		case "object", "image-opts":
-			return imgErr("option --%s is not supported", o.name)
 		}
 	}
 	if len(pa.pos) != 1 {
 		return faceUsageError("Expecting image file name and size")
 	}
-	filename := pa.pos[0]
+	ia, err := newImageArgs(pa)
+	if err != nil {
+		return imgErr("%v", err)
+	}
+	defer ia.secrets.wipe()
+	ref, err := ia.ref(pa.pos[0], "")
+	if err != nil {
+		return imgErr("%v", err)
+	}
+	filename := ref.path
 
 	relative := 0
 	s := sizeArg
@@ -96,7 +103,8 @@ func runImgResize(args []string) int {
 			"and exabytes, respectively.")
 	}
 
-	img, err := qcow2.Open(filename, qcow2.OpenOptions{})
+	// Resizing is metadata: an encrypted image needs no key here.
+	img, err := qcow2.Open(filename, ref.openOptions(false, false))
 	if err != nil {
 		return imgErr("Could not open '%s': %v", filename, err)
 	}

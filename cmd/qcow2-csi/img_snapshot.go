@@ -80,19 +80,27 @@ func runImgSnapshot(args []string) int {
 			// and -q does not silence the listing: nothing to do.
 		case "U", "force-share":
 			forceShare = true
-		case "object", "image-opts":
-			return imgErr("option --%s is not supported", o.name)
 		}
 	}
 	if len(pa.pos) != 1 {
 		return faceUsageError("Expecting one image file name")
 	}
-	filename := pa.pos[0]
+	ia, err := newImageArgs(pa)
+	if err != nil {
+		return imgErr("%v", err)
+	}
+	defer ia.secrets.wipe()
+	ref, err := ia.ref(pa.pos[0], "")
+	if err != nil {
+		return imgErr("%v", err)
+	}
+	filename := ref.path
 	if forceShare && action != snapList && action != snapNone {
 		// qemu-img: force-share needs a read-only open.
 		return imgErr("Could not open '%s': force-share=on can only be used with read-only images", filename)
 	}
-	img, err := qcow2.Open(filename, qcow2.OpenOptions{ReadOnly: action == snapList, NoLock: forceShare})
+	// Snapshots are metadata: an encrypted image needs no key here.
+	img, err := qcow2.Open(filename, ref.openOptions(action == snapList, forceShare))
 	if err != nil {
 		if errors.Is(err, qcow2.ErrNotQcow2) {
 			// qemu-img opens any format; formats without snapshots list

@@ -56,6 +56,13 @@ func probeFormat(path string) (string, error) {
 // openImg opens path as format ("" probes), read-only unless write.
 // forceShare is qemu-img's -U (no locks).
 func openImg(path, format string, write, forceShare bool) (imgFile, error) {
+	return openImgRef(imageRef{path: path, format: format}, write, forceShare)
+}
+
+// openImgRef is openImg for an image argument that may carry a key
+// (--image-opts ...,encrypt.key-secret=ID).
+func openImgRef(ref imageRef, write, forceShare bool) (imgFile, error) {
+	path, format := ref.path, ref.format
 	if format == "" {
 		var err error
 		if format, err = probeFormat(path); err != nil {
@@ -64,9 +71,15 @@ func openImg(path, format string, write, forceShare bool) (imgFile, error) {
 	}
 	switch format {
 	case "qcow2":
-		img, err := qcow2.Open(path, qcow2.OpenOptions{ReadOnly: !write, NoLock: forceShare})
+		img, err := qcow2.Open(path, ref.openOptions(!write, forceShare))
 		if err != nil {
 			return nil, fmt.Errorf("Could not open '%s': %w", path, unwrapPathErr(err))
+		}
+		if img.Encrypted() && ref.passphrase == nil {
+			// qemu-img refuses to open an encrypted image for data
+			// without its key; so do we, before any read.
+			img.Close()
+			return nil, fmt.Errorf("Could not open '%s': %w", path, keyError(qcow2.ErrKeyRequired))
 		}
 		return qcowFile{img}, nil
 	case "raw":

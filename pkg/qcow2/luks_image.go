@@ -198,16 +198,17 @@ func (img *Image) Encrypted() bool { return img.crypto != nil }
 
 // EncryptionInfo is what qemu-img info reports under format-specific
 // "encrypt" for a LUKS image.
+// Fields are in qemu-img's JSON order.
 type EncryptionInfo struct {
-	Format          string        `json:"format"`
-	CipherAlg       string        `json:"cipher-alg"`
-	CipherMode      string        `json:"cipher-mode"`
 	IvgenAlg        string        `json:"ivgen-alg"`
 	HashAlg         string        `json:"hash-alg"`
+	CipherAlg       string        `json:"cipher-alg"`
+	UUID            string        `json:"uuid"`
+	Format          string        `json:"format"`
+	CipherMode      string        `json:"cipher-mode"`
+	Slots           []KeySlotInfo `json:"slots"`
 	PayloadOffset   int64         `json:"payload-offset"`
 	MasterKeyIters  int64         `json:"master-key-iters"`
-	UUID            string        `json:"uuid"`
-	Slots           []KeySlotInfo `json:"slots"`
 	UnlockedKeySlot int           `json:"-"` // -1 when opened without a passphrase
 }
 
@@ -215,8 +216,8 @@ type EncryptionInfo struct {
 type KeySlotInfo struct {
 	Active    bool   `json:"active"`
 	Iters     *int64 `json:"iters,omitempty"`
-	Stripes   *int64 `json:"stripes,omitempty"`
 	KeyOffset int64  `json:"key-offset"`
+	Stripes   *int64 `json:"stripes,omitempty"`
 }
 
 // Encryption describes the image's encryption, nil for a plain image.
