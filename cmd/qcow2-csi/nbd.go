@@ -54,6 +54,12 @@ exits.
       --discard=MODE        ignore (default, as qemu-nbd): trims are no-ops and
                             zeroing keeps space allocated; unmap: trims and
                             zeroing free space
+      --object=secret,id=ID,file=PATH
+                            define a secret (also data=..., format=base64), as
+                            qemu-nbd; repeatable
+      --image-opts          FILE is an option list, as qemu-nbd:
+                            driver=qcow2,file.filename=PATH,encrypt.key-secret=ID
+                            serves an encrypted (LUKS) image with its key
       --pid-file=PATH       write the server's process ID to PATH
   -v, --verbose             log connections to stderr
   -h, --help                show this help
@@ -76,7 +82,16 @@ type nbdOptions struct {
 	file                  string
 	bindGiven, portGiven  bool
 	socketGiven, exitHelp bool
+	objects               stringList
+	imageOpts             bool
+	passphrase            []byte // from --image-opts encrypt.key-secret
 }
+
+// stringList is a repeatable string flag.
+type stringList []string
+
+func (l *stringList) String() string     { return fmt.Sprint(*l) }
+func (l *stringList) Set(v string) error { *l = append(*l, v); return nil }
 
 func parseNBDFlags(args []string, stderr io.Writer) (*nbdOptions, error) {
 	o := &nbdOptions{shared: 1}
@@ -107,6 +122,8 @@ func parseNBDFlags(args []string, stderr io.Writer) (*nbdOptions, error) {
 	boolean(&o.allocationDepth, "A", "allocation-depth")
 	boolean(&o.crashConsistent, "crash-consistent-bitmaps")
 	str(&o.pidFile, "", "pid-file")
+	fs.Var(&o.objects, "object", "")
+	boolean(&o.imageOpts, "image-opts")
 	str(&o.discard, "ignore", "discard")
 	boolean(&o.verbose, "v", "verbose")
 	boolean(&o.exitHelp, "h", "help")
@@ -141,6 +158,15 @@ func parseNBDFlags(args []string, stderr io.Writer) (*nbdOptions, error) {
 		return nil, fmt.Errorf("expected one FILE argument, got %d", len(pos))
 	}
 	o.file = pos[0]
+	secrets, err := parseObjects(o.objects)
+	if err != nil {
+		return nil, err
+	}
+	ref, err := resolveImage(o.file, o.format, o.imageOpts, secrets)
+	if err != nil {
+		return nil, err
+	}
+	o.file, o.format, o.passphrase = ref.path, ref.format, ref.passphrase
 	if o.socketGiven && (o.bindGiven || o.portGiven) {
 		return nil, errors.New("-k and -b/-p are exclusive: listen on a unix socket or on TCP")
 	}

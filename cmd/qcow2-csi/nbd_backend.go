@@ -25,9 +25,13 @@ func openNBDBackend(o *nbdOptions, format string, readOnly bool) (nbdattach.Back
 		}
 		return b, b.Close, nil
 	case "qcow2":
-		img, err := qcow2.Open(o.file, qcow2.OpenOptions{ReadOnly: readOnly, CrashConsistentBitmaps: o.crashConsistent})
+		img, err := qcow2.Open(o.file, qcow2.OpenOptions{ReadOnly: readOnly, CrashConsistentBitmaps: o.crashConsistent, Passphrase: o.passphrase})
 		if err != nil {
 			return nil, nil, err
+		}
+		if img.Encrypted() && o.passphrase == nil {
+			img.Close()
+			return nil, nil, keyError(qcow2.ErrKeyRequired)
 		}
 		opts := imagebackend.Options{AllocationDepth: o.allocationDepth}
 		if o.bitmap != "" {

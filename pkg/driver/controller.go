@@ -112,6 +112,13 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 
 	local := volumeIDForName(req.GetName())
 	id := qualifiedVolumeID(local, d.opts.NodeID)
+	var pass []byte
+	if params.Encrypted {
+		if pass, err = passphraseFrom(req.GetSecrets(), id, "provisioner"); err != nil {
+			return nil, toStatus(err)
+		}
+		defer clear(pass)
+	}
 	release, err := d.locks.acquire(id, opCreate)
 	if err != nil {
 		return nil, toStatus(err)
@@ -154,6 +161,10 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 			_ = os.Remove(tmp)
 			return nil, toStatus(fmt.Errorf("volume %q: from content source: %w", id, err))
 		}
+		if err := d.checkRestoredEncryption(ctx, tmp, id, params.Encrypted, pass); err != nil {
+			_ = os.Remove(tmp)
+			return nil, toStatus(err)
+		}
 		if l := req.GetCapacityRange().GetLimitBytes(); l > 0 && got > l {
 			_ = os.Remove(tmp)
 			return nil, toStatus(fmt.Errorf("%w: volume %q: the source needs %d bytes, limit_bytes is %d", ErrOutOfRange, id, got, l))
@@ -163,6 +174,7 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		ClusterSize:   params.ClusterSize,
 		Preallocation: params.Preallocation,
 		LazyRefcounts: params.LazyRefcounts,
+		Passphrase:    pass,
 	}); err != nil {
 		_ = os.Remove(tmp)
 		return nil, toStatus(fmt.Errorf("volume %q: create image: %w", id, err))
@@ -261,7 +273,7 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 	// delete is refused instead of pulling the file from under it.
 	// An image that does not open for another reason (corrupt, not qcow2)
 	// is deleted all the same: that is what its owner asks for.
-	img, err := d.images.Open(ctx, d.pool.imagePath(id), false)
+	img, err := d.images.Open(ctx, d.pool.imagePath(id), ImageOpenOptions{MetadataOnly: true})
 	switch {
 	case err == nil:
 		_ = img.Close()

@@ -19,8 +19,10 @@ type Images interface {
 	// does not exist; on error nothing is left at path.
 	Create(ctx context.Context, path string, size int64, opts ImageCreateOptions) error
 	// Open opens an image for exclusive use by this process (qemu's OFD
-	// locks), read-write unless readOnly.
-	Open(ctx context.Context, path string, readOnly bool) (Image, error)
+	// locks), read-write unless o.ReadOnly. An encrypted image needs
+	// o.Passphrase for its data (wrap ErrPrecondition when it is missing,
+	// ErrInvalid when it is wrong) unless o.MetadataOnly.
+	Open(ctx context.Context, path string, o ImageOpenOptions) (Image, error)
 	// Size reads the virtual size of an image that may be open elsewhere.
 	Size(ctx context.Context, path string) (int64, error)
 	// Resize grows a closed image to size; equal size is a no-op.
@@ -32,6 +34,21 @@ type ImageCreateOptions struct {
 	ClusterSize   int64
 	Preallocation string // off, metadata, falloc, full
 	LazyRefcounts bool
+	// Passphrase, when set, makes the image encrypted (qcow2 LUKS) with a
+	// key slot it opens. The Images does not keep it.
+	Passphrase []byte
+}
+
+// ImageOpenOptions say how to open an image.
+type ImageOpenOptions struct {
+	ReadOnly bool
+	// Passphrase unlocks an encrypted image; the Images does not keep it
+	// (the image library keeps the master key in memory until Close).
+	Passphrase []byte
+	// MetadataOnly opens an encrypted image without its key: for
+	// operations that never read or write its data (delete probe,
+	// resize).
+	MetadataOnly bool
 }
 
 // Image is an open image.
@@ -42,6 +59,8 @@ type Image interface {
 	Resize(ctx context.Context, size int64) error
 	// Backend serves the image's data to an attach backend.
 	Backend() nbdattach.Backend
+	// Encrypted reports whether the image's data is encrypted.
+	Encrypted() bool
 	// Close flushes and closes the image, releasing its locks.
 	Close() error
 }

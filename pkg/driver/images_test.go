@@ -21,11 +21,11 @@ type openLog struct {
 	opened []string
 }
 
-func (o *openLog) Open(ctx context.Context, path string, readOnly bool) (driver.Image, error) {
+func (o *openLog) Open(ctx context.Context, path string, opts driver.ImageOpenOptions) (driver.Image, error) {
 	o.mu.Lock()
 	o.opened = append(o.opened, path)
 	o.mu.Unlock()
-	return o.Qcow2Images.Open(ctx, path, readOnly)
+	return o.Qcow2Images.Open(ctx, path, opts)
 }
 
 func (o *openLog) take() []string {

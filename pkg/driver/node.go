@@ -101,13 +101,20 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err != nil {
 		return nil, toStatus(err)
 	}
+	var pass []byte
+	if m.Params.Encrypted {
+		if pass, err = passphraseFrom(req.GetSecrets(), id, "node-stage"); err != nil {
+			return nil, toStatus(err)
+		}
+		defer clear(pass)
+	}
 	a, err := d.attacher()
 	if err != nil {
 		return nil, toStatus(err)
 	}
 	mkfsOpts, _ := stageMkfsOptions(req) // validated above
 
-	img, err := d.images.Open(ctx, d.pool.imagePath(id), want.ReadOnly)
+	img, err := d.images.Open(ctx, d.pool.imagePath(id), ImageOpenOptions{ReadOnly: want.ReadOnly, Passphrase: pass})
 	if err != nil {
 		return nil, toStatus(fmt.Errorf("volume %q: open image: %w", id, err))
 	}
@@ -270,7 +277,9 @@ func (d *Driver) detachLost(ctx context.Context, v *stagedVolume) error {
 	if err != nil {
 		return nil
 	}
-	img, err := d.images.Open(ctx, d.pool.imagePath(v.ID), true)
+	// Only to disconnect the device: an encrypted image's data is not
+	// needed (and its key is not at hand).
+	img, err := d.images.Open(ctx, d.pool.imagePath(v.ID), ImageOpenOptions{ReadOnly: true, MetadataOnly: true})
 	if err != nil {
 		return nil // image gone or locked: nothing we can serve the device from
 	}

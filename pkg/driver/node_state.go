@@ -244,7 +244,11 @@ func (d *Driver) reattach(ctx context.Context, v *stagedVolume) error {
 	} else {
 		klog.FromContext(ctx).Error(err, "No volume record: re-attaching without I/O limits", "volumeID", v.ID)
 	}
-	img, err := d.images.Open(ctx, d.pool.imagePath(v.ID), v.ReadOnly)
+	// An encrypted volume's key lives only in the memory of the process
+	// that staged it: after a restart this fails (key required) and the
+	// volume is re-staged by the next NodeStageVolume, which brings the
+	// Secret (docs/encryption.md).
+	img, err := d.images.Open(ctx, d.pool.imagePath(v.ID), ImageOpenOptions{ReadOnly: v.ReadOnly})
 	if err != nil {
 		return fmt.Errorf("open image: %w", err)
 	}

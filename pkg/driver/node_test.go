@@ -189,7 +189,7 @@ func serveChild(pool, backend string) int {
 		a = fuse.NewAttacher(fuse.Options{Dir: filepath.Join(filepath.Dir(pool), "fuse")})
 	}
 	d, err := driver.New(driver.Options{Pool: pool, NodeID: "test-node", ControllerExpand: true, AttachBackend: backend, KubeletDir: os.TempDir()},
-		driver.Seams{Images: driver.Qcow2Images{}, Attachers: []nbdattach.Attacher{a}})
+		driver.Seams{Images: driver.Qcow2Images{EncryptionIterTime: 100 * time.Millisecond}, Attachers: []nbdattach.Attacher{a}})
 	if err != nil {
 		fmt.Println("ERROR", err)
 		return 1

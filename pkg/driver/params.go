@@ -21,6 +21,7 @@ const (
 	paramLazyRefcounts = "lazyRefcounts" // true | false
 	paramFSType        = "fsType"        // ext4 | xfs (mount volumes)
 	paramMkfsOptions   = "mkfsOptions"   // extra mkfs arguments, space separated
+	paramEncrypted     = "encrypted"     // true | false: qcow2 LUKS, keyed from the Secret (encryption.go)
 	// k8sParamPrefix marks keys the external-provisioner adds
 	// (--extra-create-metadata) or strips itself; they carry no driver meaning.
 	k8sParamPrefix = "csi.storage.k8s.io/"
@@ -45,6 +46,7 @@ type volumeParams struct {
 	LazyRefcounts bool   `json:"lazyRefcounts"`
 	FSType        string `json:"fsType,omitempty"`
 	MkfsOptions   string `json:"mkfsOptions,omitempty"`
+	Encrypted     bool   `json:"encrypted,omitempty"`
 }
 
 func parseParams(p map[string]string) (volumeParams, error) {
@@ -79,6 +81,12 @@ func parseParams(p map[string]string) (volumeParams, error) {
 				return v, fmt.Errorf("%w: parameter %s=%q: want ext4 or xfs", ErrInvalid, k, val)
 			}
 			v.FSType = val
+		case paramEncrypted:
+			b, err := strconv.ParseBool(val)
+			if err != nil {
+				return v, fmt.Errorf("%w: parameter %s=%q: want true or false", ErrInvalid, k, val)
+			}
+			v.Encrypted = b
 		case paramMkfsOptions:
 			if _, err := splitMkfsOptions(val); err != nil {
 				return v, fmt.Errorf("%w: parameter %s: %v", ErrInvalid, k, err)
@@ -88,9 +96,12 @@ func parseParams(p map[string]string) (volumeParams, error) {
 			if strings.HasPrefix(k, k8sParamPrefix) {
 				continue
 			}
-			return v, fmt.Errorf("%w: unknown parameter %q (known: %s, %s, %s, %s, %s)", ErrInvalid, k,
-				paramClusterSize, paramPreallocation, paramLazyRefcounts, paramFSType, paramMkfsOptions)
+			return v, fmt.Errorf("%w: unknown parameter %q (known: %s, %s, %s, %s, %s, %s)", ErrInvalid, k,
+				paramClusterSize, paramPreallocation, paramLazyRefcounts, paramFSType, paramMkfsOptions, paramEncrypted)
 		}
+	}
+	if v.Encrypted && v.Preallocation != "off" {
+		return v, fmt.Errorf("%w: parameter %s=%s cannot be used with %s=true (preallocated clusters would decrypt to noise)", ErrInvalid, paramPreallocation, v.Preallocation, paramEncrypted)
 	}
 	return v, nil
 }

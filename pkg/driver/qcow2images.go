@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"os"
+	"time"
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/imagebackend"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
@@ -25,6 +26,10 @@ type Qcow2Images struct {
 	// a volume then survive a crash of the node plugin, and the next
 	// GetMetadataDelta stays incremental instead of FAILED_PRECONDITION.
 	CrashConsistentBitmaps bool
+	// EncryptionIterTime is how long unlocking a new encrypted volume's
+	// key slot takes (PBKDF2); 0 is qemu's default, 2 s. Every NodeStage
+	// of the volume pays it once.
+	EncryptionIterTime time.Duration
 }
 
 var (
@@ -60,13 +65,17 @@ func imageErr(path string, err error) error {
 }
 
 func (q Qcow2Images) Create(_ context.Context, path string, size int64, o ImageCreateOptions) error {
-	img, err := qcow2.Create(path, qcow2.CreateOptions{
+	co := qcow2.CreateOptions{
 		Size:          size,
 		ClusterSize:   o.ClusterSize,
 		LazyRefcounts: o.LazyRefcounts,
 		Preallocation: o.Preallocation,
 		Logger:        q.Logger,
-	})
+	}
+	if o.Passphrase != nil {
+		co.Encryption = &qcow2.EncryptionOptions{Passphrase: o.Passphrase, IterTime: q.EncryptionIterTime}
+	}
+	img, err := qcow2.Create(path, co)
 	if err != nil {
 		_ = os.Remove(path)
 		return imageErr(path, err)
@@ -78,10 +87,14 @@ func (q Qcow2Images) Create(_ context.Context, path string, size int64, o ImageC
 	return nil
 }
 
-func (q Qcow2Images) Open(_ context.Context, path string, readOnly bool) (Image, error) {
-	img, err := qcow2.Open(path, qcow2.OpenOptions{ReadOnly: readOnly, CrashConsistentBitmaps: q.CrashConsistentBitmaps, Logger: q.Logger})
+func (q Qcow2Images) Open(_ context.Context, path string, o ImageOpenOptions) (Image, error) {
+	img, err := qcow2.Open(path, qcow2.OpenOptions{ReadOnly: o.ReadOnly, CrashConsistentBitmaps: q.CrashConsistentBitmaps, Logger: q.Logger, Passphrase: o.Passphrase})
 	if err != nil {
 		return nil, imageErr(path, err)
+	}
+	if img.Encrypted() && o.Passphrase == nil && !o.MetadataOnly {
+		_ = img.Close()
+		return nil, imageErr(path, qcow2.ErrKeyRequired)
 	}
 	b, err := imagebackend.New(img, imagebackend.Options{})
 	if err != nil {
@@ -103,7 +116,7 @@ func (q Qcow2Images) Size(_ context.Context, path string) (int64, error) {
 }
 
 func (q Qcow2Images) Resize(ctx context.Context, path string, size int64) error {
-	img, err := q.Open(ctx, path, false)
+	img, err := q.Open(ctx, path, ImageOpenOptions{MetadataOnly: true})
 	if err != nil {
 		return err
 	}
@@ -120,6 +133,7 @@ type qcow2Image struct {
 }
 
 func (i *qcow2Image) Size() int64                { return i.img.Size() }
+func (i *qcow2Image) Encrypted() bool            { return i.img.Encrypted() }
 func (i *qcow2Image) Backend() nbdattach.Backend { return i.backend }
 func (i *qcow2Image) Close() error               { return imageErr(i.img.Path(), i.img.Close()) }
 func (i *qcow2Image) Resize(_ context.Context, size int64) error {

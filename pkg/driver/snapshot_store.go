@@ -137,7 +137,7 @@ func (d *Driver) withImage(ctx context.Context, vol string, hidden bool, fn func
 	if hidden {
 		path = d.pool.hiddenImagePath(vol)
 	}
-	img, err := d.images.Open(ctx, path, false)
+	img, err := d.images.Open(ctx, path, ImageOpenOptions{MetadataOnly: true})
 	if err != nil {
 		return err
 	}

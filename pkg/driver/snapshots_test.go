@@ -375,7 +375,7 @@ func TestPluginCrashHelper(t *testing.T) {
 		t.Skip("helper for TestSnapshotMetadataAcrossPluginCrash")
 	}
 	ctx := context.Background()
-	img, err := driver.Qcow2Images{CrashConsistentBitmaps: true}.Open(ctx, path, false)
+	img, err := driver.Qcow2Images{CrashConsistentBitmaps: true}.Open(ctx, path, driver.ImageOpenOptions{})
 	if err != nil {
 		fmt.Println("E", err)
 		os.Exit(3)

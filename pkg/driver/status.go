@@ -53,6 +53,10 @@ var meanings = []struct{ domain, driver error }{
 	{qcow2.ErrInvalidOption, ErrInvalid},
 	{snapshotter.ErrInvalid, ErrInvalid},
 	{throttle.ErrInvalid, ErrInvalid},
+	// The Secret's passphrase opens no key slot of an encrypted volume,
+	// or the volume came without its Secret.
+	{qcow2.ErrWrongPassphrase, ErrInvalid},
+	{qcow2.ErrKeyRequired, ErrInvalid},
 	{nbdattach.ErrNotAttached, ErrNotFound},
 	{snapshotter.ErrNotFound, ErrNotFound},
 	{qcow2.ErrSnapshotNotFound, ErrNotFound},

@@ -90,7 +90,7 @@ type qcow2Image struct {
 func (q qcow2Image) Close() error { return q.di.Close() }
 
 func openQcow2(path string) (Image, error) {
-	di, err := driver.Qcow2Images{}.Open(context.Background(), path, false)
+	di, err := driver.Qcow2Images{}.Open(context.Background(), path, driver.ImageOpenOptions{})
 	if err != nil {
 		return nil, err
 	}

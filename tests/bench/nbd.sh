@@ -25,7 +25,13 @@
 # the host page cache, so the anchor that isolates the qcow2 layer is a raw
 # file filled by the same writes as the qcow2 image, not qemu-nbd.
 #
+# ENCRYPT=1 measures encrypted images (encrypt.format=luks, aes-256-xts):
+# servers ours-plain (our server, plain image), ours-enc (our server, an
+# encrypted image) and qemu-enc (qemu-nbd serving that same encrypted
+# image); the ratio columns are enc/plain and enc/qemu.
+#
 # Usage: tests/bench/nbd.sh            (qcow2 if this build serves it, else raw)
+#        ENCRYPT=1 tests/bench/nbd.sh
 #        FORMAT=raw SIZE=1G RUNTIME=3 REPEAT=2 tests/bench/nbd.sh
 #        TRACK=1 tests/bench/nbd.sh
 # Keep RUNTIME short: the machines are shared.
@@ -36,6 +42,7 @@ RUNTIME=${RUNTIME:-3}
 REPEAT=${REPEAT:-2}
 SIZE=${SIZE:-512M}
 TRACK=${TRACK:-0}
+ENCRYPT=${ENCRYPT:-0}
 for p in fio qemu-nbd qemu-img qemu-io; do
   command -v "$p" >/dev/null || { echo "nbd.sh: $p is missing (run hack/deps.sh)" >&2; exit 1; }
 done
@@ -59,6 +66,29 @@ if [ -z "${FORMAT:-}" ]; then
   fi
   rm -f "$work/probe.qcow2" "$work/probe.sock"
 fi
+
+printf 'bench-passphrase' >"$work/pw"
+secret=(--object "secret,id=s,file=$work/pw")
+opts() { echo "driver=qcow2,file.filename=$1,encrypt.key-secret=s"; }
+
+make_enc_image() { # make_enc_image PATH allocated|empty
+  # qemu-img times PBKDF2 at every create and gives up when a loaded
+  # machine leaves it no measurable CPU time: make one empty encrypted
+  # image and copy it.
+  if [ ! -e "$work/empty-enc.tmpl" ]; then
+    qemu-img create -q -f qcow2 "${secret[@]}" -o cluster_size=64k,encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10 "$work/empty-enc.tmpl" "$SIZE"
+  fi
+  cp --sparse=always "$work/empty-enc.tmpl" "$1"
+  if [ "$2" = allocated ]; then
+    local bytes cmds=() off
+    bytes=$(numfmt --from=iec "$SIZE")
+    for ((off = 0; off < bytes; off += 256 << 20)); do
+      cmds+=(-c "write -P 0x5a $off $(( bytes - off < 256 << 20 ? bytes - off : 256 << 20 ))")
+    done
+    qemu-io "${secret[@]}" --image-opts "${cmds[@]}" "$(opts "$1")" >/dev/null
+  fi
+  sync "$1"
+}
 
 make_image() { # make_image PATH allocated|empty [FORMAT]
   local FORMAT=${3:-$FORMAT}
@@ -91,6 +121,9 @@ start_server() { # start_server qemu|ours|ours-cc|ours-raw IMAGE SOCKET
   qemu) qemu-nbd -t -f "$FORMAT" -k "$3" "$2" & ;;
   ours) "$BIN" nbd -t -f "$FORMAT" -k "$3" "$2" & ;;
   ours-cc) "$BIN" nbd -t -f "$FORMAT" --crash-consistent-bitmaps -k "$3" "$2" & ;;
+  ours-plain) "$BIN" nbd -t -f qcow2 -k "$3" "$2" & ;;
+  ours-enc) "$BIN" nbd -t "${secret[@]}" --image-opts -k "$3" "$(opts "$2")" & ;;
+  qemu-enc) qemu-nbd -t "${secret[@]}" --image-opts -k "$3" "$(opts "$2")" & ;;
   esac
   pids+=($!)
   for _ in $(seq 100); do [ -S "$3" ] && return 0; sleep 0.05; done
@@ -122,11 +155,18 @@ if [ "$TRACK" = 1 ]; then
   servers=(qemu ours ours-cc)
   rows=("randwrite 4k 32" "write 1M 8")
 fi
+if [ "$ENCRYPT" = 1 ]; then
+  [ "$FORMAT" = qcow2 ] || { echo "nbd.sh: ENCRYPT=1 needs qcow2" >&2; exit 1; }
+  [ "$TRACK" = 1 ] && { echo "nbd.sh: ENCRYPT=1 and TRACK=1 are separate runs" >&2; exit 1; }
+  servers=(ours-plain ours-enc qemu-enc)
+  make_enc_image "$work/allocated-enc.$FORMAT" allocated
+fi
 make_image "$work/allocated.$FORMAT" allocated
-printf 'format=%s size=%s track=%s, best of %d runs of %ss per server and row, fio nbd engine over a unix socket\n' "$FORMAT" "$SIZE" "$TRACK" "$REPEAT" "$RUNTIME"
+printf 'format=%s size=%s track=%s encrypt=%s, best of %d runs of %ss per server and row, fio nbd engine over a unix socket\n' "$FORMAT" "$SIZE" "$TRACK" "$ENCRYPT" "$REPEAT" "$RUNTIME"
 printf '%-11s %-10s %-4s %-3s' image rw bs qd
 for srv in "${servers[@]}"; do printf ' | %8s IOPS %9s' "$srv" "MiB/s"; done
-if [ "$TRACK" = 1 ]; then printf ' | %s\n' "cc/ours"; else printf ' | %s\n' "ours/qemu"; fi
+if [ "$ENCRYPT" = 1 ]; then printf ' | %s | %s\n' "enc/plain" "enc/qemu"
+elif [ "$TRACK" = 1 ]; then printf ' | %s\n' "cc/ours"; else printf ' | %s\n' "ours/qemu"; fi
 for mode in allocated first-touch; do
   for row in "${rows[@]}"; do
     set -- $row
@@ -134,11 +174,13 @@ for mode in allocated first-touch; do
     for srv in "${servers[@]}"; do res[$srv]="0 0"; done
     for _ in $(seq "$REPEAT"); do
       for srv in "${servers[@]}"; do
-        img="$work/allocated.$FORMAT"
+        enc=
+        if [[ $srv == *-enc ]]; then enc=-enc; fi
+        img="$work/allocated$enc.$FORMAT"
         if [ "$mode" = first-touch ]; then
-          img="$work/first-touch.$FORMAT"
+          img="$work/first-touch$enc.$FORMAT"
           rm -f "$img"
-          make_image "$img" empty
+          if [ -n "$enc" ]; then make_enc_image "$img" empty; else make_image "$img" empty; fi
         fi
         # Tracking starts from an empty bitmap each run, as after a snapshot.
         if [ "$TRACK" = 1 ]; then qemu-img bitmap --clear "$img" cbt; fi
@@ -155,7 +197,12 @@ for mode in allocated first-touch; do
       read -r i b <<<"${res[$srv]}"
       printf ' | %13s %9s' "$i" "$b"
     done
-    if [ "$TRACK" = 1 ]; then
+    if [ "$ENCRYPT" = 1 ]; then
+      read -r e _ <<<"${res[ours-enc]}"; read -r p _ <<<"${res[ours-plain]}"; read -r q _ <<<"${res[qemu-enc]}"
+      awk -v e="$e" -v p="$p" -v q="$q" 'BEGIN { printf " | %8.2fx | %7.2fx\n", (p > 0 ? e/p : 0), (q > 0 ? e/q : 0) }'
+      unset res
+      continue
+    elif [ "$TRACK" = 1 ]; then
       read -r a _ <<<"${res[ours-cc]}"; read -r b _ <<<"${res[ours]}"
     else
       read -r a _ <<<"${res[ours]}"; read -r b _ <<<"${res[qemu]}"
@@ -165,7 +212,7 @@ for mode in allocated first-touch; do
   done
 done
 
-[ "$FORMAT" = qcow2 ] && [ "$TRACK" = 0 ] || exit 0
+[ "$FORMAT" = qcow2 ] && [ "$TRACK" = 0 ] && [ "$ENCRYPT" = 0 ] || exit 0
 
 # Row 5: the qcow2 layer's own cost on allocated 4k random writes. Anchors:
 # our server on a raw file filled exactly as the qcow2 image was (qemu-io,

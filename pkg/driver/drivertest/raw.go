@@ -26,6 +26,9 @@ type RawImages struct{}
 var _ driver.Images = RawImages{}
 
 func (RawImages) Create(_ context.Context, path string, size int64, opts driver.ImageCreateOptions) error {
+	if opts.Passphrase != nil {
+		return fmt.Errorf("image %s: raw images cannot be encrypted: %w", path, driver.ErrInvalid)
+	}
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o640)
 	if err != nil {
 		return err
@@ -79,7 +82,8 @@ func open(path string, readOnly bool) (*os.File, error) {
 	return f, nil
 }
 
-func (RawImages) Open(_ context.Context, path string, readOnly bool) (driver.Image, error) {
+func (RawImages) Open(_ context.Context, path string, o driver.ImageOpenOptions) (driver.Image, error) {
+	readOnly := o.ReadOnly
 	f, err := open(path, readOnly)
 	if err != nil {
 		return nil, err
@@ -130,6 +134,9 @@ type RawImage struct {
 	size     int64
 	readOnly bool
 }
+
+// Encrypted is false: raw images are never encrypted.
+func (i *RawImage) Encrypted() bool { return false }
 
 func (i *RawImage) Size() int64 {
 	i.mu.Lock()
