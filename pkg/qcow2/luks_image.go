@@ -3,6 +3,8 @@ package qcow2
 import (
 	"crypto/rand"
 	"fmt"
+	"runtime"
+	"sync"
 	"time"
 
 	"golang.org/x/crypto/xts"
@@ -503,4 +505,38 @@ func (img *Image) writeLUKSHeader(h *luksHeader) error {
 	}
 	img.crypto.hdr = h
 	return nil
+}
+
+// encryptPlans encrypts each plan's prepared cluster bytes in place for
+// the host offset they go to; a batch of many clusters is spread over the
+// CPUs (one cluster is below xtsSectors' own threshold).
+func (img *Image) encryptPlans(c *xts.Cipher, plans []plan) {
+	enc := func(pl *plan) {
+		xtsSectors(c, pl.buf, uint64((pl.host+pl.fillStart)/luksSectorSize), true)
+	}
+	total := 0
+	for i := range plans {
+		total += len(plans[i].buf)
+	}
+	workers := runtime.GOMAXPROCS(0)
+	if total < xtsParallelMin || workers < 2 || len(plans) < 2 {
+		for i := range plans {
+			enc(&plans[i])
+		}
+		return
+	}
+	var wg sync.WaitGroup
+	next := make(chan *plan)
+	for range min(workers, len(plans)) {
+		wg.Go(func() {
+			for pl := range next {
+				enc(pl)
+			}
+		})
+	}
+	for i := range plans {
+		next <- &plans[i]
+	}
+	close(next)
+	wg.Wait()
 }

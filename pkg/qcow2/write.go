@@ -327,9 +327,9 @@ func (img *Image) fillAndWrite(plans []plan) error {
 			copy(buf[pl.wStart-pl.fillStart:], pl.src)
 			pl.buf = buf
 		}
-		if c != nil {
-			xtsSectors(c, pl.buf, uint64((pl.host+pl.fillStart)/luksSectorSize), true)
-		}
+	}
+	if c != nil {
+		img.encryptPlans(c, plans)
 	}
 	// Merge runs whose host ranges and buffers are contiguous.
 	for i := 0; i < len(plans); {
