@@ -49,6 +49,9 @@ func TestE2E(t *testing.T) {
 		{"20-qos-write-iops-200", testQoSLimited},
 		{"21-qos-raised-to-1000-while-fio-runs", testQoSRaisedLive},
 		{"22-qos-limit-lifted", testQoSLifted},
+		{"30-encrypted-marker-not-in-image", testEncryptedMarkerNotInImage},
+		{"31-encrypted-snapshot-restore", testEncryptedSnapshotRestore},
+		{"32-encrypted-wrong-passphrase-fails-stage", testEncryptedWrongPassphrase},
 		{"8-helm-upgrade-and-uninstall", testHelmUpgradeUninstall},
 	}
 	for _, s := range scenarios {
