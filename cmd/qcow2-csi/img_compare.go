@@ -10,7 +10,7 @@ import (
 func init() {
 	registerImgCommand(imgCommand{
 		name:  "compare",
-		usage: "compare [-f fmt] [-F fmt] [-p] [-q] [-s] [-U] filename1 filename2",
+		usage: "compare [--object objectdef] [--image-opts] [-f fmt] [-F fmt] [-p] [-q] [-s] [-U] filename1 filename2",
 		run:   runImgCompare,
 	})
 }

@@ -11,7 +11,7 @@ import (
 func init() {
 	registerImgCommand(imgCommand{
 		name:  "convert",
-		usage: "convert [-c] [-f fmt] [-O output_fmt] [-o options] [-S sparse_size] [-t cache] [-m num_coroutines] [-W] [-n] [-U] [-p] [-q] filename output_filename",
+		usage: "convert [--object objectdef] [--image-opts] [-c] [-f fmt] [-O output_fmt] [-o options] [-S sparse_size] [-t cache] [-m num_coroutines] [-W] [-n] [-U] [-p] [-q] filename output_filename",
 		run:   runImgConvert,
 	})
 }

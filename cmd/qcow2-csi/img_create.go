@@ -12,7 +12,7 @@ import (
 func init() {
 	registerImgCommand(imgCommand{
 		name:  "create",
-		usage: "create [-q] [-f fmt] [-b backing_file -F backing_fmt] [-u] [-o options] filename [size]",
+		usage: "create [--object objectdef] [-q] [-f fmt] [-b backing_file -F backing_fmt] [-u] [-o options] filename [size]",
 		run:   runImgCreate,
 	})
 }

@@ -13,7 +13,7 @@ import (
 func init() {
 	registerImgCommand(imgCommand{
 		name:  "info",
-		usage: "info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename",
+		usage: "info [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename",
 		run:   runImgInfo,
 	})
 }

@@ -8,7 +8,7 @@ import (
 func init() {
 	registerImgCommand(imgCommand{
 		name:  "map",
-		usage: "map [-f fmt] [--output=ofmt] [--start-offset=offset] [--max-length=len] [-U] filename",
+		usage: "map [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [--start-offset=offset] [--max-length=len] [-U] filename",
 		run:   runImgMap,
 	})
 }

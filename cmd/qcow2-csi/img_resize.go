@@ -16,7 +16,7 @@ import (
 func init() {
 	registerImgCommand(imgCommand{
 		name:  "resize",
-		usage: "resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size",
+		usage: "resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size",
 		run:   runImgResize,
 	})
 }

@@ -18,7 +18,7 @@ import (
 func init() {
 	registerImgCommand(imgCommand{
 		name:  "snapshot",
-		usage: "snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename",
+		usage: "snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename",
 		run:   runImgSnapshot,
 	})
 }
