@@ -156,7 +156,7 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		if req.GetCapacityRange() == nil {
 			want = 0
 		}
-		got, err := d.restoreSource(ctx, src, tmp, want, params.ClusterSize)
+		got, err := d.restoreSource(ctx, src, tmp, want, params.ClusterSize, pass)
 		if err != nil {
 			_ = os.Remove(tmp)
 			return nil, toStatus(fmt.Errorf("volume %q: from content source: %w", id, err))

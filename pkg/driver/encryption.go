@@ -59,8 +59,14 @@ func (d *Driver) checkRestoredEncryption(ctx context.Context, path, volumeID str
 		return fmt.Errorf("volume %q: restored image: %w", volumeID, err)
 	}
 	if enc != encrypted {
-		return fmt.Errorf("%w: volume %q: a restore or clone keeps the source's encryption: the source is %s, the StorageClass says %s=%t",
-			ErrInvalid, volumeID, map[bool]string{true: "encrypted", false: "not encrypted"}[enc], paramEncrypted, encrypted)
+		return fmt.Errorf("volume %q: %w", volumeID, encryptionMismatch(enc, encrypted))
 	}
 	return nil
+}
+
+// encryptionMismatch is the refusal of a restore or clone whose source's
+// encryption is not what the new volume's StorageClass says.
+func encryptionMismatch(source, class bool) error {
+	return fmt.Errorf("%w: a restore or clone keeps the source's encryption: the source is %s, the StorageClass says %s=%t",
+		ErrInvalid, map[bool]string{true: "encrypted", false: "not encrypted"}[source], paramEncrypted, class)
 }

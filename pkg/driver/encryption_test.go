@@ -90,6 +90,47 @@ func TestNodeEncryptedVolume(t *testing.T) {
 	if b, _ := os.ReadFile(raw); !bytes.Equal(b[1<<20:1<<20+len(marker)], marker) {
 		t.Fatal("qemu-img does not read the marker back")
 	}
+	// A snapshot restores into an encrypted volume under the same key; into
+	// a plain class it is refused.
+	snap, err := e.c.CreateSnapshot(e.ctx, &csi.CreateSnapshotRequest{SourceVolumeId: id, Name: "snap-enc"})
+	if err != nil {
+		t.Fatalf("CreateSnapshot: %v", err)
+	}
+	from := &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap.Snapshot.SnapshotId}}}
+	_, err = e.c.CreateVolume(e.ctx, &csi.CreateVolumeRequest{Name: "pvc-plain-from-enc", VolumeContentSource: from, VolumeCapabilities: []*csi.VolumeCapability{c}})
+	wantCode(t, err, codes.InvalidArgument, "keeps the source's encryption")
+	_, err = e.c.CreateVolume(e.ctx, &csi.CreateVolumeRequest{Name: "pvc-enc-wrong", VolumeContentSource: from, Parameters: params,
+		Secrets: map[string]string{"passphrase": "wrong"}, VolumeCapabilities: []*csi.VolumeCapability{c}})
+	wantCode(t, err, codes.InvalidArgument, "invalid password")
+	rr, err := e.c.CreateVolume(e.ctx, &csi.CreateVolumeRequest{Name: "pvc-enc-restored", VolumeContentSource: from, Parameters: params,
+		Secrets: req.Secrets, VolumeCapabilities: []*csi.VolumeCapability{c}})
+	if err != nil {
+		t.Fatalf("CreateVolume from the snapshot: %v", err)
+	}
+	rid := rr.Volume.VolumeId
+	rstaging := filepath.Join(e.dir, "staging", "enc-restored")
+	if _, err := e.c.NodeStageVolume(e.ctx, &csi.NodeStageVolumeRequest{VolumeId: rid, StagingTargetPath: rstaging,
+		VolumeCapability: c, VolumeContext: rr.Volume.VolumeContext, Secrets: req.Secrets}); err != nil {
+		t.Fatalf("NodeStageVolume of the restored volume: %v", err)
+	}
+	rtarget := e.publish(rid, rstaging, c, false)
+	got := make([]byte, len(marker))
+	if f, err := os.Open(rtarget); err != nil {
+		t.Fatal(err)
+	} else {
+		_, err = f.ReadAt(got, 1<<20)
+		f.Close()
+		if err != nil || !bytes.Equal(got, marker) {
+			t.Fatalf("restored volume: marker not read back (%v)", err)
+		}
+	}
+	if raw, _ := os.ReadFile(imageFile(e.pool, rid)); bytes.Contains(raw, []byte("ENCRYPTED-MARKER")) {
+		t.Fatal("the restored image holds the marker in clear")
+	}
+	e.teardown(rid, rstaging, rtarget)
+	if _, err := e.c.DeleteSnapshot(e.ctx, &csi.DeleteSnapshotRequest{SnapshotId: snap.Snapshot.SnapshotId}); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := e.c.DeleteVolume(e.ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
 		t.Fatalf("DeleteVolume (no secret needed): %v", err)
 	}

@@ -117,6 +117,14 @@ func (p *pool) snapshotsOf(vol string) ([]*snapshotMeta, error) {
 // opened for the call through Images.Open. closed tells fn whether nothing
 // else writes the file.
 func (d *Driver) withImage(ctx context.Context, vol string, hidden bool, fn func(img *qcow2.Image, closed bool) error) error {
+	return d.withImageKey(ctx, vol, hidden, nil, fn)
+}
+
+// withImageKey is withImage that opens a closed encrypted image with
+// passphrase (a staged one is open with its key already), for copying its
+// data (restore, clone); without one the image is opened for its metadata
+// only.
+func (d *Driver) withImageKey(ctx context.Context, vol string, hidden bool, passphrase []byte, fn func(img *qcow2.Image, closed bool) error) error {
 	si, ok := d.snapshotImages()
 	if !ok {
 		return needQcow2(vol)
@@ -137,7 +145,7 @@ func (d *Driver) withImage(ctx context.Context, vol string, hidden bool, fn func
 	if hidden {
 		path = d.pool.hiddenImagePath(vol)
 	}
-	img, err := d.images.Open(ctx, path, ImageOpenOptions{MetadataOnly: true})
+	img, err := d.images.Open(ctx, path, ImageOpenOptions{Passphrase: passphrase, MetadataOnly: passphrase == nil})
 	if err != nil {
 		return err
 	}

@@ -285,7 +285,7 @@ func (d *Driver) hideVolume(ctx context.Context, vol string, snaps []*snapshotMe
 
 // restoreSource makes the image tmp from a content source: a snapshot or
 // another volume. size is the requested size (0: the source's).
-func (d *Driver) restoreSource(ctx context.Context, src *csi.VolumeContentSource, tmp string, size int64, cluster int64) (int64, error) {
+func (d *Driver) restoreSource(ctx context.Context, src *csi.VolumeContentSource, tmp string, size int64, cluster int64, passphrase []byte) (int64, error) {
 	var vol, snapName string
 	hidden := false
 	switch {
@@ -321,7 +321,10 @@ func (d *Driver) restoreSource(ctx context.Context, src *csi.VolumeContentSource
 	}
 	defer release()
 	var got int64
-	err = d.withImage(ctx, vol, hidden, func(img *qcow2.Image, closed bool) error {
+	err = d.withImageKey(ctx, vol, hidden, passphrase, func(img *qcow2.Image, closed bool) error {
+		if img.Encrypted() != (passphrase != nil) {
+			return encryptionMismatch(img.Encrypted(), passphrase != nil)
+		}
 		srcSize := img.Size()
 		if snapName != "" {
 			s, err := snapshotter.Size(img, snapName)

@@ -48,6 +48,11 @@ type CreateOptions struct {
 	// encrypt.format=luks): compat 1.1 and preallocation off only. The
 	// returned Image is unlocked with its passphrase.
 	Encryption *EncryptionOptions
+	// EncryptionFrom, when set, encrypts the image like that open,
+	// unlocked image: the same LUKS header and key slots (so the same
+	// passphrases open it) and the same master key. For copies of an
+	// encrypted image that must stay under its keys (restore, clone).
+	EncryptionFrom *Image
 	// NoSync opens the new image with OpenOptions.NoSync.
 	NoSync bool
 	// Mode is the permission bits of a newly made file, before the umask
@@ -117,9 +122,19 @@ func (o *CreateOptions) normalize() error {
 	default:
 		return bad("invalid preallocation mode %q (off, metadata, falloc, full)", o.Preallocation)
 	}
-	if o.Encryption != nil {
-		if err := o.Encryption.normalize(); err != nil {
-			return err
+	if o.Encryption != nil && o.EncryptionFrom != nil {
+		return bad("Encryption and EncryptionFrom are exclusive")
+	}
+	if o.EncryptionFrom != nil {
+		if _, err := o.EncryptionFrom.dataCipher(); err != nil || o.EncryptionFrom.crypto == nil {
+			return bad("EncryptionFrom needs an encrypted image opened with its passphrase")
+		}
+	}
+	if o.Encryption != nil || o.EncryptionFrom != nil {
+		if o.Encryption != nil {
+			if err := o.Encryption.normalize(); err != nil {
+				return err
+			}
 		}
 		switch {
 		case o.Version < 3:
@@ -230,8 +245,8 @@ func (img *Image) createFinish(o *CreateOptions) error {
 	defer img.drain.Unlock()
 	img.mu.Lock()
 	defer img.mu.Unlock()
-	if o.Encryption != nil {
-		if err := img.setupEncryption(o.Encryption); err != nil {
+	if o.Encryption != nil || o.EncryptionFrom != nil {
+		if err := img.setupEncryption(o.Encryption, o.EncryptionFrom); err != nil {
 			return err
 		}
 	}

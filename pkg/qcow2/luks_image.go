@@ -265,12 +265,31 @@ func splitMode(m string) (mode, ivgen string, ok bool) {
 
 // setupEncryption turns a new, empty image into an encrypted one: LUKS
 // header region allocated and written (durable) before the header points
-// to it. drain held exclusively, mu held.
-func (img *Image) setupEncryption(o *EncryptionOptions) error {
+// to it. A new header comes from o, or src's is copied whole (key slots
+// included) with its master key. drain held exclusively, mu held.
+func (img *Image) setupEncryption(o *EncryptionOptions, src *Image) error {
 	if img.hdr.Version < 3 {
 		return fmt.Errorf("%w: LUKS encryption needs compat=1.1", ErrInvalidOption)
 	}
-	lh, key, material, regionLen, err := newLUKSHeader(o)
+	var (
+		lh        *luksHeader
+		key       []byte
+		regionLen int64
+		region    []byte // the whole region as it is to be written
+		err       error
+	)
+	if src != nil {
+		lh, key, region, err = src.cryptoCopy()
+		regionLen = int64(len(region))
+	} else {
+		var material []byte
+		lh, key, material, regionLen, err = newLUKSHeader(o)
+		if err == nil {
+			region = make([]byte, regionLen)
+			copy(region, lh.encode())
+			copy(region[int64(lh.Slots[0].KeyOffset)*luksSectorSize:], material)
+		}
+	}
 	if err != nil {
 		return err
 	}
@@ -284,9 +303,7 @@ func (img *Image) setupEncryption(o *EncryptionOptions) error {
 		img.metaMap[c] = metaCryptoHeader
 	}
 	cr := &imageCrypto{hdr: lh, off: off, len: regionLen}
-	region := make([]byte, n<<img.clusterBits)
-	copy(region, lh.encode())
-	copy(region[int64(lh.Slots[0].KeyOffset)*luksSectorSize:], material)
+	region = append(region, make([]byte, n<<img.clusterBits-regionLen)...)
 	if err := img.writeMeta(region, off, metaCryptoHeader, "LUKS header"); err != nil {
 		clear(key)
 		return err
@@ -539,4 +556,22 @@ func (img *Image) encryptPlans(c *xts.Cipher, plans []plan) {
 	}
 	close(next)
 	wg.Wait()
+}
+
+// cryptoCopy returns what another image needs to be encrypted like this
+// one: the decoded header, a copy of the master key and the whole LUKS
+// region (header and key material of every slot) as read from the file.
+func (img *Image) cryptoCopy() (*luksHeader, []byte, []byte, error) {
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	cr := img.crypto
+	if cr == nil || cr.key == nil {
+		return nil, nil, nil, ErrKeyRequired
+	}
+	region := make([]byte, cr.len)
+	if _, err := img.f.ReadAt(region, cr.off); err != nil {
+		return nil, nil, nil, ioErr("read LUKS header region", err)
+	}
+	h := *cr.hdr
+	return &h, append([]byte(nil), cr.key...), region, nil
 }

@@ -211,7 +211,13 @@ func copyRestore(src *qcow2.Image, name, dst string, o RestoreOptions) error {
 		cs = src.ClusterSize()
 	}
 	// 0600 as the reflink path: a restored volume is a disk's data.
-	img, err := qcow2.Create(dst, qcow2.CreateOptions{Size: o.Size, ClusterSize: cs, Mode: 0o600})
+	co := qcow2.CreateOptions{Size: o.Size, ClusterSize: cs, Mode: 0o600}
+	if src.Encrypted() {
+		// The copy stays encrypted under the same key slots: the data is
+		// re-encrypted for its new place with the same master key.
+		co.EncryptionFrom = src
+	}
+	img, err := qcow2.Create(dst, co)
 	if err != nil {
 		return err
 	}
