@@ -339,3 +339,67 @@ func qemuCheckSecret(t testing.TB, path, pass string) (checkResult, string) {
 	}
 	return r, string(out)
 }
+
+// TestLUKSBitmapsResizeCheck: a persistent bitmap tracks writes to an
+// encrypted image, the disk grows and shrinks, our check and qemu-img's
+// find nothing wrong, and qemu reads the data.
+func TestLUKSBitmapsResizeCheck(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "b.qcow2")
+	img := createLUKS(t, p, "pw", CreateOptions{Size: 4 << 20})
+	if err := img.AddBitmap("cbt", BitmapOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte{0x77}, 70000)
+	if _, err := img.WriteAt(data, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Resize(8<<20, ResizeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := img.WriteAt(data, 7<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	ci, err := OpenForCheck(p, OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := ci.Check(RepairNone)
+	ci.Close()
+	if err != nil || res.Corruptions != 0 || res.Leaks != 0 {
+		t.Fatalf("Check: %+v %v", res, err)
+	}
+	if r, out := qemuCheckSecret(t, p, "pw"); r.Corruptions != 0 || r.Leaks != 0 || r.CheckErrors != 0 {
+		t.Fatalf("qemu-img check: %s", out)
+	}
+	raw := qemuRawSecret(t, p, "pw")
+	if len(raw) != 8<<20 || !bytes.Equal(raw[1<<20:1<<20+len(data)], data) || !bytes.Equal(raw[7<<20:7<<20+len(data)], data) {
+		t.Fatal("qemu-img reads other data")
+	}
+	out := qemu(t, "qemu-img", "info", "-U", p)
+	if !strings.Contains(out, "cbt") {
+		t.Fatalf("bitmap missing:\n%s", out)
+	}
+	// The bitmap saw both writes.
+	img, err = Open(p, OpenOptions{ReadOnly: true, Passphrase: []byte("pw")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	ext, err := img.BitmapExtents("cbt", 0, 8<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dirty int64
+	for _, e := range ext {
+		if e.Dirty {
+			dirty += e.Length
+		}
+	}
+	// Two writes of 70000 bytes, 64 KiB granularity: 2 clusters each.
+	if dirty != 4*65536 {
+		t.Fatalf("bitmap has %d dirty bytes (%+v), want %d", dirty, ext, 4*65536)
+	}
+}
