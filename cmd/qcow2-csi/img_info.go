@@ -86,15 +86,11 @@ func runImgInfo(args []string) int {
 	share := pa.has("U") || pa.has("force-share")
 	// Info reads metadata only: an encrypted image needs no key, but the
 	// qemu-img command line with --object and --image-opts works too.
-	ia, err := newImageArgs(pa)
+	ref, wipe, err := imageFromArgs(pa, pa.pos[0], format)
 	if err != nil {
 		return imgErr("%v", err)
 	}
-	defer ia.secrets.wipe()
-	ref, err := ia.ref(pa.pos[0], format)
-	if err != nil {
-		return imgErr("%v", err)
-	}
+	defer wipe()
 	path, format := ref.path, ref.format
 	var chain []infoJSON
 	for path != "" {

@@ -40,15 +40,11 @@ func runImgMap(args []string) int {
 		}
 	}
 	format, _ := pa.get("f")
-	ia, err := newImageArgs(pa)
+	ref, wipe, err := imageFromArgs(pa, pa.pos[0], format)
 	if err != nil {
 		return imgErr("%v", err)
 	}
-	defer ia.secrets.wipe()
-	ref, err := ia.ref(pa.pos[0], format)
-	if err != nil {
-		return imgErr("%v", err)
-	}
+	defer wipe()
 	img, err := openImgRef(ref, false, pa.has("U") || pa.has("force-share"))
 	if err != nil {
 		return imgErr("%v", err)

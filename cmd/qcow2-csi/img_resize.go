@@ -77,15 +77,11 @@ func runImgResize(args []string) int {
 	if len(pa.pos) != 1 {
 		return faceUsageError("Expecting image file name and size")
 	}
-	ia, err := newImageArgs(pa)
+	ref, wipe, err := imageFromArgs(pa, pa.pos[0], "")
 	if err != nil {
 		return imgErr("%v", err)
 	}
-	defer ia.secrets.wipe()
-	ref, err := ia.ref(pa.pos[0], "")
-	if err != nil {
-		return imgErr("%v", err)
-	}
+	defer wipe()
 	filename := ref.path
 
 	relative := 0

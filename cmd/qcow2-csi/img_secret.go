@@ -246,3 +246,19 @@ func newImageArgs(pa *parsedArgs) (*imageArgs, error) {
 func (a *imageArgs) ref(arg, format string) (imageRef, error) {
 	return resolveImage(arg, format, a.imageOpts, a.secrets)
 }
+
+// imageFromArgs resolves the image argument arg of a command that takes
+// --object and --image-opts; wipe forgets the secrets once the image is
+// open.
+func imageFromArgs(pa *parsedArgs, arg, format string) (imageRef, func(), error) {
+	ia, err := newImageArgs(pa)
+	if err != nil {
+		return imageRef{}, nil, err
+	}
+	ref, err := ia.ref(arg, format)
+	if err != nil {
+		ia.secrets.wipe()
+		return imageRef{}, nil, err
+	}
+	return ref, ia.secrets.wipe, nil
+}

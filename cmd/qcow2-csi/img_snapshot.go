@@ -85,15 +85,11 @@ func runImgSnapshot(args []string) int {
 	if len(pa.pos) != 1 {
 		return faceUsageError("Expecting one image file name")
 	}
-	ia, err := newImageArgs(pa)
+	ref, wipe, err := imageFromArgs(pa, pa.pos[0], "")
 	if err != nil {
 		return imgErr("%v", err)
 	}
-	defer ia.secrets.wipe()
-	ref, err := ia.ref(pa.pos[0], "")
-	if err != nil {
-		return imgErr("%v", err)
-	}
+	defer wipe()
 	filename := ref.path
 	if forceShare && action != snapList && action != snapNone {
 		// qemu-img: force-share needs a read-only open.

@@ -41,7 +41,14 @@ func qemuRaw(t testing.TB, path string) []byte {
 // ourRaw returns the guest contents as this package reads them.
 func ourRaw(t testing.TB, path string) []byte {
 	t.Helper()
-	img, err := Open(path, OpenOptions{ReadOnly: true, NoLock: true})
+	return ourRawWith(t, path, OpenOptions{})
+}
+
+// ourRawWith is ourRaw with more open options (a passphrase).
+func ourRawWith(t testing.TB, path string, o OpenOptions) []byte {
+	t.Helper()
+	o.ReadOnly, o.NoLock = true, true
+	img, err := Open(path, o)
 	if err != nil {
 		t.Fatalf("Open %s: %v", path, err)
 	}

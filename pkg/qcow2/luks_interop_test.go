@@ -41,16 +41,7 @@ func qemuRawSecret(t testing.TB, path, pass string) []byte {
 // ourRawSecret reads the whole disk with the passphrase.
 func ourRawSecret(t testing.TB, path, pass string) []byte {
 	t.Helper()
-	img, err := Open(path, OpenOptions{ReadOnly: true, NoLock: true, Passphrase: []byte(pass)})
-	if err != nil {
-		t.Fatalf("Open %s: %v", path, err)
-	}
-	defer img.Close()
-	b := make([]byte, img.Size())
-	if n, err := img.ReadAt(b, 0); err != nil || n != len(b) {
-		t.Fatalf("ReadAt: n=%d err=%v", n, err)
-	}
-	return b
+	return ourRawWith(t, path, OpenOptions{Passphrase: []byte(pass)})
 }
 
 func createLUKS(t testing.TB, path, pass string, o CreateOptions) *Image {
