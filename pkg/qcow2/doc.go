@@ -36,6 +36,11 @@
 // lives in bitmap*.go. Until that code sets Image.bitmapsTracked, the first
 // write clears the autoclear bit so stale bitmaps are never trusted.
 //
+// Encryption. An image with crypt_method 2 (LUKS) keeps a LUKS1 header and
+// its key slots in clusters named by the full disk encryption header
+// extension, and its data clusters encrypted per 512-byte sector with the
+// host offset as tweak; metadata stays clear (luks*.go).
+//
 // # Crash safety
 //
 // Metadata is updated in qemu's order: a refcount increment is durable
