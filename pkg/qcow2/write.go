@@ -132,12 +132,18 @@ func (img *Image) firstWrite() error {
 
 // writeRange writes p at off; the caller holds the guest range exclusively.
 func (img *Image) writeRange(p []byte, off int64) error {
+	return img.writeRangeHooks(p, off, true)
+}
+
+// writeRangeHooks is writeRange; hooks false skips the write hooks (dirty
+// bitmaps), for a copy-up that changes no guest byte (stream.go).
+func (img *Image) writeRangeHooks(p []byte, off int64, hooks bool) error {
 	for len(p) > 0 {
 		vc0 := off >> img.clusterBits
 		nClusters := min(int64(maxWriteBatch), ((off+int64(len(p))-1)>>img.clusterBits)-vc0+1)
 		batchEnd := min(off+int64(len(p)), (vc0+nClusters)<<img.clusterBits)
 		n := batchEnd - off
-		if err := img.writeBatch(p[:n], off); err != nil {
+		if err := img.writeBatch(p[:n], off, hooks); err != nil {
 			return err
 		}
 		p = p[n:]
@@ -146,7 +152,7 @@ func (img *Image) writeRange(p []byte, off int64) error {
 	return nil
 }
 
-func (img *Image) writeBatch(p []byte, off int64) error {
+func (img *Image) writeBatch(p []byte, off int64, hooks bool) error {
 	plans := make([]plan, 0, 16)
 	for o := off; o < off+int64(len(p)); {
 		vc := o >> img.clusterBits
@@ -186,8 +192,10 @@ func (img *Image) writeBatch(p []byte, off int64) error {
 			img.dropOldReference(pl.oldE)
 		}
 	}
-	for _, h := range img.writeHooks {
-		h(off, int64(len(p)))
+	if hooks {
+		for _, h := range img.writeHooks {
+			h(off, int64(len(p)))
+		}
 	}
 	return img.maybeFlushPending()
 }
