@@ -37,6 +37,9 @@ type RestoreOptions struct {
 	NoReflink bool
 	// ClusterSize of a copied image; 0 takes the source's.
 	ClusterSize int64
+	// fixBacking, when set, is run on a reflinked file before it is
+	// opened (Freeze renames the backing file there).
+	fixBacking func(path string) error
 }
 
 // copyWorkers read the source in parallel on the copy path; writes stay in
@@ -94,7 +97,7 @@ func Restore(src *qcow2.Image, name, dst string, o RestoreOptions) (m Method, er
 		o.Size = size
 	}
 	if o.SourceClosed && !o.NoReflink && name != "" {
-		err := reflinkRestore(src, name, dst, o.Size)
+		err := reflinkRestore(src, name, dst, o.Size, o.fixBacking)
 		if err == nil {
 			return MethodReflink, nil
 		}
@@ -132,7 +135,7 @@ var errNoReflink = errors.New("file system cannot reflink")
 
 // reflinkRestore clones the file (shares its extents), then makes the clone
 // the snapshot alone: revert, delete every snapshot, remove the checkpoints.
-func reflinkRestore(src *qcow2.Image, name, dst string, size int64) error {
+func reflinkRestore(src *qcow2.Image, name, dst string, size int64, fixBacking func(string) error) error {
 	if err := src.Flush(); err != nil {
 		return err
 	}
@@ -157,6 +160,11 @@ func reflinkRestore(src *qcow2.Image, name, dst string, size int64) error {
 		return fmt.Errorf("%w: %w", errNoReflink, err)
 	case err != nil:
 		return fmt.Errorf("reflink %s to %s: %w", src.Path(), dst, err)
+	}
+	if fixBacking != nil {
+		if err := fixBacking(dst); err != nil {
+			return fmt.Errorf("clone %s: backing file: %w", dst, err)
+		}
 	}
 	img, err := qcow2.Open(dst, qcow2.OpenOptions{})
 	if err != nil {

@@ -113,6 +113,13 @@ func TestRestoreReflink(t *testing.T) {
 	peer.Root(t)
 	peer.Require(t, "mkfs.xfs")
 	peer.Require(t, "qemu-img")
+	restoreIn(t, xfsMount(t), MethodReflink)
+}
+
+// xfsMount mounts a new 512 MiB xfs with reflink=1 from a loop device for
+// the test and returns its mount point.
+func xfsMount(t *testing.T) string {
+	t.Helper()
 	dir := t.TempDir()
 	fsimg := filepath.Join(dir, "xfs.img")
 	mnt := filepath.Join(dir, "mnt")
@@ -134,7 +141,7 @@ func TestRestoreReflink(t *testing.T) {
 	run("mkfs.xfs", "-q", "-m", "reflink=1", fsimg)
 	run("mount", "-o", "loop", fsimg, mnt)
 	t.Cleanup(func() { exec.Command("umount", mnt).Run() })
-	restoreIn(t, mnt, MethodReflink)
+	return mnt
 }
 
 func TestRestoreRefusals(t *testing.T) {

@@ -327,7 +327,9 @@ func sameMapping(a, b qcow2.Extent, pos int64) bool {
 	if a.Compressed || b.Compressed || !a.Data || !b.Data || a.Offset < 0 || b.Offset < 0 {
 		return false
 	}
-	return a.Offset+(pos-a.Start) == b.Offset+(pos-b.Start)
+	// Offsets compare within one file only: the same offset in the image
+	// and in its backing file are different data.
+	return a.Depth == b.Depth && a.Offset+(pos-a.Start) == b.Offset+(pos-b.Start)
 }
 
 // NextSeq is a sequence number for the next snapshot of img: now (e.g. the
