@@ -27,8 +27,9 @@ func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCa
 }
 
 // controllerCapabilities is the controller capability list, of a node's
-// driver and of the router alike. MODIFY_VOLUME (I/O limits, qos.go) unless
-// the plugin is built without throttling.
+// driver and of the router alike. MODIFY_VOLUME for I/O limits (qos.go)
+// unless the plugin is built without throttling, and for flatten
+// (flatten.go) with snapshots.
 func controllerCapabilities(snapshots, expand, getSnapshot bool) *csi.ControllerGetCapabilitiesResponse {
 	rpcs := []csi.ControllerServiceCapability_RPC_Type{
 		csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME,
@@ -38,7 +39,7 @@ func controllerCapabilities(snapshots, expand, getSnapshot bool) *csi.Controller
 		csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
 		csi.ControllerServiceCapability_RPC_VOLUME_CONDITION,
 	}
-	if throttle.Enabled {
+	if throttle.Enabled || snapshots {
 		rpcs = append(rpcs, csi.ControllerServiceCapability_RPC_MODIFY_VOLUME)
 	}
 	if snapshots {
@@ -149,6 +150,14 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	tmp := d.pool.tempPath(id, imageSuffix)
 	_ = os.Remove(tmp)
 	start := time.Now()
+	base := "" // the clone base an overlay reads (bases.go)
+	undo := func() {
+		if base != "" {
+			if err := d.releaseImageBase(base, id); err != nil {
+				logger.Error(err, "Clone base reference left for the next start's recovery", "base", base)
+			}
+		}
+	}
 	if src := req.GetVolumeContentSource(); src != nil {
 		// Restore or clone (snapshots.go); without a capacity range the
 		// volume takes the source's size.
@@ -156,17 +165,20 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		if req.GetCapacityRange() == nil {
 			want = 0
 		}
-		got, err := d.restoreSource(ctx, src, tmp, want, params.ClusterSize, pass)
+		got, b, err := d.restoreSource(ctx, src, id, tmp, want, params, pass)
 		if err != nil {
 			_ = os.Remove(tmp)
 			return nil, toStatus(fmt.Errorf("volume %q: from content source: %w", id, err))
 		}
+		base = b
 		if err := d.checkRestoredEncryption(ctx, tmp, id, params.Encrypted, pass); err != nil {
 			_ = os.Remove(tmp)
+			undo()
 			return nil, toStatus(err)
 		}
 		if l := req.GetCapacityRange().GetLimitBytes(); l > 0 && got > l {
 			_ = os.Remove(tmp)
+			undo()
 			return nil, toStatus(fmt.Errorf("%w: volume %q: the source needs %d bytes, limit_bytes is %d", ErrOutOfRange, id, got, l))
 		}
 		size = got
@@ -181,16 +193,28 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	}
 	if err := os.Rename(tmp, d.pool.imagePath(id)); err != nil {
 		_ = os.Remove(tmp)
+		undo()
 		return nil, toStatus(err)
 	}
 	m := &volumeMeta{ID: id, Name: req.GetName(), Capacity: size, Params: params, Created: time.Now().UTC()}
 	// Validated whole with the request. A repeated CreateVolume does not
 	// compare them: they are mutable, and ControllerModifyVolume changes them.
-	limits, _ := ParseLimits(req.GetMutableParameters())
+	rest, _, _ := takeFlatten(req.GetMutableParameters())
+	limits, _ := ParseLimits(rest)
 	m.setLimits(limits)
+	// A clone asked to stand alone: by its StorageClass, or by the
+	// VolumeAttributesClass its claim names (validated with the request).
+	_, vacFlatten, _ := takeFlatten(req.GetMutableParameters())
+	if base != "" && (params.Flatten || vacFlatten) {
+		m.Flatten = &flattenState{}
+	}
 	if err := d.pool.put(m); err != nil {
 		_ = os.Remove(d.pool.imagePath(id))
+		undo()
 		return nil, toStatus(fmt.Errorf("volume %q: write metadata: %w", id, err))
+	}
+	if m.Flatten != nil {
+		d.startFlatten(id)
 	}
 	logger.Info("Volume created", "name", req.GetName(), "capacity", size, "params", params, "limits", formatLimits(limits), "took", since(start))
 	v := d.csiVolume(m)
@@ -255,10 +279,14 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 		return nil, toStatus(err)
 	}
 	defer release()
+	base := baseOf(d.pool.imagePath(id)) // read before the image goes
 	if _, err := d.pool.get(id); errors.Is(err, ErrNotFound) {
 		// Deleting what does not exist succeeds: the CO may retry a delete
 		// whose answer it lost. Remove a stray image all the same.
 		if err := d.pool.remove(id); err != nil {
+			return nil, toStatus(err)
+		}
+		if err := d.releaseImageBase(base, id); err != nil {
 			return nil, toStatus(err)
 		}
 		return &csi.DeleteVolumeResponse{}, nil
@@ -291,10 +319,14 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 		}
 		return &csi.DeleteVolumeResponse{}, nil
 	}
+	d.flattens.stop(id)
 	if err := d.pool.remove(id); err != nil {
 		return nil, toStatus(err)
 	}
-	klog.FromContext(ctx).Info("Volume deleted", "volumeID", id)
+	if err := d.releaseImageBase(base, id); err != nil {
+		return nil, toStatus(err)
+	}
+	klog.FromContext(ctx).Info("Volume deleted", "volumeID", id, "base", base)
 	return &csi.DeleteVolumeResponse{}, nil
 }
 

@@ -51,6 +51,11 @@ type Driver struct {
 	// calls take milliseconds and are rare; I/O is never under this lock.
 	devMu sync.Mutex
 
+	// bases serialises the making and release of each clone base
+	// (bases.go); flattens are the background flattens running
+	// (flatten.go).
+	bases    baseLocks
+	flattens flattenRuns
 	// ledger holds the space claimed by creates and expansions in flight
 	// (space.go).
 	ledger spaceLedger
@@ -116,6 +121,16 @@ func (d *Driver) Start(ctx context.Context) error {
 	if len(removed) > 0 {
 		logger.Info("Removed leftovers of interrupted operations from the pool", "pool", d.pool.dir, "files", removed)
 	}
+	// After the pool's recovery: images without a record are gone, so
+	// their references to bases are now stale.
+	removed, err = d.pool.recoverBases()
+	if err != nil {
+		d.failStart(err)
+		return fmt.Errorf("pool %s: recover clone bases: %w", d.pool.dir, err)
+	}
+	if len(removed) > 0 {
+		logger.Info("Removed clone bases and references that interrupted operations left", "pool", d.pool.dir, "files", removed)
+	}
 	if d.opts.Mode.node() {
 		rctx, cancel := context.WithTimeout(ctx, d.opts.ReattachTimeout)
 		err := d.reattachAll(rctx)
@@ -126,6 +141,7 @@ func (d *Driver) Start(ctx context.Context) error {
 		}
 	}
 	d.ready.Store(true)
+	d.resumeFlattens(ctx)
 	logger.Info("Driver ready", "driver", d.opts.DriverName, "mode", d.opts.Mode, "node", d.opts.NodeID, "pool", d.pool.dir)
 	return nil
 }
@@ -158,6 +174,7 @@ func (d *Driver) Flush(ctx context.Context) error {
 // finish before ctx ends is only flushed and left open. Call it after
 // Serve has returned.
 func (d *Driver) Shutdown(ctx context.Context) error {
+	d.flattens.stopAll()
 	d.stagedMu.Lock()
 	vols := make([]*stagedVolume, 0, len(d.staged))
 	for _, v := range d.staged {
@@ -193,6 +210,7 @@ func (d *Driver) Shutdown(ctx context.Context) error {
 // whose devices no longer receive I/O from this process (tests that restart
 // a driver in process). A serving plugin exits after Flush instead.
 func (d *Driver) Close() error {
+	d.flattens.stopAll()
 	d.stagedMu.Lock()
 	defer d.stagedMu.Unlock()
 	var errs []error

@@ -22,6 +22,9 @@ const (
 	paramFSType        = "fsType"        // ext4 | xfs (mount volumes)
 	paramMkfsOptions   = "mkfsOptions"   // extra mkfs arguments, space separated
 	paramEncrypted     = "encrypted"     // true | false: qcow2 LUKS, keyed from the Secret (encryption.go)
+	paramCloneMode     = "cloneMode"     // overlay (default) | reflink | copy: how a clone or restore is made
+	paramFlatten       = "flatten"       // true | false: copy a clone's base up into it, in the background
+	paramMaxChainDepth = "maxChainDepth" // 1..16 backing layers a clone of a clone may have (default 4)
 	// k8sParamPrefix marks keys the external-provisioner adds
 	// (--extra-create-metadata) or strips itself; they carry no driver meaning.
 	k8sParamPrefix = "csi.storage.k8s.io/"
@@ -47,6 +50,39 @@ type volumeParams struct {
 	FSType        string `json:"fsType,omitempty"`
 	MkfsOptions   string `json:"mkfsOptions,omitempty"`
 	Encrypted     bool   `json:"encrypted,omitempty"`
+	// CloneMode is how a volume with a content source is made: "" (the
+	// default, overlay), overlay, reflink or copy (overlay.go). Empty and
+	// zero values are the defaults so that records written before these
+	// fields existed still compare equal on a repeated CreateVolume.
+	CloneMode     string `json:"cloneMode,omitempty"`
+	Flatten       bool   `json:"flatten,omitempty"`
+	MaxChainDepth int    `json:"maxChainDepth,omitempty"`
+}
+
+// Clone modes (paramCloneMode).
+const (
+	cloneOverlay = "overlay"
+	cloneReflink = "reflink"
+	cloneCopy    = "copy"
+	// defaultMaxChainDepth bounds the backing chain below a clone made by
+	// overlay: past it a base is copied flat (overlay.go).
+	defaultMaxChainDepth = 4
+	maxMaxChainDepth     = 16
+)
+
+// cloneMode is the effective clone mode.
+func (v volumeParams) cloneMode() string {
+	if v.CloneMode == "" {
+		return cloneOverlay
+	}
+	return v.CloneMode
+}
+
+func (v volumeParams) maxChainDepth() int {
+	if v.MaxChainDepth == 0 {
+		return defaultMaxChainDepth
+	}
+	return v.MaxChainDepth
 }
 
 func parseParams(p map[string]string) (volumeParams, error) {
@@ -92,12 +128,36 @@ func parseParams(p map[string]string) (volumeParams, error) {
 				return v, fmt.Errorf("%w: parameter %s: %v", ErrInvalid, k, err)
 			}
 			v.MkfsOptions = val
+		case paramCloneMode:
+			switch val {
+			case cloneOverlay, cloneReflink, cloneCopy:
+			default:
+				return v, fmt.Errorf("%w: parameter %s=%q: want overlay, reflink or copy", ErrInvalid, k, val)
+			}
+			if val != cloneOverlay {
+				v.CloneMode = val
+			}
+		case paramFlatten:
+			b, err := strconv.ParseBool(val)
+			if err != nil {
+				return v, fmt.Errorf("%w: parameter %s=%q: want true or false", ErrInvalid, k, val)
+			}
+			v.Flatten = b
+		case paramMaxChainDepth:
+			n, err := strconv.Atoi(val)
+			if err != nil || n < 1 || n > maxMaxChainDepth {
+				return v, fmt.Errorf("%w: parameter %s=%q: want a number of layers from 1 to %d", ErrInvalid, k, val, maxMaxChainDepth)
+			}
+			if n != defaultMaxChainDepth {
+				v.MaxChainDepth = n
+			}
 		default:
 			if strings.HasPrefix(k, k8sParamPrefix) {
 				continue
 			}
-			return v, fmt.Errorf("%w: unknown parameter %q (known: %s, %s, %s, %s, %s, %s)", ErrInvalid, k,
-				paramClusterSize, paramPreallocation, paramLazyRefcounts, paramFSType, paramMkfsOptions, paramEncrypted)
+			return v, fmt.Errorf("%w: unknown parameter %q (known: %s, %s, %s, %s, %s, %s, %s, %s, %s)", ErrInvalid, k,
+				paramClusterSize, paramPreallocation, paramLazyRefcounts, paramFSType, paramMkfsOptions, paramEncrypted,
+				paramCloneMode, paramFlatten, paramMaxChainDepth)
 		}
 	}
 	if v.Encrypted && v.Preallocation != "off" {

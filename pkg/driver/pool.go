@@ -36,6 +36,9 @@ type volumeMeta struct {
 	Created  time.Time    `json:"created"`
 	// QoS are the I/O limits (mutable parameters, qos.go); nil: none.
 	QoS *throttle.Limits `json:"qos,omitempty"`
+	// Flatten is set while the volume's base is being copied up into it
+	// (flatten.go): the background flatten resumes at start.
+	Flatten *flattenState `json:"flatten,omitempty"`
 }
 
 // pool is the on-disk store of volumes in one directory. It does no locking

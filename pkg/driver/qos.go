@@ -15,7 +15,8 @@ import (
 )
 
 // Mutable parameters: a volume's I/O limits, from a VolumeAttributesClass
-// (CreateVolumeRequest.mutable_parameters, ControllerModifyVolumeRequest).
+// (CreateVolumeRequest.mutable_parameters, ControllerModifyVolumeRequest),
+// and flatten (flatten.go, taken out first by takeFlatten).
 // Each rate key (readIOPS, writeIOPS, readBytesPerSecond,
 // writeBytesPerSecond) has a burst key, the rate key + "Burst". Values are
 // whole numbers; bytes take a k, K, M or G (binary) suffix; 0 lifts the
@@ -52,7 +53,7 @@ func parseQoSParams(p map[string]string) (qosChange, error) {
 		name := strings.TrimSuffix(k, qosBurstSuffix)
 		bytes := name == throttle.NameReadBytes || name == throttle.NameWriteBytes
 		if !bytes && name != throttle.NameReadIOPS && name != throttle.NameWriteIOPS {
-			return nil, fmt.Errorf("%w: unknown mutable parameter %q (known: %s)", ErrInvalid, k, qosKeys())
+			return nil, fmt.Errorf("%w: unknown mutable parameter %q (known: %s, %s)", ErrInvalid, k, qosKeys(), paramFlatten)
 		}
 		var n int64
 		var err error
@@ -124,7 +125,8 @@ func (d *Driver) ControllerModifyVolume(ctx context.Context, req *csi.Controller
 	if err := validateControllerModifyVolumeRequest(req); err != nil {
 		return nil, toStatus(err)
 	}
-	change, _ := parseQoSParams(req.GetMutableParameters()) // validated above
+	rest, flatten, _ := takeFlatten(req.GetMutableParameters()) // validated above
+	change, _ := parseQoSParams(rest)
 	id := req.GetVolumeId()
 	if err := d.ownVolume(id); err != nil {
 		return nil, toStatus(err)
@@ -164,6 +166,12 @@ func (d *Driver) ControllerModifyVolume(ctx context.Context, req *csi.Controller
 		}
 	}
 	klog.FromContext(ctx).Info("Volume I/O limits set", "volumeID", id, "limits", formatLimits(limits), "live", live)
+	if flatten {
+		if err := d.requestFlatten(id); err != nil {
+			return nil, toStatus(err)
+		}
+		klog.FromContext(ctx).Info("Flatten requested", "volumeID", id)
+	}
 	return &csi.ControllerModifyVolumeResponse{}, nil
 }
 

@@ -44,7 +44,7 @@ func TestModifyVolumeParameters(t *testing.T) {
 		mp   map[string]string
 		want string
 	}{
-		{map[string]string{"XXX_FakeKey": "x"}, `unknown mutable parameter "XXX_FakeKey" (known: readIOPS, readIOPSBurst, writeIOPS, writeIOPSBurst, readBytesPerSecond, readBytesPerSecondBurst, writeBytesPerSecond, writeBytesPerSecondBurst)`},
+		{map[string]string{"XXX_FakeKey": "x"}, `unknown mutable parameter "XXX_FakeKey" (known: readIOPS, readIOPSBurst, writeIOPS, writeIOPSBurst, readBytesPerSecond, readBytesPerSecondBurst, writeBytesPerSecond, writeBytesPerSecondBurst, flatten)`},
 		{map[string]string{"writeIOPS": "200", "writeiops": "1"}, `unknown mutable parameter "writeiops"`},
 		{map[string]string{"writeIOPS": "-1"}, `mutable parameter writeIOPS="-1": want a whole number of operations per second`},
 		{map[string]string{"readIOPS": "1.5"}, `mutable parameter readIOPS="1.5"`},

@@ -178,11 +178,19 @@ func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequ
 			return nil, toStatus(err)
 		}
 		if !anyHidden(left) {
+			base := baseOf(d.pool.hiddenImagePath(vol))
 			if err := os.Remove(d.pool.hiddenImagePath(vol)); err != nil && !errors.Is(err, os.ErrNotExist) {
 				return nil, toStatus(err)
 			}
-			klog.FromContext(ctx).Info("Image of a deleted volume removed with its last snapshot", "volumeID", vol)
+			if err := d.releaseImageBase(base, vol); err != nil {
+				return nil, toStatus(err)
+			}
+			klog.FromContext(ctx).Info("Image of a deleted volume removed with its last snapshot", "volumeID", vol, "base", base)
 		}
+	} else if vm, err := d.pool.get(vol); err == nil && vm.Flatten != nil {
+		// A flatten waiting for the volume's snapshots to let go of its
+		// base tries again.
+		d.startFlatten(vol)
 	}
 	klog.FromContext(ctx).Info("Snapshot deleted", "snapshotID", id)
 	return &csi.DeleteSnapshotResponse{}, nil
@@ -258,6 +266,13 @@ func (d *Driver) hideVolume(ctx context.Context, vol string, snaps []*snapshotMe
 	if _, err := os.Stat(d.pool.hiddenImagePath(vol)); err == nil {
 		return fmt.Errorf("%w: volume %q: an earlier volume of this ID still has snapshots; delete them first", ErrInUse, vol)
 	}
+	if baseOf(d.pool.imagePath(vol)) != "" {
+		// The image's backing file name must resolve from .snapshots.
+		if err := d.pool.linkSnapshotBases(); err != nil {
+			return err
+		}
+	}
+	d.flattens.stop(vol)
 	err := d.withImage(ctx, vol, false, func(img *qcow2.Image, _ bool) error {
 		return img.Discard(0, img.Size())
 	})
@@ -283,71 +298,177 @@ func (d *Driver) hideVolume(ctx context.Context, vol string, snaps []*snapshotMe
 	return syncDir(d.pool.dir)
 }
 
-// restoreSource makes the image tmp from a content source: a snapshot or
-// another volume. size is the requested size (0: the source's).
-func (d *Driver) restoreSource(ctx context.Context, src *csi.VolumeContentSource, tmp string, size int64, cluster int64, passphrase []byte) (int64, error) {
+// restoreSource makes the image tmp of new volume id from a content
+// source: a snapshot or another volume, by the volume's clone mode. size is
+// the requested size (0: the source's). It returns the size made and, for
+// an overlay, the base it reads, whose reference the caller drops
+// (releaseImageBase) if the volume is not committed after all.
+//
+// An encrypted source (passphrase set) is restored by reflink or copy
+// whatever the clone mode: bases are not encrypted (docs/backup.md).
+func (d *Driver) restoreSource(ctx context.Context, src *csi.VolumeContentSource, id, tmp string, size int64, params volumeParams, passphrase []byte) (int64, string, error) {
 	var vol, snapName string
 	hidden := false
 	switch {
 	case src.GetSnapshot() != nil:
-		id := src.GetSnapshot().GetSnapshotId()
-		if ref, ok := parseSnapshotRef(id); ok {
-			if err := d.checkOwner("source snapshot", id, ref.Owner); err != nil {
-				return 0, err
+		sid := src.GetSnapshot().GetSnapshotId()
+		if ref, ok := parseSnapshotRef(sid); ok {
+			if err := d.checkOwner("source snapshot", sid, ref.Owner); err != nil {
+				return 0, "", err
 			}
 		}
-		m, err := d.pool.getSnapshot(id)
+		m, err := d.pool.getSnapshot(sid)
 		if err != nil {
-			return 0, err
+			return 0, "", err
 		}
 		vol, snapName, hidden = m.Source, m.ID, m.Hidden
 	case src.GetVolume() != nil:
 		vol = src.GetVolume().GetVolumeId()
 		if checkVolumeID(vol) != nil {
-			return 0, fmt.Errorf("source volume %q: %w", vol, ErrNotFound)
+			return 0, "", fmt.Errorf("source volume %q: %w", vol, ErrNotFound)
 		}
 		if err := d.ownVolume(vol); err != nil {
-			return 0, err
+			return 0, "", err
 		}
 		if _, err := d.pool.get(vol); err != nil {
-			return 0, err
+			return 0, "", err
 		}
 	default:
-		return 0, fmt.Errorf("%w: unknown volume content source", ErrInvalid)
+		return 0, "", fmt.Errorf("%w: unknown volume content source", ErrInvalid)
 	}
 	release, err := d.locks.acquire(vol, opSnapshot)
 	if err != nil {
-		return 0, toStatus(err)
+		return 0, "", toStatus(err)
 	}
 	defer release()
+	logger := klog.FromContext(ctx).WithValues("sourceVolumeID", vol, "snapshot", snapName, "cloneMode", params.cloneMode())
 	var got int64
+	srcSize := func(img *qcow2.Image) (int64, error) {
+		n := img.Size()
+		if snapName != "" {
+			s, err := snapshotter.Size(img, snapName)
+			if err != nil {
+				return 0, driverErr(err)
+			}
+			n = s
+		}
+		if size != 0 && size < n {
+			return 0, fmt.Errorf("%w: source has %d bytes, the request allows %d", ErrOutOfRange, n, size)
+		}
+		got = max(size, n)
+		return n, nil
+	}
+	if params.cloneMode() == cloneOverlay && passphrase == nil {
+		base := volBasePrefix + d.pool.file(id)
+		if snapName != "" {
+			local, _ := splitOwner(snapName)
+			base = snapBasePrefix + local
+		}
+		if err := d.makeBase(ctx, id, base, vol, snapName, hidden, size, params, srcSize); err != nil {
+			return 0, "", err
+		}
+		if err := snapshotter.Overlay(d.pool.basePath(base), tmp, snapshotter.OverlayOptions{Size: size, ClusterSize: params.ClusterSize}); err != nil {
+			_ = d.releaseImageBase(base, id)
+			return 0, "", driverErr(err)
+		}
+		n, err := imageSize(tmp)
+		if err != nil {
+			_ = os.Remove(tmp)
+			_ = d.releaseImageBase(base, id)
+			return 0, "", err
+		}
+		got = n
+		logger.Info("Volume content restored", "method", cloneOverlay, "base", base)
+		return got, base, nil
+	}
 	err = d.withImageKey(ctx, vol, hidden, passphrase, func(img *qcow2.Image, closed bool) error {
 		if img.Encrypted() != (passphrase != nil) {
 			return encryptionMismatch(img.Encrypted(), passphrase != nil)
 		}
-		srcSize := img.Size()
-		if snapName != "" {
-			s, err := snapshotter.Size(img, snapName)
-			if err != nil {
-				return driverErr(err)
-			}
-			srcSize = s
-		}
-		if size != 0 && size < srcSize {
-			return fmt.Errorf("%w: source has %d bytes, the request allows %d", ErrOutOfRange, srcSize, size)
+		if _, err := srcSize(img); err != nil {
+			return err
 		}
 		// A staged source is copied through the node's open image from a
 		// temporary internal snapshot (see snapshotter.Restore); the
 		// volume lock keeps other snapshot operations out meanwhile.
-		m, err := snapshotter.Restore(img, snapName, tmp, snapshotter.RestoreOptions{Size: size, SourceClosed: closed, ClusterSize: cluster})
+		m, err := snapshotter.Restore(img, snapName, tmp, snapshotter.RestoreOptions{
+			Size: size, SourceClosed: closed, ClusterSize: params.ClusterSize, NoReflink: params.cloneMode() == cloneCopy})
 		if err != nil {
 			return driverErr(err)
 		}
-		got = max(size, srcSize)
-		klog.FromContext(ctx).Info("Volume content restored", "sourceVolumeID", vol, "snapshot", snapName, "method", m)
+		logger.Info("Volume content restored", "method", m)
 		return nil
 	})
-	return got, err
+	return got, "", err
+}
+
+// makeBase makes sure base exists, frozen from snapshot snapName of volume
+// vol ("": its current disk), checks that it fits in size (0: any), and
+// records new volume id's reference to it (bases.go says in which order,
+// and why). The caller holds vol's snapshot lock.
+func (d *Driver) makeBase(ctx context.Context, id, base, vol, snapName string, hidden bool, size int64, params volumeParams, srcSize func(*qcow2.Image) (int64, error)) error {
+	unlock := d.bases.lock(base)
+	defer unlock()
+	path := d.pool.basePath(base)
+	_, err := os.Stat(path)
+	switch {
+	case err == nil:
+		// Made by an earlier clone: constant time from here on.
+	case errors.Is(err, os.ErrNotExist):
+		if err := os.MkdirAll(d.pool.baseDir(), poolDirMode); err != nil {
+			return err
+		}
+		tmp := d.pool.baseTemp(base)
+		_ = os.Remove(tmp)
+		start := time.Now()
+		var method snapshotter.Method
+		var depth int
+		err := d.withImage(ctx, vol, hidden, func(img *qcow2.Image, closed bool) error {
+			if _, err := srcSize(img); err != nil {
+				return err
+			}
+			var err error
+			method, depth, err = snapshotter.Freeze(img, snapName, tmp, params.maxChainDepth(), snapshotter.RestoreOptions{SourceClosed: closed})
+			return driverErr(err)
+		})
+		if err == nil && depth > 0 {
+			// A chain: this base is a user of the one it reads.
+			err = d.pool.addRef(baseOf(tmp), refBase+base)
+		}
+		if err == nil {
+			err = os.Rename(tmp, path)
+		}
+		if err == nil {
+			err = syncDir(d.pool.baseDir())
+		}
+		if err != nil {
+			_ = os.Remove(tmp)
+			return fmt.Errorf("base %q: %w", base, err)
+		}
+		klog.FromContext(ctx).Info("Clone base made", "base", base, "sourceVolumeID", vol, "snapshot", snapName, "method", method, "chainDepth", depth, "took", since(start))
+	default:
+		return err
+	}
+	n, err := imageSize(path)
+	if err != nil {
+		return fmt.Errorf("base %q: %w", base, err)
+	}
+	if size != 0 && size < n {
+		return fmt.Errorf("%w: source has %d bytes, the request allows %d", ErrOutOfRange, n, size)
+	}
+	// The reference goes before the overlay exists (bases.go).
+	return d.pool.addRef(base, d.pool.volRef(id))
+}
+
+// imageSize is the virtual size of the image at path, read without its
+// locks or chain.
+func imageSize(path string) (int64, error) {
+	img, err := qcow2.Open(path, qcow2.OpenOptions{ReadOnly: true, NoLock: true, NoBacking: true})
+	if err != nil {
+		return 0, imageErr(path, err)
+	}
+	defer img.Close()
+	return img.Size(), nil
 }
 
 // liveSnapshots are the records of the volume now in the pool (not of an

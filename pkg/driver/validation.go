@@ -147,7 +147,11 @@ func validateCreateVolumeRequest(r *csi.CreateVolumeRequest) error {
 		}
 	}
 	// A new volume's limits are all there is: check them whole.
-	_, err := ParseLimits(r.GetMutableParameters())
+	rest, _, err := takeFlatten(r.GetMutableParameters())
+	if err != nil {
+		return err
+	}
+	_, err = ParseLimits(rest)
 	return err
 }
 
@@ -204,9 +208,13 @@ func validateControllerModifyVolumeRequest(r *csi.ControllerModifyVolumeRequest)
 		return err
 	}
 	if len(r.GetMutableParameters()) == 0 {
-		return fmt.Errorf("%w: mutable_parameters missing (known: %s)", ErrInvalid, qosKeys())
+		return fmt.Errorf("%w: mutable_parameters missing (known: %s, %s)", ErrInvalid, qosKeys(), paramFlatten)
 	}
-	_, err := parseQoSParams(r.GetMutableParameters())
+	rest, _, err := takeFlatten(r.GetMutableParameters())
+	if err != nil {
+		return err
+	}
+	_, err = parseQoSParams(rest)
 	return err
 }
 

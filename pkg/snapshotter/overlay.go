@@ -120,30 +120,50 @@ func Overlay(base, dst string, o OverlayOptions) error {
 	return nil
 }
 
-// FlattenStep is how much of the disk one Flatten step copies up: the unit
-// between which the caller may stop, and the guest range one copy-up holds.
-const FlattenStep = 64 << 20
+// FlattenStepSize is how much of the disk one FlattenStep copies up: the
+// unit between which the caller may stop, and the guest range one copy-up
+// holds.
+const FlattenStepSize = 64 << 20
 
-// Flatten copies up into img, from offset from on, the data it reads from
-// its backing chain, one FlattenStep at a time, calling step after each
-// with the offset reached (a non-nil error from step stops it). Then it
-// drops the backing file. It runs beside guest I/O on an open image and
-// can start again from 0 (or a saved offset) after an interruption. When a
-// snapshot still reads the backing file the disk is copied up all the same
-// and the error wraps qcow2.ErrBackingNeeded.
+// FlattenStep copies up into img the data it reads from its backing chain
+// in [from, from+FlattenStepSize) and returns where the next step starts.
+// A step at or past the end of the disk drops the backing file instead and
+// reports done; when a snapshot still reads the backing file that error
+// wraps qcow2.ErrBackingNeeded (the disk is copied up all the same). Steps
+// run beside guest I/O on an open image; after an interruption they start
+// again from any offset already reached (or from 0: what is copied is
+// skipped).
+func FlattenStep(img *qcow2.Image, from int64) (next int64, done bool, err error) {
+	size := img.Size()
+	if from >= size {
+		if err := img.Flush(); err != nil {
+			return from, false, err
+		}
+		if err := img.DetachBacking(); err != nil {
+			return from, false, err
+		}
+		return from, true, nil
+	}
+	end := min(from+FlattenStepSize, size)
+	if _, err := img.Stream(from, end-from); err != nil {
+		return from, false, fmt.Errorf("copy up at %d: %w", from, err)
+	}
+	return end, false, nil
+}
+
+// Flatten runs FlattenStep from from to the end, calling step (when not
+// nil) with the offset reached after each copy-up.
 func Flatten(img *qcow2.Image, from int64, step func(off int64) error) error {
-	for off := from; off < img.Size(); off += FlattenStep {
-		if _, err := img.Stream(off, min(FlattenStep, img.Size()-off)); err != nil {
-			return fmt.Errorf("copy up at %d: %w", off, err)
+	for {
+		next, done, err := FlattenStep(img, from)
+		if err != nil || done {
+			return err
 		}
 		if step != nil {
-			if err := step(min(off+FlattenStep, img.Size())); err != nil {
+			if err := step(next); err != nil {
 				return err
 			}
 		}
+		from = next
 	}
-	if err := img.Flush(); err != nil {
-		return err
-	}
-	return img.DetachBacking()
 }
