@@ -16,6 +16,7 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver/drivertest"
@@ -227,6 +228,18 @@ func TestCloneModes(t *testing.T) {
 	wantCode(t, err, codes.InvalidArgument, "maxChainDepth")
 }
 
+// retryAborted calls f again while it fails with Aborted, as a CO does: a
+// flatten's step may hold the volume for a moment.
+func retryAborted(f func() error) error {
+	for {
+		err := f()
+		if status.Code(err) != codes.Aborted {
+			return err
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // volumeRecord reads a volume's record as JSON fields.
 func volumeRecord(t *testing.T, pool, id string) map[string]any {
 	t.Helper()
@@ -327,7 +340,10 @@ func TestFlattenOnline(t *testing.T) {
 	if !bytes.Equal(got, model) {
 		t.Fatal("the staged clone's data changed under its flatten")
 	}
-	if _, err := c.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+	if err := retryAborted(func() error {
+		_, err := c.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging})
+		return err
+	}); err != nil {
 		t.Fatal(err)
 	}
 	qemuCheckClean(t, imageFile(pool, id), "after flatten")
@@ -420,7 +436,10 @@ func TestFlattenWaitsForSnapshots(t *testing.T) {
 	if backingFile(t, imageFile(pool, id)) == "" {
 		t.Fatal("backing file dropped while a snapshot reads it")
 	}
-	if _, err := c.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: cs.Snapshot.SnapshotId}); err != nil {
+	if err := retryAborted(func() error {
+		_, err := c.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: cs.Snapshot.SnapshotId})
+		return err
+	}); err != nil {
 		t.Fatal(err)
 	}
 	waitFlat(t, pool, id)
