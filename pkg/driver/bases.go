@@ -280,11 +280,20 @@ func (p *pool) recoverBases() ([]string, error) {
 			removed = append(removed, filepath.Join(basesDir, n))
 		}
 	}
-	// Reference directories of bases never made.
+	// Reference directories of bases never made, and the temporary files
+	// of reference writes.
 	for _, e := range ents {
 		n := e.Name()
 		if !e.IsDir() || !strings.HasSuffix(n, baseRefSuffix) {
 			continue
+		}
+		tmps, _ := filepath.Glob(filepath.Join(p.baseDir(), n, tmpPrefix+"*"))
+		for _, tmp := range tmps {
+			if err := os.Remove(tmp); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return removed, err
+			}
+			rel, _ := filepath.Rel(p.dir, tmp)
+			removed = append(removed, rel)
 		}
 		if _, err := os.Stat(p.basePath(strings.TrimSuffix(n, baseRefSuffix))); errors.Is(err, fs.ErrNotExist) {
 			if err := os.RemoveAll(filepath.Join(p.baseDir(), n)); err != nil {
