@@ -52,6 +52,10 @@ func TestE2E(t *testing.T) {
 		{"30-encrypted-marker-not-in-image", testEncryptedMarkerNotInImage},
 		{"31-encrypted-snapshot-restore", testEncryptedSnapshotRestore},
 		{"32-encrypted-wrong-passphrase-fails-stage", testEncryptedWrongPassphrase},
+		{"25-overlay-ten-clones-of-one-snapshot", testOverlayTenClones},
+		{"26-overlay-clones-outlive-their-source", testOverlaySourceGone},
+		{"27-overlay-flatten-online", testOverlayFlattenOnline},
+		{"28-overlay-delete-all-empties-the-pool", testOverlayDeleteAll},
 		{"8-helm-upgrade-and-uninstall", testHelmUpgradeUninstall},
 	}
 	for _, s := range scenarios {
