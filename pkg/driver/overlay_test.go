@@ -448,3 +448,30 @@ func TestFlattenWaitsForSnapshots(t *testing.T) {
 	}
 	qemuCheckClean(t, imageFile(pool, id), "after flatten")
 }
+
+// TestOverlayExpand: a clone grows past its base; the new space reads
+// zeroes, the old the snapshot's data, and qemu-img agrees.
+func TestOverlayExpand(t *testing.T) {
+	pool, c, _ := startQcow2(t)
+	ctx := context.Background()
+	vol := blockVolume(t, c)
+	model := make([]byte, snapDisk)
+	writeImage(t, imageFile(pool, vol), rand.New(rand.NewSource(7)), model)
+	s, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s", SourceVolumeId: vol})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := cloneVolume(t, c, "clone", fromSnapshot(s.Snapshot.SnapshotId), nil)
+	if _, err := c.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: id,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 2 * snapDisk}, VolumeCapability: capBlock(rw)}); err != nil {
+		t.Fatal(err)
+	}
+	want := append(bytes.Clone(model), make([]byte, snapDisk)...)
+	if got := qemuReadsImage(t, imageFile(pool, id)); !bytes.Equal(got, want) {
+		t.Fatal("grown clone reads differently")
+	}
+	qemuCheckClean(t, imageFile(pool, id), "after expansion")
+	if b := backingFile(t, imageFile(pool, id)); b == "" {
+		t.Fatal("expansion dropped the backing file")
+	}
+}
