@@ -185,10 +185,7 @@ func (p *pool) dropRefLocked(name, user string) (next string, gone bool, err err
 
 // refsOf lists the references to base name.
 func (p *pool) refsOf(name string) ([]string, error) {
-	ents, err := os.ReadDir(p.baseRefs(name))
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
+	ents, err := readDirOrNone(p.baseRefs(name))
 	if err != nil {
 		return nil, err
 	}
@@ -201,12 +198,18 @@ func (p *pool) refsOf(name string) ([]string, error) {
 	return out, nil
 }
 
-// listBases returns the names of the bases in the pool, sorted.
-func (p *pool) listBases() ([]string, error) {
-	ents, err := os.ReadDir(p.baseDir())
+// readDirOrNone is os.ReadDir with a missing directory read as empty.
+func readDirOrNone(dir string) ([]fs.DirEntry, error) {
+	ents, err := os.ReadDir(dir)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
+	return ents, err
+}
+
+// listBases returns the names of the bases in the pool, sorted.
+func (p *pool) listBases() ([]string, error) {
+	ents, err := readDirOrNone(p.baseDir())
 	if err != nil {
 		return nil, err
 	}
@@ -264,10 +267,7 @@ func (p *pool) refValid(name, ref string) bool {
 // bases without references. Like recover, it runs before any RPC is
 // served; it returns what it removed.
 func (p *pool) recoverBases() ([]string, error) {
-	ents, err := os.ReadDir(p.baseDir())
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
+	ents, err := readDirOrNone(p.baseDir())
 	if err != nil {
 		return nil, err
 	}

@@ -147,13 +147,7 @@ func TestOverlayCrash(t *testing.T) {
 	srv := drivertest.Start(t, driver.Options{Pool: pool}, driver.Seams{Images: driver.Qcow2Images{}})
 	c := dial(t, srv)
 	ctx := context.Background()
-	vol := blockVolume(t, c)
-	model := make([]byte, snapDisk)
-	writeImage(t, imageFile(pool, vol), rand.New(rand.NewSource(6)), model)
-	s, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s", SourceVolumeId: vol})
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, model, s := volumeWithSnapshot(t, pool, c, 6)
 	srv.Stop(t)
 	// Nothing writes: every volume holds the snapshot's data.
 	rng := rand.New(rand.NewSource(time.Now().UnixNano()))

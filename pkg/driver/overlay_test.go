@@ -44,6 +44,20 @@ func cloneVolume(t *testing.T, c clients, name string, src *csi.VolumeContentSou
 	return v.Volume.VolumeId
 }
 
+// volumeWithSnapshot makes block volume "v" with random data (from seed),
+// then snapshot "s" of it; it returns the volume, its data and the snapshot.
+func volumeWithSnapshot(t *testing.T, pool string, c clients, seed int64) (string, []byte, *csi.CreateSnapshotResponse) {
+	t.Helper()
+	vol := blockVolume(t, c)
+	model := make([]byte, snapDisk)
+	writeImage(t, imageFile(pool, vol), rand.New(rand.NewSource(seed)), model)
+	s, err := c.CreateSnapshot(context.Background(), &csi.CreateSnapshotRequest{Name: "s", SourceVolumeId: vol})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return vol, model, s
+}
+
 // backingFile is the backing file name in an image's header ("" for none).
 func backingFile(t *testing.T, path string) string {
 	t.Helper()
@@ -113,13 +127,7 @@ func poolLeft(t *testing.T, pool string) []string {
 func TestOverlayClones(t *testing.T) {
 	pool, c, md := startQcow2(t)
 	ctx := context.Background()
-	vol := blockVolume(t, c)
-	model := make([]byte, snapDisk)
-	writeImage(t, imageFile(pool, vol), rand.New(rand.NewSource(1)), model)
-	s, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s", SourceVolumeId: vol})
-	if err != nil {
-		t.Fatal(err)
-	}
+	vol, model, s := volumeWithSnapshot(t, pool, c, 1)
 	sid := s.Snapshot.SnapshotId
 	want := map[string][]byte{}
 	var clones []string
@@ -281,13 +289,7 @@ func TestFlattenOnline(t *testing.T) {
 	srv := drivertest.Start(t, driver.Options{Pool: pool}, driver.Seams{Images: driver.Qcow2Images{}, Attachers: []nbdattach.Attacher{att}})
 	c := dial(t, srv)
 	ctx := context.Background()
-	vol := blockVolume(t, c)
-	model := make([]byte, snapDisk)
-	writeImage(t, imageFile(pool, vol), rand.New(rand.NewSource(2)), model)
-	s, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s", SourceVolumeId: vol})
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, model, s := volumeWithSnapshot(t, pool, c, 2)
 	snapModel := bytes.Clone(model)
 	id := cloneVolume(t, c, "staged-clone", fromSnapshot(s.Snapshot.SnapshotId), nil)
 	staging := filepath.Join(t.TempDir(), "staging")
@@ -359,7 +361,7 @@ func TestFlattenOnline(t *testing.T) {
 	if !bytes.Equal(readImage(t, imageFile(pool, id2)), snapModel) {
 		t.Fatal("clone flattened at creation differs from the snapshot")
 	}
-	_, err = c.ControllerModifyVolume(ctx, &csi.ControllerModifyVolumeRequest{VolumeId: id2, MutableParameters: map[string]string{"clusterSize": "4k"}})
+	_, err := c.ControllerModifyVolume(ctx, &csi.ControllerModifyVolumeRequest{VolumeId: id2, MutableParameters: map[string]string{"clusterSize": "4k"}})
 	wantCode(t, err, codes.InvalidArgument, `unknown mutable parameter "clusterSize"`)
 }
 
@@ -369,14 +371,7 @@ func TestFlattenResumes(t *testing.T) {
 	pool := t.TempDir()
 	srv := drivertest.Start(t, driver.Options{Pool: pool}, driver.Seams{Images: driver.Qcow2Images{}})
 	c := dial(t, srv)
-	ctx := context.Background()
-	vol := blockVolume(t, c)
-	model := make([]byte, snapDisk)
-	writeImage(t, imageFile(pool, vol), rand.New(rand.NewSource(4)), model)
-	s, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s", SourceVolumeId: vol})
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, model, s := volumeWithSnapshot(t, pool, c, 4)
 	id := cloneVolume(t, c, "clone", fromSnapshot(s.Snapshot.SnapshotId), nil)
 	srv.Stop(t)
 	// A record as a flatten interrupted half way leaves it.
@@ -407,13 +402,7 @@ func TestFlattenResumes(t *testing.T) {
 func TestFlattenWaitsForSnapshots(t *testing.T) {
 	pool, c, _ := startQcow2(t)
 	ctx := context.Background()
-	vol := blockVolume(t, c)
-	model := make([]byte, snapDisk)
-	writeImage(t, imageFile(pool, vol), rand.New(rand.NewSource(5)), model)
-	s, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s", SourceVolumeId: vol})
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, model, s := volumeWithSnapshot(t, pool, c, 5)
 	id := cloneVolume(t, c, "clone", fromSnapshot(s.Snapshot.SnapshotId), nil)
 	cs, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "cs", SourceVolumeId: id})
 	if err != nil {
@@ -454,13 +443,7 @@ func TestFlattenWaitsForSnapshots(t *testing.T) {
 func TestOverlayExpand(t *testing.T) {
 	pool, c, _ := startQcow2(t)
 	ctx := context.Background()
-	vol := blockVolume(t, c)
-	model := make([]byte, snapDisk)
-	writeImage(t, imageFile(pool, vol), rand.New(rand.NewSource(7)), model)
-	s, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s", SourceVolumeId: vol})
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, model, s := volumeWithSnapshot(t, pool, c, 7)
 	id := cloneVolume(t, c, "clone", fromSnapshot(s.Snapshot.SnapshotId), nil)
 	if _, err := c.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: id,
 		CapacityRange: &csi.CapacityRange{RequiredBytes: 2 * snapDisk}, VolumeCapability: capBlock(rw)}); err != nil {

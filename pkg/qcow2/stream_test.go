@@ -124,14 +124,22 @@ func TestStreamOnline(t *testing.T) {
 	}
 }
 
-// TestStreamSkipsBitmaps: a stream with no writer leaves every bitmap clean.
-func TestStreamSkipsBitmaps(t *testing.T) {
+// qemuOverlay makes, with qemu-img, an empty 4 MiB overlay over a base
+// whose first 3 MiB hold 0x5a, and returns the overlay's path.
+func qemuOverlay(t *testing.T) string {
+	t.Helper()
 	dir := t.TempDir()
 	base := filepath.Join(dir, "base.qcow2")
 	qemu(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "4M")
 	qemu(t, "qemu-io", "-c", "write -P 0x5a 0 3M", base)
 	top := filepath.Join(dir, "top.qcow2")
 	qemu(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, "4M")
+	return top
+}
+
+// TestStreamSkipsBitmaps: a stream with no writer leaves every bitmap clean.
+func TestStreamSkipsBitmaps(t *testing.T) {
+	top := qemuOverlay(t)
 	img, err := Open(top, OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -161,12 +169,7 @@ func TestStreamSkipsBitmaps(t *testing.T) {
 // TestDetachBackingKeepsSnapshots: a snapshot taken before the stream still
 // reads the backing file, so the backing file stays until it is deleted.
 func TestDetachBackingKeepsSnapshots(t *testing.T) {
-	dir := t.TempDir()
-	base := filepath.Join(dir, "base.qcow2")
-	qemu(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "4M")
-	qemu(t, "qemu-io", "-c", "write -P 0x5a 0 3M", base)
-	top := filepath.Join(dir, "top.qcow2")
-	qemu(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, "4M")
+	top := qemuOverlay(t)
 	img, err := Open(top, OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
