@@ -211,3 +211,45 @@ func TestOverlayReadsQemuOverlays(t *testing.T) {
 		t.Fatal("the flattened image reads differently without its base")
 	}
 }
+
+// TestQemuRunsOurOverlay: qemu's block layer (qemu-io) opens an overlay we
+// made over a base we froze, reads the snapshot through it and writes into
+// it; we read qemu's write back and qemu-img check stays clean.
+func TestQemuRunsOurOverlay(t *testing.T) {
+	qemuIO := peer.Require(t, "qemu-io")
+	dir := t.TempDir()
+	path, want := restoreFixture(t, dir)
+	src, err := qcow2.Open(path, qcow2.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	base, top := filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "top.qcow2")
+	_, _, err = Freeze(src, "s1", base, 4, RestoreOptions{SourceClosed: true})
+	src.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Overlay(base, top, OverlayOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// restoreFixture's s1: 100 KiB of 1 at 0, 5000 bytes of 2 at 3 MiB.
+	out, err := exec.Command(qemuIO, "-c", "read -P 1 0 100k", "-c", "read -P 2 3M 5000", "-c", "write -P 0x77 1M 64k", "-c", "read -P 0x77 1M 64k", top).CombinedOutput()
+	if err != nil || strings.Contains(string(out), "Pattern verification failed") {
+		t.Fatalf("qemu-io on our overlay: %v\n%s", err, out)
+	}
+	img, err := qcow2.Open(top, qcow2.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, img.Size())
+	if _, err := img.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	img.Close()
+	exp := padTo(want, testDisk)
+	copy(exp[1<<20:], bytes.Repeat([]byte{0x77}, 64<<10))
+	if !bytes.Equal(got, exp) {
+		t.Fatal("we read qemu's write into our overlay differently")
+	}
+	qemuImg(t, "check", top)
+}
