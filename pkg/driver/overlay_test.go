@@ -458,3 +458,58 @@ func TestOverlayExpand(t *testing.T) {
 		t.Fatal("expansion dropped the backing file")
 	}
 }
+
+// TestOverlayDeltas: changed-block deltas between a clone's own snapshots
+// hold what was written between them, not the base's data, also across a
+// flatten (its copy-up is no change).
+func TestOverlayDeltas(t *testing.T) {
+	pool, c, md := startQcow2(t)
+	ctx := context.Background()
+	_, _, s := volumeWithSnapshot(t, pool, c, 8)
+	id := cloneVolume(t, c, "clone", fromSnapshot(s.Snapshot.SnapshotId), nil)
+	s1, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "c1", SourceVolumeId: id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := qcow2.Open(imageFile(pool, id), qcow2.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := img.WriteAt(bytes.Repeat([]byte{0xee}, 64<<10), 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// Flatten: the disk is copied up, the backing file stays for c1.
+	if _, err := c.ControllerModifyVolume(ctx, &csi.ControllerModifyVolumeRequest{VolumeId: id, MutableParameters: map[string]string{"flatten": "true"}}); err != nil {
+		t.Fatal(err)
+	}
+	waitFlatOrWaiting(t, pool, id)
+	var s2 *csi.CreateSnapshotResponse
+	if err := retryAborted(func() error {
+		var err error
+		s2, err = c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "c2", SourceVolumeId: id})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	st, err := md.GetMetadataDelta(ctx, &csi.GetMetadataDeltaRequest{BaseSnapshotId: s1.Snapshot.SnapshotId, TargetSnapshotId: s2.Snapshot.SnapshotId})
+	if err != nil {
+		t.Fatal(err)
+	}
+	blocks, err := collect(t, st.Recv, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n int64
+	for _, b := range blocks {
+		n += b.SizeBytes
+		if b.ByteOffset > 1<<20 || b.ByteOffset+b.SizeBytes < (1<<20)+(64<<10) {
+			t.Fatalf("delta %v holds more than the write at 1 MiB", blocks)
+		}
+	}
+	if n == 0 || n > 2<<20 {
+		t.Fatalf("delta of %d bytes (%v) for a 64 KiB write", n, blocks)
+	}
+}
