@@ -53,9 +53,8 @@ func (p *pool) baseRefs(name string) string { return filepath.Join(p.baseDir(), 
 func (p *pool) baseTemp(name string) string {
 	return filepath.Join(p.baseDir(), tmpPrefix+name+imageSuffix)
 }
-func baseBacking(name string) string         { return filepath.Join(basesDir, name+imageSuffix) }
-func (p *pool) volRef(vol string) string     { return refVolume + p.file(vol) }
-func (p *pool) snapBaseName(s string) string { return snapBasePrefix + s }
+func baseBacking(name string) string     { return filepath.Join(basesDir, name+imageSuffix) }
+func (p *pool) volRef(vol string) string { return refVolume + p.file(vol) }
 
 // baseOfBacking is the base an image's backing file name points to, "" when
 // it names no base of this pool's.

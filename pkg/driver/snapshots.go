@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -361,8 +362,10 @@ func (d *Driver) restoreSource(ctx context.Context, src *csi.VolumeContentSource
 	if params.cloneMode() == cloneOverlay && passphrase == nil {
 		base := volBasePrefix + d.pool.file(id)
 		if snapName != "" {
-			local, _ := splitOwner(snapName)
-			base = snapBasePrefix + local
+			// Named by the snapshot's volume file and sequence: unique in
+			// the pool, legacy IDs included.
+			ref, _ := parseSnapshotRef(snapName)
+			base = snapBasePrefix + d.pool.file(ref.Volume) + snapshotIDSep + strconv.FormatUint(ref.Seq, 10)
 		}
 		if err := d.makeBase(ctx, id, base, vol, snapName, hidden, size, params, srcSize); err != nil {
 			return 0, "", err
