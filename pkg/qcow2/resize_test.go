@@ -208,3 +208,37 @@ func TestSnapshotsKeepTheirSize(t *testing.T) {
 		}
 	}
 }
+
+// TestResizeOverlayLikeQemu: growing an overlay shorter than its backing
+// file shows zeroes where the backing file has data past the old end, as
+// qemu-img resize does; our grown overlay and qemu's read the same.
+func TestResizeOverlayLikeQemu(t *testing.T) {
+	dir := t.TempDir()
+	base := filepath.Join(dir, "base.qcow2")
+	qemu(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "6M")
+	qemu(t, "qemu-io", "-c", "write -P 0x5a 0 6M", base)
+	ours, theirs := filepath.Join(dir, "ours.qcow2"), filepath.Join(dir, "theirs.qcow2")
+	for _, p := range []string{ours, theirs} {
+		qemu(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", p, "4M")
+		qemu(t, "qemu-io", "-c", "write -P 0x11 1M 64k", p)
+	}
+	qemu(t, "qemu-img", "resize", "-q", theirs, "8M")
+	img, err := Open(ours, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Resize(8<<20, ResizeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	checkClean(t, ours)
+	got, want := qemuRaw(t, ours), qemuRaw(t, theirs)
+	if !bytes.Equal(got, want) {
+		t.Fatal("our grown overlay reads differently from qemu-img resize's")
+	}
+	if !bytes.Equal(got[4<<20:], make([]byte, 4<<20)) {
+		t.Fatal("the grown part shows the backing file's data")
+	}
+}
