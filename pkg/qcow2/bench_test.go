@@ -115,3 +115,53 @@ func BenchmarkWriteAt(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkReadOverlay: 4k random reads, in parallel, of a fully written
+// image ("flat") and of an empty overlay over it ("clone"), whose every
+// read goes through its own lookup to the backing file.
+func BenchmarkReadOverlay(b *testing.B) {
+	dir := b.TempDir()
+	base := filepath.Join(dir, "base.qcow2")
+	img, err := Create(base, CreateOptions{Size: benchSize})
+	if err != nil {
+		b.Fatal(err)
+	}
+	buf := make([]byte, 1<<20)
+	for i := range buf {
+		buf[i] = byte(i*7 + 1)
+	}
+	for off := int64(0); off < benchSize; off += int64(len(buf)) {
+		if _, err := img.WriteAt(buf, off); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := img.Close(); err != nil {
+		b.Fatal(err)
+	}
+	top, err := Create(filepath.Join(dir, "top.qcow2"), CreateOptions{Size: benchSize, BackingFile: "base.qcow2", BackingFormat: "qcow2"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	top.Close()
+	for _, c := range []struct{ name, path string }{{"flat", base}, {"clone", filepath.Join(dir, "top.qcow2")}} {
+		b.Run(c.name, func(b *testing.B) {
+			img, err := Open(c.path, OpenOptions{ReadOnly: true})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer img.Close()
+			b.SetBytes(4096)
+			b.SetParallelism(16)
+			b.RunParallel(func(pb *testing.PB) {
+				r := rand.New(rand.NewPCG(rand.Uint64(), 1))
+				p := make([]byte, 4096)
+				for pb.Next() {
+					if _, err := img.ReadAt(p, r.Int64N(benchSize/4096)*4096); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+		})
+	}
+}

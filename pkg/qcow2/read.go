@@ -393,8 +393,13 @@ func (img *Image) readAt(p []byte, off int64) error {
 	}
 	n := min(int64(len(p)), size-off)
 	clear(p[n:])
-	tok := img.ranges.lock(alignDown(off, img.clusterSize), alignUp(off+n, img.clusterSize), false)
-	defer img.ranges.unlock(tok)
+	if !img.readOnly {
+		tok := img.ranges.lock(alignDown(off, img.clusterSize), alignUp(off+n, img.clusterSize), false)
+		defer img.ranges.unlock(tok)
+	}
+	// A backing file is opened read-only: nothing in this process writes
+	// it, and readers do not exclude each other, so its range lock would
+	// only cost every read of an overlay a second lock round.
 	return img.readRange(p[:n], off)
 }
 
