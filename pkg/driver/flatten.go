@@ -68,14 +68,6 @@ func (r *flattenRuns) done(id string) {
 	r.wg.Done()
 }
 
-// runs reports whether id's flatten runs.
-func (r *flattenRuns) runs(id string) bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	_, ok := r.running[id]
-	return ok
-}
-
 // stop cancels id's flatten; it ends at its next step.
 func (r *flattenRuns) stop(id string) {
 	r.mu.Lock()
@@ -187,15 +179,15 @@ func (d *Driver) flattenStep(ctx context.Context, id string) (done bool, err err
 }
 
 // requestFlatten marks volume id for flattening and starts it; a volume
-// without a base has nothing to flatten. The caller holds id's modify lock
-// (one writer of the record at a time).
-func (d *Driver) requestFlatten(id string) error {
+// without a base has nothing to flatten (started is false). The caller
+// holds id's modify lock (one writer of the record at a time).
+func (d *Driver) requestFlatten(id string) (started bool, err error) {
 	m, err := d.pool.get(id)
 	if err != nil {
-		return err
+		return false, err
 	}
 	if baseOf(d.pool.imagePath(id)) == "" {
-		return nil
+		return false, nil
 	}
 	if m.Flatten == nil || m.Flatten.Waiting != "" {
 		if m.Flatten == nil {
@@ -203,11 +195,11 @@ func (d *Driver) requestFlatten(id string) error {
 		}
 		m.Flatten.Waiting = ""
 		if err := d.pool.put(m); err != nil {
-			return err
+			return false, err
 		}
 	}
 	d.startFlatten(id)
-	return nil
+	return true, nil
 }
 
 // resumeFlattens starts the flattens the records show (Start).

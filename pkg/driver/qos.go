@@ -167,10 +167,11 @@ func (d *Driver) ControllerModifyVolume(ctx context.Context, req *csi.Controller
 	}
 	klog.FromContext(ctx).Info("Volume I/O limits set", "volumeID", id, "limits", formatLimits(limits), "live", live)
 	if flatten {
-		if err := d.requestFlatten(id); err != nil {
+		started, err := d.requestFlatten(id)
+		if err != nil {
 			return nil, toStatus(err)
 		}
-		klog.FromContext(ctx).Info("Flatten requested", "volumeID", id)
+		klog.FromContext(ctx).Info("Flatten requested", "volumeID", id, "started", started)
 	}
 	return &csi.ControllerModifyVolumeResponse{}, nil
 }
