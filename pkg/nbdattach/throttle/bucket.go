@@ -1,6 +1,7 @@
 package throttle
 
 import (
+	"context"
 	"math"
 	"sync"
 	"time"
@@ -36,19 +37,32 @@ func (b *bucket) wait(cost float64) time.Duration {
 	return max(time.Microsecond, time.Duration((need-b.level)/b.rate*float64(time.Second)))
 }
 
-// direction is the buckets one kind of request (reads, or writes) passes.
+// direction is the buckets one kind of request (reads, or writes) passes,
+// and the queue of the requests waiting for them. Waiters are served in the
+// order they came, as QEMU's throttled_reqs queue does: only the head waits
+// on the buckets, and a request arriving while others wait queues behind
+// them. Otherwise each waiter would wake on its own timer and snatch the
+// tokens as they refill, and a request larger than the bucket, which must
+// wait for it to fill, would starve behind a stream of small ones.
 type direction struct {
 	mu    sync.Mutex
 	last  time.Time
 	ops   bucket
 	bytes bucket
+	// queued counts the waiting requests, the head included. turn holds
+	// the head's token while no one is head: the receivers of a channel
+	// are served first come, first served.
+	queued int
+	turn   chan struct{}
 }
 
 func newDirection(ops, bytes Rate, now time.Time) *direction {
 	if ops.Avg == 0 && bytes.Avg == 0 {
 		return nil
 	}
-	return &direction{last: now, ops: newBucket(ops), bytes: newBucket(bytes)}
+	d := &direction{last: now, ops: newBucket(ops), bytes: newBucket(bytes), turn: make(chan struct{}, 1)}
+	d.turn <- struct{}{}
+	return d
 }
 
 func (d *direction) refillTo(now time.Time) {
@@ -59,12 +73,25 @@ func (d *direction) refillTo(now time.Time) {
 	}
 }
 
+// takeFirst admits a request of n bytes at now when none waits before it
+// and the buckets allow it.
+func (d *direction) takeFirst(now time.Time, n int64) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.queued == 0 && d.takeLocked(now, n) == 0
+}
+
 // take admits a request of n bytes at now and returns 0, or returns how long
 // to wait before asking again (then nothing is taken). A zero-byte request
-// (a trim) takes from the operations bucket only.
+// (a trim) takes from the operations bucket only. It does not look at the
+// queue: it is the head's.
 func (d *direction) take(now time.Time, n int64) time.Duration {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	return d.takeLocked(now, n)
+}
+
+func (d *direction) takeLocked(now time.Time, n int64) time.Duration {
 	d.refillTo(now)
 	w := d.ops.wait(1)
 	if n > 0 {
@@ -80,6 +107,45 @@ func (d *direction) take(now time.Time, n int64) time.Duration {
 		d.bytes.level -= float64(n)
 	}
 	return 0
+}
+
+// wait queues a request of n bytes behind the requests waiting already and
+// returns true once it took its tokens; false when changed is closed (new
+// limits: the caller judges the request again under them, having taken
+// nothing); or ctx's error.
+func (d *direction) wait(ctx context.Context, changed <-chan struct{}, now func() time.Time, n int64) (bool, error) {
+	d.mu.Lock()
+	d.queued++
+	d.mu.Unlock()
+	defer func() {
+		d.mu.Lock()
+		d.queued--
+		d.mu.Unlock()
+	}()
+	select {
+	case <-d.turn:
+	case <-changed:
+		return false, nil
+	case <-ctx.Done():
+		return false, ctx.Err()
+	}
+	defer func() { d.turn <- struct{}{} }()
+	for {
+		w := d.take(now(), n)
+		if w == 0 {
+			return true, nil
+		}
+		timer := time.NewTimer(w)
+		select {
+		case <-timer.C:
+		case <-changed:
+			timer.Stop()
+			return false, nil
+		case <-ctx.Done():
+			timer.Stop()
+			return false, ctx.Err()
+		}
+	}
 }
 
 // inherit carries old's levels into d (a change of limits): never above

@@ -10,9 +10,12 @@
 // when a burst is set (QEMU's iops-read-max times max-length 1 s), else a
 // tenth of a second's worth (QEMU's default). A request is admitted when
 // every bucket of its direction holds its cost (one operation; its length in
-// bytes), which it then takes. A request costing more than a whole bucket
-// is never split or refused (QEMU neither): it goes when the bucket is full
-// and leaves it in debt, which delays the requests after it. Over any
+// bytes), which it then takes. Requests that must wait are served in the
+// order they came, per direction (QEMU's queue of throttled requests): only
+// the first waits on the buckets, so a large request is not starved by
+// small ones taking the tokens as they refill. A request costing more than
+// a whole bucket is never split or refused (QEMU neither): it goes when the
+// bucket is full and leaves it in debt, which delays the requests after it. Over any
 // interval of t seconds a direction therefore passes at most Avg*t + size
 // units, plus one such oversized request.
 //

@@ -119,42 +119,40 @@ func (t *Throttle) Stats() Stats {
 // admit returns when a request of n bytes may go (write tells the
 // direction), or with ctx's error.
 func (t *Throttle) admit(ctx context.Context, s *state, write bool, n int64) error {
+	c := &t.reads
+	if write {
+		c = &t.writes
+	}
 	var waitedSince time.Time
+	defer func() {
+		if !waitedSince.IsZero() {
+			c.waited.Add(int64(t.now().Sub(waitedSince)))
+		}
+	}()
 	for s != nil {
-		d, c := s.read, &t.reads
+		d := s.read
 		if write {
-			d, c = s.write, &t.writes
+			d = s.write
 		}
 		if d == nil {
-			break
+			return nil
 		}
 		now := t.now()
-		w := d.take(now, n)
-		if w == 0 {
-			break
+		if d.takeFirst(now, n) {
+			return nil
 		}
 		if waitedSince.IsZero() {
 			waitedSince = now
 			c.throttled.Add(1)
 		}
-		timer := time.NewTimer(w)
-		select {
-		case <-timer.C:
-		case <-s.changed:
-			timer.Stop()
-		case <-ctx.Done():
-			timer.Stop()
-			c.waited.Add(int64(t.now().Sub(waitedSince)))
-			return fmt.Errorf("waiting for the volume's I/O limits: %w", ctx.Err())
+		ok, err := d.wait(ctx, s.changed, t.now, n)
+		if err != nil {
+			return fmt.Errorf("waiting for the volume's I/O limits: %w", err)
+		}
+		if ok {
+			return nil
 		}
 		s = t.state.Load()
-	}
-	if !waitedSince.IsZero() {
-		c := &t.reads
-		if write {
-			c = &t.writes
-		}
-		c.waited.Add(int64(t.now().Sub(waitedSince)))
 	}
 	return nil
 }

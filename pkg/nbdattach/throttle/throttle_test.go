@@ -5,6 +5,7 @@ import (
 	"errors"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -296,4 +297,65 @@ func TestThrottleSetRefusesBadLimits(t *testing.T) {
 func isStatuser(be nbdattach.Backend) bool {
 	_, ok := be.(nbdattach.BlockStatuser)
 	return ok
+}
+
+// byteCounter is a backend that counts the bytes written to it.
+type byteCounter struct {
+	nopBackend
+	written atomic.Int64
+}
+
+func (b *byteCounter) WriteAt(_ context.Context, p []byte, _ int64, _ bool) error {
+	b.written.Add(int64(len(p)))
+	return nil
+}
+
+// A write larger than the bucket among a steady stream of small ones: the
+// waiters are served in order, so the large one goes once the bucket has
+// filled for it, and is not starved by small writes taking the tokens as
+// they come in. The long-run rate holds all the same.
+func TestThrottleLargeWriteNotStarved(t *testing.T) {
+	const rate = 1 << 20
+	be := &byteCounter{}
+	th := throttle.New(be)
+	if err := th.Set(throttle.Limits{WriteBytes: throttle.Rate{Avg: rate}}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	start := time.Now()
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			small := make([]byte, 4096)
+			for th.WriteAt(ctx, small, 0, false) == nil {
+			}
+		}()
+	}
+	time.Sleep(200 * time.Millisecond) // the small writers hold the bucket low
+	big := make(chan error, 1)
+	at := time.Now()
+	go func() { big <- th.WriteAt(ctx, make([]byte, 512<<10), 0, false) }()
+	select {
+	case err := <-big:
+		// Behind it at most eight 4 KiB writes and a tenth of a second's
+		// refill: far below a second on any machine.
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("the 512 KiB write waited %v", time.Since(at))
+	case <-time.After(3 * time.Second):
+		t.Fatal("a 512 KiB write under writeBytesPerSecond=1MiB still waits after 3 s of 4 KiB writes beside it")
+	}
+	time.Sleep(500 * time.Millisecond)
+	cancel()
+	wg.Wait()
+	el := time.Since(start).Seconds()
+	// At most rate*t + the bucket (a tenth of the rate) + the one request
+	// that may overdraw it.
+	if most := rate*el + rate/10 + 512<<10; float64(be.written.Load()) > most {
+		t.Fatalf("%d bytes written in %.2fs, more than the %.0f that %d/s allows", be.written.Load(), el, most, rate)
+	}
 }
