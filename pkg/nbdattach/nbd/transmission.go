@@ -73,6 +73,7 @@ type transmission struct {
 	big   chan struct{} // bounds the large payloads in flight
 	work  chan *request
 	wg    sync.WaitGroup
+	disc  bool // the client sent DISC: the requests before it are served
 
 	// The reply side: wmu serialises writers; pending counts the replies
 	// queued for wmu, so that only the last one flushes.
@@ -188,6 +189,12 @@ func (c *transmission) serve(ctx context.Context) error {
 	// Requests already received finish even when ctx ends: a shutdown stops
 	// reading, not the I/O in flight.
 	ioCtx := context.WithoutCancel(ctx)
+	// A request a backend still holds back before its I/O (a throttle) is
+	// dropped once the client is gone: nothing was done, and the kernel,
+	// which closes the connection on its I/O timeout, may send it again.
+	hold, dropHeld := context.WithCancel(ioCtx)
+	defer dropHeld()
+	ioCtx = nbdattach.WithHoldContext(ioCtx, hold)
 	for range cap(c.slots) {
 		go func() {
 			for r := range c.work {
@@ -202,6 +209,11 @@ func (c *transmission) serve(ctx context.Context) error {
 	defer stop()
 
 	rerr := c.receiveRecovering(ctx)
+	if ctx.Err() == nil && !c.disc {
+		// The client closed the connection (or broke the stream) without
+		// a DISC: no one will read the replies.
+		dropHeld()
+	}
 
 	// Everything received is answered before the connection closes.
 	c.wg.Wait()
@@ -262,6 +274,7 @@ func (c *transmission) receive(ctx context.Context) error {
 		r.length = binary.BigEndian.Uint32(hdr[24:])
 
 		if r.typ == nbdCmdDisc {
+			c.disc = true
 			putRequest(r)
 			return nil
 		}

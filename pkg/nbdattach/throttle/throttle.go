@@ -117,8 +117,11 @@ func (t *Throttle) Stats() Stats {
 }
 
 // admit returns when a request of n bytes may go (write tells the
-// direction), or with ctx's error.
+// direction), or with an error when ctx's hold context ends
+// (nbdattach.HoldContext): no I/O has started yet, so the request may be
+// dropped even where its I/O may not be cut off.
 func (t *Throttle) admit(ctx context.Context, s *state, write bool, n int64) error {
+	ctx = nbdattach.HoldContext(ctx)
 	c := &t.reads
 	if write {
 		c = &t.writes

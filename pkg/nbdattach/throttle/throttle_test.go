@@ -240,6 +240,31 @@ func TestThrottleCancel(t *testing.T) {
 	}
 }
 
+// A request waiting for its tokens ends when its hold context ends (the NBD
+// client is gone), though its I/O context does not, and never reaches the
+// backend.
+func TestThrottleDropsHeldWhenHoldEnds(t *testing.T) {
+	rec := &recorder{}
+	be, th := throttle.Wrap(rec)
+	if err := th.Set(throttle.Limits{WriteIOPS: throttle.Rate{Avg: 1, Burst: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := be.WriteAt(context.Background(), nil, 0, false); err != nil { // empties the bucket
+		t.Fatal(err)
+	}
+	hold, drop := context.WithCancel(context.Background())
+	ctx := nbdattach.WithHoldContext(context.WithoutCancel(hold), hold)
+	time.AfterFunc(50*time.Millisecond, drop)
+	start := time.Now()
+	err := be.WriteAt(ctx, nil, 0, false) // needs a second
+	if !errors.Is(err, context.Canceled) || time.Since(start) > 500*time.Millisecond {
+		t.Fatalf("WriteAt whose hold context ended after 50ms: %v after %v, want Canceled at once", err, time.Since(start))
+	}
+	if len(rec.writes) != 1 {
+		t.Fatalf("%d writes reached the backend, want 1", len(rec.writes))
+	}
+}
+
 // Without limits every request goes straight through; flushes and block
 // status are never held back; the BlockStatuser capability survives.
 func TestThrottleUnlimitedAndPassThrough(t *testing.T) {
