@@ -14,6 +14,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/throttle"
 )
 
 func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
@@ -240,6 +241,18 @@ func (d *Driver) undoAttach(ctx context.Context, v *stagedVolume) {
 // and forgets it. Each step tolerates having been done before, so an
 // interrupted unstage can be repeated.
 func (d *Driver) teardown(ctx context.Context, v *stagedVolume) error {
+	// The last writeback (the unmount's, the detach's fsync) and the
+	// requests queued in the device go unthrottled: Detach waits for them
+	// whatever ctx says, and under a low limit unstaging would wait until
+	// they trickled through. The limits come back if the volume stays.
+	if held := v.throttle.Limits(); !held.Unlimited() {
+		v.throttle.Set(throttle.Limits{})
+		defer func() {
+			if d.lookupStaged(v.ID) == v {
+				v.throttle.Set(held)
+			}
+		}()
+	}
 	if !v.Block {
 		if err := d.checkRecordedPath("staging path", v.StagingPath); err != nil {
 			return fmt.Errorf("volume %q: %w", v.ID, err)

@@ -1,6 +1,7 @@
 package driver_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -11,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
@@ -321,4 +323,51 @@ func TestQoSMetrics(t *testing.T) {
 	if strings.Contains(rec.Body.String(), "qcow2_csi_volume_io_") {
 		t.Error("an unstaged volume still has I/O limit metrics")
 	}
+}
+
+// Unstaging a volume under a low limit does not wait for its dirty pages
+// to trickle through the limit: the limits are lifted for the last
+// writeback and the detach, and the data is all there after.
+func TestNodeUnstageLiftsLimits(t *testing.T) {
+	if err := fuse.NewAttacher(fuse.Options{Dir: t.TempDir()}).Available(); err != nil {
+		peer.Missing(t, "the fuse attach backend", err.Error())
+	}
+	testNodeUnstageLiftsLimits(t, "fuse")
+}
+
+func testNodeUnstageLiftsLimits(t *testing.T, backend string) {
+	e := newNodeEnvOn(t, backend)
+	c := capMount(rw, "ext4")
+	r, err := e.c.CreateVolume(e.ctx, &csi.CreateVolumeRequest{Name: "pvc-qos-unstage", CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20},
+		VolumeCapabilities: []*csi.VolumeCapability{c}, MutableParameters: map[string]string{"writeBytesPerSecond": "256k"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := r.Volume.VolumeId
+	staging := e.stage(id, c)
+	target := e.publish(id, staging, c, false)
+	data := bytes.Repeat([]byte("qcow2-csi"), 1<<20) // 9 MiB: 36 s at 256 KiB/s
+	if err := os.WriteFile(filepath.Join(target, "data"), data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.c.NodeUnpublishVolume(e.ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if _, err := e.c.NodeUnstageVolume(e.ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d > 15*time.Second {
+		t.Fatalf("unstaging took %v: its 9 MiB of dirty pages went through writeBytesPerSecond=256k", d)
+	}
+	staging = e.stage(id, c)
+	target = e.publish(id, staging, c, false)
+	got, err := os.ReadFile(filepath.Join(target, "data"))
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("after unstage and stage: %d bytes, equal %v, err %v", len(got), bytes.Equal(got, data), err)
+	}
+	if limits, _ := e.qosStats(id, target); limits != "writeBytesPerSecond=262144" {
+		t.Fatalf("limits %q after staging again, want writeBytesPerSecond=262144", limits)
+	}
+	e.teardown(id, staging, target)
 }

@@ -68,3 +68,11 @@ func TestGuestNBDQoS(t *testing.T) {
 	vmharness.Guest(t)
 	testNodeQoSLive(t, "nbd")
 }
+
+// TestGuestNBDUnstageLiftsLimits: a kernel NBD device's detach waits for
+// the requests queued in it; unstaging under a low limit does not wait for
+// them to trickle through it.
+func TestGuestNBDUnstageLiftsLimits(t *testing.T) {
+	vmharness.Guest(t)
+	testNodeUnstageLiftsLimits(t, "nbd")
+}
