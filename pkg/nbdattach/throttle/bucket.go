@@ -100,20 +100,25 @@ func (d *direction) takeLocked(now time.Time, n int64) time.Duration {
 	if w > 0 {
 		return w
 	}
+	d.debit(n)
+	return 0
+}
+
+func (d *direction) debit(n int64) {
 	if d.ops.rate > 0 {
 		d.ops.level--
 	}
 	if d.bytes.rate > 0 {
 		d.bytes.level -= float64(n)
 	}
-	return 0
 }
 
 // wait queues a request of n bytes behind the requests waiting already and
-// returns true once it took its tokens; false when changed is closed (new
+// returns true once it took its tokens, or once deadline passed (it then
+// takes them all the same, into debt); false when changed is closed (new
 // limits: the caller judges the request again under them, having taken
 // nothing); or ctx's error.
-func (d *direction) wait(ctx context.Context, changed <-chan struct{}, now func() time.Time, n int64) (bool, error) {
+func (d *direction) wait(ctx context.Context, changed <-chan struct{}, now func() time.Time, n int64, deadline time.Time) (bool, error) {
 	d.mu.Lock()
 	d.queued++
 	d.mu.Unlock()
@@ -122,12 +127,17 @@ func (d *direction) wait(ctx context.Context, changed <-chan struct{}, now func(
 		d.queued--
 		d.mu.Unlock()
 	}()
+	overdue := time.NewTimer(deadline.Sub(now()))
+	defer overdue.Stop()
 	select {
 	case <-d.turn:
 	case <-changed:
 		return false, nil
 	case <-ctx.Done():
 		return false, ctx.Err()
+	case <-overdue.C:
+		d.force(now(), n)
+		return true, nil
 	}
 	defer func() { d.turn <- struct{}{} }()
 	for {
@@ -138,6 +148,9 @@ func (d *direction) wait(ctx context.Context, changed <-chan struct{}, now func(
 		timer := time.NewTimer(w)
 		select {
 		case <-timer.C:
+		case <-overdue.C:
+			d.force(now(), n)
+			return true, nil
 		case <-changed:
 			timer.Stop()
 			return false, nil
@@ -146,6 +159,14 @@ func (d *direction) wait(ctx context.Context, changed <-chan struct{}, now func(
 			return false, ctx.Err()
 		}
 	}
+}
+
+// force admits a request of n bytes at now whatever the buckets hold.
+func (d *direction) force(now time.Time, n int64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.refillTo(now)
+	d.debit(n)
 }
 
 // inherit carries old's levels into d (a change of limits): never above

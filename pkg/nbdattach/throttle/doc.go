@@ -19,6 +19,11 @@
 // interval of t seconds a direction therefore passes at most Avg*t + size
 // units, plus one such oversized request.
 //
+// No request is held back longer than MaxHold: the kernel's NBD driver
+// fails a request it waited for longer than its I/O timeout. A request
+// still held back when its client closes the connection (the kernel does
+// on that timeout) is dropped: it has done no I/O (nbdattach.HoldContext).
+//
 // Reads are ReadAt. Writes are WriteAt, WriteZeroes and Trim; zeroing and
 // trimming count as operations but not as bytes, since no payload travels
 // (an fstrim of a whole filesystem would otherwise stall every write after

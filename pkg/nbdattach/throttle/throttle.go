@@ -20,6 +20,8 @@ type Throttle struct {
 	state atomic.Pointer[state]
 	setMu sync.Mutex // orders Set calls
 	now   func() time.Time
+	// maxHold is the longest a request is held back (MaxHold).
+	maxHold time.Duration
 
 	reads, writes counters
 }
@@ -52,8 +54,18 @@ var ErrCompiledOut = errors.New("I/O limits are not available for this device")
 
 // New puts be behind a Throttle without limits.
 func New(be nbdattach.Backend) *Throttle {
-	return &Throttle{be: be, now: time.Now}
+	return &Throttle{be: be, now: time.Now, maxHold: MaxHold}
 }
+
+// MaxHold is the longest a request is held back, however many wait before
+// it: then it goes, and its cost is a debt that the requests after it wait
+// for. The kernel's NBD driver gives up on a request after its I/O timeout
+// (30 s by default, kernel.DefaultIOTimeout) and closes the connection,
+// and its queue holds some 128 requests per connection: under limits that
+// low (128 requests over 30 s is about 4 IOPS; 128 requests of 1 MiB over
+// 30 s about 4 MiB/s) a full queue would otherwise outlast the timeout.
+// Such limits then hold on average over the long run, not per request.
+const MaxHold = 20 * time.Second
 
 // Set replaces the limits; the zero Limits lifts them all. Requests waiting
 // now are judged again under the new limits at once.
@@ -126,7 +138,7 @@ func (t *Throttle) admit(ctx context.Context, s *state, write bool, n int64) err
 	if write {
 		c = &t.writes
 	}
-	var waitedSince time.Time
+	var waitedSince, deadline time.Time
 	defer func() {
 		if !waitedSince.IsZero() {
 			c.waited.Add(int64(t.now().Sub(waitedSince)))
@@ -145,10 +157,10 @@ func (t *Throttle) admit(ctx context.Context, s *state, write bool, n int64) err
 			return nil
 		}
 		if waitedSince.IsZero() {
-			waitedSince = now
+			waitedSince, deadline = now, now.Add(t.maxHold)
 			c.throttled.Add(1)
 		}
-		ok, err := d.wait(ctx, s.changed, t.now, n)
+		ok, err := d.wait(ctx, s.changed, t.now, n, deadline)
 		if err != nil {
 			return fmt.Errorf("waiting for the volume's I/O limits: %w", err)
 		}

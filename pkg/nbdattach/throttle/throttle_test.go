@@ -265,6 +265,37 @@ func TestThrottleDropsHeldWhenHoldEnds(t *testing.T) {
 	}
 }
 
+// No request is held back longer than the throttle's longest hold, however
+// many wait before it: a kernel NBD request held past the kernel's I/O
+// timeout would fail the connection.
+func TestThrottleMaxHold(t *testing.T) {
+	rec := &recorder{}
+	be, th := throttle.Wrap(rec)
+	throttle.SetMaxHold(th, 200*time.Millisecond)
+	if err := th.Set(throttle.Limits{WriteIOPS: throttle.Rate{Avg: 1, Burst: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	var wg sync.WaitGroup
+	for range 6 { // a burst of 1, then 5 s of waiting at 1/s without the cap
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := be.WriteAt(context.Background(), nil, 0, false); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("6 writes at writeIOPS=1 with a longest hold of 200ms took %v", d)
+	}
+	// The overdue requests left their debt: the next waits for it.
+	if w := th.Stats().WritesThrottled; w != 5 {
+		t.Fatalf("%d writes throttled, want 5", w)
+	}
+}
+
 // Without limits every request goes straight through; flushes and block
 // status are never held back; the BlockStatuser capability survives.
 func TestThrottleUnlimitedAndPassThrough(t *testing.T) {
