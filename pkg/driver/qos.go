@@ -22,7 +22,8 @@ import (
 // whole numbers; bytes take a k, K, M or G (binary) suffix; 0 lifts the
 // limit. A ControllerModifyVolume changes the keys it names only (the CSI
 // spec: nothing is changed for a key's absence), so a class that lifts
-// limits names them with 0.
+// limits names them with 0; but a rate and its burst are one setting, and
+// naming a rate without its burst sets the default burst.
 const qosBurstSuffix = "Burst"
 
 // qosChange is what one request's mutable parameters set: rate or burst
@@ -79,14 +80,14 @@ func parseQoSParams(p map[string]string) (qosChange, error) {
 }
 
 // apply is l with c's values set, checked as a whole (a burst needs its
-// rate, and at least its value): the error names the keys.
+// rate): the error names the keys. A rate and its burst are one setting: a
+// rate named without its burst gets the default burst, not the one sized
+// for the old rate (from writeIOPS=1000 writeIOPSBurst=2000, writeIOPS=200
+// must not keep a 10 s burst).
 func (c qosChange) apply(l throttle.Limits) (throttle.Limits, error) {
 	for _, r := range l.Rates() {
 		if n, ok := c[r.Name]; ok {
-			r.Rate.Avg = n
-			if n == 0 {
-				r.Rate.Burst = 0 // no burst above no limit
-			}
+			*r.Rate = throttle.Rate{Avg: n}
 		}
 		if n, ok := c[r.Name+qosBurstSuffix]; ok {
 			r.Rate.Burst = n

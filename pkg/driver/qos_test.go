@@ -107,6 +107,18 @@ func TestModifyVolumeParameters(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantRecord(`{"readBytesPerSecond":{"avg":10485760},"readIOPS":{"avg":0},"writeBytesPerSecond":{"avg":0},"writeIOPS":{"avg":1000,"burst":1000}}`)
+	// A rate and its burst are one: a class naming a rate without its burst
+	// (qcow2-standard's writeIOPS=1000 writeIOPSBurst=2000 to writeIOPS=200,
+	// or 5000) gets the default burst, not the old class's.
+	for _, rate := range []string{"200", "5000"} {
+		if err := modify(id, map[string]string{"writeIOPS": "1000", "writeIOPSBurst": "2000"}); err != nil {
+			t.Fatal(err)
+		}
+		if err := modify(id, map[string]string{"writeIOPS": rate}); err != nil {
+			t.Fatalf("writeIOPS=1000 writeIOPSBurst=2000 to writeIOPS=%s: %v", rate, err)
+		}
+		wantRecord(`{"readBytesPerSecond":{"avg":10485760},"readIOPS":{"avg":0},"writeBytesPerSecond":{"avg":0},"writeIOPS":{"avg":` + rate + `}}`)
+	}
 	// 0 lifts a limit, and its burst with it; with none left the record has none.
 	if err := modify(id, map[string]string{"writeIOPS": "0", "readBytesPerSecond": "0"}); err != nil {
 		t.Fatal(err)
