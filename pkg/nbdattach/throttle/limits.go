@@ -40,10 +40,13 @@ func (l Limits) Unlimited() bool { return l == Limits{} }
 // ErrInvalid is wrapped by the errors of Check and Set.
 var ErrInvalid = errors.New("invalid throttle limit")
 
-// Check refuses what QEMU refuses: negative or huge values, a burst without
-// an average, a burst below its average (a burst is the most a second may
-// pass; the average must fit in it). The errors name the rate name and its
-// burst name+"Burst", as in "writeIOPSBurst=5 is below writeIOPS=10".
+// Check refuses negative or huge values and a burst without an average. The
+// errors name the rate name and its burst name+"Burst", as in
+// "writeIOPSBurst=5 needs writeIOPS". A burst below its average is fine:
+// Burst is the bucket's size, what may pass at once after a quiet spell
+// (in the first second after one, up to Burst+Avg pass), and the default
+// bucket is a tenth of a second's worth. (QEMU refuses iops-max below iops
+// because its max is a rate over a burst length, not a size.)
 func (r Rate) Check(name string) error {
 	switch {
 	case r.Avg < 0 || r.Avg > MaxValue:
@@ -52,8 +55,6 @@ func (r Rate) Check(name string) error {
 		return fmt.Errorf("%w: %sBurst=%d is not in [0, %d]", ErrInvalid, name, r.Burst, int64(MaxValue))
 	case r.Burst > 0 && r.Avg == 0:
 		return fmt.Errorf("%w: %sBurst=%d needs %s: a burst is above an average limit", ErrInvalid, name, r.Burst, name)
-	case r.Burst > 0 && r.Burst < r.Avg:
-		return fmt.Errorf("%w: %sBurst=%d is below %s=%d: a burst must hold at least a second's average", ErrInvalid, name, r.Burst, name, r.Avg)
 	}
 	return nil
 }
