@@ -44,9 +44,9 @@ func LookPath(name string) (string, error) {
 }
 
 // Libraries returns the shared libraries and the ELF interpreter of the host
-// file prog, in ldd's order; none for a statically linked program. A file
-// that is not ELF (a script) is an error, since its interpreter would be
-// missing too.
+// file prog, in ldd's order; none for a statically linked program, and none
+// for a file that is not ELF (a script: xfs_info and fsck.xfs are shell
+// scripts, whose interpreter, /bin/sh, the caller provides).
 func Libraries(prog string) ([]string, error) {
 	out, err := exec.Command("ldd", prog).CombinedOutput()
 	if err != nil {

@@ -2,6 +2,8 @@ package hostbin
 
 import (
 	"errors"
+	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
@@ -42,6 +44,19 @@ func TestParseLdd(t *testing.T) {
 // CopyProgram hands over a real dynamic program under the mapped path and
 // its libraries, the ELF interpreter among them, under their host paths;
 // a program the host lacks is ErrNotFound.
+// A script has no libraries of its own (its interpreter is the caller's):
+// xfs_info and fsck.xfs, which the VM tests copy, are scripts.
+func TestLibrariesScript(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "script")
+	if err := os.WriteFile(p, []byte("#!/bin/sh\necho hi\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	libs, err := Libraries(p)
+	if err != nil || libs != nil {
+		t.Fatalf("Libraries of a script: %v, %v; want none and no error", libs, err)
+	}
+}
+
 func TestCopyProgram(t *testing.T) {
 	src, err := LookPath("ls")
 	if err != nil {

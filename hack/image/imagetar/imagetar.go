@@ -130,8 +130,8 @@ func (im *Image) AddProgram(name string) error {
 }
 
 // AddLibraries adds the shared libraries of the host ELF file src, as ldd
-// resolves them. A statically linked file adds nothing; a script (not ELF)
-// is an error, since its interpreter would be missing too.
+// resolves them. A statically linked file, or a script (not ELF), adds
+// nothing: a script's interpreter is the image's /bin/sh.
 func (im *Image) AddLibraries(src string) error {
 	return hostbin.CopyLibraries(src, im.AddFile)
 }
