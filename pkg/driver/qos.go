@@ -58,9 +58,14 @@ func parseQoSParams(p map[string]string) (qosChange, error) {
 		}
 		var n int64
 		var err error
-		if bytes {
+		switch {
+		case val == "" || val[0] < '0' || val[0] > '9':
+			// ParseInt takes a sign: "+5" and "-0" are not whole numbers
+			// as a class's author writes them.
+			err = strconv.ErrSyntax
+		case bytes:
 			n, err = parseSize(val)
-		} else {
+		default:
 			n, err = strconv.ParseInt(val, 10, 64)
 		}
 		if err != nil || n < 0 || n > throttle.MaxValue {
