@@ -9,11 +9,9 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 	"time"
 
-	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
 	"github.com/qcow2-csi/qcow2-csi/pkg/imagebackend"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/fuse"
@@ -82,16 +80,8 @@ func parseAttachFlags(args []string) (*attachOptions, error) {
 		return nil, err
 	}
 	if *limits != "" {
-		kv := map[string]string{}
-		for _, f := range strings.Split(*limits, ",") {
-			k, v, ok := strings.Cut(f, "=")
-			if !ok {
-				return nil, fmt.Errorf("--limits: %q is not KEY=VALUE", f)
-			}
-			kv[k] = v
-		}
 		var err error
-		if o.limits, err = driver.ParseLimits(kv); err != nil {
+		if o.limits, err = throttle.ParseList(*limits); err != nil {
 			return nil, fmt.Errorf("--limits: %w", err)
 		}
 	}

@@ -21,8 +21,9 @@ func TestParseAttachFlags(t *testing.T) {
 		{args: []string{"--nope", "a"}, wantErr: "not defined"},
 		{args: []string{"--limits=writeIOPS=200,writeIOPSBurst=400,readBytesPerSecond=10M", "a"}, want: attachOptions{backend: "fuse", fuseDir: "/run/qcow2-csi/fuse", format: "raw", file: "a",
 			limits: throttle.Limits{WriteIOPS: throttle.Rate{Avg: 200, Burst: 400}, ReadBytes: throttle.Rate{Avg: 10 << 20}}}},
-		{args: []string{"--limits=writeIOPS", "a"}, wantErr: `--limits: "writeIOPS" is not KEY=VALUE`},
-		{args: []string{"--limits=writeIOPS=1,iops=2", "a"}, wantErr: `--limits: invalid argument: unknown mutable parameter "iops"`},
+		{args: []string{"--limits=writeIOPS", "a"}, wantErr: `--limits: invalid throttle limit: "writeIOPS" is not KEY=VALUE`},
+		{args: []string{"--limits=writeIOPS=1,iops=2", "a"}, wantErr: `--limits: invalid throttle limit: unknown parameter "iops"`},
+		{args: []string{"--limits=writeIOPS=1,writeIOPS=2", "a"}, wantErr: `--limits: invalid throttle limit: writeIOPS given twice`},
 		{args: []string{"--limits=writeIOPSBurst=2", "a"}, wantErr: "writeIOPSBurst=2 needs writeIOPS"},
 	} {
 		t.Run(strings.Join(c.args, " "), func(t *testing.T) {

@@ -200,7 +200,7 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	// Validated whole with the request. A repeated CreateVolume does not
 	// compare them: they are mutable, and ControllerModifyVolume changes them.
 	rest, _, _ := takeFlatten(req.GetMutableParameters())
-	limits, _ := ParseLimits(rest)
+	limits, _ := parseLimits(rest)
 	m.setLimits(limits)
 	// A clone asked to stand alone: by its StorageClass, or by the
 	// VolumeAttributesClass its claim names (validated with the request).

@@ -362,7 +362,7 @@ func TestFlattenOnline(t *testing.T) {
 		t.Fatal("clone flattened at creation differs from the snapshot")
 	}
 	_, err := c.ControllerModifyVolume(ctx, &csi.ControllerModifyVolumeRequest{VolumeId: id2, MutableParameters: map[string]string{"clusterSize": "4k"}})
-	wantCode(t, err, codes.InvalidArgument, `unknown mutable parameter "clusterSize"`)
+	wantCode(t, err, codes.InvalidArgument, `unknown parameter "clusterSize"`)
 }
 
 // TestFlattenResumes: a flatten stopped with its driver resumes at the

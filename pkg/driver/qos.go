@@ -3,8 +3,6 @@ package driver
 import (
 	"context"
 	"fmt"
-	"sort"
-	"strconv"
 	"strings"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -16,100 +14,27 @@ import (
 
 // Mutable parameters: a volume's I/O limits, from a VolumeAttributesClass
 // (CreateVolumeRequest.mutable_parameters, ControllerModifyVolumeRequest),
-// and flatten (flatten.go, taken out first by takeFlatten).
-// Each rate key (readIOPS, writeIOPS, readBytesPerSecond,
-// writeBytesPerSecond) has a burst key, the rate key + "Burst". Values are
-// whole numbers; bytes take a k, K, M or G (binary) suffix; 0 lifts the
-// limit. A ControllerModifyVolume changes the keys it names only (the CSI
-// spec: nothing is changed for a key's absence), so a class that lifts
-// limits names them with 0; but a rate and its burst are one setting, and
-// naming a rate without its burst sets the default burst.
-const qosBurstSuffix = "Burst"
+// and flatten (flatten.go, taken out first by takeFlatten). The limits'
+// keys and syntax are package throttle's (throttle.ParseParams). A
+// ControllerModifyVolume changes the keys it names only (the CSI spec:
+// nothing is changed for a key's absence), so a class that lifts limits
+// names them with 0; but a rate and its burst are one setting, and naming a
+// rate without its burst sets the default burst.
 
-// qosChange is what one request's mutable parameters set: rate or burst
-// key to value. Keys it does not hold are left as they are.
-type qosChange map[string]int64
-
-// qosKeys are the keys of the mutable parameters, for error messages.
-func qosKeys() string {
-	var ks []string
-	for _, r := range (&throttle.Limits{}).Rates() {
-		ks = append(ks, r.Name, r.Name+qosBurstSuffix)
-	}
-	return strings.Join(ks, ", ")
+// parseQoSParams parses the limits' keys of mutable parameters (flatten
+// taken out); an unknown key's error lists flatten too.
+func parseQoSParams(p map[string]string) (throttle.Params, error) {
+	return throttle.ParseParams(p, paramFlatten)
 }
 
-// parseQoSParams checks the keys and the syntax of the values of mutable
-// parameters; whether the limits they make make sense together is
-// apply's.
-func parseQoSParams(p map[string]string) (qosChange, error) {
-	keys := make([]string, 0, len(p))
-	for k := range p {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys) // report the first bad key deterministically
-	c := qosChange{}
-	for _, k := range keys {
-		val := p[k]
-		name := strings.TrimSuffix(k, qosBurstSuffix)
-		bytes := name == throttle.NameReadBytes || name == throttle.NameWriteBytes
-		if !bytes && name != throttle.NameReadIOPS && name != throttle.NameWriteIOPS {
-			return nil, fmt.Errorf("%w: unknown mutable parameter %q (known: %s, %s)", ErrInvalid, k, qosKeys(), paramFlatten)
-		}
-		var n int64
-		var err error
-		switch {
-		case val == "" || val[0] < '0' || val[0] > '9':
-			// ParseInt takes a sign: "+5" and "-0" are not whole numbers
-			// as a class's author writes them.
-			err = strconv.ErrSyntax
-		case bytes:
-			n, err = parseSize(val)
-		default:
-			n, err = strconv.ParseInt(val, 10, 64)
-		}
-		if err != nil || n < 0 || n > throttle.MaxValue {
-			unit := "operations per second"
-			if bytes {
-				unit = "bytes per second, with an optional k, K, M or G suffix"
-			}
-			if strings.HasSuffix(k, qosBurstSuffix) {
-				unit = "the most " + unit + " after a quiet spell"
-			}
-			return nil, fmt.Errorf("%w: mutable parameter %s=%q: want a whole number of %s, at most %d (0: no limit)",
-				ErrInvalid, k, val, unit, int64(throttle.MaxValue))
-		}
-		c[k] = n
-	}
-	return c, nil
-}
-
-// apply is l with c's values set, checked as a whole (a burst needs its
-// rate): the error names the keys. A rate and its burst are one setting: a
-// rate named without its burst gets the default burst, not the one sized
-// for the old rate (from writeIOPS=1000 writeIOPSBurst=2000, writeIOPS=200
-// must not keep a 10 s burst).
-func (c qosChange) apply(l throttle.Limits) (throttle.Limits, error) {
-	for _, r := range l.Rates() {
-		if n, ok := c[r.Name]; ok {
-			*r.Rate = throttle.Rate{Avg: n}
-		}
-		if n, ok := c[r.Name+qosBurstSuffix]; ok {
-			r.Rate.Burst = n
-		}
-	}
-	return l, l.Check()
-}
-
-// ParseLimits reads a new volume's I/O limits from mutable parameters (a
-// VolumeAttributesClass's), as CreateVolume does: `qcow2-csi attach
-// --limits` takes the same keys.
-func ParseLimits(p map[string]string) (throttle.Limits, error) {
+// parseLimits reads a new volume's I/O limits from mutable parameters
+// (flatten taken out), as CreateVolume does.
+func parseLimits(p map[string]string) (throttle.Limits, error) {
 	c, err := parseQoSParams(p)
 	if err != nil {
 		return throttle.Limits{}, err
 	}
-	return c.apply(throttle.Limits{})
+	return c.Apply(throttle.Limits{})
 }
 
 // limits are the volume's I/O limits (none when it has none recorded).
@@ -147,7 +72,7 @@ func (d *Driver) ControllerModifyVolume(ctx context.Context, req *csi.Controller
 		return nil, toStatus(err)
 	}
 	old := m.limits()
-	limits, err := change.apply(old)
+	limits, err := change.Apply(old)
 	if err != nil {
 		return nil, toStatus(fmt.Errorf("volume %q: %w", id, err))
 	}
@@ -204,7 +129,7 @@ func formatLimits(l throttle.Limits) string {
 			out = append(out, fmt.Sprintf("%s=%d", r.Name, r.Rate.Avg))
 		}
 		if r.Rate.Burst > 0 {
-			out = append(out, fmt.Sprintf("%s%s=%d", r.Name, qosBurstSuffix, r.Rate.Burst))
+			out = append(out, fmt.Sprintf("%s%s=%d", r.Name, throttle.BurstSuffix, r.Rate.Burst))
 		}
 	}
 	if len(out) == 0 {

@@ -46,14 +46,14 @@ func TestModifyVolumeParameters(t *testing.T) {
 		mp   map[string]string
 		want string
 	}{
-		{map[string]string{"XXX_FakeKey": "x"}, `unknown mutable parameter "XXX_FakeKey" (known: readIOPS, readIOPSBurst, writeIOPS, writeIOPSBurst, readBytesPerSecond, readBytesPerSecondBurst, writeBytesPerSecond, writeBytesPerSecondBurst, flatten)`},
-		{map[string]string{"writeIOPS": "200", "writeiops": "1"}, `unknown mutable parameter "writeiops"`},
-		{map[string]string{"writeIOPS": "-1"}, `mutable parameter writeIOPS="-1": want a whole number of operations per second`},
-		{map[string]string{"readIOPS": "1.5"}, `mutable parameter readIOPS="1.5"`},
-		{map[string]string{"writeIOPS": "+5"}, `mutable parameter writeIOPS="+5": want a whole number`},
-		{map[string]string{"readBytesPerSecond": "+5M"}, `mutable parameter readBytesPerSecond="+5M": want a whole number`},
-		{map[string]string{"writeIOPS": "-0"}, `mutable parameter writeIOPS="-0": want a whole number`},
-		{map[string]string{"readBytesPerSecond": "10Mi"}, `mutable parameter readBytesPerSecond="10Mi": want a whole number of bytes per second, with an optional k, K, M or G suffix`},
+		{map[string]string{"XXX_FakeKey": "x"}, `unknown parameter "XXX_FakeKey" (known: readIOPS, readIOPSBurst, writeIOPS, writeIOPSBurst, readBytesPerSecond, readBytesPerSecondBurst, writeBytesPerSecond, writeBytesPerSecondBurst, flatten)`},
+		{map[string]string{"writeIOPS": "200", "writeiops": "1"}, `unknown parameter "writeiops"`},
+		{map[string]string{"writeIOPS": "-1"}, `parameter writeIOPS="-1": want a whole number of operations per second`},
+		{map[string]string{"readIOPS": "1.5"}, `parameter readIOPS="1.5"`},
+		{map[string]string{"writeIOPS": "+5"}, `parameter writeIOPS="+5": want a whole number`},
+		{map[string]string{"readBytesPerSecond": "+5M"}, `parameter readBytesPerSecond="+5M": want a whole number`},
+		{map[string]string{"writeIOPS": "-0"}, `parameter writeIOPS="-0": want a whole number`},
+		{map[string]string{"readBytesPerSecond": "10Mi"}, `parameter readBytesPerSecond="10Mi": want a whole number of bytes per second, with an optional k, K, M or G suffix`},
 		{map[string]string{"writeIOPS": "2000000000000000"}, `writeIOPS="2000000000000000"`},
 		{map[string]string{"writeIOPSBurst": "100"}, "writeIOPSBurst=100 needs writeIOPS"},
 	} {
@@ -95,7 +95,7 @@ func TestModifyVolumeParameters(t *testing.T) {
 	wantCode(t, modify(id, nil), codes.InvalidArgument, "mutable_parameters missing")
 	wantCode(t, modify("", map[string]string{"writeIOPS": "1"}), codes.InvalidArgument, "volume ID missing")
 	wantCode(t, modify("no-such-volume", map[string]string{"writeIOPS": "1"}), codes.NotFound, "no-such-volume")
-	wantCode(t, modify(id, map[string]string{"XXX_FakeKey": "x"}), codes.InvalidArgument, `unknown mutable parameter "XXX_FakeKey"`)
+	wantCode(t, modify(id, map[string]string{"XXX_FakeKey": "x"}), codes.InvalidArgument, `unknown parameter "XXX_FakeKey"`)
 	// Checked against what the volume has: it has no readIOPS.
 	wantCode(t, modify(id, map[string]string{"readIOPSBurst": "100"}), codes.InvalidArgument, "readIOPSBurst=100 needs readIOPS")
 	wantRecord(`{"readBytesPerSecond":{"avg":10485760},"readIOPS":{"avg":0},"writeBytesPerSecond":{"avg":0},"writeIOPS":{"avg":200}}`)

@@ -7,6 +7,8 @@ import (
 	"strings"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/throttle"
 )
 
 // Limits on request strings. Volume IDs become file names in the pool, so they
@@ -151,7 +153,7 @@ func validateCreateVolumeRequest(r *csi.CreateVolumeRequest) error {
 	if err != nil {
 		return err
 	}
-	_, err = ParseLimits(rest)
+	_, err = parseLimits(rest)
 	return err
 }
 
@@ -208,7 +210,7 @@ func validateControllerModifyVolumeRequest(r *csi.ControllerModifyVolumeRequest)
 		return err
 	}
 	if len(r.GetMutableParameters()) == 0 {
-		return fmt.Errorf("%w: mutable_parameters missing (known: %s, %s)", ErrInvalid, qosKeys(), paramFlatten)
+		return fmt.Errorf("%w: mutable_parameters missing (known: %s, %s)", ErrInvalid, throttle.Keys(), paramFlatten)
 	}
 	rest, _, err := takeFlatten(r.GetMutableParameters())
 	if err != nil {
