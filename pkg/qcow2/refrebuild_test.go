@@ -70,15 +70,20 @@ func TestPlanRefcountStructureAccounts(t *testing.T) {
 				t.Fatalf("place %d end %d: %v", place, end, err)
 			}
 			placed := map[int64]bool{}
-			for bi, e := range p.table {
+			for _, e := range p.table {
 				if e != 0 {
 					placed[e.offset()>>9] = true
-					if int64(bi) >= int64(len(p.table)) {
-						t.Fatalf("block %d beyond the table", bi)
-					}
 				}
 			}
+			// The clusters at tableOff hold every entry of the table, and
+			// are inside the plan.
+			if len(p.table) == 0 || len(p.table)*8%512 != 0 || p.tableOff <= 0 || p.tableOff%512 != 0 {
+				t.Fatalf("place %d end %d: a table of %d entries at %#x, want whole clusters at a cluster boundary", place, end, len(p.table), p.tableOff)
+			}
 			tc := int64(len(p.table)) * 8 / 512
+			if p.tableOff>>9+tc > p.end {
+				t.Fatalf("place %d end %d: table at clusters [%d, %d) past the plan's end %d", place, end, p.tableOff>>9, p.tableOff>>9+tc, p.end)
+			}
 			for c := p.tableOff >> 9; c < p.tableOff>>9+tc; c++ {
 				if placed[c] {
 					t.Fatalf("place %d end %d: table overlaps block at cluster %d", place, end, c)
