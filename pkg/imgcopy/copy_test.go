@@ -95,8 +95,37 @@ func TestCopyMatchesSource(t *testing.T) {
 			}
 			run(t, "qemu-img", "compare", src, dst)
 			run(t, "qemu-img", "check", dst)
+			// Compressed or not as asked: data read back right proves
+			// nothing about how it was stored.
+			if got := compressedBytes(t, dst); (got > 0) != tc.o.Compress {
+				t.Fatalf("%d bytes stored compressed, with Compress %v", got, tc.o.Compress)
+			}
 		})
 	}
+}
+
+// compressedBytes is how much of the image at p is stored compressed.
+func compressedBytes(t *testing.T, p string) int64 {
+	t.Helper()
+	img, err := qcow2.Open(p, qcow2.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	var n int64
+	for off := int64(0); off < img.Size(); {
+		exts, err := img.BlockStatus(off, img.Size()-off)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range exts {
+			if e.Compressed {
+				n += e.Length
+			}
+			off = e.Start + e.Length
+		}
+	}
+	return n
 }
 
 // The zero-filled megabyte at 12M is data in the source: copied as read by
