@@ -40,6 +40,7 @@
 #        ROWS=restore RESTORE_SIZE=8G REPS=3 XFS_DIR=/var/tmp tests/bench/cbt.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. tests/bench/lib/timing.sh
 
 ROWS=${ROWS:-metadata load restore}
 REPS=${REPS:-3}
@@ -128,18 +129,6 @@ if has restore; then
   fi
   go build -o "$work/restore" ./tests/bench/restore
   go build -o "$work/qcow2-csi" ./cmd/qcow2-csi
-  now_ns() { date +%s%N; }
-  # time_ms OUT CMD...: wall time of CMD plus `sync OUT`, in ms.
-  time_ms() {
-    local out=$1 t0 t1
-    shift
-    t0=$(now_ns)
-    "$@" >/dev/null
-    sync "$out"
-    t1=$(now_ns)
-    awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.0f\n", (b-a)/1e6}'
-  }
-  median() { sort -n | awk '{a[NR]=$1} END {if (NR%2) m=a[(NR+1)/2]; else m=(a[NR/2]+a[NR/2+1])/2; printf "%s/%.0f\n", a[1], m}'; }
   row() { printf "%-12s %-52s %14s\n" "$@"; }
   # rep OUT CMD...: REPS timed runs (OUT removed after each), "min/median".
   rep() {
@@ -148,7 +137,7 @@ if has restore; then
     for i in $(seq "$REPS"); do
       rm -f "$out"
       time_ms "$out" "$@"
-    done | median
+    done | min_p50
   }
 
   echo "== restore of one snapshot of a fully written $RESTORE_SIZE image (64 KiB clusters), ms (min/median of $REPS, sync included)"

@@ -33,6 +33,7 @@
 #        ROWS=randread FIO_SIZE=1G RUNTIME=5 REPEAT=3 tests/bench/clone.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. tests/bench/lib/timing.sh
 
 ROWS=${ROWS:-restore randread}
 RESTORE_SIZE=${RESTORE_SIZE:-8G}
@@ -82,18 +83,6 @@ fill() {
 
 if has restore; then
   bytes=$(numfmt --from=iec "$RESTORE_SIZE")
-  now_ns() { date +%s%N; }
-  # time_ms OUT CMD...: wall time of CMD plus `sync OUT`, in ms.
-  time_ms() {
-    local out=$1 t0 t1
-    shift
-    t0=$(now_ns)
-    "$@" >/dev/null
-    sync "$out"
-    t1=$(now_ns)
-    awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.0f\n", (b-a)/1e6}'
-  }
-  stats() { sort -n | awk '{a[NR]=$1} END {if (NR%2) m=a[(NR+1)/2]; else m=(a[NR/2]+a[NR/2+1])/2; printf "%s/%.0f\n", a[1], m}'; }
   # rep N OUT CMD...: N timed runs (OUT removed after each), "min/p50".
   rep() {
     local n=$1 out=$2 i
@@ -101,7 +90,7 @@ if has restore; then
     for i in $(seq "$n"); do
       rm -f "$out"
       time_ms "$out" "$@"
-    done | stats
+    done | min_p50
   }
   row() { printf "%-6s %-48s %12s\n" "$@"; }
 
