@@ -359,7 +359,18 @@ func (d *Driver) restoreSource(ctx context.Context, src *csi.VolumeContentSource
 		got = max(size, n)
 		return n, nil
 	}
-	if params.cloneMode() == cloneOverlay && passphrase == nil {
+	overlay := params.cloneMode() == cloneOverlay && passphrase == nil
+	if overlay {
+		// Bases are never encrypted: an encrypted source is copied under
+		// its key below, which refuses a class without one (encryption.go).
+		if err := d.withImageKey(ctx, vol, hidden, nil, func(img *qcow2.Image, _ bool) error {
+			overlay = !img.Encrypted()
+			return nil
+		}); err != nil {
+			return 0, "", err
+		}
+	}
+	if overlay {
 		base := volBasePrefix + d.pool.file(id)
 		if snapName != "" {
 			// Named by the snapshot's volume file and sequence: unique in
