@@ -107,9 +107,9 @@ func parseParams(p map[string]string) (volumeParams, error) {
 			}
 			v.Preallocation = val
 		case paramLazyRefcounts:
-			b, err := strconv.ParseBool(val)
+			b, err := boolParam(k, val)
 			if err != nil {
-				return v, fmt.Errorf("%w: parameter %s=%q: want true or false", ErrInvalid, k, val)
+				return v, err
 			}
 			v.LazyRefcounts = b
 		case paramFSType:
@@ -118,9 +118,9 @@ func parseParams(p map[string]string) (volumeParams, error) {
 			}
 			v.FSType = val
 		case paramEncrypted:
-			b, err := strconv.ParseBool(val)
+			b, err := boolParam(k, val)
 			if err != nil {
-				return v, fmt.Errorf("%w: parameter %s=%q: want true or false", ErrInvalid, k, val)
+				return v, err
 			}
 			v.Encrypted = b
 		case paramMkfsOptions:
@@ -138,9 +138,9 @@ func parseParams(p map[string]string) (volumeParams, error) {
 				v.CloneMode = val
 			}
 		case paramFlatten:
-			b, err := strconv.ParseBool(val)
+			b, err := boolParam(k, val)
 			if err != nil {
-				return v, fmt.Errorf("%w: parameter %s=%q: want true or false", ErrInvalid, k, val)
+				return v, err
 			}
 			v.Flatten = b
 		case paramMaxChainDepth:
@@ -408,4 +408,13 @@ func volumeSize(cr *csi.CapacityRange, def, cluster int64) (int64, error) {
 		return 0, fmt.Errorf("%w: no multiple of the cluster size %d lies in [%d, %d]", ErrOutOfRange, cluster, req, lim)
 	}
 	return size, nil
+}
+
+// boolParam parses a true/false StorageClass parameter.
+func boolParam(k, val string) (bool, error) {
+	b, err := strconv.ParseBool(val)
+	if err != nil {
+		return false, fmt.Errorf("%w: parameter %s=%q: want true or false", ErrInvalid, k, val)
+	}
+	return b, nil
 }
