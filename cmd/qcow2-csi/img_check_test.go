@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"io"
@@ -53,8 +54,8 @@ func qemuImg(t *testing.T, args ...string) (int, string) {
 
 func mustQemu(t *testing.T, tool string, args ...string) {
 	t.Helper()
-	if out, err := exec.Command(peer.Require(t, tool), args...).CombinedOutput(); err != nil {
-		t.Fatalf("%s %v: %v\n%s", tool, args, err, out)
+	if out, errb, err := peer.Run(context.Background(), t, tool, args...); err != nil {
+		t.Fatalf("%s %v: %v\n%s%s", tool, args, err, out, errb)
 	}
 }
 

@@ -15,7 +15,7 @@ func TestNBDEncrypted(t *testing.T) {
 	p := filepath.Join(dir, "enc.qcow2")
 	secret := "secret,id=k,data=nbd-pass"
 	opts := "driver=qcow2,file.filename=" + p + ",encrypt.key-secret=k"
-	mustRun(t, "qemu-img", "create", "-q", "-f", "qcow2", "--object", secret,
+	mustQemu(t, "qemu-img", "create", "-q", "-f", "qcow2", "--object", secret,
 		"-o", "encrypt.format=luks,encrypt.key-secret=k,encrypt.iter-time=10", p, "32M")
 	o, err := parseNBDFlags([]string{"-k", filepath.Join(dir, "x.sock"), p}, nil)
 	if err != nil {

@@ -1,7 +1,7 @@
 package qcow2
 
 import (
-	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -16,14 +16,11 @@ import (
 // qemu runs a qemu tool and returns its stdout; failure fails the test.
 func qemu(t testing.TB, tool string, args ...string) string {
 	t.Helper()
-	p := peer.Require(t, tool)
-	cmd := exec.Command(p, args...)
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("%s %s: %v\n%s%s", tool, strings.Join(args, " "), err, out.String(), errb.String())
+	out, errb, err := peer.Run(context.Background(), t, tool, args...)
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s%s", tool, strings.Join(args, " "), err, out, errb)
 	}
-	return out.String()
+	return string(out)
 }
 
 // qemuRaw returns the guest contents of an image as qemu-img reads them.
