@@ -21,12 +21,24 @@ var errShuttingDown = errors.New("the node plugin is shutting down")
 // arriving after that never touch the closed image: with hold (nbd, whose
 // kernel requeues unanswered requests for the next process) they wait
 // unanswered until their connection ends; otherwise (fuse) they fail.
+//
+// A group snapshot quiesces the volume at the same place (pause): the
+// requests inside finish, new ones wait, on nbd and fuse alike, until
+// resume. Every attach path passes the gate (stagedVolume.gated), so this
+// is the one quiesce of the driver.
 type gate struct {
-	be       nbdattach.Backend
-	hold     bool
-	mu       sync.Mutex
-	closed   bool
-	inflight sync.WaitGroup
+	be   nbdattach.Backend
+	hold bool
+
+	mu     sync.Mutex
+	closed bool
+	// paused is non-nil while the gate is paused; resume closes it.
+	paused chan struct{}
+	// inside counts the requests past the gate; idle, when non-nil, is
+	// closed when it drops to zero (a sync.WaitGroup may not be reused
+	// while a Wait that gave up is still pending, and pause gives up).
+	inside int
+	idle   chan struct{}
 }
 
 // newGate wraps be, keeping its optional BlockStatuser capability.
@@ -39,13 +51,25 @@ func newGate(be nbdattach.Backend, hold bool) (nbdattach.Backend, *gate) {
 }
 
 func (g *gate) enter(ctx context.Context) error {
-	g.mu.Lock()
-	if !g.closed {
-		g.inflight.Add(1)
+	for {
+		g.mu.Lock()
+		paused := g.paused
+		if !g.closed && paused == nil {
+			g.inside++
+			g.mu.Unlock()
+			return nil
+		}
+		closed := g.closed
 		g.mu.Unlock()
-		return nil
+		if closed {
+			break
+		}
+		select {
+		case <-paused:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
 	}
-	g.mu.Unlock()
 	if g.hold {
 		<-ctx.Done()
 		return fmt.Errorf("%w: %w", errShuttingDown, ctx.Err())
@@ -53,18 +77,68 @@ func (g *gate) enter(ctx context.Context) error {
 	return errShuttingDown
 }
 
+func (g *gate) leave() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.inside--; g.inside == 0 && g.idle != nil {
+		close(g.idle)
+		g.idle = nil
+	}
+}
+
+// drain waits until no request is inside, or for ctx.
+func (g *gate) drain(ctx context.Context) error {
+	g.mu.Lock()
+	if g.inside == 0 {
+		g.mu.Unlock()
+		return nil
+	}
+	if g.idle == nil {
+		g.idle = make(chan struct{})
+	}
+	idle := g.idle
+	g.mu.Unlock()
+	select {
+	case <-idle:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("requests in flight did not finish: %w", ctx.Err())
+	}
+}
+
 // close lets no new request in and waits for those inside, or for ctx.
 func (g *gate) close(ctx context.Context) error {
 	g.mu.Lock()
 	g.closed = true
 	g.mu.Unlock()
-	done := make(chan struct{})
-	go func() { g.inflight.Wait(); close(done) }()
-	select {
-	case <-done:
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("requests in flight did not finish: %w", ctx.Err())
+	return g.drain(ctx)
+}
+
+// pause holds new requests and waits for those inside to finish, or for
+// ctx (the gate is then resumed before the error returns). The caller
+// calls resume once done, whatever happens.
+func (g *gate) pause(ctx context.Context) error {
+	g.mu.Lock()
+	if g.paused != nil {
+		g.mu.Unlock()
+		return errors.New("the volume's I/O is already held (a group snapshot in progress)")
+	}
+	g.paused = make(chan struct{})
+	g.mu.Unlock()
+	if err := g.drain(ctx); err != nil {
+		g.resume()
+		return err
+	}
+	return nil
+}
+
+// resume lets the held requests in; it is a no-op on a gate not paused.
+func (g *gate) resume() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.paused != nil {
+		close(g.paused)
+		g.paused = nil
 	}
 }
 
@@ -74,7 +148,7 @@ func (g *gate) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if err := g.enter(ctx); err != nil {
 		return err
 	}
-	defer g.inflight.Done()
+	defer g.leave()
 	return g.be.ReadAt(ctx, p, off)
 }
 
@@ -82,7 +156,7 @@ func (g *gate) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error
 	if err := g.enter(ctx); err != nil {
 		return err
 	}
-	defer g.inflight.Done()
+	defer g.leave()
 	return g.be.WriteAt(ctx, p, off, fua)
 }
 
@@ -90,7 +164,7 @@ func (g *gate) Flush(ctx context.Context) error {
 	if err := g.enter(ctx); err != nil {
 		return err
 	}
-	defer g.inflight.Done()
+	defer g.leave()
 	return g.be.Flush(ctx)
 }
 
@@ -98,7 +172,7 @@ func (g *gate) Trim(ctx context.Context, off, length int64) error {
 	if err := g.enter(ctx); err != nil {
 		return err
 	}
-	defer g.inflight.Done()
+	defer g.leave()
 	return g.be.Trim(ctx, off, length)
 }
 
@@ -106,7 +180,7 @@ func (g *gate) WriteZeroes(ctx context.Context, off, length int64, flags nbdatta
 	if err := g.enter(ctx); err != nil {
 		return err
 	}
-	defer g.inflight.Done()
+	defer g.leave()
 	return g.be.WriteZeroes(ctx, off, length, flags)
 }
 
@@ -116,6 +190,6 @@ func (g blockStatusGate) BlockStatus(ctx context.Context, off, length int64) ([]
 	if err := g.enter(ctx); err != nil {
 		return nil, err
 	}
-	defer g.inflight.Done()
+	defer g.leave()
 	return g.be.(nbdattach.BlockStatuser).BlockStatus(ctx, off, length)
 }

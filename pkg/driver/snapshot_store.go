@@ -44,6 +44,13 @@ type snapshotMeta struct {
 	// target. Empty in records written before it existed: the driver's
 	// default then.
 	BlockMetadataType string `json:"blockMetadataType,omitempty"`
+	// Group is the ID of the group snapshot this one is a member of
+	// (group.go), GroupName that group's CSI name and GroupMembers the
+	// source volumes of the whole group, on every node: what a retry of
+	// the create is checked against. Members have no Name of their own.
+	Group        string   `json:"group,omitempty"`
+	GroupName    string   `json:"groupName,omitempty"`
+	GroupMembers []string `json:"groupMembers,omitempty"`
 }
 
 func (p *pool) snapDir() string               { return p.snapshots().dir }

@@ -24,11 +24,12 @@ func snapNameLock(name string) string { return "snapshot-name\x00" + name }
 
 func csiSnapshot(m *snapshotMeta) *csi.Snapshot {
 	return &csi.Snapshot{
-		SnapshotId:     m.ID,
-		SourceVolumeId: m.Source,
-		SizeBytes:      m.Size,
-		CreationTime:   timestamppb.New(m.Created),
-		ReadyToUse:     true,
+		SnapshotId:      m.ID,
+		SourceVolumeId:  m.Source,
+		SizeBytes:       m.Size,
+		CreationTime:    timestamppb.New(m.Created),
+		ReadyToUse:      true,
+		GroupSnapshotId: m.Group,
 	}
 }
 
@@ -92,14 +93,33 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 	}
 	logger := klog.FromContext(ctx).WithValues("volumeID", vol, "name", name)
 	start := time.Now()
+	m, err := d.takeSnapshot(ctx, vol, existing, snapshotMeta{Name: name, Source: vol, BlockMetadataType: params.BlockMetadataType})
+	if err != nil {
+		return nil, toStatus(fmt.Errorf("snapshot %q of volume %q: %w", name, vol, err))
+	}
+	logger.Info("Snapshot created", "snapshotID", m.ID, "took", since(start))
+	return &csi.CreateSnapshotResponse{Snapshot: csiSnapshot(m)}, nil
+}
+
+// takeSnapshot takes the snapshot want describes (Name, Source,
+// BlockMetadataType, Group) of want.Source, through its open image when it
+// is staged, or completes existing, the record of an earlier create of the
+// same name. CreateSnapshot and the members of a group snapshot (group.go)
+// both take theirs here. The caller holds the volume's snapshot lock.
+func (d *Driver) takeSnapshot(ctx context.Context, vol string, existing *snapshotMeta, want snapshotMeta) (*snapshotMeta, error) {
 	m := existing
-	err = d.withImage(ctx, vol, false, func(img *qcow2.Image, _ bool) error {
+	fresh := func(img *qcow2.Image) error {
+		seq := snapshotter.NextSeq(img, uint64(time.Now().UnixNano()))
+		n := want
+		n.ID, n.Seq, n.Created, n.Size = snapshotID(vol, seq), seq, time.Now().UTC(), img.Size()
+		m = &n
+		return d.pool.putSnapshot(m)
+	}
+	err := d.withImage(ctx, vol, false, func(img *qcow2.Image, _ bool) error {
 		if m == nil {
 			// The record goes first: a crash after it leaves a record
 			// whose retry completes the snapshot below.
-			seq := snapshotter.NextSeq(img, uint64(time.Now().UnixNano()))
-			m = &snapshotMeta{ID: snapshotID(vol, seq), Name: name, Source: vol, Seq: seq, Created: time.Now().UTC(), Size: img.Size(), BlockMetadataType: params.BlockMetadataType}
-			if err := d.pool.putSnapshot(m); err != nil {
+			if err := fresh(img); err != nil {
 				return err
 			}
 		}
@@ -111,10 +131,8 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 			if err := d.pool.removeSnapshot(m.ID); err != nil {
 				return err
 			}
-			seq := snapshotter.NextSeq(img, uint64(time.Now().UnixNano()))
-			m = &snapshotMeta{ID: snapshotID(vol, seq), Name: name, Source: vol, Seq: seq, Created: time.Now().UTC(), Size: img.Size(), BlockMetadataType: params.BlockMetadataType}
 			existing = nil
-			if err := d.pool.putSnapshot(m); err != nil {
+			if err := fresh(img); err != nil {
 				return err
 			}
 			info, err = snapshotter.Take(img, m.ID, m.Seq)
@@ -132,10 +150,9 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 		if existing == nil && m != nil {
 			_ = d.pool.removeSnapshot(m.ID)
 		}
-		return nil, toStatus(fmt.Errorf("snapshot %q of volume %q: %w", name, vol, err))
+		return nil, err
 	}
-	logger.Info("Snapshot created", "snapshotID", m.ID, "took", since(start))
-	return &csi.CreateSnapshotResponse{Snapshot: csiSnapshot(m)}, nil
+	return m, nil
 }
 
 func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequest) (*csi.DeleteSnapshotResponse, error) {
@@ -151,40 +168,50 @@ func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequ
 	if err := d.checkOwner("snapshot", id, ref.Owner); err != nil {
 		return nil, toStatus(err)
 	}
-	vol, seq := ref.Volume, ref.Seq
-	release, err := d.locks.acquire(vol, opSnapshot)
+	release, err := d.locks.acquire(ref.Volume, opSnapshot)
 	if err != nil {
 		return nil, toStatus(err)
 	}
 	defer release()
+	if err := d.deleteSnapshot(ctx, id, ref); err != nil {
+		return nil, toStatus(err)
+	}
+	return &csi.DeleteSnapshotResponse{}, nil
+}
+
+// deleteSnapshot deletes snapshot id (parsed: ref) of this node, and the
+// image of a deleted volume with its last snapshot; an unknown one is
+// gone already. The caller holds the volume's snapshot lock.
+func (d *Driver) deleteSnapshot(ctx context.Context, id string, ref snapshotRef) error {
+	vol, seq := ref.Volume, ref.Seq
 	m, err := d.pool.getSnapshot(id)
 	if errors.Is(err, ErrNotFound) {
-		return &csi.DeleteSnapshotResponse{}, nil
+		return nil
 	} else if err != nil {
-		return nil, toStatus(err)
+		return err
 	}
 	err = d.withImage(ctx, vol, m.Hidden, func(img *qcow2.Image, _ bool) error {
 		return driverErr(snapshotter.Delete(img, id, seq))
 	})
 	if err != nil && !(m.Hidden && errors.Is(err, ErrNotFound)) {
-		return nil, toStatus(fmt.Errorf("snapshot %q: %w", id, err))
+		return fmt.Errorf("snapshot %q: %w", id, err)
 	}
 	if err := d.pool.removeSnapshot(id); err != nil {
-		return nil, toStatus(err)
+		return err
 	}
 	if m.Hidden {
 		// The image of a deleted volume goes with its last snapshot.
 		left, err := d.pool.snapshotsOf(vol)
 		if err != nil {
-			return nil, toStatus(err)
+			return err
 		}
 		if !anyHidden(left) {
 			base := baseOf(d.pool.hiddenImagePath(vol))
 			if err := os.Remove(d.pool.hiddenImagePath(vol)); err != nil && !errors.Is(err, os.ErrNotExist) {
-				return nil, toStatus(err)
+				return err
 			}
 			if err := d.releaseImageBase(base, vol); err != nil {
-				return nil, toStatus(err)
+				return err
 			}
 			klog.FromContext(ctx).Info("Image of a deleted volume removed with its last snapshot", "volumeID", vol, "base", base)
 		}
@@ -194,7 +221,7 @@ func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequ
 		d.startFlatten(vol)
 	}
 	klog.FromContext(ctx).Info("Snapshot deleted", "snapshotID", id)
-	return &csi.DeleteSnapshotResponse{}, nil
+	return nil
 }
 
 func anyHidden(ms []*snapshotMeta) bool {
