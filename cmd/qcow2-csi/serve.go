@@ -68,6 +68,7 @@ type serveFlags struct {
 	overcommitRatio, poolWarningPercent       float64
 	kubeletDir                                string
 	enableGetSnapshot                         bool
+	groupHoldTimeout                          time.Duration
 
 	// The agent connection (docs/driver.md "Topology").
 	agentAddress, tlsCA, tlsCert, tlsKey string
@@ -106,6 +107,7 @@ func runServe(args []string) int {
 	fs.StringVar(&f.defaultSz, "default-volume-size", "1Gi", "size of a volume created without a capacity range")
 	fs.BoolVar(&f.controllerExpand, "controller-expand", true, "advertise ControllerExpandVolume on this process's own controller service (--mode=all); false leaves expansion to NodeExpandVolume. The --mode=controller router always advertises it and passes it to the owning node's agent (docs/driver.md)")
 	fs.BoolVar(&f.enableGetSnapshot, "enable-get-snapshot", false, "advertise the GET_SNAPSHOT controller capability (CSI 1.12, alpha); off by default because csi-test v5.4.0 fails a driver listing it (GetSnapshot answers either way)")
+	fs.DurationVar(&f.groupHoldTimeout, "group-hold-timeout", driver.DefaultGroupHoldTimeout, "longest a VolumeGroupSnapshot holds its members' I/O: the controller gives the nodes this long to quiesce, and a node releases on its own at this deadline if no commit came (the group snapshot then fails and is retried); at most "+driver.MaxGroupHoldTimeout.String()+" (docs/group-snapshots.md)")
 	fs.StringVar(&f.agentAddress, "agent-address", "", "node: serve the node agent (for the controller) on this TCP address, e.g. :9821; mutual TLS only (--tls-*); required with --mode=node")
 	fs.StringVar(&f.tlsCA, "tls-ca", "", "agent connection: PEM CA that signs both the agents' and the controller's certificates")
 	fs.StringVar(&f.tlsCert, "tls-cert", "", "agent connection: this side's PEM certificate (node: the agent's server certificate; controller: its client certificate); re-read when it changes")
@@ -179,7 +181,7 @@ func serve(ctx context.Context, f serveFlags, out io.Writer) error {
 		MaxVolumes: f.maxVolumes, ControllerExpand: f.controllerExpand, AttachBackend: f.attachBackend,
 		BlockMetadataType: f.blockMetadataType, EnableGetSnapshot: f.enableGetSnapshot,
 		OvercommitRatio: f.overcommitRatio, PoolWarningPercent: f.poolWarningPercent,
-		KubeletDir: f.kubeletDir,
+		KubeletDir: f.kubeletDir, GroupHoldTimeout: f.groupHoldTimeout,
 	}
 	if opts.CapacityReserve, opts.CapacityReservePercent, err = parseReserve(f.capacityReserve); err != nil {
 		return err
@@ -339,7 +341,8 @@ func serveController(ctx context.Context, f serveFlags, out io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("--mode=controller: %w", err)
 	}
-	ropts := driver.RouterOptions{DriverName: f.driverName, Version: version, TLS: tlsCfg, EnableGetSnapshot: f.enableGetSnapshot}
+	ropts := driver.RouterOptions{DriverName: f.driverName, Version: version, TLS: tlsCfg, EnableGetSnapshot: f.enableGetSnapshot,
+		GroupHoldTimeout: f.groupHoldTimeout}
 	switch {
 	case len(f.agents) > 0 && f.agentSelector != "":
 		return fmt.Errorf("--agent and --agent-selector exclude each other")

@@ -35,6 +35,8 @@ func (d *Driver) AgentServer(cfg *tls.Config) (*grpc.Server, error) {
 	csi.RegisterControllerServer(s, d)
 	if d.snapshotMetadata() {
 		csi.RegisterSnapshotMetadataServer(s, d.SnapshotMetadataServer())
+		// The controller's side of group snapshots (group_agent.go).
+		s.RegisterService(&groupAgentDesc, d)
 	}
 	return s, nil
 }

@@ -56,6 +56,8 @@ type Driver struct {
 	// (flatten.go).
 	bases    baseLocks
 	flattens flattenRuns
+	// groups are the group snapshots prepared on this node (group.go).
+	groups groupTxns
 	// ledger holds the space claimed by creates and expansions in flight
 	// (space.go).
 	ledger spaceLedger

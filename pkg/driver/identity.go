@@ -29,7 +29,8 @@ func (d *Driver) GetPluginCapabilities(context.Context, *csi.GetPluginCapabiliti
 	if d.opts.Mode.controller() {
 		caps = append(caps, svc(csi.PluginCapability_Service_CONTROLLER_SERVICE))
 		if d.snapshotMetadata() {
-			caps = append(caps, svc(csi.PluginCapability_Service_SNAPSHOT_METADATA_SERVICE))
+			caps = append(caps, svc(csi.PluginCapability_Service_SNAPSHOT_METADATA_SERVICE),
+				svc(csi.PluginCapability_Service_GROUP_CONTROLLER_SERVICE))
 		}
 	}
 	return &csi.GetPluginCapabilitiesResponse{Capabilities: caps}, nil

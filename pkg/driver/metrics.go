@@ -18,6 +18,11 @@ type metrics struct {
 	reg     *prometheus.Registry
 	ops     *prometheus.CounterVec
 	latency *prometheus.HistogramVec
+	// groupHold: how long a node held its members' I/O for one group
+	// snapshot; groupAborts: group snapshots given up, by reason
+	// (group.go on a node, group_coord.go where the protocol is run).
+	groupHold   prometheus.Histogram
+	groupAborts *prometheus.CounterVec
 }
 
 func newMetrics(d *Driver) *metrics {
@@ -41,7 +46,16 @@ func newRPCMetrics() *metrics {
 			Buckets: prometheus.ExponentialBuckets(0.0005, 4, 10), // 0.5 ms .. ~131 s
 		}, []string{"method"}),
 	}
-	m.reg.MustRegister(m.ops, m.latency,
+	m.groupHold = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Namespace: metricsNamespace, Name: "group_snapshot_hold_seconds",
+		Help:    "How long this node held the I/O of its staged members for one group snapshot (from the prepare to the release).",
+		Buckets: prometheus.ExponentialBuckets(0.001, 2, 15), // 1 ms .. ~16 s
+	})
+	m.groupAborts = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: metricsNamespace, Name: "group_snapshot_aborts_total",
+		Help: "Group snapshots aborted, by reason: prepare_failed, prepare_timeout, commit_refused, commit_failed (where the protocol runs), node_deadline (a node released its hold on its own).",
+	}, []string{"reason"})
+	m.reg.MustRegister(m.ops, m.latency, m.groupHold, m.groupAborts,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

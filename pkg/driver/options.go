@@ -119,6 +119,12 @@ type Options struct {
 	EnableGetSnapshot bool
 	// ReattachTimeout bounds the re-attach of devices on start.
 	ReattachTimeout time.Duration
+	// GroupHoldTimeout is the longest a group snapshot holds its members'
+	// I/O (docs/group-snapshots.md): where the protocol runs, the time the
+	// nodes have to prepare; on a node, the deadline at which it releases
+	// on its own. Default DefaultGroupHoldTimeout, at most
+	// MaxGroupHoldTimeout (below the kernel's nbd request timeout).
+	GroupHoldTimeout time.Duration
 	// Logger receives the domain packages' logs (the driver itself logs with
 	// klog). Optional.
 	Logger *slog.Logger
@@ -152,6 +158,9 @@ func (o *Options) setDefaults() {
 	if o.ReattachTimeout == 0 {
 		o.ReattachTimeout = 2 * time.Minute
 	}
+	if o.GroupHoldTimeout == 0 {
+		o.GroupHoldTimeout = DefaultGroupHoldTimeout
+	}
 }
 
 func (o *Options) validate() error {
@@ -173,6 +182,9 @@ func (o *Options) validate() error {
 	}
 	if o.MaxVolumes < 0 {
 		return fmt.Errorf("max volumes %d is negative", o.MaxVolumes)
+	}
+	if err := checkGroupHold(o.GroupHoldTimeout); err != nil {
+		return err
 	}
 	if o.CapacityReserve < 0 || o.CapacityReservePercent < 0 || o.CapacityReservePercent > 100 {
 		return fmt.Errorf("capacity reserve %d bytes / %g%% out of range", o.CapacityReserve, o.CapacityReservePercent)

@@ -65,6 +65,10 @@ type RouterOptions struct {
 	// its node) does not leak the images of volumes deleted meanwhile.
 	// 0: at once (a static table is taken at its word).
 	NodeGoneAfter time.Duration
+	// GroupHoldTimeout is the longest a group snapshot holds its members'
+	// I/O (Options.GroupHoldTimeout; default DefaultGroupHoldTimeout): the
+	// nodes must all be prepared within it.
+	GroupHoldTimeout time.Duration
 }
 
 // agentBackoff paces reconnects to an agent that went away.
@@ -88,6 +92,12 @@ func NewRouter(opts RouterOptions) (*Router, error) {
 		opts.Version = "dev"
 	}
 	if err := validateDriverName(opts.DriverName); err != nil {
+		return nil, err
+	}
+	if opts.GroupHoldTimeout == 0 {
+		opts.GroupHoldTimeout = DefaultGroupHoldTimeout
+	}
+	if err := checkGroupHold(opts.GroupHoldTimeout); err != nil {
 		return nil, err
 	}
 	if opts.Agents == nil {
@@ -120,6 +130,7 @@ func (r *Router) GRPCServer() *grpc.Server {
 	csi.RegisterIdentityServer(s, r)
 	csi.RegisterControllerServer(s, r)
 	csi.RegisterSnapshotMetadataServer(s, routerMetadata{r: r})
+	csi.RegisterGroupControllerServer(s, routerGroups{r: r})
 	return s
 }
 
@@ -452,6 +463,7 @@ func (r *Router) GetPluginCapabilities(context.Context, *csi.GetPluginCapabiliti
 		svc(csi.PluginCapability_Service_CONTROLLER_SERVICE),
 		svc(csi.PluginCapability_Service_VOLUME_ACCESSIBILITY_CONSTRAINTS),
 		svc(csi.PluginCapability_Service_SNAPSHOT_METADATA_SERVICE),
+		svc(csi.PluginCapability_Service_GROUP_CONTROLLER_SERVICE),
 		{Type: &csi.PluginCapability_VolumeExpansion_{VolumeExpansion: &csi.PluginCapability_VolumeExpansion{
 			Type: csi.PluginCapability_VolumeExpansion_ONLINE}}},
 	}}, nil

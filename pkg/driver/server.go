@@ -94,6 +94,7 @@ func (d *Driver) GRPCServer() *grpc.Server {
 		csi.RegisterControllerServer(s, d)
 		if d.snapshotMetadata() {
 			csi.RegisterSnapshotMetadataServer(s, d.SnapshotMetadataServer())
+			csi.RegisterGroupControllerServer(s, d.GroupControllerServer())
 		}
 	}
 	if d.opts.Mode.node() {

@@ -44,6 +44,10 @@ var (
 	// ErrUnavailable: the controller cannot reach the agent of the node
 	// that owns the volume; the CO retries.
 	ErrUnavailable = errors.New("node agent unavailable")
+	// ErrHoldExpired: a group snapshot's commit came after the node had
+	// released its members' I/O at its deadline: the point in time is
+	// lost and the group snapshot is aborted; the CO retries (Aborted).
+	ErrHoldExpired = errors.New("group snapshot hold expired")
 )
 
 // meanings are what the domain packages' sentinel errors mean to the driver:
@@ -92,6 +96,7 @@ var codeTable = []struct {
 	{ErrOutOfRange, codes.OutOfRange},
 	{ErrNoSpace, codes.ResourceExhausted},
 	{ErrBusy, codes.Aborted},
+	{ErrHoldExpired, codes.Aborted},
 	{ErrBadToken, codes.Aborted},
 	{ErrInUse, codes.FailedPrecondition},
 	{ErrPrecondition, codes.FailedPrecondition},

@@ -1,0 +1,435 @@
+package driver
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"regexp"
+	"slices"
+	"sync"
+	"time"
+
+	"k8s.io/klog/v2"
+)
+
+// Group snapshots, the node's side (docs/group-snapshots.md). A group
+// snapshot is taken in two steps so that it can span nodes:
+//
+//   - prepare takes the snapshot lock of each of the node's members and
+//     quiesces the staged ones (gate.pause: requests inside finish, new
+//     ones wait), then answers; it also starts the node's own timer;
+//   - commit takes each member's snapshot through takeSnapshot, the path
+//     of CreateSnapshot, while the I/O is still held, then releases;
+//   - release (abort, or DeleteVolumeGroupSnapshot) lets the I/O go and
+//     deletes the member snapshots the group has on the node.
+//
+// The timer releases the hold at the deadline whatever the controller
+// does: I/O is never held longer than the hold the prepare asked for
+// (capped by Options.GroupHoldTimeout), even when the controller died in
+// between, and a commit that comes later is refused (ErrHoldExpired): the
+// point in time is lost. The members are ordinary snapshots whose records
+// carry the group (snapshotMeta.Group): restore, clone, deltas and
+// DeleteSnapshot work on them as on any other.
+
+// groupIDPrefix starts every group snapshot ID.
+const groupIDPrefix = "grp-"
+
+var validGroupID = regexp.MustCompile(`^grp-[0-9a-f]{32}$`)
+
+// groupIDForName is the ID of the group snapshot named name. It is derived
+// from the name so that a retried create (the controller keeps no state)
+// finds the group its first attempt made.
+func groupIDForName(name string) string {
+	sum := sha256.Sum256([]byte(name))
+	return groupIDPrefix + hex.EncodeToString(sum[:16])
+}
+
+// groupPrepare asks a node to hold its members of a group snapshot.
+type groupPrepare struct {
+	GroupID string `json:"groupId"`
+	Name    string `json:"name"`
+	// Members are the node's own source volumes; All the whole group's,
+	// in the order of the request, recorded with each member.
+	Members    []string          `json:"members"`
+	All        []string          `json:"all"`
+	Parameters map[string]string `json:"parameters,omitempty"`
+	// HoldMillis is the longest the node may hold the I/O.
+	HoldMillis int64 `json:"holdMillis"`
+}
+
+// groupRef names a group snapshot in commit, release and get.
+type groupRef struct {
+	GroupID string `json:"groupId"`
+}
+
+// groupMember is one member snapshot, as a node reports it.
+type groupMember struct {
+	ID      string    `json:"id"`
+	Source  string    `json:"source"`
+	Size    int64     `json:"size"`
+	Created time.Time `json:"created"`
+}
+
+// groupMembers is a node's answer: its member snapshots, and for a
+// prepare whether the group was complete on the node already (a retry).
+type groupMembers struct {
+	Committed bool          `json:"committed,omitempty"`
+	Snapshots []groupMember `json:"snapshots,omitempty"`
+}
+
+func membersOf(ms []*snapshotMeta) *groupMembers {
+	out := &groupMembers{}
+	for _, m := range ms {
+		out.Snapshots = append(out.Snapshots, groupMember{ID: m.ID, Source: m.Source, Size: m.Size, Created: m.Created})
+	}
+	return out
+}
+
+// groupTxn is a group snapshot prepared on this node.
+type groupTxn struct {
+	id      string
+	want    snapshotMeta // the members' record, less ID and source
+	members []string
+	start   time.Time
+	timer   *time.Timer
+
+	mu      sync.Mutex
+	done    bool // released: committed, aborted or expired
+	gates   []*gate
+	unlocks []func()
+}
+
+// groupTxns are the group snapshots prepared on the node, by ID.
+type groupTxns struct {
+	mu sync.Mutex
+	m  map[string]*groupTxn
+}
+
+func (g *groupTxns) add(t *groupTxn) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.m == nil {
+		g.m = map[string]*groupTxn{}
+	}
+	if _, ok := g.m[t.id]; ok {
+		return fmt.Errorf("%w: group snapshot %q is being prepared or committed", ErrBusy, t.id)
+	}
+	g.m[t.id] = t
+	return nil
+}
+
+func (g *groupTxns) get(id string) *groupTxn {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.m[id]
+}
+
+func (g *groupTxns) remove(t *groupTxn) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.m[t.id] == t {
+		delete(g.m, t.id)
+	}
+}
+
+// groupHold is the hold a prepare may use: what it asks, at most the
+// node's own limit.
+func (d *Driver) groupHold(askedMillis int64) time.Duration {
+	h := time.Duration(askedMillis) * time.Millisecond
+	if h <= 0 || h > d.opts.GroupHoldTimeout {
+		h = d.opts.GroupHoldTimeout
+	}
+	return h
+}
+
+// checkGroupPrepare validates a prepare: every member a volume of this
+// node's pool.
+func (d *Driver) checkGroupPrepare(req *groupPrepare) error {
+	if !validGroupID.MatchString(req.GroupID) {
+		return fmt.Errorf("%w: group snapshot ID %q was not issued by this driver", ErrInvalid, req.GroupID)
+	}
+	if len(req.Members) == 0 {
+		return fmt.Errorf("%w: group snapshot %q: no member on node %s", ErrInvalid, req.Name, d.opts.NodeID)
+	}
+	if _, ok := d.snapshotImages(); !ok {
+		return needQcow2(req.Members[0])
+	}
+	for _, v := range req.Members {
+		if checkVolumeID(v) != nil {
+			return fmt.Errorf("source volume %q: %w", v, ErrNotFound)
+		}
+		if err := d.ownVolume(v); err != nil {
+			return err
+		}
+		if _, err := d.pool.get(v); err != nil {
+			return fmt.Errorf("source volume %q: %w", v, err)
+		}
+		if sv := d.lookupStaged(v); sv != nil && sv.image == nil {
+			return fmt.Errorf("%w: source volume %q lost its device at a plugin restart (%s); unstage it first", ErrPrecondition, v, sv.lostReason)
+		}
+	}
+	return nil
+}
+
+// groupRecords are the member snapshots of group id on this node.
+func (d *Driver) groupRecords(id string) ([]*snapshotMeta, error) {
+	all, err := d.pool.listSnapshots()
+	if err != nil {
+		return nil, err
+	}
+	var out []*snapshotMeta
+	for _, m := range all {
+		if m.Group == id {
+			out = append(out, m)
+		}
+	}
+	return out, nil
+}
+
+// lockMembers takes the snapshot lock of each volume (never waiting:
+// ErrBusy), or none.
+func (d *Driver) lockMembers(vols []string) ([]func(), error) {
+	var unlocks []func()
+	for _, v := range vols {
+		release, err := d.locks.acquire(v, opSnapshot)
+		if err != nil {
+			for _, u := range unlocks {
+				u()
+			}
+			return nil, err
+		}
+		unlocks = append(unlocks, release)
+	}
+	return unlocks, nil
+}
+
+// groupPrepare holds the node's members of a group snapshot; see the top
+// of the file. A group already complete on the node with the same members
+// is answered Committed (a retried create); the leftovers of a commit a
+// crash interrupted are deleted first.
+func (d *Driver) groupPrepare(ctx context.Context, req *groupPrepare) (*groupMembers, error) {
+	if err := d.checkGroupPrepare(req); err != nil {
+		return nil, err
+	}
+	params, err := parseSnapshotParams(req.Parameters, d.opts.BlockMetadataType)
+	if err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	deadline := start.Add(d.groupHold(req.HoldMillis))
+	unlocks, err := d.lockMembers(req.Members)
+	if err != nil {
+		return nil, err
+	}
+	t := &groupTxn{id: req.GroupID, members: req.Members, start: start, unlocks: unlocks,
+		want: snapshotMeta{BlockMetadataType: params.BlockMetadataType, Group: req.GroupID, GroupName: req.Name, GroupMembers: req.All}}
+	if done, err := d.groupExisting(ctx, req); done != nil || err != nil {
+		t.unlock()
+		return done, err
+	}
+	// t is locked until it is held: a commit waits for the prepare.
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if err := d.groups.add(t); err != nil {
+		t.unlock()
+		return nil, err
+	}
+	hctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+	for _, v := range req.Members {
+		sv := d.lookupStaged(v)
+		if sv == nil || sv.gate == nil {
+			continue // not staged here: no I/O to hold
+		}
+		if err := sv.gate.pause(hctx); err != nil {
+			d.releaseLocked(t, "prepare_failed")
+			return nil, fmt.Errorf("volume %q: quiesce: %w", v, err)
+		}
+		t.gates = append(t.gates, sv.gate)
+	}
+	t.timer = time.AfterFunc(time.Until(deadline), func() { d.expireGroup(t) })
+	klog.FromContext(ctx).V(2).Info("Group snapshot prepared", "groupSnapshotID", t.id, "members", t.members, "held", len(t.gates), "drain", since(start))
+	return &groupMembers{}, nil
+}
+
+// groupExisting checks a prepare against the group's records on the node:
+// the same name with other members is AlreadyExists; a group complete here
+// is the answer (done); a partial one, left by an interrupted commit, is
+// deleted so that the prepare starts afresh.
+func (d *Driver) groupExisting(ctx context.Context, req *groupPrepare) (done *groupMembers, err error) {
+	recs, err := d.groupRecords(req.GroupID)
+	if err != nil || len(recs) == 0 {
+		return nil, err
+	}
+	if !slices.Equal(recs[0].GroupMembers, req.All) {
+		return nil, fmt.Errorf("%w: group snapshot name %q is taken by %s of volumes %v", ErrAlreadyExists, req.Name, req.GroupID, recs[0].GroupMembers)
+	}
+	have := map[string]bool{}
+	for _, m := range recs {
+		have[m.Source] = true
+	}
+	complete := len(recs) == len(req.Members)
+	for _, v := range req.Members {
+		complete = complete && have[v]
+	}
+	if complete {
+		out := membersOf(recs)
+		out.Committed = true
+		return out, nil
+	}
+	klog.FromContext(ctx).Info("Deleting the members an interrupted group snapshot left", "groupSnapshotID", req.GroupID, "members", len(recs))
+	return nil, d.deleteGroupRecords(ctx, recs)
+}
+
+// deleteGroupRecords deletes member snapshots; the caller holds their
+// volumes' snapshot locks.
+func (d *Driver) deleteGroupRecords(ctx context.Context, recs []*snapshotMeta) error {
+	var errs []error
+	for _, m := range recs {
+		ref, ok := parseSnapshotRef(m.ID)
+		if !ok {
+			continue
+		}
+		if err := d.deleteSnapshot(ctx, m.ID, ref); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (t *groupTxn) unlock() {
+	for _, u := range t.unlocks {
+		u()
+	}
+	t.unlocks = nil
+}
+
+// releaseGroup lets t's I/O go and its locks, once; reason, when not
+// empty, counts it as aborted. It returns false when t was released
+// already.
+func (d *Driver) releaseGroup(t *groupTxn, reason string) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return d.releaseLocked(t, reason)
+}
+
+func (d *Driver) releaseLocked(t *groupTxn, reason string) bool {
+	if t.done {
+		return false
+	}
+	t.done = true
+	if t.timer != nil {
+		t.timer.Stop()
+	}
+	for _, g := range t.gates {
+		g.resume()
+	}
+	if len(t.gates) > 0 {
+		d.metrics.groupHold.Observe(time.Since(t.start).Seconds())
+	}
+	t.unlock()
+	d.groups.remove(t)
+	if reason != "" {
+		d.metrics.groupAborts.WithLabelValues(reason).Inc()
+	}
+	return true
+}
+
+// expireGroup is the node's own deadline: no commit came in time.
+func (d *Driver) expireGroup(t *groupTxn) {
+	if d.releaseGroup(t, "node_deadline") {
+		klog.Background().Info("Group snapshot hold released at the node's deadline: no commit came in time", "groupSnapshotID", t.id, "held", since(t.start))
+	}
+}
+
+// groupCommit takes the member snapshots of a prepared group while their
+// I/O is held, then releases it. A group no longer held (its deadline
+// passed) is refused with ErrHoldExpired. On a failure the members taken
+// are deleted: the node keeps no partial group.
+func (d *Driver) groupCommit(ctx context.Context, ref groupRef) (*groupMembers, error) {
+	t := d.groups.get(ref.GroupID)
+	if t == nil {
+		return nil, fmt.Errorf("%w: group snapshot %q is not prepared on node %s (never prepared, aborted, or released at its deadline)", ErrHoldExpired, ref.GroupID, d.opts.NodeID)
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.done || (t.timer != nil && !t.timer.Stop()) {
+		d.releaseLocked(t, "node_deadline")
+		return nil, fmt.Errorf("%w: group snapshot %q: node %s released its I/O at its deadline, %s after the prepare; the point in time is lost", ErrHoldExpired, t.id, d.opts.NodeID, since(t.start))
+	}
+	var taken []*snapshotMeta
+	for _, v := range t.members {
+		want := t.want
+		want.Source = v
+		m, err := d.takeSnapshot(ctx, v, nil, want)
+		if err != nil {
+			derr := d.deleteGroupRecords(ctx, taken)
+			d.releaseLocked(t, "commit_failed")
+			return nil, errors.Join(fmt.Errorf("group snapshot %q: member %q: %w", t.id, v, err), derr)
+		}
+		taken = append(taken, m)
+	}
+	d.releaseLocked(t, "")
+	klog.FromContext(ctx).Info("Group snapshot members taken", "groupSnapshotID", t.id, "members", len(taken), "held", since(t.start))
+	return membersOf(taken), nil
+}
+
+// groupRelease aborts group id on this node, if it is held, and deletes
+// the member snapshots it has here: the abort of a failed create and
+// DeleteVolumeGroupSnapshot alike. An unknown group is released already.
+func (d *Driver) groupRelease(ctx context.Context, ref groupRef) error {
+	if t := d.groups.get(ref.GroupID); t != nil {
+		if d.releaseGroup(t, "") {
+			klog.FromContext(ctx).Info("Group snapshot hold released by an abort", "groupSnapshotID", t.id, "held", since(t.start))
+		}
+	}
+	recs, err := d.groupRecords(ref.GroupID)
+	if err != nil {
+		return err
+	}
+	for _, m := range recs {
+		unlock, err := d.lockMembers([]string{m.Source})
+		if err != nil {
+			return err
+		}
+		err = d.deleteGroupRecords(ctx, []*snapshotMeta{m})
+		unlock[0]()
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// groupGet reports the member snapshots of group id on this node;
+// ErrNotFound when it has none.
+func (d *Driver) groupGet(_ context.Context, ref groupRef) (*groupMembers, error) {
+	recs, err := d.groupRecords(ref.GroupID)
+	if err != nil {
+		return nil, err
+	}
+	if len(recs) == 0 {
+		return nil, fmt.Errorf("%w: group snapshot %q has no member on node %s", ErrNotFound, ref.GroupID, d.opts.NodeID)
+	}
+	return membersOf(recs), nil
+}
+
+const (
+	// DefaultGroupHoldTimeout is Options.GroupHoldTimeout's default: ample
+	// for the prepare round trip and a few snapshots, short enough that a
+	// stalled protocol costs applications seconds, not their I/O.
+	DefaultGroupHoldTimeout = 5 * time.Second
+	// MaxGroupHoldTimeout keeps a hold well below the kernel's nbd
+	// request timeout (30 s), past which held requests would fail.
+	MaxGroupHoldTimeout = 20 * time.Second
+)
+
+// checkGroupHold validates a group snapshot hold timeout.
+func checkGroupHold(h time.Duration) error {
+	if h <= 0 || h > MaxGroupHoldTimeout {
+		return fmt.Errorf("group snapshot hold timeout %s: want more than 0 and at most %s", h, MaxGroupHoldTimeout)
+	}
+	return nil
+}
