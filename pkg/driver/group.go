@@ -62,6 +62,10 @@ type groupPrepare struct {
 // groupRef names a group snapshot in commit, release and get.
 type groupRef struct {
 	GroupID string `json:"groupId"`
+	// HoldOnly: release ends the hold and keeps the members (the abort
+	// of a failed prepare, which took none, must not delete a group that
+	// a same-named request with other members ran into).
+	HoldOnly bool `json:"holdOnly,omitempty"`
 }
 
 // groupMember is one member snapshot, as a node reports it.
@@ -377,13 +381,17 @@ func (d *Driver) groupCommit(ctx context.Context, ref groupRef) (*groupMembers, 
 }
 
 // groupRelease aborts group id on this node, if it is held, and deletes
-// the member snapshots it has here: the abort of a failed create and
-// DeleteVolumeGroupSnapshot alike. An unknown group is released already.
+// the member snapshots it has here (not with HoldOnly): the abort of a
+// failed create and DeleteVolumeGroupSnapshot alike. An unknown group is
+// released already.
 func (d *Driver) groupRelease(ctx context.Context, ref groupRef) error {
 	if t := d.groups.get(ref.GroupID); t != nil {
 		if d.releaseGroup(t, "") {
 			klog.FromContext(ctx).Info("Group snapshot hold released by an abort", "groupSnapshotID", t.id, "held", since(t.start))
 		}
+	}
+	if ref.HoldOnly {
+		return nil
 	}
 	recs, err := d.groupRecords(ref.GroupID)
 	if err != nil {

@@ -48,9 +48,11 @@ func (p localPeer) get(ctx context.Context, ref groupRef) (*groupMembers, error)
 	return p.d.groupGet(ctx, ref)
 }
 
-// groupAbortTimeout bounds an abort: a node that does not answer releases
-// on its own deadline anyway, and its members are deleted by the retry.
-const groupAbortTimeout = 10 * time.Second
+// groupAbortGrace is how much longer than the hold an abort may take: a
+// node that does not answer within it releases at its own deadline anyway
+// (and its members, if it committed, go with the retry or the delete),
+// while the nodes that do answer are released at once, in parallel.
+const groupAbortGrace = time.Second
 
 // groupCommitTimeout bounds a commit, which takes the node's member
 // snapshots (each a few metadata writes).
@@ -101,7 +103,7 @@ func (g *groupRun) create(ctx context.Context) (*csi.VolumeGroupSnapshot, error)
 			if errors.Is(err, context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded {
 				reason = "prepare_timeout"
 			}
-			return nil, g.abort(ctx, reason, fmt.Errorf("group snapshot %q: prepare: %w", g.name, err))
+			return nil, g.abort(ctx, reason, true, fmt.Errorf("group snapshot %q: prepare: %w", g.name, err))
 		}
 		done := 0
 		for _, m := range got {
@@ -116,10 +118,10 @@ func (g *groupRun) create(ctx context.Context) (*csi.VolumeGroupSnapshot, error)
 			break
 		}
 		if attempt > 0 {
-			return nil, g.abort(ctx, "prepare_failed", fmt.Errorf("%w: group snapshot %q: its members on some nodes exist already from an earlier attempt, again after deleting them", ErrBusy, g.name))
+			return nil, g.abort(ctx, "prepare_failed", false, fmt.Errorf("%w: group snapshot %q: its members on some nodes exist already from an earlier attempt, again after deleting them", ErrBusy, g.name))
 		}
 		logger.Info("Group snapshot complete on some nodes only (an earlier attempt was interrupted): taking it afresh", "complete", done, "nodes", len(g.peers))
-		if err := g.releaseAll(ctx); err != nil {
+		if err := g.releaseAll(ctx, false); err != nil {
 			return nil, fmt.Errorf("group snapshot %q: delete the members of an earlier attempt: %w", g.name, err)
 		}
 	}
@@ -129,7 +131,7 @@ func (g *groupRun) create(ctx context.Context) (*csi.VolumeGroupSnapshot, error)
 		if errors.Is(err, ErrHoldExpired) || status.Code(err) == codes.Aborted {
 			reason = "commit_refused"
 		}
-		return nil, g.abort(ctx, reason, fmt.Errorf("group snapshot %q: commit: %w", g.name, err))
+		return nil, g.abort(ctx, reason, false, fmt.Errorf("group snapshot %q: commit: %w", g.name, err))
 	}
 	return g.assemble(got)
 }
@@ -169,19 +171,23 @@ func (g *groupRun) commitAll(ctx context.Context) (map[string]*groupMembers, err
 	return got, err
 }
 
-// releaseAll releases every node and deletes the members it has; it
-// outlives ctx's cancellation (the caller may have gone).
-func (g *groupRun) releaseAll(ctx context.Context) error {
-	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), groupAbortTimeout)
+// releaseAll releases every node and, unless holdOnly, deletes the
+// members it has; it outlives ctx's cancellation (the caller may have
+// gone).
+func (g *groupRun) releaseAll(ctx context.Context, holdOnly bool) error {
+	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), g.hold+groupAbortGrace)
 	defer cancel()
-	return g.eachNode(func(_ string, p groupPeer) error { return p.release(actx, groupRef{GroupID: g.id}) })
+	return g.eachNode(func(_ string, p groupPeer) error {
+		return p.release(actx, groupRef{GroupID: g.id, HoldOnly: holdOnly})
+	})
 }
 
-// abort releases every node after a failure err, counts it by reason and
-// returns err with what the release could not do.
-func (g *groupRun) abort(ctx context.Context, reason string, err error) error {
+// abort releases every node after a failure err (holdOnly: in the
+// prepare, when no member was taken), counts it by reason and returns err
+// with what the release could not do.
+func (g *groupRun) abort(ctx context.Context, reason string, holdOnly bool, err error) error {
 	g.aborts.WithLabelValues(reason).Inc()
-	rerr := g.releaseAll(ctx)
+	rerr := g.releaseAll(ctx, holdOnly)
 	klog.FromContext(ctx).Info("Group snapshot aborted", "groupSnapshotID", g.id, "reason", reason, "err", err, "releaseErr", rerr)
 	if rerr != nil {
 		return fmt.Errorf("%w (and releasing: %v; nodes that did not answer release at their deadline, their members go with the next attempt or DeleteVolumeGroupSnapshot)", err, rerr)

@@ -1,0 +1,41 @@
+package driver
+
+import (
+	"context"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+)
+
+// The node's steps of a group snapshot (group.go), for tests that play a
+// controller which prepares and then commits late, or never.
+
+// GroupPrepareForTest prepares group name of members (all on this node)
+// with hold, and returns the group's ID.
+func (d *Driver) GroupPrepareForTest(ctx context.Context, name string, members []string, hold time.Duration) (string, error) {
+	id := groupIDForName(name)
+	_, err := d.groupPrepare(ctx, &groupPrepare{GroupID: id, Name: name, Members: members, All: members, HoldMillis: hold.Milliseconds()})
+	return id, toStatus(err)
+}
+
+// GroupCommitForTest commits group id and returns its member snapshot IDs.
+func (d *Driver) GroupCommitForTest(ctx context.Context, id string) ([]string, error) {
+	m, err := d.groupCommit(ctx, groupRef{GroupID: id})
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	var ids []string
+	for _, s := range m.Snapshots {
+		ids = append(ids, s.ID)
+	}
+	return ids, nil
+}
+
+// GroupHoldForTest is the hold histogram's count and sum (seconds).
+func (d *Driver) GroupHoldForTest() (uint64, float64) {
+	var m dto.Metric
+	if err := d.metrics.groupHold.Write(&m); err != nil {
+		panic(err)
+	}
+	return m.GetHistogram().GetSampleCount(), m.GetHistogram().GetSampleSum()
+}

@@ -1,0 +1,507 @@
+package driver_test
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
+	"github.com/qcow2-csi/qcow2-csi/pkg/driver/drivertest"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
+	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
+)
+
+// groupNode is a node driver on qcow2 images whose staged volumes' I/O a
+// test issues through the backend the kernel would be served from (the
+// gate included).
+type groupNode struct {
+	srv  *drivertest.Server
+	c    clients
+	conn *grpc.ClientConn
+	att  *backendAttacher
+}
+
+func startGroupNode(t testing.TB, node string, hold time.Duration) *groupNode {
+	t.Helper()
+	att := &backendAttacher{backends: map[string]nbdattach.Backend{}}
+	srv := drivertest.Start(t, driver.Options{NodeID: node, GroupHoldTimeout: hold},
+		driver.Seams{Images: driver.Qcow2Images{}, Attachers: []nbdattach.Attacher{att}})
+	conn, err := grpc.NewClient("unix://"+srv.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return &groupNode{srv: srv, c: dial(t, srv), conn: conn, att: att}
+}
+
+func (n *groupNode) groups() csi.GroupControllerClient { return csi.NewGroupControllerClient(n.conn) }
+
+// volume creates a volume (staged when staged) and returns its ID and, if
+// staged, its device's backend.
+func (n *groupNode) volume(t testing.TB, name string, staged bool) (string, nbdattach.Backend) {
+	t.Helper()
+	ctx := context.Background()
+	capab := capBlock(rw)
+	v, err := n.c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, VolumeCapabilities: []*csi.VolumeCapability{capab},
+		CapacityRange: &csi.CapacityRange{RequiredBytes: snapDisk, LimitBytes: snapDisk}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := v.Volume.VolumeId
+	if !staged {
+		return id, nil
+	}
+	staging := filepath.Join(t.TempDir(), "staging")
+	if err := os.MkdirAll(staging, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.c.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: capab, VolumeContext: v.Volume.VolumeContext}); err != nil {
+		t.Fatal(err)
+	}
+	n.att.mu.Lock()
+	defer n.att.mu.Unlock()
+	return id, n.att.backends[localID(id)]
+}
+
+// writeSeq writes seq, big-endian, at the start of the first sector, FUA:
+// acknowledged means durable, as after the issue's pod's fsync.
+func writeSeq(ctx context.Context, be nbdattach.Backend, seq uint64) error {
+	buf := make([]byte, 512)
+	binary.BigEndian.PutUint64(buf, seq)
+	return be.WriteAt(ctx, buf, 0, true)
+}
+
+// seqWriter writes 1, 2, 3, ... to each of bes in turn, each write after
+// the previous one was acknowledged, until stopped; stop returns the last
+// sequence number written and the first error.
+func seqWriter(bes ...nbdattach.Backend) (stop func() (uint64, error)) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var last atomic.Uint64
+	errc := make(chan error, 1)
+	go func() {
+		for seq := uint64(1); ctx.Err() == nil; seq++ {
+			for _, be := range bes {
+				if err := writeSeq(ctx, be, seq); err != nil {
+					if ctx.Err() != nil {
+						err = nil
+					}
+					errc <- err
+					return
+				}
+			}
+			last.Store(seq)
+		}
+		errc <- nil
+	}()
+	return func() (uint64, error) {
+		cancel()
+		return last.Load(), <-errc
+	}
+}
+
+// restoredSeq restores snapshot sid to a new volume and reads the sequence
+// number at its start.
+func (n *groupNode) restoredSeq(t testing.TB, name, sid string) uint64 {
+	t.Helper()
+	v, err := n.c.CreateVolume(context.Background(), &csi.CreateVolumeRequest{Name: name,
+		VolumeCapabilities: []*csi.VolumeCapability{capBlock(rw)}, CapacityRange: &csi.CapacityRange{RequiredBytes: snapDisk},
+		VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: sid}}}})
+	if err != nil {
+		t.Fatalf("restore %s: %v", sid, err)
+	}
+	img, err := qcow2.Open(imageFile(n.srv.Driver.Options().Pool, v.Volume.VolumeId), qcow2.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	buf := make([]byte, 8)
+	if _, err := img.ReadAt(buf, 0); err != nil && !errors.Is(err, io.EOF) {
+		t.Fatal(err)
+	}
+	return binary.BigEndian.Uint64(buf)
+}
+
+// checkOrder restores each group's two members and checks that they are
+// one instant of a writer that writes A then B: B <= A <= B+1.
+func checkOrder(t *testing.T, nodeA, nodeB *groupNode, groups []*csi.VolumeGroupSnapshot) {
+	t.Helper()
+	for i, g := range groups {
+		if len(g.Snapshots) != 2 {
+			t.Fatalf("group %d: %d members, want 2", i, len(g.Snapshots))
+		}
+		a := nodeA.restoredSeq(t, "ra-"+g.GroupSnapshotId+"-"+string(rune('a'+i)), g.Snapshots[0].SnapshotId)
+		b := nodeB.restoredSeq(t, "rb-"+g.GroupSnapshotId+"-"+string(rune('a'+i)), g.Snapshots[1].SnapshotId)
+		if !(b <= a && a <= b+1) {
+			t.Errorf("group %d (%s): restored A=%d B=%d: not one instant of a writer writing A then B", i, g.GroupSnapshotId, a, b)
+		}
+	}
+}
+
+// takeGroups takes n group snapshots of vols while the writer runs.
+func takeGroups(t *testing.T, gc csi.GroupControllerClient, prefix string, n int, vols ...string) []*csi.VolumeGroupSnapshot {
+	t.Helper()
+	var out []*csi.VolumeGroupSnapshot
+	for i := range n {
+		r, err := gc.CreateVolumeGroupSnapshot(context.Background(), &csi.CreateVolumeGroupSnapshotRequest{
+			Name: prefix + string(rune('a'+i)), SourceVolumeIds: vols})
+		if err != nil {
+			t.Fatalf("group snapshot %d: %v", i, err)
+		}
+		out = append(out, r.GroupSnapshot)
+		time.Sleep(5 * time.Millisecond)
+	}
+	return out
+}
+
+// TestGroupSnapshotOrder: a writer appends to A then to B on one node;
+// every group snapshot restores to a pair where B <= A <= B+1. Members are
+// ordinary snapshots: restored above, listed with their group, and the
+// delta between the members of successive groups is served.
+func TestGroupSnapshotOrder(t *testing.T) {
+	n := startGroupNode(t, "node-a", 0)
+	a, beA := n.volume(t, "a", true)
+	b, beB := n.volume(t, "b", true)
+	stop := seqWriter(beA, beB)
+	groups := takeGroups(t, n.groups(), "order-", 10, a, b)
+	last, err := stop()
+	if err != nil {
+		t.Fatalf("writer: %v", err)
+	}
+	if last == 0 {
+		t.Fatal("the writer wrote nothing")
+	}
+	checkOrder(t, n, n, groups)
+
+	ctx := context.Background()
+	l, err := n.c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{SnapshotId: groups[0].Snapshots[0].SnapshotId})
+	if err != nil || len(l.Entries) != 1 || l.Entries[0].Snapshot.GroupSnapshotId != groups[0].GroupSnapshotId {
+		t.Fatalf("ListSnapshots of a member: %v %v, want it with group %s", l, err, groups[0].GroupSnapshotId)
+	}
+	md := csi.NewSnapshotMetadataClient(n.conn)
+	st, err := md.GetMetadataDelta(ctx, &csi.GetMetadataDeltaRequest{BaseSnapshotId: groups[0].Snapshots[0].SnapshotId,
+		TargetSnapshotId: groups[len(groups)-1].Snapshots[0].SnapshotId})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ranges := 0
+	for {
+		r, err := st.Recv()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("delta between members of two groups: %v", err)
+		}
+		ranges += len(r.BlockMetadata)
+	}
+	if ranges == 0 {
+		t.Error("delta between members of the first and last group is empty; the writer wrote in between")
+	}
+}
+
+// TestGroupSnapshotCalls: validation, idempotency, Get, and Delete, which
+// deletes the members.
+func TestGroupSnapshotCalls(t *testing.T) {
+	n := startGroupNode(t, "node-a", 0)
+	gc := n.groups()
+	ctx := context.Background()
+	a, _ := n.volume(t, "a", true)
+	b, _ := n.volume(t, "b", false) // unstaged: nothing to hold
+	c, _ := n.volume(t, "c", false)
+	create := func(name string, vols ...string) (*csi.VolumeGroupSnapshot, error) {
+		r, err := gc.CreateVolumeGroupSnapshot(ctx, &csi.CreateVolumeGroupSnapshotRequest{Name: name, SourceVolumeIds: vols})
+		return r.GetGroupSnapshot(), err
+	}
+	for _, tc := range []struct {
+		name string
+		vols []string
+		code codes.Code
+		msg  string
+	}{
+		{"", []string{a}, codes.InvalidArgument, "name is required"},
+		{"g", nil, codes.InvalidArgument, "source_volume_ids is required"},
+		{"g", []string{a, a}, codes.InvalidArgument, "listed twice"},
+		{"g", []string{a, ""}, codes.InvalidArgument, "source_volume_ids[1] is empty"},
+		{"g", []string{a, "vol-00000000000000000000000000000000@node-a"}, codes.NotFound, "vol-00000000000000000000000000000000@node-a"},
+		{"g", []string{a, "../x"}, codes.NotFound, "../x"},
+		{"bad\x01name", []string{a}, codes.InvalidArgument, "control characters"},
+	} {
+		_, err := create(tc.name, tc.vols...)
+		wantCode(t, err, tc.code, tc.msg)
+	}
+	if l, _ := n.c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{}); len(l.GetEntries()) != 0 {
+		t.Fatalf("failed creates left snapshots: %v", l.Entries)
+	}
+	if _, err := gc.CreateVolumeGroupSnapshot(ctx, &csi.CreateVolumeGroupSnapshotRequest{Name: "p", SourceVolumeIds: []string{a},
+		Parameters: map[string]string{"nope": "1"}}); status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "nope") {
+		t.Fatalf("unknown parameter: %v", err)
+	}
+
+	g1, err := create("g", a, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g2, err := create("g", a, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g1.GroupSnapshotId != g2.GroupSnapshotId || g1.Snapshots[0].SnapshotId != g2.Snapshots[0].SnapshotId || g1.Snapshots[1].SnapshotId != g2.Snapshots[1].SnapshotId {
+		t.Fatalf("retry of the same group: %v, then %v", g1, g2)
+	}
+	_, err = create("g", a, c)
+	wantCode(t, err, codes.AlreadyExists, `name "g" is taken`)
+	ids := []string{g1.Snapshots[0].SnapshotId, g1.Snapshots[1].SnapshotId}
+	got, err := gc.GetVolumeGroupSnapshot(ctx, &csi.GetVolumeGroupSnapshotRequest{GroupSnapshotId: g1.GroupSnapshotId, SnapshotIds: ids})
+	if err != nil || len(got.GroupSnapshot.Snapshots) != 2 || !got.GroupSnapshot.ReadyToUse {
+		t.Fatalf("GetVolumeGroupSnapshot: %v %v", got, err)
+	}
+	_, err = gc.GetVolumeGroupSnapshot(ctx, &csi.GetVolumeGroupSnapshotRequest{GroupSnapshotId: g1.GroupSnapshotId, SnapshotIds: ids[:1]})
+	wantCode(t, err, codes.InvalidArgument, "the request names")
+
+	// A member is an ordinary snapshot: DeleteSnapshot works on it, and
+	// the group goes on with the rest.
+	if _, err := n.c.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: ids[1]}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := gc.DeleteVolumeGroupSnapshot(ctx, &csi.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: g1.GroupSnapshotId, SnapshotIds: ids[:1]}); err != nil {
+		t.Fatal(err)
+	}
+	if l, _ := n.c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{}); len(l.GetEntries()) != 0 {
+		t.Fatalf("DeleteVolumeGroupSnapshot left snapshots: %v", l.Entries)
+	}
+	_, err = gc.GetVolumeGroupSnapshot(ctx, &csi.GetVolumeGroupSnapshotRequest{GroupSnapshotId: g1.GroupSnapshotId})
+	wantCode(t, err, codes.NotFound, g1.GroupSnapshotId)
+	if _, err := gc.DeleteVolumeGroupSnapshot(ctx, &csi.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: g1.GroupSnapshotId}); err != nil {
+		t.Fatalf("second delete: %v", err)
+	}
+	// The name is free again, for other members.
+	if _, err := create("g", a, c); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestGroupSnapshotNodeDeadline: a node holds its members' I/O after a
+// prepare, releases it on its own at the deadline when no commit comes,
+// and refuses the late commit: no snapshot is left.
+func TestGroupSnapshotNodeDeadline(t *testing.T) {
+	n := startGroupNode(t, "node-a", 0)
+	a, beA := n.volume(t, "a", true)
+	b, _ := n.volume(t, "b", false)
+	d := n.srv.Driver
+	ctx := context.Background()
+	id, err := d.GroupPrepareForTest(ctx, "late", []string{a, b}, 300*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- writeSeq(ctx, beA, 7) }()
+	time.Sleep(50 * time.Millisecond)
+	select {
+	case err := <-done:
+		t.Fatalf("a write went through while the volume was held: %v", err)
+	default:
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("held write: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the node did not release the held write at its deadline")
+	}
+	_, err = d.GroupCommitForTest(ctx, id)
+	wantCode(t, err, codes.Aborted, "not prepared on node node-a")
+	if l, _ := n.c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{}); len(l.GetEntries()) != 0 {
+		t.Fatalf("snapshots left: %v", l.Entries)
+	}
+	if count, sum := d.GroupHoldForTest(); count != 1 || sum <= 0 {
+		t.Errorf("hold histogram: %d observations, %g s; want 1", count, sum)
+	}
+	metrics := scrape(t, d)
+	if !strings.Contains(metrics, `qcow2_csi_group_snapshot_aborts_total{reason="node_deadline"} 1`) {
+		t.Errorf("no node_deadline abort counted:\n%s", grepLines(metrics, "group_snapshot"))
+	}
+	// The volumes are free: an ordinary snapshot goes through.
+	if _, err := n.c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "after", SourceVolumeId: a}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestGroupSnapshotCommitInTime: a commit within the hold takes the
+// members and releases the I/O; the held write lands after the snapshot.
+func TestGroupSnapshotCommitInTime(t *testing.T) {
+	n := startGroupNode(t, "node-a", 0)
+	a, beA := n.volume(t, "a", true)
+	d := n.srv.Driver
+	ctx := context.Background()
+	if err := writeSeq(ctx, beA, 1); err != nil {
+		t.Fatal(err)
+	}
+	id, err := d.GroupPrepareForTest(ctx, "in-time", []string{a}, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- writeSeq(ctx, beA, 2) }()
+	time.Sleep(20 * time.Millisecond)
+	ids, err := d.GroupCommitForTest(ctx, id)
+	if err != nil || len(ids) != 1 {
+		t.Fatalf("commit: %v %v", ids, err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if got := n.restoredSeq(t, "r", ids[0]); got != 1 {
+		t.Errorf("member holds %d, want 1: the write held during the group snapshot is not in it", got)
+	}
+}
+
+func scrape(t testing.TB, d *driver.Driver) string {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	d.MetricsHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	return rec.Body.String()
+}
+
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+// routedGroups serves a controller over the agents of nodes (and of extra
+// node -> address entries) and returns its GroupController client.
+func routedGroups(t testing.TB, hold time.Duration, extra map[string]string, nodes ...*groupNode) (csi.GroupControllerClient, *drivertest.Controller) {
+	t.Helper()
+	certs := drivertest.MakeCerts(t, t.TempDir())
+	agents := driver.StaticAgents{}
+	for _, n := range nodes {
+		agents[n.srv.Driver.Options().NodeID] = drivertest.StartAgent(t, n.srv, certs).Addr
+	}
+	for k, v := range extra {
+		agents[k] = v
+	}
+	ctl := drivertest.StartController(t, agents, certs, driver.RouterOptions{GroupHoldTimeout: hold})
+	conn, err := grpc.NewClient(ctl.Endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return csi.NewGroupControllerClient(conn), ctl
+}
+
+// TestGroupSnapshotAcrossNodes: the same order check with A and B on two
+// nodes, through the controller and the node agents; deleting the group
+// through the controller deletes the members on both nodes.
+func TestGroupSnapshotAcrossNodes(t *testing.T) {
+	na, nb := startGroupNode(t, "node-a", 0), startGroupNode(t, "node-b", 0)
+	a, beA := na.volume(t, "a", true)
+	b, beB := nb.volume(t, "b", true)
+	gc, ctl := routedGroups(t, 0, nil, na, nb)
+	stop := seqWriter(beA, beB)
+	groups := takeGroups(t, gc, "across-", 5, a, b)
+	if _, err := stop(); err != nil {
+		t.Fatalf("writer: %v", err)
+	}
+	checkOrder(t, na, nb, groups)
+	for _, m := range []string{"GroupPrepare", "GroupCommit"} {
+		for _, node := range []string{"node-a", "node-b"} {
+			if want := `qcow2_csi_routed_calls_total{code="OK",method="` + m + `",node="` + node + `"} 5`; !strings.Contains(ctl.Metrics(), want) {
+				t.Errorf("%s missing from the controller's metrics", want)
+			}
+		}
+	}
+	ctx := context.Background()
+	g := groups[0]
+	got, err := gc.GetVolumeGroupSnapshot(ctx, &csi.GetVolumeGroupSnapshotRequest{GroupSnapshotId: g.GroupSnapshotId})
+	if err != nil || len(got.GroupSnapshot.Snapshots) != 2 {
+		t.Fatalf("GetVolumeGroupSnapshot through the controller: %v %v", got, err)
+	}
+	ids := []string{g.Snapshots[0].SnapshotId, g.Snapshots[1].SnapshotId}
+	if _, err := gc.DeleteVolumeGroupSnapshot(ctx, &csi.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: g.GroupSnapshotId, SnapshotIds: ids}); err != nil {
+		t.Fatal(err)
+	}
+	for i, n := range []*groupNode{na, nb} {
+		l, err := n.c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{SnapshotId: ids[i]})
+		if err != nil || len(l.Entries) != 0 {
+			t.Errorf("member %s still listed after the group's deletion: %v %v", ids[i], l, err)
+		}
+	}
+}
+
+// TestGroupSnapshotNodeSilent: a node whose agent accepts connections but
+// never answers makes the group snapshot fail at the hold; the other node
+// is released at once (its I/O resumes) and keeps no member snapshot.
+func TestGroupSnapshotNodeSilent(t *testing.T) {
+	na := startGroupNode(t, "node-a", 0)
+	a, beA := na.volume(t, "a", true)
+	silent, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var held []net.Conn
+	go func() {
+		for {
+			c, err := silent.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, c) // never read, never answered
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		silent.Close()
+		mu.Lock()
+		for _, c := range held {
+			c.Close()
+		}
+		mu.Unlock()
+	})
+	hold := time.Second
+	gc, ctl := routedGroups(t, hold, map[string]string{"node-b": silent.Addr().String()}, na)
+	b := "vol-0123456789abcdef0123456789abcdef@node-b"
+	stop := seqWriter(beA)
+	_, err = gc.CreateVolumeGroupSnapshot(context.Background(), &csi.CreateVolumeGroupSnapshotRequest{Name: "silent", SourceVolumeIds: []string{a, b}})
+	wantCode(t, err, codes.DeadlineExceeded, "node node-b")
+	// node-a was released by the abort: its writer goes on.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := writeSeq(ctx, beA, 1<<40); err != nil {
+		t.Fatalf("node-a's I/O did not resume: %v", err)
+	}
+	if _, err := stop(); err != nil {
+		t.Fatalf("writer: %v", err)
+	}
+	if l, _ := na.c.ListSnapshots(context.Background(), &csi.ListSnapshotsRequest{}); len(l.GetEntries()) != 0 {
+		t.Fatalf("member snapshots left on node-a: %v", l.Entries)
+	}
+	if !strings.Contains(ctl.Metrics(), `qcow2_csi_group_snapshot_aborts_total{reason="prepare_timeout"} 1`) {
+		t.Errorf("no prepare_timeout abort counted:\n%s", grepLines(ctl.Metrics(), "group_snapshot"))
+	}
+	if count, _ := na.srv.Driver.GroupHoldForTest(); count != 1 {
+		t.Errorf("node-a's hold histogram has %d observations, want 1", count)
+	}
+}
