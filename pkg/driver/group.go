@@ -363,21 +363,43 @@ func (d *Driver) groupCommit(ctx context.Context, ref groupRef) (*groupMembers, 
 		d.releaseLocked(t, "node_deadline")
 		return nil, fmt.Errorf("%w: group snapshot %q: node %s released its I/O at its deadline, %s after the prepare; the point in time is lost", ErrHoldExpired, t.id, d.opts.NodeID, since(t.start))
 	}
-	var taken []*snapshotMeta
-	for _, v := range t.members {
-		want := t.want
-		want.Source = v
-		m, err := d.takeSnapshot(ctx, v, nil, want)
-		if err != nil {
-			derr := d.deleteGroupRecords(ctx, taken)
-			d.releaseLocked(t, "commit_failed")
-			return nil, errors.Join(fmt.Errorf("group snapshot %q: member %q: %w", t.id, v, err), derr)
-		}
-		taken = append(taken, m)
+	taken, err := d.takeMembers(ctx, t)
+	if err != nil {
+		derr := d.deleteGroupRecords(ctx, taken)
+		d.releaseLocked(t, "commit_failed")
+		return nil, errors.Join(err, derr)
 	}
 	d.releaseLocked(t, "")
 	klog.FromContext(ctx).Info("Group snapshot members taken", "groupSnapshotID", t.id, "members", len(taken), "held", since(t.start))
 	return membersOf(taken), nil
+}
+
+// takeMembers takes the snapshots of t's members, all at once: each is
+// its own image (and its own syncs), and the I/O is held until the
+// slowest is done, so the hold is the longest snapshot, not their sum. It
+// returns those taken, also on an error.
+func (d *Driver) takeMembers(ctx context.Context, t *groupTxn) ([]*snapshotMeta, error) {
+	ms := make([]*snapshotMeta, len(t.members))
+	errs := make([]error, len(t.members))
+	var wg sync.WaitGroup
+	for i, v := range t.members {
+		wg.Go(func() {
+			want := t.want
+			want.Source = v
+			ms[i], errs[i] = d.takeSnapshot(ctx, v, nil, want)
+			if errs[i] != nil {
+				errs[i] = fmt.Errorf("group snapshot %q: member %q: %w", t.id, v, errs[i])
+			}
+		})
+	}
+	wg.Wait()
+	var taken []*snapshotMeta
+	for _, m := range ms {
+		if m != nil {
+			taken = append(taken, m)
+		}
+	}
+	return taken, errors.Join(errs...)
 }
 
 // groupRelease aborts group id on this node, if it is held, and deletes
