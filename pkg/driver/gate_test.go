@@ -78,6 +78,65 @@ func TestGate(t *testing.T) {
 	}
 }
 
+// A pausing gate (group snapshots) waits for the request inside, holds
+// later ones until resume, refuses a second pause, and gives up (resumed)
+// when its context ends before the request inside finishes.
+func TestGatePause(t *testing.T) {
+	inner := &blockingBackend{entered: make(chan struct{}), release: make(chan struct{})}
+	be, g := newGate(inner, true)
+	wrote := make(chan error, 1)
+	go func() { wrote <- be.WriteAt(context.Background(), nil, 0, false) }()
+	<-inner.entered
+	short, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	if err := g.pause(short); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("pause with a write inside past its context: %v", err)
+	}
+	cancel()
+	// Given up: not paused, a read goes through.
+	if err := be.ReadAt(context.Background(), nil, 0); err != nil {
+		t.Fatalf("read after a pause gave up: %v", err)
+	}
+	paused := make(chan error, 1)
+	go func() { paused <- g.pause(context.Background()) }()
+	select {
+	case err := <-paused:
+		t.Fatalf("pause returned %v with a write inside", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	close(inner.release)
+	if err := <-wrote; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-paused; err != nil {
+		t.Fatal(err)
+	}
+	if err := g.pause(context.Background()); err == nil {
+		t.Error("a second pause of a paused gate: no error")
+	}
+	read := make(chan error, 1)
+	go func() { read <- be.ReadAt(context.Background(), nil, 0) }()
+	select {
+	case err := <-read:
+		t.Fatalf("read went through a paused gate: %v", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	g.resume()
+	if err := <-read; err != nil {
+		t.Fatalf("held read after resume: %v", err)
+	}
+	g.resume() // a no-op
+	ctx, cancel := context.WithCancel(context.Background())
+	if err := g.pause(ctx); err != nil {
+		t.Fatal(err)
+	}
+	go func() { read <- be.ReadAt(ctx, nil, 0) }()
+	cancel()
+	if err := <-read; !errors.Is(err, context.Canceled) {
+		t.Errorf("held read whose context ended: %v", err)
+	}
+	g.resume()
+}
+
 type nopBackend struct{ blockingBackend }
 
 func (*nopBackend) WriteAt(context.Context, []byte, int64, bool) error { return nil }
