@@ -23,6 +23,13 @@
 // request is answered Aborted at once and the CO retries. There is no global
 // lock around I/O.
 //
+// A group snapshot (group*.go, docs/group-snapshots.md) is the one place I/O
+// is held on purpose: on prepare a node takes its members' snapshot locks
+// and pauses their gates (gate.go, which every attach path passes), on
+// commit it takes their snapshots through the path CreateSnapshot uses, and
+// a timer of its own releases them at the deadline whatever the controller
+// does.
+//
 // # Seams
 //
 // The driver reaches the outside world through narrow interfaces injected by
