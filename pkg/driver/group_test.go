@@ -505,3 +505,18 @@ func TestGroupSnapshotNodeSilent(t *testing.T) {
 		t.Errorf("node-a's hold histogram has %d observations, want 1", count)
 	}
 }
+
+// TestGroupHoldTimeoutBounds: a hold past the kernel's nbd request timeout
+// is refused by the driver and the router alike.
+func TestGroupHoldTimeoutBounds(t *testing.T) {
+	for _, h := range []time.Duration{-time.Second, 21 * time.Second} {
+		_, err := driver.New(driver.Options{Pool: t.TempDir(), NodeID: "n", GroupHoldTimeout: h}, driver.Seams{Images: driver.Qcow2Images{}})
+		if err == nil || !strings.Contains(err.Error(), "group snapshot hold timeout") {
+			t.Errorf("driver with hold %s: %v", h, err)
+		}
+		_, err = driver.NewRouter(driver.RouterOptions{GroupHoldTimeout: h, Agents: driver.StaticAgents{}})
+		if err == nil || !strings.Contains(err.Error(), "group snapshot hold timeout") {
+			t.Errorf("router with hold %s: %v", h, err)
+		}
+	}
+}

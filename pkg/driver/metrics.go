@@ -27,7 +27,8 @@ type metrics struct {
 
 func newMetrics(d *Driver) *metrics {
 	m := newRPCMetrics()
-	m.reg.MustRegister(&poolCollector{d: d}, &qosCollector{d: d})
+	// Only a node holds I/O; the router's registry has no hold figure.
+	m.reg.MustRegister(&poolCollector{d: d}, &qosCollector{d: d}, m.groupHold)
 	return m
 }
 
@@ -55,7 +56,7 @@ func newRPCMetrics() *metrics {
 		Namespace: metricsNamespace, Name: "group_snapshot_aborts_total",
 		Help: "Group snapshots aborted, by reason: prepare_failed, prepare_timeout, commit_refused, commit_failed (where the protocol runs), node_deadline (a node released its hold on its own).",
 	}, []string{"reason"})
-	m.reg.MustRegister(m.ops, m.latency, m.groupHold, m.groupAborts,
+	m.reg.MustRegister(m.ops, m.latency, m.groupAborts,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
