@@ -242,6 +242,9 @@ func (d *Driver) groupPrepare(ctx context.Context, req *groupPrepare) (*groupMem
 	}
 	hctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
+	// The hold starts here (the checks above hold nothing); the deadline
+	// counts from the prepare's arrival.
+	t.start = time.Now()
 	for _, v := range req.Members {
 		sv := d.lookupStaged(v)
 		if sv == nil || sv.gate == nil {
@@ -254,7 +257,7 @@ func (d *Driver) groupPrepare(ctx context.Context, req *groupPrepare) (*groupMem
 		t.gates = append(t.gates, sv.gate)
 	}
 	t.timer = time.AfterFunc(time.Until(deadline), func() { d.expireGroup(t) })
-	klog.FromContext(ctx).V(2).Info("Group snapshot prepared", "groupSnapshotID", t.id, "members", t.members, "held", len(t.gates), "drain", since(start))
+	klog.FromContext(ctx).V(2).Info("Group snapshot prepared", "groupSnapshotID", t.id, "members", t.members, "held", len(t.gates), "drain", since(t.start))
 	return &groupMembers{}, nil
 }
 
