@@ -12,6 +12,9 @@ import (
 	"time"
 
 	"k8s.io/klog/v2"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
+	"github.com/qcow2-csi/qcow2-csi/pkg/snapshotter"
 )
 
 // Group snapshots, the node's side (docs/group-snapshots.md). A group
@@ -275,7 +278,9 @@ func (d *Driver) groupExisting(ctx context.Context, req *groupPrepare) (done *gr
 	}
 	have := map[string]bool{}
 	for _, m := range recs {
-		have[m.Source] = true
+		// A record goes before its snapshot (takeSnapshot): one whose
+		// snapshot a crash kept from being taken is not a member.
+		have[m.Source] = d.snapshotTaken(ctx, m)
 	}
 	complete := len(recs) == len(req.Members)
 	for _, v := range req.Members {
@@ -288,6 +293,16 @@ func (d *Driver) groupExisting(ctx context.Context, req *groupPrepare) (done *gr
 	}
 	klog.FromContext(ctx).Info("Deleting the members an interrupted group snapshot left", "groupSnapshotID", req.GroupID, "members", len(recs))
 	return nil, d.deleteGroupRecords(ctx, recs)
+}
+
+// snapshotTaken reports whether m's internal snapshot is in its image.
+// The caller holds the volume's snapshot lock.
+func (d *Driver) snapshotTaken(ctx context.Context, m *snapshotMeta) bool {
+	err := d.withImage(ctx, m.Source, m.Hidden, func(img *qcow2.Image, _ bool) error {
+		_, err := snapshotter.Find(img, m.ID)
+		return err
+	})
+	return err == nil
 }
 
 // deleteGroupRecords deletes member snapshots; the caller holds their

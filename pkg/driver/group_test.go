@@ -520,3 +520,48 @@ func TestGroupHoldTimeoutBounds(t *testing.T) {
 		}
 	}
 }
+
+// TestGroupSnapshotCrashLeftover: a member record whose internal snapshot
+// a crash kept from being taken (the record goes first) is no member: the
+// retried create deletes the group's leftovers and takes it afresh.
+func TestGroupSnapshotCrashLeftover(t *testing.T) {
+	n := startGroupNode(t, "node-a", 0)
+	a, _ := n.volume(t, "a", false)
+	b, _ := n.volume(t, "b", false)
+	ctx := context.Background()
+	req := &csi.CreateVolumeGroupSnapshotRequest{Name: "crash", SourceVolumeIds: []string{a, b}}
+	g1, err := n.groups().CreateVolumeGroupSnapshot(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lost := g1.GroupSnapshot.Snapshots[1]
+	img, err := qcow2.Open(imageFile(n.srv.Driver.Options().Pool, b), qcow2.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := img.DeleteSnapshot(lost.SnapshotId); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	g2, err := n.groups().CreateVolumeGroupSnapshot(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g2.GroupSnapshot.GroupSnapshotId != g1.GroupSnapshot.GroupSnapshotId {
+		t.Fatalf("group ID changed: %s, then %s", g1.GroupSnapshot.GroupSnapshotId, g2.GroupSnapshot.GroupSnapshotId)
+	}
+	if g2.GroupSnapshot.Snapshots[1].SnapshotId == lost.SnapshotId {
+		t.Fatalf("the retry answered member %s, whose snapshot is not in the image", lost.SnapshotId)
+	}
+	l, err := n.c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{})
+	if err != nil || len(l.Entries) != 2 {
+		t.Fatalf("after the retry: %v %v, want the 2 new members only", l, err)
+	}
+	for i, s := range g2.GroupSnapshot.Snapshots {
+		if got := n.restoredSeq(t, "r"+string(rune('a'+i)), s.SnapshotId); got != 0 {
+			t.Errorf("member %d restores to %d, want 0 (never written)", i, got)
+		}
+	}
+}
