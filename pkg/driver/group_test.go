@@ -565,3 +565,26 @@ func TestGroupSnapshotCrashLeftover(t *testing.T) {
 		}
 	}
 }
+
+// TestGroupSnapshotCommitRefused: a node that released at its own deadline
+// (here 1 ms after its prepare) refuses the commit; the controller aborts,
+// and the member the other node took is deleted: no partial group.
+func TestGroupSnapshotCommitRefused(t *testing.T) {
+	na, nb := startGroupNode(t, "node-a", 0), startGroupNode(t, "node-b", time.Millisecond)
+	a, _ := na.volume(t, "a", true)
+	b, _ := nb.volume(t, "b", true)
+	gc, ctl := routedGroups(t, 0, nil, na, nb)
+	_, err := gc.CreateVolumeGroupSnapshot(context.Background(), &csi.CreateVolumeGroupSnapshotRequest{Name: "refused", SourceVolumeIds: []string{a, b}})
+	wantCode(t, err, codes.Aborted, "node node-b")
+	for _, n := range []*groupNode{na, nb} {
+		if l, _ := n.c.ListSnapshots(context.Background(), &csi.ListSnapshotsRequest{}); len(l.GetEntries()) != 0 {
+			t.Errorf("member snapshots left on %s: %v", n.srv.Driver.Options().NodeID, l.Entries)
+		}
+	}
+	if !strings.Contains(ctl.Metrics(), `qcow2_csi_group_snapshot_aborts_total{reason="commit_refused"} 1`) {
+		t.Errorf("no commit_refused abort counted:\n%s", grepLines(ctl.Metrics(), "group_snapshot"))
+	}
+	if !strings.Contains(scrape(t, nb.srv.Driver), `qcow2_csi_group_snapshot_aborts_total{reason="node_deadline"} 1`) {
+		t.Errorf("node-b counted no node_deadline release:\n%s", grepLines(scrape(t, nb.srv.Driver), "group_snapshot"))
+	}
+}
