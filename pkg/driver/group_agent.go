@@ -39,16 +39,16 @@ var groupAgentDesc = grpc.ServiceDesc{
 	ServiceName: groupAgentService,
 	HandlerType: (*groupAgent)(nil),
 	Methods: []grpc.MethodDesc{
-		groupMethod("Prepare", func(d *Driver, ctx context.Context, r *groupPrepare) (*groupMembers, error) {
+		groupMethod("GroupPrepare", func(d *Driver, ctx context.Context, r *groupPrepare) (*groupMembers, error) {
 			return d.groupPrepare(ctx, r)
 		}),
-		groupMethod("Commit", func(d *Driver, ctx context.Context, r *groupRef) (*groupMembers, error) {
+		groupMethod("GroupCommit", func(d *Driver, ctx context.Context, r *groupRef) (*groupMembers, error) {
 			return d.groupCommit(ctx, *r)
 		}),
-		groupMethod("Release", func(d *Driver, ctx context.Context, r *groupRef) (*groupMembers, error) {
+		groupMethod("GroupRelease", func(d *Driver, ctx context.Context, r *groupRef) (*groupMembers, error) {
 			return &groupMembers{}, d.groupRelease(ctx, *r)
 		}),
-		groupMethod("Get", func(d *Driver, ctx context.Context, r *groupRef) (*groupMembers, error) {
+		groupMethod("GroupGet", func(d *Driver, ctx context.Context, r *groupRef) (*groupMembers, error) {
 			return d.groupGet(ctx, *r)
 		}),
 	},
@@ -73,7 +73,7 @@ func groupMethod[Req any](name string, fn func(*Driver, context.Context, *Req) (
 		if ic == nil {
 			return h(ctx, req)
 		}
-		return ic(ctx, req, &grpc.UnaryServerInfo{Server: srv, FullMethod: "/" + groupAgentService + "/Group" + name}, h)
+		return ic(ctx, req, &grpc.UnaryServerInfo{Server: srv, FullMethod: "/" + groupAgentService + "/" + name}, h)
 	}}
 }
 
@@ -85,22 +85,22 @@ type agentPeer struct {
 
 func (p agentPeer) invoke(ctx context.Context, method string, req any) (*groupMembers, error) {
 	out := &groupMembers{}
-	err := p.r.call(ctx, p.node, "Group"+method, func(ctx context.Context, cc *grpc.ClientConn) error {
+	err := p.r.call(ctx, p.node, method, func(ctx context.Context, cc *grpc.ClientConn) error {
 		return cc.Invoke(ctx, "/"+groupAgentService+"/"+method, req, out, grpc.CallContentSubtype(groupCodecName))
 	})
 	return out, err
 }
 
 func (p agentPeer) prepare(ctx context.Context, req *groupPrepare) (*groupMembers, error) {
-	return p.invoke(ctx, "Prepare", req)
+	return p.invoke(ctx, "GroupPrepare", req)
 }
 func (p agentPeer) commit(ctx context.Context, ref groupRef) (*groupMembers, error) {
-	return p.invoke(ctx, "Commit", &ref)
+	return p.invoke(ctx, "GroupCommit", &ref)
 }
 func (p agentPeer) release(ctx context.Context, ref groupRef) error {
-	_, err := p.invoke(ctx, "Release", &ref)
+	_, err := p.invoke(ctx, "GroupRelease", &ref)
 	return err
 }
 func (p agentPeer) get(ctx context.Context, ref groupRef) (*groupMembers, error) {
-	return p.invoke(ctx, "Get", &ref)
+	return p.invoke(ctx, "GroupGet", &ref)
 }
