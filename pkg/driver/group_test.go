@@ -567,14 +567,23 @@ func TestGroupSnapshotCrashLeftover(t *testing.T) {
 }
 
 // TestGroupSnapshotCommitRefused: a node that released at its own deadline
-// (here 1 ms after its prepare) refuses the commit; the controller aborts,
-// and the member the other node took is deleted: no partial group.
+// (here 1 ms after its prepare, its answers reaching the controller 50 ms
+// late) refuses the commit; the controller aborts, and the member the
+// other node took is deleted: no partial group.
 func TestGroupSnapshotCommitRefused(t *testing.T) {
 	na, nb := startGroupNode(t, "node-a", 0), startGroupNode(t, "node-b", time.Millisecond)
 	a, _ := na.volume(t, "a", true)
 	b, _ := nb.volume(t, "b", true)
-	gc, ctl := routedGroups(t, 0, nil, na, nb)
-	_, err := gc.CreateVolumeGroupSnapshot(context.Background(), &csi.CreateVolumeGroupSnapshotRequest{Name: "refused", SourceVolumeIds: []string{a, b}})
+	certs := drivertest.MakeCerts(t, t.TempDir())
+	slow := slowProxy(t, drivertest.StartAgent(t, nb.srv, certs).Addr, 50*time.Millisecond)
+	ctl := drivertest.StartController(t, driver.StaticAgents{"node-a": drivertest.StartAgent(t, na.srv, certs).Addr, "node-b": slow}, certs, driver.RouterOptions{})
+	conn, err := grpc.NewClient(ctl.Endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	gc := csi.NewGroupControllerClient(conn)
+	_, err = gc.CreateVolumeGroupSnapshot(context.Background(), &csi.CreateVolumeGroupSnapshotRequest{Name: "refused", SourceVolumeIds: []string{a, b}})
 	wantCode(t, err, codes.Aborted, "node node-b")
 	for _, n := range []*groupNode{na, nb} {
 		if l, _ := n.c.ListSnapshots(context.Background(), &csi.ListSnapshotsRequest{}); len(l.GetEntries()) != 0 {
@@ -587,4 +596,57 @@ func TestGroupSnapshotCommitRefused(t *testing.T) {
 	if !strings.Contains(scrape(t, nb.srv.Driver), `qcow2_csi_group_snapshot_aborts_total{reason="node_deadline"} 1`) {
 		t.Errorf("node-b counted no node_deadline release:\n%s", grepLines(scrape(t, nb.srv.Driver), "group_snapshot"))
 	}
+}
+
+// slowProxy forwards TCP connections to addr, delaying each chunk the
+// server sends by delay; it returns its address.
+func slowProxy(t testing.TB, addr string, delay time.Duration) string {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var conns []net.Conn
+	t.Cleanup(func() {
+		lis.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	go func() {
+		for {
+			c, err := lis.Accept()
+			if err != nil {
+				return
+			}
+			s, err := net.Dial("tcp", addr)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			mu.Lock()
+			conns = append(conns, c, s)
+			mu.Unlock()
+			go func() { _, _ = io.Copy(s, c) }()
+			go func() {
+				buf := make([]byte, 64<<10)
+				for {
+					n, err := s.Read(buf)
+					if n > 0 {
+						time.Sleep(delay)
+						if _, werr := c.Write(buf[:n]); werr != nil {
+							return
+						}
+					}
+					if err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return lis.Addr().String()
 }
