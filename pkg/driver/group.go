@@ -273,7 +273,8 @@ func (d *Driver) groupExisting(ctx context.Context, req *groupPrepare) (done *gr
 	if err != nil || len(recs) == 0 {
 		return nil, err
 	}
-	if !slices.Equal(recs[0].GroupMembers, req.All) {
+	// The same volumes in another order are the same group.
+	if !slices.Equal(slices.Sorted(slices.Values(recs[0].GroupMembers)), slices.Sorted(slices.Values(req.All))) {
 		return nil, fmt.Errorf("%w: group snapshot name %q is taken by %s of volumes %v", ErrAlreadyExists, req.Name, req.GroupID, recs[0].GroupMembers)
 	}
 	have := map[string]bool{}

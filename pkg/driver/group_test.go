@@ -264,6 +264,9 @@ func TestGroupSnapshotCalls(t *testing.T) {
 	if g1.GroupSnapshotId != g2.GroupSnapshotId || g1.Snapshots[0].SnapshotId != g2.Snapshots[0].SnapshotId || g1.Snapshots[1].SnapshotId != g2.Snapshots[1].SnapshotId {
 		t.Fatalf("retry of the same group: %v, then %v", g1, g2)
 	}
+	if g3, err := create("g", b, a); err != nil || g3.GroupSnapshotId != g1.GroupSnapshotId {
+		t.Fatalf("retry with the members in another order: %v %v", g3, err)
+	}
 	_, err = create("g", a, c)
 	wantCode(t, err, codes.AlreadyExists, `name "g" is taken`)
 	ids := []string{g1.Snapshots[0].SnapshotId, g1.Snapshots[1].SnapshotId}
