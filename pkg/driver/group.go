@@ -259,6 +259,12 @@ func (d *Driver) groupPrepare(ctx context.Context, req *groupPrepare) (*groupMem
 		}
 		t.gates = append(t.gates, sv.gate)
 	}
+	if err := ctx.Err(); err != nil {
+		// The controller gave up on this prepare (a node stopped, then
+		// resumed, handles it late): nobody will commit, so no hold.
+		d.releaseLocked(t, "prepare_failed")
+		return nil, fmt.Errorf("group snapshot %q: the prepare's caller is gone: %w", t.id, err)
+	}
 	t.timer = time.AfterFunc(time.Until(deadline), func() { d.expireGroup(t) })
 	klog.FromContext(ctx).V(2).Info("Group snapshot prepared", "groupSnapshotID", t.id, "members", t.members, "held", len(t.gates), "drain", since(t.start))
 	return &groupMembers{}, nil

@@ -653,3 +653,20 @@ func slowProxy(t testing.TB, addr string, delay time.Duration) string {
 	}()
 	return lis.Addr().String()
 }
+
+// TestGroupSnapshotLatePrepare: a prepare whose caller has given up (a
+// node that was stopped handles it late) holds nothing.
+func TestGroupSnapshotLatePrepare(t *testing.T) {
+	n := startGroupNode(t, "node-a", 0)
+	a, beA := n.volume(t, "a", true)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := n.srv.Driver.GroupPrepareForTest(ctx, "late", []string{a}, 5*time.Second); status.Code(err) != codes.Canceled {
+		t.Fatalf("prepare with its caller gone: %v, want Canceled", err)
+	}
+	wctx, wcancel := context.WithTimeout(context.Background(), 4*time.Second) // below the 5 s hold
+	defer wcancel()
+	if err := writeSeq(wctx, beA, 1); err != nil {
+		t.Fatalf("the volume is held after a prepare nobody waits for: %v", err)
+	}
+}
