@@ -107,8 +107,13 @@ func TestOverlayModel(t *testing.T) {
 		case op == 3 && len(vols) > 0:
 			v := pick(vols)
 			n++
-			s, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: fmt.Sprintf("m%d", n), SourceVolumeId: v})
-			if err != nil {
+			// A background flatten may hold the volume's lock: the CO
+			// retries Aborted, so does the model.
+			var s *csi.CreateSnapshotResponse
+			if err := retryAborted(func() (err error) {
+				s, err = c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: fmt.Sprintf("m%d", n), SourceVolumeId: v})
+				return err
+			}); err != nil {
 				t.Fatal(err)
 			}
 			id := s.Snapshot.SnapshotId
@@ -117,7 +122,7 @@ func TestOverlayModel(t *testing.T) {
 		case op == 4 && len(vols) > 1:
 			v := pick(vols)
 			step = "delete volume " + v
-			if _, err := c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v}); err != nil {
+			if err := retryAborted(func() error { _, err := c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v}); return err }); err != nil {
 				t.Fatalf("%s: %v", step, err)
 			}
 			delete(vols, v)
@@ -134,7 +139,10 @@ func TestOverlayModel(t *testing.T) {
 		case op == 6 && len(vols) > 0:
 			v := pick(vols)
 			step = "flatten " + v
-			if _, err := c.ControllerModifyVolume(ctx, &csi.ControllerModifyVolumeRequest{VolumeId: v, MutableParameters: map[string]string{"flatten": "true"}}); err != nil {
+			if err := retryAborted(func() error {
+				_, err := c.ControllerModifyVolume(ctx, &csi.ControllerModifyVolumeRequest{VolumeId: v, MutableParameters: map[string]string{"flatten": "true"}})
+				return err
+			}); err != nil {
 				t.Fatalf("%s: %v", step, err)
 			}
 			waitFlatOrWaiting(t, pool, v)
