@@ -51,6 +51,14 @@ type OpenOptions struct {
 	// with ErrKeyRequired. The bytes are not retained; the master key is
 	// kept in memory until Close, which zeroes it.
 	Passphrase []byte
+	// MasterKey unlocks an encrypted image with its master key itself, as
+	// Image.MasterKey gave it (a caller that must re-open the image without
+	// the passphrase, such as a restarted node plugin). It is checked
+	// against the header's master key digest (the digest's PBKDF2
+	// iterations count against MaxPBKDF2Iterations): a wrong key fails
+	// with ErrWrongPassphrase and nothing is written. A copy is kept until
+	// Close. Not with Passphrase.
+	MasterKey []byte
 	// MaxPBKDF2Iterations bounds the PBKDF2 iterations one open of an
 	// encrypted image may spend over the key slots it tries (each slot's
 	// count plus the master key digest's): a hostile image could

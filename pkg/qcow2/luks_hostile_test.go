@@ -261,3 +261,70 @@ func FuzzLUKSHeader(f *testing.F) {
 		}
 	})
 }
+
+// TestLUKSMasterKeyOpen: the master key Image.MasterKey gives opens the
+// image again without the passphrase (a restarted node plugin's path) and
+// reads the data; a wrong, short or bit-flipped key is refused by the
+// digest and writes nothing; a plain image has no master key.
+func TestLUKSMasterKeyOpen(t *testing.T) {
+	p, _ := luksFixture(t)
+	img, err := Open(p, OpenOptions{Passphrase: []byte("right"), ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mk, err := img.MasterKey()
+	if err != nil || len(mk) != 64 {
+		t.Fatalf("MasterKey = %d bytes, %v", len(mk), err)
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := img.MasterKey(); !errors.Is(err, ErrClosed) {
+		t.Fatalf("MasterKey after Close: %v", err)
+	}
+	before := fileBytes(t, p)
+	flipped := append([]byte(nil), mk...)
+	flipped[17] ^= 1
+	for name, key := range map[string][]byte{"flipped": flipped, "short": mk[:32], "zero": make([]byte, 64)} {
+		_, err := Open(p, OpenOptions{MasterKey: key})
+		if !errors.Is(err, ErrWrongPassphrase) {
+			t.Errorf("Open with a %s master key = %v, want ErrWrongPassphrase", name, err)
+		}
+	}
+	if _, err := Open(p, OpenOptions{MasterKey: mk, Passphrase: []byte("right")}); !errors.Is(err, ErrInvalidOption) {
+		t.Errorf("Open with both = %v, want ErrInvalidOption", err)
+	}
+	if _, err := Open(p, OpenOptions{MasterKey: mk, MaxPBKDF2Iterations: luksMinIters - 1}); !errors.Is(err, ErrUnsupported) {
+		t.Errorf("Open with a digest over the budget = %v, want ErrUnsupported", err)
+	}
+	if !bytes.Equal(before, fileBytes(t, p)) {
+		t.Fatal("a refused open changed the file")
+	}
+	img, err = Open(p, OpenOptions{MasterKey: mk})
+	if err != nil {
+		t.Fatalf("Open with the master key: %v", err)
+	}
+	clear(mk) // the image keeps its own copy
+	got := make([]byte, 4096)
+	if _, err := img.ReadAt(got, 0); err != nil || !bytes.Equal(got, bytes.Repeat([]byte{7}, 4096)) {
+		t.Fatalf("read through the master key: %v", err)
+	}
+	if _, err := img.WriteAt([]byte("after"), 8192); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if b := ourRawSecret(t, p, "right"); string(b[8192:8197]) != "after" {
+		t.Fatal("a write through the master key does not read back with the passphrase")
+	}
+	plain := filepath.Join(t.TempDir(), "plain.qcow2")
+	pi, err := Create(plain, CreateOptions{Size: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pi.Close()
+	if _, err := pi.MasterKey(); !errors.Is(err, ErrInvalidOption) {
+		t.Fatalf("MasterKey of a plain image: %v", err)
+	}
+}

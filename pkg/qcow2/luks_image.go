@@ -110,18 +110,45 @@ func (img *Image) loadCrypto(opts OpenOptions) error {
 	}
 	cr.hdr = h
 	img.crypto = cr
-	if opts.Passphrase == nil {
-		return nil
-	}
 	budget := opts.MaxPBKDF2Iterations
 	if budget <= 0 {
 		budget = DefaultMaxPBKDF2Iterations
+	}
+	switch {
+	case opts.MasterKey != nil && opts.Passphrase != nil:
+		return fmt.Errorf("%w: a passphrase and a master key were both given", ErrInvalidOption)
+	case opts.MasterKey != nil:
+		key, err := luksVerifyMasterKey(h, opts.MasterKey, budget)
+		if err != nil {
+			return fmt.Errorf("%w (image %s)", err, img.path)
+		}
+		return cr.setKey(key, -1)
+	case opts.Passphrase == nil:
+		return nil
 	}
 	key, slot, err := luksUnlock(h, opts.Passphrase, budget, img.readKeyMaterial)
 	if err != nil {
 		return fmt.Errorf("%w (image %s)", err, img.path)
 	}
 	return cr.setKey(key, slot)
+}
+
+// MasterKey returns a copy of an encrypted image's master key, for a
+// caller that must open the image again without its passphrase
+// (OpenOptions.MasterKey). The caller zeroes it. ErrKeyRequired when the
+// image was opened without its key, ErrInvalidOption on a plain image.
+func (img *Image) MasterKey() ([]byte, error) {
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	switch {
+	case img.closed:
+		return nil, ErrClosed
+	case img.crypto == nil:
+		return nil, fmt.Errorf("%w: image is not encrypted", ErrInvalidOption)
+	case img.crypto.key == nil:
+		return nil, ErrKeyRequired
+	}
+	return append([]byte(nil), img.crypto.key...), nil
 }
 
 func (cr *imageCrypto) setKey(key []byte, slot int) error {
@@ -211,7 +238,7 @@ type EncryptionInfo struct {
 	Slots           []KeySlotInfo `json:"slots"`
 	PayloadOffset   int64         `json:"payload-offset"`
 	MasterKeyIters  int64         `json:"master-key-iters"`
-	UnlockedKeySlot int           `json:"-"` // -1 when opened without a passphrase
+	UnlockedKeySlot int           `json:"-"` // -1 when opened without a passphrase (or with the master key)
 }
 
 // KeySlotInfo describes one key slot (qemu's QCryptoBlockInfoLUKSSlot).

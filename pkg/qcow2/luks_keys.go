@@ -218,6 +218,30 @@ func luksTrySlot(h *luksHeader, hf func() hash.Hash, i int, passphrase []byte, r
 	return mk, nil
 }
 
+// luksVerifyMasterKey returns a copy of mk if it is the header's master
+// key (its PBKDF2 digest matches), within the open's iteration budget.
+func luksVerifyMasterKey(h *luksHeader, mk []byte, budget int64) ([]byte, error) {
+	if len(mk) != int(h.KeyBytes) {
+		return nil, fmt.Errorf("%w: the master key is %d bytes, the image's is %d", ErrWrongPassphrase, len(mk), h.KeyBytes)
+	}
+	if int64(h.MKDigestIter) > budget {
+		return nil, fmt.Errorf("%w: luks master key digest: %d iterations exceed the open's PBKDF2 budget (%d); raise OpenOptions.MaxPBKDF2Iterations if the image is trusted",
+			ErrUnsupported, h.MKDigestIter, budget)
+	}
+	hf, err := luksHash(h.HashSpec)
+	if err != nil {
+		return nil, err
+	}
+	ok, err := luksCheckMasterKey(h, hf, mk)
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		return nil, fmt.Errorf("%w: the master key does not match the image's master key digest", ErrWrongPassphrase)
+	}
+	return append([]byte(nil), mk...), nil
+}
+
 func luksCheckMasterKey(h *luksHeader, hf func() hash.Hash, mk []byte) (bool, error) {
 	d, err := pbkdf2Key(hf, mk, h.MKDigestSalt[:], int(h.MKDigestIter), luksDigestLen)
 	if err != nil {
