@@ -296,6 +296,10 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 	if d.isStaged(id) {
 		return nil, toStatus(fmt.Errorf("%w: volume %q is staged on node %s; unstage it first", ErrInUse, id, d.opts.NodeID))
 	}
+	// Not staged: a key a crashed stage or unstage left goes now.
+	if m, err := d.pool.get(id); err == nil && m.Params.Encrypted {
+		d.forgetKey(ctx, id)
+	}
 	// A probe open takes the image's locks: if another process (an operator's
 	// qemu-img, a node plugin in a separate process) holds the image, the
 	// delete is refused instead of pulling the file from under it.

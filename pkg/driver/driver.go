@@ -25,6 +25,10 @@ type Seams struct {
 	Attachers []nbdattach.Attacher
 	// Mounter formats and mounts (default: k8s.io/mount-utils).
 	Mounter Mounter
+	// Keys keeps the keys of staged encrypted volumes across a plugin
+	// restart (encryption_keys.go). Default: the kernel keyring
+	// (KernelKeyring), when this process may use it.
+	Keys KeyStore
 }
 
 // Driver is the CSI plugin: one value serves the services its Mode selects.
@@ -40,6 +44,8 @@ type Driver struct {
 	attachers []nbdattach.Attacher
 	mounter   Mounter
 	metrics   *metrics
+	keys      KeyStore // nil: keys are not kept across a restart
+	keysErr   error    // why keys is nil
 
 	// node state: volumes staged on this node, by ID.
 	stagedMu sync.Mutex
@@ -92,6 +98,10 @@ func New(opts Options, s Seams) (*Driver, error) {
 		attachers: withLocalIDs(s.Attachers),
 		mounter:   s.Mounter,
 		staged:    map[string]*stagedVolume{},
+		keys:      s.Keys,
+	}
+	if d.keys == nil {
+		d.keys, d.keysErr = defaultKeyStore(opts.DriverName)
 	}
 	d.metrics = newMetrics(d)
 	return d, nil
@@ -134,6 +144,9 @@ func (d *Driver) Start(ctx context.Context) error {
 		logger.Info("Removed clone bases and references that interrupted operations left", "pool", d.pool.dir, "files", removed)
 	}
 	if d.opts.Mode.node() {
+		if d.keysErr != nil {
+			logger.Error(d.keysErr, "The kernel keyring is not usable: a node plugin restart leaves encrypted volumes unusable until they are staged again")
+		}
 		rctx, cancel := context.WithTimeout(ctx, d.opts.ReattachTimeout)
 		err := d.reattachAll(rctx)
 		cancel()

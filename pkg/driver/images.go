@@ -45,6 +45,10 @@ type ImageOpenOptions struct {
 	// Passphrase unlocks an encrypted image; the Images does not keep it
 	// (the image library keeps the master key in memory until Close).
 	Passphrase []byte
+	// MasterKey unlocks an encrypted image with the key a previous open
+	// gave (a restarted node plugin: encryption_keys.go); checked against
+	// the image, a wrong one is refused like a wrong passphrase.
+	MasterKey []byte
 	// MetadataOnly opens an encrypted image without its key: for
 	// operations that never read or write its data (delete probe,
 	// resize).

@@ -168,6 +168,9 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 			return nil, toStatus(err)
 		}
 	}
+	if m.Params.Encrypted {
+		d.keepKey(ctx, id, img)
+	}
 	d.setStaged(v)
 	logger.Info("Volume staged", "device", dev.Path(), "backend", a.Name(), "staging", want.StagingPath, "block", want.Block, "fsType", want.FSType, "readOnly", want.ReadOnly)
 	return &csi.NodeStageVolumeResponse{}, nil
@@ -278,6 +281,7 @@ func (d *Driver) teardown(ctx context.Context, v *stagedVolume) error {
 	if err := d.removeRecord(v.ID); err != nil {
 		return err
 	}
+	d.forgetKey(ctx, v.ID)
 	d.dropStaged(v.ID)
 	return nil
 }

@@ -239,16 +239,23 @@ func (d *Driver) reattach(ctx context.Context, v *stagedVolume) error {
 	// across a plugin restart. Without its record the volume is served
 	// all the same (unlimited) rather than left failing its I/O.
 	var limits throttle.Limits
+	var key []byte
 	if m, err := d.pool.get(v.ID); err == nil {
 		limits = m.limits()
+		if m.Params.Encrypted {
+			// The key the staging process kept in the kernel keyring
+			// (encryption_keys.go). Without it the image is not even
+			// opened: the volume stays lost, nothing read or written.
+			if key, err = d.keptKey(v.ID); err != nil {
+				return err
+			}
+			defer clear(key)
+			klog.FromContext(ctx).Info("Encrypted volume's key found in the kernel keyring", "volumeID", v.ID)
+		}
 	} else {
 		klog.FromContext(ctx).Error(err, "No volume record: re-attaching without I/O limits", "volumeID", v.ID)
 	}
-	// An encrypted volume's key lives only in the memory of the process
-	// that staged it: after a restart this fails (key required) and the
-	// volume is re-staged by the next NodeStageVolume, which brings the
-	// Secret (docs/encryption.md).
-	img, err := d.images.Open(ctx, d.pool.imagePath(v.ID), ImageOpenOptions{ReadOnly: v.ReadOnly})
+	img, err := d.images.Open(ctx, d.pool.imagePath(v.ID), ImageOpenOptions{ReadOnly: v.ReadOnly, MasterKey: key})
 	if err != nil {
 		return fmt.Errorf("open image: %w", err)
 	}

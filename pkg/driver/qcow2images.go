@@ -88,11 +88,12 @@ func (q Qcow2Images) Create(_ context.Context, path string, size int64, o ImageC
 }
 
 func (q Qcow2Images) Open(_ context.Context, path string, o ImageOpenOptions) (Image, error) {
-	img, err := qcow2.Open(path, qcow2.OpenOptions{ReadOnly: o.ReadOnly, CrashConsistentBitmaps: q.CrashConsistentBitmaps, Logger: q.Logger, Passphrase: o.Passphrase})
+	img, err := qcow2.Open(path, qcow2.OpenOptions{ReadOnly: o.ReadOnly, CrashConsistentBitmaps: q.CrashConsistentBitmaps, Logger: q.Logger,
+		Passphrase: o.Passphrase, MasterKey: o.MasterKey})
 	if err != nil {
 		return nil, imageErr(path, err)
 	}
-	if img.Encrypted() && o.Passphrase == nil && !o.MetadataOnly {
+	if img.Encrypted() && o.Passphrase == nil && o.MasterKey == nil && !o.MetadataOnly {
 		_ = img.Close()
 		return nil, imageErr(path, qcow2.ErrKeyRequired)
 	}
@@ -134,6 +135,7 @@ type qcow2Image struct {
 
 func (i *qcow2Image) Size() int64                { return i.img.Size() }
 func (i *qcow2Image) Encrypted() bool            { return i.img.Encrypted() }
+func (i *qcow2Image) MasterKey() ([]byte, error) { return i.img.MasterKey() }
 func (i *qcow2Image) Backend() nbdattach.Backend { return i.backend }
 func (i *qcow2Image) Close() error               { return imageErr(i.img.Path(), i.img.Close()) }
 func (i *qcow2Image) Resize(_ context.Context, size int64) error {

@@ -1,0 +1,148 @@
+//go:build linux
+
+package driver_test
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
+	"github.com/qcow2-csi/qcow2-csi/tests/vm/vmharness"
+)
+
+// TestGuestNBDEncryptedRestart: an encrypted volume on /dev/nbdN keeps
+// working across a kill -9 of the node plugin: the new process finds the
+// volume's key in the kernel keyring and re-attaches the device, and the
+// data written before reads back through it (direct I/O, so through the
+// new server, not the page cache). Then the hostile case: the key is gone
+// from the keyring at the next restart, so the volume is reported
+// abnormal naming why, its image is not opened (the file does not change),
+// and unstaging and staging it again with the Secret gives the data back.
+// Unstage removes the key.
+func TestGuestNBDEncryptedRestart(t *testing.T) {
+	vmharness.Guest(t)
+	e := newNodeEnvOn(t, "nbd")
+	c := capBlock(rw)
+	secrets := map[string]string{"passphrase": "restart keeps the key"}
+	r, err := e.c.CreateVolume(e.ctx, &csi.CreateVolumeRequest{Name: "pvc-enc-restart", CapacityRange: &csi.CapacityRange{RequiredBytes: 32 << 20},
+		Parameters: map[string]string{"encrypted": "true"}, Secrets: secrets, VolumeCapabilities: []*csi.VolumeCapability{c}})
+	if err != nil {
+		t.Fatalf("CreateVolume: %v", err)
+	}
+	id := r.Volume.VolumeId
+	staging := filepath.Join(e.dir, "staging", "enc-restart")
+	stage := func() {
+		t.Helper()
+		if _, err := e.c.NodeStageVolume(e.ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+			VolumeCapability: c, VolumeContext: r.Volume.VolumeContext, Secrets: secrets}); err != nil {
+			t.Fatalf("NodeStageVolume: %v", err)
+		}
+	}
+	keys := driver.KernelKeyring{Prefix: driver.DefaultDriverName}
+	stage()
+	if k, err := keys.Get(id); err != nil || len(k) != 64 {
+		t.Fatalf("key in the keyring after stage: %d bytes, %v", len(k), err)
+	}
+	target := e.publish(id, staging, c, false)
+	before := directBuf(t, "before the restart ")
+	directIO(t, target, before, 1<<20, true)
+
+	e.start() // kill -9: the new process knows the key only from the keyring
+	st, err := e.c.NodeGetVolumeStats(e.ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: target})
+	if err != nil || st.VolumeCondition.GetAbnormal() {
+		t.Fatalf("stats after restart = %v, %v", st, err)
+	}
+	got := directBuf(t, "")
+	directIO(t, target, got, 1<<20, false)
+	if !bytes.Equal(got, before) {
+		t.Fatal("the data written before the restart does not read back through the re-attached device")
+	}
+	after := directBuf(t, "after the restart ")
+	directIO(t, target, after, 2<<20, true)
+	directIO(t, target, got, 2<<20, false)
+	if !bytes.Equal(got, after) {
+		t.Fatal("a write after the restart does not read back")
+	}
+
+	// The key is lost (as if removed by hand): the next restart must not
+	// serve the volume, nor touch its image.
+	if err := keys.Remove(id); err != nil {
+		t.Fatal(err)
+	}
+	e.start()
+	sum := fileSum(t, imageFile(e.pool, id))
+	st, err = e.c.NodeGetVolumeStats(e.ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: target})
+	if err != nil || !st.VolumeCondition.GetAbnormal() || !strings.Contains(st.VolumeCondition.GetMessage(), "not in the kernel keyring") {
+		t.Fatalf("stats after a restart without the key = %v, %v; want abnormal, naming the missing key", st, err)
+	}
+	if fileSum(t, imageFile(e.pool, id)) != sum {
+		t.Fatal("the image changed while its volume had no key")
+	}
+	if _, err := e.c.NodeUnpublishVolume(e.ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.c.NodeUnstageVolume(e.ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		t.Fatal(err)
+	}
+	stage()
+	target = e.publish(id, staging, c, false)
+	directIO(t, target, got, 2<<20, false)
+	if !bytes.Equal(got, after) {
+		t.Fatal("the data does not read back after staging again")
+	}
+	e.teardown(id, staging, target)
+	if _, err := keys.Get(id); err == nil {
+		t.Fatal("the key is still in the keyring after NodeUnstageVolume")
+	}
+}
+
+// directBuf is 64 KiB of a pattern, page aligned for O_DIRECT.
+func directBuf(t *testing.T, pattern string) []byte {
+	b, err := unix.Mmap(-1, 0, 64<<10, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Munmap(b) })
+	if pattern != "" {
+		for i := range b {
+			b[i] = pattern[i%len(pattern)]
+		}
+	}
+	return b
+}
+
+// directIO writes (and fsyncs) or reads buf at off of a block device,
+// bypassing the page cache.
+func directIO(t *testing.T, dev string, buf []byte, off int64, write bool) {
+	t.Helper()
+	f, err := os.OpenFile(dev, os.O_RDWR|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if write {
+		if _, err = f.WriteAt(buf, off); err == nil {
+			err = f.Sync()
+		}
+	} else {
+		_, err = f.ReadAt(buf, off)
+	}
+	if err != nil {
+		t.Fatalf("%s at %d: %v", dev, off, err)
+	}
+}
+
+func fileSum(t *testing.T, p string) [32]byte {
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sha256.Sum256(b)
+}
