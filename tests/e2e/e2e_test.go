@@ -52,6 +52,7 @@ func TestE2E(t *testing.T) {
 		{"30-encrypted-marker-not-in-image", testEncryptedMarkerNotInImage},
 		{"31-encrypted-snapshot-restore", testEncryptedSnapshotRestore},
 		{"32-encrypted-wrong-passphrase-fails-stage", testEncryptedWrongPassphrase},
+		{"33-encrypted-key-kept-across-node-plugin-restart", testEncryptedPluginRestart},
 		{"25-overlay-ten-clones-of-one-snapshot", testOverlayTenClones},
 		{"26-overlay-clones-outlive-their-source", testOverlaySourceGone},
 		{"27-overlay-flatten-online", testOverlayFlattenOnline},

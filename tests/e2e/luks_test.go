@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
 )
 
 // Encrypted volumes (issue 18): a StorageClass with encrypted: "true" and
@@ -144,6 +146,75 @@ func testEncryptedWrongPassphrase(t *testing.T, c *cluster) {
 	}
 	c.mustKubectl(t, "delete", "pvc", "-n", testNS, "enc-restored", "enc1", "--wait=true", "--timeout=120s")
 	c.mustKubectl(t, "delete", "volumesnapshot", "-n", testNS, "enc-snap", "--wait=true", "--timeout=120s")
+	c.mustKubectl(t, "delete", "storageclass", luksClass)
+	c.mustKubectl(t, "delete", "secret", "-n", testNS, luksSecret)
+}
+
+// Scenario 33: the node plugin pod restarts while a pod uses an encrypted
+// volume. NodeStage put the volume's master key in root's user keyring
+// from inside the plugin's runc container (possessor and uid 0 only); the
+// restarted container, on a fresh session keyring, finds it and re-opens
+// the image with it (its log says so). This cluster attaches through
+// fuse, whose devices die with the plugin process (docs/driver.md), so the
+// old pod's mount is lost like a plain volume's (scenario 7): a new pod
+// re-stages and reads the marker, and unstaging removes the key. With
+// /dev/nbdN the device is re-attached and the same pod goes on
+// (pkg/driver TestGuestNBDEncryptedRestart, in the VM).
+func testEncryptedPluginRestart(t *testing.T, c *cluster) {
+	c.mustApply(t, luksSecretManifest(luksPass))
+	c.mustApply(t, luksClassManifest)
+	c.mustApply(t, pvcClassManifest("enc-rst", "1Gi", "Filesystem", luksClass))
+	c.mustApply(t, podManifest("enc-rst-writer", "enc-rst", false,
+		fmt.Sprintf("for i in $(seq 100); do echo %s; done > /data/m && sync && sleep 3600", luksMarker)))
+	c.podReady(t, testNS, "enc-rst-writer", 3*time.Minute)
+	c.waitOutput(t, testNS, "enc-rst-writer", "grep -c "+luksMarker+" /data/m", "100")
+	_, handle := c.pvcVolume(t, testNS, "enc-rst")
+	keys := driver.KernelKeyring{Prefix: driverName}
+	if k, err := keys.Get(handle); err != nil || len(k) != 64 {
+		t.Fatalf("the staged volume's key in root's user keyring: %d bytes, %v", len(k), err)
+	}
+	node := c.podNode(t, testNS, "enc-rst-writer")
+	old := c.nodePluginPod(t, node)
+	c.mustKubectl(t, "delete", "pod", "-n", releaseNS, old, "--wait=true", "--timeout=120s")
+	var plugin string
+	if err := c.waitFor("node plugin back on "+node, 3*time.Minute, nil, func() error {
+		plugin = c.nodePluginPodOrEmpty(node)
+		if plugin == "" || plugin == old {
+			return fmt.Errorf("no new node plugin pod yet")
+		}
+		_, err := c.kubectl("wait", "-n", releaseNS, "--for=condition=Ready", "pod/"+plugin, "--timeout=5s")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	logs, err := c.kubectl("logs", "-n", releaseNS, plugin, "-c", "qcow2-csi")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(logs, "Encrypted volume's key found in the kernel keyring") || !strings.Contains(logs, handle) ||
+		strings.Contains(logs, "not in the kernel keyring") || strings.Contains(logs, "kernel keyring is not usable") {
+		t.Fatalf("the restarted plugin did not find the key of %s in the keyring; its log:\n%s", handle, tailString(logs, 30))
+	}
+	c.mustKubectl(t, "delete", "pod", "-n", testNS, "enc-rst-writer", "--grace-period=2", "--wait=true", "--timeout=180s")
+	c.mustApply(t, podOnManifest("enc-rst-reader", "enc-rst", false, "sleep 3600", node))
+	c.podReady(t, testNS, "enc-rst-reader", 3*time.Minute)
+	if got := c.exec(t, testNS, "enc-rst-reader", "grep -c "+luksMarker+" /data/m"); got != "100" {
+		t.Fatalf("marker lines after the plugin restart: %q, want 100", got)
+	}
+	if out := c.exec(t, testNS, "enc-rst-reader", "echo after >> /data/m && sync && tail -1 /data/m"); out != "after" {
+		t.Fatalf("write after the plugin restart: %q", out)
+	}
+	c.deletePod(t, testNS, "enc-rst-reader")
+	if err := c.waitFor("the key removed at unstage", time.Minute, nil, func() error {
+		if _, err := keys.Get(handle); err == nil {
+			return fmt.Errorf("still in the keyring")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	c.mustKubectl(t, "delete", "pvc", "-n", testNS, "enc-rst", "--wait=true", "--timeout=120s")
+	c.waitPVGone(t, handle)
 	c.mustKubectl(t, "delete", "storageclass", luksClass)
 	c.mustKubectl(t, "delete", "secret", "-n", testNS, luksSecret)
 }
