@@ -23,6 +23,8 @@ import (
 // memory, until the image closes (then zeroed; the AES key schedule inside
 // crypto/aes cannot be cleared from Go). The copies made here are zeroed
 // as soon as the image is open; the string in the gRPC request cannot be.
+// The master key also goes to the kernel keyring until NodeUnstage, for a
+// restarted plugin (encryption_keys.go).
 //
 // Restore and clone copy the image file, LUKS header included: the new
 // volume has the same key slots, so its Secret must hold the same
