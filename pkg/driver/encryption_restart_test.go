@@ -5,6 +5,7 @@ package driver_test
 import (
 	"bytes"
 	"crypto/sha256"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,6 +15,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/fuse"
+	"github.com/qcow2-csi/qcow2-csi/tests/peer"
 	"github.com/qcow2-csi/qcow2-csi/tests/vm/vmharness"
 )
 
@@ -100,6 +103,91 @@ func TestGuestNBDEncryptedRestart(t *testing.T) {
 	e.teardown(id, staging, target)
 	if _, err := keys.Get(id); err == nil {
 		t.Fatal("the key is still in the keyring after NodeUnstageVolume")
+	}
+}
+
+// TestNodeEncryptedKeyAcrossRestart: the key's life in the kernel
+// keyring on this host, where devices cannot outlive the plugin (fuse):
+// NodeStage puts it; after a kill -9 the new process finds it and opens
+// the image with it, and fails only where fuse does (its device cannot be
+// taken over; without the key it would say so first); with the key gone
+// the volume is abnormal naming the keyring; unstage removes it, and so
+// does DeleteVolume for a key an interrupted unstage left.
+func TestNodeEncryptedKeyAcrossRestart(t *testing.T) {
+	peer.Root(t)
+	if err := fuse.NewAttacher(fuse.Options{Dir: t.TempDir()}).Available(); err != nil {
+		peer.Missing(t, "the fuse attach backend", err.Error())
+	}
+	if _, err := unix.KeyctlGetKeyringID(unix.KEY_SPEC_USER_KEYRING, true); err != nil {
+		peer.Missing(t, "the kernel keyring", err.Error())
+	}
+	e := newNodeEnvOn(t, "fuse")
+	c := capMount(rw, "ext4") // a block volume with no device left is forgotten at start, key or not
+	secrets := map[string]string{"passphrase": "fuse keeps no device, the keyring keeps the key"}
+	r, err := e.c.CreateVolume(e.ctx, &csi.CreateVolumeRequest{Name: "pvc-enc-key", CapacityRange: &csi.CapacityRange{RequiredBytes: 32 << 20},
+		Parameters: map[string]string{"encrypted": "true"}, Secrets: secrets, VolumeCapabilities: []*csi.VolumeCapability{c}})
+	if err != nil {
+		t.Fatalf("CreateVolume: %v", err)
+	}
+	id := r.Volume.VolumeId
+	keys := driver.KernelKeyring{Prefix: driver.DefaultDriverName}
+	t.Cleanup(func() { _ = keys.Remove(id) })
+	staging := filepath.Join(e.dir, "staging", "enc-key")
+	stage := func() {
+		t.Helper()
+		if _, err := e.c.NodeStageVolume(e.ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+			VolumeCapability: c, VolumeContext: r.Volume.VolumeContext, Secrets: secrets}); err != nil {
+			t.Fatalf("NodeStageVolume: %v", err)
+		}
+	}
+	stage()
+	if k, err := keys.Get(id); err != nil || len(k) != 64 {
+		t.Fatalf("key in the keyring after stage: %d bytes, %v", len(k), err)
+	}
+	target := e.publish(id, staging, c, false)
+	condition := func() string {
+		t.Helper()
+		st, err := e.c.NodeGetVolumeStats(e.ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: target})
+		if err != nil || !st.VolumeCondition.GetAbnormal() {
+			t.Fatalf("stats after a restart on fuse = %v, %v; want abnormal", st, err)
+		}
+		return st.VolumeCondition.GetMessage()
+	}
+	e.start()
+	if msg := condition(); !strings.Contains(msg, "cannot be taken over") || strings.Contains(msg, "keyring") {
+		t.Fatalf("after a restart with the key kept: %q; want fuse's reason, the key found and the image opened with it", msg)
+	}
+	if err := keys.Remove(id); err != nil {
+		t.Fatal(err)
+	}
+	e.start()
+	if msg := condition(); !strings.Contains(msg, "its key is not in the kernel keyring") || !strings.Contains(msg, "stage it again") {
+		t.Fatalf("after a restart without the key: %q; want the missing key named", msg)
+	}
+	if _, err := e.c.NodeUnpublishVolume(e.ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.c.NodeUnstageVolume(e.ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		t.Fatal(err)
+	}
+	stage()
+	if _, err := keys.Get(id); err != nil {
+		t.Fatalf("key after staging again: %v", err)
+	}
+	if _, err := e.c.NodeUnstageVolume(e.ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := keys.Get(id); !errors.Is(err, driver.ErrKeyNotKept) {
+		t.Fatalf("key after NodeUnstageVolume: %v, want ErrKeyNotKept", err)
+	}
+	if err := keys.Put(id, make([]byte, 64)); err != nil { // left by an interrupted unstage
+		t.Fatal(err)
+	}
+	if _, err := e.c.DeleteVolume(e.ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := keys.Get(id); !errors.Is(err, driver.ErrKeyNotKept) {
+		t.Fatalf("key after DeleteVolume: %v, want ErrKeyNotKept", err)
 	}
 }
 
