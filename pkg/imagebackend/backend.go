@@ -35,6 +35,7 @@ type dataSource interface {
 	Size() int64
 	ReadAt(p []byte, off int64) (int, error)
 	BlockStatus(off, n int64) ([]qcow2.Extent, error)
+	KnownZero(off, n int64) bool
 }
 
 // Options choose what a Backend exposes beyond the data.
@@ -82,6 +83,9 @@ func (b *Backend) ReadAt(_ context.Context, p []byte, off int64) error {
 	_, err := b.src.ReadAt(p, off)
 	return mapImageErr(err)
 }
+
+// KnownZero implements nbdattach.ZeroProber.
+func (b *Backend) KnownZero(off, n int64) bool { return b.src.KnownZero(off, n) }
 
 // WriteAt implements nbdattach.Backend.
 func (b *Backend) WriteAt(_ context.Context, p []byte, off int64, fua bool) error {

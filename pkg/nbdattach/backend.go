@@ -62,6 +62,18 @@ type BlockStatuser interface {
 	BlockStatus(ctx context.Context, off, length int64) ([]Extent, error)
 }
 
+// ZeroProber is an optional Backend capability: a look, from what the
+// backend holds in memory, at whether a range reads as zeroes (space never
+// written). The NBD server asks it on its receiving goroutine and answers
+// such reads there, without a hand-off to a worker. A decorator that must
+// see every read (a throttle) does not implement it.
+type ZeroProber interface {
+	// KnownZero reports whether [off, off+length) reads as zeroes now. It
+	// must not wait, for I/O or for a lock held elsewhere: false whenever
+	// the answer is not at hand.
+	KnownZero(off, length int64) bool
+}
+
 // MetaContextProvider is an optional Backend capability: named metadata
 // contexts beyond base:allocation, such as "qemu:dirty-bitmap:NAME" and
 // "qemu:allocation-depth", served exactly as qemu-nbd serves them.

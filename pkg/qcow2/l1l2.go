@@ -12,12 +12,11 @@ func (img *Image) l2Index(vcluster int64) int64 { return vcluster % img.l2Entrie
 // l2Slice returns the cached slice of the L2 table at l2Off that holds entry
 // idx, loading it when needed, and the entry's index inside the slice. mu held.
 func (img *Image) l2Slice(l2Off, idx int64) (*cacheEntry, int64, error) {
-	entryBytes := int64(1) << img.l2EntryShift
-	perSlice := img.sliceSize / entryBytes
-	sOff := l2Off + (idx/perSlice)*img.sliceSize
-	if e := img.l2Cache.get(sOff); e != nil {
-		return e, idx % perSlice, nil
+	if e, i := img.cachedL2Slice(l2Off, idx); e != nil {
+		return e, i, nil
 	}
+	perSlice := img.sliceSize >> img.l2EntryShift
+	sOff := l2Off + (idx/perSlice)*img.sliceSize
 	buf := make([]byte, img.sliceSize)
 	if _, err := img.f.ReadAt(buf, sOff); err != nil {
 		return nil, 0, ioErr(fmt.Sprintf("read L2 table at %#x", l2Off), err)
@@ -27,6 +26,17 @@ func (img *Image) l2Slice(l2Off, idx int64) (*cacheEntry, int64, error) {
 		return nil, 0, err
 	}
 	return e, idx % perSlice, nil
+}
+
+// cachedL2Slice is l2Slice from the cache alone: nil when the slice is not
+// in memory. mu held.
+func (img *Image) cachedL2Slice(l2Off, idx int64) (*cacheEntry, int64) {
+	perSlice := img.sliceSize >> img.l2EntryShift
+	e := img.l2Cache.get(l2Off + (idx/perSlice)*img.sliceSize)
+	if e == nil {
+		return nil, 0
+	}
+	return e, idx % perSlice
 }
 
 // getL2 returns the L2 entry (and extended bitmap) of a guest cluster. A

@@ -28,6 +28,16 @@ func (img *Image) mapRange(off, n int64, runs []run) ([]run, error) {
 // mapRangeL1 is mapRange through the given L1 table; nil means the active
 // one. mu held.
 func (img *Image) mapRangeL1(l1 []l1Entry, off, n int64, runs []run) ([]run, error) {
+	return img.mapRuns(l1, off, n, runs, false)
+}
+
+// errNotCached: a mapping from memory alone met an L2 slice that is not in
+// the cache.
+var errNotCached = errors.New("qcow2: L2 slice not cached")
+
+// mapRuns is mapRangeL1; with cachedOnly it reads no L2 slice from the file
+// and fails with errNotCached instead. mu held.
+func (img *Image) mapRuns(l1 []l1Entry, off, n int64, runs []run, cachedOnly bool) ([]run, error) {
 	if l1 == nil {
 		l1 = img.l1
 	}
@@ -48,8 +58,14 @@ func (img *Image) mapRangeL1(l1 []l1Entry, off, n int64, runs []run) ([]run, err
 			off = tEnd
 			continue
 		}
-		s, i, err := img.l2Slice(l2Off, img.l2Index(vc))
-		if err != nil {
+		var s *cacheEntry
+		var i int64
+		var err error
+		if cachedOnly {
+			if s, i = img.cachedL2Slice(l2Off, img.l2Index(vc)); s == nil {
+				return runs, errNotCached
+			}
+		} else if s, i, err = img.l2Slice(l2Off, img.l2Index(vc)); err != nil {
 			return runs, err
 		}
 		// The clusters of this slice of the table, decoded from the
@@ -161,6 +177,56 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 		return 0, err
 	}
 	return int(n), eof
+}
+
+// KnownZero reports whether [off, off+n) of the disk reads as zeroes,
+// judged from the metadata in memory alone: unallocated clusters without a
+// backing file, and zero clusters. It never waits, for I/O or for a lock
+// that a request or a metadata operation holds: the answer is false
+// whenever it is not at hand. The NBD server asks it before handing a read
+// to a worker, to answer reads of space never written on its receiving
+// goroutine (nbdattach.ZeroProber).
+//
+// No range lock is taken, as none is needed: a cluster whose L2 entry is
+// still unallocated or zero has none of a concurrent write's data yet, so
+// zeroes are what the read would have returned had it run first.
+func (img *Image) KnownZero(off, n int64) bool {
+	return img.knownZeroL1(nil, off, n)
+}
+
+// knownZeroL1 is KnownZero through the given L1 table (nil: the active one).
+func (img *Image) knownZeroL1(l1 []l1Entry, off, n int64) bool {
+	if off < 0 || n <= 0 || !img.drain.TryRLock() {
+		return false
+	}
+	defer img.drain.RUnlock()
+	if !img.mu.TryLock() {
+		return false
+	}
+	defer img.mu.Unlock()
+	if img.checkOpen() != nil || n > img.size-off {
+		return false // (a snapshot view past the active disk's end too: ReadAt answers)
+	}
+	if _, err := img.dataCipher(); err != nil {
+		return false // without the key even holes fail to read, as ReadAt does
+	}
+	var buf [4]run
+	runs, err := img.mapRuns(l1, off, n, buf[:0], true)
+	if err != nil {
+		return false
+	}
+	for _, r := range runs {
+		switch r.kind {
+		case kindZero, kindZeroAlloc:
+		case kindUnallocated, kindUnallocatedAlloc:
+			if img.backing != nil {
+				return false
+			}
+		default:
+			return false
+		}
+	}
+	return true
 }
 
 // openSize is the disk size of an image still open. Like every section

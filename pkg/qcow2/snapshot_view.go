@@ -115,6 +115,14 @@ func (v *SnapshotView) ReadAt(p []byte, off int64) (int, error) {
 	return int(n), eof
 }
 
+// KnownZero is Image.KnownZero for the snapshot's disk.
+func (v *SnapshotView) KnownZero(off, n int64) bool {
+	if v.checkOpen() != nil || off < 0 || n > v.size-off {
+		return false
+	}
+	return v.img.knownZeroL1(v.l1, off, n)
+}
+
 // BlockStatus describes [off, off+n) of the snapshot's disk as extents,
 // as Image.BlockStatus does for the active disk.
 func (v *SnapshotView) BlockStatus(off, n int64) ([]Extent, error) {

@@ -68,6 +68,7 @@ type transmission struct {
 	minBlock   uint32
 	maxPayload uint32
 	readOnly   bool
+	zp         nbdattach.ZeroProber // nil: every read goes to a worker
 
 	slots chan struct{}
 	big   chan struct{} // bounds the large payloads in flight
@@ -81,6 +82,9 @@ type transmission struct {
 	bw      *bufio.Writer
 	werr    error
 	pending atomic.Int32
+	// unflushed: the receiver wrote replies of its own without flushing;
+	// it flushes before it next waits on the client (receiver only).
+	unflushed bool
 }
 
 func newTransmission(conn net.Conn, exp *Export, br *bufio.Reader, log *slog.Logger) *transmission {
@@ -88,7 +92,9 @@ func newTransmission(conn net.Conn, exp *Export, br *bufio.Reader, log *slog.Log
 		log = slog.New(slog.DiscardHandler)
 	}
 	n := exp.maxInFlight()
+	zp, _ := exp.Backend.(nbdattach.ZeroProber)
 	return &transmission{
+		zp:         zp,
 		conn:       conn,
 		exp:        exp,
 		be:         exp.Backend,
@@ -253,6 +259,9 @@ func (c *transmission) receiveRecovering(ctx context.Context) (err error) {
 func (c *transmission) receive(ctx context.Context) error {
 	var hdr [requestHeaderSize]byte
 	for {
+		if c.br.Buffered() < requestHeaderSize {
+			c.flushOwnReplies()
+		}
 		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
 			if err == io.EOF {
 				return nil // client closed between requests
@@ -297,17 +306,50 @@ func (c *transmission) receive(ctx context.Context) error {
 		// Bounded in flight: wait for a slot before starting the request.
 		select {
 		case c.slots <- struct{}{}:
-		case <-ctx.Done():
-			putRequest(r)
-			return nil
+		default:
+			c.flushOwnReplies() // the workers are busy: do not sit on these
+			select {
+			case c.slots <- struct{}{}:
+			case <-ctx.Done():
+				putRequest(r)
+				return nil
+			}
 		}
 		c.wg.Add(1)
 		if r.errno != 0 {
 			c.reply(r)
 			continue
 		}
+		if c.zeroRead(r) {
+			c.replyOwn(r)
+			continue
+		}
 		c.work <- r
 	}
+}
+
+// zeroRead answers a read of space that reads as zeroes (never written, on
+// a fresh image) on the receiving goroutine when the backend can tell from
+// memory: one hole chunk for a structured reply, shared zeroes for a simple
+// one. A worker would do the same at the price of a hand-off and a wake-up
+// per request, which is most of the cost of such a read.
+func (c *transmission) zeroRead(r *request) bool {
+	if r.typ != nbdCmdRead || r.length == 0 || c.zp == nil {
+		return false
+	}
+	structured := c.structured && r.flags&cmdFlagDF == 0
+	if !structured && int(r.length) > len(zeroes) {
+		return false
+	}
+	if !c.zp.KnownZero(int64(r.off), int64(r.length)) {
+		return false
+	}
+	if structured {
+		r.appendChunk(r.off, nil, r.length)
+	} else {
+		r.data = zeroes[:r.length] // read-only; r.buf stays nil
+	}
+	return true
 }
 
 // readPayload reads a WRITE's data into a pooled buffer, or drains it when
@@ -316,6 +358,9 @@ func (c *transmission) receive(ctx context.Context) error {
 func (c *transmission) readPayload(r *request) error {
 	n := int64(r.length)
 	if r.errno != 0 {
+		if int64(c.br.Buffered()) < n {
+			c.flushOwnReplies()
+		}
 		if _, err := io.CopyN(io.Discard, c.br, n); err != nil {
 			return fmt.Errorf("%w: draining %d-byte write payload: %v", ErrProtocol, n, err)
 		}
@@ -323,6 +368,9 @@ func (c *transmission) readPayload(r *request) error {
 	}
 	r.buf = getBuf(int(n))
 	r.data = (*r.buf)[:n]
+	if int64(c.br.Buffered()) < n {
+		c.flushOwnReplies()
+	}
 	if _, err := io.ReadFull(c.br, r.data); err != nil {
 		return fmt.Errorf("%w: reading %d-byte write payload: %v", ErrProtocol, n, err)
 	}
@@ -600,14 +648,42 @@ func clipExtents(exts []nbdattach.Extent, n int64, one bool) ([]nbdattach.Extent
 
 // reply writes r's reply and releases r. A write error ends the
 // connection: the receiver is stopped and later replies are dropped.
-func (c *transmission) reply(r *request) {
+func (c *transmission) reply(r *request) { c.writeAndRelease(r, true) }
+
+// replyOwn is reply for a request the receiver answered itself: the flush
+// waits until the receiver runs out of requests to read (flushOwnReplies),
+// so that a burst of such replies leaves in one write.
+func (c *transmission) replyOwn(r *request) {
+	c.unflushed = true
+	c.writeAndRelease(r, false)
+}
+
+// flushOwnReplies flushes what replyOwn left in the buffer, before the
+// receiver waits on the client or on a worker.
+func (c *transmission) flushOwnReplies() {
+	if !c.unflushed {
+		return
+	}
+	c.unflushed = false
+	c.wmu.Lock()
+	if c.werr == nil {
+		if c.werr = c.bw.Flush(); c.werr != nil {
+			c.conn.SetReadDeadline(aLongTimeAgo)
+		}
+	}
+	c.wmu.Unlock()
+}
+
+// writeAndRelease writes r's reply, flushing when flush is set and no other
+// writer is queued behind it, and releases r.
+func (c *transmission) writeAndRelease(r *request, flush bool) {
 	c.pending.Add(1)
 	c.wmu.Lock()
 	if c.werr == nil {
 		c.werr = c.writeReply(c.bw, r)
 		// Decrement after writing: a writer that queued meanwhile flushes
 		// instead, and one that queues later sees no one to rely on.
-		if last := c.pending.Add(-1) == 0; c.werr == nil && last {
+		if last := c.pending.Add(-1) == 0; c.werr == nil && last && flush {
 			c.werr = c.bw.Flush()
 		}
 		if c.werr != nil {

@@ -2,11 +2,15 @@ package nbd
 
 import (
 	"bytes"
+	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach"
 )
@@ -222,6 +226,137 @@ func TestServeTransmissionLargeRequests(t *testing.T) {
 			if _, err := io.ReadFull(c.conn, make([]byte, 4<<20)); err != nil {
 				t.Fatal(err)
 			}
+		}
+	}
+	c.send(0, nbdCmdDisc, 0, 0, 0, nil)
+	if err := wait(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// zeroProbeMem is a memBackend that knows which of its ranges were never
+// written (the first half) and counts the reads that reach ReadAt.
+type zeroProbeMem struct {
+	*memBackend
+	mu    sync.Mutex
+	reads int
+}
+
+func (z *zeroProbeMem) KnownZero(off, n int64) bool { return off+n <= int64(len(z.data))/2 }
+
+func (z *zeroProbeMem) ReadAt(ctx context.Context, p []byte, off int64) error {
+	z.mu.Lock()
+	z.reads++
+	z.mu.Unlock()
+	return z.memBackend.ReadAt(ctx, p, off)
+}
+
+func (z *zeroProbeMem) readCount() int { z.mu.Lock(); defer z.mu.Unlock(); return z.reads }
+
+// Reads the backend knows to be zeroes are answered by the receiver
+// without reaching ReadAt: one hole chunk for a structured reply, the
+// zeroes for a simple one; every reply reaches the client at once (a reply
+// left unflushed in the buffer would hang these one-at-a-time exchanges).
+func TestZeroReadsAnsweredByReceiver(t *testing.T) {
+	const size = 1 << 20
+	be := &zeroProbeMem{memBackend: newMem(size)}
+	copy(be.data[size/2:], pattern(size/2, 3))
+
+	// Simple replies (the kernel's client).
+	rc, wait := startTransmission(t, &Export{Backend: be})
+	for i := range 3 {
+		rc.send(0, nbdCmdRead, uint64(i), uint64(i)*4096, 4096, nil)
+		if e, ck, data := rc.simpleReply(4096); e != 0 || ck != uint64(i) || !bytes.Equal(data, make([]byte, 4096)) {
+			t.Fatalf("simple zero read %d: errno %d cookie %d zeroes %v", i, e, ck, bytes.Equal(data, make([]byte, 4096)))
+		}
+	}
+	// Larger than the shared zeroes: the backend reads it.
+	rc.send(0, nbdCmdRead, 9, 0, 128<<10, nil)
+	if e, _, data := rc.simpleReply(128 << 10); e != 0 || !bytes.Equal(data, make([]byte, 128<<10)) {
+		t.Fatalf("128 KiB simple zero read: errno %d", e)
+	}
+	if n := be.readCount(); n != 1 {
+		t.Fatalf("backend saw %d reads, want 1 (the 128 KiB one)", n)
+	}
+	rc.send(0, nbdCmdDisc, 0, 0, 0, nil)
+	if err := wait(); err != nil {
+		t.Fatal(err)
+	}
+
+	// Structured replies: a hole, of any length; DF still gets the data.
+	be.reads = 0
+	c := startServer(t, &Export{Backend: be})
+	c.option(optStructuredReply, nil)
+	c.reply()
+	c.option(optGo, goData(""))
+	for r := c.reply(); r.typ != repAck; r = c.reply() {
+	}
+	rc = &rawClient{t: t, conn: c.conn}
+	for i, n := range []uint32{4096, 256 << 10} {
+		rc.send(0, nbdCmdRead, uint64(i), 8192, n, nil)
+		ch := readChunk(t, c.conn)
+		if ch.typ != replyTypeOffsetHole || ch.flags != replyFlagDone || ch.cookie != uint64(i) ||
+			binary.BigEndian.Uint64(ch.payload) != 8192 || binary.BigEndian.Uint32(ch.payload[8:]) != n {
+			t.Fatalf("structured zero read of %d: chunk type %d flags %d cookie %d, %d payload bytes", n, ch.typ, ch.flags, ch.cookie, len(ch.payload))
+		}
+	}
+	if n := be.readCount(); n != 0 {
+		t.Fatalf("backend saw %d reads of known zeroes", n)
+	}
+	rc.send(cmdFlagDF, nbdCmdRead, 7, 8192, 4096, nil)
+	if ch := readChunk(t, c.conn); ch.typ != replyTypeOffsetData || len(ch.payload) != 8+4096 || !bytes.Equal(ch.payload[8:], make([]byte, 4096)) {
+		t.Fatalf("DF zero read: chunk type %d len %d", ch.typ, len(ch.payload))
+	}
+	rc.send(0, nbdCmdDisc, 0, 0, 0, nil)
+	rc.expectClosed()
+}
+
+// A pipelined mix of reads the receiver answers and requests the workers
+// serve: every request is answered once, with the right bytes, whatever the
+// interleaving of the two kinds of writers of the reply stream.
+func TestZeroReadsMixedWithWorkerReplies(t *testing.T) {
+	const size = 4 << 20
+	be := &zeroProbeMem{memBackend: newMem(size)}
+	c, wait := startTransmission(t, &Export{Backend: be, MaxInFlight: 8})
+	const n = 600
+	half := uint64(size / 2)
+	go func() {
+		for i := range n {
+			switch i % 3 {
+			case 0: // never written: answered by the receiver
+				c.send(0, nbdCmdRead, uint64(i), uint64(i)*4096%half, 4096, nil)
+			case 1: // written: a worker
+				c.send(0, nbdCmdWrite, uint64(i), half+uint64(i/3)*4096, 4096, pattern(4096, byte(i/3)))
+			default: // data: a worker
+				c.send(0, nbdCmdRead, uint64(i), half+uint64(i/3)*4096, 4096, nil)
+			}
+		}
+	}()
+	seen := map[uint64]bool{}
+	for range n {
+		// The cookie tells how many data bytes follow: reads carry 4096.
+		c.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+		var h [16]byte
+		if _, err := io.ReadFull(c.conn, h[:]); err != nil {
+			t.Fatalf("after %d replies: %v", len(seen), err)
+		}
+		ck := binary.BigEndian.Uint64(h[8:])
+		if e := binary.BigEndian.Uint32(h[4:]); e != 0 || ck >= n || seen[ck] {
+			t.Fatalf("reply to %d: errno %d (seen before: %v)", ck, e, seen[ck])
+		}
+		seen[ck] = true
+		if ck%3 == 1 {
+			continue
+		}
+		data := make([]byte, 4096)
+		if _, err := io.ReadFull(c.conn, data); err != nil {
+			t.Fatal(err)
+		}
+		// A data read may run before the write just ahead of it: either
+		// the old zeroes or the new pattern, never anything else.
+		if ck%3 == 0 && !bytes.Equal(data, make([]byte, 4096)) ||
+			ck%3 == 2 && !bytes.Equal(data, make([]byte, 4096)) && !bytes.Equal(data, pattern(4096, byte(ck/3))) {
+			t.Fatalf("read %d returned wrong bytes", ck)
 		}
 	}
 	c.send(0, nbdCmdDisc, 0, 0, 0, nil)
