@@ -7,7 +7,8 @@
 # ("first-touch": reads of unallocated space, writes that allocate).
 #
 # Each row runs the two servers alternately REPEAT times (RUNTIME seconds a
-# run) and keeps each server's best run. "allocated" rows all use one image,
+# run) and reports each server's median run (STAT=best: its best run; an
+# even REPEAT takes the lower of the middle two). "allocated" rows all use one image,
 # written in full once; "first-touch" runs each get a new empty image. Both
 # servers serve the same file, one after the other,
 # so that a burst of load from elsewhere on a shared machine does not decide
@@ -34,6 +35,9 @@
 #        ENCRYPT=1 tests/bench/nbd.sh
 #        FORMAT=raw SIZE=1G RUNTIME=3 REPEAT=2 tests/bench/nbd.sh
 #        TRACK=1 tests/bench/nbd.sh
+#        MODES=first-touch ROWS='randread 4k 32' ROW5=0 REPEAT=7 tests/bench/nbd.sh
+# MODES (allocated first-touch) and ROWS (';'-separated "rw bs qd") pick
+# rows; ROW5=0 skips the last table.
 # Keep RUNTIME short: the machines are shared.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -43,6 +47,10 @@ REPEAT=${REPEAT:-2}
 SIZE=${SIZE:-512M}
 TRACK=${TRACK:-0}
 ENCRYPT=${ENCRYPT:-0}
+STAT=${STAT:-median}
+MODES=${MODES:-allocated first-touch}
+ROW5=${ROW5:-1}
+case $STAT in median | best) ;; *) echo "nbd.sh: STAT is median or best, not '$STAT'" >&2; exit 1 ;; esac
 for p in fio qemu-nbd qemu-img qemu-io; do
   command -v "$p" >/dev/null || { echo "nbd.sh: $p is missing (run hack/deps.sh)" >&2; exit 1; }
 done
@@ -55,8 +63,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-go build -o "$work/qcow2-csi" ./cmd/qcow2-csi
-BIN=$work/qcow2-csi
+# OURS_BIN: a prebuilt qcow2-csi to measure instead (an earlier commit's,
+# for a before/after pair of runs).
+BIN=${OURS_BIN:-}
+if [ -z "$BIN" ]; then
+  go build -o "$work/qcow2-csi" ./cmd/qcow2-csi
+  BIN=$work/qcow2-csi
+fi
 
 if [ -z "${FORMAT:-}" ]; then
   qemu-img create -q -f qcow2 "$work/probe.qcow2" 1M
@@ -148,7 +161,15 @@ run_fio() {
     awk -F';' 'NF > 100 { if ($7 > 0) printf "%d %.1f\n", $8, $7/1024; else printf "%d %.1f\n", $49, $48/1024 }'
 }
 
+# pick_run: the median (or best) of "IOPS MiB/s" lines on stdin, by IOPS.
+pick_run() {
+  sort -n | awk -v stat="$STAT" '{ l[NR] = $0 } END {
+    if (NR == 0) { print "0 0"; exit }
+    print (stat == "best" ? l[NR] : l[int((NR + 1) / 2)]) }'
+}
+
 rows=("randread 4k 32" "randwrite 4k 32" "read 1M 8" "write 1M 8")
+if [ -n "${ROWS:-}" ]; then IFS=';' read -r -a rows <<<"$ROWS"; fi
 servers=(qemu ours)
 if [ "$TRACK" = 1 ]; then
   [ "$FORMAT" = qcow2 ] || { echo "nbd.sh: TRACK=1 needs qcow2" >&2; exit 1; }
@@ -162,16 +183,15 @@ if [ "$ENCRYPT" = 1 ]; then
   make_enc_image "$work/allocated-enc.$FORMAT" allocated
 fi
 make_image "$work/allocated.$FORMAT" allocated
-printf 'format=%s size=%s track=%s encrypt=%s, best of %d runs of %ss per server and row, fio nbd engine over a unix socket\n' "$FORMAT" "$SIZE" "$TRACK" "$ENCRYPT" "$REPEAT" "$RUNTIME"
+printf 'format=%s size=%s track=%s encrypt=%s, %s of %d runs of %ss per server and row, fio nbd engine over a unix socket; load %s\n' "$FORMAT" "$SIZE" "$TRACK" "$ENCRYPT" "$STAT" "$REPEAT" "$RUNTIME" "$(cut -d' ' -f1-3 /proc/loadavg)"
 printf '%-11s %-10s %-4s %-3s' image rw bs qd
 for srv in "${servers[@]}"; do printf ' | %8s IOPS %9s' "$srv" "MiB/s"; done
 if [ "$ENCRYPT" = 1 ]; then printf ' | %s | %s\n' "enc/plain" "enc/qemu"
 elif [ "$TRACK" = 1 ]; then printf ' | %s\n' "cc/ours"; else printf ' | %s\n' "ours/qemu"; fi
-for mode in allocated first-touch; do
+for mode in $MODES; do
   for row in "${rows[@]}"; do
     set -- $row
-    declare -A res=()
-    for srv in "${servers[@]}"; do res[$srv]="0 0"; done
+    declare -A res=() runs=()
     for _ in $(seq "$REPEAT"); do
       for srv in "${servers[@]}"; do
         enc=
@@ -187,11 +207,10 @@ for mode in allocated first-touch; do
         start_server "$srv" "$img" "$work/$srv.sock"
         r=$(run_fio "nbd+unix:///?socket=$work/$srv.sock" "$1" "$2" "$3" "$mode")
         stop_server
-        read -r best _ <<<"${res[$srv]}"
-        read -r iops _ <<<"$r"
-        if [ "${iops:-0}" -gt "$best" ]; then res[$srv]=$r; fi
+        runs[$srv]+="${r:-0 0}"$'\n'
       done
     done
+    for srv in "${servers[@]}"; do res[$srv]=$(printf '%s' "${runs[$srv]}" | pick_run); done
     printf '%-11s %-10s %-4s %-3s' "$mode" "$1" "$2" "$3"
     for srv in "${servers[@]}"; do
       read -r i b <<<"${res[$srv]}"
@@ -200,7 +219,7 @@ for mode in allocated first-touch; do
     if [ "$ENCRYPT" = 1 ]; then
       read -r e _ <<<"${res[ours-enc]}"; read -r p _ <<<"${res[ours-plain]}"; read -r q _ <<<"${res[qemu-enc]}"
       awk -v e="$e" -v p="$p" -v q="$q" 'BEGIN { printf " | %8.2fx | %7.2fx\n", (p > 0 ? e/p : 0), (q > 0 ? e/q : 0) }'
-      unset res
+      unset res runs
       continue
     elif [ "$TRACK" = 1 ]; then
       read -r a _ <<<"${res[ours-cc]}"; read -r b _ <<<"${res[ours]}"
@@ -208,11 +227,11 @@ for mode in allocated first-touch; do
       read -r a _ <<<"${res[ours]}"; read -r b _ <<<"${res[qemu]}"
     fi
     awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf " | %6.2fx\n", a/b; else print " | -" }'
-    unset res
+    unset res runs
   done
 done
 
-[ "$FORMAT" = qcow2 ] && [ "$TRACK" = 0 ] && [ "$ENCRYPT" = 0 ] || exit 0
+[ "$FORMAT" = qcow2 ] && [ "$TRACK" = 0 ] && [ "$ENCRYPT" = 0 ] && [ "$ROW5" = 1 ] || exit 0
 
 # Row 5: the qcow2 layer's own cost on allocated 4k random writes. Anchors:
 # our server on a raw file filled exactly as the qcow2 image was (qemu-io,
@@ -222,21 +241,20 @@ qemu-img create -q -f raw "$work/filled1m.raw" "$SIZE"
 dd if=/dev/zero bs=1M count="$(( $(numfmt --from=iec "$SIZE") >> 20 ))" 2>/dev/null | tr '\0' '\132' |
   dd of="$work/filled1m.raw" bs=1M conv=notrunc iflag=fullblock 2>/dev/null
 sync "$work/filled1m.raw"
-declare -A img=([ours]=$work/allocated.qcow2 [ours-raw]=$work/allocated.raw [ours-raw1m]=$work/filled1m.raw) res=()
+declare -A img=([ours]=$work/allocated.qcow2 [ours-raw]=$work/allocated.raw [ours-raw1m]=$work/filled1m.raw) res=() runs=()
 srv5=(ours ours-raw ours-raw1m)
-for s5 in "${srv5[@]}"; do res[$s5]="0 0"; done
 for _ in $(seq "$REPEAT"); do
   for s5 in "${srv5[@]}"; do
     kind=ours-raw; [ "$s5" = ours ] && kind=ours
     start_server "$kind" "${img[$s5]}" "$work/$s5.sock"
     r=$(run_fio "nbd+unix:///?socket=$work/$s5.sock" randwrite 4k 32 allocated)
     stop_server
-    read -r best _ <<<"${res[$s5]}"; read -r iops _ <<<"$r"
-    if [ "${iops:-0}" -gt "$best" ]; then res[$s5]=$r; fi
+    runs[$s5]+="${r:-0 0}"$'\n'
   done
 done
+for s5 in "${srv5[@]}"; do res[$s5]=$(printf '%s' "${runs[$s5]}" | pick_run); done
 echo
-echo "allocated 4k randwrite QD32, our server only: qcow2 against raw files (best of $REPEAT runs of ${RUNTIME}s)"
+echo "allocated 4k randwrite QD32, our server only: qcow2 against raw files ($STAT of $REPEAT runs of ${RUNTIME}s)"
 printf '%-34s %10s %10s\n' image IOPS ratio
 read -r q _ <<<"${res[ours]}"
 for s5 in "${srv5[@]}"; do
