@@ -70,6 +70,8 @@ type checkState struct {
 	fileLen int64
 	// rebuild: the refcount structures themselves are broken.
 	rebuild bool
+	// maxRef is the largest refcount the image's refcount width holds.
+	maxRef uint64
 	// blockOutside: a refcount block lies past the end of the file.
 	// qemu only reports it, except under -r all, where it grows the file
 	// to reach the block; a rebuild gives the same result without a file
@@ -169,7 +171,8 @@ func (img *Image) calculateRefcounts(res *CheckResult) (*checkState, error) {
 		res.CheckErrors++
 		return nil, ioErr("stat", err)
 	}
-	st := &checkState{img: img, res: res, fileLen: fi.Size(), counts: &refCounts{small: make([]uint16, (fi.Size()+img.clusterSize-1)>>img.clusterBits)}}
+	st := &checkState{img: img, res: res, fileLen: fi.Size(), maxRef: img.maxRefcount(),
+		counts: &refCounts{small: make([]uint16, (fi.Size()+img.clusterSize-1)>>img.clusterBits)}}
 	cs := img.clusterSize
 	var nextContiguous int64
 	lastL1 := int64(-1)
@@ -244,12 +247,12 @@ func (st *checkState) inc(off, n int64) {
 	// any limit: count those without the general loop's checks.
 	if n == cs && off&(cs-1) == 0 {
 		if ci := off >> st.img.clusterBits; ci < int64(len(st.counts.small)) && st.counts.small[ci] < 0xfffe &&
-			uint64(st.counts.small[ci]) < st.img.maxRefcount()-1 {
+			uint64(st.counts.small[ci]) < st.maxRef-1 {
 			st.counts.small[ci]++
 			return
 		}
 	}
-	max := st.img.maxRefcount()
+	max := st.maxRef
 	for ci := off >> st.img.clusterBits; ci <= (off+n-1)>>st.img.clusterBits; ci++ {
 		if st.counts.get(ci) >= max {
 			st.res.Corruptions++
@@ -433,6 +436,7 @@ func (st *checkState) checkCopied(mode RepairMode) error {
 	// Only the active tables carry meaningful COPIED flags, so this pass
 	// reads just those (qemu's check_oflag_copied), not the snapshots'.
 	cs := img.clusterSize
+	tbl := make([]byte, cs)
 	for i1, e := range img.l1 {
 		o := e.offset()
 		if o == 0 || o%cs != 0 || o+cs > st.fileLen {
@@ -454,8 +458,7 @@ func (st *checkState) checkCopied(mode RepairMode) error {
 				res.CorruptionsFixed++
 			}
 		}
-		tbl, err := img.readL2Table(o)
-		if err != nil {
+		if err := img.readL2TableInto(tbl, o); err != nil {
 			res.CheckErrors++
 			res.msg("ERROR: Could not read L2 table: %v", err)
 			return err

@@ -66,9 +66,10 @@ func (img *Image) walkReferences(opt walkOptions, fn func(r reference) error) er
 		return err
 	}
 	inFile := func(off, n int64) bool { return off > 0 && off+n <= img.fileEnd && off+n > off }
-	emit := func(r reference) error { return fn(r) }
+	// One buffer for every L2 table: nothing keeps a table past its loop.
+	tbl := make([]byte, img.clusterSize)
 
-	if err := emit(reference{Off: 0, Len: img.clusterSize, Kind: refHeader, Snapshot: -1}); err != nil {
+	if err := fn(reference{Off: 0, Len: img.clusterSize, Kind: refHeader, Snapshot: -1}); err != nil {
 		return err
 	}
 	walkL1 := func(l1 []l1Entry, snap int) error {
@@ -77,57 +78,28 @@ func (img *Image) walkReferences(opt walkOptions, fn func(r reference) error) er
 			if o == 0 {
 				continue
 			}
-			where := fmt.Sprintf("L1[%d] of %s", i1, snapName(snap))
+			where := func() string { return fmt.Sprintf("L1[%d] of %s", i1, snapName(snap)) }
 			if o%img.clusterSize != 0 || !inFile(o, img.clusterSize) {
-				if err := bad(where, corruptf(where, -1, "L2 table offset %#x is misaligned or outside the file", o)); err != nil {
+				if err := bad(where(), corruptf(where(), -1, "L2 table offset %#x is misaligned or outside the file", o)); err != nil {
 					return err
 				}
 				continue
 			}
-			if err := emit(reference{Off: o, Len: img.clusterSize, Kind: refL2, Snapshot: snap, L1Index: int64(i1), L2Index: -1, Entry: uint64(e)}); err != nil {
+			if err := fn(reference{Off: o, Len: img.clusterSize, Kind: refL2, Snapshot: snap, L1Index: int64(i1), L2Index: -1, Entry: uint64(e)}); err != nil {
 				return err
 			}
-			tbl, err := img.readL2Table(o)
-			if err != nil {
+			if err := img.readL2TableInto(tbl, o); err != nil {
 				return err
 			}
-			for i2 := int64(0); i2 < img.l2Entries; i2++ {
-				le, _, _ := img.decodeL2(tbl, i2, o)
-				if le == 0 {
-					continue
-				}
-				r := reference{Snapshot: snap, L1Index: int64(i1), L2Index: i2, Entry: uint64(le)}
-				if le.compressed() {
-					r.Off, r.Len = le.compressedRange(img.clusterBits)
-					r.Kind = refCompressed
-					if !inFile(r.Off, 1) {
-						if err := bad(where, corruptf(fmt.Sprintf("L2[%d] of %s", i2, where), -1, "compressed data offset %#x outside the file", r.Off)); err != nil {
-							return err
-						}
-						continue
-					}
-				} else {
-					r.Off, r.Len, r.Kind = le.offset(), img.clusterSize, refData
-					if r.Off == 0 {
-						continue
-					}
-					if r.Off%img.clusterSize != 0 || !inFile(r.Off, img.clusterSize) {
-						if err := bad(where, corruptf(fmt.Sprintf("L2[%d] of %s", i2, where), -1, "data offset %#x is misaligned or outside the file", r.Off)); err != nil {
-							return err
-						}
-						continue
-					}
-				}
-				if err := emit(r); err != nil {
-					return err
-				}
+			if err := img.walkL2Table(tbl, snap, int64(i1), where, bad, fn); err != nil {
+				return err
 			}
 		}
 		return nil
 	}
 	h := img.hdr
 	if h.L1Size > 0 {
-		if err := emit(reference{Off: int64(h.L1TableOffset), Len: int64(h.L1Size) * 8, Kind: refActiveL1, Snapshot: -1}); err != nil {
+		if err := fn(reference{Off: int64(h.L1TableOffset), Len: int64(h.L1Size) * 8, Kind: refActiveL1, Snapshot: -1}); err != nil {
 			return err
 		}
 	}
@@ -136,7 +108,7 @@ func (img *Image) walkReferences(opt walkOptions, fn func(r reference) error) er
 	}
 	if len(img.snapshots) > 0 {
 		n := int64(len(encodeSnapshotTable(img.snapshots)))
-		if err := emit(reference{Off: int64(h.SnapshotsOffset), Len: n, Kind: refSnapshotTable, Snapshot: -1}); err != nil {
+		if err := fn(reference{Off: int64(h.SnapshotsOffset), Len: n, Kind: refSnapshotTable, Snapshot: -1}); err != nil {
 			return err
 		}
 	}
@@ -144,7 +116,7 @@ func (img *Image) walkReferences(opt walkOptions, fn func(r reference) error) er
 		if s.L1Size == 0 {
 			continue
 		}
-		if err := emit(reference{Off: int64(s.L1TableOffset), Len: int64(s.L1Size) * 8, Kind: refInactiveL1, Snapshot: si}); err != nil {
+		if err := fn(reference{Off: int64(s.L1TableOffset), Len: int64(s.L1Size) * 8, Kind: refInactiveL1, Snapshot: si}); err != nil {
 			return err
 		}
 		l1, err := img.readL1Table(int64(s.L1TableOffset), s.L1Size)
@@ -156,7 +128,7 @@ func (img *Image) walkReferences(opt walkOptions, fn func(r reference) error) er
 		}
 	}
 	if b := h.Bitmaps; b != nil && b.NbBitmaps > 0 {
-		if err := emit(reference{Off: int64(b.DirOffset), Len: int64(b.DirSize), Kind: refBitmapDir, Snapshot: -1}); err != nil {
+		if err := fn(reference{Off: int64(b.DirOffset), Len: int64(b.DirSize), Kind: refBitmapDir, Snapshot: -1}); err != nil {
 			return err
 		}
 	}
@@ -164,7 +136,7 @@ func (img *Image) walkReferences(opt walkOptions, fn func(r reference) error) er
 		if b.TableSize == 0 {
 			continue
 		}
-		if err := emit(reference{Off: int64(b.TableOffset), Len: int64(b.TableSize) * 8, Kind: refBitmapTable, Snapshot: -1, L1Index: int64(bi)}); err != nil {
+		if err := fn(reference{Off: int64(b.TableOffset), Len: int64(b.TableSize) * 8, Kind: refBitmapTable, Snapshot: -1, L1Index: int64(bi)}); err != nil {
 			return err
 		}
 		buf := make([]byte, int64(b.TableSize)*8)
@@ -184,26 +156,66 @@ func (img *Image) walkReferences(opt walkOptions, fn func(r reference) error) er
 				}
 				continue
 			}
-			if err := emit(reference{Off: o, Len: img.clusterSize, Kind: refBitmapData, Snapshot: -1, L1Index: int64(bi), L2Index: i, Entry: e}); err != nil {
+			if err := fn(reference{Off: o, Len: img.clusterSize, Kind: refBitmapData, Snapshot: -1, L1Index: int64(bi), L2Index: i, Entry: e}); err != nil {
 				return err
 			}
 		}
 	}
 	if c := h.Crypto; c != nil {
-		if err := emit(reference{Off: int64(c.Offset), Len: int64(c.Length), Kind: refCryptoHeader, Snapshot: -1}); err != nil {
+		if err := fn(reference{Off: int64(c.Offset), Len: int64(c.Length), Kind: refCryptoHeader, Snapshot: -1}); err != nil {
 			return err
 		}
 	}
 	if opt.RefcountStructures {
-		if err := emit(reference{Off: int64(h.RefcountTableOffset), Len: int64(h.RefcountTableClusters) << img.clusterBits, Kind: refRefTable, Snapshot: -1}); err != nil {
+		if err := fn(reference{Off: int64(h.RefcountTableOffset), Len: int64(h.RefcountTableClusters) << img.clusterBits, Kind: refRefTable, Snapshot: -1}); err != nil {
 			return err
 		}
 		for i, e := range img.refTable {
 			if o := e.offset(); o != 0 {
-				if err := emit(reference{Off: o, Len: img.clusterSize, Kind: refRefBlock, Snapshot: -1, L1Index: int64(i)}); err != nil {
+				if err := fn(reference{Off: o, Len: img.clusterSize, Kind: refRefBlock, Snapshot: -1, L1Index: int64(i)}); err != nil {
 					return err
 				}
 			}
+		}
+	}
+	return nil
+}
+
+// walkL2Table is walkReferences over the entries of one L2 table (tbl,
+// pointed to by entry i1 of the L1 table of snapshot snap): the hot loop of
+// check and rebuild, with the image's geometry in locals.
+func (img *Image) walkL2Table(tbl []byte, snap int, i1 int64, where func() string, bad func(string, error) error, fn func(r reference) error) error {
+	n, shift, cs, bits, end := img.l2Entries, img.l2EntryShift, img.clusterSize, img.clusterBits, img.fileEnd
+	for i2 := int64(0); i2 < n; i2++ {
+		// The entry alone: an extended L2 bitmap refers to no host space.
+		le := l2Entry(binary.BigEndian.Uint64(tbl[i2<<shift:]))
+		if le == 0 {
+			continue
+		}
+		r := reference{Snapshot: snap, L1Index: i1, L2Index: i2, Entry: uint64(le)}
+		if le.compressed() {
+			r.Off, r.Len = le.compressedRange(bits)
+			r.Kind = refCompressed
+			if r.Off <= 0 || r.Off >= end {
+				if err := bad(where(), corruptf(fmt.Sprintf("L2[%d] of %s", i2, where()), -1, "compressed data offset %#x outside the file", r.Off)); err != nil {
+					return err
+				}
+				continue
+			}
+		} else {
+			r.Off, r.Len, r.Kind = le.offset(), cs, refData
+			if r.Off == 0 {
+				continue
+			}
+			if r.Off&(cs-1) != 0 || r.Off < 0 || r.Off > end-cs {
+				if err := bad(where(), corruptf(fmt.Sprintf("L2[%d] of %s", i2, where()), -1, "data offset %#x is misaligned or outside the file", r.Off)); err != nil {
+					return err
+				}
+				continue
+			}
+		}
+		if err := fn(r); err != nil {
+			return err
 		}
 	}
 	return nil
@@ -219,15 +231,20 @@ func snapName(i int) string {
 // readL2Table returns a whole L2 table, with unflushed cached slices. mu held.
 func (img *Image) readL2Table(off int64) ([]byte, error) {
 	buf := make([]byte, img.clusterSize)
+	return buf, img.readL2TableInto(buf, off)
+}
+
+// readL2TableInto is readL2Table into buf (one cluster long). mu held.
+func (img *Image) readL2TableInto(buf []byte, off int64) error {
 	if _, err := img.f.ReadAt(buf, off); err != nil {
-		return nil, ioErr(fmt.Sprintf("read L2 table at %#x", off), err)
+		return ioErr(fmt.Sprintf("read L2 table at %#x", off), err)
 	}
 	for s := int64(0); s < img.clusterSize; s += img.sliceSize {
 		if c := img.l2Cache.get(off + s); c != nil {
 			copy(buf[s:], c.buf)
 		}
 	}
-	return buf, nil
+	return nil
 }
 
 // readL1Table reads an (inactive) L1 table of n entries at off.
