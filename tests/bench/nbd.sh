@@ -36,8 +36,8 @@
 #        FORMAT=raw SIZE=1G RUNTIME=3 REPEAT=2 tests/bench/nbd.sh
 #        TRACK=1 tests/bench/nbd.sh
 #        MODES=first-touch ROWS='randread 4k 32' ROW5=0 REPEAT=7 tests/bench/nbd.sh
-# MODES (allocated first-touch) and ROWS (';'-separated "rw bs qd") pick
-# rows; ROW5=0 skips the last table.
+# MODES (allocated first-touch, or none) and ROWS (';'-separated "rw bs
+# qd") pick rows; ROW5=0 skips the last table (MODES=none ROW5=1: only it).
 # Keep RUNTIME short: the machines are shared.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -49,6 +49,7 @@ TRACK=${TRACK:-0}
 ENCRYPT=${ENCRYPT:-0}
 STAT=${STAT:-median}
 MODES=${MODES:-allocated first-touch}
+[ "$MODES" = none ] && MODES=
 ROW5=${ROW5:-1}
 case $STAT in median | best) ;; *) echo "nbd.sh: STAT is median or best, not '$STAT'" >&2; exit 1 ;; esac
 for p in fio qemu-nbd qemu-img qemu-io; do
@@ -67,7 +68,7 @@ trap cleanup EXIT
 # for a before/after pair of runs).
 BIN=${OURS_BIN:-}
 if [ -z "$BIN" ]; then
-  go build -o "$work/qcow2-csi" ./cmd/qcow2-csi
+  CGO_ENABLED=0 go build -trimpath -o "$work/qcow2-csi" ./cmd/qcow2-csi # as make build
   BIN=$work/qcow2-csi
 fi
 
@@ -255,7 +256,7 @@ done
 for s5 in "${srv5[@]}"; do res[$s5]=$(printf '%s' "${runs[$s5]}" | pick_run); done
 echo
 echo "allocated 4k randwrite QD32, our server only: qcow2 against raw files ($STAT of $REPEAT runs of ${RUNTIME}s)"
-printf '%-34s %10s %10s\n' image IOPS ratio
+printf '%-34s %10s %10s   %s\n' image IOPS ratio "IOPS of each run"
 read -r q _ <<<"${res[ours]}"
 for s5 in "${srv5[@]}"; do
   read -r i _ <<<"${res[$s5]}"
@@ -264,7 +265,8 @@ for s5 in "${srv5[@]}"; do
   ours-raw) what="raw (qemu-io, 256 MiB writes)" ;;
   ours-raw1m) what="raw (dd, 1 MiB writes)" ;;
   esac
-  printf '%-34s %10s %10s\n' "$what" "$i" "$(awk -v a="$q" -v b="$i" 'BEGIN { if (b > 0) printf "%.2fx", a/b; else print "-" }')"
+  printf '%-34s %10s %10s   %s\n' "$what" "$i" "$(awk -v a="$q" -v b="$i" 'BEGIN { if (b > 0) printf "%.2fx", a/b; else print "-" }')" \
+    "$(printf '%s' "${runs[$s5]}" | cut -d' ' -f1 | tr '\n' ' ')"
 done
 cat <<'NOTE'
 ratio: qcow2 IOPS / that row's IOPS; the target is >= 0.9x against the raw
