@@ -20,7 +20,11 @@
 // is taken; a refused WRITE's payload is drained in bounded chunks. Each
 // worker writes its own reply as soon as its I/O completes, in any order,
 // and the last of the workers waiting to write flushes the buffer, so
-// replies batch under load without a hand-off to a sender goroutine.
+// replies batch under load without a hand-off to a sender goroutine. A
+// read the backend knows to read as zeroes (an nbdattach.ZeroProber that
+// can tell from memory, without waiting: space never written) is answered
+// by the receiver itself, a hole chunk or shared zeroes, and the receiver
+// flushes its own replies once before it next waits on the client.
 // Payload buffers come from size-class pools. Backend errors map to NBD
 // errors through the sentinels of package nbdattach (or a syscall.Errno);
 // anything else is EIO.
