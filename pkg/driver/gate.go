@@ -184,6 +184,19 @@ func (g *gate) WriteZeroes(ctx context.Context, off, length int64, flags nbdatta
 	return g.be.WriteZeroes(ctx, off, length, flags)
 }
 
+// KnownZero implements nbdattach.ZeroProber: the backend's look, while the
+// gate lets requests in. A paused or closed gate answers false, so the read
+// goes the way every request goes, and waits at the gate.
+func (g *gate) KnownZero(off, length int64) bool {
+	zp, ok := g.be.(nbdattach.ZeroProber)
+	if !ok || !g.mu.TryLock() {
+		return false
+	}
+	open := !g.closed && g.paused == nil
+	g.mu.Unlock()
+	return open && zp.KnownZero(off, length)
+}
+
 type blockStatusGate struct{ *gate }
 
 func (g blockStatusGate) BlockStatus(ctx context.Context, off, length int64) ([]nbdattach.Extent, error) {

@@ -159,3 +159,40 @@ func BenchmarkGate(b *testing.B) {
 		})
 	}
 }
+
+// zeroBackend knows every range reads as zeroes.
+type zeroBackend struct{ nopBackend }
+
+func (*zeroBackend) KnownZero(int64, int64) bool { return true }
+
+// The gate passes the zero-read look through while it lets requests in, and
+// answers false while paused or closed, so such a read waits like any other.
+func TestGateKnownZero(t *testing.T) {
+	be, g := newGate(&zeroBackend{}, true)
+	zp, ok := be.(nbdattach.ZeroProber)
+	if !ok {
+		t.Fatal("the gate hides the ZeroProber capability")
+	}
+	if !zp.KnownZero(0, 4096) {
+		t.Fatal("open gate: the backend's answer did not come through")
+	}
+	if err := g.pause(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if zp.KnownZero(0, 4096) {
+		t.Fatal("paused gate answered a zero read past the pause")
+	}
+	g.resume()
+	if !zp.KnownZero(0, 4096) {
+		t.Fatal("resumed gate: the backend's answer did not come through")
+	}
+	if err := g.close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if zp.KnownZero(0, 4096) {
+		t.Fatal("closed gate answered a zero read")
+	}
+	if plain, _ := newGate(&nopBackend{}, true); plain.(nbdattach.ZeroProber).KnownZero(0, 4096) {
+		t.Fatal("a backend without the capability was said to read as zeroes")
+	}
+}

@@ -65,8 +65,9 @@ type BlockStatuser interface {
 // ZeroProber is an optional Backend capability: a look, from what the
 // backend holds in memory, at whether a range reads as zeroes (space never
 // written). The NBD server asks it on its receiving goroutine and answers
-// such reads there, without a hand-off to a worker. A decorator that must
-// see every read (a throttle) does not implement it.
+// such reads there, without a hand-off to a worker. A decorator passes the
+// look through, and answers false while it must see every read (a throttle
+// with a read limit, a paused gate).
 type ZeroProber interface {
 	// KnownZero reports whether [off, off+length) reads as zeroes now. It
 	// must not wait, for I/O or for a lock held elsewhere: false whenever

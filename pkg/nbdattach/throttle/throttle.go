@@ -185,6 +185,17 @@ func (t *Throttle) ReadAt(ctx context.Context, p []byte, off int64) error {
 	return t.be.ReadAt(ctx, p, off)
 }
 
+// KnownZero implements nbdattach.ZeroProber: the backend's look while reads
+// are unlimited; false while they are limited, since a read answered
+// without the throttle would not be counted against the limit.
+func (t *Throttle) KnownZero(off, length int64) bool {
+	if s := t.state.Load(); s != nil && s.read != nil {
+		return false
+	}
+	zp, ok := t.be.(nbdattach.ZeroProber)
+	return ok && zp.KnownZero(off, length)
+}
+
 // WriteAt implements nbdattach.Backend.
 func (t *Throttle) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
 	if s := t.state.Load(); s != nil {

@@ -415,3 +415,39 @@ func TestThrottleLargeWriteNotStarved(t *testing.T) {
 		t.Fatalf("%d bytes written in %.2fs, more than the %.0f that %d/s allows", be.written.Load(), el, most, rate)
 	}
 }
+
+// zeroRecorder knows every range reads as zeroes.
+type zeroRecorder struct{ *recorder }
+
+func (zeroRecorder) KnownZero(int64, int64) bool { return true }
+
+// The zero-read look passes the throttle while reads are unlimited, and
+// not while they are limited: such a read must be counted and paced.
+func TestThrottleKnownZero(t *testing.T) {
+	be, th := throttle.Wrap(zeroRecorder{&recorder{}})
+	zp, ok := be.(nbdattach.ZeroProber)
+	if !ok {
+		t.Fatal("Wrap hides the ZeroProber capability")
+	}
+	for _, c := range []struct {
+		name   string
+		limits throttle.Limits
+		want   bool
+	}{
+		{"unlimited", throttle.Limits{}, true},
+		{"writes limited", throttle.Limits{WriteIOPS: throttle.Rate{Avg: 10}}, true},
+		{"read IOPS limited", throttle.Limits{ReadIOPS: throttle.Rate{Avg: 10}}, false},
+		{"read bytes limited", throttle.Limits{ReadBytes: throttle.Rate{Avg: 1 << 20}}, false},
+		{"lifted", throttle.Limits{}, true},
+	} {
+		if err := th.Set(c.limits); err != nil {
+			t.Fatal(err)
+		}
+		if got := zp.KnownZero(0, 4096); got != c.want {
+			t.Errorf("%s: KnownZero %v, want %v", c.name, got, c.want)
+		}
+	}
+	if plain, _ := throttle.Wrap(&recorder{}); plain.(nbdattach.ZeroProber).KnownZero(0, 4096) {
+		t.Fatal("a backend without the capability was said to read as zeroes")
+	}
+}
