@@ -81,15 +81,21 @@ type groupMember struct {
 
 // groupMembers is a node's answer: its member snapshots, and for a
 // prepare whether the group was complete on the node already (a retry).
+// Sources are the source volumes of the whole group, on every node, as
+// its records have them: where a get or delete finds the other nodes.
 type groupMembers struct {
 	Committed bool          `json:"committed,omitempty"`
 	Snapshots []groupMember `json:"snapshots,omitempty"`
+	Sources   []string      `json:"sources,omitempty"`
 }
 
 func membersOf(ms []*snapshotMeta) *groupMembers {
 	out := &groupMembers{}
 	for _, m := range ms {
 		out.Snapshots = append(out.Snapshots, groupMember{ID: m.ID, Source: m.Source, Size: m.Size, Created: m.Created})
+	}
+	if len(ms) > 0 {
+		out.Sources = ms[0].GroupMembers
 	}
 	return out
 }

@@ -277,8 +277,8 @@ func checkGroupSnapshotID(id string) error {
 	return nil
 }
 
-// checkGroupSnapshotIDs compares the snapshot IDs a Get or Delete names
-// (none: not checked) with the group's members.
+// checkGroupSnapshotIDs compares the snapshot IDs a Get names (none: not
+// checked) with the group's members.
 func checkGroupSnapshotIDs(id string, asked []string, ms []groupMember) error {
 	if len(asked) == 0 {
 		return nil
@@ -292,6 +292,32 @@ func checkGroupSnapshotIDs(id string, asked []string, ms []groupMember) error {
 	sort.Strings(want)
 	if strings.Join(have, "\x00") != strings.Join(want, "\x00") {
 		return fmt.Errorf("%w: group snapshot %q has members %v, the request names %v", ErrInvalid, id, have, want)
+	}
+	return nil
+}
+
+// checkDeleteSnapshotIDs checks the snapshot IDs a Delete names (none: not
+// checked) against the members the group still has: each of those must be
+// named, or the delete would take snapshots the CO does not expect to lose.
+// A named one that is gone is no mismatch: a delete that stopped half way
+// (a member busy) is retried with the same list and must finish, and the
+// spec answers OK once the artifacts are gone.
+func checkDeleteSnapshotIDs(id string, asked []string, ms []groupMember) error {
+	if len(asked) == 0 {
+		return nil
+	}
+	named := make(map[string]bool, len(asked))
+	for _, a := range asked {
+		named[a] = true
+	}
+	var left []string
+	for _, m := range ms {
+		if !named[m.ID] {
+			left = append(left, m.ID)
+		}
+	}
+	if len(left) > 0 {
+		return fmt.Errorf("%w: group snapshot %q has members %v that the request does not name", ErrInvalid, id, left)
 	}
 	return nil
 }

@@ -75,7 +75,7 @@ func (s driverGroups) DeleteVolumeGroupSnapshot(ctx context.Context, req *csi.De
 		return nil, toStatus(err)
 	}
 	if m, err := s.d.groupGet(ctx, groupRef{GroupID: id}); err == nil {
-		if err := checkGroupSnapshotIDs(id, req.GetSnapshotIds(), m.Snapshots); err != nil {
+		if err := checkDeleteSnapshotIDs(id, req.GetSnapshotIds(), m.Snapshots); err != nil {
 			return nil, toStatus(err)
 		}
 	}
@@ -146,6 +146,37 @@ func (s routerGroups) groupNodes(ctx context.Context, snapshotIDs []string) ([]s
 	return slices.Sorted(maps.Keys(set)), nil
 }
 
+// members are the member snapshots group id has on nodes, and on the
+// nodes of the group's other source volumes (every member's record names
+// them all): a member on a node the request's snapshot IDs do not lead to
+// is found too. It returns the nodes asked. A node that is gone or has no
+// member adds nothing.
+func (s routerGroups) members(ctx context.Context, id string, nodes []string) ([]groupMember, []string, error) {
+	asked := map[string]bool{}
+	for _, n := range nodes {
+		asked[n] = true
+	}
+	var ms []groupMember
+	for todo := slices.Clone(nodes); len(todo) > 0; todo = todo[1:] {
+		n := todo[0]
+		m, err := agentPeer{r: s.r, node: n}.get(ctx, groupRef{GroupID: id})
+		if gone(err) || status.Code(err) == codes.NotFound {
+			continue
+		}
+		if err != nil {
+			return nil, nil, fmt.Errorf("group snapshot %q: node %s: %w", id, n, err)
+		}
+		ms = append(ms, m.Snapshots...)
+		for _, v := range m.Sources {
+			if vn, err := s.r.nodeOfVolume(ctx, v); err == nil && !asked[vn] {
+				asked[vn] = true
+				todo = append(todo, vn)
+			}
+		}
+	}
+	return ms, slices.Sorted(maps.Keys(asked)), nil
+}
+
 func (s routerGroups) GetVolumeGroupSnapshot(ctx context.Context, req *csi.GetVolumeGroupSnapshotRequest) (*csi.GetVolumeGroupSnapshotResponse, error) {
 	id := req.GetGroupSnapshotId()
 	if err := checkGroupSnapshotID(id); err != nil {
@@ -155,16 +186,9 @@ func (s routerGroups) GetVolumeGroupSnapshot(ctx context.Context, req *csi.GetVo
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	var ms []groupMember
-	for _, n := range nodes {
-		m, err := agentPeer{r: s.r, node: n}.get(ctx, groupRef{GroupID: id})
-		if gone(err) || status.Code(err) == codes.NotFound {
-			continue
-		}
-		if err != nil {
-			return nil, toStatus(fmt.Errorf("group snapshot %q: node %s: %w", id, n, err))
-		}
-		ms = append(ms, m.Snapshots...)
+	ms, _, err := s.members(ctx, id, nodes)
+	if err != nil {
+		return nil, toStatus(err)
 	}
 	if len(ms) == 0 {
 		return nil, toStatus(fmt.Errorf("%w: group snapshot %q has no member on any node", ErrNotFound, id))
@@ -184,6 +208,13 @@ func (s routerGroups) DeleteVolumeGroupSnapshot(ctx context.Context, req *csi.De
 	}
 	nodes, err := s.groupNodes(ctx, req.GetSnapshotIds())
 	if err != nil {
+		return nil, toStatus(err)
+	}
+	ms, nodes, err := s.members(ctx, id, nodes)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if err := checkDeleteSnapshotIDs(id, req.GetSnapshotIds(), ms); err != nil {
 		return nil, toStatus(err)
 	}
 	var errs []error
