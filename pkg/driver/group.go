@@ -260,7 +260,7 @@ func (d *Driver) groupPrepare(ctx context.Context, req *groupPrepare) (*groupMem
 			continue // not staged here: no I/O to hold
 		}
 		if err := sv.gate.pause(hctx); err != nil {
-			d.releaseLocked(t, "prepare_failed")
+			d.releaseLocked(t, "") // the caller counts the abort
 			return nil, fmt.Errorf("volume %q: quiesce: %w", v, err)
 		}
 		t.gates = append(t.gates, sv.gate)
@@ -268,7 +268,7 @@ func (d *Driver) groupPrepare(ctx context.Context, req *groupPrepare) (*groupMem
 	if err := ctx.Err(); err != nil {
 		// The controller gave up on this prepare (a node stopped, then
 		// resumed, handles it late): nobody will commit, so no hold.
-		d.releaseLocked(t, "prepare_failed")
+		d.releaseLocked(t, "")
 		return nil, fmt.Errorf("group snapshot %q: the prepare's caller is gone: %w", t.id, err)
 	}
 	t.timer = time.AfterFunc(time.Until(deadline), func() { d.expireGroup(t) })
@@ -342,8 +342,10 @@ func (t *groupTxn) unlock() {
 }
 
 // releaseGroup lets t's I/O go and its locks, once; reason, when not
-// empty, counts it as aborted. It returns false when t was released
-// already.
+// empty, counts it as aborted: only node_deadline, the node's own; the
+// other reasons are counted where the protocol runs (group_coord.go),
+// which in a --mode=all plugin is the same registry. It returns false
+// when t was released already.
 func (d *Driver) releaseGroup(t *groupTxn, reason string) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -397,7 +399,7 @@ func (d *Driver) groupCommit(ctx context.Context, ref groupRef) (*groupMembers, 
 	taken, err := d.takeMembers(ctx, t)
 	if err != nil {
 		derr := d.deleteGroupRecords(ctx, taken)
-		d.releaseLocked(t, "commit_failed")
+		d.releaseLocked(t, "") // the caller counts the abort
 		return nil, errors.Join(err, derr)
 	}
 	d.releaseLocked(t, "")

@@ -669,4 +669,10 @@ func TestGroupSnapshotLatePrepare(t *testing.T) {
 	if err := writeSeq(wctx, beA, 1); err != nil {
 		t.Fatalf("the volume is held after a prepare nobody waits for: %v", err)
 	}
+	// The abort is the caller's to count (where the protocol runs: in a
+	// --mode=all plugin the same registry, which would count it twice); a
+	// node counts only the holds its own timer ends.
+	if m := grepLines(scrape(t, n.srv.Driver), "group_snapshot_aborts_total{"); m != "" {
+		t.Errorf("the node counted an abort its caller counts:\n%s", m)
+	}
 }
