@@ -181,6 +181,10 @@ func (d *Driver) checkGroupPrepare(req *groupPrepare) error {
 		}
 		if sv := d.lookupStaged(v); sv != nil && sv.image == nil {
 			return fmt.Errorf("%w: source volume %q lost its device at a plugin restart (%s); unstage it first", ErrPrecondition, v, sv.lostReason)
+		} else if sv != nil && sv.gate == nil {
+			// Its device reads the file itself: its I/O cannot be held,
+			// and its member would be silently inconsistent with the rest.
+			return fmt.Errorf("%w: source volume %q is staged on a device that reads its image directly: its I/O cannot be held for a group snapshot", ErrPrecondition, v)
 		}
 	}
 	return nil
@@ -256,7 +260,7 @@ func (d *Driver) groupPrepare(ctx context.Context, req *groupPrepare) (*groupMem
 	t.start = time.Now()
 	for _, v := range req.Members {
 		sv := d.lookupStaged(v)
-		if sv == nil || sv.gate == nil {
+		if sv == nil {
 			continue // not staged here: no I/O to hold
 		}
 		if err := sv.gate.pause(hctx); err != nil {
