@@ -157,8 +157,8 @@ func (d *Driver) groupHold(askedMillis int64) time.Duration {
 	return h
 }
 
-// checkGroupPrepare validates a prepare: every member a volume of this
-// node's pool.
+// checkGroupPrepare validates a prepare: every member listed once, in the
+// group, and a volume of this node's pool whose I/O can be held.
 func (d *Driver) checkGroupPrepare(req *groupPrepare) error {
 	if !validGroupID.MatchString(req.GroupID) {
 		return fmt.Errorf("%w: group snapshot ID %q was not issued by this driver", ErrInvalid, req.GroupID)
@@ -169,23 +169,50 @@ func (d *Driver) checkGroupPrepare(req *groupPrepare) error {
 	if _, ok := d.snapshotImages(); !ok {
 		return needQcow2(req.Members[0])
 	}
+	inGroup := make(map[string]bool, len(req.All))
+	for _, v := range req.All {
+		inGroup[v] = true
+	}
+	seen := make(map[string]bool, len(req.Members))
 	for _, v := range req.Members {
-		if checkVolumeID(v) != nil {
-			return fmt.Errorf("source volume %q: %w", v, ErrNotFound)
+		// A member twice would find its own first lock in the way: Aborted
+		// for ever, where the request is what is wrong.
+		if seen[v] {
+			return fmt.Errorf("%w: group snapshot %q: member %q listed twice", ErrInvalid, req.Name, v)
 		}
-		if err := d.ownVolume(v); err != nil {
+		seen[v] = true
+		if !inGroup[v] {
+			return fmt.Errorf("%w: group snapshot %q: member %q is not among the group's volumes", ErrInvalid, req.Name, v)
+		}
+		if err := d.checkGroupMember(v); err != nil {
 			return err
 		}
-		if _, err := d.pool.get(v); err != nil {
-			return fmt.Errorf("source volume %q: %w", v, err)
-		}
-		if sv := d.lookupStaged(v); sv != nil && sv.image == nil {
-			return fmt.Errorf("%w: source volume %q lost its device at a plugin restart (%s); unstage it first", ErrPrecondition, v, sv.lostReason)
-		} else if sv != nil && sv.gate == nil {
-			// Its device reads the file itself: its I/O cannot be held,
-			// and its member would be silently inconsistent with the rest.
-			return fmt.Errorf("%w: source volume %q is staged on a device that reads its image directly: its I/O cannot be held for a group snapshot", ErrPrecondition, v)
-		}
+	}
+	return nil
+}
+
+// checkGroupMember checks that volume v is this node's, and that its I/O
+// can be held if it is staged.
+func (d *Driver) checkGroupMember(v string) error {
+	if checkVolumeID(v) != nil {
+		return fmt.Errorf("source volume %q: %w", v, ErrNotFound)
+	}
+	if err := d.ownVolume(v); err != nil {
+		return err
+	}
+	if _, err := d.pool.get(v); err != nil {
+		return fmt.Errorf("source volume %q: %w", v, err)
+	}
+	sv := d.lookupStaged(v)
+	switch {
+	case sv == nil:
+		return nil // no I/O to hold
+	case sv.image == nil:
+		return fmt.Errorf("%w: source volume %q lost its device at a plugin restart (%s); unstage it first", ErrPrecondition, v, sv.lostReason)
+	case sv.gate == nil:
+		// Its device reads the file itself: its I/O cannot be held, and
+		// its member would be silently inconsistent with the others.
+		return fmt.Errorf("%w: source volume %q is staged on a device that reads its image directly: its I/O cannot be held for a group snapshot", ErrPrecondition, v)
 	}
 	return nil
 }

@@ -3,6 +3,7 @@ package driver_test
 import (
 	"context"
 	"testing"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
@@ -79,4 +80,21 @@ func memberCount(t testing.TB, nodes []*groupNode, id string) int {
 		}
 	}
 	return n
+}
+
+// TestGroupPrepareChecks: a node refuses a prepare that names a member
+// twice with InvalidArgument, holding nothing (it would otherwise find its
+// own first lock in the way and answer Aborted, which a retry never
+// clears).
+func TestGroupPrepareChecks(t *testing.T) {
+	n := startGroupNode(t, "node-a", 0)
+	a, beA := n.volume(t, "a", true)
+	ctx := context.Background()
+	_, err := n.srv.Driver.GroupPrepareForTest(ctx, "twice", []string{a, a}, 5*time.Second)
+	wantCode(t, err, codes.InvalidArgument, "twice")
+	wctx, cancel := context.WithTimeout(ctx, 4*time.Second) // below the hold
+	defer cancel()
+	if err := writeSeq(wctx, beA, 1); err != nil {
+		t.Fatalf("a refused prepare held the volume: %v", err)
+	}
 }
