@@ -100,6 +100,9 @@ app.kubernetes.io/name={{ include "qcow2-csi.name" . }},app.kubernetes.io/instan
 {{- fail "snapshotMetadata.tls.certManager.issuerRef.name is required when snapshotMetadata.tls.source is certManager" -}}
 {{- end -}}
 {{- end -}}
+{{- if and .Values.volumeGroupSnapshotClass.enabled (not (has .Values.volumeGroupSnapshotClass.deletionPolicy (list "Delete" "Retain"))) -}}
+{{- fail (printf "volumeGroupSnapshotClass.deletionPolicy must be Delete or Retain, not %q" .Values.volumeGroupSnapshotClass.deletionPolicy) -}}
+{{- end -}}
 {{- if lt (int .Values.controller.replicas) 1 -}}
 {{- fail (printf "controller.replicas must be at least 1, not %v" .Values.controller.replicas) -}}
 {{- end -}}
