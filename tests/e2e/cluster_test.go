@@ -347,7 +347,10 @@ func (c *cluster) startSnapshotController() error {
 		// The previous chart (the upgrade scenario) ran csi-snapshotter per
 		// node, which takes only the contents labelled with its node; the
 		// central one of this chart takes every content either way.
-		"--enable-distributed-snapshotting")
+		"--enable-distributed-snapshotting",
+		// Off by default in v8.6: VolumeGroupSnapshots (group_test.go)
+		// need it here and in the chart's csi-snapshotter.
+		"--feature-gates=CSIVolumeGroupSnapshot=true")
 	if err != nil {
 		return err
 	}

@@ -207,22 +207,24 @@ func toolsModuleDir(root, mod string) (string, error) {
 
 // snapshotCRDs returns the CRD manifests of the external-snapshotter client
 // module the tools were built with (VolumeSnapshot, VolumeSnapshotContent,
-// VolumeSnapshotClass) and of the external-snapshot-metadata client module
-// (SnapshotMetadataService), with the names to wait for.
+// VolumeSnapshotClass, and their VolumeGroupSnapshot* counterparts) and of
+// the external-snapshot-metadata client module (SnapshotMetadataService),
+// with the names to wait for.
 func snapshotCRDs(root string) (files, names []string, err error) {
-	for _, m := range []struct{ mod, group string }{
-		{"github.com/kubernetes-csi/external-snapshotter/client/v8", "snapshot.storage.k8s.io"},
-		{"github.com/kubernetes-csi/external-snapshot-metadata/client", "cbt.storage.k8s.io"},
+	const snapshotter = "github.com/kubernetes-csi/external-snapshotter/client/v8"
+	for _, m := range []struct {
+		mod, group string
+		kinds      []string
+	}{
+		{snapshotter, "snapshot.storage.k8s.io", []string{"volumesnapshotclasses", "volumesnapshotcontents", "volumesnapshots"}},
+		{snapshotter, "groupsnapshot.storage.k8s.io", []string{"volumegroupsnapshotclasses", "volumegroupsnapshotcontents", "volumegroupsnapshots"}},
+		{"github.com/kubernetes-csi/external-snapshot-metadata/client", "cbt.storage.k8s.io", []string{"snapshotmetadataservices"}},
 	} {
 		dir, err := toolsModuleDir(root, m.mod)
 		if err != nil {
 			return nil, nil, fmt.Errorf("CRDs: %w", err)
 		}
-		kinds := []string{"volumesnapshotclasses", "volumesnapshotcontents", "volumesnapshots"}
-		if m.group == "cbt.storage.k8s.io" {
-			kinds = []string{"snapshotmetadataservices"}
-		}
-		for _, k := range kinds {
+		for _, k := range m.kinds {
 			f := filepath.Join(dir, "config/crd", m.group+"_"+k+".yaml")
 			if _, err := os.Stat(f); err != nil {
 				return nil, nil, fmt.Errorf("CRDs: %w", err)
@@ -323,7 +325,7 @@ func upCluster(t *testing.T, extraValues ...string) *cluster {
 	stopKeeping := make(chan struct{})
 	go c.keepPodLogs(stopKeeping)
 	t.Cleanup(func() { close(stopKeeping) })
-	must("VolumeSnapshot + SnapshotMetadataService CRDs, snapshot-controller", func() error {
+	must("VolumeSnapshot, VolumeGroupSnapshot, SnapshotMetadataService CRDs, snapshot-controller", func() error {
 		crds, names, err := snapshotCRDs(root)
 		if err != nil {
 			return err
