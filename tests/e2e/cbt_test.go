@@ -560,8 +560,7 @@ func testCBTPluginKilled(t *testing.T, c *cluster) {
 		return c.jsonpath(t, "pod", releaseNS, pod, `{.status.containerStatuses[?(@.name=="qcow2-csi")].restartCount}`)
 	}
 	before := restarts()
-	id := c.jsonpath(t, "pod", releaseNS, pod, `{.status.containerStatuses[?(@.name=="qcow2-csi")].containerID}`)
-	pid := c.taskPID(t, cbt.node, strings.TrimPrefix(id, "containerd://"))
+	pid := c.pluginPID(t, cbt.node)
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		t.Fatalf("SIGKILL the node plugin (pid %d): %v", pid, err)
 	}

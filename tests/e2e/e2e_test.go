@@ -17,7 +17,8 @@ import (
 // chart, the last one uninstalls it. Those of issue 9 come first, then the
 // two-node ones of issue 13 (twonode_test.go), then changed block tracking
 // through the csi-snapshot-metadata sidecar (issue 14, cbt_test.go: 16-18
-// go on from 15's volume and snapshots). Scenarios 5 and 6 start
+// go on from 15's volume and snapshots), and VolumeGroupSnapshots (issue
+// 15, group_test.go). Scenarios 5 and 6 start
 // from scenario 4's source volume and pod; 6 deletes them and leaves the
 // pools empty for those after.
 func TestE2E(t *testing.T) {
@@ -57,6 +58,10 @@ func TestE2E(t *testing.T) {
 		{"26-overlay-clones-outlive-their-source", testOverlaySourceGone},
 		{"27-overlay-flatten-online", testOverlayFlattenOnline},
 		{"28-overlay-delete-all-empties-the-pool", testOverlayDeleteAll},
+		{"35-group-snapshots-one-node-consistent", testGroupOneNode},
+		{"36-group-snapshots-two-nodes-consistent", testGroupTwoNodes},
+		{"37-group-snapshot-node-stopped-in-prepare", testGroupNodeStopped},
+		{"38-group-snapshot-hold-times-opt-in", testGroupBench},
 		{"8-helm-upgrade-and-uninstall", testHelmUpgradeUninstall},
 	}
 	for _, s := range scenarios {
@@ -88,10 +93,11 @@ func TestE2E(t *testing.T) {
 
 // --- helpers on the cluster, for scenarios ---------------------------------
 
-// cleanTestNamespace deletes the pods, snapshots and claims of the test
-// namespace and waits for the pools to be empty.
+// cleanTestNamespace deletes the pods, group snapshots, snapshots and
+// claims of the test namespace and waits for the pools to be empty. Group
+// snapshots go before snapshots: their members are deleted with them.
 func (c *cluster) cleanTestNamespace(t *testing.T) {
-	for _, kind := range []string{"pods", "volumesnapshots", "pvc"} {
+	for _, kind := range []string{"pods", "volumegroupsnapshots", "volumesnapshots", "pvc"} {
 		if _, err := c.kubectl("delete", kind, "--all", "-n", testNS, "--wait=true", "--timeout=120s"); err != nil {
 			t.Logf("cleaning %s after the failure: %v", kind, err)
 		}
@@ -622,7 +628,7 @@ func testHelmUpgradeUninstall(t *testing.T, c *cluster) {
 		t.Fatal(err)
 	}
 	if err := c.waitFor("release objects gone", 2*time.Minute, nil, func() error {
-		out, err := c.kubectl("get", "daemonsets,deployments,pods,services,serviceaccounts,roles,rolebindings,clusterroles,clusterrolebindings,csidrivers,storageclasses,volumesnapshotclasses,snapshotmetadataservices",
+		out, err := c.kubectl("get", "daemonsets,deployments,pods,services,serviceaccounts,roles,rolebindings,clusterroles,clusterrolebindings,csidrivers,storageclasses,volumesnapshotclasses,volumegroupsnapshotclasses,snapshotmetadataservices",
 			"-A", "-l", "app.kubernetes.io/instance=qcow2-csi", "-o", "name")
 		if err != nil {
 			return err

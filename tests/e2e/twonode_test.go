@@ -429,44 +429,64 @@ func (c *cluster) blockVolumeOn(t *testing.T, pvc string, n *node) string {
 }
 
 // controllerMetrics returns the Prometheus text of every controller
-// replica, fetched from the control plane's network namespace.
+// replica.
 func (c *cluster) controllerMetrics(t *testing.T) string {
 	t.Helper()
 	ips := strings.Fields(c.mustKubectl(t, "get", "pods", "-n", releaseNS, "-l", "app.kubernetes.io/component=controller",
 		"-o", `jsonpath={range .items[*]}{.status.podIP}{" "}{end}`))
 	var all strings.Builder
 	for _, ip := range ips {
-		err := inNetns("/run/netns/"+c.netns, func() error {
-			// Dialled here, on the thread in the namespace: http.Transport
-			// would dial from a goroutine of its own, anywhere.
-			conn, err := net.DialTimeout("tcp", net.JoinHostPort(ip, "9820"), 10*time.Second)
-			if err != nil {
-				return err
-			}
-			defer conn.Close()
-			conn.SetDeadline(time.Now().Add(10 * time.Second))
-			req, _ := http.NewRequest("GET", "http://"+net.JoinHostPort(ip, "9820")+"/metrics", nil)
-			req.Close = true
-			if err := req.Write(conn); err != nil {
-				return err
-			}
-			resp, err := http.ReadResponse(bufio.NewReader(conn), req)
-			if err != nil {
-				return err
-			}
-			defer resp.Body.Close()
-			if resp.StatusCode != http.StatusOK {
-				return fmt.Errorf("GET /metrics: %s", resp.Status)
-			}
-			b, err := io.ReadAll(resp.Body)
-			all.Write(b)
-			return err
-		})
+		text, err := c.scrapeMetrics(ip)
 		if err != nil {
 			t.Errorf("metrics of the controller at %s: %v", ip, err)
 		}
+		all.WriteString(text)
 	}
 	return all.String()
+}
+
+// nodeMetrics returns the Prometheus text of the node plugin on node.
+func (c *cluster) nodeMetrics(t *testing.T, node string) string {
+	t.Helper()
+	ip := c.jsonpath(t, "pod", releaseNS, c.nodePluginPod(t, node), "{.status.podIP}")
+	text, err := c.scrapeMetrics(ip)
+	if err != nil {
+		t.Fatalf("metrics of the node plugin on %s at %s: %v", node, ip, err)
+	}
+	return text
+}
+
+// scrapeMetrics fetches /metrics from a pod IP (the chart's metrics port),
+// from the control plane's network namespace.
+func (c *cluster) scrapeMetrics(ip string) (string, error) {
+	var text string
+	err := inNetns("/run/netns/"+c.netns, func() error {
+		// Dialled here, on the thread in the namespace: http.Transport
+		// would dial from a goroutine of its own, anywhere.
+		conn, err := net.DialTimeout("tcp", net.JoinHostPort(ip, "9820"), 10*time.Second)
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		req, _ := http.NewRequest("GET", "http://"+net.JoinHostPort(ip, "9820")+"/metrics", nil)
+		req.Close = true
+		if err := req.Write(conn); err != nil {
+			return err
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(conn), req)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("GET /metrics: %s", resp.Status)
+		}
+		b, err := io.ReadAll(resp.Body)
+		text = string(b)
+		return err
+	})
+	return text, err
 }
 
 // metricSum adds the samples of metric whose labels include every one of
