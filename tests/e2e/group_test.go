@@ -189,12 +189,12 @@ func (c *cluster) groupMembers(t *testing.T, name string, want ...string) map[st
 }
 
 // takeGroups takes n group snapshots of p's claims one after the other
-// while the log runs, each ready before the next; progress returns how far
+// while the log runs, each ready before the next; progress says how far
 // the log is.
-func (c *cluster) takeGroups(t *testing.T, p groupPair, n int, progress func() int) []map[string]string {
+func (c *cluster) takeGroups(t *testing.T, p groupPair, n int, progress func() (int, error)) []map[string]string {
 	t.Helper()
 	var groups []map[string]string
-	first := progress()
+	first, _ := progress()
 	t0 := time.Now()
 	for i := range n {
 		name := fmt.Sprintf("%s-%d", p.group, i)
@@ -202,7 +202,11 @@ func (c *cluster) takeGroups(t *testing.T, p groupPair, n int, progress func() i
 		c.groupReady(t, name)
 		groups = append(groups, c.groupMembers(t, name, p.a, p.b))
 	}
-	t.Logf("%d group snapshots in %v while the log went from %d to %d", n, time.Since(t0).Round(time.Millisecond), first, progress())
+	now, err := progress()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d group snapshots in %v while the log went from %d to %d", n, time.Since(t0).Round(time.Millisecond), first, now)
 	return groups
 }
 
@@ -244,10 +248,16 @@ func (c *cluster) checkRestores(t *testing.T, p groupPair, groups []map[string]s
 		for _, r := range rs {
 			claims = append(claims, r.a, r.b)
 		}
-		c.kubectl(append([]string{"delete", "pod", "-n", testNS, "--wait=true", "--timeout=180s"}, pods...)...)
-		c.kubectl(append([]string{"delete", "pvc", "-n", testNS, "--wait=true", "--timeout=180s"}, claims...)...)
-		// The members go with their group (deletionPolicy Delete).
-		c.mustKubectl(t, "delete", "volumegroupsnapshot", "-n", testNS, "-l", groupLabel+"="+p.group, "--wait=true", "--timeout=180s")
+		for _, args := range [][]string{
+			append([]string{"delete", "pod", "-n", testNS, "--wait=true", "--timeout=180s"}, pods...),
+			append([]string{"delete", "pvc", "-n", testNS, "--wait=true", "--timeout=180s"}, claims...),
+			// The members go with their group (deletionPolicy Delete).
+			{"delete", "volumegroupsnapshot", "-n", testNS, "-l", groupLabel + "=" + p.group, "--wait=true", "--timeout=180s"},
+		} {
+			if _, err := c.kubectl(args...); err != nil {
+				t.Error(err)
+			}
+		}
 	}()
 	for _, pod := range pods {
 		c.podReady(t, testNS, pod, 5*time.Minute)
@@ -295,17 +305,23 @@ func testGroupOneNode(t *testing.T, c *cluster) {
 	c.mustApply(t, groupClaimManifest(p.a, p.group)+"---\n"+groupClaimManifest(p.b, p.group)+"---\n"+
 		podClaimsManifest(p.podA, node, loop, p.a, p.b))
 	c.podReady(t, testNS, p.podA, 3*time.Minute)
-	progress := func() int {
+	progress := func() (int, error) {
 		out, err := c.kubectl("exec", "-n", testNS, p.podA, "--", "cat", "/tmp/n")
-		n, perr := strconv.Atoi(strings.TrimSpace(out))
-		if err != nil || perr != nil {
-			t.Fatalf("the log's progress: %q: %v", out, err)
+		if err != nil {
+			return -1, err
 		}
-		return n
+		n, err := strconv.Atoi(strings.TrimSpace(out))
+		if err != nil {
+			return -1, fmt.Errorf("the log's progress: %q", out)
+		}
+		return n, nil
 	}
 	c.waitOutputAbove(t, progress, 20)
 	groups := c.takeGroups(t, p, groupTakes, progress)
-	end := progress()
+	end, err := progress()
+	if err != nil {
+		t.Fatal(err)
+	}
 	c.deletePod(t, testNS, p.podA)
 	c.checkRestores(t, p, groups, end+1)
 	c.mustKubectl(t, "delete", "pvc", "-n", testNS, p.a, p.b, "--wait=true", "--timeout=120s")
@@ -313,13 +329,14 @@ func testGroupOneNode(t *testing.T, c *cluster) {
 }
 
 // waitOutputAbove waits until progress passes n (the log is running).
-func (c *cluster) waitOutputAbove(t *testing.T, progress func() int, n int) {
+func (c *cluster) waitOutputAbove(t *testing.T, progress func() (int, error), n int) {
 	t.Helper()
 	if err := c.waitFor(fmt.Sprintf("the log past %d", n), time.Minute, nil, func() error {
-		if got := progress(); got <= n {
-			return fmt.Errorf("at %d", got)
+		got, err := progress()
+		if err == nil && got <= n {
+			err = fmt.Errorf("at %d", got)
 		}
-		return nil
+		return err
 	}); err != nil {
 		t.Fatal(err)
 	}
@@ -384,8 +401,8 @@ func (w *seqWriter) close() {
 	w.cancel()
 }
 
-// loop runs step(i) for i = 0, 1, ... until stop is closed or a step
-// fails; it returns how far it got (the last i done) and the first error.
+// loopState is a loop of writes run by runLoop: how far it got, when
+// each write was done, and why it stopped.
 type loopState struct {
 	mu   sync.Mutex
 	last int
@@ -394,6 +411,8 @@ type loopState struct {
 	done chan struct{}
 }
 
+// runLoop runs step(i) for i = 0, 1, ... until stop is closed or a step
+// fails.
 func runLoop(stop <-chan struct{}, step func(i int) error) *loopState {
 	s := &loopState{last: -1, done: make(chan struct{})}
 	go func() {
@@ -419,10 +438,14 @@ func runLoop(stop <-chan struct{}, step func(i int) error) *loopState {
 	return s
 }
 
-func (s *loopState) progress() int {
+// progress is how far the loop got, or why it stopped.
+func (s *loopState) progress() (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.last
+	if s.err != nil {
+		return s.last, fmt.Errorf("the writes stopped after %d: %w", s.last, s.err)
+	}
+	return s.last, nil
 }
 
 // maxGap is the longest time between two writes done in [from, to], with
@@ -471,16 +494,8 @@ func testGroupTwoNodes(t *testing.T, c *cluster) {
 		}
 		return wb.write(i)
 	})
-	progress := func() int {
-		log.mu.Lock()
-		defer log.mu.Unlock()
-		if log.err != nil {
-			t.Fatalf("the log stopped: %v", log.err)
-		}
-		return log.last
-	}
-	c.waitOutputAbove(t, progress, 20)
-	groups := c.takeGroups(t, p, groupTakes, progress)
+	c.waitOutputAbove(t, log.progress, 20)
+	groups := c.takeGroups(t, p, groupTakes, log.progress)
 	close(stop)
 	<-log.done
 	if log.err != nil {
@@ -503,6 +518,17 @@ func testGroupNodeStopped(t *testing.T, c *cluster) {
 		c.waitPoolsEmpty(t)
 	}()
 	stopped, running := p.nodeA, p.nodeB
+	// What the checks below find must be this scenario's: wait for what
+	// 36 deleted to be gone.
+	if err := c.waitFor("no snapshots left from before", 2*time.Minute, nil, func() error {
+		return c.groupLeftovers()
+	}); err != nil {
+		t.Fatal(err)
+	}
+	images := map[string][]string{}
+	for _, cl := range []string{p.a, p.b} {
+		images[cl] = c.imageSnapshots(t, cl)
+	}
 	wa, wb := c.startSeqWriter(t, p.podA, p.a), c.startSeqWriter(t, p.podB, p.b)
 	stop := make(chan struct{})
 	defer close(stop)
@@ -523,6 +549,10 @@ func testGroupNodeStopped(t *testing.T, c *cluster) {
 		}
 	}
 	defer cont()
+	// What was in flight at the stop waits for the plugin too; a second
+	// is ample for the writer to get stuck.
+	time.Sleep(time.Second)
+	stoppedAt, _ := la.progress()
 	t0 := time.Now()
 	c.mustApply(t, groupSnapshotManifest("g37", p.group))
 	var failure string
@@ -561,7 +591,7 @@ func testGroupNodeStopped(t *testing.T, c *cluster) {
 	}
 	// Stopped long enough that a hold waiting for the stopped node would
 	// show (at most ~50 s: then the liveness probe restarts the plugin).
-	if rest := 4*groupHold - time.Since(t0); rest > 0 {
+	if rest := 3*groupHold - time.Since(t0); rest > 0 {
 		time.Sleep(rest)
 	}
 	window := time.Since(t0)
@@ -571,50 +601,91 @@ func testGroupNodeStopped(t *testing.T, c *cluster) {
 	} else {
 		t.Logf("%s's writer: longest pause %v in the %v %s was stopped", running, gap.Round(time.Millisecond), window.Round(time.Second), stopped)
 	}
-	c.checkNoMembers(t, "g37", p.a, p.b)
+	if err := c.noMembers(t, "g37", images); err != nil {
+		t.Error(err)
+	}
+	if now, _ := la.progress(); now != stoppedAt {
+		t.Errorf("%s's writer went from %d to %d while its plugin was stopped: the SIGSTOP did not hold its I/O", stopped, stoppedAt, now)
+	}
 
 	// Deleted while the node is stopped; what a retry after the SIGCONT
 	// may still take goes with it: the end state is checked once it is
 	// gone.
 	c.mustKubectl(t, "delete", "volumegroupsnapshot", "-n", testNS, "g37", "--wait=false")
 	cont()
-	before := la.progress()
+	before, _ := la.progress()
 	c.waitOutputAbove(t, la.progress, before)
-	if err := c.waitFor("g37 deleted", 2*time.Minute, nil, func() error {
+	if err := c.waitFor("g37 deleted, nothing of it left", 2*time.Minute, nil, func() error {
 		out, err := c.kubectl("get", "volumegroupsnapshot", "-n", testNS, "-o", "name")
 		if err == nil && strings.TrimSpace(out) != "" {
 			return fmt.Errorf("left: %s", out)
 		}
-		return err
+		if err != nil {
+			return err
+		}
+		return c.noMembers(t, "g37", images)
 	}); err != nil {
-		t.Fatal(err)
+		t.Error(err)
 	}
-	c.checkNoMembers(t, "g37", p.a, p.b)
 }
 
-// checkNoMembers: no VolumeSnapshot or VolumeSnapshotContent of a group
-// snapshot exists, and the images of claims hold no internal snapshot.
-func (c *cluster) checkNoMembers(t *testing.T, group string, claims ...string) {
-	t.Helper()
-	if out := c.mustKubectl(t, "get", "volumesnapshots", "-n", testNS, "-o", "name"); strings.TrimSpace(out) != "" {
-		t.Errorf("VolumeSnapshots after the failed group snapshot %s: %s", group, out)
+// groupLeftovers names the VolumeSnapshots of the test namespace and the
+// VolumeSnapshotContents bound to one, if any.
+func (c *cluster) groupLeftovers() error {
+	vs, err := c.kubectl("get", "volumesnapshots", "-n", testNS, "-o", "name")
+	if err != nil {
+		return err
 	}
-	out := c.mustKubectl(t, "get", "volumesnapshotcontents", "-o", `jsonpath={range .items[*]}{.metadata.name} {.spec.volumeSnapshotRef.namespace}{"\n"}{end}`)
+	out, err := c.kubectl("get", "volumesnapshotcontents", "-o", `jsonpath={range .items[*]}{.metadata.name} {.spec.volumeSnapshotRef.namespace}{"\n"}{end}`)
+	if err != nil {
+		return err
+	}
+	var vsc []string
 	for _, l := range strings.Split(out, "\n") {
 		if f := strings.Fields(l); len(f) == 2 && f[1] == testNS {
-			t.Errorf("VolumeSnapshotContent %s left by the failed group snapshot %s", f[0], group)
+			vsc = append(vsc, f[0])
 		}
 	}
-	for _, cl := range claims {
-		_, h := c.pvcVolume(t, testNS, cl)
-		path, _ := c.imagePath(t, h)
-		out, err := run("qemu-img", "snapshot", "-U", "-l", path)
-		if err != nil {
-			t.Errorf("%s: %v", cl, err)
-		} else if s := strings.TrimSpace(out); s != "" {
-			t.Errorf("image of %s holds snapshots after the failed group snapshot %s:\n%s", cl, group, s)
+	if s := strings.TrimSpace(vs); s != "" || len(vsc) > 0 {
+		return fmt.Errorf("VolumeSnapshots %q, VolumeSnapshotContents %v", s, vsc)
+	}
+	return nil
+}
+
+// imageSnapshots lists the internal snapshots (their tags) in a claim's
+// image, with qemu-img sharing the plugin's locks.
+func (c *cluster) imageSnapshots(t *testing.T, claim string) []string {
+	t.Helper()
+	_, h := c.pvcVolume(t, testNS, claim)
+	path, _ := c.imagePath(t, h)
+	out, err := run("qemu-img", "snapshot", "-U", "-l", path)
+	if err != nil {
+		t.Fatalf("%s: %v", claim, err)
+	}
+	var tags []string
+	for _, l := range strings.Split(out, "\n") {
+		// "Snapshot list:", the column titles, then ID TAG ... per snapshot.
+		if f := strings.Fields(l); len(f) >= 2 && f[0] != "ID" && f[0] != "Snapshot" {
+			tags = append(tags, f[1])
 		}
 	}
+	return tags
+}
+
+// noMembers: a failed group snapshot left no VolumeSnapshot or
+// VolumeSnapshotContent, and no internal snapshot in the images of the
+// claims (keys of before, their snapshots before it).
+func (c *cluster) noMembers(t *testing.T, group string, before map[string][]string) error {
+	t.Helper()
+	if err := c.groupLeftovers(); err != nil {
+		return fmt.Errorf("after the failed group snapshot %s: %w", group, err)
+	}
+	for cl, was := range before {
+		if now := c.imageSnapshots(t, cl); fmt.Sprint(now) != fmt.Sprint(was) {
+			return fmt.Errorf("image of %s holds snapshots %v after the failed group snapshot %s, %v before it", cl, now, group, was)
+		}
+	}
+	return nil
 }
 
 // pluginPID is the host PID of the driver container of node's plugin pod.
