@@ -158,9 +158,9 @@ func (c *cluster) dumpState(t testing.TB, label string) {
 	}
 	if p := c.proc("kube-apiserver"); p != nil && p.alive() {
 		for i, a := range [][]string{
-			{"get", "nodes,pods,pvc,pv,volumesnapshots,volumesnapshotcontents,volumeattachments", "-A", "-o", "wide"},
+			{"get", "nodes,pods,pvc,pv,volumesnapshots,volumesnapshotcontents,volumegroupsnapshots,volumegroupsnapshotcontents,volumeattachments", "-A", "-o", "wide"},
 			{"get", "events", "-A", "--sort-by=.lastTimestamp"},
-			{"get", "pods,pvc,pv,volumesnapshots,volumesnapshotcontents", "-A", "-o", "yaml"},
+			{"get", "pods,pvc,pv,volumesnapshots,volumesnapshotcontents,volumegroupsnapshots,volumegroupsnapshotcontents", "-A", "-o", "yaml"},
 		} {
 			out, err := c.kubectl(a...)
 			save(fmt.Sprintf("kubectl-%d.txt", i), "kubectl "+strings.Join(a, " ")+"\n"+out+errOrEmpty(err))
