@@ -616,7 +616,7 @@ func testGroupNodeStopped(t *testing.T, c *cluster) {
 	before, _ := la.progress()
 	c.waitOutputAbove(t, la.progress, before)
 	if err := c.waitFor("g37 deleted, nothing of it left", 2*time.Minute, nil, func() error {
-		out, err := c.kubectl("get", "volumegroupsnapshot", "-n", testNS, "-o", "name")
+		out, err := c.kubectl("get", "volumegroupsnapshot", "g37", "-n", testNS, "--ignore-not-found", "-o", "name")
 		if err == nil && strings.TrimSpace(out) != "" {
 			return fmt.Errorf("left: %s", out)
 		}
