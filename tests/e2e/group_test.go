@@ -731,12 +731,14 @@ func testGroupBench(t *testing.T, c *cluster) {
 			manifests = append(manifests, groupClaimManifest(cl, group),
 				strings.Replace(podClaimsManifest(cl+"-fio", node, fmt.Sprintf(fioCmd, "/dev/"+cl), cl), busyboxRef, fioRef, 1))
 		}
-		c.mustApply(t, strings.Join(manifests, "---\n"))
+		// A failed measurement must not leave its pods to scenario 8.
 		cleanup := func() {
 			c.kubectl("delete", "volumegroupsnapshot", "-n", testNS, "-l", groupLabel+"="+group, "--wait=true", "--timeout=300s")
 			c.kubectl(append([]string{"delete", "pod", "-n", testNS, "--wait=true", "--timeout=180s"}, pods...)...)
 			c.kubectl(append([]string{"delete", "pvc", "-n", testNS, "--wait=true", "--timeout=180s"}, claims...)...)
 		}
+		defer cleanup()
+		c.mustApply(t, strings.Join(manifests, "---\n"))
 		for _, pod := range pods {
 			c.podReady(t, testNS, pod, 3*time.Minute)
 		}
