@@ -66,6 +66,21 @@ func TestE2E(t *testing.T) {
 	}
 	for _, s := range scenarios {
 		ok := t.Run(s.name, func(t *testing.T) {
+			// Deferred: a scenario's t.Fatal ends this function at once,
+			// and what it left must still be dumped and cleaned.
+			defer func() {
+				// Dump now: the next scenarios may restart or remove the
+				// pods whose logs explain this failure.
+				if t.Failed() || os.Getenv(envDumpAlways) == "1" {
+					c.dumpState(t, s.name)
+					c.dumped = c.dumped || t.Failed()
+				}
+				if t.Failed() {
+					// What a failed scenario left would fail the next
+					// ones' checks of the pools.
+					c.cleanTestNamespace(t)
+				}
+			}()
 			c.step("scenario "+s.name, func() error {
 				s.f(t, c)
 				if t.Failed() {
@@ -73,17 +88,6 @@ func TestE2E(t *testing.T) {
 				}
 				return nil
 			})
-			// Dump now: the next scenarios may restart or remove the
-			// pods whose logs explain this failure.
-			if t.Failed() || os.Getenv(envDumpAlways) == "1" {
-				c.dumpState(t, s.name)
-				c.dumped = c.dumped || t.Failed()
-			}
-			if t.Failed() {
-				// What a failed scenario left would fail the next ones'
-				// checks of the pools.
-				c.cleanTestNamespace(t)
-			}
 		})
 		if !ok && (s.name == "examples-validate" || strings.HasPrefix(s.name, "0-")) {
 			t.Fatal("the cluster does not accept the chart's objects or the upgrade to this chart failed; not running the scenarios")
