@@ -59,6 +59,18 @@ type DeviceInfo struct {
 	Connected bool
 }
 
+// Disconnecter is implemented by attach backends whose devices outlive
+// their serving process (nbd). Disconnect ends the device a previous, dead
+// process attached for id without serving it: the kernel fails at once the
+// I/O queued in it and any sent to it later, instead of holding that I/O
+// for a server until its timeouts run out. For a device whose backend
+// cannot be served any more (its image cannot be opened): nothing is read
+// or written. A device this process serves is refused with
+// ErrAlreadyAttached (Detach it); no device for id is ErrNotAttached.
+type Disconnecter interface {
+	Disconnect(ctx context.Context, id string) error
+}
+
 // StaleCleaner is implemented by attach backends whose devices cannot be
 // taken over by a new process (fuse): the caller runs CleanStale once at
 // start, before attaching anything.

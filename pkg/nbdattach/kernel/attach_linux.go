@@ -328,6 +328,31 @@ func (a *Attacher) Reattach(ctx context.Context, id string, b nbdattach.Backend,
 	return d, nil
 }
 
+// Disconnect implements nbdattach.Disconnecter: DISCONNECT, with no socket
+// handed to the kernel. On a device whose sockets are dead the kernel marks
+// it disconnected, wakes the requests waiting for a reconnect and fails
+// them, and fails every later request; the device is freed once the last
+// opener (a mount) lets it go.
+func (a *Attacher) Disconnect(ctx context.Context, id string) error {
+	if err := validBackendID(id); err != nil {
+		return err
+	}
+	sd, ok := a.findSys(id)
+	if !ok {
+		return fmt.Errorf("nbd: %q: %w (no /sys/block/nbd*/backend names it)", id, nbdattach.ErrNotAttached)
+	}
+	a.mu.Lock()
+	_, mine := a.served[sd.index]
+	a.mu.Unlock()
+	if mine {
+		return fmt.Errorf("nbd: %q: %w as /dev/nbd%d, served by this process: detach it", id, nbdattach.ErrAlreadyAttached, sd.index)
+	}
+	if _, err := a.execute(ctx, nlCmdDisconnect, indexAttr(sd.index)); err != nil {
+		return fmt.Errorf("nbd: disconnect /dev/nbd%d (%q): %w", sd.index, id, err)
+	}
+	return nil
+}
+
 // reattachGrace bounds how long Reattach waits for the kernel to notice
 // that the previous server's sockets are closed.
 const reattachGrace = 3 * time.Second
@@ -817,6 +842,10 @@ func closeFDs(fds []int) {
 	}
 }
 
+// prepareProcess sets what the serving threads need before any device is
+// served (ioFlusherAllThreads); supervise falls back per thread if it fails.
+func prepareProcess() { _ = ioFlusherAllThreads() }
+
 // ioFlusherAllThreads sets PR_SET_IO_FLUSHER on every thread of the process,
 // once. The threads that serve /dev/nbdN write to the backend file while the
 // kernel may be writing back dirty pages of a filesystem on /dev/nbdN to
@@ -828,6 +857,15 @@ func closeFDs(fds []int) {
 // needs a cgo-free binary (AllThreadsSyscall refuses under cgo, e.g. -race)
 // and CAP_SYS_RESOURCE. When it fails, supervise falls back to the one
 // locked thread per connection.
+//
+// The first call must come before this process serves any device, which is
+// why NewAttacher makes it (prepareProcess): AllThreadsSyscall stops the
+// world until every thread has taken a signal, and a thread blocked
+// uninterruptibly on a device this process is about to serve (a Detach's
+// fsync right after a Reattach) takes it only once its I/O completes. The
+// server goroutine that would complete it is stopped with the world, so
+// both waited for the kernel to time the request out (its I/O timeout,
+// then the dead-connection timeout: 2.5 minutes) and fail it with EIO.
 var ioFlusherAllThreads = sync.OnceValue(func() error {
 	_, _, e := syscall.AllThreadsSyscall(unix.SYS_PRCTL, unix.PR_SET_IO_FLUSHER, 1, 0)
 	if e != 0 {

@@ -33,5 +33,13 @@ func (a *Attacher) List(ctx context.Context) ([]nbdattach.DeviceInfo, error) {
 	return nil, a.unavailable()
 }
 
+// Disconnect implements nbdattach.Disconnecter.
+func (a *Attacher) Disconnect(ctx context.Context, id string) error {
+	return a.unavailable()
+}
+
+// prepareProcess has nothing to prepare off Linux.
+func prepareProcess() {}
+
 // kernelDevice has no instances off Linux.
 type kernelDevice struct{}

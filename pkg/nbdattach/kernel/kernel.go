@@ -73,8 +73,12 @@ type Attacher struct {
 	served map[int]*kernelDevice
 }
 
-// NewAttacher returns the "nbd" Attacher.
+// NewAttacher returns the "nbd" Attacher. It also prepares the process's
+// threads for serving devices (PR_SET_IO_FLUSHER on all of them, once per
+// process), which must happen before any device is served: make it early,
+// at start.
 func NewAttacher(opts Options) *Attacher {
+	prepareProcess()
 	return &Attacher{opts: opts.withDefaults(), served: map[int]*kernelDevice{}}
 }
 
