@@ -70,6 +70,18 @@ func (a localIDAttacher) Reattach(ctx context.Context, id string, b nbdattach.Ba
 	return a.Attacher.Reattach(ctx, local, b, o)
 }
 
+// Disconnect passes to the backend's nbdattach.Disconnecter; a backend
+// without one (fuse: its devices die with their process) has none to
+// disconnect: errors.ErrUnsupported.
+func (a localIDAttacher) Disconnect(ctx context.Context, id string) error {
+	dc, ok := a.Attacher.(nbdattach.Disconnecter)
+	if !ok {
+		return fmt.Errorf("%s: disconnect without serving: %w", a.Name(), errors.ErrUnsupported)
+	}
+	local, _ := splitOwner(id)
+	return dc.Disconnect(ctx, local)
+}
+
 // localIDCleaner is localIDAttacher of a backend whose devices die with
 // the process: the driver tells the two kinds apart by staleCleaner.
 type localIDCleaner struct {

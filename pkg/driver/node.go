@@ -244,6 +244,11 @@ func (d *Driver) undoAttach(ctx context.Context, v *stagedVolume) {
 // and forgets it. Each step tolerates having been done before, so an
 // interrupted unstage can be repeated.
 func (d *Driver) teardown(ctx context.Context, v *stagedVolume) error {
+	if v.device == nil {
+		if err := d.reviveLost(ctx, v); err != nil {
+			return err
+		}
+	}
 	// The last writeback (the unmount's, the detach's fsync) and the
 	// requests queued in the device go unthrottled: Detach waits for them
 	// whatever ctx says, and under a low limit unstaging would wait until
@@ -269,8 +274,6 @@ func (d *Driver) teardown(ctx context.Context, v *stagedVolume) error {
 			return fmt.Errorf("volume %q: detach %s: %w", v.ID, v.device.Path(), err)
 		}
 		v.device = nil
-	} else if err := d.detachLost(ctx, v); err != nil {
-		return err
 	}
 	if v.image != nil {
 		if err := v.image.Close(); err != nil {
@@ -286,27 +289,44 @@ func (d *Driver) teardown(ctx context.Context, v *stagedVolume) error {
 	return nil
 }
 
-// detachLost detaches the device of a volume a restarted plugin could not
-// re-attach, by serving it once more just to disconnect it cleanly. When the
-// device is gone already there is nothing to do.
-func (d *Driver) detachLost(ctx context.Context, v *stagedVolume) error {
-	a, err := d.attacherNamed(v.Backend)
-	if err != nil {
+// reviveLost is the first step of tearing down a volume a restarted
+// plugin could not re-attach, before anything unmounts it: what is queued
+// in its device, and what the unmount writes, must not wait for a server
+// until the kernel's timeouts fail it (the I/O timeout, then the
+// dead-connection timeout: minutes). If the volume can be served now (the
+// cause has gone: an image lock released, the key back in the keyring), it
+// is re-attached as at start and torn down like any staged volume, its
+// data flushed. Otherwise its device is disconnected without being served
+// (nbdattach.Disconnecter): the kernel fails that I/O at once, and nothing
+// is read from or written to an image that cannot be opened (an encrypted
+// one without its key). A backend whose devices die with their process
+// (fuse) has nothing left to detach.
+func (d *Driver) reviveLost(ctx context.Context, v *stagedVolume) error {
+	logger := klog.FromContext(ctx).WithValues("volumeID", v.ID, "backend", v.Backend)
+	err := d.reattach(ctx, v)
+	if err == nil {
+		v.lostReason = ""
+		logger.Info("Re-attached a volume lost at plugin restart, to unstage it with its data flushed", "device", v.device.Path())
 		return nil
 	}
-	// Only to disconnect the device: an encrypted image's data is not
-	// needed (and its key is not at hand).
-	img, err := d.images.Open(ctx, d.pool.imagePath(v.ID), ImageOpenOptions{ReadOnly: true, MetadataOnly: true})
-	if err != nil {
-		return nil // image gone or locked: nothing we can serve the device from
-	}
-	defer img.Close()
-	var dev nbdattach.Device
-	d.withDevMu(func() { dev, err = a.Reattach(ctx, v.ID, img.Backend(), nbdattach.AttachOptions{ReadOnly: true}) })
-	if err != nil {
+	a, aerr := d.attacherNamed(v.Backend)
+	if aerr != nil {
 		return nil
 	}
-	return d.detach(ctx, dev)
+	dc, ok := a.(nbdattach.Disconnecter)
+	if !ok {
+		return nil
+	}
+	var derr error
+	d.withDevMu(func() { derr = dc.Disconnect(ctx, v.ID) })
+	switch {
+	case derr == nil:
+		logger.Info("Disconnected the device of a volume that cannot be served, without serving it: its pending I/O fails", "reason", err)
+		return nil
+	case errors.Is(derr, nbdattach.ErrNotAttached), errors.Is(derr, errors.ErrUnsupported):
+		return nil // no device left (the node rebooted, or fuse)
+	}
+	return fmt.Errorf("volume %q: its device could not be served (%v) nor disconnected: %w", v.ID, err, derr)
 }
 
 // withDevMu runs f holding devMu, released even when f panics: a handler
