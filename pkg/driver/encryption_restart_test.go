@@ -4,6 +4,8 @@ package driver_test
 
 import (
 	"bytes"
+	"context"
+	"crypto/sha256"
 	"errors"
 	"os"
 	"path/filepath"
@@ -15,6 +17,7 @@ import (
 
 	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/fuse"
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/kernel"
 	"github.com/qcow2-csi/qcow2-csi/tests/peer"
 	"github.com/qcow2-csi/qcow2-csi/tests/vm/vmharness"
 )
@@ -23,11 +26,16 @@ import (
 // working across a kill -9 of the node plugin: the new process finds the
 // volume's key in the kernel keyring and re-attaches the device, and the
 // data written before reads back through it (direct I/O, so through the
-// new server, not the page cache). Unstage removes the key. (A missing key
-// is TestNodeEncryptedKeyAcrossRestart's, on the host: here the unstage of
-// a device left unserved by a restart waited out the kernel's timeouts
-// and failed its flush once in two runs, leaking /dev/nbd0 into the next
-// tests.)
+// new server, not the page cache). Then the hostile case: the key is gone
+// from the keyring at the next restart, so the volume is reported
+// abnormal naming why, its image is not opened (the file does not change,
+// its unstage included: the device is disconnected without being served),
+// unstaging it leaves no device behind, and staging it again with the
+// Secret gives the data back. Unstage removes the key. (That unstage once
+// waited out the kernel's timeouts, 2.5 minutes, and leaked /dev/nbd0: it
+// served the device from a process whose first served device it was, and
+// the process-wide PR_SET_IO_FLUSHER stopped the world while its own fsync
+// of the device waited for that server.)
 func TestGuestNBDEncryptedRestart(t *testing.T) {
 	vmharness.Guest(t)
 	e := newNodeEnvOn(t, "nbd")
@@ -73,10 +81,134 @@ func TestGuestNBDEncryptedRestart(t *testing.T) {
 		t.Fatal("a write after the restart does not read back")
 	}
 
+	// The key is lost (as if removed by hand): the next restart must not
+	// serve the volume, nor touch its image.
+	if err := keys.Remove(id); err != nil {
+		t.Fatal(err)
+	}
+	e.start()
+	sum := fileSum(t, imageFile(e.pool, id))
+	st, err = e.c.NodeGetVolumeStats(e.ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: target})
+	if err != nil || !st.VolumeCondition.GetAbnormal() || !strings.Contains(st.VolumeCondition.GetMessage(), "not in the kernel keyring") {
+		t.Fatalf("stats after a restart without the key = %v, %v; want abnormal, naming the missing key", st, err)
+	}
+	if _, err := e.c.NodeUnpublishVolume(e.ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.c.NodeUnstageVolume(e.ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		t.Fatalf("NodeUnstageVolume of the volume without its key: %v", err)
+	}
+	if fileSum(t, imageFile(e.pool, id)) != sum {
+		t.Fatal("the image changed while its volume had no key (unstage included)")
+	}
+	if dev := nbdDeviceOf(t, id); dev != "" {
+		t.Fatalf("%s is still attached after unstaging the volume without its key", dev)
+	}
+	stage()
+	target = e.publish(id, staging, c, false)
+	directIO(t, target, got, 2<<20, false)
+	if !bytes.Equal(got, after) {
+		t.Fatal("the data does not read back after staging again")
+	}
 	e.teardown(id, staging, target)
 	if _, err := keys.Get(id); err == nil {
 		t.Fatal("the key is still in the keyring after NodeUnstageVolume")
 	}
+}
+
+// TestGuestNBDEncryptedKeyLostMount: the missing-key case on an ext4
+// volume, with writes still in the page cache at the restart: its unstage
+// unmounts a filesystem whose device nobody serves, so the device is
+// disconnected first (the unmount's writes fail at once instead of waiting
+// for the kernel's timeouts); the image is not touched, no device is left,
+// and what was synced before reads back once staged again with the Secret.
+func TestGuestNBDEncryptedKeyLostMount(t *testing.T) {
+	vmharness.Guest(t)
+	e := newNodeEnvOn(t, "nbd")
+	c := capMount(rw, "ext4")
+	secrets := map[string]string{"passphrase": "the keyring lost it"}
+	r, err := e.c.CreateVolume(e.ctx, &csi.CreateVolumeRequest{Name: "pvc-enc-lost", CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20},
+		Parameters: map[string]string{"encrypted": "true"}, Secrets: secrets, VolumeCapabilities: []*csi.VolumeCapability{c}})
+	if err != nil {
+		t.Fatalf("CreateVolume: %v", err)
+	}
+	id := r.Volume.VolumeId
+	keys := driver.KernelKeyring{Prefix: driver.DefaultDriverName}
+	t.Cleanup(func() { _ = keys.Remove(id) })
+	staging := filepath.Join(e.dir, "staging", "enc-lost")
+	stage := func() {
+		t.Helper()
+		if _, err := e.c.NodeStageVolume(e.ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+			VolumeCapability: c, VolumeContext: r.Volume.VolumeContext, Secrets: secrets}); err != nil {
+			t.Fatalf("NodeStageVolume: %v", err)
+		}
+	}
+	stage()
+	target := e.publish(id, staging, c, false)
+	synced := bytes.Repeat([]byte("synced before the key was lost\n"), 1000)
+	writeFile(t, filepath.Join(target, "synced"), synced, true)
+	if err := keys.Remove(id); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(target, "dirty"), bytes.Repeat([]byte("in the page cache only\n"), 10000), false)
+
+	e.start() // kill -9, and no key for the new process
+	sum := fileSum(t, imageFile(e.pool, id))
+	st, err := e.c.NodeGetVolumeStats(e.ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: target})
+	if err != nil || !st.VolumeCondition.GetAbnormal() || !strings.Contains(st.VolumeCondition.GetMessage(), "not in the kernel keyring") {
+		t.Fatalf("stats after a restart without the key = %v, %v; want abnormal, naming the missing key", st, err)
+	}
+	if _, err := e.c.NodeUnpublishVolume(e.ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.c.NodeUnstageVolume(e.ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		t.Fatalf("NodeUnstageVolume of the volume without its key: %v", err)
+	}
+	if dev := nbdDeviceOf(t, id); dev != "" {
+		t.Fatalf("%s is still attached after unstaging the volume without its key", dev)
+	}
+	if fileSum(t, imageFile(e.pool, id)) != sum {
+		t.Fatal("the image changed while its volume had no key (unstage included)")
+	}
+	stage()
+	target = e.publish(id, staging, c, false)
+	if got, err := os.ReadFile(filepath.Join(target, "synced")); err != nil || !bytes.Equal(got, synced) {
+		t.Fatalf("the synced file after staging again: %d bytes, %v", len(got), err)
+	}
+	e.teardown(id, staging, target)
+}
+
+func writeFile(t *testing.T, p string, b []byte, sync bool) {
+	t.Helper()
+	f, err := os.Create(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.Write(b); err != nil {
+		t.Fatal(err)
+	}
+	if sync {
+		if err := f.Sync(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// nbdDeviceOf is the kernel nbd device still configured for volume id,
+// or "".
+func nbdDeviceOf(t *testing.T, id string) string {
+	t.Helper()
+	devs, err := kernel.NewAttacher(kernel.Options{}).List(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range devs {
+		if d.ID == localID(id) {
+			return d.Path
+		}
+	}
+	return ""
 }
 
 // TestNodeEncryptedKeyAcrossRestart: the key's life in the kernel
@@ -198,4 +330,13 @@ func directIO(t *testing.T, dev string, buf []byte, off int64, write bool) {
 	if err != nil {
 		t.Fatalf("%s at %d: %v", dev, off, err)
 	}
+}
+
+func fileSum(t *testing.T, p string) [32]byte {
+	t.Helper()
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sha256.Sum256(b)
 }

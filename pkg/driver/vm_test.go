@@ -3,6 +3,8 @@
 package driver_test
 
 import (
+	"flag"
+	"strings"
 	"testing"
 
 	"github.com/qcow2-csi/qcow2-csi/tests/vm/vmharness"
@@ -16,7 +18,20 @@ func TestNodeInVM(t *testing.T) {
 	if vmharness.InVM() {
 		t.Skip("host-side entry test")
 	}
-	vmharness.RunGoTest(t, ".", "^TestGuest", vmharness.Options{Tools: []string{"losetup"}})
+	vmharness.RunGoTest(t, ".", guestRun(), vmharness.Options{Tools: []string{"losetup"}})
+}
+
+// guestRun selects the guest tests: all TestGuest* tests, or those the
+// host's -run names after "TestNodeInVM/", as if they were its subtests:
+// go test -run '^TestNodeInVM$/^TestGuestNBDEncryptedRestart$' boots the
+// VM for that one test.
+func guestRun() string {
+	if f := flag.Lookup("test.run"); f != nil {
+		if _, sub, ok := strings.Cut(f.Value.String(), "/"); ok && sub != "" {
+			return sub
+		}
+	}
+	return "^TestGuest"
 }
 
 // TestGuestNBDRestart: volumes staged through /dev/nbdN survive a kill -9
