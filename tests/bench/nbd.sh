@@ -30,9 +30,13 @@
 # servers ours-plain (our server, plain image), ours-enc (our server, an
 # encrypted image) and qemu-enc (qemu-nbd serving that same encrypted
 # image); the ratio columns are enc/plain and enc/qemu.
+# EXTL2=1 with it creates the encrypted image with extended_l2=on (2 KiB
+# subclusters: a first write encrypts only the subclusters it touches, not
+# the whole 64 KiB cluster); the plain image stays as it was.
 #
 # Usage: tests/bench/nbd.sh            (qcow2 if this build serves it, else raw)
 #        ENCRYPT=1 tests/bench/nbd.sh
+#        ENCRYPT=1 EXTL2=1 tests/bench/nbd.sh
 #        FORMAT=raw SIZE=1G RUNTIME=3 REPEAT=2 tests/bench/nbd.sh
 #        TRACK=1 tests/bench/nbd.sh
 #        MODES=first-touch ROWS='randread 4k 32' ROW5=0 REPEAT=7 tests/bench/nbd.sh
@@ -47,6 +51,7 @@ REPEAT=${REPEAT:-2}
 SIZE=${SIZE:-512M}
 TRACK=${TRACK:-0}
 ENCRYPT=${ENCRYPT:-0}
+EXTL2=${EXTL2:-0}
 STAT=${STAT:-median}
 MODES=${MODES:-allocated first-touch}
 [ "$MODES" = none ] && MODES=
@@ -85,12 +90,14 @@ printf 'bench-passphrase' >"$work/pw"
 secret=(--object "secret,id=s,file=$work/pw")
 opts() { echo "driver=qcow2,file.filename=$1,encrypt.key-secret=s"; }
 
+extl2=
+[ "$EXTL2" = 1 ] && extl2=,extended_l2=on
 make_enc_image() { # make_enc_image PATH allocated|empty
   # qemu-img times PBKDF2 at every create and gives up when a loaded
   # machine leaves it no measurable CPU time: make one empty encrypted
   # image and copy it.
   if [ ! -e "$work/empty-enc.tmpl" ]; then
-    qemu-img create -q -f qcow2 "${secret[@]}" -o cluster_size=64k,encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10 "$work/empty-enc.tmpl" "$SIZE"
+    qemu-img create -q -f qcow2 "${secret[@]}" -o "cluster_size=64k,encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10$extl2" "$work/empty-enc.tmpl" "$SIZE"
   fi
   cp --sparse=always "$work/empty-enc.tmpl" "$1"
   if [ "$2" = allocated ]; then
@@ -184,7 +191,7 @@ if [ "$ENCRYPT" = 1 ]; then
   make_enc_image "$work/allocated-enc.$FORMAT" allocated
 fi
 make_image "$work/allocated.$FORMAT" allocated
-printf 'format=%s size=%s track=%s encrypt=%s, %s of %d runs of %ss per server and row, fio nbd engine over a unix socket; load %s\n' "$FORMAT" "$SIZE" "$TRACK" "$ENCRYPT" "$STAT" "$REPEAT" "$RUNTIME" "$(cut -d' ' -f1-3 /proc/loadavg)"
+printf 'format=%s size=%s track=%s encrypt=%s extl2=%s, %s of %d runs of %ss per server and row, fio nbd engine over a unix socket; load %s\n' "$FORMAT" "$SIZE" "$TRACK" "$ENCRYPT" "$EXTL2" "$STAT" "$REPEAT" "$RUNTIME" "$(cut -d' ' -f1-3 /proc/loadavg)"
 printf '%-11s %-10s %-4s %-3s' image rw bs qd
 for srv in "${servers[@]}"; do printf ' | %8s IOPS %9s' "$srv" "MiB/s"; done
 if [ "$ENCRYPT" = 1 ]; then printf ' | %s | %s\n' "enc/plain" "enc/qemu"
