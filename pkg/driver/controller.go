@@ -186,6 +186,7 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		ClusterSize:   params.ClusterSize,
 		Preallocation: params.Preallocation,
 		LazyRefcounts: params.LazyRefcounts,
+		ExtendedL2:    params.extendedL2(),
 		Passphrase:    pass,
 	}); err != nil {
 		_ = os.Remove(tmp)

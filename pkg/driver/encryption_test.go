@@ -90,6 +90,17 @@ func TestNodeEncryptedVolume(t *testing.T) {
 	if b, _ := os.ReadFile(raw); !bytes.Equal(b[1<<20:1<<20+len(marker)], marker) {
 		t.Fatal("qemu-img does not read the marker back")
 	}
+	// Encrypted volumes have subclusters by default (a first write encrypts
+	// only what it touches), and qemu-img checks the image clean.
+	out, err = exec.Command(qemuImg, "info", "--output=json", imageFile(e.pool, id)).CombinedOutput()
+	if err != nil || !bytes.Contains(out, []byte(`"extended-l2": true`)) {
+		t.Fatalf("qemu-img info: want extended-l2 true (%v)\n%s", err, out)
+	}
+	out, err = exec.Command(qemuImg, "check", "--object", "secret,id=k,data="+pass, "--image-opts",
+		"driver=qcow2,file.filename="+imageFile(e.pool, id)+",encrypt.key-secret=k").CombinedOutput()
+	if err != nil {
+		t.Fatalf("qemu-img check: %v\n%s", err, out)
+	}
 	// A snapshot restores into an encrypted volume under the same key; into
 	// a plain class it is refused.
 	snap, err := e.c.CreateSnapshot(e.ctx, &csi.CreateSnapshotRequest{SourceVolumeId: id, Name: "snap-enc"})

@@ -34,6 +34,8 @@ type ImageCreateOptions struct {
 	ClusterSize   int64
 	Preallocation string // off, metadata, falloc, full
 	LazyRefcounts bool
+	// ExtendedL2 gives the image subclusters (qcow2 extended_l2=on).
+	ExtendedL2 bool
 	// Passphrase, when set, makes the image encrypted (qcow2 LUKS) with a
 	// key slot it opens. The Images does not keep it.
 	Passphrase []byte

@@ -70,6 +70,7 @@ func (q Qcow2Images) Create(_ context.Context, path string, size int64, o ImageC
 		ClusterSize:   o.ClusterSize,
 		LazyRefcounts: o.LazyRefcounts,
 		Preallocation: o.Preallocation,
+		ExtendedL2:    o.ExtendedL2,
 		Logger:        q.Logger,
 	}
 	if o.Passphrase != nil {
