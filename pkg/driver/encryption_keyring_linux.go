@@ -5,6 +5,7 @@ package driver
 import (
 	"errors"
 	"fmt"
+	"runtime"
 
 	"golang.org/x/sys/unix"
 )
@@ -18,9 +19,9 @@ import (
 // Possession: a container gets a fresh session keyring (runc joins a new
 // one), which does not link the user keyring, so a restarted plugin does
 // not possess the keys its predecessor made. The key is therefore created
-// in this process's keyring, which it possesses, given permissions for
-// the possessor and for its own uid only (no group, no other), and only
-// then linked into the user keyring: the next process of the same uid can
+// in the calling thread's keyring, which that thread possesses, given
+// permissions for the possessor and for its own uid only (no group, no
+// other), and only then linked into the user keyring: the next process of the same uid can
 // search, read and invalidate it; processes of other uids cannot even see
 // it. Root in the host's user namespace that may call keyctl can read it,
 // as it could read the plugin's memory.
@@ -54,13 +55,21 @@ func (k KernelKeyring) description(volumeID string) string {
 
 // Put implements KeyStore. Linking a key displaces the one of the same
 // description already in the user keyring, so a re-stage replaces it.
+//
+// Every call runs on one OS thread, in that thread's keyring: keyrings
+// hang on a thread's credentials, and a Go goroutine moves between
+// threads. (It used the process keyring, which only threads made after it
+// share: setperm on another thread did not possess the new key and failed
+// with EACCES, now and then, and the key was not kept.)
 func (k KernelKeyring) Put(volumeID string, key []byte) error {
-	id, err := unix.AddKey(keyType, k.description(volumeID), key, unix.KEY_SPEC_PROCESS_KEYRING)
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	id, err := unix.AddKey(keyType, k.description(volumeID), key, unix.KEY_SPEC_THREAD_KEYRING)
 	if err != nil {
 		return fmt.Errorf("keyring: add_key: %w", err)
 	}
-	// Out of the process keyring whatever happens: it dies with us.
-	defer unix.KeyctlInt(unix.KEYCTL_UNLINK, id, unix.KEY_SPEC_PROCESS_KEYRING, 0, 0)
+	// Out of the thread keyring whatever happens: it dies with the thread.
+	defer unix.KeyctlInt(unix.KEYCTL_UNLINK, id, unix.KEY_SPEC_THREAD_KEYRING, 0, 0)
 	if err := unix.KeyctlSetperm(id, keyPerm); err != nil {
 		_, _ = unix.KeyctlInt(unix.KEYCTL_INVALIDATE, id, 0, 0, 0)
 		return fmt.Errorf("keyring: setperm: %w", err)
