@@ -96,7 +96,7 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	size, err := volumeSize(req.GetCapacityRange(), d.opts.DefaultVolumeSize, params.ClusterSize)
+	size, err := volumeSize(req.GetCapacityRange(), d.opts.DefaultVolumeSize, params)
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -462,7 +462,7 @@ func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (
 	}
 	return &csi.GetCapacityResponse{
 		AvailableCapacity: avail,
-		MaximumVolumeSize: wrapperspb.Int64(maxVirtualSize(DefaultClusterSize)),
+		MaximumVolumeSize: wrapperspb.Int64(maxVirtualSize(DefaultClusterSize, false)),
 	}, nil
 }
 
@@ -542,8 +542,8 @@ func expandedSize(m *volumeMeta, cr *csi.CapacityRange) (int64, error) {
 		return m.Capacity, nil
 	}
 	cs := m.Params.ClusterSize
-	if req > maxVirtualSize(cs) {
-		return 0, fmt.Errorf("%w: %d bytes requested, at most %d with cluster size %d", ErrOutOfRange, req, maxVirtualSize(cs), cs)
+	if max := m.Params.maxSize(); req > max {
+		return 0, fmt.Errorf("%w: %d bytes requested, at most %d with cluster size %d", ErrOutOfRange, req, max, cs)
 	}
 	size := (req + cs - 1) / cs * cs
 	if lim > 0 && size > lim {

@@ -410,20 +410,29 @@ func sortedKeys(m map[string]bool) []string {
 
 // maxVirtualSize is the largest image a cluster size allows, the bound qemu
 // enforces: an L1 table of at most 32 MiB (4 Mi entries), each L2 table one
-// cluster of 8-byte entries.
-func maxVirtualSize(clusterSize int64) int64 {
+// cluster of 8-byte entries, or of 16-byte ones with extended L2 (half the
+// size).
+func maxVirtualSize(clusterSize int64, extendedL2 bool) int64 {
 	cb := int64(bits.TrailingZeros64(uint64(clusterSize)))
-	shift := 22 + (cb - 3) + cb
+	entryBits := int64(3)
+	if extendedL2 {
+		entryBits = 4
+	}
+	shift := 22 + (cb - entryBits) + cb
 	if shift > 61 {
 		shift = 61
 	}
 	return 1 << shift
 }
 
+// maxSize is the largest image these parameters allow (maxVirtualSize).
+func (v volumeParams) maxSize() int64 { return maxVirtualSize(v.ClusterSize, v.extendedL2()) }
+
 // volumeSize picks the image size for a capacity range: the required bytes
 // rounded up to the cluster size, or the default size when none is required,
-// within the limit.
-func volumeSize(cr *csi.CapacityRange, def, cluster int64) (int64, error) {
+// within the limit of the volume's parameters.
+func volumeSize(cr *csi.CapacityRange, def int64, p volumeParams) (int64, error) {
+	cluster := p.ClusterSize
 	req, lim := cr.GetRequiredBytes(), cr.GetLimitBytes()
 	if req < 0 || lim < 0 {
 		return 0, fmt.Errorf("%w: capacity_range required_bytes %d / limit_bytes %d: negative", ErrInvalid, req, lim)
@@ -431,7 +440,7 @@ func volumeSize(cr *csi.CapacityRange, def, cluster int64) (int64, error) {
 	if lim > 0 && req > lim {
 		return 0, fmt.Errorf("%w: capacity_range required_bytes %d exceeds limit_bytes %d", ErrInvalid, req, lim)
 	}
-	max := maxVirtualSize(cluster)
+	max := p.maxSize()
 	size := req
 	if size == 0 {
 		size = def

@@ -109,9 +109,19 @@ func TestVolumeSize(t *testing.T) {
 		{1<<51 + 1, 0, 0, ErrOutOfRange},
 	}
 	for _, tc := range tests {
-		got, err := volumeSize(&csi.CapacityRange{RequiredBytes: tc.req, LimitBytes: tc.lim}, 1<<30, c)
+		got, err := volumeSize(&csi.CapacityRange{RequiredBytes: tc.req, LimitBytes: tc.lim}, 1<<30, volumeParams{ClusterSize: c})
 		if got != tc.want || !errors.Is(err, tc.err) || (err == nil) != (tc.err == nil) {
 			t.Errorf("volumeSize(%d, %d) = %d, %v; want %d, %v", tc.req, tc.lim, got, err, tc.want, tc.err)
+		}
+	}
+	// Extended L2 entries are 16 bytes: half the largest image. Encrypted
+	// volumes have them by default.
+	for _, p := range []volumeParams{{ClusterSize: c, Encrypted: true}, {ClusterSize: c, ExtendedL2: "true"}} {
+		if got, err := volumeSize(&csi.CapacityRange{RequiredBytes: 1<<50 + 1}, 1<<30, p); !errors.Is(err, ErrOutOfRange) {
+			t.Errorf("volumeSize(2^50+1) with %+v = %d, %v; want out of range (1 PiB at most)", p, got, err)
+		}
+		if got, err := volumeSize(&csi.CapacityRange{RequiredBytes: 1 << 50}, 1<<30, p); err != nil || got != 1<<50 {
+			t.Errorf("volumeSize(2^50) with %+v = %d, %v; want 2^50", p, got, err)
 		}
 	}
 }
