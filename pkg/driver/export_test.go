@@ -39,3 +39,6 @@ func (d *Driver) GroupHoldForTest() (uint64, float64) {
 	}
 	return m.GetHistogram().GetSampleCount(), m.GetHistogram().GetSampleSum()
 }
+
+// MaxGroupMembersForTest is the bound on a group snapshot's volumes.
+const MaxGroupMembersForTest = maxGroupMembers

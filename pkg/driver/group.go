@@ -166,6 +166,15 @@ func (d *Driver) checkGroupPrepare(req *groupPrepare) error {
 	if len(req.Members) == 0 {
 		return fmt.Errorf("%w: group snapshot %q: no member on node %s", ErrInvalid, req.Name, d.opts.NodeID)
 	}
+	// A prepare comes from the controller over the agent's TLS listener,
+	// but is bounded as the CSI request is: the whole group, and so this
+	// node's share of it.
+	if err := checkGroupSize(req.Name, len(req.All), "source volumes"); err != nil {
+		return err
+	}
+	if err := checkGroupSize(req.Name, len(req.Members), "members on node "+d.opts.NodeID); err != nil {
+		return err
+	}
 	if _, ok := d.snapshotImages(); !ok {
 		return needQcow2(req.Members[0])
 	}

@@ -58,6 +58,25 @@ const groupAbortGrace = time.Second
 // snapshots (each a few metadata writes).
 const groupCommitTimeout = time.Minute
 
+// maxGroupMembers bounds the source volumes of one group snapshot, and
+// the members of one node's prepare. Each member is a goroutine, a held
+// snapshot lock and, staged, a paused gate, all at once, and the node's
+// members are snapshotted in parallel within one hold (5 s by default,
+// 20 s at most): 64 is far above a real group (a database's data and
+// WAL, a few shards) and still a count whose snapshot syncs fit in the
+// hold on one disk, while a hostile or mistaken request of thousands is
+// refused before anything is held.
+const maxGroupMembers = 64
+
+// checkGroupSize refuses a group snapshot named name of n volumes (what
+// counts: "source volumes", "members on node X") above maxGroupMembers.
+func checkGroupSize(name string, n int, what string) error {
+	if n > maxGroupMembers {
+		return fmt.Errorf("%w: group snapshot %q: %d %s, at most %d", ErrInvalid, name, n, what, maxGroupMembers)
+	}
+	return nil
+}
+
 // groupRun is one CreateVolumeGroupSnapshot across the nodes in peers,
 // each with its members in members.
 type groupRun struct {
@@ -242,6 +261,9 @@ func validateCreateVolumeGroupSnapshotRequest(r *csi.CreateVolumeGroupSnapshotRe
 	}
 	if len(r.GetSourceVolumeIds()) == 0 {
 		return fmt.Errorf("%w: group snapshot %q: source_volume_ids is required (at least one volume)", ErrInvalid, name)
+	}
+	if err := checkGroupSize(name, len(r.GetSourceVolumeIds()), "source volumes"); err != nil {
+		return err
 	}
 	seen := map[string]bool{}
 	for i, v := range r.GetSourceVolumeIds() {

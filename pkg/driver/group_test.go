@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http/httptest"
@@ -674,5 +675,31 @@ func TestGroupSnapshotLatePrepare(t *testing.T) {
 	// node counts only the holds its own timer ends.
 	if m := grepLines(scrape(t, n.srv.Driver), "group_snapshot_aborts_total{"); m != "" {
 		t.Errorf("the node counted an abort its caller counts:\n%s", m)
+	}
+}
+
+// TestGroupSnapshotTooManyMembers: a group of more volumes than the bound
+// is refused before anything is held or looked up, by the single-process
+// service, the router and a node's prepare alike, naming the count and
+// the bound.
+func TestGroupSnapshotTooManyMembers(t *testing.T) {
+	n := startGroupNode(t, "node-a", 0)
+	a, _ := n.volume(t, "a", true)
+	vols := []string{a}
+	for i := 1; i <= driver.MaxGroupMembersForTest; i++ {
+		vols = append(vols, fmt.Sprintf("vol-%032x@node-a", i))
+	}
+	want := fmt.Sprintf("%d source volumes, at most %d", len(vols), driver.MaxGroupMembersForTest)
+	routed, _ := routedGroups(t, 0, nil, n)
+	ctx := context.Background()
+	for _, gc := range []csi.GroupControllerClient{n.groups(), routed} {
+		_, err := gc.CreateVolumeGroupSnapshot(ctx, &csi.CreateVolumeGroupSnapshotRequest{Name: "big", SourceVolumeIds: vols})
+		wantCode(t, err, codes.InvalidArgument, want)
+	}
+	_, err := n.srv.Driver.GroupPrepareForTest(ctx, "big", vols, time.Second)
+	wantCode(t, err, codes.InvalidArgument, want)
+	// Nothing was held: the volume takes a snapshot at once.
+	if _, err := n.c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "after", SourceVolumeId: a}); err != nil {
+		t.Fatal(err)
 	}
 }
