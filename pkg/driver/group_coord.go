@@ -90,7 +90,7 @@ type groupRun struct {
 }
 
 // eachNode runs fn for every node at once, and returns the errors, each
-// naming its node.
+// naming its node once (the router's own already do).
 func (g *groupRun) eachNode(fn func(node string, p groupPeer) error) error {
 	var mu sync.Mutex
 	var errs []error
@@ -98,8 +98,11 @@ func (g *groupRun) eachNode(fn func(node string, p groupPeer) error) error {
 	for _, n := range slices.Sorted(maps.Keys(g.peers)) {
 		wg.Go(func() {
 			if err := fn(n, g.peers[n]); err != nil {
+				if !namesNode(err, n) {
+					err = fmt.Errorf("node %s: %w", n, err)
+				}
 				mu.Lock()
-				errs = append(errs, fmt.Errorf("node %s: %w", n, err))
+				errs = append(errs, err)
 				mu.Unlock()
 			}
 		})
@@ -209,7 +212,7 @@ func (g *groupRun) abort(ctx context.Context, reason string, holdOnly bool, err 
 	rerr := g.releaseAll(ctx, holdOnly)
 	klog.FromContext(ctx).Info("Group snapshot aborted", "groupSnapshotID", g.id, "reason", reason, "err", err, "releaseErr", rerr)
 	if rerr != nil {
-		return fmt.Errorf("%w (and releasing: %v; nodes that did not answer release at their deadline, their members go with the next attempt or DeleteVolumeGroupSnapshot)", err, rerr)
+		return fmt.Errorf("%w; release: %v (a node that did not answer releases at its own deadline; its members go with the next attempt or DeleteVolumeGroupSnapshot)", err, rerr)
 	}
 	return err
 }

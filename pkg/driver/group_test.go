@@ -10,6 +10,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -490,6 +491,13 @@ func TestGroupSnapshotNodeSilent(t *testing.T) {
 	stop := seqWriter(beA)
 	_, err = gc.CreateVolumeGroupSnapshot(context.Background(), &csi.CreateVolumeGroupSnapshotRequest{Name: "silent", SourceVolumeIds: []string{a, b}})
 	wantCode(t, err, codes.DeadlineExceeded, "node node-b")
+	// Each phase names the node, its agent and the cause once.
+	msg := status.Convert(err).Message()
+	addr := regexp.QuoteMeta(silent.Addr().String())
+	if !regexp.MustCompile(`^group snapshot "silent": prepare: node node-b \(agent `+addr+`\) did not answer within [0-9.]+m?s: context deadline exceeded[^;]*; release: node node-b \(agent `+addr+`\) [^;]*\(a node that did not answer releases at its own deadline`).MatchString(msg) ||
+		strings.Count(msg, "node node-b") != 2 || strings.Contains(msg, "exceeded: context deadline exceeded") {
+		t.Errorf("error text repeats or misses what failed: %q", msg)
+	}
 	// node-a was released by the abort: its writer goes on.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

@@ -240,14 +240,14 @@ func (r *Router) conn(ctx context.Context, node string) (*agentConn, error) {
 		addr, known = m[node]
 	}
 	if !known {
-		return nil, r.absent(ctx, owner{Name: node})
+		return nil, nodeErr(node, r.absent(ctx, owner{Name: node}))
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	delete(r.missing, node)
 	if addr == "" {
 		r.metrics.connErrors.WithLabelValues(node).Inc()
-		return nil, fmt.Errorf("%w: node %s: its plugin Pod is not running", ErrUnavailable, node)
+		return nil, nodeErr(node, fmt.Errorf("%w: node %s: its plugin Pod is not running", ErrUnavailable, node))
 	}
 	if c := r.conns[node]; c != nil {
 		if c.addr == addr && r.failed[node] != c {
@@ -269,7 +269,7 @@ func (r *Router) conn(ctx context.Context, node string) (*agentConn, error) {
 		grpc.WithConnectParams(grpc.ConnectParams{Backoff: agentBackoff, MinConnectTimeout: 5 * time.Second}),
 	)
 	if err != nil {
-		return nil, fmt.Errorf("node %s: agent %s: %w", node, addr, err)
+		return nil, nodeErr(node, fmt.Errorf("node %s (agent %s): %w", node, addr, err))
 	}
 	c = &agentConn{addr: addr, cc: cc}
 	r.conns[node] = c
@@ -288,6 +288,7 @@ func (r *Router) call(ctx context.Context, node, method string, fn func(ctx cont
 }
 
 func (r *Router) callRetry(ctx context.Context, node, method string, retry bool, fn func(ctx context.Context, cc *grpc.ClientConn) error) error {
+	began := time.Now()
 	c, err := r.conn(ctx, node)
 	if err != nil {
 		return err
@@ -306,7 +307,7 @@ func (r *Router) callRetry(ctx context.Context, node, method string, retry bool,
 	if code == codes.DeadlineExceeded {
 		// A hung agent (or connection) looks like this too: dial anew
 		// next time, and say which node. No retry: the time is spent.
-		return fmt.Errorf("node %s: agent %s: %s: %w", node, c.addr, status.Convert(err).Message(), context.DeadlineExceeded)
+		return nodeErr(node, agentDeadline(ctx, node, c.addr, time.Since(began), err))
 	}
 	if retry {
 		// Asking the lookup only: conn must still see the failed
@@ -316,7 +317,44 @@ func (r *Router) callRetry(ctx context.Context, node, method string, retry bool,
 			return r.callRetry(ctx, node, method, false, fn)
 		}
 	}
-	return fmt.Errorf("%w: node %s: agent %s: %s", ErrUnavailable, node, c.addr, status.Convert(err).Message())
+	return nodeErr(node, fmt.Errorf("node %s (agent %s): %w: %s", node, c.addr, ErrUnavailable, status.Convert(err).Message()))
+}
+
+// nodeError is a failure to reach node's agent, whose text names the node
+// (and the agent) already: a caller that names the node of each of its
+// errors (a group snapshot's, group_coord.go) leaves it as it is.
+type nodeError struct {
+	node, text string
+	cause      error
+}
+
+func (e nodeError) Error() string { return e.text }
+func (e nodeError) Unwrap() error { return e.cause }
+
+func nodeErr(node string, err error) error { return nodeError{node, err.Error(), err} }
+
+// namesNode reports whether err's text names node already.
+func namesNode(err error, node string) bool {
+	var ne nodeError
+	return errors.As(err, &ne) && ne.node == node
+}
+
+// agentDeadline is the DeadlineExceeded of a call to node's agent at addr
+// after waited: the caller's deadline passed (the agent did not answer),
+// or the agent answered so itself. It says each thing once: the status
+// message of a deadline the client side hit is only the sentinel's text.
+func agentDeadline(ctx context.Context, node, addr string, waited time.Duration, err error) error {
+	who := fmt.Sprintf("node %s (agent %s)", node, addr)
+	if ctx.Err() != nil {
+		who += fmt.Sprintf(" did not answer within %s", waited.Round(100*time.Millisecond))
+	}
+	msg := status.Convert(err).Message()
+	if strings.Contains(msg, context.DeadlineExceeded.Error()) {
+		// gRPC's own text ("context deadline exceeded while waiting
+		// for connections to become ready") says it already.
+		return nodeError{node, who + ": " + msg, context.DeadlineExceeded}
+	}
+	return nodeErr(node, fmt.Errorf("%s: %s: %w", who, msg, context.DeadlineExceeded))
 }
 
 // nodeOfVolume is the node that owns volume id.

@@ -644,7 +644,7 @@ func TestRouterAgentDeadline(t *testing.T) {
 	ctl := drivertest.StartController(t, driver.StaticAgents{"node-a": lis.Addr().String()}, certs, driver.RouterOptions{})
 	c := csi.NewControllerClient(dialConn(t, ctl.Endpoint))
 	_, err = c.ControllerGetVolume(context.Background(), &csi.ControllerGetVolumeRequest{VolumeId: "vol-0123456789abcdef0123456789abcdef@node-a"})
-	wantCode(t, err, codes.DeadlineExceeded, "node node-a: agent "+lis.Addr().String()+": too slow")
+	wantCode(t, err, codes.DeadlineExceeded, "node node-a (agent "+lis.Addr().String()+"): too slow: context deadline exceeded")
 	if want := `qcow2_csi_agent_connection_errors_total{node="node-a"} 1`; !strings.Contains(ctl.Metrics(), want) {
 		t.Errorf("metrics lack %s", want)
 	}
