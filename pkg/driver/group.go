@@ -106,7 +106,9 @@ type groupTxn struct {
 	want    snapshotMeta // the members' record, less ID and source
 	members []string
 	start   time.Time
-	timer   *time.Timer
+	// deadline ends the hold: the commit's snapshots too must end by it.
+	deadline time.Time
+	timer    *time.Timer
 
 	mu      sync.Mutex
 	done    bool // released: committed, aborted or expired
@@ -276,7 +278,7 @@ func (d *Driver) groupPrepare(ctx context.Context, req *groupPrepare) (*groupMem
 	if err != nil {
 		return nil, err
 	}
-	t := &groupTxn{id: req.GroupID, members: req.Members, start: start, unlocks: unlocks,
+	t := &groupTxn{id: req.GroupID, members: req.Members, start: start, deadline: deadline, unlocks: unlocks,
 		want: snapshotMeta{BlockMetadataType: params.BlockMetadataType, Group: req.GroupID, GroupName: req.Name, GroupMembers: req.All}}
 	if done, err := d.groupExisting(ctx, req); done != nil || err != nil {
 		t.unlock()
@@ -436,7 +438,15 @@ func (d *Driver) groupCommit(ctx context.Context, ref groupRef) (*groupMembers, 
 		d.releaseLocked(t, "node_deadline")
 		return nil, fmt.Errorf("%w: group snapshot %q: node %s released its I/O at its deadline, %s after the prepare; the point in time is lost", ErrHoldExpired, t.id, d.opts.NodeID, since(t.start))
 	}
-	taken, err := d.takeMembers(ctx, t)
+	// The snapshots run within what is left of the hold: I/O is never
+	// held past the deadline, even when the disk is slow.
+	hctx, cancel := context.WithDeadline(ctx, t.deadline)
+	defer cancel()
+	taken, late, err := d.takeMembers(hctx, t)
+	if late != nil {
+		d.abandonCommit(ctx, t, late)
+		return nil, fmt.Errorf("%w: group snapshot %q: node %s: its member snapshots had not ended %s after the prepare (%v): I/O released, the members deleted once they end", ErrHoldExpired, t.id, d.opts.NodeID, since(t.start), context.Cause(hctx))
+	}
 	if err != nil {
 		derr := d.deleteGroupRecords(ctx, taken)
 		d.releaseLocked(t, "") // the caller counts the abort
@@ -447,11 +457,34 @@ func (d *Driver) groupCommit(ctx context.Context, ref groupRef) (*groupMembers, 
 	return membersOf(taken), nil
 }
 
+// abandonCommit ends a commit whose snapshots outlived the hold: the I/O
+// goes now; the volumes stay locked (a retry is Aborted) until the
+// snapshots still running end and every member taken is deleted, as a
+// member taken after the release is not of the group's instant. The
+// caller holds t.mu.
+func (d *Driver) abandonCommit(ctx context.Context, t *groupTxn, late func() []*snapshotMeta) {
+	unlocks := t.unlocks
+	t.unlocks = nil
+	d.releaseLocked(t, "") // the caller counts the abort
+	logger := klog.FromContext(ctx).WithValues("groupSnapshotID", t.id)
+	logger.Info("Group snapshot hold ran out during its commit: I/O released", "held", since(t.start))
+	go func() {
+		if err := d.deleteGroupRecords(context.WithoutCancel(ctx), late()); err != nil {
+			logger.Error(err, "Deleting the members of a commit that ran out of its hold; DeleteVolumeGroupSnapshot or a retry deletes them")
+		}
+		for _, u := range unlocks {
+			u()
+		}
+	}()
+}
+
 // takeMembers takes the snapshots of t's members, all at once: each is
 // its own image (and its own syncs), and the I/O is held until the
 // slowest is done, so the hold is the longest snapshot, not their sum. It
-// returns those taken, also on an error.
-func (d *Driver) takeMembers(ctx context.Context, t *groupTxn) ([]*snapshotMeta, error) {
+// returns those taken, also on an error. When ctx ends first it returns
+// at once with late, which waits for the snapshots still running (they
+// cannot be interrupted) and returns every member taken.
+func (d *Driver) takeMembers(ctx context.Context, t *groupTxn) (_ []*snapshotMeta, late func() []*snapshotMeta, _ error) {
 	ms := make([]*snapshotMeta, len(t.members))
 	errs := make([]error, len(t.members))
 	var wg sync.WaitGroup
@@ -465,14 +498,32 @@ func (d *Driver) takeMembers(ctx context.Context, t *groupTxn) ([]*snapshotMeta,
 			}
 		})
 	}
-	wg.Wait()
-	var taken []*snapshotMeta
-	for _, m := range ms {
-		if m != nil {
-			taken = append(taken, m)
+	ended := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(ended)
+	}()
+	taken := func() []*snapshotMeta {
+		<-ended
+		var out []*snapshotMeta
+		for _, m := range ms {
+			if m != nil {
+				out = append(out, m)
+			}
+		}
+		return out
+	}
+	select {
+	case <-ended:
+		return taken(), nil, errors.Join(errs...)
+	case <-ctx.Done():
+		select {
+		case <-ended: // both at once: the snapshots did end in time
+			return taken(), nil, errors.Join(errs...)
+		default:
+			return nil, taken, nil
 		}
 	}
-	return taken, errors.Join(errs...)
 }
 
 // groupRelease aborts group id on this node, if it is held, and deletes

@@ -55,7 +55,8 @@ func (p localPeer) get(ctx context.Context, ref groupRef) (*groupMembers, error)
 const groupAbortGrace = time.Second
 
 // groupCommitTimeout bounds a commit, which takes the node's member
-// snapshots (each a few metadata writes).
+// snapshots (each a few metadata writes). A node ends its held I/O at its
+// own deadline (group.go); this only bounds the wait for its answer.
 const groupCommitTimeout = time.Minute
 
 // maxGroupMembers bounds the source volumes of one group snapshot, and

@@ -41,9 +41,15 @@ type groupNode struct {
 
 func startGroupNode(t testing.TB, node string, hold time.Duration) *groupNode {
 	t.Helper()
+	return startGroupNodeImages(t, node, hold, driver.Qcow2Images{})
+}
+
+// startGroupNodeImages is startGroupNode on images.
+func startGroupNodeImages(t testing.TB, node string, hold time.Duration, images driver.Images) *groupNode {
+	t.Helper()
 	att := &backendAttacher{backends: map[string]nbdattach.Backend{}}
 	srv := drivertest.Start(t, driver.Options{NodeID: node, GroupHoldTimeout: hold},
-		driver.Seams{Images: driver.Qcow2Images{}, Attachers: []nbdattach.Attacher{att}})
+		driver.Seams{Images: images, Attachers: []nbdattach.Attacher{att}})
 	conn, err := grpc.NewClient("unix://"+srv.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
@@ -709,5 +715,93 @@ func TestGroupSnapshotTooManyMembers(t *testing.T) {
 	// Nothing was held: the volume takes a snapshot at once.
 	if _, err := n.c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "after", SourceVolumeId: a}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// stuckImages opens the images whose path contains stuck (when set) only
+// once release is closed: a disk that stalls a snapshot of a closed image.
+type stuckImages struct {
+	driver.Qcow2Images
+	stuck   atomic.Pointer[string]
+	release chan struct{}
+}
+
+func (s *stuckImages) Open(ctx context.Context, path string, o driver.ImageOpenOptions) (driver.Image, error) {
+	if p := s.stuck.Load(); p != nil && strings.Contains(path, *p) {
+		<-s.release
+	}
+	return s.Qcow2Images.Open(ctx, path, o)
+}
+
+// TestGroupSnapshotCommitOutlivesHold: a commit whose member snapshots do
+// not end within the hold releases the I/O at the deadline and answers
+// Aborted; the members are deleted once the stalled snapshot ends, and
+// the volumes are free again.
+func TestGroupSnapshotCommitOutlivesHold(t *testing.T) {
+	imgs := &stuckImages{release: make(chan struct{})}
+	n := startGroupNodeImages(t, "node-a", 0, imgs)
+	a, beA := n.volume(t, "a", true)
+	b, _ := n.volume(t, "b", false) // closed: its snapshot opens its image
+	d := n.srv.Driver
+	ctx := context.Background()
+	id, err := d.GroupPrepareForTest(ctx, "stuck", []string{a, b}, 500*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stuck := strings.TrimPrefix(strings.SplitN(b, "@", 2)[0], "vol-")
+	imgs.stuck.Store(&stuck)
+	released := false
+	defer func() {
+		if !released {
+			close(imgs.release)
+		}
+	}()
+	wrote := make(chan error, 1)
+	go func() { wrote <- writeSeq(ctx, beA, 9) }()
+	committed := make(chan error, 1)
+	go func() {
+		_, err := d.GroupCommitForTest(ctx, id)
+		committed <- err
+	}()
+	// Both while b's snapshot is still stalled.
+	select {
+	case err := <-committed:
+		wantCode(t, err, codes.Aborted, "had not ended")
+	case <-time.After(10 * time.Second):
+		t.Fatal("the commit held on past its deadline while a member snapshot stalled")
+	}
+	select {
+	case err := <-wrote:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the held write was not released at the deadline")
+	}
+	imgs.stuck.Store(nil)
+	close(imgs.release)
+	released = true
+	// Once the stalled snapshot ends, no member is left and the volumes
+	// take snapshots again.
+	for end := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		l, err := n.c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(l.GetEntries()) == 0 {
+			break
+		}
+		if time.Now().After(end) {
+			t.Fatalf("members left after the stalled snapshot ended: %v", l.GetEntries())
+		}
+	}
+	for end := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		_, err := n.c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "after", SourceVolumeId: b})
+		if err == nil {
+			break
+		}
+		if status.Code(err) != codes.Aborted || time.Now().After(end) {
+			t.Fatalf("a snapshot of the volume after the group: %v", err)
+		}
 	}
 }
