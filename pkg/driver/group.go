@@ -425,7 +425,8 @@ func (d *Driver) expireGroup(t *groupTxn) {
 
 // groupCommit takes the member snapshots of a prepared group while their
 // I/O is held, then releases it. A group no longer held (its deadline
-// passed) is refused with ErrHoldExpired. On a failure the members taken
+// passed), or whose snapshots do not end by the deadline, is refused with
+// ErrHoldExpired. On a failure the members taken
 // are deleted: the node keeps no partial group.
 func (d *Driver) groupCommit(ctx context.Context, ref groupRef) (*groupMembers, error) {
 	t := d.groups.get(ref.GroupID)
