@@ -36,8 +36,14 @@ func fromVolume(id string) *csi.VolumeContentSource {
 // cloneVolume creates block volume name from src with StorageClass params.
 func cloneVolume(t *testing.T, c clients, name string, src *csi.VolumeContentSource, params map[string]string) string {
 	t.Helper()
-	v, err := c.CreateVolume(context.Background(), &csi.CreateVolumeRequest{Name: name, VolumeCapabilities: []*csi.VolumeCapability{capBlock(rw)},
-		Parameters: params, VolumeContentSource: src})
+	// A background flatten may hold the source's lock: the CO retries
+	// Aborted, so do the tests.
+	var v *csi.CreateVolumeResponse
+	err := retryAborted(func() (err error) {
+		v, err = c.CreateVolume(context.Background(), &csi.CreateVolumeRequest{Name: name, VolumeCapabilities: []*csi.VolumeCapability{capBlock(rw)},
+			Parameters: params, VolumeContentSource: src})
+		return err
+	})
 	if err != nil {
 		t.Fatalf("clone %s: %v", name, err)
 	}
