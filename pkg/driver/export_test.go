@@ -42,3 +42,15 @@ func (d *Driver) GroupHoldForTest() (uint64, float64) {
 
 // MaxGroupMembersForTest is the bound on a group snapshot's volumes.
 const MaxGroupMembersForTest = maxGroupMembers
+
+// FlattenRunningForTest says whether a background flatten of volume id is
+// registered: stepping, backing off from a busy volume, or ending its
+// last step. The record's "waiting" outlives the flatten that set it (a
+// DeleteSnapshot starts a new one before any step rewrites it), so only
+// this says that nothing of the driver has the closed image open.
+func (d *Driver) FlattenRunningForTest(id string) bool {
+	d.flattens.mu.Lock()
+	defer d.flattens.mu.Unlock()
+	_, ok := d.flattens.running[id]
+	return ok
+}

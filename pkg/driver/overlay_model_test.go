@@ -14,6 +14,7 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 
+	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
 	"github.com/qcow2-csi/qcow2-csi/tests/peer"
 )
 
@@ -25,7 +26,8 @@ import (
 // everything at the end leaves nothing.
 func TestOverlayModel(t *testing.T) {
 	qemuImg := peer.Require(t, "qemu-img")
-	pool, c, _ := startQcow2(t)
+	pool, srv := startQcow2Server(t, driver.Options{})
+	c := dial(t, srv)
 	ctx := context.Background()
 	seed := time.Now().UnixNano()
 	t.Logf("seed %d", seed)
@@ -145,7 +147,7 @@ func TestOverlayModel(t *testing.T) {
 			}); err != nil {
 				t.Fatalf("%s: %v", step, err)
 			}
-			waitFlatOrWaiting(t, pool, v)
+			waitFlatOrWaiting(t, srv.Driver, pool, v)
 			checkVolume(step, v)
 		default:
 			continue
@@ -154,9 +156,7 @@ func TestOverlayModel(t *testing.T) {
 		// A snapshot's deletion resumes a flatten that waited for it: let
 		// the background flattens settle before looking at the files.
 		for _, v := range keys(vols) {
-			if _, pending := volumeRecord(t, pool, v)["flatten"]; pending {
-				waitFlatOrWaiting(t, pool, v)
-			}
+			waitFlatOrWaiting(t, srv.Driver, pool, v)
 		}
 		checkAll(step)
 		for _, s := range keys(snaps) {
@@ -182,17 +182,26 @@ func TestOverlayModel(t *testing.T) {
 }
 
 // waitFlatOrWaiting waits until volume id's flatten is over or waits for
-// its snapshots.
-func waitFlatOrWaiting(t *testing.T, pool, id string) {
+// its snapshots, and no flatten of d runs on it any more. The record alone
+// does not say so: the "waiting" a flatten left stays in it while the
+// flatten a DeleteSnapshot resumed steps on the image, and this test
+// writes images and runs qemu-img check -U (which reads without a lock)
+// from outside the driver, so it must not look while the driver writes.
+func waitFlatOrWaiting(t *testing.T, d *driver.Driver, pool, id string) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
-		f, pending := volumeRecord(t, pool, id)["flatten"].(map[string]any)
-		if !pending && backingFile(t, imageFile(pool, id)) == "" {
-			return
-		}
-		if w, _ := f["waiting"].(string); w != "" {
-			return
+		if !d.FlattenRunningForTest(id) {
+			f, pending := volumeRecord(t, pool, id)["flatten"].(map[string]any)
+			if !pending && backingFile(t, imageFile(pool, id)) == "" {
+				return
+			}
+			if w, _ := f["waiting"].(string); w != "" {
+				return
+			}
+			if !pending {
+				return // a clone nothing asked to flatten
+			}
 		}
 		time.Sleep(10 * time.Millisecond)
 	}

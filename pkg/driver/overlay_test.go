@@ -469,7 +469,8 @@ func TestOverlayExpand(t *testing.T) {
 // hold what was written between them, not the base's data, also across a
 // flatten (its copy-up is no change).
 func TestOverlayDeltas(t *testing.T) {
-	pool, c, md := startQcow2(t)
+	pool, srv := startQcow2Server(t, driver.Options{})
+	c, md := dial(t, srv), dialMetadata(t, srv)
 	ctx := context.Background()
 	_, _, s := volumeWithSnapshot(t, pool, c, 8)
 	id := cloneVolume(t, c, "clone", fromSnapshot(s.Snapshot.SnapshotId), nil)
@@ -491,7 +492,7 @@ func TestOverlayDeltas(t *testing.T) {
 	if _, err := c.ControllerModifyVolume(ctx, &csi.ControllerModifyVolumeRequest{VolumeId: id, MutableParameters: map[string]string{"flatten": "true"}}); err != nil {
 		t.Fatal(err)
 	}
-	waitFlatOrWaiting(t, pool, id)
+	waitFlatOrWaiting(t, srv.Driver, pool, id)
 	var s2 *csi.CreateSnapshotResponse
 	if err := retryAborted(func() error {
 		var err error

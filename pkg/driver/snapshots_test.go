@@ -35,15 +35,27 @@ func startQcow2(t *testing.T) (string, clients, csi.SnapshotMetadataClient) {
 // startQcow2With is startQcow2 with options (Pool is filled in).
 func startQcow2With(t *testing.T, opts driver.Options) (string, clients, csi.SnapshotMetadataClient) {
 	t.Helper()
-	pool := t.TempDir()
-	opts.Pool = pool
-	srv := drivertest.Start(t, opts, driver.Seams{Images: driver.Qcow2Images{CrashConsistentBitmaps: true}})
+	pool, srv := startQcow2Server(t, opts)
+	return pool, dial(t, srv), dialMetadata(t, srv)
+}
+
+// dialMetadata is a SnapshotMetadata client of srv.
+func dialMetadata(t *testing.T, srv *drivertest.Server) csi.SnapshotMetadataClient {
+	t.Helper()
 	conn, err := grpc.NewClient("unix://"+srv.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	return pool, dial(t, srv), csi.NewSnapshotMetadataClient(conn)
+	return csi.NewSnapshotMetadataClient(conn)
+}
+
+// startQcow2Server starts a driver on the qcow2 library with opts (Pool
+// is filled in) for tests that reach into the driver; it returns the pool.
+func startQcow2Server(t *testing.T, opts driver.Options) (string, *drivertest.Server) {
+	t.Helper()
+	opts.Pool = t.TempDir()
+	return opts.Pool, drivertest.Start(t, opts, driver.Seams{Images: driver.Qcow2Images{CrashConsistentBitmaps: true}})
 }
 
 // writeImage writes random runs into a closed volume image and applies them
