@@ -39,14 +39,23 @@ type flattenState struct {
 type flattenRuns struct {
 	mu      sync.Mutex
 	running map[string]context.CancelFunc
-	wg      sync.WaitGroup
+	// again: a start came while id's flatten ran; it runs once more
+	// before it ends, so that what the start was for (a snapshot deleted
+	// after the last step found it on the base) is not lost.
+	again map[string]bool
+	wg    sync.WaitGroup
 }
 
-// start registers a flatten of id; false when one runs already.
+// start registers a flatten of id; false when one runs already (it then
+// runs once more before it ends).
 func (r *flattenRuns) start(id string) (context.Context, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if _, ok := r.running[id]; ok {
+		if r.again == nil {
+			r.again = map[string]bool{}
+		}
+		r.again[id] = true
 		return nil, false
 	}
 	if r.running == nil {
@@ -58,14 +67,23 @@ func (r *flattenRuns) start(id string) (context.Context, bool) {
 	return ctx, true
 }
 
-func (r *flattenRuns) done(id string) {
+// done ends id's flatten (ctx its context), unless a start came while it
+// ran and it was not stopped: then it stays registered and is to run
+// again (false).
+func (r *flattenRuns) done(ctx context.Context, id string) bool {
 	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.again[id] && ctx.Err() == nil {
+		delete(r.again, id)
+		return false
+	}
+	delete(r.again, id)
 	if c, ok := r.running[id]; ok {
 		c()
 		delete(r.running, id)
 	}
-	r.mu.Unlock()
 	r.wg.Done()
+	return true
 }
 
 // stop cancels id's flatten; it ends at its next step.
@@ -91,38 +109,49 @@ func (r *flattenRuns) stopAll() {
 // tries again.
 const flattenRetry = 2 * time.Second
 
-// startFlatten runs volume id's flatten in the background unless it runs.
+// startFlatten runs volume id's flatten in the background; one that runs
+// already runs once more before it ends (DeleteSnapshot may come between
+// its last step and its end).
 func (d *Driver) startFlatten(id string) {
 	ctx, ok := d.flattens.start(id)
 	if !ok {
 		return
 	}
 	go func() {
-		defer d.flattens.done(id)
-		logger := klog.Background().WithValues("volumeID", id)
-		start := time.Now()
-		wait := 50 * time.Millisecond
 		for {
-			done, err := d.flattenStep(ctx, id)
-			switch {
-			case errors.Is(err, ErrBusy):
-				select {
-				case <-ctx.Done():
-					return
-				case <-time.After(wait):
-				}
-				wait = min(2*wait, flattenRetry)
-				continue
-			case err != nil:
-				logger.Error(err, "Flatten stopped; it resumes at the next start or request")
-				return
-			case done:
-				logger.Info("Flatten ended", "took", since(start))
+			d.runFlatten(ctx, id)
+			if d.flattens.done(ctx, id) {
 				return
 			}
-			wait = 50 * time.Millisecond
 		}
 	}()
+}
+
+// runFlatten steps volume id's flatten until it is done, stopped, or fails.
+func (d *Driver) runFlatten(ctx context.Context, id string) {
+	logger := klog.Background().WithValues("volumeID", id)
+	start := time.Now()
+	wait := 50 * time.Millisecond
+	for {
+		done, err := d.flattenStep(ctx, id)
+		switch {
+		case errors.Is(err, ErrBusy):
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(wait):
+			}
+			wait = min(2*wait, flattenRetry)
+			continue
+		case err != nil:
+			logger.Error(err, "Flatten stopped; it resumes at the next start or request")
+			return
+		case done:
+			logger.Info("Flatten ended", "took", since(start))
+			return
+		}
+		wait = 50 * time.Millisecond
+	}
 }
 
 // flattenStep does one step of volume id's flatten under its snapshot
