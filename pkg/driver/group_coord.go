@@ -162,28 +162,27 @@ func (g *groupRun) create(ctx context.Context) (*csi.VolumeGroupSnapshot, error)
 func (g *groupRun) prepareAll(ctx context.Context) (map[string]*groupMembers, error) {
 	pctx, cancel := context.WithTimeout(ctx, g.hold)
 	defer cancel()
-	var mu sync.Mutex
-	got := map[string]*groupMembers{}
-	err := g.eachNode(func(n string, p groupPeer) error {
-		m, err := p.prepare(pctx, &groupPrepare{GroupID: g.id, Name: g.name, Members: g.members[n], All: g.all,
+	return g.collect(func(n string, p groupPeer) (*groupMembers, error) {
+		return p.prepare(pctx, &groupPrepare{GroupID: g.id, Name: g.name, Members: g.members[n], All: g.all,
 			Parameters: g.params, HoldMillis: g.hold.Milliseconds()})
-		if err == nil {
-			mu.Lock()
-			got[n] = m
-			mu.Unlock()
-		}
-		return err
 	})
-	return got, err
 }
 
 func (g *groupRun) commitAll(ctx context.Context) (map[string]*groupMembers, error) {
 	cctx, cancel := context.WithTimeout(ctx, groupCommitTimeout)
 	defer cancel()
+	return g.collect(func(_ string, p groupPeer) (*groupMembers, error) {
+		return p.commit(cctx, groupRef{GroupID: g.id})
+	})
+}
+
+// collect calls fn on every node at once (eachNode) and gathers the nodes'
+// answers by node name.
+func (g *groupRun) collect(fn func(node string, p groupPeer) (*groupMembers, error)) (map[string]*groupMembers, error) {
 	var mu sync.Mutex
 	got := map[string]*groupMembers{}
 	err := g.eachNode(func(n string, p groupPeer) error {
-		m, err := p.commit(cctx, groupRef{GroupID: g.id})
+		m, err := fn(n, p)
 		if err == nil {
 			mu.Lock()
 			got[n] = m
