@@ -40,21 +40,7 @@ func TestGuestNBDEncryptedRestart(t *testing.T) {
 	vmharness.Guest(t)
 	e := newNodeEnvOn(t, "nbd")
 	c := capBlock(rw)
-	secrets := map[string]string{"passphrase": "restart keeps the key"}
-	r, err := e.c.CreateVolume(e.ctx, &csi.CreateVolumeRequest{Name: "pvc-enc-restart", CapacityRange: &csi.CapacityRange{RequiredBytes: 32 << 20},
-		Parameters: map[string]string{"encrypted": "true"}, Secrets: secrets, VolumeCapabilities: []*csi.VolumeCapability{c}})
-	if err != nil {
-		t.Fatalf("CreateVolume: %v", err)
-	}
-	id := r.Volume.VolumeId
-	staging := filepath.Join(e.dir, "staging", "enc-restart")
-	stage := func() {
-		t.Helper()
-		if _, err := e.c.NodeStageVolume(e.ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
-			VolumeCapability: c, VolumeContext: r.Volume.VolumeContext, Secrets: secrets}); err != nil {
-			t.Fatalf("NodeStageVolume: %v", err)
-		}
-	}
+	id, staging, stage := e.encryptedVolume("pvc-enc-restart", "enc-restart", "restart keeps the key", c, 32<<20)
 	keys := driver.KernelKeyring{Prefix: driver.DefaultDriverName}
 	stage()
 	if k, err := keys.Get(id); err != nil || len(k) != 64 {
@@ -126,23 +112,8 @@ func TestGuestNBDEncryptedKeyLostMount(t *testing.T) {
 	vmharness.Guest(t)
 	e := newNodeEnvOn(t, "nbd")
 	c := capMount(rw, "ext4")
-	secrets := map[string]string{"passphrase": "the keyring lost it"}
-	r, err := e.c.CreateVolume(e.ctx, &csi.CreateVolumeRequest{Name: "pvc-enc-lost", CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20},
-		Parameters: map[string]string{"encrypted": "true"}, Secrets: secrets, VolumeCapabilities: []*csi.VolumeCapability{c}})
-	if err != nil {
-		t.Fatalf("CreateVolume: %v", err)
-	}
-	id := r.Volume.VolumeId
+	id, staging, stage := e.encryptedVolume("pvc-enc-lost", "enc-lost", "the keyring lost it", c, 64<<20)
 	keys := driver.KernelKeyring{Prefix: driver.DefaultDriverName}
-	t.Cleanup(func() { _ = keys.Remove(id) })
-	staging := filepath.Join(e.dir, "staging", "enc-lost")
-	stage := func() {
-		t.Helper()
-		if _, err := e.c.NodeStageVolume(e.ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
-			VolumeCapability: c, VolumeContext: r.Volume.VolumeContext, Secrets: secrets}); err != nil {
-			t.Fatalf("NodeStageVolume: %v", err)
-		}
-	}
 	stage()
 	target := e.publish(id, staging, c, false)
 	synced := bytes.Repeat([]byte("synced before the key was lost\n"), 1000)
@@ -228,23 +199,8 @@ func TestNodeEncryptedKeyAcrossRestart(t *testing.T) {
 	}
 	e := newNodeEnvOn(t, "fuse")
 	c := capMount(rw, "ext4") // a block volume with no device left is forgotten at start, key or not
-	secrets := map[string]string{"passphrase": "fuse keeps no device, the keyring keeps the key"}
-	r, err := e.c.CreateVolume(e.ctx, &csi.CreateVolumeRequest{Name: "pvc-enc-key", CapacityRange: &csi.CapacityRange{RequiredBytes: 32 << 20},
-		Parameters: map[string]string{"encrypted": "true"}, Secrets: secrets, VolumeCapabilities: []*csi.VolumeCapability{c}})
-	if err != nil {
-		t.Fatalf("CreateVolume: %v", err)
-	}
-	id := r.Volume.VolumeId
+	id, staging, stage := e.encryptedVolume("pvc-enc-key", "enc-key", "fuse keeps no device, the keyring keeps the key", c, 32<<20)
 	keys := driver.KernelKeyring{Prefix: driver.DefaultDriverName}
-	t.Cleanup(func() { _ = keys.Remove(id) })
-	staging := filepath.Join(e.dir, "staging", "enc-key")
-	stage := func() {
-		t.Helper()
-		if _, err := e.c.NodeStageVolume(e.ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
-			VolumeCapability: c, VolumeContext: r.Volume.VolumeContext, Secrets: secrets}); err != nil {
-			t.Fatalf("NodeStageVolume: %v", err)
-		}
-	}
 	stage()
 	if k, err := keys.Get(id); err != nil || len(k) != 64 {
 		t.Fatalf("key in the keyring after stage: %d bytes, %v", len(k), err)
@@ -339,4 +295,30 @@ func fileSum(t *testing.T, p string) [32]byte {
 		t.Fatal(err)
 	}
 	return sha256.Sum256(b)
+}
+
+// encryptedVolume creates encrypted volume name of size bytes with
+// passphrase pass and returns its ID, its staging path (staging/dir) and a
+// function that stages it there with the same Secret. The volume's key
+// leaves the keyring with the test.
+func (e *nodeEnv) encryptedVolume(name, dir, pass string, c *csi.VolumeCapability, size int64) (id, staging string, stage func()) {
+	t := e.t
+	t.Helper()
+	secrets := map[string]string{"passphrase": pass}
+	r, err := e.c.CreateVolume(e.ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: size},
+		Parameters: map[string]string{"encrypted": "true"}, Secrets: secrets, VolumeCapabilities: []*csi.VolumeCapability{c}})
+	if err != nil {
+		t.Fatalf("CreateVolume: %v", err)
+	}
+	id = r.Volume.VolumeId
+	keys := driver.KernelKeyring{Prefix: driver.DefaultDriverName}
+	t.Cleanup(func() { _ = keys.Remove(id) })
+	staging = filepath.Join(e.dir, "staging", dir)
+	return id, staging, func() {
+		t.Helper()
+		if _, err := e.c.NodeStageVolume(e.ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+			VolumeCapability: c, VolumeContext: r.Volume.VolumeContext, Secrets: secrets}); err != nil {
+			t.Fatalf("NodeStageVolume: %v", err)
+		}
+	}
 }
