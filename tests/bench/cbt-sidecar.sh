@@ -15,15 +15,5 @@
 # Usage: tests/bench/cbt-sidecar.sh          REPS=5 tests/bench/cbt-sidecar.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-[ "$(id -u)" = 0 ] || { echo "cbt-sidecar.sh: the e2e cluster needs root" >&2; exit 1; }
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-# The previous-chart upgrade (scenario 0) is not what is measured here.
-if ! QCOW2_CSI_E2E_PREV_REF=${QCOW2_CSI_E2E_PREV_REF:-none} QCOW2_CSI_E2E_CBT_BENCH=1 REPS=${REPS:-3} \
-  go test -count=1 -timeout 40m -v -run 'TestE2E/^(examples-validate|0-|19-)' ./tests/e2e/ > "$log" 2>&1; then
-  tail -60 "$log" >&2
-  echo "cbt-sidecar.sh: the e2e run failed (log above)" >&2
-  exit 1
-fi
-# The table is the test log's lines after CBT-BENCH, indented by t.Logf.
-awk '/CBT-BENCH$/ {on=1; next} on && /^        / {sub(/^        /, ""); print; next} on {exit}' "$log"
+. tests/bench/lib/e2ebench.sh
+e2e_bench cbt-sidecar.sh 19 CBT-BENCH QCOW2_CSI_E2E_CBT_BENCH=1 REPS="${REPS:-3}"

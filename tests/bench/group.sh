@@ -17,15 +17,5 @@
 # Usage: tests/bench/group.sh          GROUP_SNAPSHOTS=50 tests/bench/group.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-[ "$(id -u)" = 0 ] || { echo "group.sh: the e2e cluster needs root" >&2; exit 1; }
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-# The previous-chart upgrade (scenario 0) is not what is measured here.
-if ! QCOW2_CSI_E2E_PREV_REF=${QCOW2_CSI_E2E_PREV_REF:-none} QCOW2_CSI_E2E_GROUP_BENCH=1 GROUP_SNAPSHOTS=${GROUP_SNAPSHOTS:-20} \
-  go test -count=1 -timeout 40m -v -run 'TestE2E/^(examples-validate|0-|38-)' ./tests/e2e/ > "$log" 2>&1; then
-  tail -60 "$log" >&2
-  echo "group.sh: the e2e run failed (log above)" >&2
-  exit 1
-fi
-# The table is the test log's lines after GROUP-BENCH, indented by t.Logf.
-awk '/GROUP-BENCH$/ {on=1; next} on && /^        / {sub(/^        /, ""); print; next} on {exit}' "$log"
+. tests/bench/lib/e2ebench.sh
+e2e_bench group.sh 38 GROUP-BENCH QCOW2_CSI_E2E_GROUP_BENCH=1 GROUP_SNAPSHOTS="${GROUP_SNAPSHOTS:-20}"
