@@ -53,7 +53,6 @@ func (p *pool) baseRefs(name string) string { return filepath.Join(p.baseDir(), 
 func (p *pool) baseTemp(name string) string {
 	return filepath.Join(p.baseDir(), tmpPrefix+name+imageSuffix)
 }
-func baseBacking(name string) string     { return filepath.Join(basesDir, name+imageSuffix) }
 func (p *pool) volRef(vol string) string { return refVolume + p.file(vol) }
 
 // baseOfBacking is the base an image's backing file name points to, "" when

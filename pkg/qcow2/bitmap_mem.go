@@ -56,8 +56,6 @@ func (b *dirtyBitmap) maskTail() {
 	}
 }
 
-func (b *dirtyBitmap) granularity() uint64 { return 1 << b.granBits }
-
 // bitRange converts a byte range to the half-open bit range that covers it,
 // clipped to the disk. ok is false when nothing of the range is on the disk.
 func (b *dirtyBitmap) bitRange(off, n uint64) (first, end uint64, ok bool) {
@@ -103,15 +101,6 @@ func (b *dirtyBitmap) setBits(first, end uint64) {
 		if atomic.LoadUint64(&b.words[w])&mask != mask {
 			atomic.OrUint64(&b.words[w], mask)
 		}
-		first = (w + 1) * 64
-	}
-}
-
-// clearBits resets [first, end); callers exclude concurrent setters.
-func (b *dirtyBitmap) clearBits(first, end uint64) {
-	for first < end {
-		w, mask := wordMask(first, end)
-		atomic.AndUint64(&b.words[w], ^mask)
 		first = (w + 1) * 64
 	}
 }

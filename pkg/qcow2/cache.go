@@ -102,15 +102,6 @@ func (c *tableCache) dirtyEntries() []*cacheEntry {
 	return out
 }
 
-func (c *tableCache) hasDirty() bool {
-	for el := c.lru.Front(); el != nil; el = el.Next() {
-		if el.Value.(*cacheEntry).dirty {
-			return true
-		}
-	}
-	return false
-}
-
 // clear empties the cache (after a repair rewrote the tables).
 func (c *tableCache) clear() {
 	c.entries = map[int64]*list.Element{}

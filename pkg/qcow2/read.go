@@ -20,13 +20,8 @@ type run struct {
 // lock, so large requests do not starve others.
 const maxMapChunk = 8 << 20
 
-// mapRange describes [off, off+n) as runs. mu held.
-func (img *Image) mapRange(off, n int64, runs []run) ([]run, error) {
-	return img.mapRangeL1(nil, off, n, runs)
-}
-
-// mapRangeL1 is mapRange through the given L1 table; nil means the active
-// one. mu held.
+// mapRangeL1 describes [off, off+n) as runs, through the given L1 table;
+// nil means the active one. mu held.
 func (img *Image) mapRangeL1(l1 []l1Entry, off, n int64, runs []run) ([]run, error) {
 	return img.mapRuns(l1, off, n, runs, false)
 }

@@ -47,13 +47,6 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
-// locked runs f under mu, unlocked by defer (see openSize).
-func (img *Image) locked(f func() error) error {
-	img.mu.Lock()
-	defer img.mu.Unlock()
-	return f()
-}
-
 // startWriteLocked is startWrite's checks and first-write header update,
 // under mu (unlocked by defer: see openSize).
 func (img *Image) startWriteLocked(off, n int64) error {

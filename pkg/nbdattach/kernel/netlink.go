@@ -38,14 +38,12 @@ const (
 	nlDeviceIndex     = 1 // u32, in nlDeviceItem
 	nlDeviceConnected = 2 // u8, in nlDeviceItem
 
-	// nlClientFlagDestroyOnDisconnect frees the device index on disconnect.
-	// We do not set it: a device that stays lets List see it and keeps the
-	// /dev/nbdN names stable across a plugin restart.
-	nlClientFlagDestroyOnDisconnect = 1 << 0
-	// nlClientFlagDisconnectOnClose disconnects when the last opener of
-	// /dev/nbdN closes it. Never set: a mounted filesystem is the opener and
-	// the device must outlive any single open.
-	nlClientFlagDisconnectOnClose = 1 << 1
+	// No client flag is set: NBD_CFLAG_DESTROY_ON_DISCONNECT would free the
+	// device index on disconnect, but a device that stays lets List see it
+	// and keeps the /dev/nbdN names stable across a plugin restart; and
+	// NBD_CFLAG_DISCONNECT_ON_CLOSE would disconnect when the last opener
+	// closes /dev/nbdN, but a mounted filesystem is that opener and the
+	// device must outlive any single open.
 )
 
 // kernelFlagCanMultiConn is NBD_FLAG_CAN_MULTI_CONN: the kernel refuses
