@@ -72,24 +72,7 @@ func TestGuestNBDEncryptedRestart(t *testing.T) {
 	if err := keys.Remove(id); err != nil {
 		t.Fatal(err)
 	}
-	e.start()
-	sum := fileSum(t, imageFile(e.pool, id))
-	st, err = e.c.NodeGetVolumeStats(e.ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: target})
-	if err != nil || !st.VolumeCondition.GetAbnormal() || !strings.Contains(st.VolumeCondition.GetMessage(), "not in the kernel keyring") {
-		t.Fatalf("stats after a restart without the key = %v, %v; want abnormal, naming the missing key", st, err)
-	}
-	if _, err := e.c.NodeUnpublishVolume(e.ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := e.c.NodeUnstageVolume(e.ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
-		t.Fatalf("NodeUnstageVolume of the volume without its key: %v", err)
-	}
-	if fileSum(t, imageFile(e.pool, id)) != sum {
-		t.Fatal("the image changed while its volume had no key (unstage included)")
-	}
-	if dev := nbdDeviceOf(t, id); dev != "" {
-		t.Fatalf("%s is still attached after unstaging the volume without its key", dev)
-	}
+	e.restartWithoutKey(id, staging, target)
 	stage()
 	target = e.publish(id, staging, c, false)
 	directIO(t, target, got, 2<<20, false)
@@ -123,24 +106,7 @@ func TestGuestNBDEncryptedKeyLostMount(t *testing.T) {
 	}
 	writeFile(t, filepath.Join(target, "dirty"), bytes.Repeat([]byte("in the page cache only\n"), 10000), false)
 
-	e.start() // kill -9, and no key for the new process
-	sum := fileSum(t, imageFile(e.pool, id))
-	st, err := e.c.NodeGetVolumeStats(e.ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: target})
-	if err != nil || !st.VolumeCondition.GetAbnormal() || !strings.Contains(st.VolumeCondition.GetMessage(), "not in the kernel keyring") {
-		t.Fatalf("stats after a restart without the key = %v, %v; want abnormal, naming the missing key", st, err)
-	}
-	if _, err := e.c.NodeUnpublishVolume(e.ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := e.c.NodeUnstageVolume(e.ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
-		t.Fatalf("NodeUnstageVolume of the volume without its key: %v", err)
-	}
-	if dev := nbdDeviceOf(t, id); dev != "" {
-		t.Fatalf("%s is still attached after unstaging the volume without its key", dev)
-	}
-	if fileSum(t, imageFile(e.pool, id)) != sum {
-		t.Fatal("the image changed while its volume had no key (unstage included)")
-	}
+	e.restartWithoutKey(id, staging, target) // kill -9, and no key for the new process
 	stage()
 	target = e.publish(id, staging, c, false)
 	if got, err := os.ReadFile(filepath.Join(target, "synced")); err != nil || !bytes.Equal(got, synced) {
@@ -320,5 +286,32 @@ func (e *nodeEnv) encryptedVolume(name, dir, pass string, c *csi.VolumeCapabilit
 			VolumeCapability: c, VolumeContext: r.Volume.VolumeContext, Secrets: secrets}); err != nil {
 			t.Fatalf("NodeStageVolume: %v", err)
 		}
+	}
+}
+
+// restartWithoutKey restarts the node plugin (kill -9) while volume id,
+// staged at staging and published at target, has no key in the keyring: the
+// volume is reported abnormal, naming the missing key; unpublish and
+// unstage succeed without touching the image, and leave no nbd device.
+func (e *nodeEnv) restartWithoutKey(id, staging, target string) {
+	t := e.t
+	t.Helper()
+	e.start()
+	sum := fileSum(t, imageFile(e.pool, id))
+	st, err := e.c.NodeGetVolumeStats(e.ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: target})
+	if err != nil || !st.VolumeCondition.GetAbnormal() || !strings.Contains(st.VolumeCondition.GetMessage(), "not in the kernel keyring") {
+		t.Fatalf("stats after a restart without the key = %v, %v; want abnormal, naming the missing key", st, err)
+	}
+	if _, err := e.c.NodeUnpublishVolume(e.ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.c.NodeUnstageVolume(e.ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		t.Fatalf("NodeUnstageVolume of the volume without its key: %v", err)
+	}
+	if dev := nbdDeviceOf(t, id); dev != "" {
+		t.Fatalf("%s is still attached after unstaging the volume without its key", dev)
+	}
+	if fileSum(t, imageFile(e.pool, id)) != sum {
+		t.Fatal("the image changed while its volume had no key (unstage included)")
 	}
 }
