@@ -45,6 +45,7 @@
 # Keep RUNTIME short: the machines are shared.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. tests/bench/lib/timing.sh
 
 RUNTIME=${RUNTIME:-3}
 REPEAT=${REPEAT:-2}
@@ -97,7 +98,7 @@ make_enc_image() { # make_enc_image PATH allocated|empty
   # machine leaves it no measurable CPU time: make one empty encrypted
   # image and copy it.
   if [ ! -e "$work/empty-enc.tmpl" ]; then
-    qemu-img create -q -f qcow2 "${secret[@]}" -o "cluster_size=64k,encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10$extl2" "$work/empty-enc.tmpl" "$SIZE"
+    luks_retry qemu-img create -q -f qcow2 "${secret[@]}" -o "cluster_size=64k,encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10$extl2" "$work/empty-enc.tmpl" "$SIZE"
   fi
   cp --sparse=always "$work/empty-enc.tmpl" "$1"
   if [ "$2" = allocated ]; then
