@@ -107,3 +107,32 @@ app.kubernetes.io/name={{ include "qcow2-csi.name" . }},app.kubernetes.io/instan
 {{- fail (printf "controller.replicas must be at least 1, not %v" .Values.controller.replicas) -}}
 {{- end -}}
 {{- end -}}
+
+{{- /*
+qcow2-csi.kubeAPIArgs: a sidecar's client-side limit on its Kubernetes API
+requests (--kube-api-qps, --kube-api-burst; upstream 5 and 10, which a
+burst of snapshots or restores waits on). Called with (dict "v" <the
+kubeAPI value> "name" <its path, for the error>); qps must be a number
+above 0 and burst a whole number of at least 1, or the render fails
+naming the value.
+*/ -}}
+{{- define "qcow2-csi.kubeAPIArgs" -}}
+{{- $v := .v | default dict -}}
+{{- $qps := toString $v.qps -}}
+{{- $burst := toString $v.burst -}}
+{{- /* a values file's numbers are float64: 1000000 would print as 1e+06 */ -}}
+{{- if and (kindIs "float64" $v.qps) (eq (float64 (int64 $v.qps)) $v.qps) -}}
+{{- $qps = toString (int64 $v.qps) -}}
+{{- end -}}
+{{- if and (kindIs "float64" $v.burst) (eq (float64 (int64 $v.burst)) $v.burst) -}}
+{{- $burst = toString (int64 $v.burst) -}}
+{{- end -}}
+{{- if not (and (regexMatch "^[0-9]*[.]?[0-9]+$" $qps) (gt (float64 $qps) 0.0)) -}}
+{{- fail (printf "%s.qps must be a number above 0, not %q" .name $qps) -}}
+{{- end -}}
+{{- if not (and (regexMatch "^[0-9]+$" $burst) (ge (int64 $burst) 1)) -}}
+{{- fail (printf "%s.burst must be a whole number of at least 1, not %q" .name $burst) -}}
+{{- end -}}
+- --kube-api-qps={{ $qps }}
+- --kube-api-burst={{ $burst }}
+{{- end -}}
