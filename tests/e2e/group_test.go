@@ -190,9 +190,9 @@ func (c *cluster) groupMembers(t *testing.T, name string, want ...string) map[st
 
 // takeGroups makes n group snapshots of p's claims, one every half
 // second, while the log runs, and waits for them and their members;
-// progress says how far the log is. (Waiting for each before the next
-// would take 5-6 s a group: snapshot-controller binds the members in
-// rounds of its retry timer.)
+// progress says how far the log is. (Each is ready within about a second
+// of its apply; at snapshot-controller's default 5 API requests/s it was 5-6
+// s a group: startSnapshotController.)
 func (c *cluster) takeGroups(t *testing.T, p groupPair, n int, progress func() (int, error)) []map[string]string {
 	t.Helper()
 	var groups []map[string]string
