@@ -55,49 +55,107 @@ func Find(img *qcow2.Image, name string) (qcow2.SnapshotInfo, error) {
 // exists already (a retried request). seq must exceed the sequence of every
 // checkpoint in the image, or equal the newest one when a previous Take of
 // the same snapshot stopped after adding its bitmap; each snapshot must have
-// its own seq (NextSeq), which the caller records with it.
+// its own seq (NextSeq), which the caller records with it. It is Prepare,
+// Commit and Finish in a row; a caller that holds the image's I/O for the
+// snapshot (a group snapshot) calls them apart, holding only Commit.
 func Take(img *qcow2.Image, name string, seq uint64) (qcow2.SnapshotInfo, error) {
 	if s, err := Find(img, name); err == nil {
 		return s, nil
 	}
-	// The first flush below runs with I/O stalled; have the page cache
-	// written back before, while I/O still flows.
+	if err := Prepare(img, name, seq); err != nil {
+		return qcow2.SnapshotInfo{}, err
+	}
+	info, err := Commit(img, name, seq)
+	if err != nil {
+		return qcow2.SnapshotInfo{}, err
+	}
+	Finish(img, seq)
+	return info, nil
+}
+
+// Prepare readies snapshot name (sequence seq) while I/O still flows, so
+// that Commit has little left to do: the writes so far and their metadata
+// are made durable, and the snapshot's checkpoint bitmap is added and
+// recording. A write between Prepare and Commit is in the new checkpoint
+// and in the previous one (which records until Finish): both stay
+// supersets. A snapshot that exists already needs nothing. After a
+// failure, Delete(name, seq) drops what Prepare added.
+func Prepare(img *qcow2.Image, name string, seq uint64) error {
+	if _, err := Find(img, name); err == nil {
+		return nil
+	}
+	// Commit's flush runs with I/O stalled: have the page cache written
+	// back, then the metadata, while I/O still flows.
 	if err := img.SyncFile(); err != nil {
-		return qcow2.SnapshotInfo{}, fmt.Errorf("snapshot %q: %w", name, err)
+		return fmt.Errorf("snapshot %q: %w", name, err)
+	}
+	if err := img.Flush(); err != nil {
+		return fmt.Errorf("snapshot %q: flush: %w", name, err)
 	}
 	c := chain(img)
-	bm := BitmapName(seq)
-	added := false
 	switch {
 	case len(c) > 0 && c[len(c)-1].seq == seq && c[len(c)-1].status.Enabled && !c[len(c)-1].status.Inconsistent:
 		// A retry after a failure between adding the bitmap and taking
 		// the snapshot: the bitmap has recorded since, keep it.
-		c = c[:len(c)-1]
+		return nil
 	case len(c) > 0 && c[len(c)-1].seq >= seq:
-		return qcow2.SnapshotInfo{}, fmt.Errorf("%w: sequence %d is not after the newest checkpoint %d", ErrInvalid, seq, c[len(c)-1].seq)
-	default:
-		if err := img.AddBitmap(bm, qcow2.BitmapOptions{}); err != nil {
-			return qcow2.SnapshotInfo{}, fmt.Errorf("snapshot %q: add checkpoint bitmap: %w", name, err)
-		}
-		added = true
+		return fmt.Errorf("%w: sequence %d is not after the newest checkpoint %d", ErrInvalid, seq, c[len(c)-1].seq)
+	}
+	if err := img.AddBitmap(BitmapName(seq), qcow2.BitmapOptions{}); err != nil {
+		return fmt.Errorf("snapshot %q: add checkpoint bitmap: %w", name, err)
+	}
+	return nil
+}
+
+// Commit takes the internal snapshot name that Prepare readied with
+// sequence seq, or returns it if it exists already: the one step that
+// fixes what the snapshot holds. A failure removes the checkpoint Prepare
+// added.
+func Commit(img *qcow2.Image, name string, seq uint64) (qcow2.SnapshotInfo, error) {
+	if s, err := Find(img, name); err == nil {
+		return s, nil
+	}
+	c := chain(img)
+	if len(c) == 0 || c[len(c)-1].seq != seq {
+		return qcow2.SnapshotInfo{}, fmt.Errorf("%w: snapshot %q: checkpoint %d is not the newest: not prepared", ErrInvalid, name, seq)
 	}
 	info, err := img.CreateSnapshot(name)
 	if err != nil {
-		if added {
-			_ = img.RemoveBitmap(bm)
-		}
+		_ = img.RemoveBitmap(BitmapName(seq))
 		return qcow2.SnapshotInfo{}, fmt.Errorf("snapshot %q: %w", name, err)
 	}
-	// Freeze the previous checkpoints only now: a write between AddBitmap
-	// and CreateSnapshot is in both, which keeps both supersets. A failure
-	// here leaves an older bitmap recording more than its span: still
-	// a superset.
-	for _, p := range c {
-		if p.status.Enabled && !p.status.Inconsistent {
+	return info, nil
+}
+
+// Finish freezes the checkpoints before seq once snapshot seq is taken:
+// from then on seq's records the changes. It may run after the I/O goes
+// on: a write before it is also in the previous checkpoint, which still
+// covers its span (a superset), and so does one whose freeze fails.
+func Finish(img *qcow2.Image, seq uint64) {
+	for _, p := range chain(img) {
+		if p.seq < seq && p.status.Enabled && !p.status.Inconsistent {
 			_ = img.DisableBitmap(BitmapName(p.seq))
 		}
 	}
-	return info, nil
+}
+
+// Abandon undoes a Prepare of snapshot name (sequence seq) whose caller
+// gives it up, committed or not: a snapshot taken is deleted (Delete);
+// one never taken leaves no checkpoint behind, even as the image's only
+// one (which Delete keeps, as the start of deltas from its snapshot: this
+// one had none).
+func Abandon(img *qcow2.Image, name string, seq uint64) error {
+	if _, err := Find(img, name); err == nil {
+		return Delete(img, name, seq)
+	}
+	c := chain(img)
+	if len(c) == 1 && c[0].seq == seq {
+		if err := img.RemoveBitmap(BitmapName(seq)); err != nil {
+			return fmt.Errorf("snapshot %q: remove checkpoint: %w", name, err)
+		}
+		return nil
+	}
+	return Delete(img, name, seq)
 }
 
 // Delete deletes the snapshot name (sequence seq) and folds its checkpoint
