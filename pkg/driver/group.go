@@ -20,13 +20,24 @@ import (
 // Group snapshots, the node's side (docs/group-snapshots.md). A group
 // snapshot is taken in two steps so that it can span nodes:
 //
-//   - prepare takes the snapshot lock of each of the node's members and
-//     quiesces the staged ones (gate.pause: requests inside finish, new
-//     ones wait), then answers; it also starts the node's own timer;
-//   - commit takes each member's snapshot through takeSnapshot, the path
-//     of CreateSnapshot, while the I/O is still held, then releases;
+//   - prepare takes the snapshot lock of each of the node's members,
+//     readies each member's snapshot while I/O still flows (its record,
+//     marked pending, the image's writes and metadata made durable, its
+//     checkpoint bitmap: snapshotter.Prepare), then quiesces the staged
+//     ones (gate.pause: requests inside finish, new ones wait) and
+//     answers; it also starts the node's own timer;
+//   - commit takes each member's internal snapshot (snapshotter.Commit,
+//     the one step that fixes what it holds) while the I/O is held,
+//     releases the I/O, then completes the members (the previous
+//     checkpoints frozen, the records no longer pending) before it
+//     answers: the hold is the drain and the snapshots only;
 //   - release (abort, or DeleteVolumeGroupSnapshot) lets the I/O go and
 //     deletes the member snapshots the group has on the node.
+//
+// A group not committed (aborted, expired, failed) leaves no member: its
+// prepared records are deleted at its release, and those a crash left
+// (pending, with or without their snapshot) by the retried create
+// (groupExisting) or by DeleteVolumeGroupSnapshot (groupRelease).
 //
 // The timer releases the hold at the deadline whatever the controller
 // does: I/O is never held longer than the hold the prepare asked for
@@ -114,6 +125,10 @@ type groupTxn struct {
 	done    bool // released: committed, aborted or expired
 	gates   []*gate
 	unlocks []func()
+	// recs are the members' records the prepare wrote (pending); at the
+	// release they are deleted unless committed.
+	recs      []*snapshotMeta
+	committed bool
 }
 
 // groupTxns are the group snapshots prepared on the node, by ID.
@@ -293,7 +308,12 @@ func (d *Driver) groupPrepare(ctx context.Context, req *groupPrepare) (*groupMem
 	}
 	hctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
-	// The hold starts here (the checks above hold nothing); the deadline
+	ready := time.Now()
+	if err := d.prepareMembers(hctx, t); err != nil {
+		d.releaseLocked(t, "") // deletes what was readied
+		return nil, err
+	}
+	// The hold starts here (the work above holds nothing); the deadline
 	// counts from the prepare's arrival.
 	t.start = time.Now()
 	for _, v := range req.Members {
@@ -314,8 +334,57 @@ func (d *Driver) groupPrepare(ctx context.Context, req *groupPrepare) (*groupMem
 		return nil, fmt.Errorf("group snapshot %q: the prepare's caller is gone: %w", t.id, err)
 	}
 	t.timer = time.AfterFunc(time.Until(deadline), func() { d.expireGroup(t) })
-	klog.FromContext(ctx).V(2).Info("Group snapshot prepared", "groupSnapshotID", t.id, "members", t.members, "held", len(t.gates), "drain", since(t.start))
+	klog.FromContext(ctx).V(2).Info("Group snapshot prepared", "groupSnapshotID", t.id, "members", t.members, "held", len(t.gates),
+		"ready", t.start.Sub(ready), "drain", since(t.start))
 	return &groupMembers{}, nil
+}
+
+// prepareMembers readies the snapshot of each of t's members, all at
+// once, while I/O still flows; t.recs are the records written, also on
+// an error (the release deletes them).
+func (d *Driver) prepareMembers(ctx context.Context, t *groupTxn) error {
+	recs := make([]*snapshotMeta, len(t.members))
+	err := eachMember(t, func(i int, v string) error {
+		var err error
+		recs[i], err = d.prepareMember(ctx, v, t.want)
+		return err
+	})
+	t.recs = slices.DeleteFunc(recs, func(m *snapshotMeta) bool { return m == nil })
+	return err
+}
+
+// prepareMember writes the pending record of a member snapshot of volume
+// vol and readies its snapshot (snapshotter.Prepare). The record goes
+// first: whatever a crash leaves in the image, a record names it, and
+// deleting the record's snapshot removes it. It returns the record once
+// written, also on an error.
+func (d *Driver) prepareMember(ctx context.Context, vol string, want snapshotMeta) (m *snapshotMeta, _ error) {
+	err := d.withImage(ctx, vol, false, func(img *qcow2.Image, _ bool) error {
+		n := newSnapshotMeta(img, vol, want)
+		n.Source, n.Pending = vol, true
+		if err := d.pool.putSnapshot(n); err != nil {
+			return err
+		}
+		m = n
+		return driverErr(snapshotter.Prepare(img, n.ID, n.Seq))
+	})
+	return m, err
+}
+
+// eachMember runs fn for each of t's members at once and waits for them
+// all; each error names its member.
+func eachMember(t *groupTxn, fn func(i int, vol string) error) error {
+	errs := make([]error, len(t.members))
+	var wg sync.WaitGroup
+	for i, v := range t.members {
+		wg.Go(func() {
+			if err := fn(i, v); err != nil {
+				errs[i] = fmt.Errorf("group snapshot %q: member %q: %w", t.id, v, err)
+			}
+		})
+	}
+	wg.Wait()
+	return errors.Join(errs...)
 }
 
 // groupExisting checks a prepare against the group's records on the node:
@@ -333,7 +402,7 @@ func (d *Driver) groupExisting(ctx context.Context, req *groupPrepare) (done *gr
 	}
 	have := map[string]bool{}
 	for _, m := range recs {
-		// A record goes before its snapshot (takeSnapshot): one whose
+		// A record goes before its snapshot (prepareMember): one whose
 		// snapshot a crash kept from being taken is not a member.
 		have[m.Source] = d.snapshotTaken(ctx, m)
 	}
@@ -342,12 +411,25 @@ func (d *Driver) groupExisting(ctx context.Context, req *groupPrepare) (done *gr
 		complete = complete && have[v]
 	}
 	if complete {
+		// Every snapshot was taken; a crash may have come before their
+		// records were completed.
+		for _, m := range recs {
+			if m.Pending {
+				m.Pending = false
+				if err := d.pool.putSnapshot(m); err != nil {
+					return nil, err
+				}
+			}
+		}
 		out := membersOf(recs)
 		out.Committed = true
 		return out, nil
 	}
 	klog.FromContext(ctx).Info("Deleting the members an interrupted group snapshot left", "groupSnapshotID", req.GroupID, "members", len(recs))
-	return nil, d.deleteGroupRecords(ctx, recs)
+	// Pending ones were never answered: no checkpoint of theirs stays.
+	pending := slices.DeleteFunc(slices.Clone(recs), func(m *snapshotMeta) bool { return !m.Pending })
+	taken := slices.DeleteFunc(recs, func(m *snapshotMeta) bool { return m.Pending })
+	return nil, errors.Join(d.abandonMembers(ctx, pending), d.deleteGroupRecords(ctx, taken))
 }
 
 // snapshotTaken reports whether m's internal snapshot is in its image.
@@ -402,18 +484,54 @@ func (d *Driver) releaseLocked(t *groupTxn, reason string) bool {
 	if t.timer != nil {
 		t.timer.Stop()
 	}
+	d.endHold(t)
+	if !t.committed && len(t.recs) > 0 {
+		// Its locks are still held: nothing else sees the members go.
+		if err := d.abandonMembers(context.Background(), t.recs); err != nil {
+			klog.Background().Error(err, "Deleting the members of a group snapshot that was not committed; a retried create or DeleteVolumeGroupSnapshot deletes them", "groupSnapshotID", t.id)
+		}
+		t.recs = nil
+	}
+	t.unlock()
+	// Last: a commit that finds t waits on t.mu for the deletion above,
+	// and then finds the volumes free.
+	d.groups.remove(t)
+	if reason != "" {
+		d.metrics.groupAborts.WithLabelValues(reason).Inc()
+	}
+	return true
+}
+
+// abandonMembers deletes the members a prepare readied, their snapshots
+// taken or not (snapshotter.Abandon: no checkpoint is left of a snapshot
+// never taken), then their records. The caller holds their volumes'
+// snapshot locks.
+func (d *Driver) abandonMembers(ctx context.Context, recs []*snapshotMeta) error {
+	var errs []error
+	for _, m := range recs {
+		err := d.withImage(ctx, m.Source, m.Hidden, func(img *qcow2.Image, _ bool) error {
+			return driverErr(snapshotter.Abandon(img, m.ID, m.Seq))
+		})
+		if err == nil {
+			err = d.pool.removeSnapshot(m.ID)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("snapshot %q: %w", m.ID, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// endHold lets t's held I/O go, once, and records how long it was held.
+// The caller holds t.mu.
+func (d *Driver) endHold(t *groupTxn) {
 	for _, g := range t.gates {
 		g.resume()
 	}
 	if len(t.gates) > 0 {
 		d.metrics.groupHold.Observe(time.Since(t.start).Seconds())
 	}
-	t.unlock()
-	d.groups.remove(t)
-	if reason != "" {
-		d.metrics.groupAborts.WithLabelValues(reason).Inc()
-	}
-	return true
+	t.gates = nil
 }
 
 // expireGroup is the node's own deadline: no commit came in time.
@@ -443,19 +561,50 @@ func (d *Driver) groupCommit(ctx context.Context, ref groupRef) (*groupMembers, 
 	// held past the deadline, even when the disk is slow.
 	hctx, cancel := context.WithDeadline(ctx, t.deadline)
 	defer cancel()
-	taken, late, err := d.takeMembers(hctx, t)
+	created, commitStart := time.Now().UTC(), time.Now()
+	infos, late, err := d.commitMembers(hctx, t)
 	if late != nil {
 		d.abandonCommit(ctx, t, late)
 		return nil, fmt.Errorf("%w: group snapshot %q: node %s: its member snapshots had not ended %s after the prepare (%v): I/O released, the members deleted once they end", ErrHoldExpired, t.id, d.opts.NodeID, since(t.start), context.Cause(hctx))
 	}
 	if err != nil {
-		derr := d.deleteGroupRecords(ctx, taken)
-		d.releaseLocked(t, "") // the caller counts the abort
-		return nil, errors.Join(err, derr)
+		d.releaseLocked(t, "") // deletes the members; the caller counts the abort
+		return nil, err
 	}
+	// The point in time is fixed: the I/O goes on while the members are
+	// completed, before the answer.
+	snaps, held := since(commitStart), since(t.start)
+	d.endHold(t)
+	finishStart := time.Now()
+	if err := d.finishMembers(ctx, t, infos, created); err != nil {
+		d.releaseLocked(t, "") // deletes the members; the caller counts the abort
+		return nil, err
+	}
+	t.committed = true
+	recs := t.recs
 	d.releaseLocked(t, "")
-	klog.FromContext(ctx).Info("Group snapshot members taken", "groupSnapshotID", t.id, "members", len(taken), "held", since(t.start))
-	return membersOf(taken), nil
+	klog.FromContext(ctx).Info("Group snapshot members taken", "groupSnapshotID", t.id, "members", len(recs), "held", held)
+	klog.FromContext(ctx).V(2).Info("Group snapshot commit", "groupSnapshotID", t.id, "snapshots", snaps, "complete", since(finishStart))
+	return membersOf(recs), nil
+}
+
+// finishMembers completes t's members once their snapshots are taken and
+// the I/O goes on: the previous checkpoints frozen (snapshotter.Finish),
+// and each record, no longer pending, with the snapshot's size and time,
+// made durable before the group is answered.
+func (d *Driver) finishMembers(ctx context.Context, t *groupTxn, infos []qcow2.SnapshotInfo, created time.Time) error {
+	return eachMember(t, func(i int, v string) error {
+		m := t.recs[i]
+		err := d.withImage(ctx, v, false, func(img *qcow2.Image, _ bool) error {
+			snapshotter.Finish(img, m.Seq)
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		m.Pending, m.Size, m.Created = false, int64(infos[i].DiskSize), created
+		return d.pool.putSnapshot(m)
+	})
 }
 
 // abandonCommit ends a commit whose snapshots outlived the hold: the I/O
@@ -463,14 +612,15 @@ func (d *Driver) groupCommit(ctx context.Context, ref groupRef) (*groupMembers, 
 // snapshots still running end and every member taken is deleted, as a
 // member taken after the release is not of the group's instant. The
 // caller holds t.mu.
-func (d *Driver) abandonCommit(ctx context.Context, t *groupTxn, late func() []*snapshotMeta) {
-	unlocks := t.unlocks
-	t.unlocks = nil
+func (d *Driver) abandonCommit(ctx context.Context, t *groupTxn, late func()) {
+	unlocks, recs := t.unlocks, t.recs
+	t.unlocks, t.recs = nil, nil
 	d.releaseLocked(t, "") // the caller counts the abort
 	logger := klog.FromContext(ctx).WithValues("groupSnapshotID", t.id)
 	logger.Info("Group snapshot hold ran out during its commit: I/O released", "held", since(t.start))
 	go func() {
-		if err := d.deleteGroupRecords(context.WithoutCancel(ctx), late()); err != nil {
+		late()
+		if err := d.abandonMembers(context.WithoutCancel(ctx), recs); err != nil {
 			logger.Error(err, "Deleting the members of a commit that ran out of its hold; DeleteVolumeGroupSnapshot or a retry deletes them")
 		}
 		for _, u := range unlocks {
@@ -479,50 +629,37 @@ func (d *Driver) abandonCommit(ctx context.Context, t *groupTxn, late func() []*
 	}()
 }
 
-// takeMembers takes the snapshots of t's members, all at once: each is
-// its own image (and its own syncs), and the I/O is held until the
-// slowest is done, so the hold is the longest snapshot, not their sum. It
-// returns those taken, also on an error. When ctx ends first it returns
-// at once with late, which waits for the snapshots still running (they
-// cannot be interrupted) and returns every member taken.
-func (d *Driver) takeMembers(ctx context.Context, t *groupTxn) (_ []*snapshotMeta, late func() []*snapshotMeta, _ error) {
-	ms := make([]*snapshotMeta, len(t.members))
-	errs := make([]error, len(t.members))
-	var wg sync.WaitGroup
-	for i, v := range t.members {
-		wg.Go(func() {
-			want := t.want
-			want.Source = v
-			ms[i], errs[i] = d.takeSnapshot(ctx, v, nil, want)
-			if errs[i] != nil {
-				errs[i] = fmt.Errorf("group snapshot %q: member %q: %w", t.id, v, errs[i])
-			}
-		})
-	}
+// commitMembers takes the internal snapshots of t's prepared members, all
+// at once: each is its own image (and its own syncs), and the I/O is held
+// until the slowest is done, so the hold is the longest snapshot, not
+// their sum. It returns each member's snapshot, in t.recs' order. When
+// ctx ends first it returns at once with late, which waits for the
+// snapshots still running (they cannot be interrupted).
+func (d *Driver) commitMembers(ctx context.Context, t *groupTxn) (_ []qcow2.SnapshotInfo, late func(), _ error) {
+	recs := t.recs // abandonCommit takes them from t while these run
+	infos := make([]qcow2.SnapshotInfo, len(recs))
+	var err error
 	ended := make(chan struct{})
 	go func() {
-		wg.Wait()
-		close(ended)
+		defer close(ended)
+		err = eachMember(t, func(i int, v string) error {
+			m := recs[i]
+			return d.withImage(ctx, v, false, func(img *qcow2.Image, _ bool) error {
+				var err error
+				infos[i], err = snapshotter.Commit(img, m.ID, m.Seq)
+				return driverErr(err)
+			})
+		})
 	}()
-	taken := func() []*snapshotMeta {
-		<-ended
-		var out []*snapshotMeta
-		for _, m := range ms {
-			if m != nil {
-				out = append(out, m)
-			}
-		}
-		return out
-	}
 	select {
 	case <-ended:
-		return taken(), nil, errors.Join(errs...)
+		return infos, nil, err
 	case <-ctx.Done():
 		select {
 		case <-ended: // both at once: the snapshots did end in time
-			return taken(), nil, errors.Join(errs...)
+			return infos, nil, err
 		default:
-			return nil, taken, nil
+			return nil, func() { <-ended }, nil
 		}
 	}
 }
@@ -565,6 +702,8 @@ func (d *Driver) groupGet(_ context.Context, ref groupRef) (*groupMembers, error
 	if err != nil {
 		return nil, err
 	}
+	// Members being prepared or committed are not the group's yet.
+	recs = slices.DeleteFunc(recs, func(m *snapshotMeta) bool { return m.Pending })
 	if len(recs) == 0 {
 		return nil, fmt.Errorf("%w: group snapshot %q has no member on node %s", ErrNotFound, ref.GroupID, d.opts.NodeID)
 	}

@@ -336,8 +336,10 @@ func TestGroupSnapshotNodeDeadline(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the node did not release the held write at its deadline")
 	}
+	// Refused, whether it finds the group gone or still deleting the
+	// members its prepare readied.
 	_, err = d.GroupCommitForTest(ctx, id)
-	wantCode(t, err, codes.Aborted, "not prepared on node node-a")
+	wantCode(t, err, codes.Aborted, "node node-a")
 	if l, _ := n.c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{}); len(l.GetEntries()) != 0 {
 		t.Fatalf("snapshots left: %v", l.Entries)
 	}
@@ -803,5 +805,164 @@ func TestGroupSnapshotCommitOutlivesHold(t *testing.T) {
 		if status.Code(err) != codes.Aborted || time.Now().After(end) {
 			t.Fatalf("a snapshot of the volume after the group: %v", err)
 		}
+	}
+}
+
+// files reads every file of dir by name (none when it does not exist).
+func files(t *testing.T, dir string) map[string][]byte {
+	t.Helper()
+	ents, err := os.ReadDir(dir)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
+	out := map[string][]byte{}
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[e.Name()] = b
+	}
+	return out
+}
+
+// checkpoints counts the driver's checkpoint bitmaps in volume vol's image.
+func checkpoints(t *testing.T, pool, vol string) int {
+	t.Helper()
+	img, err := qcow2.Open(imageFile(pool, vol), qcow2.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	n := 0
+	for _, b := range img.Bitmaps() {
+		if strings.HasPrefix(b.Name, "qcow2-csi-cbt-") {
+			n++
+		}
+	}
+	return n
+}
+
+// TestGroupSnapshotPreparedLeftover: a prepare writes its members'
+// records (pending) and checkpoints before the hold. They are no
+// snapshots: not listed; a group that expires uncommitted leaves neither
+// record nor checkpoint; and the state a crash after the prepare leaves
+// (put back here) is cleaned up by the retried create, which takes the
+// group afresh.
+func TestGroupSnapshotPreparedLeftover(t *testing.T) {
+	n := startGroupNode(t, "node-a", 0)
+	a, _ := n.volume(t, "a", false)
+	b, _ := n.volume(t, "b", false)
+	d := n.srv.Driver
+	pool := d.Options().Pool
+	snaps := filepath.Join(pool, ".snapshots")
+	ctx := context.Background()
+	if _, err := d.GroupPrepareForTest(ctx, "crash", []string{a, b}, 300*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	crash := files(t, snaps)
+	imgs := map[string][]byte{}
+	for _, v := range []string{a, b} {
+		img, err := os.ReadFile(imageFile(pool, v))
+		if err != nil {
+			t.Fatal(err)
+		}
+		imgs[v] = img
+	}
+	if len(crash) != 2 {
+		t.Fatalf("after the prepare, %d records, want the 2 members' (pending): %v", len(crash), crash)
+	}
+	if l, err := n.c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{}); err != nil || len(l.GetEntries()) != 0 {
+		t.Fatalf("prepared members are listed: %v %v", l, err)
+	}
+	for end := time.Now().Add(10 * time.Second); len(files(t, snaps)) != 0; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatalf("records left after the node's deadline: %v", files(t, snaps))
+		}
+	}
+	for _, v := range []string{a, b} {
+		if got := checkpoints(t, pool, v); got != 0 {
+			t.Errorf("volume %s: %d checkpoints left by the expired prepare, want 0", v, got)
+		}
+	}
+	// The crash: the files as they were after the prepare.
+	for name, data := range crash {
+		if err := os.WriteFile(filepath.Join(snaps, name), data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for v, data := range imgs {
+		if err := os.WriteFile(imageFile(pool, v), data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	g, err := n.groups().CreateVolumeGroupSnapshot(ctx, &csi.CreateVolumeGroupSnapshotRequest{Name: "crash", SourceVolumeIds: []string{a, b}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := n.c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{})
+	if err != nil || len(l.GetEntries()) != 2 {
+		t.Fatalf("after the retry: %v %v, want its 2 members", l, err)
+	}
+	for _, s := range g.GroupSnapshot.Snapshots {
+		if _, ok := crash[s.SnapshotId+".json"]; ok {
+			t.Errorf("the retry answered member %s, prepared before the crash and never taken", s.SnapshotId)
+		}
+	}
+	if left := files(t, snaps); len(left) != 2 {
+		t.Errorf("after the retry, records %v, want its 2 members' only", left)
+	}
+	for _, v := range []string{a, b} {
+		if got := checkpoints(t, pool, v); got != 1 {
+			t.Errorf("volume %s: %d checkpoints after the retry, want its member's only", v, got)
+		}
+	}
+	for i, s := range g.GroupSnapshot.Snapshots {
+		if got := n.restoredSeq(t, "r"+string(rune('a'+i)), s.SnapshotId); got != 0 {
+			t.Errorf("member %d restores to %d, want 0 (never written)", i, got)
+		}
+	}
+}
+
+// TestGroupSnapshotTakenPendingLeftover: a crash after the commit's
+// snapshots but before their records were completed leaves them pending;
+// they are not listed, and the retried create answers the same members,
+// completed.
+func TestGroupSnapshotTakenPendingLeftover(t *testing.T) {
+	n := startGroupNode(t, "node-a", 0)
+	a, _ := n.volume(t, "a", true)
+	b, _ := n.volume(t, "b", false)
+	ctx := context.Background()
+	req := &csi.CreateVolumeGroupSnapshotRequest{Name: "late", SourceVolumeIds: []string{a, b}}
+	g1, err := n.groups().CreateVolumeGroupSnapshot(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	snaps := filepath.Join(n.srv.Driver.Options().Pool, ".snapshots")
+	for name, data := range files(t, snaps) {
+		pending := strings.Replace(string(data), "\n}", ",\n  \"pending\": true\n}", 1)
+		if pending == string(data) {
+			t.Fatalf("record %s: %s", name, data)
+		}
+		if err := os.WriteFile(filepath.Join(snaps, name), []byte(pending), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if l, err := n.c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{}); err != nil || len(l.GetEntries()) != 0 {
+		t.Fatalf("pending members are listed: %v %v", l, err)
+	}
+	_, err = n.groups().GetVolumeGroupSnapshot(ctx, &csi.GetVolumeGroupSnapshotRequest{GroupSnapshotId: g1.GroupSnapshot.GroupSnapshotId})
+	wantCode(t, err, codes.NotFound, "no member")
+	g2, err := n.groups().CreateVolumeGroupSnapshot(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, s := range g2.GroupSnapshot.Snapshots {
+		if s.SnapshotId != g1.GroupSnapshot.Snapshots[i].SnapshotId {
+			t.Errorf("member %d: %s after the retry, %s before", i, s.SnapshotId, g1.GroupSnapshot.Snapshots[i].SnapshotId)
+		}
+	}
+	if l, err := n.c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{}); err != nil || len(l.GetEntries()) != 2 {
+		t.Fatalf("after the retry: %v %v, want the 2 members", l, err)
 	}
 }

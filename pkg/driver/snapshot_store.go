@@ -51,6 +51,11 @@ type snapshotMeta struct {
 	Group        string   `json:"group,omitempty"`
 	GroupName    string   `json:"groupName,omitempty"`
 	GroupMembers []string `json:"groupMembers,omitempty"`
+	// Pending: a group member whose record and checkpoint a prepare wrote
+	// ahead of the hold, and whose internal snapshot may not be taken yet
+	// (group.go). It is no snapshot until its commit clears the flag: not
+	// listed, and deleted with its group when the group is not committed.
+	Pending bool `json:"pending,omitempty"`
 }
 
 func (p *pool) snapDir() string               { return p.snapshots().dir }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -109,10 +110,7 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 func (d *Driver) takeSnapshot(ctx context.Context, vol string, existing *snapshotMeta, want snapshotMeta) (*snapshotMeta, error) {
 	m := existing
 	fresh := func(img *qcow2.Image) error {
-		seq := snapshotter.NextSeq(img, uint64(time.Now().UnixNano()))
-		n := want
-		n.ID, n.Seq, n.Created, n.Size = snapshotID(vol, seq), seq, time.Now().UTC(), img.Size()
-		m = &n
+		m = newSnapshotMeta(img, vol, want)
 		return d.pool.putSnapshot(m)
 	}
 	err := d.withImage(ctx, vol, false, func(img *qcow2.Image, _ bool) error {
@@ -153,6 +151,15 @@ func (d *Driver) takeSnapshot(ctx context.Context, vol string, existing *snapsho
 		return nil, err
 	}
 	return m, nil
+}
+
+// newSnapshotMeta is the record of a new snapshot of volume vol (open as
+// img) that want describes, with a fresh sequence number.
+func newSnapshotMeta(img *qcow2.Image, vol string, want snapshotMeta) *snapshotMeta {
+	seq := snapshotter.NextSeq(img, uint64(time.Now().UnixNano()))
+	m := want
+	m.ID, m.Seq, m.Created, m.Size = snapshotID(vol, seq), seq, time.Now().UTC(), img.Size()
+	return &m
 }
 
 func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequest) (*csi.DeleteSnapshotResponse, error) {
@@ -264,6 +271,9 @@ func (d *Driver) ListSnapshots(ctx context.Context, req *csi.ListSnapshotsReques
 		}
 		ms = all
 	}
+	// A group member prepared but not committed (group.go) is no snapshot
+	// yet: its ID has not been answered, and it may never be taken.
+	ms = slices.DeleteFunc(ms, func(m *snapshotMeta) bool { return m.Pending })
 	if v := req.GetSourceVolumeId(); v != "" {
 		var f []*snapshotMeta
 		for _, m := range ms {
