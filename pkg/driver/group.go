@@ -71,6 +71,11 @@ type groupPrepare struct {
 	Parameters map[string]string `json:"parameters,omitempty"`
 	// HoldMillis is the longest the node may hold the I/O.
 	HoldMillis int64 `json:"holdMillis"`
+	// Commit: the node holds the whole group, so it commits as soon as
+	// it is prepared and answers the members (Committed): the hold then
+	// spans no round trip to the controller. A node that does not know
+	// the field only prepares, and the controller commits as usual.
+	Commit bool `json:"commit,omitempty"`
 }
 
 // groupRef names a group snapshot in commit, release and get.
@@ -333,9 +338,17 @@ func (d *Driver) groupPrepare(ctx context.Context, req *groupPrepare) (*groupMem
 		d.releaseLocked(t, "")
 		return nil, fmt.Errorf("group snapshot %q: the prepare's caller is gone: %w", t.id, err)
 	}
-	t.timer = time.AfterFunc(time.Until(deadline), func() { d.expireGroup(t) })
 	klog.FromContext(ctx).V(2).Info("Group snapshot prepared", "groupSnapshotID", t.id, "members", t.members, "held", len(t.gates),
 		"ready", t.start.Sub(ready), "drain", since(t.start))
+	if req.Commit {
+		// No timer: the commit's own deadline bounds the hold.
+		out, err := d.commitLocked(ctx, t)
+		if out != nil {
+			out.Committed = true
+		}
+		return out, err
+	}
+	t.timer = time.AfterFunc(time.Until(deadline), func() { d.expireGroup(t) })
 	return &groupMembers{}, nil
 }
 
@@ -557,6 +570,12 @@ func (d *Driver) groupCommit(ctx context.Context, ref groupRef) (*groupMembers, 
 		d.releaseLocked(t, "node_deadline")
 		return nil, fmt.Errorf("%w: group snapshot %q: node %s released its I/O at its deadline, %s after the prepare; the point in time is lost", ErrHoldExpired, t.id, d.opts.NodeID, since(t.start))
 	}
+	return d.commitLocked(ctx, t)
+}
+
+// commitLocked is groupCommit of t, held and with its timer stopped; the
+// caller holds t.mu.
+func (d *Driver) commitLocked(ctx context.Context, t *groupTxn) (*groupMembers, error) {
 	// The snapshots run within what is left of the hold: I/O is never
 	// held past the deadline, even when the disk is slow.
 	hctx, cancel := context.WithDeadline(ctx, t.deadline)

@@ -123,8 +123,11 @@ func (g *groupRun) create(ctx context.Context) (*csi.VolumeGroupSnapshot, error)
 		got, err := g.prepareAll(ctx)
 		if err != nil {
 			reason := "prepare_failed"
-			if errors.Is(err, context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded {
+			switch {
+			case errors.Is(err, context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded:
 				reason = "prepare_timeout"
+			case errors.Is(err, ErrHoldExpired):
+				reason = "commit_refused" // a one-node group commits in its prepare
 			}
 			return nil, g.abort(ctx, reason, true, fmt.Errorf("group snapshot %q: prepare: %w", g.name, err))
 		}
@@ -164,7 +167,7 @@ func (g *groupRun) prepareAll(ctx context.Context) (map[string]*groupMembers, er
 	defer cancel()
 	return g.collect(func(n string, p groupPeer) (*groupMembers, error) {
 		return p.prepare(pctx, &groupPrepare{GroupID: g.id, Name: g.name, Members: g.members[n], All: g.all,
-			Parameters: g.params, HoldMillis: g.hold.Milliseconds()})
+			Parameters: g.params, HoldMillis: g.hold.Milliseconds(), Commit: len(g.peers) == 1})
 	})
 }
 
