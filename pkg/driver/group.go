@@ -122,6 +122,8 @@ type groupTxn struct {
 	want    snapshotMeta // the members' record, less ID and source
 	members []string
 	start   time.Time
+	// prepared is when the hold was in place (the drain done).
+	prepared time.Time
 	// deadline ends the hold: the commit's snapshots too must end by it.
 	deadline time.Time
 	timer    *time.Timer
@@ -338,8 +340,9 @@ func (d *Driver) groupPrepare(ctx context.Context, req *groupPrepare) (*groupMem
 		d.releaseLocked(t, "")
 		return nil, fmt.Errorf("group snapshot %q: the prepare's caller is gone: %w", t.id, err)
 	}
+	t.prepared = time.Now()
 	klog.FromContext(ctx).V(2).Info("Group snapshot prepared", "groupSnapshotID", t.id, "members", t.members, "held", len(t.gates),
-		"ready", t.start.Sub(ready), "drain", since(t.start))
+		"ready", t.start.Sub(ready), "drain", t.prepared.Sub(t.start))
 	if req.Commit {
 		// No timer: the commit's own deadline bounds the hold.
 		out, err := d.commitLocked(ctx, t)
@@ -581,7 +584,7 @@ func (d *Driver) commitLocked(ctx context.Context, t *groupTxn) (*groupMembers, 
 	hctx, cancel := context.WithDeadline(ctx, t.deadline)
 	defer cancel()
 	created, commitStart := time.Now().UTC(), time.Now()
-	infos, late, err := d.commitMembers(hctx, t)
+	infos, each, late, err := d.commitMembers(hctx, t)
 	if late != nil {
 		d.abandonCommit(ctx, t, late)
 		return nil, fmt.Errorf("%w: group snapshot %q: node %s: its member snapshots had not ended %s after the prepare (%v): I/O released, the members deleted once they end", ErrHoldExpired, t.id, d.opts.NodeID, since(t.start), context.Cause(hctx))
@@ -603,7 +606,11 @@ func (d *Driver) commitLocked(ctx context.Context, t *groupTxn) (*groupMembers, 
 	recs := t.recs
 	d.releaseLocked(t, "")
 	klog.FromContext(ctx).Info("Group snapshot members taken", "groupSnapshotID", t.id, "members", len(recs), "held", held)
-	klog.FromContext(ctx).V(2).Info("Group snapshot commit", "groupSnapshotID", t.id, "snapshots", snaps, "complete", since(finishStart))
+	// Where the hold went: the prepare's drain is logged with it; then
+	// the wait for the commit (the round trip to the controller), the
+	// snapshots (each member's), and after the release the completion.
+	klog.FromContext(ctx).V(2).Info("Group snapshot commit", "groupSnapshotID", t.id, "held", held, "waited", commitStart.Sub(t.prepared),
+		"snapshots", snaps, "each", each, "complete", since(finishStart))
 	return membersOf(recs), nil
 }
 
@@ -654,15 +661,17 @@ func (d *Driver) abandonCommit(ctx context.Context, t *groupTxn, late func()) {
 // their sum. It returns each member's snapshot, in t.recs' order. When
 // ctx ends first it returns at once with late, which waits for the
 // snapshots still running (they cannot be interrupted).
-func (d *Driver) commitMembers(ctx context.Context, t *groupTxn) (_ []qcow2.SnapshotInfo, late func(), _ error) {
+func (d *Driver) commitMembers(ctx context.Context, t *groupTxn) (_ []qcow2.SnapshotInfo, _ []time.Duration, late func(), _ error) {
 	recs := t.recs // abandonCommit takes them from t while these run
 	infos := make([]qcow2.SnapshotInfo, len(recs))
+	each := make([]time.Duration, len(recs)) // each member's, for the log
 	var err error
 	ended := make(chan struct{})
 	go func() {
 		defer close(ended)
 		err = eachMember(t, func(i int, v string) error {
-			m := recs[i]
+			m, start := recs[i], time.Now()
+			defer func() { each[i] = time.Since(start) }()
 			return d.withImage(ctx, v, false, func(img *qcow2.Image, _ bool) error {
 				var err error
 				infos[i], err = snapshotter.Commit(img, m.ID, m.Seq)
@@ -672,13 +681,13 @@ func (d *Driver) commitMembers(ctx context.Context, t *groupTxn) (_ []qcow2.Snap
 	}()
 	select {
 	case <-ended:
-		return infos, nil, err
+		return infos, each, nil, err
 	case <-ctx.Done():
 		select {
 		case <-ended: // both at once: the snapshots did end in time
-			return infos, nil, err
+			return infos, each, nil, err
 		default:
-			return nil, func() { <-ended }, nil
+			return nil, nil, func() { <-ended }, nil
 		}
 	}
 }
