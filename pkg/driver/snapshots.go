@@ -103,10 +103,11 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 }
 
 // takeSnapshot takes the snapshot want describes (Name, Source,
-// BlockMetadataType, Group) of want.Source, through its open image when it
-// is staged, or completes existing, the record of an earlier create of the
-// same name. CreateSnapshot and the members of a group snapshot (group.go)
-// both take theirs here. The caller holds the volume's snapshot lock.
+// BlockMetadataType) of want.Source, through its open image when it is
+// staged, or completes existing, the record of an earlier create of the
+// same name: CreateSnapshot's. A group snapshot's members take the same
+// steps apart, around their hold (group.go). The caller holds the
+// volume's snapshot lock.
 func (d *Driver) takeSnapshot(ctx context.Context, vol string, existing *snapshotMeta, want snapshotMeta) (*snapshotMeta, error) {
 	m := existing
 	fresh := func(img *qcow2.Image) error {
