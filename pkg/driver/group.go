@@ -610,7 +610,7 @@ func (d *Driver) commitLocked(ctx context.Context, t *groupTxn) (*groupMembers, 
 	// the wait for the commit (the round trip to the controller), the
 	// snapshots (each member's), and after the release the completion.
 	klog.FromContext(ctx).V(2).Info("Group snapshot commit", "groupSnapshotID", t.id, "held", held, "waited", commitStart.Sub(t.prepared),
-		"snapshots", snaps, "each", each, "complete", since(finishStart))
+		"snapshots", snaps, "each", fmt.Sprint(each), "complete", since(finishStart))
 	return membersOf(recs), nil
 }
 
