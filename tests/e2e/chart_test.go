@@ -107,10 +107,16 @@ func TestChartRender(t *testing.T) {
 				"kind: VolumeGroupSnapshotClass", "apiVersion: groupsnapshot.storage.k8s.io/v1", "name: qcow2-group", "--feature-gates=CSIVolumeGroupSnapshot=true",
 				`resources: ["volumegroupsnapshotcontents/status"]`},
 			hasNot: []string{"--node-deployment", "groupsnapshot.storage.kubernetes.io/is-default-class", "--mode=all", "--controller-expand", "--register-with-kubelet", "--fuse-dir", "--overcommit-ratio", "--pool-warning-percent",
-				"kind: ServiceMonitor", "kind: PodMonitor", "kind: Certificate", "--enable-get-snapshot", "--enable-capacity", "grpc_health_probe"},
+				"kind: ServiceMonitor", "kind: PodMonitor", "kind: Certificate", "--enable-get-snapshot", "--group-hold-timeout", "--enable-capacity", "grpc_health_probe"},
 			controller: []string{"livenessProbe:\n            httpGet:\n              path: /healthz\n              port: healthz\n            failureThreshold: 5",
 				"readinessProbe:\n            httpGet:\n              path: /readyz\n              port: healthz\n            failureThreshold: 3"},
 			nodeNot: []string{"path: /readyz"},
+		},
+		{
+			name:       "group snapshot hold timeout reaches the controller and the nodes",
+			set:        []string{"volumeGroupSnapshotClass.holdTimeout=2s"},
+			controller: []string{"--group-hold-timeout=2s"},
+			node:       []string{"--group-hold-timeout=2s"},
 		},
 		{
 			name:       "controller probes are the controller's own",
