@@ -710,12 +710,12 @@ func (d *Driver) groupRelease(ctx context.Context, ref groupRef) error {
 		return err
 	}
 	for _, m := range recs {
-		unlock, err := d.lockMembers([]string{m.Source})
+		unlock, err := d.locks.acquireWait(ctx, m.Source, opSnapshot)
 		if err != nil {
 			return err
 		}
 		err = d.deleteGroupRecords(ctx, []*snapshotMeta{m})
-		unlock[0]()
+		unlock()
 		if err != nil {
 			return err
 		}

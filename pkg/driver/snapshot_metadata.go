@@ -105,7 +105,7 @@ func (d *Driver) streamSnapshot(ctx context.Context, m *snapshotMeta, start int6
 	block func(img *qcow2.Image) int64,
 	ranges func(img *qcow2.Image, off, n int64) ([]snapshotter.Range, error),
 	send func(typ csi.BlockMetadataType, size int64, b []*csi.BlockMetadata) error) error {
-	release, err := d.locks.acquire(m.Source, opSnapshot)
+	release, err := d.locks.acquireWait(ctx, m.Source, opSnapshot)
 	if err != nil {
 		return err
 	}

@@ -84,7 +84,7 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 	if err := d.ownVolume(vol); err != nil {
 		return nil, toStatus(err)
 	}
-	release, err := d.locks.acquire(vol, opSnapshot)
+	release, err := d.locks.acquireWait(ctx, vol, opSnapshot)
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -176,7 +176,7 @@ func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequ
 	if err := d.checkOwner("snapshot", id, ref.Owner); err != nil {
 		return nil, toStatus(err)
 	}
-	release, err := d.locks.acquire(ref.Volume, opSnapshot)
+	release, err := d.locks.acquireWait(ctx, ref.Volume, opSnapshot)
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -375,7 +375,7 @@ func (d *Driver) restoreSource(ctx context.Context, src *csi.VolumeContentSource
 	default:
 		return 0, "", fmt.Errorf("%w: unknown volume content source", ErrInvalid)
 	}
-	release, err := d.locks.acquire(vol, opSnapshot)
+	release, err := d.locks.acquireWait(ctx, vol, opSnapshot)
 	if err != nil {
 		return 0, "", toStatus(err)
 	}
