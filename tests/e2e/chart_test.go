@@ -105,7 +105,9 @@ func TestChartRender(t *testing.T) {
 				`resources: ["volumesnapshots", "volumesnapshotcontents", "volumesnapshotclasses"]`, `resources: ["tokenreviews"]`, `resources: ["subjectaccessreviews"]`,
 				// group snapshots (issue 15)
 				"kind: VolumeGroupSnapshotClass", "apiVersion: groupsnapshot.storage.k8s.io/v1", "name: qcow2-group", "--feature-gates=CSIVolumeGroupSnapshot=true",
-				`resources: ["volumegroupsnapshotcontents/status"]`},
+				`resources: ["volumegroupsnapshotcontents/status"]`,
+				// the provisioner's finalizer on a snapshot it restores from
+				"resources: [\"volumesnapshots\"]\n    verbs: [\"get\", \"list\", \"watch\", \"update\"]"},
 			hasNot: []string{"--node-deployment", "groupsnapshot.storage.kubernetes.io/is-default-class", "--mode=all", "--controller-expand", "--register-with-kubelet", "--fuse-dir", "--overcommit-ratio", "--pool-warning-percent",
 				"kind: ServiceMonitor", "kind: PodMonitor", "kind: Certificate", "--enable-get-snapshot", "--group-hold-timeout", "--enable-capacity", "grpc_health_probe"},
 			controller: []string{"livenessProbe:\n            httpGet:\n              path: /healthz\n              port: healthz\n            failureThreshold: 5",
