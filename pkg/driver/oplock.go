@@ -55,7 +55,8 @@ func conflict(a, b op) bool { return in(conflicts[a], b) }
 // waits states which conflicts acquireWait waits out rather than refusing
 // at once; each entry is a conflict of the table above (checked in a test).
 // Snapshot work on one volume (CreateSnapshot, DeleteSnapshot, a restore or
-// clone reading it, a group snapshot's member deleted) is ordered, not
+// clone reading it, a group snapshot's member deleted, a snapshot metadata
+// stream) is ordered, not
 // refused: the CO sends many at once (a group snapshot's deletion, several
 // restores from one volume) and its backoff (doubling to minutes) would
 // drag each out far past the seconds the one in the way takes. Everything
@@ -166,7 +167,7 @@ func (l *opLocks) acquireWait(ctx context.Context, id string, o op) (release fun
 	if !busy {
 		return l.runLocked(id, v, o), nil
 	}
-	if !v.waitable(o, nil) {
+	if other, running, ok := v.unwaitable(o, nil); ok {
 		return nil, busyErr(id, o, other, running, 0)
 	}
 	w := &opWaiter{o: o}
@@ -188,14 +189,14 @@ func (l *opLocks) acquireWait(ctx context.Context, id string, o op) (release fun
 			v.dequeue(w) // it runs now: it blocks whom it blocked waiting
 			return l.runLocked(id, v, o), nil
 		}
-		var err error
-		switch {
-		case ctx.Err() != nil:
-			err = fmt.Errorf("volume %q: %s waited %s for %s: %w", id, o, since(start), other, ctx.Err())
-		case !v.waitable(o, w) || time.Since(start) >= l.maxWait:
-			err = busyErr(id, o, other, running, time.Since(start))
-		default:
+		if u, urunning, ok := v.unwaitable(o, w); ok {
+			other, running = u, urunning
+		} else if ctx.Err() == nil && time.Since(start) < l.maxWait {
 			continue
+		}
+		err := busyErr(id, o, other, running, time.Since(start))
+		if ctx.Err() != nil {
+			err = fmt.Errorf("volume %q: %s waited %s for %s: %w", id, o, since(start), other, ctx.Err())
 		}
 		v.dequeue(w)
 		l.changedLocked(id, v) // a waiter behind w may be next now
@@ -203,12 +204,12 @@ func (l *opLocks) acquireWait(ctx context.Context, id string, o op) (release fun
 	}
 }
 
-// waitable: everything in o's way on v (running, or waiting ahead of w;
-// all waiters when w is nil) is a conflict o waits out. l.mu held.
-func (v *volOps) waitable(o op, w *opWaiter) bool {
+// unwaitable is what in o's way on v (running, or waiting ahead of w; all
+// waiters when w is nil) o does not wait out, if anything. l.mu held.
+func (v *volOps) unwaitable(o op, w *opWaiter) (other op, running, ok bool) {
 	for other, n := range v.running {
 		if n > 0 && conflict(o, other) && !in(waits[o], other) {
-			return false
+			return other, true, true
 		}
 	}
 	for _, q := range v.queue {
@@ -216,10 +217,10 @@ func (v *volOps) waitable(o op, w *opWaiter) bool {
 			break
 		}
 		if conflict(o, q.o) && !in(waits[o], q.o) {
-			return false
+			return q.o, false, true
 		}
 	}
-	return true
+	return "", false, false
 }
 
 // dequeue removes w from v's waiters. l.mu held.
