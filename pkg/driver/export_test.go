@@ -54,3 +54,12 @@ func (d *Driver) FlattenRunningForTest(id string) bool {
 	_, ok := d.flattens.running[id]
 	return ok
 }
+
+// HoldSnapshotLockForTest takes volume id's snapshot lock as a restore's
+// copy or a snapshot does, until the returned func is called.
+func (d *Driver) HoldSnapshotLockForTest(id string) (func(), error) {
+	return d.locks.acquire(id, opSnapshot)
+}
+
+// OpsInFlightForTest lists the operations running and waiting per volume.
+func (d *Driver) OpsInFlightForTest() string { return d.locks.inFlight() }
