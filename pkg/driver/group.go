@@ -252,7 +252,7 @@ func (d *Driver) checkGroupMember(v string) error {
 
 // groupRecords are the member snapshots of group id on this node.
 func (d *Driver) groupRecords(id string) ([]*snapshotMeta, error) {
-	all, err := d.pool.listSnapshots()
+	all, err := d.pool.listRecords()
 	if err != nil {
 		return nil, err
 	}

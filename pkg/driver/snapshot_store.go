@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"sort"
 	"time"
 
@@ -64,7 +65,20 @@ func (p *pool) hiddenImagePath(vol string) string {
 	return filepath.Join(p.snapDir(), p.file(vol)+imageSuffix)
 }
 
+// getSnapshot returns snapshot id as CSI sees it: a pending record (a
+// group member not committed, or a crash's leftover of one) is no
+// snapshot, ErrNotFound, as its ID was never answered. The group code and
+// deletion read records through getRecord.
 func (p *pool) getSnapshot(id string) (*snapshotMeta, error) {
+	m, err := p.getRecord(id)
+	if err == nil && m.Pending {
+		return nil, fmt.Errorf("snapshot %q: %w (a group snapshot member not committed)", id, ErrNotFound)
+	}
+	return m, err
+}
+
+// getRecord returns the record of snapshot id, pending or not.
+func (p *pool) getRecord(id string) (*snapshotMeta, error) {
 	if _, _, ok := parseSnapshotID(id); !ok {
 		return nil, fmt.Errorf("snapshot %q: %w", id, ErrNotFound)
 	}
@@ -87,15 +101,23 @@ func (p *pool) removeSnapshot(id string) error {
 	return p.snapshots().remove(id)
 }
 
-// listSnapshots returns every snapshot record, sorted by ID.
+// listSnapshots returns the snapshots as CSI sees them (no pending
+// record: getSnapshot), sorted by ID.
 func (p *pool) listSnapshots() ([]*snapshotMeta, error) {
+	all, err := p.listRecords()
+	return slices.DeleteFunc(all, func(m *snapshotMeta) bool { return m.Pending }), err
+}
+
+// listRecords returns every snapshot record, pending ones too, sorted by
+// ID.
+func (p *pool) listRecords() ([]*snapshotMeta, error) {
 	ids, err := p.snapshots().names()
 	if err != nil {
 		return nil, err
 	}
 	var out []*snapshotMeta
 	for _, id := range ids {
-		m, err := p.getSnapshot(id)
+		m, err := p.getRecord(id)
 		if errors.Is(err, ErrNotFound) {
 			continue
 		}
@@ -108,9 +130,10 @@ func (p *pool) listSnapshots() ([]*snapshotMeta, error) {
 	return out, nil
 }
 
-// snapshotsOf returns the records of volume vol's snapshots.
+// snapshotsOf returns the records of volume vol's snapshots, pending
+// ones too.
 func (p *pool) snapshotsOf(vol string) ([]*snapshotMeta, error) {
-	all, err := p.listSnapshots()
+	all, err := p.listRecords()
 	if err != nil {
 		return nil, err
 	}

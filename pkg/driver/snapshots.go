@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -192,7 +191,7 @@ func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequ
 // gone already. The caller holds the volume's snapshot lock.
 func (d *Driver) deleteSnapshot(ctx context.Context, id string, ref snapshotRef) error {
 	vol, seq := ref.Volume, ref.Seq
-	m, err := d.pool.getSnapshot(id)
+	m, err := d.pool.getRecord(id)
 	if errors.Is(err, ErrNotFound) {
 		return nil
 	} else if err != nil {
@@ -272,9 +271,6 @@ func (d *Driver) ListSnapshots(ctx context.Context, req *csi.ListSnapshotsReques
 		}
 		ms = all
 	}
-	// A group member prepared but not committed (group.go) is no snapshot
-	// yet: its ID has not been answered, and it may never be taken.
-	ms = slices.DeleteFunc(ms, func(m *snapshotMeta) bool { return m.Pending })
 	if v := req.GetSourceVolumeId(); v != "" {
 		var f []*snapshotMeta
 		for _, m := range ms {

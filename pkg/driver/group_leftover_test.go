@@ -1,0 +1,102 @@
+package driver_test
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+)
+
+// pendingLeftover is what a crash right after a group prepare leaves on a
+// node: volume vol's image with the member's checkpoint (its only one) and
+// the member's pending record, whose snapshot was never taken. It prepares
+// group name of vol, keeps the files, waits for the node's deadline to
+// delete them, and puts them back; it returns the member's snapshot ID and
+// the group's ID.
+func pendingLeftover(t *testing.T, n *groupNode, name, vol string) (sid, gid string) {
+	t.Helper()
+	d := n.srv.Driver
+	pool := d.Options().Pool
+	snaps := filepath.Join(pool, ".snapshots")
+	gid, err := d.GroupPrepareForTest(context.Background(), name, []string{vol}, 300*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	crash := files(t, snaps)
+	img, err := os.ReadFile(imageFile(pool, vol))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(crash) != 1 {
+		t.Fatalf("after the prepare, records %v, want the member's", crash)
+	}
+	for end := time.Now().Add(10 * time.Second); len(files(t, snaps)) != 0; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatalf("records left after the node's deadline: %v", files(t, snaps))
+		}
+	}
+	for f, data := range crash {
+		if err := os.WriteFile(filepath.Join(snaps, f), data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		sid = strings.TrimSuffix(f, ".json")
+	}
+	if err := os.WriteFile(imageFile(pool, vol), img, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if got := checkpoints(t, pool, vol); got != 1 {
+		t.Fatalf("the crash's image has %d checkpoints, want the member's", got)
+	}
+	return sid, gid
+}
+
+// TestGroupSnapshotPendingLeftover: the pending record (and checkpoint) a
+// crash after a prepare leaves is no snapshot for any call, and goes with
+// its group's deletion and with its volume's, leaving nothing behind.
+func TestGroupSnapshotPendingLeftover(t *testing.T) {
+	ctx := context.Background()
+	t.Run("hidden", func(t *testing.T) {
+		n := startGroupNode(t, "node-a", 0)
+		a, _ := n.volume(t, "a", false)
+		sid, gid := pendingLeftover(t, n, "crash", a)
+		_, err := n.c.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: sid})
+		wantCode(t, err, codes.NotFound, sid)
+		if l, err := n.c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{SnapshotId: sid}); err != nil || len(l.Entries) != 0 {
+			t.Errorf("ListSnapshots by ID: %v %v, want none", l, err)
+		}
+		if l, err := n.c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{SourceVolumeId: a}); err != nil || len(l.Entries) != 0 {
+			t.Errorf("ListSnapshots by volume: %v %v, want none", l, err)
+		}
+		_, err = n.groups().GetVolumeGroupSnapshot(ctx, &csi.GetVolumeGroupSnapshotRequest{GroupSnapshotId: gid})
+		wantCode(t, err, codes.NotFound, "no member")
+		_, err = n.c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "restored", VolumeCapabilities: []*csi.VolumeCapability{capBlock(rw)},
+			CapacityRange: &csi.CapacityRange{RequiredBytes: snapDisk},
+			VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
+				Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: sid}}}})
+		wantCode(t, err, codes.NotFound, sid)
+		md := dialMetadata(t, n.srv)
+		st, err := md.GetMetadataAllocated(ctx, &csi.GetMetadataAllocatedRequest{SnapshotId: sid})
+		if err == nil {
+			_, err = st.Recv()
+		}
+		wantCode(t, err, codes.NotFound, sid)
+		sd, err := md.GetMetadataDelta(ctx, &csi.GetMetadataDeltaRequest{BaseSnapshotId: sid, TargetSnapshotId: sid})
+		if err == nil {
+			_, err = sd.Recv()
+		}
+		wantCode(t, err, codes.NotFound, sid)
+	})
+}
+
+func keys(m map[string][]byte) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	return out
+}
