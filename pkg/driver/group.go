@@ -442,10 +442,7 @@ func (d *Driver) groupExisting(ctx context.Context, req *groupPrepare) (done *gr
 		return out, nil
 	}
 	klog.FromContext(ctx).Info("Deleting the members an interrupted group snapshot left", "groupSnapshotID", req.GroupID, "members", len(recs))
-	// Pending ones were never answered: no checkpoint of theirs stays.
-	pending := slices.DeleteFunc(slices.Clone(recs), func(m *snapshotMeta) bool { return !m.Pending })
-	taken := slices.DeleteFunc(recs, func(m *snapshotMeta) bool { return m.Pending })
-	return nil, errors.Join(d.abandonMembers(ctx, pending), d.deleteGroupRecords(ctx, taken))
+	return nil, d.deleteGroupRecords(ctx, recs)
 }
 
 // snapshotTaken reports whether m's internal snapshot is in its image.
@@ -458,8 +455,9 @@ func (d *Driver) snapshotTaken(ctx context.Context, m *snapshotMeta) bool {
 	return err == nil
 }
 
-// deleteGroupRecords deletes member snapshots; the caller holds their
-// volumes' snapshot locks.
+// deleteGroupRecords deletes member snapshots, their snapshots taken or
+// not: a pending one, never answered, leaves no checkpoint behind
+// (deleteSnapshot). The caller holds their volumes' snapshot locks.
 func (d *Driver) deleteGroupRecords(ctx context.Context, recs []*snapshotMeta) error {
 	var errs []error
 	for _, m := range recs {
@@ -503,7 +501,7 @@ func (d *Driver) releaseLocked(t *groupTxn, reason string) bool {
 	d.endHold(t)
 	if !t.committed && len(t.recs) > 0 {
 		// Its locks are still held: nothing else sees the members go.
-		if err := d.abandonMembers(context.Background(), t.recs); err != nil {
+		if err := d.deleteGroupRecords(context.Background(), t.recs); err != nil {
 			klog.Background().Error(err, "Deleting the members of a group snapshot that was not committed; a retried create or DeleteVolumeGroupSnapshot deletes them", "groupSnapshotID", t.id)
 		}
 		t.recs = nil
@@ -516,26 +514,6 @@ func (d *Driver) releaseLocked(t *groupTxn, reason string) bool {
 		d.metrics.groupAborts.WithLabelValues(reason).Inc()
 	}
 	return true
-}
-
-// abandonMembers deletes the members a prepare readied, their snapshots
-// taken or not (snapshotter.Abandon: no checkpoint is left of a snapshot
-// never taken), then their records. The caller holds their volumes'
-// snapshot locks.
-func (d *Driver) abandonMembers(ctx context.Context, recs []*snapshotMeta) error {
-	var errs []error
-	for _, m := range recs {
-		err := d.withImage(ctx, m.Source, m.Hidden, func(img *qcow2.Image, _ bool) error {
-			return driverErr(snapshotter.Abandon(img, m.ID, m.Seq))
-		})
-		if err == nil {
-			err = d.pool.removeSnapshot(m.ID)
-		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("snapshot %q: %w", m.ID, err))
-		}
-	}
-	return errors.Join(errs...)
 }
 
 // endHold lets t's held I/O go, once, and records how long it was held.
@@ -646,7 +624,7 @@ func (d *Driver) abandonCommit(ctx context.Context, t *groupTxn, late func()) {
 	logger.Info("Group snapshot hold ran out during its commit: I/O released", "held", since(t.start))
 	go func() {
 		late()
-		if err := d.abandonMembers(context.WithoutCancel(ctx), recs); err != nil {
+		if err := d.deleteGroupRecords(context.WithoutCancel(ctx), recs); err != nil {
 			logger.Error(err, "Deleting the members of a commit that ran out of its hold; DeleteVolumeGroupSnapshot or a retry deletes them")
 		}
 		for _, u := range unlocks {

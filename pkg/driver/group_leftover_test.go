@@ -60,6 +60,23 @@ func pendingLeftover(t *testing.T, n *groupNode, name, vol string) (sid, gid str
 // its group's deletion and with its volume's, leaving nothing behind.
 func TestGroupSnapshotPendingLeftover(t *testing.T) {
 	ctx := context.Background()
+	t.Run("DeleteVolumeGroupSnapshot", func(t *testing.T) {
+		n := startGroupNode(t, "node-a", 0)
+		a, _ := n.volume(t, "a", false)
+		pool := n.srv.Driver.Options().Pool
+		_, gid := pendingLeftover(t, n, "crash", a)
+		if _, err := n.groups().DeleteVolumeGroupSnapshot(ctx, &csi.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: gid}); err != nil {
+			t.Fatal(err)
+		}
+		if left := files(t, filepath.Join(pool, ".snapshots")); len(left) != 0 {
+			t.Errorf("records left by the group's deletion: %v", left)
+		}
+		// Its only checkpoint, of a snapshot never taken, is no start of
+		// any delta: it goes too.
+		if got := checkpoints(t, pool, a); got != 0 {
+			t.Errorf("%d checkpoints left by the group's deletion, want 0", got)
+		}
+	})
 	t.Run("hidden", func(t *testing.T) {
 		n := startGroupNode(t, "node-a", 0)
 		a, _ := n.volume(t, "a", false)

@@ -188,7 +188,10 @@ func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequ
 
 // deleteSnapshot deletes snapshot id (parsed: ref) of this node, and the
 // image of a deleted volume with its last snapshot; an unknown one is
-// gone already. The caller holds the volume's snapshot lock.
+// gone already. A pending record (a group member a crash left before its
+// commit completed it) is abandoned: its checkpoint, never answered, goes
+// even as the image's only one, which Delete would keep. The caller holds
+// the volume's snapshot lock.
 func (d *Driver) deleteSnapshot(ctx context.Context, id string, ref snapshotRef) error {
 	vol, seq := ref.Volume, ref.Seq
 	m, err := d.pool.getRecord(id)
@@ -197,8 +200,12 @@ func (d *Driver) deleteSnapshot(ctx context.Context, id string, ref snapshotRef)
 	} else if err != nil {
 		return err
 	}
+	drop := snapshotter.Delete
+	if m.Pending {
+		drop = snapshotter.Abandon
+	}
 	err = d.withImage(ctx, vol, m.Hidden, func(img *qcow2.Image, _ bool) error {
-		return driverErr(snapshotter.Delete(img, id, seq))
+		return driverErr(drop(img, id, seq))
 	})
 	if err != nil && !(m.Hidden && errors.Is(err, ErrNotFound)) {
 		return fmt.Errorf("snapshot %q: %w", id, err)
@@ -227,7 +234,7 @@ func (d *Driver) deleteSnapshot(ctx context.Context, id string, ref snapshotRef)
 		// base tries again.
 		d.startFlatten(vol)
 	}
-	klog.FromContext(ctx).Info("Snapshot deleted", "snapshotID", id)
+	klog.FromContext(ctx).Info("Snapshot deleted", "snapshotID", id, "pending", m.Pending)
 	return nil
 }
 
