@@ -317,6 +317,8 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 	}
 	if snaps, err := d.pool.snapshotsOf(id); err != nil {
 		return nil, toStatus(err)
+	} else if snaps, err = d.dropPendingLeftovers(ctx, snaps); err != nil {
+		return nil, toStatus(fmt.Errorf("volume %q: %w", id, err))
 	} else if live := liveSnapshots(snaps); len(live) > 0 {
 		// Snapshots outlive their volume (snapshots.go).
 		if err := d.hideVolume(ctx, id, live); err != nil {
@@ -333,6 +335,27 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 	}
 	klog.FromContext(ctx).Info("Volume deleted", "volumeID", id, "base", base)
 	return &csi.DeleteVolumeResponse{}, nil
+}
+
+// dropPendingLeftovers deletes the pending records among snaps that no
+// group snapshot on the node is preparing or committing (a crash's
+// leftovers: once their volume is gone nothing else would delete them,
+// and they would keep its image) and returns the others. The caller holds
+// the volume's delete lock, which excludes its snapshot operations.
+func (d *Driver) dropPendingLeftovers(ctx context.Context, snaps []*snapshotMeta) ([]*snapshotMeta, error) {
+	var keep []*snapshotMeta
+	for _, m := range snaps {
+		ref, ok := parseSnapshotRef(m.ID)
+		if !m.Pending || !ok || d.groups.get(m.Group) != nil {
+			keep = append(keep, m)
+			continue
+		}
+		klog.FromContext(ctx).Info("Deleting a group snapshot member a crash left pending", "snapshotID", m.ID, "groupSnapshotID", m.Group)
+		if err := d.deleteSnapshot(ctx, m.ID, ref); err != nil {
+			return nil, err
+		}
+	}
+	return keep, nil
 }
 
 func (d *Driver) ControllerGetVolume(ctx context.Context, req *csi.ControllerGetVolumeRequest) (*csi.ControllerGetVolumeResponse, error) {

@@ -77,6 +77,23 @@ func TestGroupSnapshotPendingLeftover(t *testing.T) {
 			t.Errorf("%d checkpoints left by the group's deletion, want 0", got)
 		}
 	})
+	t.Run("DeleteVolume", func(t *testing.T) {
+		n := startGroupNode(t, "node-a", 0)
+		a, _ := n.volume(t, "a", false)
+		pool := n.srv.Driver.Options().Pool
+		pendingLeftover(t, n, "crash", a)
+		if _, err := n.c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: a}); err != nil {
+			t.Fatal(err)
+		}
+		// Deleted, not hidden for a snapshot that does not exist: nothing
+		// could ever delete its image then.
+		if left := files(t, filepath.Join(pool, ".snapshots")); len(left) != 0 {
+			t.Errorf("left in .snapshots after the volume's deletion: %v", keys(left))
+		}
+		if _, err := os.Stat(imageFile(pool, a)); !os.IsNotExist(err) {
+			t.Errorf("the volume's image is still there: %v", err)
+		}
+	})
 	t.Run("hidden", func(t *testing.T) {
 		n := startGroupNode(t, "node-a", 0)
 		a, _ := n.volume(t, "a", false)
