@@ -428,11 +428,10 @@ func (d *Driver) groupExisting(ctx context.Context, req *groupPrepare) (done *gr
 	}
 	if complete {
 		// Every snapshot was taken; a crash may have come before their
-		// records were completed.
+		// records were completed (and the previous checkpoints frozen).
 		for _, m := range recs {
 			if m.Pending {
-				m.Pending = false
-				if err := d.pool.putSnapshot(m); err != nil {
+				if err := d.finishMember(ctx, m.Source, m); err != nil {
 					return nil, err
 				}
 			}
@@ -599,16 +598,24 @@ func (d *Driver) commitLocked(ctx context.Context, t *groupTxn) (*groupMembers, 
 func (d *Driver) finishMembers(ctx context.Context, t *groupTxn, infos []qcow2.SnapshotInfo, created time.Time) error {
 	return eachMember(t, func(i int, v string) error {
 		m := t.recs[i]
-		err := d.withImage(ctx, v, false, func(img *qcow2.Image, _ bool) error {
-			snapshotter.Finish(img, m.Seq)
-			return nil
-		})
-		if err != nil {
-			return err
-		}
-		m.Pending, m.Size, m.Created = false, int64(infos[i].DiskSize), created
-		return d.pool.putSnapshot(m)
+		m.Size, m.Created = int64(infos[i].DiskSize), created
+		return d.finishMember(ctx, v, m)
 	})
+}
+
+// finishMember completes member m of volume vol, its snapshot taken: the
+// previous checkpoints frozen (snapshotter.Finish), then its record no
+// longer pending. The caller holds the volume's snapshot lock.
+func (d *Driver) finishMember(ctx context.Context, vol string, m *snapshotMeta) error {
+	err := d.withImage(ctx, vol, false, func(img *qcow2.Image, _ bool) error {
+		snapshotter.Finish(img, m.Seq)
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	m.Pending = false
+	return d.pool.putSnapshot(m)
 }
 
 // abandonCommit ends a commit whose snapshots outlived the hold: the I/O

@@ -4,12 +4,15 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
+
+	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
 )
 
 // pendingLeftover is what a crash right after a group prepare leaves on a
@@ -133,4 +136,86 @@ func keys(m map[string][]byte) []string {
 		out = append(out, k)
 	}
 	return out
+}
+
+// recording are the names of volume vol's checkpoint bitmaps that record
+// writes (enabled).
+func recording(t *testing.T, pool, vol string) []string {
+	t.Helper()
+	img, err := qcow2.Open(imageFile(pool, vol), qcow2.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	var out []string
+	for _, b := range img.Bitmaps() {
+		if strings.HasPrefix(b.Name, "qcow2-csi-cbt-") && b.Enabled {
+			out = append(out, b.Name)
+		}
+	}
+	return out
+}
+
+// TestGroupSnapshotRetryFinishes: a crash after a member's snapshot was
+// taken and before it was completed leaves its record pending and the
+// previous checkpoint recording; the retried create that finds the group
+// complete completes it as the commit does: the previous checkpoint
+// frozen, only the member's records.
+func TestGroupSnapshotRetryFinishes(t *testing.T) {
+	n := startGroupNode(t, "node-a", 0)
+	a, _ := n.volume(t, "a", false)
+	pool := n.srv.Driver.Options().Pool
+	ctx := context.Background()
+	s1, err := n.c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "before", SourceVolumeId: a})
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := &csi.CreateVolumeGroupSnapshotRequest{Name: "unfinished", SourceVolumeIds: []string{a}}
+	g, err := n.groups().CreateVolumeGroupSnapshot(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := recording(t, pool, a)
+	if len(want) != 1 {
+		t.Fatalf("after the group, recording checkpoints %v, want the member's", want)
+	}
+	// The crash: the member's record pending, the previous checkpoint
+	// still recording.
+	member := g.GroupSnapshot.Snapshots[0].SnapshotId
+	rec := filepath.Join(pool, ".snapshots", member+".json")
+	data, err := os.ReadFile(rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pending := strings.Replace(string(data), "\n}", ",\n  \"pending\": true\n}", 1)
+	if err := os.WriteFile(rec, []byte(pending), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	img, err := qcow2.Open(imageFile(pool, a), qcow2.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	seq := strings.Split(s1.Snapshot.SnapshotId, "@")[1]
+	if err := img.EnableBitmap("qcow2-csi-cbt-" + seq); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := recording(t, pool, a); len(got) != 2 {
+		t.Fatalf("the crash's image records in %v, want 2 checkpoints", got)
+	}
+	g2, err := n.groups().CreateVolumeGroupSnapshot(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := g2.GroupSnapshot.Snapshots[0].SnapshotId; got != member {
+		t.Fatalf("the retry answered %s, want %s", got, member)
+	}
+	if got := recording(t, pool, a); !slices.Equal(got, want) {
+		t.Errorf("after the retry, recording checkpoints %v, want %v only (the previous one frozen)", got, want)
+	}
+	if _, err := n.c.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: member}); err != nil {
+		t.Errorf("the completed member: %v", err)
+	}
 }
