@@ -219,3 +219,21 @@ func TestGroupSnapshotRetryFinishes(t *testing.T) {
 		t.Errorf("the completed member: %v", err)
 	}
 }
+
+// TestGroupSnapshotPrepareAnswerLost: a group on one node commits in its
+// prepare; when the answer is lost (the controller's wait ends first: the
+// node's deadline starts later), the members the node took are nobody's
+// and go with the abort.
+func TestGroupSnapshotPrepareAnswerLost(t *testing.T) {
+	n := startGroupNode(t, "node-a", 0)
+	a, _ := n.volume(t, "a", false)
+	ctx := context.Background()
+	err := n.srv.Driver.GroupCreateAnswerLostForTest(ctx, "lost", []string{a}, 300*time.Millisecond)
+	wantCode(t, err, codes.DeadlineExceeded, "prepare")
+	if l, err := n.c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{}); err != nil || len(l.Entries) != 0 {
+		t.Errorf("members left by the failed create: %v %v", l, err)
+	}
+	if left := files(t, filepath.Join(n.srv.Driver.Options().Pool, ".snapshots")); len(left) != 0 {
+		t.Errorf("records left by the failed create: %v", keys(left))
+	}
+}
