@@ -37,7 +37,8 @@ import (
 // A group not committed (aborted, expired, failed) leaves no member: its
 // prepared records are deleted at its release, and those a crash left
 // (pending, with or without their snapshot) by the retried create
-// (groupExisting) or by DeleteVolumeGroupSnapshot (groupRelease).
+// (groupExisting), by DeleteVolumeGroupSnapshot (groupRelease) or by
+// DeleteVolume of their volume (dropPendingLeftovers).
 //
 // The timer releases the hold at the deadline whatever the controller
 // does: I/O is never held longer than the hold the prepare asked for
@@ -82,8 +83,9 @@ type groupPrepare struct {
 type groupRef struct {
 	GroupID string `json:"groupId"`
 	// HoldOnly: release ends the hold and keeps the members (the abort
-	// of a failed prepare, which took none, must not delete a group that
-	// a same-named request with other members ran into).
+	// of a prepare that took none, failed, must not delete a group that
+	// a same-named request with other members ran into; see
+	// groupRun.prepareTookNone).
 	HoldOnly bool `json:"holdOnly,omitempty"`
 }
 

@@ -54,8 +54,9 @@ type snapshotMeta struct {
 	GroupMembers []string `json:"groupMembers,omitempty"`
 	// Pending: a group member whose record and checkpoint a prepare wrote
 	// ahead of the hold, and whose internal snapshot may not be taken yet
-	// (group.go). It is no snapshot until its commit clears the flag: not
-	// listed, and deleted with its group when the group is not committed.
+	// (group.go). It is no snapshot until its commit clears the flag: no
+	// CSI call sees it (getSnapshot), and it is deleted with its group
+	// when the group is not committed, leaving no checkpoint.
 	Pending bool `json:"pending,omitempty"`
 }
 
