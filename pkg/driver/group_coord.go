@@ -227,7 +227,7 @@ func (g *groupRun) releaseAll(ctx context.Context, holdOnly bool) error {
 	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), g.hold+groupAbortGrace)
 	defer cancel()
 	return g.eachNode(func(_ string, p groupPeer) error {
-		return p.release(actx, groupRef{GroupID: g.id, HoldOnly: holdOnly})
+		return p.release(actx, groupRef{GroupID: g.id, HoldOnly: holdOnly, All: g.all})
 	})
 }
 

@@ -237,3 +237,22 @@ func TestGroupSnapshotPrepareAnswerLost(t *testing.T) {
 		t.Errorf("records left by the failed create: %v", keys(left))
 	}
 }
+
+// TestGroupSnapshotPrepareAnswerLostOtherGroup: a create whose name is
+// another group's (of other volumes) is AlreadyExists on the node; when
+// that answer is lost, the abort that deletes the create's members keeps
+// the other group's.
+func TestGroupSnapshotPrepareAnswerLostOtherGroup(t *testing.T) {
+	n := startGroupNode(t, "node-a", 0)
+	a, _ := n.volume(t, "a", false)
+	b, _ := n.volume(t, "b", false)
+	ctx := context.Background()
+	if _, err := n.groups().CreateVolumeGroupSnapshot(ctx, &csi.CreateVolumeGroupSnapshotRequest{Name: "taken", SourceVolumeIds: []string{a, b}}); err != nil {
+		t.Fatal(err)
+	}
+	err := n.srv.Driver.GroupCreateAnswerLostForTest(ctx, "taken", []string{a}, 300*time.Millisecond)
+	wantCode(t, err, codes.DeadlineExceeded, "prepare")
+	if l, err := n.c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{}); err != nil || len(l.Entries) != 2 {
+		t.Errorf("after the lost AlreadyExists: %v %v, want the other group's 2 members", l, err)
+	}
+}
