@@ -127,6 +127,7 @@ func TestSnapshotPowerLoss(t *testing.T) {
 		{"encrypted", CreateOptions{ClusterSize: 4096, Encryption: &EncryptionOptions{Passphrase: []byte(pass), IterTime: luksTestIterTime}}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel() // each case spends most of its time in qemu-img check
 			dir := t.TempDir()
 			base := filepath.Join(dir, "base.qcow2")
 			co := tc.co
