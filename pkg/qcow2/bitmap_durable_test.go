@@ -3,7 +3,6 @@ package qcow2
 import (
 	"bytes"
 	"fmt"
-	"io"
 	"math/rand"
 	"os"
 	"path/filepath"
@@ -14,125 +13,6 @@ import (
 
 	"github.com/qcow2-csi/qcow2-csi/tests/child"
 )
-
-// powerLossFile records, for every write since the last fsync, the bytes it
-// replaced, so that a test can build the file a power loss would leave at
-// any moment. The adversary kept here is the one that matters for bitmaps:
-// every unsynced write reached the disk except those to bitmap data clusters.
-type powerLossFile struct {
-	*os.File
-	mu       sync.Mutex
-	unsynced []preImage
-	writes   int
-	crashAt  func(n, unsynced int) bool
-	crashes  []string // crash images made so far
-	dir      string
-	err      error
-}
-
-type preImage struct {
-	off int64
-	old []byte
-}
-
-func (p *powerLossFile) WriteAt(b []byte, off int64) (int, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.writes++
-	if p.crashAt != nil && p.crashAt(p.writes, len(p.unsynced)) {
-		// Power is lost just before this write is issued.
-		p.saveCrashImage()
-	}
-	old := make([]byte, len(b))
-	n, err := p.File.ReadAt(old, off)
-	if err != nil && err != io.EOF {
-		return 0, err
-	}
-	p.unsynced = append(p.unsynced, preImage{off, old[:n]})
-	return p.File.WriteAt(b, off)
-}
-
-// WriteAtDsync is a write whose range is durable when it returns (and so
-// is every earlier write inside that range).
-func (p *powerLossFile) WriteAtDsync(b []byte, off int64) (int, error) {
-	n, err := p.WriteAt(b, off)
-	if err != nil {
-		return n, err
-	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	kept := p.unsynced[:0]
-	for _, u := range p.unsynced {
-		if u.off < off || u.off+int64(len(u.old)) > off+int64(len(b)) {
-			kept = append(kept, u)
-		}
-	}
-	p.unsynced = kept
-	return n, nil
-}
-
-func (p *powerLossFile) Sync() error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if err := p.File.Sync(); err != nil {
-		return err
-	}
-	p.unsynced = nil
-	return nil
-}
-
-// saveCrashImage copies the file as it is now, then undoes every unsynced
-// write that touched a bitmap data cluster of the copy's bitmaps. p.mu held.
-func (p *powerLossFile) saveCrashImage() {
-	path := filepath.Join(p.dir, fmt.Sprintf("crash-%d.qcow2", len(p.crashes)))
-	if err := copyFileRange(p.File, path); err != nil {
-		p.err = err
-		return
-	}
-	img, err := Open(path, OpenOptions{ReadOnly: true, NoLock: true})
-	if err != nil {
-		p.err = fmt.Errorf("crash image %s before undo: %w", path, err)
-		return
-	}
-	var clusters []int64
-	for _, b := range img.bms.list {
-		for _, te := range b.table {
-			if te.offset() != 0 {
-				clusters = append(clusters, te.offset())
-			}
-		}
-	}
-	cs := img.clusterSize
-	img.Close()
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		p.err = err
-		return
-	}
-	defer f.Close()
-	for i := len(p.unsynced) - 1; i >= 0; i-- {
-		u := p.unsynced[i]
-		for _, c := range clusters {
-			lo, hi := max(u.off, c), min(u.off+int64(len(u.old)), c+cs)
-			if lo < hi {
-				if _, err := f.WriteAt(u.old[lo-u.off:hi-u.off], lo); err != nil {
-					p.err = err
-				}
-			}
-		}
-	}
-	p.crashes = append(p.crashes, path)
-}
-
-func copyFileRange(src *os.File, dst string) error {
-	out, err := os.Create(dst)
-	if err != nil {
-		return err
-	}
-	defer out.Close()
-	_, err = io.Copy(out, io.NewSectionReader(src, 0, 1<<62))
-	return err
-}
 
 // durableWorkload writes, zeroes, discards and flushes at random from
 // several goroutines.
@@ -298,11 +178,12 @@ func TestCrashConsistentBitmapsPowerLoss(t *testing.T) {
 				t.Fatal(err)
 			}
 			// Crash points: random, favouring moments with unsynced writes
-			// (where an ordering bug would show), at most 25.
+			// (where an ordering bug would show), at most 25, before writes
+			// only.
 			r := rand.New(rand.NewSource(cs))
 			crashes := 0
-			crashAt := func(n, unsynced int) bool {
-				if crashes < 25 && unsynced > 0 && r.Intn(8) == 0 {
+			crashAt := func(op powerLossOp) bool {
+				if op.write && crashes < 25 && op.unsynced > 0 && r.Intn(8) == 0 {
 					crashes++
 					return true
 				}
@@ -310,7 +191,7 @@ func TestCrashConsistentBitmapsPowerLoss(t *testing.T) {
 			}
 			var pf *powerLossFile
 			img, err = Open(path, OpenOptions{CrashConsistentBitmaps: true, wrapFile: func(f *os.File) imageFile {
-				pf = &powerLossFile{File: f, dir: dir}
+				pf = &powerLossFile{File: f, drop: dropBitmapClusters, dir: dir}
 				return pf
 			}})
 			if err != nil {

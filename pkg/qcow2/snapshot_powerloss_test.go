@@ -3,90 +3,11 @@ package qcow2
 import (
 	"bytes"
 	"fmt"
-	"io"
 	"math/rand"
 	"os"
 	"path/filepath"
-	"sync"
 	"testing"
 )
-
-// crashFile is the image file under a power loss before one chosen
-// operation (a write or a sync): just before it, the file a disk could be
-// left with is saved. Which unsynced writes that disk kept is the
-// adversary's choice: none of them, or only the latest (the others
-// dropped), the two that break an ordering that counts on a sync the code
-// skipped.
-type crashFile struct {
-	*os.File
-	mu       sync.Mutex
-	unsynced []preImage
-	ops      int  // writes and syncs so far
-	crashAt  int  // the operation the power is lost before; 0: none
-	keepLast bool // the adversary
-	out      string
-	saved    bool
-	err      error
-}
-
-func (c *crashFile) WriteAt(b []byte, off int64) (int, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.step()
-	old := make([]byte, len(b))
-	n, err := c.File.ReadAt(old, off)
-	if err != nil && err != io.EOF {
-		return 0, err
-	}
-	c.unsynced = append(c.unsynced, preImage{off, old[:n]})
-	return c.File.WriteAt(b, off)
-}
-
-func (c *crashFile) Sync() error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.step()
-	if err := c.File.Sync(); err != nil {
-		return err
-	}
-	c.unsynced = nil
-	return nil
-}
-
-// step counts an operation, and loses the power before it if it is the
-// one. c.mu held.
-func (c *crashFile) step() {
-	c.ops++
-	if c.crashAt != 0 && c.ops == c.crashAt {
-		c.save()
-	}
-}
-
-// save writes the file the power loss leaves to c.out: the file now,
-// with the unsynced writes the adversary drops undone, newest first.
-// c.mu held.
-func (c *crashFile) save() {
-	c.saved = true
-	if err := copyFileRange(c.File, c.out); err != nil {
-		c.err = err
-		return
-	}
-	f, err := os.OpenFile(c.out, os.O_RDWR, 0)
-	if err != nil {
-		c.err = err
-		return
-	}
-	defer f.Close()
-	drop := c.unsynced
-	if c.keepLast && len(drop) > 0 {
-		drop = drop[:len(drop)-1]
-	}
-	for i := len(drop) - 1; i >= 0; i-- {
-		if _, err := f.WriteAt(drop[i].old, drop[i].off); err != nil {
-			c.err = err
-		}
-	}
-}
 
 // powerLossWrites writes k runs of random bytes at random offsets of img,
 // from seed, and flushes nothing.
@@ -189,11 +110,14 @@ type powerLoss struct {
 // before the k-th (the last crash point).
 func (pl powerLoss) at(t *testing.T, k int) bool {
 	t.Helper()
-	work, crashed := filepath.Join(pl.dir, "work.qcow2"), filepath.Join(pl.dir, "crash.qcow2")
+	work := filepath.Join(pl.dir, "work.qcow2")
 	if err := os.WriteFile(work, pl.base, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	cf := &crashFile{keepLast: pl.keepLast, out: crashed}
+	cf := &powerLossFile{drop: dropUnsynced, dir: pl.dir}
+	if pl.keepLast {
+		cf.drop = keepLatestUnsynced
+	}
 	o := pl.opts
 	o.wrapFile = func(f *os.File) imageFile { cf.File = f; return cf }
 	img, err := Open(work, o)
@@ -206,17 +130,18 @@ func (pl powerLoss) at(t *testing.T, k int) bool {
 		t.Fatal(err)
 	}
 	cf.mu.Lock()
-	cf.crashAt = cf.ops + k
+	crashAt := cf.ops + k
+	cf.crashAt = func(op powerLossOp) bool { return op.n == crashAt }
 	cf.mu.Unlock()
 	if _, err := img.CreateSnapshot("new"); err != nil {
 		t.Fatal(err)
 	}
 	cf.mu.Lock()
-	returned := !cf.saved
+	returned := len(cf.crashes) == 0
 	if returned {
-		cf.save() // the power is lost right after
+		cf.saveCrashImage() // the power is lost right after
 	}
-	saveErr := cf.err
+	crashed, saveErr := cf.crashes[0], cf.err
 	cf.mu.Unlock()
 	if err := img.Close(); err != nil {
 		t.Fatal(err)
