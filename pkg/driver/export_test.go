@@ -63,25 +63,3 @@ func (d *Driver) HoldSnapshotLockForTest(id string) (func(), error) {
 
 // OpsInFlightForTest lists the operations running and waiting per volume.
 func (d *Driver) OpsInFlightForTest() string { return d.locks.inFlight() }
-
-// GroupCreateAnswerLostForTest creates group name of members (all on this
-// node) with hold, as the controller would, through a node whose answer
-// to the prepare is lost: the node prepares and commits (the group is on
-// one node), the controller sees its prepare time out.
-func (d *Driver) GroupCreateAnswerLostForTest(ctx context.Context, name string, members []string, hold time.Duration) error {
-	node := d.opts.NodeID
-	run := &groupRun{id: groupIDForName(name), name: name, all: members, hold: hold, aborts: d.metrics.groupAborts,
-		peers: map[string]groupPeer{node: lostAnswerPeer{localPeer{d}}}, members: map[string][]string{node: members}}
-	_, err := run.create(ctx)
-	return toStatus(err)
-}
-
-// lostAnswerPeer is a node whose prepare answers are lost: the prepare
-// runs to its end, and the caller waits until it gives up.
-type lostAnswerPeer struct{ localPeer }
-
-func (p lostAnswerPeer) prepare(ctx context.Context, req *groupPrepare) (*groupMembers, error) {
-	_, _ = p.localPeer.prepare(context.WithoutCancel(ctx), req)
-	<-ctx.Done()
-	return nil, ctx.Err()
-}

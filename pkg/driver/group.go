@@ -87,17 +87,6 @@ type groupRef struct {
 	// a same-named request with other members ran into; see
 	// groupRun.prepareTookNone).
 	HoldOnly bool `json:"holdOnly,omitempty"`
-	// All, in the release of a create's abort, are that create's source
-	// volumes: a group of other volumes that the name already had is not
-	// the create's to delete (its prepare answered AlreadyExists, and the
-	// answer may have been lost). Empty (DeleteVolumeGroupSnapshot, or a
-	// controller of an older release): whatever the group has.
-	All []string `json:"all,omitempty"`
-}
-
-// sameVolumes: the same volumes, in any order, are the same group.
-func sameVolumes(a, b []string) bool {
-	return slices.Equal(slices.Sorted(slices.Values(a)), slices.Sorted(slices.Values(b)))
 }
 
 // groupMember is one member snapshot, as a node reports it.
@@ -425,7 +414,8 @@ func (d *Driver) groupExisting(ctx context.Context, req *groupPrepare) (done *gr
 	if err != nil || len(recs) == 0 {
 		return nil, err
 	}
-	if !sameVolumes(recs[0].GroupMembers, req.All) {
+	// The same volumes in another order are the same group.
+	if !slices.Equal(slices.Sorted(slices.Values(recs[0].GroupMembers)), slices.Sorted(slices.Values(req.All))) {
 		return nil, fmt.Errorf("%w: group snapshot name %q is taken by %s of volumes %v", ErrAlreadyExists, req.Name, req.GroupID, recs[0].GroupMembers)
 	}
 	have := map[string]bool{}
@@ -705,11 +695,6 @@ func (d *Driver) groupRelease(ctx context.Context, ref groupRef) error {
 	recs, err := d.groupRecords(ref.GroupID)
 	if err != nil {
 		return err
-	}
-	if len(recs) > 0 && len(ref.All) > 0 && !sameVolumes(recs[0].GroupMembers, ref.All) {
-		klog.FromContext(ctx).Info("Group snapshot release keeps the members of the same name's group of other volumes", "groupSnapshotID", ref.GroupID,
-			"volumes", recs[0].GroupMembers, "abortedVolumes", ref.All)
-		return nil
 	}
 	for _, m := range recs {
 		unlock, err := d.locks.acquireWait(ctx, m.Source, opSnapshot)

@@ -129,7 +129,7 @@ func (g *groupRun) create(ctx context.Context) (*csi.VolumeGroupSnapshot, error)
 			case errors.Is(err, ErrHoldExpired):
 				reason = "commit_refused" // a one-node group commits in its prepare
 			}
-			return nil, g.abort(ctx, reason, g.prepareTookNone(err), fmt.Errorf("group snapshot %q: prepare: %w", g.name, err))
+			return nil, g.abort(ctx, reason, true, fmt.Errorf("group snapshot %q: prepare: %w", g.name, err))
 		}
 		done := 0
 		for _, m := range got {
@@ -162,36 +162,12 @@ func (g *groupRun) create(ctx context.Context) (*csi.VolumeGroupSnapshot, error)
 	return g.assemble(got)
 }
 
-// commitInPrepare: the group is on one node, which commits as soon as it
-// is prepared (groupPrepare.Commit).
-func (g *groupRun) commitInPrepare() bool { return len(g.peers) == 1 }
-
-// prepareTookNone reports whether a prepare that failed with err took no
-// member snapshot, so that its abort only ends the hold (and keeps the
-// group a same-named request with other members ran into). A node that
-// answers an error has deleted what its attempt took (group.go); but one
-// that commits in its prepare may have taken its members when its answer
-// was lost or came late (the node's deadline starts after the
-// controller's): then they go with the abort, or nothing would delete
-// members nobody was answered.
-func (g *groupRun) prepareTookNone(err error) bool {
-	if !g.commitInPrepare() {
-		return true
-	}
-	lost := errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) || errors.Is(err, ErrUnavailable)
-	switch status.Code(err) {
-	case codes.DeadlineExceeded, codes.Canceled, codes.Unavailable:
-		lost = true
-	}
-	return !lost
-}
-
 func (g *groupRun) prepareAll(ctx context.Context) (map[string]*groupMembers, error) {
 	pctx, cancel := context.WithTimeout(ctx, g.hold)
 	defer cancel()
 	return g.collect(func(n string, p groupPeer) (*groupMembers, error) {
 		return p.prepare(pctx, &groupPrepare{GroupID: g.id, Name: g.name, Members: g.members[n], All: g.all,
-			Parameters: g.params, HoldMillis: g.hold.Milliseconds(), Commit: g.commitInPrepare()})
+			Parameters: g.params, HoldMillis: g.hold.Milliseconds(), Commit: len(g.peers) == 1})
 	})
 }
 
@@ -227,7 +203,7 @@ func (g *groupRun) releaseAll(ctx context.Context, holdOnly bool) error {
 	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), g.hold+groupAbortGrace)
 	defer cancel()
 	return g.eachNode(func(_ string, p groupPeer) error {
-		return p.release(actx, groupRef{GroupID: g.id, HoldOnly: holdOnly, All: g.all})
+		return p.release(actx, groupRef{GroupID: g.id, HoldOnly: holdOnly})
 	})
 }
 
