@@ -37,6 +37,12 @@ SIGTERM; then detach (the device must not be in use any more) and exit. Like
                        itself (FUSE passthrough, Linux 6.9+) where it
                        accepts to: faster 4k reads, much slower 4k writes
                        at high queue depth (tests/bench/attach.sh)
+  --fuse-cache=MODE    how the kernel caches the device's FUSE file:
+                       none (every request reaches this process),
+                       writethrough (reads of cached data do not; writes
+                       do before they complete) or writeback (writes too
+                       wait in the kernel's cache until a flush or
+                       writeback) (default %s; docs/fuse-attach.md)
   -f, --format=FORMAT  image format: raw or qcow2 (default raw)
   --block-size=N       logical block size of the device: 512 or 4096 (default:
                        4096 when the size is a multiple of it, else 512)
@@ -56,6 +62,7 @@ type attachOptions struct {
 	readOnly, cleanStale     bool
 	verbose                  bool
 	passthrough              bool
+	cache                    fuse.CacheMode
 	file                     string
 	limits                   throttle.Limits
 }
@@ -76,6 +83,7 @@ func parseAttachFlags(args []string) (*attachOptions, error) {
 	fs.BoolVar(&o.verbose, "verbose", false, "")
 	fs.BoolVar(&o.verbose, "v", false, "")
 	limits := fs.String("limits", "", "")
+	cache := fs.String("fuse-cache", string(fuse.DefaultCacheMode), "")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -84,6 +92,10 @@ func parseAttachFlags(args []string) (*attachOptions, error) {
 		if o.limits, err = throttle.ParseList(*limits); err != nil {
 			return nil, fmt.Errorf("--limits: %w", err)
 		}
+	}
+	var err error
+	if o.cache, err = fuse.ParseCacheMode(*cache); err != nil {
+		return nil, fmt.Errorf("--fuse-cache: %w", err)
 	}
 	if fs.NArg() != 1 {
 		return nil, errors.New("expected exactly one FILE")
@@ -98,7 +110,7 @@ func parseAttachFlags(args []string) (*attachOptions, error) {
 func runAttach(args []string) int {
 	for _, a := range args {
 		if a == "-h" || a == "--help" || a == "-help" {
-			fmt.Printf(attachUsage, fuse.DefaultDir)
+			fmt.Printf(attachUsage, fuse.DefaultDir, fuse.DefaultCacheMode)
 			return 0
 		}
 	}
@@ -122,7 +134,7 @@ func attach(o *attachOptions) error {
 	var a nbdattach.Attacher
 	switch o.backend {
 	case "fuse":
-		a = fuse.NewAttacher(fuse.Options{Dir: o.fuseDir, Logger: logger, Passthrough: o.passthrough})
+		a = fuse.NewAttacher(fuse.Options{Dir: o.fuseDir, Logger: logger, Passthrough: o.passthrough, Cache: o.cache})
 	default:
 		return fmt.Errorf("--backend=%s: this command knows the fuse backend only", o.backend)
 	}

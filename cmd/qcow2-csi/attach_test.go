@@ -4,6 +4,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/fuse"
 	"github.com/qcow2-csi/qcow2-csi/pkg/nbdattach/throttle"
 )
 
@@ -13,13 +14,16 @@ func TestParseAttachFlags(t *testing.T) {
 		want    attachOptions
 		wantErr string
 	}{
-		{args: []string{"img.raw"}, want: attachOptions{backend: "fuse", fuseDir: "/run/qcow2-csi/fuse", format: "raw", file: "img.raw"}},
-		{args: []string{"-r", "-f", "raw", "--block-size=4096", "--fuse-dir=/x", "--clean-stale", "a"}, want: attachOptions{backend: "fuse", fuseDir: "/x", format: "raw", blockSize: 4096, readOnly: true, cleanStale: true, file: "a"}},
+		{args: []string{"img.raw"}, want: attachOptions{backend: "fuse", fuseDir: "/run/qcow2-csi/fuse", format: "raw", cache: fuse.DefaultCacheMode, file: "img.raw"}},
+		{args: []string{"--fuse-cache=writeback", "a"}, want: attachOptions{backend: "fuse", fuseDir: "/run/qcow2-csi/fuse", format: "raw", cache: fuse.CacheWriteback, file: "a"}},
+		{args: []string{"--fuse-cache=none", "a"}, want: attachOptions{backend: "fuse", fuseDir: "/run/qcow2-csi/fuse", format: "raw", cache: fuse.CacheNone, file: "a"}},
+		{args: []string{"--fuse-cache=always", "a"}, wantErr: `--fuse-cache: nbdattach: fuse: cache mode "always": must be none, writethrough or writeback`},
+		{args: []string{"-r", "-f", "raw", "--block-size=4096", "--fuse-dir=/x", "--clean-stale", "a"}, want: attachOptions{backend: "fuse", fuseDir: "/x", format: "raw", blockSize: 4096, readOnly: true, cleanStale: true, cache: fuse.DefaultCacheMode, file: "a"}},
 		{args: []string{}, wantErr: "exactly one FILE"},
 		{args: []string{"a", "b"}, wantErr: "exactly one FILE"},
 		{args: []string{"--block-size=1000", "a"}, wantErr: "--block-size=1000"},
 		{args: []string{"--nope", "a"}, wantErr: "not defined"},
-		{args: []string{"--limits=writeIOPS=200,writeIOPSBurst=400,readBytesPerSecond=10M", "a"}, want: attachOptions{backend: "fuse", fuseDir: "/run/qcow2-csi/fuse", format: "raw", file: "a",
+		{args: []string{"--limits=writeIOPS=200,writeIOPSBurst=400,readBytesPerSecond=10M", "a"}, want: attachOptions{backend: "fuse", fuseDir: "/run/qcow2-csi/fuse", format: "raw", cache: fuse.DefaultCacheMode, file: "a",
 			limits: throttle.Limits{WriteIOPS: throttle.Rate{Avg: 200, Burst: 400}, ReadBytes: throttle.Rate{Avg: 10 << 20}}}},
 		{args: []string{"--limits=writeIOPS", "a"}, wantErr: `--limits: invalid throttle limit: "writeIOPS" is not KEY=VALUE`},
 		{args: []string{"--limits=writeIOPS=1,iops=2", "a"}, wantErr: `--limits: invalid throttle limit: unknown parameter "iops"`},

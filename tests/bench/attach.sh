@@ -14,6 +14,12 @@
 # fusept attaches a raw file with FUSE passthrough (the kernel reads and
 # writes the file itself; the loop device is then buffered), for comparison:
 # it is not the default.
+# When this build has --fuse-cache (and CACHE is not 0), columns fusewt and
+# fusewb attach a raw file with --fuse-cache=writethrough and =writeback
+# (the kernel keeps a page cache of the FUSE file; the loop device is then
+# buffered), and qcow2wt and qcow2wb the qcow2 image the same ways. Their FUSE
+# files are read once after the attach, as the floor's raw file is by
+# make_image, so that every column starts with its data in a page cache.
 #
 # QOS=1 measures what per-volume I/O limits (docs/qos.md) cost instead: the
 # same qcow2 image attached by three builds of this tree: "nothrottle" (built
@@ -31,6 +37,7 @@
 #
 # Usage (root): tests/bench/attach.sh
 #               SIZE=1G RUNTIME=3 REPEAT=2 tests/bench/attach.sh
+#               CACHE=0 PASSTHROUGH=0 tests/bench/attach.sh   (fewer columns)
 #               QOS=1 REPEAT=3 tests/bench/attach.sh
 # Keep RUNTIME short: the machines are shared.
 set -euo pipefail
@@ -119,6 +126,24 @@ if [ "${FORMAT:-}" = qcow2 ] || { [ -z "${FORMAT:-}" ] && "$BIN" attach --help |
   devs+=(qcow2)
   compared+=(qcow2)
 fi
+if [ "${CACHE:-1}" != 0 ] && "$BIN" attach --help | grep -q -- '--fuse-cache'; then
+  for m in wt:writethrough wb:writeback; do
+    make_image "$work/fuse${m%%:*}.raw" raw
+    attach_fuse "fuse${m%%:*}" "$work/fuse${m%%:*}.raw" raw "$BIN" --fuse-cache="${m#*:}"
+    devs+=("fuse${m%%:*}")
+    compared+=("fuse${m%%:*}")
+    if [ -n "${dev[qcow2]:-}" ]; then
+      make_image "$work/qcow2${m%%:*}.qcow2" qcow2 cluster_size=64k
+      attach_fuse "qcow2${m%%:*}" "$work/qcow2${m%%:*}.qcow2" qcow2 "$BIN" --fuse-cache="${m#*:}"
+      devs+=("qcow2${m%%:*}")
+      compared+=("qcow2${m%%:*}")
+    fi
+  done
+  for d in fusewt fusewb qcow2wt qcow2wb; do
+    [ -n "${dev[$d]:-}" ] || continue
+    cat "$(cat "/sys/block/${dev[$d]#/dev/}/loop/backing_file")" >/dev/null
+  done
+fi
 if [ "${PASSTHROUGH:-1}" != 0 ] && "$BIN" attach --help | grep -q -- '--fuse-passthrough'; then
   make_image "$work/fusept.raw" raw
   attach_fuse fusept "$work/fusept.raw" raw "$BIN" --fuse-passthrough
@@ -128,7 +153,7 @@ fi
 devs+=(loopdio)
 
 echo "size=$SIZE, best of $REPEAT runs of ${RUNTIME}s per device and row, fio O_DIRECT on the block device"
-echo "floor: loop device on a raw file ($floor); fuse: qcow2-csi attach --backend=fuse on a raw file (${dev[fuse]})${dev[qcow2]:+; qcow2: the same on a qcow2 image (${dev[qcow2]})}${dev[fusept]:+; fusept: the same on a raw file with --fuse-passthrough (${dev[fusept]})}; loopdio: loop device with direct I/O on a raw file ($loopdio)"
+echo "floor: loop device on a raw file ($floor); fuse: qcow2-csi attach --backend=fuse on a raw file (${dev[fuse]})${dev[qcow2]:+; qcow2: the same on a qcow2 image (${dev[qcow2]})}${dev[fusept]:+; fusept: the same on a raw file with --fuse-passthrough (${dev[fusept]})}${dev[fusewt]:+; fusewt, fusewb: the same on a raw file with --fuse-cache=writethrough, =writeback (${dev[fusewt]}, ${dev[fusewb]})}${dev[qcow2wt]:+; qcow2wt, qcow2wb: the same on a qcow2 image (${dev[qcow2wt]}, ${dev[qcow2wb]})}; loopdio: loop device with direct I/O on a raw file ($loopdio)"
 fi
 hdr=$(printf '%-7s %-10s %-3s %-3s' engine rw bs qd)
 for d in "${devs[@]}"; do hdr+=$(printf ' | %9s %8s' "$d IOPS" "MiB/s"); done

@@ -31,6 +31,7 @@ type Attacher struct {
 	dir         string
 	log         *slog.Logger
 	passthrough bool
+	cache       CacheMode
 
 	mu      sync.Mutex
 	devices map[string]*fuseDevice
@@ -59,7 +60,11 @@ func NewAttacher(opts Options) *Attacher {
 	if abs, err := filepath.Abs(dir); err == nil {
 		dir = abs
 	}
-	return &Attacher{dir: filepath.Clean(dir), log: opts.Logger, passthrough: opts.Passthrough, devices: map[string]*fuseDevice{}}
+	cache := opts.Cache
+	if cache == "" {
+		cache = DefaultCacheMode
+	}
+	return &Attacher{dir: filepath.Clean(dir), log: opts.Logger, passthrough: opts.Passthrough, cache: cache, devices: map[string]*fuseDevice{}}
 }
 
 // Name is "fuse".
@@ -167,6 +172,9 @@ func (a *Attacher) Attach(ctx context.Context, id string, b nbdattach.Backend, o
 	if err := validFuseID(id); err != nil {
 		return nil, err
 	}
+	if _, err := ParseCacheMode(string(a.cache)); err != nil {
+		return nil, err
+	}
 	size := b.Size()
 	// The default is the nbd backend's: 4096 when the size allows, so that a
 	// filesystem made under one backend (xfs records its sector size) mounts
@@ -229,7 +237,7 @@ func (a *Attacher) attach(ctx context.Context, d *fuseDevice, b nbdattach.Backen
 	if err != nil {
 		return nil, err
 	}
-	d.node = &diskNode{b: b, readOnly: readOnly, log: a.log, id: d.id}
+	d.node = &diskNode{b: b, readOnly: readOnly, log: a.log, id: d.id, cached: a.cache.cached()}
 	if pt, ok := b.(nbdattach.Passthrougher); ok && a.passthrough {
 		d.node.passthrough = pt.PassthroughFile()
 	}
@@ -261,13 +269,14 @@ func (a *Attacher) attach(ctx context.Context, d *fuseDevice, b nbdattach.Backen
 	// With passthrough the loop device reads and writes the host file
 	// through the kernel's FUSE file without direct I/O: direct I/O would
 	// pass on to the host file and bypass its page cache, which the raw
-	// file is served from otherwise (by pread and pwrite).
+	// file is served from otherwise (by pread and pwrite). With a cached
+	// FUSE file it is buffered too: that cache is the point.
 	d.passthrough = d.node.passthrough != nil && passthroughInEffect(backing, d.node)
 	ld, err := bindLoop(loopConfig{
 		backing:   backing,
 		blockSize: bs,
 		readOnly:  readOnly,
-		directIO:  !d.passthrough,
+		directIO:  !d.passthrough && !d.node.cached,
 		name:      loopNameMarker + d.id,
 	})
 	if err != nil {
@@ -277,7 +286,7 @@ func (a *Attacher) attach(ctx context.Context, d *fuseDevice, b nbdattach.Backen
 	d.loop = ld
 	a.mu.Unlock()
 	if a.log != nil {
-		a.log.Info("fuse attach: attached", "id", d.id, "device", ld.path, "directIO", ld.dio, "passthrough", d.passthrough, "blockSize", bs, "readOnly", readOnly)
+		a.log.Info("fuse attach: attached", "id", d.id, "device", ld.path, "directIO", ld.dio, "passthrough", d.passthrough, "cache", string(a.cache), "blockSize", bs, "readOnly", readOnly)
 	}
 	return d, nil
 }
@@ -294,7 +303,8 @@ func passthroughInEffect(f *os.File, n *diskNode) bool {
 		return true
 	}
 	// Served the normal way: the probe left a page in the FUSE file's
-	// cache, which the loop device's direct I/O does not use. Drop it.
+	// cache, which the loop device's direct I/O does not use (and a cached
+	// mode would only read again). Drop it.
 	_ = unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED)
 	return false
 }
@@ -317,8 +327,15 @@ func (d *fuseDevice) Resize(ctx context.Context, size int64) error {
 		return fmt.Errorf("nbdattach: fuse: resize %s to %d: not a multiple of 512", d.id, size)
 	}
 	d.node.size.Store(size)
-	// A stat makes the kernel ask for the attributes (timeout 0) and update
-	// the inode size that LOOP_SET_CAPACITY reads.
+	// The kernel must learn the new inode size that LOOP_SET_CAPACITY
+	// reads. A truncate to it tells it in every cache mode (Setattr accepts
+	// the size the node now has); a stat alone does not with a writeback
+	// cache, where the kernel keeps its own size of a regular file. That
+	// holds for a read-only device's file too, and truncating it to the
+	// size it has changes no byte.
+	if err := unix.Truncate(d.file, size); err != nil {
+		return fmt.Errorf("nbdattach: fuse: resize %s: truncate: %w", d.id, err)
+	}
 	var st unix.Stat_t
 	if err := unix.Stat(d.file, &st); err != nil {
 		return fmt.Errorf("nbdattach: fuse: resize %s: stat: %w", d.id, err)

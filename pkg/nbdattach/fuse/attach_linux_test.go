@@ -426,13 +426,17 @@ func TestFuseCrashHelper(t *testing.T) {
 	if spec == "" {
 		return // only a helper process for TestFuseCrashCleanup
 	}
-	// spec: dir|image|id|mountpoint-or-empty
+	// spec: dir|image|id|mountpoint-or-empty[|cache mode]
 	parts := strings.Split(spec, "|")
 	b, err := nbdattach.OpenFile(parts[1], false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	a := fuse.NewAttacher(fuse.Options{Dir: parts[0]})
+	var cache fuse.CacheMode
+	if len(parts) > 4 {
+		cache = fuse.CacheMode(parts[4])
+	}
+	a := fuse.NewAttacher(fuse.Options{Dir: parts[0], Cache: cache})
 	d, err := a.Attach(context.Background(), parts[2], b, nbdattach.AttachOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -448,6 +452,9 @@ func TestFuseCrashHelper(t *testing.T) {
 			t.Fatal(err)
 		}
 		unix.Sync()
+	}
+	if cache != "" {
+		crashHelperWrites(t, d.Path(), parts[3])
 	}
 	fmt.Printf("READY %s\n", d.Path())
 	time.Sleep(time.Hour)

@@ -44,6 +44,8 @@ type diskNode struct {
 	// passthrough is the host file the kernel reads and writes directly
 	// when the backend is a Passthrougher (nil otherwise).
 	passthrough *os.File
+	// cached: the kernel keeps a page cache of the file (Options.Cache).
+	cached bool
 	// reads counts the reads that reached Read: attach probes with one
 	// whether passthrough took effect.
 	reads atomic.Int64
@@ -120,10 +122,12 @@ func (n *diskNode) Access(ctx context.Context, mask uint32) syscall.Errno {
 	return 0
 }
 
-// Open answers with direct I/O so that the kernel keeps no page cache of the
-// file (the loop device and the filesystem above it cache already), and with
-// parallel direct writes so that FUSE does not serialise writes on the inode
-// lock.
+// Open answers, in CacheNone, with direct I/O so that the kernel keeps no
+// page cache of the file, and with parallel direct writes so that FUSE does
+// not serialise writes on the inode lock. In the cached modes it asks the
+// kernel to keep the file's page cache across opens: only this file's
+// descriptors change its contents (see the coherence note in
+// docs/fuse-attach.md), so what is cached stays true.
 func (n *diskNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
 	if n.readOnly && flags&syscall.O_ACCMODE != syscall.O_RDONLY {
 		return nil, 0, syscall.EROFS
@@ -136,6 +140,9 @@ func (n *diskNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint3
 		// and writes. Should the kernel refuse passthrough, the loop
 		// device still does direct I/O (see Attacher.attach).
 		return passthroughHandle{n.passthrough}, 0, 0
+	}
+	if n.cached {
+		return nil, gofuse.FOPEN_KEEP_CACHE, 0
 	}
 	return nil, gofuse.FOPEN_DIRECT_IO | gofuse.FOPEN_PARALLEL_DIRECT_WRITES, 0
 }

@@ -28,7 +28,50 @@ type Options struct {
 	// fuse_passthrough_write_iter spend their time in ext4_block_write_begin).
 	// Only raw images have such a backend; the driver's volumes are qcow2.
 	Passthrough bool
+	// Cache chooses how the kernel caches the devices' FUSE files:
+	// CacheNone, CacheWritethrough or CacheWriteback (CacheMode). Default:
+	// DefaultCacheMode.
+	Cache CacheMode
 }
+
+// CacheMode is how the kernel caches a device's FUSE file, and so whether
+// the loop device reaches the plugin on every request.
+type CacheMode string
+
+const (
+	// CacheNone: the loop device does direct I/O and the file is opened
+	// FOPEN_DIRECT_IO, so every block request is a FUSE request. Nothing
+	// of the volume is cached between the loop device and the plugin.
+	CacheNone CacheMode = "none"
+	// CacheWritethrough: the loop device is buffered and the file keeps a
+	// page cache (FOPEN_KEEP_CACHE): reads of cached data never reach the
+	// plugin, and every write still does before the loop device completes
+	// it (one FUSE WRITE per request, synchronously).
+	CacheWritethrough CacheMode = "writethrough"
+	// CacheWriteback: CacheWritethrough plus the FUSE writeback cache:
+	// writes complete once in the file's page cache and reach the plugin at
+	// writeback or at the next flush (FUSE FSYNC), which is what a flush or
+	// FUA on the device waits for.
+	CacheWriteback CacheMode = "writeback"
+)
+
+// DefaultCacheMode is Options.Cache when none is given.
+const DefaultCacheMode = CacheNone
+
+// ParseCacheMode checks a cache mode as given on a command line; "" is
+// DefaultCacheMode.
+func ParseCacheMode(s string) (CacheMode, error) {
+	switch m := CacheMode(s); m {
+	case "":
+		return DefaultCacheMode, nil
+	case CacheNone, CacheWritethrough, CacheWriteback:
+		return m, nil
+	}
+	return "", fmt.Errorf("nbdattach: fuse: cache mode %q: must be none, writethrough or writeback", s)
+}
+
+// cached reports whether the kernel keeps a page cache of the FUSE file.
+func (m CacheMode) cached() bool { return m == CacheWritethrough || m == CacheWriteback }
 
 // DefaultDir is Options.Dir when none is given.
 const DefaultDir = "/run/qcow2-csi/fuse"

@@ -147,6 +147,12 @@ func (a *Attacher) mountServer() (*fuseServer, error) {
 	// One mount for read-write and read-only devices alike: a read-only
 	// device's file refuses writes itself (diskNode), and its loop device
 	// is bound read-only.
+	// Writeback cache is a property of the connection, so of every device
+	// this process attaches.
+	extraCaps := uint64(gofuse.CAP_ASYNC_DIO)
+	if a.cache == CacheWriteback {
+		extraCaps |= gofuse.CAP_WRITEBACK_CACHE
+	}
 	var mflags uintptr = syscall.MS_NOSUID | syscall.MS_NODEV | syscall.MS_NOEXEC | syscall.MS_NOATIME
 	fsopts := &fs.Options{
 		MountOptions: gofuse.MountOptions{
@@ -166,7 +172,13 @@ func (a *Attacher) mountServer() (*fuseServer, error) {
 			MaxWrite:                fuseMaxWrite,
 			MaxBackground:           128,
 			MaxInflightRequestBytes: fuseMaxInflight * (fuseMaxWrite + 64<<10),
-			ExtraCapabilities:       gofuse.CAP_ASYNC_DIO,
+			ExtraCapabilities:       extraCaps,
+			// With automatic invalidation the kernel asks for the
+			// attributes before every cached read (the attribute timeout
+			// is 0): a round trip per request, which is what the cache is
+			// there to save. Nothing but the file's own writes changes its
+			// contents, and its size changes by truncate (Resize).
+			DisabledCapabilities: gofuse.CAP_AUTO_INVAL_DATA,
 			// Replies carry our own buffers (ReadResultData), never a file
 			// to splice from; with splice on, go-fuse still fetched a pipe
 			// and wrote each read reply's header into it before falling
