@@ -62,7 +62,7 @@ type serveFlags struct {
 	registrationDir, kubeletRegistrationPath  string
 	attachBackend, capacityReserve, defaultSz string
 	crashConsistentCBT                        bool
-	fuseDir                                   string
+	fuseDir, fuseCache                        string
 	controllerExpand                          bool
 	blockMetadataType                         string
 	overcommitRatio, poolWarningPercent       float64
@@ -101,6 +101,7 @@ func runServe(args []string) int {
 	fs.BoolVar(&f.crashConsistentCBT, "crash-consistent-cbt", true, "keep the volumes' changed-block-tracking bitmaps correct on disk at every moment (bits made durable before the data they cover), so that a crash of this plugin does not force the next backup to be a full one; costs about one synced bitmap cluster write per MiB first written after each snapshot, fewer for sequential writes (docs/backup.md)")
 	fs.StringVar(&f.attachBackend, "attach-backend", "auto", "how the node attaches images: nbd (kernel NBD), fuse (FUSE + loop) or auto (nbd if available, else fuse)")
 	fs.StringVar(&f.fuseDir, "fuse-dir", "", "where the fuse attach backend mounts the FUSE filesystem serving its volumes; one per plugin process (default: "+fuse.DefaultDir+", or fuse/ in the temporary directory)")
+	fs.StringVar(&f.fuseCache, "fuse-cache", string(fuse.DefaultCacheMode), "how the kernel caches the fuse backend's files: none (every block request reaches this process), writethrough (reads of cached data do not; writes do before they complete) or writeback (writes wait in the kernel's cache until the filesystem flushes or the kernel writes them back); docs/fuse-attach.md")
 	fs.StringVar(&f.capacityReserve, "capacity-reserve", "0", "pool space kept free: bytes (suffixes Ki, Mi, Gi, Ti) or a percentage of the pool filesystem (e.g. 5%)")
 	fs.Float64Var(&f.overcommitRatio, "overcommit-ratio", driver.DefaultOvercommitRatio, "most the volumes' virtual sizes may add up to, as a multiple of the pool filesystem's size minus the reserve; CreateVolume and expansion refuse more (ResourceExhausted); 0 means no limit (docs/operations.md)")
 	fs.Float64Var(&f.poolWarningPercent, "pool-warning-percent", driver.DefaultPoolWarningPercent, "how full the pool filesystem may get, in percent, before every volume's condition turns abnormal and qcow2_csi_pool_nearly_full is 1")
@@ -156,6 +157,10 @@ func runServe(args []string) int {
 
 // serve runs the driver until ctx ends, printing where it serves to out.
 func serve(ctx context.Context, f serveFlags, out io.Writer) error {
+	fuseCache, err := fuse.ParseCacheMode(f.fuseCache)
+	if err != nil {
+		return fmt.Errorf("--fuse-cache: %w", err)
+	}
 	mode, err := driver.ParseMode(f.mode)
 	if err != nil {
 		return err
@@ -222,7 +227,7 @@ func serve(ctx context.Context, f serveFlags, out io.Writer) error {
 	// In the order --attach-backend=auto tries them.
 	attachers := []nbdattach.Attacher{
 		kernel.NewAttacher(kernel.Options{Logger: logger}),
-		fuse.NewAttacher(fuse.Options{Dir: f.fuseDir, Logger: logger}),
+		fuse.NewAttacher(fuse.Options{Dir: f.fuseDir, Logger: logger, Cache: fuseCache}),
 	}
 	d, err := driver.New(opts, driver.Seams{Images: driver.Qcow2Images{Logger: logger, CrashConsistentBitmaps: f.crashConsistentCBT}, Attachers: attachers})
 	if err != nil {

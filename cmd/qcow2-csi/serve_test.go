@@ -127,6 +127,15 @@ func TestServeNoFlags(t *testing.T) {
 // TestServeTopologyFlags: node and controller modes refuse to start
 // without what the agent connection needs (no plaintext TCP anywhere), and
 // the controller owns no pool.
+// A cache mode the fuse backend does not know stops the plugin before it
+// serves anything, naming the flag.
+func TestServeFuseCacheFlag(t *testing.T) {
+	err := serve(context.Background(), serveFlags{fuseCache: "always"}, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), `--fuse-cache: nbdattach: fuse: cache mode "always"`) {
+		t.Fatalf("serve --fuse-cache=always: %v, want a refusal naming the flag", err)
+	}
+}
+
 func TestServeTopologyFlags(t *testing.T) {
 	certs := drivertest.MakeCerts(t, t.TempDir())
 	base := serveFlags{driverName: driver.DefaultDriverName, attachBackend: "auto", capacityReserve: "0", defaultSz: "1Gi",
