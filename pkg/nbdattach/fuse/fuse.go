@@ -36,6 +36,19 @@ type Options struct {
 
 // CacheMode is how the kernel caches a device's FUSE file, and so whether
 // the loop device reaches the plugin on every request.
+//
+// What every mode keeps (docs/fuse-attach.md has the whole argument, and the
+// tests check it): a flush or FUA on the device reaches the image, because
+// the loop device's flush is an fsync of the FUSE file, which writes back
+// its dirty pages, waits for them, and then sends FSYNC, answered by
+// diskNode.Fsync after Backend.Flush. The cache never goes stale, because
+// nothing but the file itself changes the volume's contents while it is
+// attached: fallocate (discard, write-zeroes) drops the range it zeroes
+// from the cache, and Resize truncates the file so that the kernel's size
+// follows. What CacheWriteback gives up: a write the device completed is in
+// the kernel, not the image, until writeback or the next flush (a plugin
+// crash loses it, as a power cut loses a disk's volatile cache), and a
+// write error is reported at the next flush instead of on the write.
 type CacheMode string
 
 const (
