@@ -422,7 +422,13 @@ func (d *Driver) groupExisting(ctx context.Context, req *groupPrepare) (done *gr
 	for _, m := range recs {
 		// A record goes before its snapshot (prepareMember): one whose
 		// snapshot a crash kept from being taken is not a member.
-		have[m.Source] = d.snapshotTaken(ctx, m)
+		taken, err := d.snapshotTaken(ctx, m)
+		if err != nil {
+			// Unknown is not "not taken": deleting here could delete
+			// a group an earlier create already answered.
+			return nil, fmt.Errorf("group snapshot %s: member %s: %w", req.GroupID, m.ID, err)
+		}
+		have[m.Source] = taken
 	}
 	complete := len(recs) == len(req.Members)
 	for _, v := range req.Members {
@@ -446,14 +452,18 @@ func (d *Driver) groupExisting(ctx context.Context, req *groupPrepare) (done *gr
 	return nil, d.deleteGroupRecords(ctx, recs)
 }
 
-// snapshotTaken reports whether m's internal snapshot is in its image.
-// The caller holds the volume's snapshot lock.
-func (d *Driver) snapshotTaken(ctx context.Context, m *snapshotMeta) bool {
+// snapshotTaken reports whether m's internal snapshot is in its image; an
+// image it cannot look into (held by another program, its device lost) is
+// an error, not an answer. The caller holds the volume's snapshot lock.
+func (d *Driver) snapshotTaken(ctx context.Context, m *snapshotMeta) (bool, error) {
 	err := d.withImage(ctx, m.Source, m.Hidden, func(img *qcow2.Image, _ bool) error {
 		_, err := snapshotter.Find(img, m.ID)
 		return err
 	})
-	return err == nil
+	if errors.Is(err, snapshotter.ErrNotFound) {
+		return false, nil
+	}
+	return err == nil, err
 }
 
 // deleteGroupRecords deletes member snapshots, their snapshots taken or

@@ -219,3 +219,40 @@ func TestGroupSnapshotRetryFinishes(t *testing.T) {
 		t.Errorf("the completed member: %v", err)
 	}
 }
+
+// TestGroupSnapshotRetryImageHeld: a retried create of a group the node
+// completed, while another program holds one member's image, fails
+// naming it and deletes nothing: an image the node cannot look into says
+// nothing about whether the member was taken.
+func TestGroupSnapshotRetryImageHeld(t *testing.T) {
+	n := startGroupNode(t, "node-a", 0)
+	a, _ := n.volume(t, "a", false)
+	b, _ := n.volume(t, "b", false)
+	pool := n.srv.Driver.Options().Pool
+	ctx := context.Background()
+	req := &csi.CreateVolumeGroupSnapshotRequest{Name: "done", SourceVolumeIds: []string{a, b}}
+	if _, err := n.groups().CreateVolumeGroupSnapshot(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	held, err := qcow2.Open(imageFile(pool, b), qcow2.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = n.groups().CreateVolumeGroupSnapshot(ctx, req)
+	if cerr := held.Close(); cerr != nil {
+		t.Fatal(cerr)
+	}
+	if err == nil || !strings.Contains(err.Error(), "lock") {
+		t.Fatalf("retry with a member's image held elsewhere: %v, want an error naming the lock", err)
+	}
+	list, err := n.c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(list.Entries) != 2 {
+		t.Fatalf("after the refused retry %d snapshots listed, want the group's 2", len(list.Entries))
+	}
+	if _, err := n.groups().CreateVolumeGroupSnapshot(ctx, req); err != nil {
+		t.Fatalf("retry once the image is free: %v", err)
+	}
+}
