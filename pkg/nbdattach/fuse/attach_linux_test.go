@@ -189,7 +189,8 @@ func (b *recBackend) WriteZeroes(ctx context.Context, off, length int64, f nbdat
 	return b.FileBackend.WriteZeroes(ctx, off, length, f)
 }
 
-func newFileBackend(t *testing.T, size int64) *nbdattach.FileBackend {
+// sparseRaw makes an empty raw image of size bytes in a test directory.
+func sparseRaw(t *testing.T, size int64) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "disk.raw")
 	if err := os.WriteFile(path, nil, 0o600); err != nil {
@@ -198,7 +199,25 @@ func newFileBackend(t *testing.T, size int64) *nbdattach.FileBackend {
 	if err := os.Truncate(path, size); err != nil {
 		t.Fatal(err)
 	}
-	b, err := nbdattach.OpenFile(path, false)
+	return path
+}
+
+// mountPoint is a new directory to mount on when mounted, else "".
+func mountPoint(t *testing.T, mounted bool) string {
+	t.Helper()
+	if !mounted {
+		return ""
+	}
+	mnt := filepath.Join(t.TempDir(), "mnt")
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return mnt
+}
+
+func newFileBackend(t *testing.T, size int64) *nbdattach.FileBackend {
+	t.Helper()
+	b, err := nbdattach.OpenFile(sparseRaw(t, size), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -479,20 +498,8 @@ func TestFuseCrashCleanup(t *testing.T) {
 				}
 				dir = filepath.Join(link, "fuse")
 			}
-			img := filepath.Join(t.TempDir(), "disk.raw")
-			if err := os.WriteFile(img, nil, 0o600); err != nil {
-				t.Fatal(err)
-			}
-			if err := os.Truncate(img, 64<<20); err != nil {
-				t.Fatal(err)
-			}
-			mnt := ""
-			if mounted {
-				mnt = filepath.Join(t.TempDir(), "mnt")
-				if err := os.Mkdir(mnt, 0o755); err != nil {
-					t.Fatal(err)
-				}
-			}
+			img := sparseRaw(t, 64<<20)
+			mnt := mountPoint(t, mounted)
 			// A failing run must not leave the dead mount behind.
 			t.Cleanup(func() {
 				for _, m := range fuseMountsUnder(t, dir) {

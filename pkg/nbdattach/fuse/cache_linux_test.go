@@ -182,20 +182,8 @@ func TestFuseCacheKill(t *testing.T) {
 			t.Run(fmt.Sprintf("%s/mounted=%v", m, mounted), func(t *testing.T) {
 				needFuse(t)
 				dir := filepath.Join(t.TempDir(), "fuse")
-				img := filepath.Join(t.TempDir(), "disk.raw")
-				if err := os.WriteFile(img, nil, 0o600); err != nil {
-					t.Fatal(err)
-				}
-				if err := os.Truncate(img, 64<<20); err != nil {
-					t.Fatal(err)
-				}
-				mnt := ""
-				if mounted {
-					mnt = filepath.Join(t.TempDir(), "mnt")
-					if err := os.Mkdir(mnt, 0o755); err != nil {
-						t.Fatal(err)
-					}
-				}
+				img := sparseRaw(t, 64<<20)
+				mnt := mountPoint(t, mounted)
 				t.Cleanup(func() {
 					if mnt != "" {
 						unix.Unmount(mnt, unix.MNT_DETACH)
