@@ -21,6 +21,12 @@
 # files are read once after the attach, as the floor's raw file is by
 # make_image, so that every column starts with its data in a page cache.
 #
+# LIBFUSE=1 adds a column libfuse: a C libfuse daemon (bindfs
+# --multithreaded -o direct_io, Debian's bindfs) serving a raw file, with a
+# direct-I/O loop device on it, as the fuse column's own is: the same FUSE
+# round trip per request, served by libfuse instead of this project's
+# daemon. It tells what is the daemon's cost and what is FUSE's.
+#
 # QOS=1 measures what per-volume I/O limits (docs/qos.md) cost instead: the
 # same qcow2 image attached by three builds of this tree: "nothrottle" (built
 # with -tags nothrottle: no throttle compiled in, the baseline), "unlimited"
@@ -38,6 +44,7 @@
 # Usage (root): tests/bench/attach.sh
 #               SIZE=1G RUNTIME=3 REPEAT=2 tests/bench/attach.sh
 #               CACHE=0 PASSTHROUGH=0 tests/bench/attach.sh   (fewer columns)
+#               LIBFUSE=1 CACHE=0 PASSTHROUGH=0 tests/bench/attach.sh
 #               QOS=1 REPEAT=3 tests/bench/attach.sh
 # Keep RUNTIME short: the machines are shared.
 set -euo pipefail
@@ -54,9 +61,11 @@ done
 work=$(mktemp -d)
 pids=()
 loops=()
+mounts=()
 cleanup() {
   for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null || true; done
+  for m in "${mounts[@]}"; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -150,10 +159,21 @@ if [ "${PASSTHROUGH:-1}" != 0 ] && "$BIN" attach --help | grep -q -- '--fuse-pas
   devs+=(fusept)
   compared+=(fusept)
 fi
+if [ "${LIBFUSE:-0}" = 1 ]; then
+  command -v bindfs >/dev/null || { echo "attach.sh: LIBFUSE=1 needs bindfs (hack/deps.sh installs it)" >&2; exit 1; }
+  mkdir "$work/libfuse.src" "$work/libfuse.mnt"
+  make_image "$work/libfuse.src/libfuse.raw" raw
+  bindfs --multithreaded -o direct_io "$work/libfuse.src" "$work/libfuse.mnt"
+  mounts+=("$work/libfuse.mnt")
+  dev[libfuse]=$(losetup --direct-io=on --show -f "$work/libfuse.mnt/libfuse.raw")
+  loops+=("${dev[libfuse]}")
+  devs+=(libfuse)
+  compared+=(libfuse)
+fi
 devs+=(loopdio)
 
 echo "size=$SIZE, best of $REPEAT runs of ${RUNTIME}s per device and row, fio O_DIRECT on the block device"
-echo "floor: loop device on a raw file ($floor); fuse: qcow2-csi attach --backend=fuse on a raw file (${dev[fuse]})${dev[qcow2]:+; qcow2: the same on a qcow2 image (${dev[qcow2]})}${dev[fusept]:+; fusept: the same on a raw file with --fuse-passthrough (${dev[fusept]})}${dev[fusewt]:+; fusewt, fusewb: the same on a raw file with --fuse-cache=writethrough, =writeback (${dev[fusewt]}, ${dev[fusewb]})}${dev[qcow2wt]:+; qcow2wt, qcow2wb: the same on a qcow2 image (${dev[qcow2wt]}, ${dev[qcow2wb]})}; loopdio: loop device with direct I/O on a raw file ($loopdio)"
+echo "floor: loop device on a raw file ($floor); fuse: qcow2-csi attach --backend=fuse on a raw file (${dev[fuse]})${dev[qcow2]:+; qcow2: the same on a qcow2 image (${dev[qcow2]})}${dev[fusept]:+; fusept: the same on a raw file with --fuse-passthrough (${dev[fusept]})}${dev[fusewt]:+; fusewt, fusewb: the same on a raw file with --fuse-cache=writethrough, =writeback (${dev[fusewt]}, ${dev[fusewb]})}${dev[qcow2wt]:+; qcow2wt, qcow2wb: the same on a qcow2 image (${dev[qcow2wt]}, ${dev[qcow2wb]})}${dev[libfuse]:+; libfuse: bindfs (C libfuse $(bindfs --fuse-version 2>/dev/null | sed -n 's/.*linked version //p'), -o direct_io) on a raw file, loop device with direct I/O (${dev[libfuse]})}; loopdio: loop device with direct I/O on a raw file ($loopdio)"
 fi
 hdr=$(printf '%-7s %-10s %-3s %-3s' engine rw bs qd)
 for d in "${devs[@]}"; do hdr+=$(printf ' | %9s %8s' "$d IOPS" "MiB/s"); done
