@@ -11,16 +11,26 @@ import (
 // controller which prepares and then commits late, or never.
 
 // GroupPrepareForTest prepares group name of members (all on this node)
-// with hold, and returns the group's ID.
+// with hold, as the create attempt TestAttempt, and returns the group's ID.
 func (d *Driver) GroupPrepareForTest(ctx context.Context, name string, members []string, hold time.Duration) (string, error) {
 	id := groupIDForName(name)
-	_, err := d.groupPrepare(ctx, &groupPrepare{GroupID: id, Name: name, Members: members, All: members, HoldMillis: hold.Milliseconds()})
+	_, err := d.groupPrepare(ctx, &groupPrepare{GroupID: id, Name: name, Members: members, All: members, HoldMillis: hold.Milliseconds(), Attempt: TestAttempt})
 	return id, toStatus(err)
 }
 
-// GroupCommitForTest commits group id and returns its member snapshot IDs.
+// TestAttempt is the create attempt of GroupPrepareForTest and
+// GroupCommitForTest.
+const TestAttempt = "test-attempt"
+
+// GroupCommitForTest commits group id as attempt TestAttempt and returns
+// its member snapshot IDs.
 func (d *Driver) GroupCommitForTest(ctx context.Context, id string) ([]string, error) {
-	m, err := d.groupCommit(ctx, groupRef{GroupID: id})
+	return d.GroupCommitAttemptForTest(ctx, id, TestAttempt)
+}
+
+// GroupCommitAttemptForTest commits group id as create attempt attempt.
+func (d *Driver) GroupCommitAttemptForTest(ctx context.Context, id, attempt string) ([]string, error) {
+	m, err := d.groupCommit(ctx, groupRef{GroupID: id, Attempt: attempt})
 	if err != nil {
 		return nil, toStatus(err)
 	}

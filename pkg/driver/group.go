@@ -77,6 +77,12 @@ type groupPrepare struct {
 	// spans no round trip to the controller. A node that does not know
 	// the field only prepares, and the controller commits as usual.
 	Commit bool `json:"commit,omitempty"`
+	// Attempt names the controller's create that sends the prepare (one
+	// per CreateVolumeGroupSnapshot call). Requests of the same name share
+	// the group's ID; the attempt tells their transactions apart, so that
+	// one create's abort never ends another's hold. Empty from a controller
+	// of an older release.
+	Attempt string `json:"attempt,omitempty"`
 }
 
 // groupRef names a group snapshot in commit, release and get.
@@ -87,6 +93,17 @@ type groupRef struct {
 	// a same-named request with other members ran into; see
 	// groupRun.prepareTookNone).
 	HoldOnly bool `json:"holdOnly,omitempty"`
+	// Attempt: the create whose commit or abort this is
+	// (groupPrepare.Attempt). A transaction another attempt prepared is
+	// neither committed nor released by it. Empty (DeleteVolumeGroupSnapshot,
+	// a controller of an older release): whichever is prepared.
+	Attempt string `json:"attempt,omitempty"`
+}
+
+// owns reports whether ref may commit or release t: t is ref's attempt's,
+// or one of the two does not say (see groupRef.Attempt).
+func (ref groupRef) owns(t *groupTxn) bool {
+	return ref.Attempt == "" || t.attempt == "" || ref.Attempt == t.attempt
 }
 
 // groupMember is one member snapshot, as a node reports it.
@@ -121,6 +138,7 @@ func membersOf(ms []*snapshotMeta) *groupMembers {
 // groupTxn is a group snapshot prepared on this node.
 type groupTxn struct {
 	id      string
+	attempt string       // groupPrepare.Attempt
 	want    snapshotMeta // the members' record, less ID and source
 	members []string
 	start   time.Time
@@ -302,7 +320,7 @@ func (d *Driver) groupPrepare(ctx context.Context, req *groupPrepare) (*groupMem
 	if err != nil {
 		return nil, err
 	}
-	t := &groupTxn{id: req.GroupID, members: req.Members, start: start, deadline: deadline, unlocks: unlocks,
+	t := &groupTxn{id: req.GroupID, attempt: req.Attempt, members: req.Members, start: start, deadline: deadline, unlocks: unlocks,
 		want: snapshotMeta{BlockMetadataType: params.BlockMetadataType, Group: req.GroupID, GroupName: req.Name, GroupMembers: req.All}}
 	if done, err := d.groupExisting(ctx, req); done != nil || err != nil {
 		t.unlock()
@@ -556,6 +574,9 @@ func (d *Driver) groupCommit(ctx context.Context, ref groupRef) (*groupMembers, 
 	if t == nil {
 		return nil, fmt.Errorf("%w: group snapshot %q is not prepared on node %s (never prepared, aborted, or released at its deadline)", ErrHoldExpired, ref.GroupID, d.opts.NodeID)
 	}
+	if !ref.owns(t) {
+		return nil, fmt.Errorf("%w: group snapshot %q is held on node %s for another create of the same name, not this one", ErrHoldExpired, ref.GroupID, d.opts.NodeID)
+	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.done || (t.timer != nil && !t.timer.Stop()) {
@@ -695,6 +716,14 @@ func (d *Driver) commitMembers(ctx context.Context, t *groupTxn) (_ []qcow2.Snap
 // released already.
 func (d *Driver) groupRelease(ctx context.Context, ref groupRef) error {
 	if t := d.groups.get(ref.GroupID); t != nil {
+		if !ref.owns(t) {
+			// Another create of the same name holds the group here: this
+			// attempt's prepare could not have added its own, so it has
+			// nothing here, and the records are the other's to keep or
+			// delete.
+			klog.FromContext(ctx).V(2).Info("Group snapshot abort leaves another create's hold alone", "groupSnapshotID", t.id)
+			return nil
+		}
 		if d.releaseGroup(t, "") {
 			klog.FromContext(ctx).Info("Group snapshot hold released by an abort", "groupSnapshotID", t.id, "held", since(t.start))
 		}

@@ -2,6 +2,8 @@ package driver
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"maps"
@@ -82,12 +84,16 @@ func checkGroupSize(name string, n int, what string) error {
 // each with its members in members.
 type groupRun struct {
 	id, name string
-	all      []string
-	params   map[string]string
-	hold     time.Duration
-	peers    map[string]groupPeer
-	members  map[string][]string
-	aborts   *prometheus.CounterVec
+	// attempt tells this create's prepares, commits and aborts from
+	// those of another create of the same name (groupPrepare.Attempt);
+	// create makes it.
+	attempt string
+	all     []string
+	params  map[string]string
+	hold    time.Duration
+	peers   map[string]groupPeer
+	members map[string][]string
+	aborts  *prometheus.CounterVec
 }
 
 // eachNode runs fn for every node at once, and returns the errors, each
@@ -119,6 +125,13 @@ func (g *groupRun) eachNode(fn func(node string, p groupPeer) error) error {
 // and taken afresh, once.
 func (g *groupRun) create(ctx context.Context) (*csi.VolumeGroupSnapshot, error) {
 	logger := klog.FromContext(ctx).WithValues("groupSnapshotID", g.id, "name", g.name)
+	if g.attempt == "" {
+		var b [8]byte
+		if _, err := rand.Read(b[:]); err != nil {
+			return nil, fmt.Errorf("group snapshot %q: %w", g.name, err)
+		}
+		g.attempt = hex.EncodeToString(b[:])
+	}
 	for attempt := 0; ; attempt++ {
 		got, err := g.prepareAll(ctx)
 		if err != nil {
@@ -167,7 +180,7 @@ func (g *groupRun) prepareAll(ctx context.Context) (map[string]*groupMembers, er
 	defer cancel()
 	return g.collect(func(n string, p groupPeer) (*groupMembers, error) {
 		return p.prepare(pctx, &groupPrepare{GroupID: g.id, Name: g.name, Members: g.members[n], All: g.all,
-			Parameters: g.params, HoldMillis: g.hold.Milliseconds(), Commit: len(g.peers) == 1})
+			Parameters: g.params, HoldMillis: g.hold.Milliseconds(), Commit: len(g.peers) == 1, Attempt: g.attempt})
 	})
 }
 
@@ -175,7 +188,7 @@ func (g *groupRun) commitAll(ctx context.Context) (map[string]*groupMembers, err
 	cctx, cancel := context.WithTimeout(ctx, groupCommitTimeout)
 	defer cancel()
 	return g.collect(func(_ string, p groupPeer) (*groupMembers, error) {
-		return p.commit(cctx, groupRef{GroupID: g.id})
+		return p.commit(cctx, groupRef{GroupID: g.id, Attempt: g.attempt})
 	})
 }
 
@@ -203,7 +216,7 @@ func (g *groupRun) releaseAll(ctx context.Context, holdOnly bool) error {
 	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), g.hold+groupAbortGrace)
 	defer cancel()
 	return g.eachNode(func(_ string, p groupPeer) error {
-		return p.release(actx, groupRef{GroupID: g.id, HoldOnly: holdOnly})
+		return p.release(actx, groupRef{GroupID: g.id, HoldOnly: holdOnly, Attempt: g.attempt})
 	})
 }
 

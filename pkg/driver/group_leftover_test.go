@@ -256,3 +256,44 @@ func TestGroupSnapshotRetryImageHeld(t *testing.T) {
 		t.Fatalf("retry once the image is free: %v", err)
 	}
 }
+
+// TestGroupSnapshotSameNameAbort: a create of a group name whose prepare
+// runs into another create's hold of that name (the same group ID) is
+// refused, and its abort must leave the other's hold alone: it ended it,
+// so that the other create's commit found its I/O released and failed.
+func TestGroupSnapshotSameNameAbort(t *testing.T) {
+	ctx := context.Background()
+	n := startGroupNode(t, "node-a", 0)
+	a, _ := n.volume(t, "a", true)
+	b, _ := n.volume(t, "b", true)
+	d := n.srv.Driver
+	// The first create, prepared and not yet committed (its controller's
+	// commit is on its way).
+	gid, err := d.GroupPrepareForTest(ctx, "same", []string{a}, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The second: same name, another volume. Its prepare finds the name
+	// taken by other volumes and fails; its abort releases the nodes, as
+	// its own.
+	_, err = n.groups().CreateVolumeGroupSnapshot(ctx, &csi.CreateVolumeGroupSnapshotRequest{Name: "same", SourceVolumeIds: []string{b}})
+	wantCode(t, err, codes.AlreadyExists, "taken by")
+	// Nor can a commit of another attempt take the first one's group.
+	if _, err := d.GroupCommitAttemptForTest(ctx, gid, "another-attempt"); err == nil || !strings.Contains(err.Error(), "another create") {
+		t.Fatalf("commit by another attempt: %v, want a refusal naming another create", err)
+	}
+	ids, err := d.GroupCommitForTest(ctx, gid)
+	if err != nil {
+		t.Fatalf("the first create's commit after the second's abort: %v", err)
+	}
+	if len(ids) != 1 {
+		t.Fatalf("members %v, want 1", ids)
+	}
+	g, err := n.groups().GetVolumeGroupSnapshot(ctx, &csi.GetVolumeGroupSnapshotRequest{GroupSnapshotId: gid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := g.GroupSnapshot.GetSnapshots(); len(s) != 1 || s[0].GetSourceVolumeId() != a {
+		t.Fatalf("group %v, want the one member of volume %s", s, a)
+	}
+}
