@@ -22,6 +22,20 @@ func (d *Driver) GroupPrepareForTest(ctx context.Context, name string, members [
 // GroupCommitForTest.
 const TestAttempt = "test-attempt"
 
+// GroupPrepareAttemptForTest prepares this node's members of group name
+// (whose volumes are all) as create attempt attempt.
+func (d *Driver) GroupPrepareAttemptForTest(ctx context.Context, name string, members, all []string, hold time.Duration, attempt string) (string, error) {
+	id := groupIDForName(name)
+	_, err := d.groupPrepare(ctx, &groupPrepare{GroupID: id, Name: name, Members: members, All: all, HoldMillis: hold.Milliseconds(), Attempt: attempt})
+	return id, toStatus(err)
+}
+
+// GroupAbortAttemptForTest is create attempt attempt's abort of group id on
+// this node after its commit failed (not hold-only), as releaseAll sends it.
+func (d *Driver) GroupAbortAttemptForTest(ctx context.Context, id, attempt string) error {
+	return toStatus(d.groupRelease(ctx, groupRef{GroupID: id, Attempt: attempt}))
+}
+
 // GroupCommitForTest commits group id as attempt TestAttempt and returns
 // its member snapshot IDs.
 func (d *Driver) GroupCommitForTest(ctx context.Context, id string) ([]string, error) {

@@ -321,7 +321,8 @@ func (d *Driver) groupPrepare(ctx context.Context, req *groupPrepare) (*groupMem
 		return nil, err
 	}
 	t := &groupTxn{id: req.GroupID, attempt: req.Attempt, members: req.Members, start: start, deadline: deadline, unlocks: unlocks,
-		want: snapshotMeta{BlockMetadataType: params.BlockMetadataType, Group: req.GroupID, GroupName: req.Name, GroupMembers: req.All}}
+		want: snapshotMeta{BlockMetadataType: params.BlockMetadataType, Group: req.GroupID, GroupName: req.Name, GroupMembers: req.All,
+			GroupAttempt: req.Attempt}}
 	if done, err := d.groupExisting(ctx, req); done != nil || err != nil {
 		t.unlock()
 		return done, err
@@ -712,7 +713,8 @@ func (d *Driver) commitMembers(ctx context.Context, t *groupTxn) (_ []qcow2.Snap
 
 // groupRelease aborts group id on this node, if it is held, and deletes
 // the member snapshots it has here (not with HoldOnly): the abort of a
-// failed create and DeleteVolumeGroupSnapshot alike. An unknown group is
+// failed create and DeleteVolumeGroupSnapshot alike. With an attempt, only
+// that create's hold and members (groupRef.Attempt). An unknown group is
 // released already.
 func (d *Driver) groupRelease(ctx context.Context, ref groupRef) error {
 	if t := d.groups.get(ref.GroupID); t != nil {
@@ -734,6 +736,14 @@ func (d *Driver) groupRelease(ctx context.Context, ref groupRef) error {
 	recs, err := d.groupRecords(ref.GroupID)
 	if err != nil {
 		return err
+	}
+	if ref.Attempt != "" {
+		// A create's abort deletes what it took, not the members another
+		// create of the same name committed here meanwhile: that one may
+		// return its group.
+		recs = slices.DeleteFunc(recs, func(m *snapshotMeta) bool {
+			return m.GroupAttempt != "" && m.GroupAttempt != ref.Attempt
+		})
 	}
 	for _, m := range recs {
 		unlock, err := d.locks.acquireWait(ctx, m.Source, opSnapshot)

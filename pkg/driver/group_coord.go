@@ -160,7 +160,9 @@ func (g *groupRun) create(ctx context.Context) (*csi.VolumeGroupSnapshot, error)
 			return nil, g.abort(ctx, "prepare_failed", false, fmt.Errorf("%w: group snapshot %q: its members on some nodes exist already from an earlier attempt, again after deleting them", ErrBusy, g.name))
 		}
 		logger.Info("Group snapshot complete on some nodes only (an earlier attempt was interrupted): taking it afresh", "complete", done, "nodes", len(g.peers))
-		if err := g.releaseAll(ctx, false); err != nil {
+		// Without this create's attempt: the members are an earlier
+		// create's.
+		if err := g.releaseAll(ctx, false, ""); err != nil {
 			return nil, fmt.Errorf("group snapshot %q: delete the members of an earlier attempt: %w", g.name, err)
 		}
 	}
@@ -210,13 +212,14 @@ func (g *groupRun) collect(fn func(node string, p groupPeer) (*groupMembers, err
 }
 
 // releaseAll releases every node and, unless holdOnly, deletes the
-// members it has; it outlives ctx's cancellation (the caller may have
-// gone).
-func (g *groupRun) releaseAll(ctx context.Context, holdOnly bool) error {
+// members it has: those of attempt (groupRef.Attempt), or of any create
+// when attempt is empty. It outlives ctx's cancellation (the caller may
+// have gone).
+func (g *groupRun) releaseAll(ctx context.Context, holdOnly bool, attempt string) error {
 	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), g.hold+groupAbortGrace)
 	defer cancel()
 	return g.eachNode(func(_ string, p groupPeer) error {
-		return p.release(actx, groupRef{GroupID: g.id, HoldOnly: holdOnly, Attempt: g.attempt})
+		return p.release(actx, groupRef{GroupID: g.id, HoldOnly: holdOnly, Attempt: attempt})
 	})
 }
 
@@ -225,7 +228,7 @@ func (g *groupRun) releaseAll(ctx context.Context, holdOnly bool) error {
 // with what the release could not do.
 func (g *groupRun) abort(ctx context.Context, reason string, holdOnly bool, err error) error {
 	g.aborts.WithLabelValues(reason).Inc()
-	rerr := g.releaseAll(ctx, holdOnly)
+	rerr := g.releaseAll(ctx, holdOnly, g.attempt)
 	klog.FromContext(ctx).Info("Group snapshot aborted", "groupSnapshotID", g.id, "reason", reason, "err", err, "releaseErr", rerr)
 	if rerr != nil {
 		return fmt.Errorf("%w; release: %v (a node that did not answer releases at its own deadline; its members go with the next attempt or DeleteVolumeGroupSnapshot)", err, rerr)

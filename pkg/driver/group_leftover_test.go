@@ -12,6 +12,7 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 
+	"github.com/qcow2-csi/qcow2-csi/pkg/driver"
 	"github.com/qcow2-csi/qcow2-csi/pkg/qcow2"
 )
 
@@ -296,4 +297,58 @@ func TestGroupSnapshotSameNameAbort(t *testing.T) {
 	if s := g.GroupSnapshot.GetSnapshots(); len(s) != 1 || s[0].GetSourceVolumeId() != a {
 		t.Fatalf("group %v, want the one member of volume %s", s, a)
 	}
+}
+
+// TestGroupSnapshotForeignAbortKeepsCommitted: create B of a group name
+// spanning two nodes has committed node A and still holds node B when the
+// late abort of an earlier create A of the same name (its commit failed)
+// reaches both. The abort must take neither B's hold on node B nor B's
+// committed member on node A: B's commit on node B then succeeds, and B
+// returns a group whose members all exist. (Found in review: the abort
+// kept B's hold, so B went on, but deleted B's member on node A.)
+func TestGroupSnapshotForeignAbortKeepsCommitted(t *testing.T) {
+	ctx := context.Background()
+	na, nb := startGroupNode(t, "node-a", 0), startGroupNode(t, "node-b", 0)
+	a, _ := na.volume(t, "a", true)
+	b, _ := nb.volume(t, "b", true)
+	all := []string{a, b}
+	da, db := na.srv.Driver, nb.srv.Driver
+	gid, err := da.GroupPrepareAttemptForTest(ctx, "same", []string{a}, all, 5*time.Second, "create-b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.GroupPrepareAttemptForTest(ctx, "same", []string{b}, all, 5*time.Second, "create-b"); err != nil {
+		t.Fatal(err)
+	}
+	idsA, err := da.GroupCommitAttemptForTest(ctx, gid, "create-b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []*driver.Driver{da, db} {
+		if err := d.GroupAbortAttemptForTest(ctx, gid, "create-a"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	idsB, err := db.GroupCommitAttemptForTest(ctx, gid, "create-b")
+	if err != nil {
+		t.Fatalf("create B's commit on node B after create A's abort: %v", err)
+	}
+	for _, c := range []struct {
+		n   *groupNode
+		ids []string
+	}{{na, idsA}, {nb, idsB}} {
+		if len(c.ids) != 1 {
+			t.Fatalf("members %v, want 1", c.ids)
+		}
+		if _, err := c.n.c.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: c.ids[0]}); err != nil {
+			t.Errorf("member %s of the group create B returns: %v", c.ids[0], err)
+		}
+	}
+	// The abort of create B itself (had its commit failed elsewhere)
+	// deletes its members.
+	if err := da.GroupAbortAttemptForTest(ctx, gid, "create-b"); err != nil {
+		t.Fatal(err)
+	}
+	_, err = na.c.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: idsA[0]})
+	wantCode(t, err, codes.NotFound, idsA[0])
 }

@@ -52,6 +52,10 @@ type snapshotMeta struct {
 	Group        string   `json:"group,omitempty"`
 	GroupName    string   `json:"groupName,omitempty"`
 	GroupMembers []string `json:"groupMembers,omitempty"`
+	// GroupAttempt is the create that took the member (groupPrepare.Attempt):
+	// the abort of another create of the same name, whose commit failed,
+	// must not delete it. Empty in records of an older release.
+	GroupAttempt string `json:"groupAttempt,omitempty"`
 	// Pending: a group member whose record and checkpoint a prepare wrote
 	// ahead of the hold, and whose internal snapshot may not be taken yet
 	// (group.go). It is no snapshot until its commit clears the flag: no
