@@ -1,7 +1,6 @@
 package fuse_test
 
 import (
-	"os"
 	"testing"
 
 	"github.com/qcow2-csi/qcow2-csi/tests/mntns"
@@ -11,7 +10,4 @@ import (
 // mount namespace that another process creates while a test's filesystem is
 // mounted (an e2e node's, on a shared machine) would otherwise keep that
 // filesystem, and so its loop device, busy after the test unmounts it.
-func TestMain(m *testing.M) {
-	mntns.Isolate()
-	os.Exit(m.Run())
-}
+func TestMain(m *testing.M) { mntns.Main(m) }
