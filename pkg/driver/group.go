@@ -456,11 +456,23 @@ func (d *Driver) groupExisting(ctx context.Context, req *groupPrepare) (done *gr
 	if complete {
 		// Every snapshot was taken; a crash may have come before their
 		// records were completed (and the previous checkpoints frozen).
+		// This create answers the members now, so they become its own:
+		// the abort of the create that took them (its answer was lost,
+		// it failed meanwhile) must not delete what this one returns.
 		for _, m := range recs {
-			if m.Pending {
-				if err := d.finishMember(ctx, m.Source, m); err != nil {
-					return nil, err
-				}
+			adopt := req.Attempt != "" && m.GroupAttempt != req.Attempt
+			if adopt {
+				m.GroupAttempt = req.Attempt
+			}
+			var err error
+			switch {
+			case m.Pending:
+				err = d.finishMember(ctx, m.Source, m)
+			case adopt:
+				err = d.pool.putSnapshot(m)
+			}
+			if err != nil {
+				return nil, err
 			}
 		}
 		out := membersOf(recs)
@@ -737,26 +749,38 @@ func (d *Driver) groupRelease(ctx context.Context, ref groupRef) error {
 	if err != nil {
 		return err
 	}
-	if ref.Attempt != "" {
-		// A create's abort deletes what it took, not the members another
-		// create of the same name committed here meanwhile: that one may
-		// return its group.
-		recs = slices.DeleteFunc(recs, func(m *snapshotMeta) bool {
-			return m.GroupAttempt != "" && m.GroupAttempt != ref.Attempt
-		})
-	}
 	for _, m := range recs {
 		unlock, err := d.locks.acquireWait(ctx, m.Source, opSnapshot)
 		if err != nil {
 			return err
 		}
-		err = d.deleteGroupRecords(ctx, []*snapshotMeta{m})
+		err = d.releaseMember(ctx, m.ID, ref.Attempt)
 		unlock()
 		if err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// releaseMember deletes member snapshot id for a release by attempt
+// (groupRef.Attempt), as its record is now: the caller holds its volume's
+// snapshot lock, and the record may have changed since it was listed (a
+// retry adopted it, a create of the same name committed it). With an
+// attempt, only that create's members go (and untokened ones of older
+// releases): another create's may be in a group it returns.
+func (d *Driver) releaseMember(ctx context.Context, id, attempt string) error {
+	m, err := d.pool.getRecord(id)
+	if errors.Is(err, ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if attempt != "" && m.GroupAttempt != "" && m.GroupAttempt != attempt {
+		return nil
+	}
+	return d.deleteGroupRecords(ctx, []*snapshotMeta{m})
 }
 
 // groupGet reports the member snapshots of group id on this node;

@@ -352,3 +352,54 @@ func TestGroupSnapshotForeignAbortKeepsCommitted(t *testing.T) {
 	_, err = na.c.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: idsA[0]})
 	wantCode(t, err, codes.NotFound, idsA[0])
 }
+
+// TestGroupSnapshotRetryAdoptsAnswered (found in review): create A of a
+// two-node group commits on both nodes, but an answer is lost, so A's
+// controller sees its commit fail and aborts. Before that abort arrives,
+// a retry R of the same name prepares: both nodes answer the group
+// complete, and R returns it. A's abort must not delete what R returned:
+// answering the members makes them R's.
+func TestGroupSnapshotRetryAdoptsAnswered(t *testing.T) {
+	ctx := context.Background()
+	na, nb := startGroupNode(t, "node-a", 0), startGroupNode(t, "node-b", 0)
+	a, _ := na.volume(t, "a", true)
+	b, _ := nb.volume(t, "b", true)
+	all := []string{a, b}
+	da, db := na.srv.Driver, nb.srv.Driver
+	gid, err := da.GroupPrepareAttemptForTest(ctx, "same", []string{a}, all, 5*time.Second, "create-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.GroupPrepareAttemptForTest(ctx, "same", []string{b}, all, 5*time.Second, "create-a"); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []*driver.Driver{da, db} {
+		// Node B's answer is lost on the way back: A sees a failure.
+		if _, err := d.GroupCommitAttemptForTest(ctx, gid, "create-a"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Retry R, before A's abort: each node answers the group complete.
+	var answered []string
+	for _, c := range []struct {
+		d   *driver.Driver
+		vol string
+	}{{da, a}, {db, b}} {
+		done, ids, err := c.d.GroupPrepareAnswerForTest(ctx, "same", []string{c.vol}, all, 5*time.Second, "create-r")
+		if err != nil || !done || len(ids) != 1 {
+			t.Fatalf("retry's prepare: committed %v, ids %v, err %v", done, ids, err)
+		}
+		answered = append(answered, ids...)
+	}
+	// R returns the group (every node complete). A's abort now arrives.
+	for _, d := range []*driver.Driver{da, db} {
+		if err := d.GroupAbortAttemptForTest(ctx, gid, "create-a"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, n := range []*groupNode{na, nb} {
+		if _, err := n.c.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: answered[i]}); err != nil {
+			t.Errorf("member %s of the group retry R returned: %v", answered[i], err)
+		}
+	}
+}
