@@ -87,18 +87,3 @@ func (d *Driver) HoldSnapshotLockForTest(id string) (func(), error) {
 
 // OpsInFlightForTest lists the operations running and waiting per volume.
 func (d *Driver) OpsInFlightForTest() string { return d.locks.inFlight() }
-
-// GroupPrepareAnswerForTest is GroupPrepareAttemptForTest that also
-// returns the node's answer: whether the group was complete on the node
-// already, and its member snapshot IDs then.
-func (d *Driver) GroupPrepareAnswerForTest(ctx context.Context, name string, members, all []string, hold time.Duration, attempt string) (bool, []string, error) {
-	m, err := d.groupPrepare(ctx, &groupPrepare{GroupID: groupIDForName(name), Name: name, Members: members, All: all, HoldMillis: hold.Milliseconds(), Attempt: attempt})
-	if err != nil {
-		return false, nil, toStatus(err)
-	}
-	var ids []string
-	for _, s := range m.Snapshots {
-		ids = append(ids, s.ID)
-	}
-	return m.Committed, ids, nil
-}

@@ -456,23 +456,11 @@ func (d *Driver) groupExisting(ctx context.Context, req *groupPrepare) (done *gr
 	if complete {
 		// Every snapshot was taken; a crash may have come before their
 		// records were completed (and the previous checkpoints frozen).
-		// This create answers the members now, so they become its own:
-		// the abort of the create that took them (its answer was lost,
-		// it failed meanwhile) must not delete what this one returns.
 		for _, m := range recs {
-			adopt := req.Attempt != "" && m.GroupAttempt != req.Attempt
-			if adopt {
-				m.GroupAttempt = req.Attempt
-			}
-			var err error
-			switch {
-			case m.Pending:
-				err = d.finishMember(ctx, m.Source, m)
-			case adopt:
-				err = d.pool.putSnapshot(m)
-			}
-			if err != nil {
-				return nil, err
+			if m.Pending {
+				if err := d.finishMember(ctx, m.Source, m); err != nil {
+					return nil, err
+				}
 			}
 		}
 		out := membersOf(recs)
@@ -750,11 +738,14 @@ func (d *Driver) groupRelease(ctx context.Context, ref groupRef) error {
 		return err
 	}
 	for _, m := range recs {
+		if !ref.deletes(m) {
+			continue // not waiting for the lock of another create's member
+		}
 		unlock, err := d.locks.acquireWait(ctx, m.Source, opSnapshot)
 		if err != nil {
 			return err
 		}
-		err = d.releaseMember(ctx, m.ID, ref.Attempt)
+		err = d.releaseMember(ctx, m.ID, ref)
 		unlock()
 		if err != nil {
 			return err
@@ -763,13 +754,17 @@ func (d *Driver) groupRelease(ctx context.Context, ref groupRef) error {
 	return nil
 }
 
-// releaseMember deletes member snapshot id for a release by attempt
-// (groupRef.Attempt), as its record is now: the caller holds its volume's
-// snapshot lock, and the record may have changed since it was listed (a
-// retry adopted it, a create of the same name committed it). With an
-// attempt, only that create's members go (and untokened ones of older
-// releases): another create's may be in a group it returns.
-func (d *Driver) releaseMember(ctx context.Context, id, attempt string) error {
+// deletes reports whether a release of ref deletes member m: with an
+// attempt, only that create's members (and untokened ones of older
+// releases) go; another create's may be in a group it returns.
+func (ref groupRef) deletes(m *snapshotMeta) bool {
+	return ref.Attempt == "" || m.GroupAttempt == "" || m.GroupAttempt == ref.Attempt
+}
+
+// releaseMember deletes member snapshot id for release ref, as its record
+// is once the caller holds its volume's snapshot lock: it may be gone or
+// changed since it was listed.
+func (d *Driver) releaseMember(ctx context.Context, id string, ref groupRef) error {
 	m, err := d.pool.getRecord(id)
 	if errors.Is(err, ErrNotFound) {
 		return nil
@@ -777,7 +772,7 @@ func (d *Driver) releaseMember(ctx context.Context, id, attempt string) error {
 	if err != nil {
 		return err
 	}
-	if attempt != "" && m.GroupAttempt != "" && m.GroupAttempt != attempt {
+	if m.Group != ref.GroupID || !ref.deletes(m) {
 		return nil
 	}
 	return d.deleteGroupRecords(ctx, []*snapshotMeta{m})
