@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -600,6 +601,34 @@ func TestNodeRestartFuse(t *testing.T) {
 	e.teardown(id, staging, target)
 }
 
+// waitNBDGreeting waits until the NBD server at unix socket sock greets a
+// client. qemu-nbd listens before it has opened (and locked) its image, so
+// the socket's existence says nothing; its greeting comes from the main
+// loop, once the export is up.
+func waitNBDGreeting(t *testing.T, sock string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		conn, err := net.DialTimeout("unix", sock, time.Second)
+		if err == nil {
+			var greet [8]byte
+			_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+			_, err = io.ReadFull(conn, greet[:])
+			conn.Close()
+			if err == nil && string(greet[:]) == "NBDMAGIC" {
+				return
+			}
+			if err == nil {
+				err = fmt.Errorf("greeting %q, want NBDMAGIC", greet[:])
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("qemu-nbd on %s did not greet: %v", sock, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 // TestImageLocksAgainstQemu: the plugin and qemu's tools exclude each other
 // on an image through qemu's OFD locks. An image qemu-nbd serves cannot be
 // staged or deleted; an image the plugin has staged cannot be written, nor
@@ -617,17 +646,14 @@ func TestImageLocksAgainstQemu(t *testing.T) {
 	id := e.create("pvc-locks", 64<<20, nil, c)
 	img := imageFile(e.pool, id)
 
-	// qemu-nbd holds the image: the driver backs off.
-	nbd := exec.Command(qemuNBD, "-f", "qcow2", "-k", filepath.Join(e.dir, "nbd.sock"), img)
+	// qemu-nbd holds the image: the driver backs off. -t: the readiness
+	// probe's connection must not end the server.
+	sock := filepath.Join(e.dir, "nbd.sock")
+	nbd := exec.Command(qemuNBD, "-t", "-f", "qcow2", "-k", sock, img)
 	if err := nbd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	for i := 0; i < 100; i++ {
-		if _, err := os.Stat(filepath.Join(e.dir, "nbd.sock")); err == nil {
-			break
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitNBDGreeting(t, sock)
 	staging := filepath.Join(e.dir, "staging", id)
 	os.MkdirAll(staging, 0o750)
 	_, err := e.c.NodeStageVolume(e.ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: c})
