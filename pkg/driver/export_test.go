@@ -13,9 +13,7 @@ import (
 // GroupPrepareForTest prepares group name of members (all on this node)
 // with hold, as the create attempt TestAttempt, and returns the group's ID.
 func (d *Driver) GroupPrepareForTest(ctx context.Context, name string, members []string, hold time.Duration) (string, error) {
-	id := groupIDForName(name)
-	_, err := d.groupPrepare(ctx, &groupPrepare{GroupID: id, Name: name, Members: members, All: members, HoldMillis: hold.Milliseconds(), Attempt: TestAttempt})
-	return id, toStatus(err)
+	return d.GroupPrepareAttemptForTest(ctx, name, members, members, hold, TestAttempt)
 }
 
 // TestAttempt is the create attempt of GroupPrepareForTest and

@@ -103,7 +103,7 @@ type groupRef struct {
 // owns reports whether ref may commit or release t: t is ref's attempt's,
 // or one of the two does not say (see groupRef.Attempt).
 func (ref groupRef) owns(t *groupTxn) bool {
-	return ref.Attempt == "" || t.attempt == "" || ref.Attempt == t.attempt
+	return ref.Attempt == "" || t.want.GroupAttempt == "" || ref.Attempt == t.want.GroupAttempt
 }
 
 // groupMember is one member snapshot, as a node reports it.
@@ -138,8 +138,7 @@ func membersOf(ms []*snapshotMeta) *groupMembers {
 // groupTxn is a group snapshot prepared on this node.
 type groupTxn struct {
 	id      string
-	attempt string       // groupPrepare.Attempt
-	want    snapshotMeta // the members' record, less ID and source
+	want    snapshotMeta // the members' record (its attempt too), less ID and source
 	members []string
 	start   time.Time
 	// prepared is when the hold was in place (the drain done).
@@ -320,7 +319,7 @@ func (d *Driver) groupPrepare(ctx context.Context, req *groupPrepare) (*groupMem
 	if err != nil {
 		return nil, err
 	}
-	t := &groupTxn{id: req.GroupID, attempt: req.Attempt, members: req.Members, start: start, deadline: deadline, unlocks: unlocks,
+	t := &groupTxn{id: req.GroupID, members: req.Members, start: start, deadline: deadline, unlocks: unlocks,
 		want: snapshotMeta{BlockMetadataType: params.BlockMetadataType, Group: req.GroupID, GroupName: req.Name, GroupMembers: req.All,
 			GroupAttempt: req.Attempt}}
 	if done, err := d.groupExisting(ctx, req); done != nil || err != nil {
