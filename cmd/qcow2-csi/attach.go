@@ -43,6 +43,9 @@ SIGTERM; then detach (the device must not be in use any more) and exit. Like
                        do before they complete) or writeback (writes too
                        wait in the kernel's cache until a flush or
                        writeback) (default %s; docs/fuse-attach.md)
+  --fuse-uring         serve the FUSE requests over io_uring (Linux 6.14+,
+                       module parameter fuse.enable_uring=Y) where the
+                       kernel offers it, else over /dev/fuse (-v says which)
   -f, --format=FORMAT  image format: raw or qcow2 (default raw)
   --block-size=N       logical block size of the device: 512 or 4096 (default:
                        4096 when the size is a multiple of it, else 512)
@@ -61,7 +64,7 @@ type attachOptions struct {
 	blockSize                uint
 	readOnly, cleanStale     bool
 	verbose                  bool
-	passthrough              bool
+	passthrough, uring       bool
 	cache                    fuse.CacheMode
 	file                     string
 	limits                   throttle.Limits
@@ -74,6 +77,7 @@ func parseAttachFlags(args []string) (*attachOptions, error) {
 	fs.StringVar(&o.backend, "backend", "fuse", "")
 	fs.StringVar(&o.fuseDir, "fuse-dir", fuse.DefaultDir, "")
 	fs.BoolVar(&o.passthrough, "fuse-passthrough", false, "")
+	fs.BoolVar(&o.uring, "fuse-uring", false, "")
 	fs.StringVar(&o.format, "format", "raw", "")
 	fs.StringVar(&o.format, "f", "raw", "")
 	fs.UintVar(&o.blockSize, "block-size", 0, "")
@@ -134,7 +138,7 @@ func attach(o *attachOptions) error {
 	var a nbdattach.Attacher
 	switch o.backend {
 	case "fuse":
-		a = fuse.NewAttacher(fuse.Options{Dir: o.fuseDir, Logger: logger, Passthrough: o.passthrough, Cache: o.cache})
+		a = fuse.NewAttacher(fuse.Options{Dir: o.fuseDir, Logger: logger, Passthrough: o.passthrough, Cache: o.cache, Uring: o.uring})
 	default:
 		return fmt.Errorf("--backend=%s: this command knows the fuse backend only", o.backend)
 	}

@@ -61,7 +61,7 @@ type serveFlags struct {
 	registerKubelet                           bool
 	registrationDir, kubeletRegistrationPath  string
 	attachBackend, capacityReserve, defaultSz string
-	crashConsistentCBT                        bool
+	crashConsistentCBT, fuseUring             bool
 	fuseDir, fuseCache                        string
 	controllerExpand                          bool
 	blockMetadataType                         string
@@ -102,6 +102,7 @@ func runServe(args []string) int {
 	fs.StringVar(&f.attachBackend, "attach-backend", "auto", "how the node attaches images: nbd (kernel NBD), fuse (FUSE + loop) or auto (nbd if available, else fuse)")
 	fs.StringVar(&f.fuseDir, "fuse-dir", "", "where the fuse attach backend mounts the FUSE filesystem serving its volumes; one per plugin process (default: "+fuse.DefaultDir+", or fuse/ in the temporary directory)")
 	fs.StringVar(&f.fuseCache, "fuse-cache", string(fuse.DefaultCacheMode), "how the kernel caches the fuse backend's files: none (every block request reaches this process), writethrough (reads of cached data do not; writes do before they complete) or writeback (writes wait in the kernel's cache until the filesystem flushes or the kernel writes them back); docs/fuse-attach.md")
+	fs.BoolVar(&f.fuseUring, "fuse-uring", false, "serve the fuse backend's requests over io_uring (Linux 6.14+ with the module parameter fuse.enable_uring=Y) where the kernel offers it, else over /dev/fuse, logging why; docs/fuse-attach.md")
 	fs.StringVar(&f.capacityReserve, "capacity-reserve", "0", "pool space kept free: bytes (suffixes Ki, Mi, Gi, Ti) or a percentage of the pool filesystem (e.g. 5%)")
 	fs.Float64Var(&f.overcommitRatio, "overcommit-ratio", driver.DefaultOvercommitRatio, "most the volumes' virtual sizes may add up to, as a multiple of the pool filesystem's size minus the reserve; CreateVolume and expansion refuse more (ResourceExhausted); 0 means no limit (docs/operations.md)")
 	fs.Float64Var(&f.poolWarningPercent, "pool-warning-percent", driver.DefaultPoolWarningPercent, "how full the pool filesystem may get, in percent, before every volume's condition turns abnormal and qcow2_csi_pool_nearly_full is 1")
@@ -227,7 +228,7 @@ func serve(ctx context.Context, f serveFlags, out io.Writer) error {
 	// In the order --attach-backend=auto tries them.
 	attachers := []nbdattach.Attacher{
 		kernel.NewAttacher(kernel.Options{Logger: logger}),
-		fuse.NewAttacher(fuse.Options{Dir: f.fuseDir, Logger: logger, Cache: fuseCache}),
+		fuse.NewAttacher(fuse.Options{Dir: f.fuseDir, Logger: logger, Cache: fuseCache, Uring: f.fuseUring}),
 	}
 	d, err := driver.New(opts, driver.Seams{Images: driver.Qcow2Images{Logger: logger, CrashConsistentBitmaps: f.crashConsistentCBT}, Attachers: attachers})
 	if err != nil {

@@ -27,6 +27,12 @@
 # round trip per request, served by libfuse instead of this project's
 # daemon. It tells what is the daemon's cost and what is FUSE's.
 #
+# URING=1 adds columns fuseur and fusewbur: a raw file attached with
+# --fuse-uring (FUSE over io_uring; needs fuse.enable_uring=Y, which the
+# script does not set), without a cache and with --fuse-cache=writeback.
+# LIFT=1 also lifts the FUSE device's dirty limit for fusewbur (strict_limit
+# 0, max_ratio 100 in /sys/class/bdi/), which the plugin does not do.
+#
 # QOS=1 measures what per-volume I/O limits (docs/qos.md) cost instead: the
 # same qcow2 image attached by three builds of this tree: "nothrottle" (built
 # with -tags nothrottle: no throttle compiled in, the baseline), "unlimited"
@@ -82,13 +88,14 @@ make_image() { # make_image PATH FORMAT: fully allocated, and in the page cache
 attach_fuse() { # attach_fuse NAME IMAGE FORMAT [BINARY [ARGS...]]: sets dev[NAME]
   local out=$work/attach.$1 bin=${4:-$BIN}
   # A Dir per process: the backend's Dir is one process's.
-  "$bin" attach --backend=fuse --fuse-dir="$work/fusedir.$1" -f "$3" "${@:5}" "$2" >"$out" &
+  "$bin" attach --backend=fuse --fuse-dir="$work/fusedir.$1" -f "$3" "${@:5}" "$2" >"$out" 2>"$out.log" &
   pids+=($!)
   for _ in $(seq 200); do
     if [ -s "$out" ]; then dev[$1]=$(head -1 "$out"); return 0; fi
     kill -0 "${pids[-1]}" 2>/dev/null || break
     sleep 0.05
   done
+  cat "$out.log" >&2
   echo "attach.sh: qcow2-csi attach -f $3 $2 did not attach" >&2; exit 1
 }
 
@@ -159,6 +166,25 @@ if [ "${PASSTHROUGH:-1}" != 0 ] && "$BIN" attach --help | grep -q -- '--fuse-pas
   devs+=(fusept)
   compared+=(fusept)
 fi
+if [ "${URING:-0}" = 1 ]; then
+  [ "$(cat /sys/module/fuse/parameters/enable_uring 2>/dev/null)" = Y ] ||
+    { echo "attach.sh: URING=1 needs FUSE over io_uring on (echo Y > /sys/module/fuse/parameters/enable_uring)" >&2; exit 1; }
+  for m in ur:none wbur:writeback; do
+    make_image "$work/fuse${m%%:*}.raw" raw
+    attach_fuse "fuse${m%%:*}" "$work/fuse${m%%:*}.raw" raw "$BIN" --fuse-cache="${m#*:}" --fuse-uring -v
+    grep -q "serving over io_uring" "$work/attach.fuse${m%%:*}.log" ||
+      { cat "$work/attach.fuse${m%%:*}.log" >&2; echo "attach.sh: fuse${m%%:*} is not served over io_uring" >&2; exit 1; }
+    devs+=("fuse${m%%:*}")
+    compared+=("fuse${m%%:*}")
+  done
+  backing=$(cat "/sys/block/${dev[fusewbur]#/dev/}/loop/backing_file")
+  cat "$backing" >/dev/null
+  if [ "${LIFT:-0}" = 1 ]; then
+    bdi=/sys/class/bdi/$(stat -c '%Hd:%Ld' "$backing")
+    echo 0 >"$bdi/strict_limit"
+    echo 100 >"$bdi/max_ratio"
+  fi
+fi
 if [ "${LIBFUSE:-0}" = 1 ]; then
   command -v bindfs >/dev/null || { echo "attach.sh: LIBFUSE=1 needs bindfs (hack/deps.sh installs it)" >&2; exit 1; }
   mkdir "$work/libfuse.src" "$work/libfuse.mnt"
@@ -173,7 +199,7 @@ fi
 devs+=(loopdio)
 
 echo "size=$SIZE, best of $REPEAT runs of ${RUNTIME}s per device and row, fio O_DIRECT on the block device"
-echo "floor: loop device on a raw file ($floor); fuse: qcow2-csi attach --backend=fuse on a raw file (${dev[fuse]})${dev[qcow2]:+; qcow2: the same on a qcow2 image (${dev[qcow2]})}${dev[fusept]:+; fusept: the same on a raw file with --fuse-passthrough (${dev[fusept]})}${dev[fusewt]:+; fusewt, fusewb: the same on a raw file with --fuse-cache=writethrough, =writeback (${dev[fusewt]}, ${dev[fusewb]})}${dev[qcow2wt]:+; qcow2wt, qcow2wb: the same on a qcow2 image (${dev[qcow2wt]}, ${dev[qcow2wb]})}${dev[libfuse]:+; libfuse: bindfs (C libfuse $(bindfs --fuse-version 2>/dev/null | sed -n 's/.*linked version //p'), -o direct_io) on a raw file, loop device with direct I/O (${dev[libfuse]})}; loopdio: loop device with direct I/O on a raw file ($loopdio)"
+echo "floor: loop device on a raw file ($floor); fuse: qcow2-csi attach --backend=fuse on a raw file (${dev[fuse]})${dev[qcow2]:+; qcow2: the same on a qcow2 image (${dev[qcow2]})}${dev[fusept]:+; fusept: the same on a raw file with --fuse-passthrough (${dev[fusept]})}${dev[fusewt]:+; fusewt, fusewb: the same on a raw file with --fuse-cache=writethrough, =writeback (${dev[fusewt]}, ${dev[fusewb]})}${dev[qcow2wt]:+; qcow2wt, qcow2wb: the same on a qcow2 image (${dev[qcow2wt]}, ${dev[qcow2wb]})}${dev[fuseur]:+; fuseur, fusewbur: the same on a raw file with --fuse-uring, without a cache and with --fuse-cache=writeback$([ "${LIFT:-0}" = 1 ] && echo ", its dirty limit lifted") (${dev[fuseur]}, ${dev[fusewbur]})}${dev[libfuse]:+; libfuse: bindfs (C libfuse $(bindfs --fuse-version 2>/dev/null | sed -n 's/.*linked version //p'), -o direct_io) on a raw file, loop device with direct I/O (${dev[libfuse]})}; loopdio: loop device with direct I/O on a raw file ($loopdio)"
 fi
 hdr=$(printf '%-7s %-10s %-3s %-3s' engine rw bs qd)
 for d in "${devs[@]}"; do hdr+=$(printf ' | %9s %8s' "$d IOPS" "MiB/s"); done

@@ -32,6 +32,7 @@ type Attacher struct {
 	log         *slog.Logger
 	passthrough bool
 	cache       CacheMode
+	uring       bool
 
 	mu      sync.Mutex
 	devices map[string]*fuseDevice
@@ -64,7 +65,7 @@ func NewAttacher(opts Options) *Attacher {
 	if cache == "" {
 		cache = DefaultCacheMode
 	}
-	return &Attacher{dir: filepath.Clean(dir), log: opts.Logger, passthrough: opts.Passthrough, cache: cache, devices: map[string]*fuseDevice{}}
+	return &Attacher{dir: filepath.Clean(dir), log: opts.Logger, passthrough: opts.Passthrough, cache: cache, uring: opts.Uring, devices: map[string]*fuseDevice{}}
 }
 
 // Name is "fuse".

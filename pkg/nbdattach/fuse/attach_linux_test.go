@@ -445,7 +445,7 @@ func TestFuseCrashHelper(t *testing.T) {
 	if spec == "" {
 		return // only a helper process for TestFuseCrashCleanup
 	}
-	// spec: dir|image|id|mountpoint-or-empty[|cache mode]
+	// spec: dir|image|id|mountpoint-or-empty[|cache mode[|uring]]
 	parts := strings.Split(spec, "|")
 	b, err := nbdattach.OpenFile(parts[1], false)
 	if err != nil {
@@ -455,10 +455,14 @@ func TestFuseCrashHelper(t *testing.T) {
 	if len(parts) > 4 {
 		cache = fuse.CacheMode(parts[4])
 	}
-	a := fuse.NewAttacher(fuse.Options{Dir: parts[0], Cache: cache})
+	uring := len(parts) > 5 && parts[5] == "uring"
+	a := fuse.NewAttacher(fuse.Options{Dir: parts[0], Cache: cache, Uring: uring})
 	d, err := a.Attach(context.Background(), parts[2], b, nbdattach.AttachOptions{})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if uring && !fuse.ServesOverUring(a) {
+		t.Fatal("the helper's device is not served over io_uring")
 	}
 	if mnt := parts[3]; mnt != "" {
 		if out, err := exec.Command("mkfs.ext4", "-q", "-F", d.Path()).CombinedOutput(); err != nil {

@@ -114,10 +114,14 @@ func crashHelperWrites(t *testing.T, dev, mnt string) {
 
 // startCrashHelper starts the helper plugin on img and returns it and its
 // device once it has attached and written.
-func startCrashHelper(t *testing.T, dir, img, id, mnt string, cache fuse.CacheMode) (*exec.Cmd, string) {
+func startCrashHelper(t *testing.T, dir, img, id, mnt string, cache fuse.CacheMode, uring bool) (*exec.Cmd, string) {
 	t.Helper()
+	transport := "dev"
+	if uring {
+		transport = "uring"
+	}
 	cmd := exec.Command(os.Args[0], "-test.run=^TestFuseCrashHelper$", "-test.v")
-	cmd.Env = append(os.Environ(), helperEnv+"="+strings.Join([]string{dir, img, id, mnt, string(cache)}, "|"))
+	cmd.Env = append(os.Environ(), helperEnv+"="+strings.Join([]string{dir, img, id, mnt, string(cache), transport}, "|"))
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -177,86 +181,102 @@ func withTimeout(t *testing.T, what string, d time.Duration, do func() error) er
 // volume attaches again with the flushed data.
 func TestFuseCacheKill(t *testing.T) {
 	peer.Require(t, "mkfs.ext4")
+	type kcase struct {
+		mode    fuse.CacheMode
+		mounted bool
+		uring   bool
+	}
+	var cases []kcase
 	for _, m := range []fuse.CacheMode{fuse.CacheWritethrough, fuse.CacheWriteback} {
 		for _, mounted := range []bool{false, true} {
-			t.Run(fmt.Sprintf("%s/mounted=%v", m, mounted), func(t *testing.T) {
-				needFuse(t)
-				dir := filepath.Join(t.TempDir(), "fuse")
-				img := sparseRaw(t, 64<<20)
-				mnt := mountPoint(t, mounted)
-				t.Cleanup(func() {
-					if mnt != "" {
-						unix.Unmount(mnt, unix.MNT_DETACH)
-					}
-					for _, mp := range fuseMountsUnder(t, dir) {
-						unix.Unmount(mp, unix.MNT_DETACH)
-					}
-				})
-				cmd, devPath := startCrashHelper(t, dir, img, "killvol", mnt, m)
-				if !mounted {
-					if !imageHolds(t, img, flushedOff, crashPattern(flushedLen, 0x11)) {
-						t.Fatal("a write flushed through the device is not in the image file")
-					}
-					// Writethrough: every completed write is in the image.
-					// Writeback: the unflushed one waits in the page cache
-					// (far below the FUSE device's dirty limits), which is
-					// what this test kills the process over.
-					if got := imageHolds(t, img, dirtyOff, crashPattern(dirtyLen, 0x22)); got != (m == fuse.CacheWritethrough) {
-						t.Fatalf("cache %s: an unflushed write is in the image file: %v, want %v", m, got, m == fuse.CacheWritethrough)
-					}
+			cases = append(cases, kcase{m, mounted, false})
+		}
+	}
+	// The same over io_uring, where a killed server leaves ring entries
+	// behind as well as requests.
+	cases = append(cases, kcase{fuse.CacheWriteback, false, true}, kcase{fuse.CacheWriteback, true, true})
+	for _, c := range cases {
+		m, mounted := c.mode, c.mounted
+		t.Run(fmt.Sprintf("%s/mounted=%v/uring=%v", m, mounted, c.uring), func(t *testing.T) {
+			needFuse(t)
+			if c.uring {
+				needUring(t)
+			}
+			dir := filepath.Join(t.TempDir(), "fuse")
+			img := sparseRaw(t, 64<<20)
+			mnt := mountPoint(t, mounted)
+			t.Cleanup(func() {
+				if mnt != "" {
+					unix.Unmount(mnt, unix.MNT_DETACH)
 				}
-				cmd.Process.Kill()
-				cmd.Wait()
-				if !mounted && !imageHolds(t, img, flushedOff, crashPattern(flushedLen, 0x11)) {
-					t.Fatal("a write flushed through the device is not in the image file after the kill")
-				}
-				a := fuse.NewAttacher(fuse.Options{Dir: dir, Cache: m})
-				ctx := context.Background()
-				if mounted {
-					// The filesystem fails (EIO) instead of hanging, and
-					// unmounts with its dirty data.
-					if err := withTimeout(t, "unmount over a dead cached device", 30*time.Second, func() error { return unix.Unmount(mnt, 0) }); err != nil {
-						t.Fatalf("unmount: %v", err)
-					}
-					mnt = ""
-				}
-				waitUnbound(t, devPath)
-				if err := withTimeout(t, "CleanStale", 30*time.Second, func() error { _, err := a.CleanStale(ctx); return err }); err != nil {
-					t.Fatal(err)
-				}
-				if ms := fuseMountsUnder(t, dir); len(ms) != 0 {
-					t.Fatalf("FUSE mounts left under %s: %q", dir, ms)
-				}
-				b, err := nbdattach.OpenFile(img, false)
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer b.Close()
-				d, err := a.Attach(ctx, "killvol", b, nbdattach.AttachOptions{})
-				if err != nil {
-					t.Fatalf("attach again: %v", err)
-				}
-				defer func() {
-					if err := d.Detach(ctx); err != nil {
-						t.Error(err)
-					}
-				}()
-				if mounted {
-					return // the filesystem's state is ext4's business
-				}
-				f, err := os.OpenFile(d.Path(), os.O_RDONLY|unix.O_DIRECT, 0)
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer f.Close()
-				got := alignedBlock(t, flushedLen)
-				if _, err := f.ReadAt(got, flushedOff); err != nil {
-					t.Fatal(err)
-				}
-				if !bytes.Equal(got, crashPattern(flushedLen, 0x11)) {
-					t.Fatal("the flushed write does not read back after attaching again")
+				for _, mp := range fuseMountsUnder(t, dir) {
+					unix.Unmount(mp, unix.MNT_DETACH)
 				}
 			})
-		}
+			cmd, devPath := startCrashHelper(t, dir, img, "killvol", mnt, m, c.uring)
+			if !mounted {
+				if !imageHolds(t, img, flushedOff, crashPattern(flushedLen, 0x11)) {
+					t.Fatal("a write flushed through the device is not in the image file")
+				}
+				// Writethrough: every completed write is in the image.
+				// Writeback: the unflushed one waits in the page cache
+				// (far below the FUSE device's dirty limits), which is
+				// what this test kills the process over.
+				if got := imageHolds(t, img, dirtyOff, crashPattern(dirtyLen, 0x22)); got != (m == fuse.CacheWritethrough) {
+					t.Fatalf("cache %s: an unflushed write is in the image file: %v, want %v", m, got, m == fuse.CacheWritethrough)
+				}
+			}
+			cmd.Process.Kill()
+			cmd.Wait()
+			if !mounted && !imageHolds(t, img, flushedOff, crashPattern(flushedLen, 0x11)) {
+				t.Fatal("a write flushed through the device is not in the image file after the kill")
+			}
+			a := fuse.NewAttacher(fuse.Options{Dir: dir, Cache: m, Uring: c.uring})
+			ctx := context.Background()
+			if mounted {
+				// The filesystem fails (EIO) instead of hanging, and
+				// unmounts with its dirty data.
+				if err := withTimeout(t, "unmount over a dead cached device", 30*time.Second, func() error { return unix.Unmount(mnt, 0) }); err != nil {
+					t.Fatalf("unmount: %v", err)
+				}
+				mnt = ""
+			}
+			waitUnbound(t, devPath)
+			if err := withTimeout(t, "CleanStale", 30*time.Second, func() error { _, err := a.CleanStale(ctx); return err }); err != nil {
+				t.Fatal(err)
+			}
+			if ms := fuseMountsUnder(t, dir); len(ms) != 0 {
+				t.Fatalf("FUSE mounts left under %s: %q", dir, ms)
+			}
+			b, err := nbdattach.OpenFile(img, false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer b.Close()
+			d, err := a.Attach(ctx, "killvol", b, nbdattach.AttachOptions{})
+			if err != nil {
+				t.Fatalf("attach again: %v", err)
+			}
+			defer func() {
+				if err := d.Detach(ctx); err != nil {
+					t.Error(err)
+				}
+			}()
+			if mounted {
+				return // the filesystem's state is ext4's business
+			}
+			f, err := os.OpenFile(d.Path(), os.O_RDONLY|unix.O_DIRECT, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			got := alignedBlock(t, flushedLen)
+			if _, err := f.ReadAt(got, flushedOff); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, crashPattern(flushedLen, 0x11)) {
+				t.Fatal("the flushed write does not read back after attaching again")
+			}
+		})
 	}
 }

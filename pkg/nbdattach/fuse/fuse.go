@@ -32,6 +32,12 @@ type Options struct {
 	// CacheNone, CacheWritethrough or CacheWriteback (CacheMode). Default:
 	// DefaultCacheMode.
 	Cache CacheMode
+	// Uring serves the FUSE connection over io_uring (Linux 6.14+ built
+	// with CONFIG_FUSE_IO_URING, module parameter fuse.enable_uring=Y)
+	// where the kernel offers it, and over /dev/fuse otherwise, saying why
+	// in the log. It takes one OS thread and one request buffer of 1 MiB
+	// per ring entry: max(1, 8/CPUs) entries per possible CPU.
+	Uring bool
 }
 
 // CacheMode is how the kernel caches a device's FUSE file, and so whether

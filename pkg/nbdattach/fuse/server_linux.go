@@ -11,12 +11,14 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	gofuse "github.com/hanwen/go-fuse/v2/fuse"
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 )
 
@@ -59,7 +61,10 @@ type fuseServer struct {
 	mnt    string
 	root   *fuseRoot
 	server *gofuse.Server
-	refs   int // devices attached or attaching; guarded by Attacher.srvMu
+	// uring serves the connection's requests over io_uring, when the
+	// kernel agreed to it (nil: all of them come over /dev/fuse).
+	uring *uringServer
+	refs  int // devices attached or attaching; guarded by Attacher.srvMu
 }
 
 // acquireServer returns the mounted server, mounting one if none is, and
@@ -106,7 +111,15 @@ func (a *Attacher) releaseServer(s *fuseServer) error {
 		a.srvMu.Unlock()
 	}()
 	var err error
-	if uerr := s.server.Unmount(); uerr != nil {
+	if s.uring != nil {
+		// go-fuse does not unmount a connection it was handed as
+		// /dev/fd/N; the unmount aborts the connection, which ends the
+		// ring entries too.
+		s.uring.stopping.Store(true)
+		if uerr := unix.Unmount(s.mnt, 0); uerr != nil && unix.Unmount(s.mnt, unix.MNT_DETACH) != nil {
+			err = fmt.Errorf("unmount %s: %w", s.mnt, uerr)
+		}
+	} else if uerr := s.server.Unmount(); uerr != nil {
 		err = fmt.Errorf("unmount %s: %w", s.mnt, uerr)
 		// Nothing of ours uses the mount any more; a lazy unmount frees it
 		// when the last reference (a stray opener) goes.
@@ -115,6 +128,9 @@ func (a *Attacher) releaseServer(s *fuseServer) error {
 		}
 	}
 	s.server.Wait()
+	if s.uring != nil {
+		s.uring.wait()
+	}
 	if rerr := os.Remove(s.mnt); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
 		err = errors.Join(err, rerr)
 	}
@@ -199,12 +215,165 @@ func (a *Attacher) mountServer() (*fuseServer, error) {
 		NegativeTimeout: &zero,
 		Logger:          logger,
 	}
-	server, err := fs.Mount(mnt, root, fsopts)
+	rawFS := fs.NewNodeFS(root, fsopts)
+	if a.uring {
+		server, us, err := a.mountUring(mnt, rawFS, fsopts.MountOptions)
+		if err == nil {
+			return &fuseServer{mnt: mnt, root: root, server: server, uring: us}, nil
+		}
+		if a.log != nil {
+			a.log.Warn("fuse attach: FUSE over io_uring not used, serving over /dev/fuse", "err", err)
+		}
+	}
+	server, err := gofuse.NewServer(rawFS, mnt, &fsopts.MountOptions)
+	if err == nil {
+		go server.Serve()
+		err = server.WaitMount()
+	}
 	if err != nil {
 		_ = os.Remove(mnt)
 		return nil, fmt.Errorf("nbdattach: fuse: mount %s: %w", mnt, err)
 	}
 	return &fuseServer{mnt: mnt, root: root, server: server}, nil
+}
+
+// uringReadyTimeout bounds how long mountUring waits for the kernel to
+// answer a request once the ring entries are registered (a variable for
+// tests).
+var uringReadyTimeout = 10 * time.Second
+
+// mountUring mounts the filesystem at mnt itself and serves it with go-fuse
+// over /dev/fuse (INIT, FORGET, INTERRUPT, notifications) and with ring
+// entries for everything else (uring_linux.go). It returns an error, and
+// leaves nothing mounted, when io_uring is unusable, or when the kernel
+// did not switch the connection to it: the caller then mounts the usual way.
+func (a *Attacher) mountUring(mnt string, rawFS gofuse.RawFileSystem, mo gofuse.MountOptions) (_ *gofuse.Server, _ *uringServer, err error) {
+	if err := uringUsable(); err != nil {
+		return nil, nil, err
+	}
+	dev, err := unix.Open("/dev/fuse", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("open /dev/fuse: %w", err)
+	}
+	// The kernel's payload buffer size for the connection: the largest
+	// request (max_write, max_pages) and at least FUSE_MIN_READ_BUFFER.
+	us, err := newUringServer(rawFS, dev, max(fuseMaxWrite, 8192), a.log)
+	if err != nil {
+		_ = unix.Close(dev)
+		return nil, nil, err
+	}
+	mounted, devOwned := false, true
+	var server *gofuse.Server
+	defer func() {
+		if err == nil {
+			return
+		}
+		us.stopping.Store(true)
+		if mounted {
+			// Once INIT asked for io_uring, the kernel holds every
+			// request until the ring is ready: abort the connection, so
+			// that a request waiting (our stat) fails and the mount can
+			// go.
+			_ = abortMount(mnt)
+			_ = unix.Unmount(mnt, unix.MNT_DETACH)
+		}
+		if server != nil {
+			server.Wait()
+		}
+		if devOwned {
+			_ = unix.Close(dev)
+		}
+		us.wait()
+	}()
+	// The mount(2) go-fuse's DirectMount makes, with the descriptor kept:
+	// the ring entries send their commands on it.
+	data := fmt.Sprintf("fd=%d,rootmode=%o,user_id=%d,group_id=%d,max_read=%d,%s",
+		dev, syscall.S_IFDIR, os.Geteuid(), os.Getegid(), mo.MaxWrite, strings.Join(mo.Options, ","))
+	if mo.AllowOther {
+		data += ",allow_other"
+	}
+	if err := unix.Mount(mo.FsName, mnt, fuseFSType, mo.DirectMountFlags, data); err != nil {
+		return nil, nil, fmt.Errorf("mount %s: %w", mnt, err)
+	}
+	mounted = true
+	us.mnt = mnt
+	// Not a stat of mnt: the kernel holds every request until INIT is
+	// answered (below).
+	if ms, err := mountinfo.GetMounts(mountinfo.SingleEntryFilter(mnt)); err == nil && len(ms) == 1 {
+		us.conn = strconv.Itoa(ms[0].Minor)
+	}
+	mo.ExtraCapabilities |= gofuse.CAP_OVER_IO_URING
+	// go-fuse tries a direct mount before it looks for /dev/fd/N: it
+	// would mount a second filesystem on /dev/fuse itself.
+	mo.DirectMount, mo.DirectMountStrict = false, false
+	// NewServer answers INIT before it returns, and owns the descriptor
+	// from here on (it closes it when serving ends, or on its errors).
+	devOwned = false
+	if server, err = gofuse.NewServer(rawFS, fmt.Sprintf("/dev/fd/%d", dev), &mo); err != nil {
+		return nil, nil, fmt.Errorf("serve %s: %w", mnt, err)
+	}
+	go server.Serve()
+	if server.KernelSettings().Flags64()&gofuse.CAP_OVER_IO_URING == 0 {
+		return nil, nil, errors.New("the kernel did not offer io_uring at INIT")
+	}
+	us.start()
+	// Once INIT agreed to io_uring, the kernel holds every request until
+	// each queue has an entry: a stat of the root tells when that is, and
+	// which path answered it.
+	done := make(chan error, 1)
+	go func() {
+		var st unix.Stat_t
+		done <- unix.Stat(mnt, &st)
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			return nil, nil, fmt.Errorf("stat %s: %w", mnt, err)
+		}
+	case err := <-us.regErr:
+		return nil, nil, err
+	case <-time.After(uringReadyTimeout):
+		return nil, nil, fmt.Errorf("no answer from %s within %v of registering the ring entries", mnt, uringReadyTimeout)
+	}
+	if us.served.Load() == 0 {
+		return nil, nil, errors.New("the kernel did not hand the ring entries a request (dmesg may say why)")
+	}
+	if err := runPollProbe(mnt); err != nil {
+		return nil, nil, err
+	}
+	if a.log != nil {
+		a.log.Info("fuse attach: serving over io_uring", "entries", len(us.ents))
+	}
+	if a.cache == CacheWriteback {
+		if err := liftDirtyLimit(us.conn); err != nil {
+			if a.log != nil {
+				a.log.Warn("fuse attach: the FUSE device's dirty limit stays", "err", err)
+			}
+		} else if a.log != nil {
+			a.log.Info("fuse attach: dirty limit of the FUSE device lifted", "bdi", "0:"+us.conn)
+		}
+	}
+	return server, us, nil
+}
+
+// liftDirtyLimit lets the writeback cache of the mount with fusectl name
+// conn hold dirty pages as a disk's does. The kernel marks every FUSE
+// device strict_limit with max_ratio 1 (% of the dirty threshold), so that
+// an unprivileged daemon cannot pin much of memory in dirty pages it never
+// writes back; that limit (tens of MB) starts writeback within a few 1 MiB
+// writes, and large writes then run at the plugin's pace (0.24-0.36x of the
+// loop floor, docs/fuse-attach.md). This daemon is the node plugin, trusted,
+// which writes back as the kernel asks. Done only with the io_uring
+// transport, where it was measured to pay (over /dev/fuse it did not).
+func liftDirtyLimit(conn string) error {
+	if conn == "" {
+		return errors.New("the mount's device is not known")
+	}
+	dir := "/sys/class/bdi/0:" + conn
+	if err := os.WriteFile(dir+"/max_ratio", []byte("100"), 0); err != nil {
+		return err
+	}
+	return os.WriteFile(dir+"/strict_limit", []byte("0"), 0)
 }
 
 // cleanDeadMounts detaches the dead mounts of this backend in Dir, logging
