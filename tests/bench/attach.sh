@@ -29,9 +29,10 @@
 #
 # URING=1 adds columns fuseur and fusewbur: a raw file attached with
 # --fuse-uring (FUSE over io_uring; needs fuse.enable_uring=Y, which the
-# script does not set), without a cache and with --fuse-cache=writeback.
-# LIFT=1 also lifts the FUSE device's dirty limit for fusewbur (strict_limit
-# 0, max_ratio 100 in /sys/class/bdi/), which the plugin does not do.
+# script does not set), without a cache and with --fuse-cache=writeback
+# (with which the plugin lifts the FUSE device's dirty limit), and, when the
+# qcow2 column is on, qcow2wbur: the same writeback setup on the qcow2 image.
+# ONLY=1 keeps the floor and these columns.
 #
 # QOS=1 measures what per-volume I/O limits (docs/qos.md) cost instead: the
 # same qcow2 image attached by three builds of this tree: "nothrottle" (built
@@ -177,12 +178,26 @@ if [ "${URING:-0}" = 1 ]; then
     devs+=("fuse${m%%:*}")
     compared+=("fuse${m%%:*}")
   done
-  backing=$(cat "/sys/block/${dev[fusewbur]#/dev/}/loop/backing_file")
-  cat "$backing" >/dev/null
-  if [ "${LIFT:-0}" = 1 ]; then
+  ur=(fuseur fusewbur)
+  if [ -n "${dev[qcow2]:-}" ]; then
+    make_image "$work/qcow2wbur.qcow2" qcow2 cluster_size=64k
+    attach_fuse qcow2wbur "$work/qcow2wbur.qcow2" qcow2 "$BIN" --fuse-cache=writeback --fuse-uring -v
+    grep -q "serving over io_uring" "$work/attach.qcow2wbur.log" ||
+      { cat "$work/attach.qcow2wbur.log" >&2; echo "attach.sh: qcow2wbur is not served over io_uring" >&2; exit 1; }
+    devs+=(qcow2wbur)
+    compared+=(qcow2wbur)
+    ur+=(qcow2wbur)
+  fi
+  for d in fusewbur qcow2wbur; do
+    [ -n "${dev[$d]:-}" ] || continue
+    backing=$(cat "/sys/block/${dev[$d]#/dev/}/loop/backing_file")
+    cat "$backing" >/dev/null
     bdi=/sys/class/bdi/$(stat -c '%Hd:%Ld' "$backing")
-    echo 0 >"$bdi/strict_limit"
-    echo 100 >"$bdi/max_ratio"
+    [ "$(cat "$bdi/strict_limit")" = 0 ] || { echo "attach.sh: $d's dirty limit was not lifted ($bdi)" >&2; exit 1; }
+  done
+  if [ "${ONLY:-0}" = 1 ]; then
+    devs=(floor "${ur[@]}")
+    compared=("${ur[@]}")
   fi
 fi
 if [ "${LIBFUSE:-0}" = 1 ]; then
@@ -196,10 +211,10 @@ if [ "${LIBFUSE:-0}" = 1 ]; then
   devs+=(libfuse)
   compared+=(libfuse)
 fi
-devs+=(loopdio)
+[ "${ONLY:-0}" = 1 ] || devs+=(loopdio)
 
 echo "size=$SIZE, best of $REPEAT runs of ${RUNTIME}s per device and row, fio O_DIRECT on the block device"
-echo "floor: loop device on a raw file ($floor); fuse: qcow2-csi attach --backend=fuse on a raw file (${dev[fuse]})${dev[qcow2]:+; qcow2: the same on a qcow2 image (${dev[qcow2]})}${dev[fusept]:+; fusept: the same on a raw file with --fuse-passthrough (${dev[fusept]})}${dev[fusewt]:+; fusewt, fusewb: the same on a raw file with --fuse-cache=writethrough, =writeback (${dev[fusewt]}, ${dev[fusewb]})}${dev[qcow2wt]:+; qcow2wt, qcow2wb: the same on a qcow2 image (${dev[qcow2wt]}, ${dev[qcow2wb]})}${dev[fuseur]:+; fuseur, fusewbur: the same on a raw file with --fuse-uring, without a cache and with --fuse-cache=writeback$([ "${LIFT:-0}" = 1 ] && echo ", its dirty limit lifted") (${dev[fuseur]}, ${dev[fusewbur]})}${dev[libfuse]:+; libfuse: bindfs (C libfuse $(bindfs --fuse-version 2>/dev/null | sed -n 's/.*linked version //p'), -o direct_io) on a raw file, loop device with direct I/O (${dev[libfuse]})}; loopdio: loop device with direct I/O on a raw file ($loopdio)"
+echo "floor: loop device on a raw file ($floor); fuse: qcow2-csi attach --backend=fuse on a raw file (${dev[fuse]})${dev[qcow2]:+; qcow2: the same on a qcow2 image (${dev[qcow2]})}${dev[fusept]:+; fusept: the same on a raw file with --fuse-passthrough (${dev[fusept]})}${dev[fusewt]:+; fusewt, fusewb: the same on a raw file with --fuse-cache=writethrough, =writeback (${dev[fusewt]}, ${dev[fusewb]})}${dev[qcow2wt]:+; qcow2wt, qcow2wb: the same on a qcow2 image (${dev[qcow2wt]}, ${dev[qcow2wb]})}${dev[fuseur]:+; fuseur, fusewbur: the same on a raw file with --fuse-uring, without a cache and with --fuse-cache=writeback (${dev[fuseur]}, ${dev[fusewbur]})}${dev[qcow2wbur]:+; qcow2wbur: the writeback one on a qcow2 image (${dev[qcow2wbur]})}${dev[libfuse]:+; libfuse: bindfs (C libfuse $(bindfs --fuse-version 2>/dev/null | sed -n 's/.*linked version //p'), -o direct_io) on a raw file, loop device with direct I/O (${dev[libfuse]})}; loopdio: loop device with direct I/O on a raw file ($loopdio)"
 fi
 hdr=$(printf '%-7s %-10s %-3s %-3s' engine rw bs qd)
 for d in "${devs[@]}"; do hdr+=$(printf ' | %9s %8s' "$d IOPS" "MiB/s"); done
