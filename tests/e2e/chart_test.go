@@ -108,7 +108,7 @@ func TestChartRender(t *testing.T) {
 				`resources: ["volumegroupsnapshotcontents/status"]`,
 				// the provisioner's finalizer on a snapshot it restores from
 				"resources: [\"volumesnapshots\"]\n    verbs: [\"get\", \"list\", \"watch\", \"update\"]"},
-			hasNot: []string{"--node-deployment", "groupsnapshot.storage.kubernetes.io/is-default-class", "--mode=all", "--controller-expand", "--register-with-kubelet", "--fuse-dir", "--overcommit-ratio", "--pool-warning-percent",
+			hasNot: []string{"--node-deployment", "groupsnapshot.storage.kubernetes.io/is-default-class", "--mode=all", "--controller-expand", "--register-with-kubelet", "--fuse-dir", "--fuse-uring", "--overcommit-ratio", "--pool-warning-percent",
 				"kind: ServiceMonitor", "kind: PodMonitor", "kind: Certificate", "--enable-get-snapshot", "--group-hold-timeout", "--enable-capacity", "grpc_health_probe"},
 			controller: []string{"livenessProbe:\n            httpGet:\n              path: /healthz\n              port: healthz\n            failureThreshold: 5",
 				"readinessProbe:\n            httpGet:\n              path: /readyz\n              port: healthz\n            failureThreshold: 3"},
@@ -146,8 +146,8 @@ func TestChartRender(t *testing.T) {
 		},
 		{
 			name: "builtin registrar: no registrar or liveness sidecar, driver registers itself",
-			set:  []string{"node.registrar=builtin", "attachBackend=fuse", "kubeletDir=/srv/kubelet"},
-			has: []string{"--register-with-kubelet", "--fuse-dir=/run/qcow2-csi/fuse", "--registration-dir=/registration", "--kubelet-registration-path=/srv/kubelet/plugins/qcow2.csi.qcow2-csi.io/csi.sock", "--kubelet-dir=/srv/kubelet",
+			set:  []string{"node.registrar=builtin", "attachBackend=fuse", "kubeletDir=/srv/kubelet", "fuseUring=true"},
+			has: []string{"--register-with-kubelet", "--fuse-dir=/run/qcow2-csi/fuse", "--fuse-uring", "--registration-dir=/registration", "--kubelet-registration-path=/srv/kubelet/plugins/qcow2.csi.qcow2-csi.io/csi.sock", "--kubelet-dir=/srv/kubelet",
 				"--health-address=:9808", "--attach-backend=fuse", "path: /srv/kubelet/plugins_registry"},
 			hasNot: []string{"name: node-driver-registrar", "name: liveness-probe"},
 			node:   []string{"path: /readyz"},
