@@ -366,13 +366,21 @@ func (d *fuseDevice) Detach(ctx context.Context) error {
 	if dl, ok := ctx.Deadline(); ok {
 		deadline = dl
 	}
-	var errs []error
-	if err := d.loop.release(deadline); err != nil {
+	flushErr, err := d.loop.release(deadline)
+	if err != nil {
 		// The backing file is still held: unmounting now would fail, and
 		// leaving the mount keeps the device working for whoever holds it.
-		return fmt.Errorf("nbdattach: fuse: detach %s: %w", d.id, err)
+		return fmt.Errorf("nbdattach: fuse: detach %s: %w", d.id, errors.Join(flushErr, err))
 	}
+	// A flush that failed (the connection was aborted) is the device's
+	// last word, said below; it is unbound all the same.
+	errs := []error{flushErr}
 	d.srv.root.remove(d.id)
+	// Requests still being answered (the kernel has released the file)
+	// end before the caller may close the backend.
+	d.node.inflight.Lock()
+	//lint:ignore SA2001 a barrier: it waits for the requests in flight
+	d.node.inflight.Unlock()
 	if err := d.a.releaseServer(d.srv); err != nil {
 		errs = append(errs, err)
 	}

@@ -7,3 +7,14 @@ func ServesOverUring(a *Attacher) bool {
 	defer a.srvMu.Unlock()
 	return a.srv != nil && a.srv.uring != nil
 }
+
+// UringServed is how many requests the attacher's mounted server answered
+// over io_uring (0 without one).
+func UringServed(a *Attacher) int64 {
+	a.srvMu.Lock()
+	defer a.srvMu.Unlock()
+	if a.srv == nil || a.srv.uring == nil {
+		return 0
+	}
+	return a.srv.uring.served.Load()
+}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"sync"
 	"sync/atomic"
 	"syscall"
 
@@ -49,6 +50,13 @@ type diskNode struct {
 	// reads counts the reads that reached Read: attach probes with one
 	// whether passthrough took effect.
 	reads atomic.Int64
+	// inflight is held (shared) by every request that uses b, and taken
+	// once by Detach after the loop device let go of the file: no request
+	// is still on b when Detach returns and the caller closes it. The
+	// kernel orders them already (the file is released only after its
+	// requests are answered); this says so in Go, where the race detector
+	// can see it through io_uring's replies, which are system calls.
+	inflight sync.RWMutex
 }
 
 // passthroughHandle is the file handle of an open with passthrough: go-fuse
@@ -148,6 +156,8 @@ func (n *diskNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint3
 }
 
 func (n *diskNode) Read(ctx context.Context, f fs.FileHandle, dest []byte, off int64) (gofuse.ReadResult, syscall.Errno) {
+	n.inflight.RLock()
+	defer n.inflight.RUnlock()
 	n.reads.Add(1)
 	size := n.size.Load()
 	if off < 0 {
@@ -166,6 +176,8 @@ func (n *diskNode) Read(ctx context.Context, f fs.FileHandle, dest []byte, off i
 }
 
 func (n *diskNode) Write(ctx context.Context, f fs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
+	n.inflight.RLock()
+	defer n.inflight.RUnlock()
 	if n.readOnly {
 		return 0, syscall.EROFS
 	}
@@ -181,6 +193,8 @@ func (n *diskNode) Write(ctx context.Context, f fs.FileHandle, data []byte, off 
 }
 
 func (n *diskNode) Fsync(ctx context.Context, f fs.FileHandle, flags uint32) syscall.Errno {
+	n.inflight.RLock()
+	defer n.inflight.RUnlock()
 	if n.readOnly {
 		return 0
 	}
@@ -203,6 +217,8 @@ func (n *diskNode) Getxattr(ctx context.Context, attr string, dest []byte) (uint
 }
 
 func (n *diskNode) Allocate(ctx context.Context, f fs.FileHandle, off, length uint64, mode uint32) syscall.Errno {
+	n.inflight.RLock()
+	defer n.inflight.RUnlock()
 	if n.readOnly {
 		return syscall.EROFS
 	}

@@ -169,12 +169,13 @@ func (ld *loopDevice) busy() bool {
 // release flushes the device, asks the kernel to unbind it and closes this
 // process's descriptor; with autoclear, the unbind happens at the last close
 // (a udev probe may hold the device for a moment longer). It then waits, up to
-// deadline, for the kernel to let go of the backing file.
-func (ld *loopDevice) release(deadline time.Time) error {
+// deadline, for the kernel to let go of the backing file. A failed flush
+// (the FUSE connection is gone) is returned apart: the unbind goes on.
+func (ld *loopDevice) release(deadline time.Time) (flushErr, err error) {
 	fd := int(ld.f.Fd())
 	var errs []error
 	if err := unix.Fsync(fd); err != nil {
-		errs = append(errs, fmt.Errorf("fsync %s: %w", ld.path, err))
+		flushErr = fmt.Errorf("fsync %s: %w", ld.path, err)
 	}
 	if err := unix.IoctlSetInt(fd, unix.LOOP_CLR_FD, 0); err != nil && !errors.Is(err, unix.ENXIO) {
 		errs = append(errs, fmt.Errorf("LOOP_CLR_FD %s: %w", ld.path, err))
@@ -183,7 +184,7 @@ func (ld *loopDevice) release(deadline time.Time) error {
 	if err := waitLoopUnbound(ld.num, deadline); err != nil {
 		errs = append(errs, err)
 	}
-	return errors.Join(errs...)
+	return flushErr, errors.Join(errs...)
 }
 
 func waitLoopUnbound(num int, deadline time.Time) error {

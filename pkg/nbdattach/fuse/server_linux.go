@@ -72,6 +72,16 @@ type fuseServer struct {
 func (a *Attacher) acquireServer(ctx context.Context) (*fuseServer, error) {
 	a.srvMu.Lock()
 	defer a.srvMu.Unlock()
+	if a.srv != nil && a.srv.uring != nil && a.srv.uring.failed.Load() {
+		// The io_uring transport aborted this connection (uringServer.fail):
+		// it serves nothing any more. Its devices release it as they are
+		// detached; new ones get a new server.
+		if a.closing == nil {
+			a.closing = map[string]bool{}
+		}
+		a.closing[a.srv.mnt] = true
+		a.srv = nil
+	}
 	if a.srv != nil {
 		a.srv.refs++
 		return a.srv, nil
@@ -95,7 +105,9 @@ func (a *Attacher) releaseServer(s *fuseServer) error {
 	s.refs--
 	last := s.refs == 0
 	if last {
-		a.srv = nil // the next attach mounts a new one, under another name
+		if a.srv == s {
+			a.srv = nil // the next attach mounts a new one, under another name
+		}
 		if a.closing == nil {
 			a.closing = map[string]bool{}
 		}
@@ -115,8 +127,10 @@ func (a *Attacher) releaseServer(s *fuseServer) error {
 		// go-fuse does not unmount a connection it was handed as
 		// /dev/fd/N; the unmount aborts the connection, which ends the
 		// ring entries too.
+		// A connection the transport aborted may be unmounted already
+		// (EINVAL).
 		s.uring.stopping.Store(true)
-		if uerr := unix.Unmount(s.mnt, 0); uerr != nil && unix.Unmount(s.mnt, unix.MNT_DETACH) != nil {
+		if uerr := unix.Unmount(s.mnt, 0); uerr != nil && !errors.Is(uerr, unix.EINVAL) && unix.Unmount(s.mnt, unix.MNT_DETACH) != nil {
 			err = fmt.Errorf("unmount %s: %w", s.mnt, uerr)
 		}
 	} else if uerr := s.server.Unmount(); uerr != nil {
@@ -221,6 +235,9 @@ func (a *Attacher) mountServer() (*fuseServer, error) {
 		if err == nil {
 			return &fuseServer{mnt: mnt, root: root, server: server, uring: us}, nil
 		}
+		if errors.Is(err, errUringStuck) {
+			return nil, fmt.Errorf("nbdattach: fuse: %w", err)
+		}
 		if a.log != nil {
 			a.log.Warn("fuse attach: FUSE over io_uring not used, serving over /dev/fuse", "err", err)
 		}
@@ -255,6 +272,15 @@ func (a *Attacher) mountUring(mnt string, rawFS gofuse.RawFileSystem, mo gofuse.
 	if err != nil {
 		return nil, nil, fmt.Errorf("open /dev/fuse: %w", err)
 	}
+	if dev < 3 {
+		// go-fuse takes /dev/fd/N for a descriptor only from 3 up.
+		nd, err := unix.FcntlInt(uintptr(dev), unix.F_DUPFD_CLOEXEC, 3)
+		_ = unix.Close(dev)
+		if err != nil {
+			return nil, nil, fmt.Errorf("dup /dev/fuse: %w", err)
+		}
+		dev = nd
+	}
 	// The kernel's payload buffer size for the connection: the largest
 	// request (max_write, max_pages) and at least FUSE_MIN_READ_BUFFER.
 	us, err := newUringServer(rawFS, dev, max(fuseMaxWrite, 8192), a.log)
@@ -273,8 +299,12 @@ func (a *Attacher) mountUring(mnt string, rawFS gofuse.RawFileSystem, mo gofuse.
 			// Once INIT asked for io_uring, the kernel holds every
 			// request until the ring is ready: abort the connection, so
 			// that a request waiting (our stat) fails and the mount can
-			// go.
-			_ = abortMount(mnt)
+			// go. Should nothing abort it, waiting for its server would
+			// hold srvMu for good: leave it, and say so.
+			if aerr := abortConn(mnt, us.conn); aerr != nil {
+				err = fmt.Errorf("%w: %w (%v); %s is left mounted", errUringStuck, err, aerr, mnt)
+				return
+			}
 			_ = unix.Unmount(mnt, unix.MNT_DETACH)
 		}
 		if server != nil {
@@ -370,10 +400,12 @@ func liftDirtyLimit(conn string) error {
 		return errors.New("the mount's device is not known")
 	}
 	dir := "/sys/class/bdi/0:" + conn
-	if err := os.WriteFile(dir+"/max_ratio", []byte("100"), 0); err != nil {
-		return err
+	for _, w := range []struct{ file, value string }{{"max_ratio", "100"}, {"strict_limit", "0"}} {
+		if err := os.WriteFile(dir+"/"+w.file, []byte(w.value), 0); err != nil {
+			return fmt.Errorf("%s/%s = %s: %w", dir, w.file, w.value, err)
+		}
 	}
-	return os.WriteFile(dir+"/strict_limit", []byte("0"), 0)
+	return nil
 }
 
 // cleanDeadMounts detaches the dead mounts of this backend in Dir, logging

@@ -58,9 +58,15 @@ func TestFuseAttachCasesUring(t *testing.T) {
 			if !fuse.ServesOverUring(a) {
 				t.Fatal("the server is not over io_uring")
 			}
+			before := fuse.UringServed(a)
 			attachcases.Run(t, attachcases.Target{Attacher: a, Formats: []attachcases.Format{attachcases.Raw, attachcases.Qcow2}})
 			if !fuse.ServesOverUring(a) {
 				t.Fatal("the server is no longer over io_uring")
+			}
+			// The table's I/O went through the ring (thousands of
+			// requests), not only the holder's attach.
+			if after := fuse.UringServed(a); after-before < 1000 {
+				t.Fatalf("%d requests served over io_uring during the table", after-before)
 			}
 		})
 	}

@@ -137,6 +137,8 @@ type uringServer struct {
 	stopping atomic.Bool
 	// panics counts the requests whose handling panicked (answered EIO).
 	panics atomic.Int64
+	// failed: fail aborted the connection; the server serves nothing.
+	failed atomic.Bool
 	// conn is the connection's name in the fusectl filesystem and in
 	// /sys/class/bdi (the minor number of the mount's device), and mnt
 	// where it is mounted; both set once mounted.
@@ -146,12 +148,16 @@ type uringServer struct {
 }
 
 // Test hooks: the command an entry registers with (an unknown one is
-// refused before the kernel looks at the ring), and a queue left without
-// entries (the kernel then never switches).
+// refused before the kernel looks at the ring), a queue left without
+// entries (the kernel then never switches), and a queue id the entries
+// commit with (one out of range fails the commit).
 var (
 	uringRegisterCmd uint32 = uringCmdRegister
 	uringSkipQueue          = -1
+	uringCommitQID   atomic.Int32
 )
+
+func init() { uringCommitQID.Store(-1) }
 
 // uringEntry is one ring entry: its ring, its buffers and the thread that
 // serves it.
@@ -254,7 +260,11 @@ func (e *uringEntry) queue(op uint32, commitID uint64) error {
 	*(*uint32)(unsafe.Pointer(&sqe[24])) = 2 // iovecs
 	cmd := sqe[iouring.CmdOffset:]
 	*(*uint64)(unsafe.Pointer(&cmd[8])) = commitID
-	*(*uint16)(unsafe.Pointer(&cmd[16])) = e.qid
+	qid := e.qid
+	if q := uringCommitQID.Load(); q >= 0 && op == uringCmdCommitAndFetch {
+		qid = uint16(q)
+	}
+	*(*uint16)(unsafe.Pointer(&cmd[16])) = qid
 	return nil
 }
 
@@ -323,27 +333,47 @@ func (e *uringEntry) serve() {
 // hang. Aborted, it fails at once (as when the plugin dies), and the
 // devices can be detached and attached again.
 func (s *uringServer) fail(what string, err error) {
+	s.failed.Store(true)
 	if s.log != nil {
 		s.log.Error("fuse attach: io_uring entry failed; aborting the FUSE connection", "at", what, "err", err, "mount", s.mnt)
 	}
-	if aerr := abortMount(s.mnt); aerr != nil && s.log != nil {
-		s.log.Error("fuse attach: aborting the FUSE connection", "err", aerr)
+	if aerr := abortConn(s.mnt, s.conn); aerr != nil && s.log != nil {
+		s.log.Error("fuse attach: the FUSE connection could not be aborted; its devices hang until the plugin exits", "err", aerr)
 	}
 }
 
-// abortMount aborts the FUSE connection mounted at mnt: a forced unmount
-// (MNT_FORCE) makes FUSE fail every request, waiting or to come, with
-// ENOTCONN, whatever holds the mount; the unmount itself may then fail
-// (EBUSY while a loop device holds a file), which is not this function's
-// concern. No fusectl needed, which a plugin's container may not have.
-func abortMount(mnt string) error {
-	if mnt == "" {
-		return errors.New("the mount point is not known")
+// errUringStuck: a connection that asked for io_uring could neither be
+// served nor aborted.
+var errUringStuck = errors.New("fuse over io_uring: connection stuck")
+
+// abortConn aborts the FUSE connection mounted at mnt, whose fusectl name
+// is conn: every request, waiting or to come, then fails with ENOTCONN,
+// whatever holds the mount. First by a forced unmount (MNT_FORCE: FUSE
+// aborts before the unmount checks whether the mount is busy, so EBUSY
+// after it is fine), which needs no fusectl, which a plugin's container
+// may lack; then, where that is refused (EPERM outside the host's user
+// namespace on older kernels) or the path no longer names the mount (a
+// lazy unmount, a mount on top), by fusectl's abort file.
+func abortConn(mnt, conn string) error {
+	var errs []error
+	if mnt != "" {
+		err := unix.Unmount(mnt, unix.MNT_FORCE)
+		if err == nil || errors.Is(err, unix.EBUSY) {
+			return nil
+		}
+		errs = append(errs, fmt.Errorf("forced unmount of %s: %w", mnt, err))
 	}
-	if err := unix.Unmount(mnt, unix.MNT_FORCE); err != nil && !errors.Is(err, unix.EBUSY) {
-		return fmt.Errorf("forced unmount of %s: %w", mnt, err)
+	if conn != "" {
+		err := os.WriteFile("/sys/fs/fuse/connections/"+conn+"/abort", []byte("1"), 0)
+		if err == nil {
+			return nil
+		}
+		errs = append(errs, err)
 	}
-	return nil
+	if len(errs) == 0 {
+		return errors.New("neither the mount point nor the connection is known")
+	}
+	return errors.Join(errs...)
 }
 
 // handle serves the request in the entry's buffers, writes the reply there,

@@ -169,20 +169,23 @@ func (r *Ring) Next() ([]byte, error) {
 
 // enter submits what is queued and, when wait > 0, waits for that many
 // completions; an interrupted wait returns with none. Errors the kernel
-// means as "try again" (EINTR, EAGAIN, EBUSY: completions must be reaped
-// first, or memory is short) are retried after a pause; the tail is
-// published again, which is idempotent.
+// means as "try again" (EINTR; EAGAIN, EBUSY, ENOMEM: completions must be
+// reaped first, or memory is short) are retried, the latter after pauses,
+// for up to maxPause; the tail is published again, which is idempotent.
 func (r *Ring) enter(wait uint32) (bool, error) {
 	var flags uintptr
 	if wait > 0 {
 		flags = enterGetEvents
 	}
-	pause := 100 * time.Microsecond
+	pause, paused := 100*time.Microsecond, time.Duration(0)
 	for {
 		atomic.StoreUint32(r.sqTail, r.tail)
 		n, _, errno := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), uintptr(r.pending), uintptr(wait), flags, 0, 0)
 		switch errno {
 		case 0:
+			if n == 0 && r.pending > 0 {
+				return false, fmt.Errorf("io_uring_enter: the kernel took none of %d entries", r.pending)
+			}
 			r.pending -= min(r.pending, uint32(n))
 			if r.pending == 0 {
 				return true, nil
@@ -192,13 +195,20 @@ func (r *Ring) enter(wait uint32) (bool, error) {
 				return false, nil
 			}
 		case syscall.EAGAIN, syscall.EBUSY, syscall.ENOMEM:
+			if paused >= maxPause {
+				return false, fmt.Errorf("io_uring_enter: still %w after %v", errno, paused)
+			}
 			time.Sleep(pause)
+			paused += pause
 			pause = min(2*pause, 100*time.Millisecond)
 		default:
 			return false, fmt.Errorf("io_uring_enter: %w", errno)
 		}
 	}
 }
+
+// maxPause bounds how long enter retries errors meant as "try again".
+const maxPause = 5 * time.Second
 
 // SubmitAndWait submits what is queued, then waits for a completion and
 // returns it. A wait interrupted by a signal (after the submission, the
