@@ -60,6 +60,14 @@ func (d *Driver) attacherNamed(name string) (nbdattach.Attacher, error) {
 // node, which is all a device ID needs.
 type localIDAttacher struct{ nbdattach.Attacher }
 
+// CachesIO passes on what the wrapped backend says (ioCacher).
+func (a localIDAttacher) CachesIO() string {
+	if c, ok := a.Attacher.(ioCacher); ok {
+		return c.CachesIO()
+	}
+	return ""
+}
+
 func (a localIDAttacher) Attach(ctx context.Context, id string, b nbdattach.Backend, o nbdattach.AttachOptions) (nbdattach.Device, error) {
 	local, _ := splitOwner(id)
 	return a.Attacher.Attach(ctx, local, b, o)

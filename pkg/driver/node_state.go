@@ -45,9 +45,19 @@ type stagedVolume struct {
 	device nbdattach.Device
 	gate   *gate // between device and image (Shutdown)
 	// throttle is in front of the gate: the volume's I/O limits (qos.go).
-	// nil where no request passes the backend, or built with nothrottle.
+	// nil where no request passes the backend, or built with nothrottle,
+	// or where the attach backend serves I/O ahead of it (noThrottle says
+	// why).
 	throttle   *throttle.Throttle
+	noThrottle string
 	lostReason string
+}
+
+// ioCacher is an attach backend that may serve a device's I/O from a
+// cache in the kernel, ahead of the backend the plugin throttles: it says
+// so (the fuse backend with --fuse-cache), or "" when it does not.
+type ioCacher interface {
+	CachesIO() string
 }
 
 // gated returns img's backend behind a new gate and throttle of v, for
@@ -68,6 +78,12 @@ func (v *stagedVolume) gated(a nbdattach.Attacher, img Image, limits throttle.Li
 	// (fuse); the others (nbd) survive it and their kernel requeues.
 	_, dies := a.(staleCleaner)
 	be, v.gate = newGate(be, !dies)
+	if c, ok := a.(ioCacher); ok && c.CachesIO() != "" {
+		// Limits there would hold what reaches the plugin, not what the
+		// pod does: refused (throttleable), not pretended.
+		v.throttle, v.noThrottle = nil, c.CachesIO()
+		return be, throttleable(v, limits)
+	}
 	be, v.throttle = throttle.Wrap(be)
 	if err := throttleable(v, limits); err != nil {
 		return be, err

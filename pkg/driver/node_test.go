@@ -148,7 +148,7 @@ func (e *nodeEnv) start() {
 
 const (
 	envServe   = "QCOW2_CSI_TEST_SERVE"   // pool directory; socket next to it
-	envBackend = "QCOW2_CSI_TEST_BACKEND" // nbd or fuse
+	envBackend = "QCOW2_CSI_TEST_BACKEND" // nbd, fuse, or fuse-writeback (--fuse-cache=writeback)
 )
 
 func (e *nodeEnv) startChild() {
@@ -186,8 +186,12 @@ func (e *nodeEnv) startChild() {
 // does (Driver.Shutdown) and exits 0 when that succeeded.
 func serveChild(pool, backend string) int {
 	var a nbdattach.Attacher = kernel.NewAttacher(kernel.Options{})
-	if backend == "fuse" {
+	switch backend {
+	case "fuse":
 		a = fuse.NewAttacher(fuse.Options{Dir: filepath.Join(filepath.Dir(pool), "fuse")})
+	case "fuse-writeback":
+		a = fuse.NewAttacher(fuse.Options{Dir: filepath.Join(filepath.Dir(pool), "fuse"), Cache: fuse.CacheWriteback})
+		backend = "fuse"
 	}
 	d, err := driver.New(driver.Options{Pool: pool, NodeID: "test-node", ControllerExpand: true, AttachBackend: backend, KubeletDir: os.TempDir()},
 		driver.Seams{Images: driver.Qcow2Images{EncryptionIterTime: 100 * time.Millisecond}, Attachers: []nbdattach.Attacher{a}})

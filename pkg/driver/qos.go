@@ -114,6 +114,9 @@ func throttleable(v *stagedVolume, l throttle.Limits) error {
 		return nil
 	}
 	why := "its device reads the image file directly (" + v.Backend + ")"
+	if v.noThrottle != "" {
+		why = v.noThrottle
+	}
 	if !throttle.Enabled {
 		why = "this node plugin was built without I/O limits (tag nothrottle)"
 	}

@@ -68,6 +68,18 @@ func NewAttacher(opts Options) *Attacher {
 	return &Attacher{dir: filepath.Clean(dir), log: opts.Logger, passthrough: opts.Passthrough, cache: cache, uring: opts.Uring, devices: map[string]*fuseDevice{}}
 }
 
+// CachesIO says, when the devices' FUSE files are cached (Options.Cache),
+// that the kernel serves their I/O ahead of the plugin: reads of cached
+// data, and with the writeback cache writes, complete without reaching the
+// Backend, so a throttle in the Backend does not hold the device to its
+// limits. "" in CacheNone.
+func (a *Attacher) CachesIO() string {
+	if !a.cache.cached() {
+		return ""
+	}
+	return "the fuse backend runs with --fuse-cache=" + string(a.cache) + ": the kernel serves the device's I/O from its page cache, ahead of the plugin's throttle"
+}
+
 // Name is "fuse".
 func (a *Attacher) Name() string { return "fuse" }
 

@@ -18,6 +18,7 @@ func NewAttacher(opts Options) *Attacher { return &Attacher{} }
 var errFuseOS = fmt.Errorf("%w: the fuse backend needs Linux (FUSE and loop devices)", nbdattach.ErrUnavailable)
 
 func (a *Attacher) Name() string     { return "fuse" }
+func (a *Attacher) CachesIO() string { return "" }
 func (a *Attacher) Available() error { return errFuseOS }
 func (a *Attacher) IOFlusher() error { return errFuseOS }
 func (a *Attacher) Attach(ctx context.Context, id string, b nbdattach.Backend, opts nbdattach.AttachOptions) (nbdattach.Device, error) {
