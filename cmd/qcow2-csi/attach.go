@@ -101,6 +101,10 @@ func parseAttachFlags(args []string) (*attachOptions, error) {
 	if o.cache, err = fuse.ParseCacheMode(*cache); err != nil {
 		return nil, fmt.Errorf("--fuse-cache: %w", err)
 	}
+	if !o.limits.Unlimited() && o.cache != fuse.CacheNone {
+		// As the node plugin refuses them (docs/qos.md).
+		return nil, fmt.Errorf("--limits cannot be enforced with --fuse-cache=%s: the kernel serves cached I/O before the throttle", o.cache)
+	}
 	if fs.NArg() != 1 {
 		return nil, errors.New("expected exactly one FILE")
 	}

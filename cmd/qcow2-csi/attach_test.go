@@ -29,6 +29,9 @@ func TestParseAttachFlags(t *testing.T) {
 		{args: []string{"--limits=writeIOPS=1,iops=2", "a"}, wantErr: `--limits: invalid throttle limit: unknown parameter "iops"`},
 		{args: []string{"--limits=writeIOPS=1,writeIOPS=2", "a"}, wantErr: `--limits: invalid throttle limit: writeIOPS given twice`},
 		{args: []string{"--limits=writeIOPSBurst=2", "a"}, wantErr: "writeIOPSBurst=2 needs writeIOPS"},
+		{args: []string{"--limits=writeIOPS=200", "--fuse-cache=writeback", "a"}, wantErr: "--limits cannot be enforced with --fuse-cache=writeback"},
+		{args: []string{"--fuse-uring", "--limits=writeIOPS=200", "a"}, want: attachOptions{backend: "fuse", fuseDir: "/run/qcow2-csi/fuse", format: "raw", cache: fuse.DefaultCacheMode, file: "a", uring: true,
+			limits: throttle.Limits{WriteIOPS: throttle.Rate{Avg: 200}}}},
 	} {
 		t.Run(strings.Join(c.args, " "), func(t *testing.T) {
 			o, err := parseAttachFlags(c.args)
