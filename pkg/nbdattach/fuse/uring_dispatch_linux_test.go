@@ -25,7 +25,10 @@ type ringTest struct {
 	unique uint64
 }
 
-func newRingTest(t *testing.T, size int64) (*ringTest, *diskNode) {
+// sparseBackend is a raw file of size bytes, none allocated, open as a
+// Backend until the test ends.
+func sparseBackend(t *testing.T, size int64) *nbdattach.FileBackend {
+	t.Helper()
 	path := filepath.Join(t.TempDir(), "disk.raw")
 	if err := os.WriteFile(path, nil, 0o600); err != nil {
 		t.Fatal(err)
@@ -38,6 +41,11 @@ func newRingTest(t *testing.T, size int64) (*ringTest, *diskNode) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { b.Close() })
+	return b
+}
+
+func newRingTest(t *testing.T, size int64) (*ringTest, *diskNode) {
+	b := sparseBackend(t, size)
 	root := &fuseRoot{}
 	raw := fs.NewNodeFS(root, &fs.Options{})
 	disk := &diskNode{b: b, id: "disk"}

@@ -55,18 +55,7 @@ func TestUringFallback(t *testing.T) {
 			})
 			dir := filepath.Join(t.TempDir(), "fuse")
 			a := NewAttacher(Options{Dir: dir, Uring: true})
-			img := filepath.Join(t.TempDir(), "disk.raw")
-			if err := os.WriteFile(img, nil, 0o600); err != nil {
-				t.Fatal(err)
-			}
-			if err := os.Truncate(img, 4<<20); err != nil {
-				t.Fatal(err)
-			}
-			b, err := nbdattach.OpenFile(img, false)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer b.Close()
+			b := sparseBackend(t, 4<<20)
 			ctx := context.Background()
 			d, err := a.Attach(ctx, "fallback", b, nbdattach.AttachOptions{})
 			if err != nil {
@@ -125,18 +114,7 @@ func TestUringEntryFailureAborts(t *testing.T) {
 	ctx := context.Background()
 	attach := func(id string) (nbdattach.Device, *nbdattach.FileBackend) {
 		t.Helper()
-		img := filepath.Join(t.TempDir(), id+".raw")
-		if err := os.WriteFile(img, nil, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Truncate(img, 4<<20); err != nil {
-			t.Fatal(err)
-		}
-		b, err := nbdattach.OpenFile(img, false)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { b.Close() })
+		b := sparseBackend(t, 4<<20)
 		d, err := a.Attach(ctx, id, b, nbdattach.AttachOptions{})
 		if err != nil {
 			t.Fatalf("attach %s: %v", id, err)
