@@ -192,14 +192,7 @@ func (b *recBackend) WriteZeroes(ctx context.Context, off, length int64, f nbdat
 // sparseRaw makes an empty raw image of size bytes in a test directory.
 func sparseRaw(t *testing.T, size int64) string {
 	t.Helper()
-	path := filepath.Join(t.TempDir(), "disk.raw")
-	if err := os.WriteFile(path, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(path, size); err != nil {
-		t.Fatal(err)
-	}
-	return path
+	return fuse.SparseRaw(t, size)
 }
 
 // mountPoint is a new directory to mount on when mounted, else "".
@@ -217,12 +210,7 @@ func mountPoint(t *testing.T, mounted bool) string {
 
 func newFileBackend(t *testing.T, size int64) *nbdattach.FileBackend {
 	t.Helper()
-	b, err := nbdattach.OpenFile(sparseRaw(t, size), false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.Close() })
-	return b
+	return fuse.SparseBackend(t, size)
 }
 
 func detachOnCleanup(t *testing.T, d nbdattach.Device) {

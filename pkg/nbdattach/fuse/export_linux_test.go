@@ -1,5 +1,12 @@
 package fuse
 
+// SparseRaw is a new raw file of the size, none of it allocated;
+// SparseBackend the same open as a Backend until the test ends.
+var (
+	SparseRaw     = sparseRaw
+	SparseBackend = sparseBackend
+)
+
 // ServesOverUring reports whether the attacher's FUSE server, while one is
 // mounted, has the kernel's requests over io_uring.
 func ServesOverUring(a *Attacher) bool {

@@ -25,9 +25,8 @@ type ringTest struct {
 	unique uint64
 }
 
-// sparseBackend is a raw file of size bytes, none allocated, open as a
-// Backend until the test ends.
-func sparseBackend(t *testing.T, size int64) *nbdattach.FileBackend {
+// sparseRaw is a new raw file of size bytes, none of them allocated.
+func sparseRaw(t *testing.T, size int64) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "disk.raw")
 	if err := os.WriteFile(path, nil, 0o600); err != nil {
@@ -36,7 +35,13 @@ func sparseBackend(t *testing.T, size int64) *nbdattach.FileBackend {
 	if err := os.Truncate(path, size); err != nil {
 		t.Fatal(err)
 	}
-	b, err := nbdattach.OpenFile(path, false)
+	return path
+}
+
+// sparseBackend is sparseRaw open as a Backend until the test ends.
+func sparseBackend(t *testing.T, size int64) *nbdattach.FileBackend {
+	t.Helper()
+	b, err := nbdattach.OpenFile(sparseRaw(t, size), false)
 	if err != nil {
 		t.Fatal(err)
 	}
