@@ -307,9 +307,8 @@ func (e *uringEntry) serve() {
 			continue
 		case res < 0:
 			// ENOTCONN, ECONNABORTED, ECANCELED: the connection is gone
-			// (unmounted or aborted). Anything else at REGISTER: the
-			// kernel has turned io_uring off for the connection, which
-			// goes on over /dev/fuse.
+			// (unmounted or aborted). Anything else is a refusal at
+			// REGISTER, which mountUring hears of, or a failed commit.
 			errno := syscall.Errno(-res)
 			switch {
 			case errno == syscall.ENOTCONN || errno == syscall.ECONNABORTED || errno == syscall.ECANCELED:
