@@ -317,12 +317,12 @@ func (a *Attacher) mountUring(mnt string, rawFS gofuse.RawFileSystem, mo gofuse.
 	}()
 	// The mount(2) go-fuse's DirectMount makes, with the descriptor kept:
 	// the ring entries send their commands on it.
-	data := fmt.Sprintf("fd=%d,rootmode=%o,user_id=%d,group_id=%d,max_read=%d,%s",
-		dev, syscall.S_IFDIR, os.Geteuid(), os.Getegid(), mo.MaxWrite, strings.Join(mo.Options, ","))
+	opts := append([]string{fmt.Sprintf("fd=%d,rootmode=%o,user_id=%d,group_id=%d,max_read=%d",
+		dev, syscall.S_IFDIR, os.Geteuid(), os.Getegid(), mo.MaxWrite)}, mo.Options...)
 	if mo.AllowOther {
-		data += ",allow_other"
+		opts = append(opts, "allow_other")
 	}
-	if err := unix.Mount(mo.FsName, mnt, fuseFSType, mo.DirectMountFlags, data); err != nil {
+	if err := unix.Mount(mo.FsName, mnt, fuseFSType, mo.DirectMountFlags, strings.Join(opts, ",")); err != nil {
 		return nil, nil, fmt.Errorf("mount %s: %w", mnt, err)
 	}
 	mounted = true
