@@ -76,10 +76,7 @@ func (a *Attacher) acquireServer(ctx context.Context) (*fuseServer, error) {
 		// The io_uring transport aborted this connection (uringServer.fail):
 		// it serves nothing any more. Its devices release it as they are
 		// detached; new ones get a new server.
-		if a.closing == nil {
-			a.closing = map[string]bool{}
-		}
-		a.closing[a.srv.mnt] = true
+		a.markClosing(a.srv.mnt)
 		a.srv = nil
 	}
 	if a.srv != nil {
@@ -108,10 +105,7 @@ func (a *Attacher) releaseServer(s *fuseServer) error {
 		if a.srv == s {
 			a.srv = nil // the next attach mounts a new one, under another name
 		}
-		if a.closing == nil {
-			a.closing = map[string]bool{}
-		}
-		a.closing[s.mnt] = true
+		a.markClosing(s.mnt)
 	}
 	a.srvMu.Unlock()
 	if !last {
@@ -149,6 +143,15 @@ func (a *Attacher) releaseServer(s *fuseServer) error {
 		err = errors.Join(err, rerr)
 	}
 	return err
+}
+
+// markClosing records mnt as a server of this attacher being let go, for
+// isServer; srvMu must be held.
+func (a *Attacher) markClosing(mnt string) {
+	if a.closing == nil {
+		a.closing = map[string]bool{}
+	}
+	a.closing[mnt] = true
 }
 
 // isServer reports whether mnt is this attacher's server, mounted or being

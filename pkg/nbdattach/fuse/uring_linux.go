@@ -184,13 +184,13 @@ func newUringServer(fs gofuse.RawFileSystem, devFD int, maxPayload int, log *slo
 	if queues > uringMaxQueues {
 		return nil, fmt.Errorf("%d possible CPUs: the kernel makes a queue per CPU, and this transport serves at most %d", queues, uringMaxQueues)
 	}
-	s := &uringServer{fs: fs, log: log, cancel: make(chan struct{}), regErr: make(chan error, queues*uringEntriesPerQueue(queues))}
+	per := uringEntriesPerQueue(queues)
+	s := &uringServer{fs: fs, log: log, cancel: make(chan struct{}), regErr: make(chan error, queues*per)}
 	defer func() {
 		if err != nil {
 			s.free()
 		}
 	}()
-	per := uringEntriesPerQueue(queues)
 	for q := 0; q < queues; q++ {
 		for range per {
 			e := &uringEntry{srv: s, qid: uint16(q)}
